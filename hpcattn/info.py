@@ -1,0 +1,55 @@
+"""`hpcattn info`: what this installation will use."""
+import ctypes
+import platform
+
+import h5py
+import numpy as np
+
+from . import __version__
+
+
+def cuda_aware_mpi():
+    """True/False from Open MPI's MPIX_Query_cuda_support (MPI must be initialised), or None
+    when the library does not say."""
+    from mpi4py import MPI
+    try:
+        lib = ctypes.CDLL(MPI.__file__, mode=ctypes.RTLD_GLOBAL)
+        query = lib.MPIX_Query_cuda_support
+    except (OSError, AttributeError):
+        try:
+            query = ctypes.CDLL(None).MPIX_Query_cuda_support
+        except AttributeError:
+            return None
+    query.restype = ctypes.c_int
+    return bool(query())
+
+
+def gpus():
+    """(count, names) of CUDA devices seen through CuPy; (0, reason) without them."""
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+        names = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode() for i in range(n)]
+        return n, ", ".join(names)
+    except Exception as e:  # no cupy, no driver, no device: all mean "no GPU here"
+        return 0, f"none ({type(e).__name__})"
+
+
+def report():
+    from mpi4py import MPI
+    n_gpu, gpu_names = gpus()
+    aware = cuda_aware_mpi()
+    return {
+        "hpcattn": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "backend": "cupy" if n_gpu else "numpy",
+        "mpi library": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi standard": "%d.%d" % MPI.Get_version(),
+        "mpi4py": __import__("mpi4py").__version__,
+        "cuda-aware mpi": {True: "yes", False: "no", None: "unknown (library does not say)"}[aware],
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "parallel hdf5": "yes" if h5py.get_config().mpi else "no",
+        "gpus": f"{n_gpu}: {gpu_names}" if n_gpu else gpu_names,
+    }

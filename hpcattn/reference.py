@@ -1,0 +1,62 @@
+"""Float64 dense reference attention, for verification: no tiling, no spans, no MPI."""
+import numpy as np
+
+REF_ELEMS = 1 << 24  # float64 scores per reference batch
+
+
+def reference(q, k, v, qpos, mask, scale):
+    """Exact attention of the given query rows over all keys, in float64.
+
+    q: (B, nr, H, D) rows at positions qpos (nr,); k, v: (B, N, Hkv, D), the whole sequence.
+    Returns o (B, nr, H, D) float64 and lse (B, H, nr) float64 (-inf and 0 for empty rows).
+    """
+    B, nr, H, D = q.shape
+    N, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    o = np.zeros((B, nr, H, D))
+    lse = np.full((B, H, nr), -np.inf)
+    step = max(1, REF_ELEMS // max(1, N))
+    keys = np.arange(N)
+    for b in range(B):
+        for hk in range(Hkv):
+            kk = np.asarray(k[b, :, hk], dtype=np.float64)
+            vv = np.asarray(v[b, :, hk], dtype=np.float64)
+            for r0 in range(0, nr, step):
+                r1 = min(nr, r0 + step)
+                allowed = mask.allowed(np.asarray(qpos[r0:r1])[:, None], keys[None, :])
+                for g in range(G):
+                    h = hk * G + g
+                    s = scale * (np.asarray(q[b, r0:r1, h], dtype=np.float64) @ kk.T)
+                    s = np.where(allowed, s, -np.inf)
+                    m = s.max(axis=1, initial=-np.inf)
+                    m_ref = np.where(np.isneginf(m), 0.0, m)
+                    p = np.exp(s - m_ref[:, None])
+                    denom = p.sum(axis=1)
+                    o[b, r0:r1, h] = (p @ vv) / np.where(denom > 0, denom, 1)[:, None]
+                    with np.errstate(divide="ignore"):
+                        lse[b, h, r0:r1] = m_ref + np.log(denom)
+    return o, lse
+
+
+def errors(o, lse, o_ref, lse_ref):
+    """(max relative error of o, of lse), and whether empty rows match exactly.
+
+    o's error is max|o - o_ref| / max|o_ref| over all checked values; lse's is
+    max |lse - lse_ref| / max(1, |lse_ref|) over finite rows. Empty rows (lse_ref = -inf)
+    must have lse = -inf and o = 0; NaN anywhere counts as infinite error.
+    """
+    o = np.asarray(o, dtype=np.float64)
+    lse = np.asarray(lse, dtype=np.float64)
+    empty = np.isneginf(lse_ref)
+    empty_ok = bool(np.all(np.isneginf(lse[empty])))
+    if np.isnan(o).any() or np.isnan(lse).any():
+        return np.inf, np.inf, empty_ok
+    o_err = float(np.max(np.abs(o - o_ref), initial=0.0) / max(np.max(np.abs(o_ref), initial=0.0), 1e-30))
+    fin = ~empty
+    lse_err = float(np.max(np.abs(lse[fin] - lse_ref[fin]) / np.maximum(1.0, np.abs(lse_ref[fin])), initial=0.0))
+    return o_err, lse_err, empty_ok
+
+
+def tolerance(dtype):
+    """Acceptable relative error of o (stored in the input dtype) and of lse (float32)."""
+    return (4e-3 if np.dtype(dtype) == np.float16 else 1e-4), 1e-4

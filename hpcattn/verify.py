@@ -1,0 +1,49 @@
+"""`hpcattn verify`: compare a result file with the float64 dense reference."""
+import h5py
+import numpy as np
+
+from . import h5io
+from .errors import HpcattnError
+from .masks import parse
+from .partition import even_offsets
+from .reference import errors, reference, tolerance
+
+ALL_ROWS_LIMIT = 1 << 30  # Nq * N up to which every row is checked by default
+DEFAULT_SAMPLE = 2048
+
+
+def pick_rows(nq, rows, ranks, seed=0):
+    """Row indices to check: all when rows is None, else `rows` random ones plus the first,
+    last and shard-boundary rows (where layout bugs show first), sorted and unique."""
+    if rows is None or rows >= nq:
+        return np.arange(nq)
+    edges = even_offsets(nq, max(1, ranks))
+    special = np.concatenate([[0, nq - 1], edges[1:-1] - 1, edges[1:-1]])
+    picked = np.random.default_rng(seed).choice(nq, size=rows, replace=False)
+    return np.unique(np.clip(np.concatenate([special, picked]), 0, nq - 1))
+
+
+def verify(in_path, out_path, rows=None):
+    """Report dict: rows checked, max relative errors of o and lse, tolerances, passed."""
+    meta = h5io.read_meta(in_path)
+    with h5io._open(out_path) as f:
+        if f.attrs.get("complete", 0) != 1:
+            raise HpcattnError(f"{out_path!r} is not a complete result (attribute complete != 1)")
+        for name, shape in (("o", (meta["B"], meta["Nq"], meta["H"], meta["D"])),
+                            ("lse", (meta["B"], meta["H"], meta["Nq"]))):
+            if name not in f or f[name].shape != shape:
+                raise HpcattnError(f"{out_path!r}: dataset {name!r} missing or not shaped {shape}")
+        mask, scale, ranks = parse(str(f.attrs["mask"])), float(f.attrs["scale"]), int(f.attrs["ranks"])
+        if rows is None and meta["Nq"] * meta["N"] > ALL_ROWS_LIMIT:
+            rows = DEFAULT_SAMPLE
+        idx = pick_rows(meta["Nq"], rows, ranks)
+        o, lse = f["o"][:, idx], f["lse"][:, :, idx]
+    with h5py.File(in_path, "r") as f:
+        q = f["q"][:, idx]
+        qpos = f["q_positions"][idx].astype(np.int64) if meta["positions"] else idx.astype(np.int64)
+        o_ref, lse_ref = reference(q, f["k"], f["v"], qpos, mask, scale)
+    o_err, lse_err, empty_ok = errors(o, lse, o_ref, lse_ref)
+    o_tol, lse_tol = tolerance(meta["dtype"])
+    return {"rows": len(idx), "of": meta["Nq"], "o_err": o_err, "lse_err": lse_err,
+            "o_tol": o_tol, "lse_tol": lse_tol, "empty_rows_ok": empty_ok,
+            "passed": o_err <= o_tol and lse_err <= lse_tol and empty_ok}
