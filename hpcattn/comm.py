@@ -122,5 +122,24 @@ class Comm:
         local.Free()
         return int(self.mpi.allreduce(leader))
 
+    def node_ids(self, ranks_per_node=None):
+        """The node of every rank (collective unless ranks_per_node is given): with
+        ranks_per_node K, simulated nodes of K consecutive ranks (no communication); otherwise
+        ranks sharing memory (COMM_TYPE_SHARED), named by their lowest rank."""
+        if ranks_per_node is not None:
+            if ranks_per_node < 1:
+                raise ValueError(f"ranks per node must be >= 1, got {ranks_per_node}")
+            return [q // ranks_per_node for q in range(self.size)]
+        MPI = _mpi()
+        local = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            leader = self._timed(local.allreduce, self.rank, MPI.MIN)
+            if local.Get_size() > 1:
+                self.bytes_sent += 8
+                self.bytes_received += 8
+        finally:
+            local.Free()
+        return self.allgather_object(leader)
+
     def counters(self):
         return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "comm_s": self.comm_s}
