@@ -55,7 +55,7 @@ def backward(comm, shard, o, lse, do):
                                 deltab, shard.k, shard.v, starts, kruns, shard.mask, shard.scale,
                                 acc[0], dk, dv)
         shard.stats["compute_s"] += time.perf_counter() - t
-        shard.stats["edges_backward"] = shard.stats.get("edges_backward", 0) + edges
+        shard.stats["edges"] += edges
         if step:
             relay.send(step, acc)
     rest = relay.finish()

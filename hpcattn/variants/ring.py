@@ -64,7 +64,7 @@ def backward(comm, shard, o, lse, do, plan=None):
         edges = blocks.backward(shard.q, shard.qpos, qruns, do, lse, delta, kb, vb, starts, kruns,
                                 shard.mask, shard.scale, dq, *acc)
         shard.stats["compute_s"] += time.perf_counter() - t
-        shard.stats["edges_backward"] = shard.stats.get("edges_backward", 0) + edges
+        shard.stats["edges"] += edges
         if step:
             relay.send(step, acc)
     rest = relay.finish()
