@@ -104,6 +104,12 @@ def test_cli_run_backward_on_three_ranks_with_two_per_node(tmp_path):
         for name, w in zip(("dq", "dk", "dv"), want):
             assert f[name].dtype == np.float16 and grad_error(f[name][...], w) <= grad_tolerance("float16")
         assert f.attrs["ranks_per_node"] == 2 and list(f.attrs["ring_levels"]) == [1, 3]
+    res = hpcattn_cli("verify", inp, out)
+    assert res.returncode == 0 and "dq/dk/dv max rel err" in res.stdout and "PASS" in res.stdout
+    with h5py.File(out, "r+") as f:
+        f["dk"][0, 7, 1, 3] += 1.0
+    res = hpcattn_cli("verify", inp, out)
+    assert res.returncode == 1 and "FAIL" in res.stdout
 
 
 def test_cli_refuses_backward_without_do_and_bad_ranks_per_node(tmp_path):
