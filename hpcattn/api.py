@@ -77,7 +77,7 @@ def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None,
         if nq and (qpos.min() < 0 or qpos.max() >= n):
             raise HpcattnError(f"q_positions must lie in [0, {n}); got [{qpos.min()}, {qpos.max()}]")
     shard = Shard(to_heads(q, Hkv), qpos, to_heads(k, Hkv)[:, :, 0], to_heads(v, Hkv)[:, :, 0],
-                  kv_off, mask, float(scale if scale is not None else 1 / math.sqrt(D)))
+                  kv_off, mask, float(scale if scale is not None else 1 / math.sqrt(D)), q_offsets=q_off)
     module, name = choose(variant, shard)
     o, lse = module.forward(comm, shard)
     if stats is not None:

@@ -24,8 +24,10 @@ def run(in_path, out_path, mask_spec, comm, variant="auto"):
 
     stats = {}
     scale = 1 / math.sqrt(meta["D"])
+    t_attn = time.perf_counter()
     o, lse = attention(shard["q"], shard["k"], shard["v"], mask=mask, comm=comm, variant=variant,
                        q_positions=shard["q_positions"], scale=scale, stats=stats)
+    attn_s = time.perf_counter() - t_attn  # the attention call alone (no I/O): decode latency
 
     t_write = time.perf_counter()
     B, Nq, H, D = meta["B"], meta["Nq"], meta["H"], meta["D"]
@@ -36,7 +38,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto"):
             "lse": (lse, (B, H, Nq), 2),
         })
         io_s += time.perf_counter() - t_write
-        rank_stats = {**comm.counters(), "compute_s": stats["compute_s"], "io_s": io_s,
+        rank_stats = {**comm.counters(), "compute_s": stats["compute_s"], "io_s": io_s, "attn_s": attn_s,
                       "wall_s": time.perf_counter() - t_start, "edges": stats["edges"],
                       "q_rows": q_range[1] - q_range[0], "kv_rows": kv_range[1] - kv_range[0]}
         attrs = {"variant": stats["variant"], "mask": mask_spec, "ranks": P, "nodes": comm.nodes(),

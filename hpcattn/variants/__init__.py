@@ -6,9 +6,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ring
+from ..masks import Block, Dilated, Global, Window
+from . import ring, sparse, tree
 
-VARIANTS = {"ring": ring}
+VARIANTS = {"ring": ring, "tree": tree, "sparse": sparse}
+
+DECODE_FRACTION = 8  # tree when all queries together number at most (keys per rank) / this
 
 
 @dataclass
@@ -16,7 +19,8 @@ class Shard:
     """One rank's part of an attention problem, in the kernel's head-major layout.
 
     q (B, Hkv, G, nq, D) with query positions qpos (nq,) int64; k, v (B, Hkv, nk, D) holding
-    keys kv_offsets[rank] .. kv_offsets[rank+1]-1; kv_offsets (P+1,) over the whole sequence.
+    keys kv_offsets[rank] .. kv_offsets[rank+1]-1; kv_offsets (P+1,) over the whole sequence;
+    q_offsets (P+1,) the query rows of every rank (rank r holds rows q_offsets[r]..[r+1]-1).
     `stats` collects compute_s and edges.
     """
     q: object
@@ -27,14 +31,55 @@ class Shard:
     mask: object
     scale: float
     stats: dict = field(default_factory=lambda: {"compute_s": 0.0, "edges": 0})
+    q_offsets: np.ndarray = None
 
     @property
     def n_keys(self):
         return int(self.kv_offsets[-1])
 
 
+def reach_width(mask):
+    """Widest key range one query row can reach through the mask's bounded terms, or None when
+    some term is unbounded (full, causal alone, or a term this rule does not know)."""
+    width = 0
+    for t in mask.terms:
+        if isinstance(t, Window):
+            width = max(width, 2 * t.w + 1)
+        elif isinstance(t, Dilated):
+            width = max(width, 2 * t.w * t.r + 1)
+        elif isinstance(t, Block):
+            width = max(width, t.s)
+        elif not isinstance(t, Global):
+            return None
+    return width
+
+
+def pick(mask, n_queries, n_keys, ranks):
+    """The variant name `auto` uses; a pure function of global facts, so every rank agrees.
+
+    - one rank: the default (nothing travels anyway);
+    - tree when all queries together are few: at most (keys per rank) / DECODE_FRACTION;
+    - sparse when every row's reach is bounded (window, dilated, block, plus global tokens) and
+      narrower than a shard, so halos are cheaper than a ring;
+    - otherwise burst (ring until burst exists).
+    """
+    default = "burst" if "burst" in VARIANTS else "ring"
+    if ranks == 1:
+        return default
+    per_rank = -(-n_keys // ranks)
+    if n_queries * DECODE_FRACTION <= per_rank:
+        return "tree"
+    width = reach_width(mask)
+    g = max((t.g for t in mask.terms if isinstance(t, Global)), default=0)
+    if width is not None and width <= per_rank and g <= per_rank:
+        return "sparse"
+    return default
+
+
 def choose(name, shard):
-    """The variant module for a name; 'auto' picks from the mask and shapes."""
+    """(variant module, name) for a name; 'auto' picks from the mask and shapes (see `pick`)."""
     if name == "auto":
-        return VARIANTS["ring"], "ring"
+        q_off = shard.q_offsets
+        n_queries = int(q_off[-1]) if q_off is not None else len(shard.qpos)
+        name = pick(shard.mask, n_queries, shard.n_keys, len(shard.kv_offsets) - 1)
     return VARIANTS[name], name

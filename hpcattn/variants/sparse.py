@@ -1,0 +1,159 @@
+"""Mask-aware sparse distribution (ours): a rank receives only the key rows its queries reach.
+
+From the mask alone each rank works out the key intervals its query rows can reach
+(`Mask.spans` per query tile), cuts them by owner rank and asks each owner for exactly those
+rows (one Alltoallv of intervals, one Alltoallv of K/V rows). For a window this is a halo from
+each neighbour; for global tokens, every rank's request to rank 0 for keys [0, G) forms one
+small all-gather. The rows then go through the same local kernel, one contiguous segment at a
+time, and the segment partials merge with the shared merge.
+
+Rows whose edges reach the whole sequence (queries i < G of a non-causal `global:G`, or a
+non-causal `full` term) would need every key; instead they are handled as in decoding: the
+few such rows are replicated and their partials combined across ranks (variants/tree.py).
+"""
+import time
+
+import numpy as np
+
+from .. import local
+from ..masks import Full, Global
+from ..merge import empty_state, merge
+from . import tree
+
+Q_TILE = local.Q_TILE
+
+
+def wide_rows(mask, qpos):
+    """Bool (nq,) of rows whose edges reach the whole sequence, or None when the mask has no
+    such term (then no rank has any: the mask alone decides, so every rank agrees)."""
+    if mask.causal:
+        return None
+    if any(isinstance(t, Full) for t in mask.terms):
+        return np.ones(len(qpos), dtype=bool)
+    g = max((t.g for t in mask.terms if isinstance(t, Global)), default=0)
+    return None if g == 0 else np.asarray(qpos) < g
+
+
+def union(intervals):
+    """Sorted disjoint (m, 2) int64 intervals covering the given [a, b) pairs (touching ones
+    joined); empty pairs dropped."""
+    a = np.asarray(intervals, dtype=np.int64).reshape(-1, 2)
+    a = a[a[:, 0] < a[:, 1]]
+    if not len(a):
+        return a
+    a = a[np.argsort(a[:, 0], kind="stable")]
+    ends = np.maximum.accumulate(a[:, 1])
+    new = np.ones(len(a), dtype=bool)
+    new[1:] = a[1:, 0] > ends[:-1]
+    first = np.flatnonzero(new)
+    return np.stack([a[first, 0], np.maximum.reduceat(a[:, 1], first)], axis=1)
+
+
+def reach(mask, qpos, n):
+    """Sorted disjoint key intervals (m, 2) of [0, n) holding every edge of the rows at qpos.
+
+    Queries are sorted and cut into tiles; each tile asks the mask for its spans, so a shard
+    of consecutive positions gets exactly its halo.
+    """
+    pos = np.sort(np.asarray(qpos, dtype=np.int64))
+    ivs = [iv for t0 in range(0, len(pos), Q_TILE)
+           for iv in mask.spans(int(pos[t0]), int(pos[min(len(pos), t0 + Q_TILE) - 1]), 0, n)]
+    # Hook for explicit-column terms (random, csr): their columns join here as [j, j+1)
+    # intervals once the mask offers them (see README of issue 5 / BENCHMARKS.md).
+    return union(ivs)
+
+
+def requests(intervals, offsets, rank):
+    """Cut intervals by owner: (reqs (k, 2) int64 ordered by owner then position, counts (P,))
+    leaving out this rank's own keys."""
+    P = len(offsets) - 1
+    lo = np.maximum(intervals[None, :, 0], offsets[:-1, None])
+    hi = np.minimum(intervals[None, :, 1], offsets[1:, None])
+    keep = lo < hi
+    keep[rank] = False
+    reqs = np.stack([lo[keep], hi[keep]], axis=1)  # row-major: owner, then interval order
+    return reqs.reshape(-1, 2), keep.sum(axis=1).astype(np.int64).reshape(P)
+
+
+def expand(intervals):
+    """All positions of sorted intervals (m, 2), concatenated: vectorised arange per interval."""
+    lengths = intervals[:, 1] - intervals[:, 0]
+    total = int(lengths.sum())
+    starts = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) + np.repeat(intervals[:, 0] - starts, lengths)
+
+
+def _per_group(values, counts):
+    """Sums of consecutive groups of `values` with the given sizes (empty groups give 0)."""
+    ends = np.cumsum(counts)
+    c = np.concatenate([[0], np.cumsum(values)])
+    return c[ends] - c[ends - counts]
+
+
+def fetch(comm, k, v, offsets, intervals):
+    """Collective: the key rows of `intervals` (owned by other ranks) from their owners.
+
+    Returns (positions (M,), k (B, Hkv, M, D), v) in position order. Bytes: the interval
+    requests (16 per interval), the count exchange, and the rows themselves.
+    """
+    r = comm.rank
+    reqs, counts = requests(intervals, offsets, r)
+    asked, asked_counts = comm.alltoallv(reqs, counts)
+    k0, k1 = int(offsets[r]), int(offsets[r + 1])
+    if len(asked) and (asked[:, 0].min() < k0 or asked[:, 1].max() > k1):
+        raise RuntimeError(f"rank {r} was asked for keys outside its shard [{k0}, {k1})")
+    idx = expand(asked) - k0
+    send_rows = _per_group(asked[:, 1] - asked[:, 0], asked_counts)
+    pack = np.moveaxis(np.stack([k[:, :, idx], v[:, :, idx]]), 3, 0)  # (m, 2, B, Hkv, D)
+    recv_rows = _per_group(reqs[:, 1] - reqs[:, 0], counts)
+    got, _ = comm.alltoallv(pack, send_rows, recv_rows)
+    got = np.moveaxis(got, 0, 3)  # (2, B, Hkv, M, D)
+    return expand(reqs), got[0], got[1]
+
+
+def segments(positions):
+    """(start, stop) index ranges of maximal runs of consecutive positions."""
+    if not len(positions):
+        return []
+    cut = np.flatnonzero(np.diff(positions) != 1) + 1
+    bounds = np.concatenate([[0], cut, [len(positions)]])
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def forward(comm, shard):
+    """(o, lse) of this rank's queries over the whole sequence; collective over comm."""
+    P, r = comm.size, comm.rank
+    B, Hkv, G, nq, D = shard.q.shape
+    off, n = shard.kv_offsets, shard.n_keys
+    k0 = int(off[r])
+    mask, stats = shard.mask, shard.stats
+    o, lse = empty_state(np, (B, Hkv, G, nq), D)
+
+    wide = wide_rows(mask, shard.qpos)
+    near = np.ones(nq, dtype=bool) if wide is None else ~wide
+    if wide is not None:  # every rank takes this branch (it depends on the mask only)
+        rows = np.array(comm.allgather_object(int(wide.sum())), dtype=np.int64)
+        if rows.sum():
+            q, qpos = tree.replicate(comm, shard.q[:, :, :, wide], shard.qpos[wide], rows)
+            t = time.perf_counter()
+            wo, wl, edges = local.attend(q, qpos, shard.k, shard.v, k0, mask, shard.scale)
+            stats["compute_s"] += time.perf_counter() - t
+            stats["edges"] += edges
+            wo, wl = tree.combine(comm, wo, wl)
+            a = int(rows[:r].sum())
+            o[:, :, :, wide], lse[:, :, :, wide] = wo[..., a:a + rows[r], :], wl[..., a:a + rows[r]]
+
+    q, qpos = shard.q[:, :, :, near], shard.qpos[near]
+    blocks = [(k0, shard.k, shard.v)]
+    if P > 1:
+        pos, kr, vr = fetch(comm, shard.k, shard.v, off, reach(mask, qpos, n))
+        blocks += [(int(pos[a]), kr[:, :, a:b], vr[:, :, a:b]) for a, b in segments(pos)]
+    t = time.perf_counter()
+    no, nl = empty_state(np, (B, Hkv, G, len(qpos)), D)
+    for start, kb, vb in blocks:
+        po, pl, edges = local.attend(q, qpos, kb, vb, start, mask, shard.scale)
+        no, nl = merge(no, nl, po, pl)
+        stats["edges"] += edges
+    o[:, :, :, near], lse[:, :, :, near] = no, nl
+    stats["compute_s"] += time.perf_counter() - t
+    return o, lse

@@ -1,0 +1,98 @@
+"""Tree attention for decoding (Shyam et al., 2024): queries replicated, K/V stay sharded.
+
+Every rank gathers the (few) query rows of all ranks, attends them to its own K/V shard with
+the local kernel, and the partial (o, lse) states combine across ranks by Allreduce, so each
+rank ends with every row and keeps its own slice. Traffic depends on the number of queries,
+not on the sequence length.
+
+Two combines (DESIGN.md section 6), chosen by `method`:
+- "packed": one Allreduce of rows [lse, o] with a user-defined op that is the shared merge;
+- "three": Allreduce(MAX) of lse, then Allreduce(SUM) of exp(lse - m)·o and of exp(lse - m).
+With more than one node (real, or simulated by the communicator's ranks_per_node) and more
+than one rank per node, the topology-aware form reduces inside each node, Allreduces among node
+leaders and broadcasts inside the node.
+"""
+import time
+
+import numpy as np
+
+from .. import local
+from ..comm import UserOp
+from ..merge import merge
+
+METHODS = ("packed", "three")
+DEFAULT_METHOD = "packed"  # faster in jobs/tree_combine_bench.py (BENCHMARKS.md, issue 5)
+
+
+def _merge_rows(a, b):
+    """b <- merge(a, b) on packed rows [lse, o_0 .. o_{D-1}] (the UserOp body)."""
+    o, lse = merge(a[:, 1:], a[:, 0], b[:, 1:], b[:, 0])
+    b[:, 0], b[:, 1:] = lse, o
+
+
+def hierarchical(comm):
+    """True when the topology-aware combine applies: several nodes, some with several ranks."""
+    nodes = comm.nodes() if comm.ranks_per_node or comm.size > 1 else 1
+    return 1 < nodes < comm.size
+
+
+def _allreduce(comm, buf, op, topo):
+    """Allreduce, flat or as node reduce -> leaders' allreduce -> node broadcast."""
+    if not topo:
+        return comm.allreduce(buf, op)
+    node, leaders = comm.node_groups()
+    out = node.reduce(buf, op, root=0)
+    if leaders is not None:
+        out = leaders.allreduce(out, op)
+    return node.bcast(out if out is not None else np.empty_like(buf), root=0)
+
+
+def combine(comm, o, lse, method=DEFAULT_METHOD, topo=None):
+    """Merge every rank's partial (o, lse) of the same rows; every rank gets the result.
+
+    o (..., n, D) float32, lse (..., n) float32, the same shape on every rank. Collective.
+    topo: use the topology-aware form (default: when `hierarchical(comm)`).
+    """
+    if comm.size == 1:
+        return o, lse
+    topo = hierarchical(comm) if topo is None else topo
+    D = o.shape[-1]
+    if method == "packed":
+        buf = np.concatenate([lse[..., None], o], axis=-1).astype(np.float32, copy=False)
+        out = _allreduce(comm, np.ascontiguousarray(buf), UserOp(_merge_rows, D + 1), topo)
+        return np.ascontiguousarray(out[..., 1:]), np.ascontiguousarray(out[..., 0])
+    if method != "three":
+        raise ValueError(f"unknown tree combine {method!r}; expected one of {METHODS}")
+    m = _allreduce(comm, np.ascontiguousarray(lse, dtype=np.float32), "max", topo)
+    ref = np.where(np.isneginf(m), 0, m)
+    w = np.exp(lse - ref)
+    num = _allreduce(comm, np.ascontiguousarray(w[..., None] * o, dtype=np.float32), "sum", topo)
+    den = _allreduce(comm, np.ascontiguousarray(w, dtype=np.float32), "sum", topo)
+    o = num / np.where(den > 0, den, 1)[..., None]
+    with np.errstate(divide="ignore"):
+        lse = (ref + np.log(den)).astype(np.float32)
+    return o.astype(np.float32, copy=False), lse
+
+
+def replicate(comm, q, qpos, rows):
+    """Every rank's query rows, in rank order: q (B, Hkv, G, nq_r, D) -> (B, Hkv, G, sum, D),
+    qpos (nq_r,) -> (sum,). rows: (P,) the nq_r of every rank. Collective."""
+    if comm.size == 1:
+        return q, qpos
+    qt = comm.allgather_rows(np.moveaxis(q, 3, 0), rows)
+    return np.ascontiguousarray(np.moveaxis(qt, 0, 3)), comm.allgather_rows(qpos, rows)
+
+
+def forward(comm, shard, method=DEFAULT_METHOD):
+    """(o, lse) of this rank's queries over the whole sequence; collective over comm."""
+    r = comm.rank
+    q_off = shard.q_offsets
+    q, qpos = replicate(comm, shard.q, shard.qpos, np.diff(q_off))
+    t = time.perf_counter()
+    o, lse, edges = local.attend(q, qpos, shard.k, shard.v, int(shard.kv_offsets[r]), shard.mask,
+                                 shard.scale)
+    shard.stats["compute_s"] += time.perf_counter() - t
+    shard.stats["edges"] += edges
+    o, lse = combine(comm, o, lse, method)
+    a, b = int(q_off[r]), int(q_off[r + 1])
+    return o[..., a:b, :], lse[..., a:b]
