@@ -7,9 +7,11 @@ from .backend import array_module
 from .comm import Comm
 from .errors import HpcattnError
 from .masks import Mask, parse
+from .partition import positions, segments
 from .variants import Shard, choose
 
 DTYPES = ("float32", "float16")
+LAYOUTS = ("contiguous", "zigzag")
 
 
 def check_shapes(q_shape, k_shape, v_shape, dtypes):
@@ -42,44 +44,98 @@ def from_heads(x, dtype):
     return x.transpose(0, 3, 1, 2, 4).reshape(B, n, Hkv * G, D).astype(dtype)
 
 
-def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None, scale=None,
-              stats=None):
-    """Attention of this rank's query rows over the whole sharded sequence (collective).
-
-    q: (B, nq, H, D), this rank's query rows; k, v: (B, nk, Hkv, D), this rank's key rows.
-    Ranks hold contiguous pieces in rank order (any sizes, empty allowed). q_positions: the
-    global positions of this rank's query rows (default: rows continue 0..Nq-1 in rank order,
-    i.e. self-attention, which needs Nq == N). mask: a spec string or Mask. comm: an mpi4py
-    communicator or hpcattn Comm (default COMM_WORLD). scale defaults to 1/sqrt(D).
-    Returns (o, lse) on every rank: o (B, nq, H, D) in q's dtype, lse (B, H, nq) float32.
-    If `stats` is a dict, compute_s, edges and the variant used are added to it.
-    """
-    comm = Comm.wrap(comm)
+def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node):
+    """Validate one rank's pieces and build its Shard (collective: one small allgather)."""
     mask = mask if isinstance(mask, Mask) else parse(mask)
     problem = check_shapes(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype))
     if problem:
         raise HpcattnError(problem)
-    xp = array_module(q)
+    if layout not in LAYOUTS:
+        raise HpcattnError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     B, nq, H, D = q.shape
     Hkv = k.shape[2]
+    P, r = comm.size, comm.rank
     sizes = np.array(comm.allgather_object((nq, k.shape[1])), dtype=np.int64).reshape(-1, 2)
     q_off = np.concatenate([[0], np.cumsum(sizes[:, 0])])
     kv_off = np.concatenate([[0], np.cumsum(sizes[:, 1])])
-    n = int(kv_off[-1])
+    n, n_q = int(kv_off[-1]), int(q_off[-1])
+    if layout == "zigzag":
+        kv_runs = [segments(n, P, i, layout) for i in range(P)]
+        q_segs = [segments(n_q, P, i, layout) for i in range(P)]
+        want = [(sum(b - a for a, b in qs), sum(b - a for a, b in ks)) for qs, ks in zip(q_segs, kv_runs)]
+        if [tuple(x) for x in sizes.tolist()] != want:
+            raise HpcattnError(f"layout 'zigzag' needs rank {r} to hold chunks {r} and {2 * P - 1 - r} "
+                               f"of 2P even chunks: (q, kv) rows per rank should be {want}, "
+                               f"got {[tuple(x) for x in sizes.tolist()]}")
+        q_runs = [[b - a for a, b in qs] for qs in q_segs]
+    else:
+        kv_runs, q_segs = None, [[(int(q_off[i]), int(q_off[i + 1]))] for i in range(P)]
+        q_runs = [[int(sizes[i, 0])] for i in range(P)]
     if q_positions is None:
-        if q_off[-1] != n:
-            raise HpcattnError(f"{q_off[-1]} query rows but {n} keys: give q_positions")
-        qpos = np.arange(q_off[comm.rank], q_off[comm.rank + 1], dtype=np.int64)
+        if n_q != n:
+            raise HpcattnError(f"{n_q} query rows but {n} keys: give q_positions")
+        qpos = positions(q_segs[r])
     else:
         qpos = np.asarray(q_positions, dtype=np.int64)
         if qpos.shape != (nq,):
             raise HpcattnError(f"q_positions must have shape ({nq},), got {qpos.shape}")
         if nq and (qpos.min() < 0 or qpos.max() >= n):
             raise HpcattnError(f"q_positions must lie in [0, {n}); got [{qpos.min()}, {qpos.max()}]")
-    shard = Shard(to_heads(q, Hkv), qpos, to_heads(k, Hkv)[:, :, 0], to_heads(v, Hkv)[:, :, 0],
-                  kv_off, mask, float(scale if scale is not None else 1 / math.sqrt(D)), q_offsets=q_off)
+    return Shard(to_heads(q, Hkv), qpos, to_heads(k, Hkv)[:, :, 0], to_heads(v, Hkv)[:, :, 0],
+                 kv_off, mask, float(scale if scale is not None else 1 / math.sqrt(D)),
+                 kv_runs=kv_runs, q_runs=q_runs, ranks_per_node=ranks_per_node, q_offsets=q_off)
+
+
+def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None, scale=None,
+              stats=None, layout="contiguous", ranks_per_node=None):
+    """Attention of this rank's query rows over the whole sharded sequence (collective).
+
+    q: (B, nq, H, D), this rank's query rows; k, v: (B, nk, Hkv, D), this rank's key rows.
+    layout 'contiguous': ranks hold contiguous pieces in rank order (any sizes, empty allowed);
+    'zigzag': rank r holds chunks r and 2P-1-r of an even cut of the queries and of the keys
+    into 2P chunks (partition.zigzag_segments), which balances causal work.
+    q_positions: the global positions of this rank's query rows (default: those of its rows in
+    the layout, i.e. self-attention, which needs Nq == N). mask: a spec string or Mask.
+    comm: an mpi4py communicator or hpcattn Comm (default COMM_WORLD). scale defaults to
+    1/sqrt(D). ranks_per_node: simulate nodes of that many ranks (burst's two-level ring).
+    Returns (o, lse) on every rank: o (B, nq, H, D) in q's dtype, lse (B, H, nq) float32.
+    If `stats` is a dict, compute_s, edges and the variant used are added to it.
+    """
+    comm = Comm.wrap(comm)
+    shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node)
+    xp = array_module(q)
+    B, nq, H, D = q.shape
     module, name = choose(variant, shard)
     o, lse = module.forward(comm, shard)
     if stats is not None:
         stats.update(shard.stats, variant=name)
     return from_heads(o, q.dtype), xp.ascontiguousarray(lse.reshape(B, H, nq))
+
+
+def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="auto",
+                       q_positions=None, scale=None, stats=None, layout="contiguous",
+                       ranks_per_node=None):
+    """Gradients (dq, dk, dv) of attention for this rank's rows (collective).
+
+    Arguments as for `attention`, plus the forward's o (like q) and lse (B, H, nq) and the
+    output gradient do (like q). Returns dq like q and dk, dv like k, v, in the input dtype
+    (accumulated in float32): this rank's rows of the gradients of sum(o * do).
+    """
+    comm = Comm.wrap(comm)
+    shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node)
+    for name, x in (("o", o), ("do", do)):
+        if x.shape != q.shape:
+            raise HpcattnError(f"{name} must be shaped like q {q.shape}, got {x.shape}")
+    B, nq, H, D = q.shape
+    Hkv = k.shape[2]
+    if lse.shape != (B, H, nq):
+        raise HpcattnError(f"lse must have shape {(B, H, nq)}, got {lse.shape}")
+    module, name = choose(variant, shard)
+    if not hasattr(module, "backward"):
+        raise HpcattnError(f"variant {name!r} has no backward pass")
+    dq, dk, dv = module.backward(comm, shard, to_heads(o, Hkv), lse.reshape(B, Hkv, H // Hkv, nq)
+                                 .astype("float32"), to_heads(do, Hkv))
+    if stats is not None:
+        stats.update(shard.stats, variant=name)
+    return (from_heads(dq, q.dtype), from_heads(dk[:, :, None], k.dtype),
+            from_heads(dv[:, :, None], v.dtype))

@@ -48,7 +48,7 @@ def build_parser():
     r.add_argument("--mask", required=True, help="mask spec, e.g. causal+window:256")
     r.add_argument("--variant", default="auto", choices=["auto", "ring", "burst", "tree", "sparse"])
     r.add_argument("--backward", action="store_true")
-    r.add_argument("--ranks-per-node", type=int, help="simulate nodes of K consecutive ranks")
+    r.add_argument("--ranks-per-node", type=int)
     r.add_argument("--transport", default="auto", choices=["auto", "mpi", "host", "nccl"])
     r.add_argument("--profile", metavar="TRACE.json")
 
@@ -74,17 +74,15 @@ def cmd_run(args, comm):
     from .variants import VARIANTS
     unsupported = [(flag, val) for flag, val, ok in (
         ("--variant", args.variant, args.variant == "auto" or args.variant in VARIANTS),
-        ("--backward", args.backward, not args.backward),
         ("--transport", args.transport, args.transport in ("auto", "mpi")),
         ("--profile", args.profile, args.profile is None)) if not ok]
     if unsupported:
         flag, val = unsupported[0]
         raise HpcattnError(f"{flag} {val} is not available in hpcattn {__version__} yet", collective=True)
-    if args.ranks_per_node is not None:
-        if args.ranks_per_node < 1:
-            raise HpcattnError(f"--ranks-per-node must be >= 1, got {args.ranks_per_node}", collective=True)
-        comm.ranks_per_node = args.ranks_per_node  # simulated nodes (tree's topology-aware combine)
-    per_rank, attrs = run(args.input, args.output, args.mask, comm, args.variant)
+    if args.ranks_per_node is not None and args.ranks_per_node < 1:
+        raise HpcattnError(f"--ranks-per-node must be >= 1, got {args.ranks_per_node}", collective=True)
+    per_rank, attrs = run(args.input, args.output, args.mask, comm, args.variant, args.backward,
+                          args.ranks_per_node)
     if comm.rank == 0:
         print(summary(per_rank, attrs))
     return 0

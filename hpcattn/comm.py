@@ -46,19 +46,17 @@ class UserOp:
 class Comm:
     """A counted communicator. Attributes: rank, size, bytes_sent, bytes_received, comm_s.
 
-    `ranks_per_node` simulates nodes of that many consecutive ranks (the CLI's
-    `--ranks-per-node`); None means the real shared-memory nodes. A sub-communicator made by
-    `split`/`node_groups` counts its traffic into its parent too.
+    A sub-communicator made by `split`/`node_groups` counts its traffic into its parent too.
     """
 
-    def __init__(self, mpi_comm=None, ranks_per_node=None, parent=None):
+    def __init__(self, mpi_comm=None, parent=None):
         MPI = _mpi()
         self.mpi = (mpi_comm if mpi_comm is not None else MPI.COMM_WORLD).Dup()
         self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
         self.bytes_sent = self.bytes_received = 0
         self.comm_s = 0.0
-        self.ranks_per_node, self.parent = ranks_per_node, parent
-        self._ops, self._children, self._groups = {}, [], None
+        self.parent = parent
+        self._ops, self._children, self._groups = {}, [], {}
 
     @classmethod
     def wrap(cls, comm):
@@ -72,7 +70,7 @@ class Comm:
         for op, dtype in self._ops.values():
             op.Free()
             dtype.Free()
-        self._children, self._ops, self._groups = [], {}, None
+        self._children, self._ops, self._groups = [], {}, {}
         self.mpi.Free()
 
     def _count(self, sent=0, received=0, seconds=0.0):
@@ -220,25 +218,27 @@ class Comm:
         self._children.append(child)
         return child
 
-    def node_color(self):
-        """This rank's node index (collective): simulated by ranks_per_node, else real nodes."""
-        if self.ranks_per_node:
-            return self.rank // int(self.ranks_per_node)
+    def node_color(self, ranks_per_node=None):
+        """This rank's node index: rank // ranks_per_node for simulated nodes, else the lowest
+        rank sharing its memory (collective over the node)."""
+        if ranks_per_node:
+            return self.rank // int(ranks_per_node)
         MPI = _mpi()
         local = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         first = local.allreduce(self.rank, op=MPI.MIN)
         local.Free()
         return first
 
-    def node_groups(self):
+    def node_groups(self, ranks_per_node=None):
         """(node, leaders): the counted communicator of this rank's node (node-rank 0 = its
         lowest rank) and, on node leaders only, the communicator of all leaders (None
-        elsewhere). Collective the first time, then cached."""
-        if self._groups is None:
-            node = self.split(self.node_color())
+        elsewhere). Nodes are simulated by ranks_per_node when given. Collective the first
+        time for a given ranks_per_node, then cached."""
+        if ranks_per_node not in self._groups:
+            node = self.split(self.node_color(ranks_per_node))
             leaders = self.split(0 if node.rank == 0 else None)
-            self._groups = (node, leaders)
-        return self._groups
+            self._groups[ranks_per_node] = (node, leaders)
+        return self._groups[ranks_per_node]
 
     def allgather_object(self, obj):
         """Small control data (shard sizes, error messages) from every rank, in rank order."""
@@ -275,15 +275,31 @@ class Comm:
         self.mpi.Abort(code)
 
     def nodes(self):
-        """Number of distinct nodes in this communicator (collective); simulated ones when
-        ranks_per_node is set."""
-        if self.ranks_per_node:
-            return -(-self.size // int(self.ranks_per_node))
+        """Number of distinct shared-memory nodes in this communicator (collective)."""
         MPI = _mpi()
         local = self.mpi.Split_type(MPI.COMM_TYPE_SHARED)
         leader = int(local.Get_rank() == 0)
         local.Free()
         return int(self.mpi.allreduce(leader))
+
+    def node_ids(self, ranks_per_node=None):
+        """The node of every rank (collective unless ranks_per_node is given): with
+        ranks_per_node K, simulated nodes of K consecutive ranks (no communication); otherwise
+        ranks sharing memory (COMM_TYPE_SHARED), named by their lowest rank."""
+        if ranks_per_node is not None:
+            if ranks_per_node < 1:
+                raise ValueError(f"ranks per node must be >= 1, got {ranks_per_node}")
+            return [q // ranks_per_node for q in range(self.size)]
+        MPI = _mpi()
+        local = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            leader = self._timed(local.allreduce, self.rank, MPI.MIN)
+            if local.Get_size() > 1:
+                self.bytes_sent += 8
+                self.bytes_received += 8
+        finally:
+            local.Free()
+        return self.allgather_object(leader)
 
     def counters(self):
         return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "comm_s": self.comm_s}

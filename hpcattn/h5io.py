@@ -59,20 +59,34 @@ def read_meta(path, need_do=False):
     return meta
 
 
-def read_shard(path, meta, q_range, kv_range):
-    """This rank's rows: q, q positions, k, v; checked for NaN/Inf and position range."""
-    (q0, q1), (k0, k1) = q_range, kv_range
+def _ranges(r):
+    """A (start, stop) pair or a list of them, as a list."""
+    return [tuple(r)] if len(r) == 2 and np.isscalar(r[0]) else [tuple(x) for x in r]
+
+
+def _rows(ds, ranges, axis=1):
+    """The rows of ds in the given ranges along axis, concatenated (one hyperslab each)."""
+    parts = [ds[(slice(None),) * axis + (slice(a, b),)] for a, b in ranges]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+
+
+def read_shard(path, meta, q_range, kv_range, backward=False):
+    """This rank's rows: q (and do with backward), q positions, k, v; checked for NaN/Inf and
+    position range. q_range, kv_range: a (start, stop) pair or a list of them (zigzag layout)."""
+    q_ranges, kv_ranges = _ranges(q_range), _ranges(kv_range)
     with _open(path) as f:
-        out = {"q": f["q"][:, q0:q1], "k": f["k"][:, k0:k1], "v": f["v"][:, k0:k1]}
+        out = {"q": _rows(f["q"], q_ranges), "k": _rows(f["k"], kv_ranges), "v": _rows(f["v"], kv_ranges)}
+        if backward:
+            out["do"] = _rows(f["do"], q_ranges)
         if meta["positions"]:
-            out["q_positions"] = f["q_positions"][q0:q1].astype(np.int64)
+            out["q_positions"] = _rows(f["q_positions"], q_ranges, axis=0).astype(np.int64)
         else:
-            out["q_positions"] = np.arange(q0, q1, dtype=np.int64)
-    for name in ("q", "k", "v"):
+            out["q_positions"] = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in q_ranges])
+    for name in [n for n in ("q", "k", "v", "do") if n in out]:
         if not np.isfinite(out[name]).all():
             bad = np.argwhere(~np.isfinite(out[name]))[0]
-            row = bad[1] + (q0 if name == "q" else k0)
-            raise HpcattnError(f"input {path!r}: {name} holds NaN or Inf (first at row {row})")
+            rows = np.concatenate([np.arange(a, b) for a, b in (kv_ranges if name in "kv" else q_ranges)])
+            raise HpcattnError(f"input {path!r}: {name} holds NaN or Inf (first at row {rows[bad[1]]})")
     pos = out["q_positions"]
     if pos.size and (pos.min() < 0 or pos.max() >= meta["N"]):
         raise HpcattnError(f"input {path!r}: q_positions must lie in [0, {meta['N']}), "
@@ -88,7 +102,8 @@ def temp_name(comm, final):
 
 def write_rows(comm, tmp, final, q_range, arrays):
     """Collective: create `tmp` and write this rank's rows of `arrays`
-    (name -> (array, global shape, axis of the query rows)).
+    (name -> (array, global shape, axis of the rows[, row ranges])); rows go to q_range unless
+    the entry names its own ranges; a range is a (start, stop) pair or a list of them.
 
     Serial-HDF5 path: rank 0 creates the file, ranks write their slabs in rank order.
     """
@@ -96,7 +111,7 @@ def write_rows(comm, tmp, final, q_range, arrays):
     if comm.rank == 0:
         try:
             with h5py.File(tmp, "w") as f:
-                for name, (arr, shape, _) in arrays.items():
+                for name, (arr, shape, *_) in arrays.items():
                     f.create_dataset(name, shape=shape, dtype=arr.dtype)
         except OSError as e:
             problem = f"cannot create output {final!r}: {e}"
@@ -106,10 +121,15 @@ def write_rows(comm, tmp, final, q_range, arrays):
         if comm.rank == r:
             try:
                 with h5py.File(tmp, "r+") as f:
-                    for name, (arr, _, axis) in arrays.items():
-                        index = [slice(None)] * arr.ndim
-                        index[axis] = slice(*q_range)
-                        f[name][tuple(index)] = arr
+                    for name, (arr, _, axis, *own) in arrays.items():
+                        at = 0
+                        for a, b in _ranges(own[0] if own else q_range):
+                            index = [slice(None)] * arr.ndim
+                            index[axis] = slice(a, b)
+                            src = list(index)
+                            src[axis] = slice(at, at + b - a)
+                            f[name][tuple(index)] = arr[tuple(src)]
+                            at += b - a
             except OSError as e:
                 problem = f"cannot write output {final!r}: {e}"
         agree(comm, problem)

@@ -19,3 +19,34 @@ def even_shard(n, parts, rank):
     """(start, stop) of rank's shard in the even split of n items over parts."""
     off = even_offsets(n, parts)
     return int(off[rank]), int(off[rank + 1])
+
+
+def zigzag_segments(n, parts, rank):
+    """The two (start, stop) ranges rank owns in the zigzag layout of n items: the sequence is
+    cut evenly into 2*parts chunks and rank r owns chunks r and 2*parts-1-r, so that under a
+    causal mask every rank gets (nearly) the same work. Ranges are in ascending order."""
+    off = even_offsets(n, 2 * parts)
+    a, b = rank, 2 * parts - 1 - rank
+    return [(int(off[a]), int(off[a + 1])), (int(off[b]), int(off[b + 1]))]
+
+
+def segments(n, parts, rank, layout="contiguous"):
+    """The ranges of n items that rank owns under `layout` ('contiguous' or 'zigzag')."""
+    if layout == "zigzag":
+        return zigzag_segments(n, parts, rank)
+    if layout != "contiguous":
+        raise ValueError(f"unknown layout {layout!r}")
+    return [even_shard(n, parts, rank)]
+
+
+def positions(segs):
+    """The item indices covered by a list of (start, stop) ranges, in order (int64)."""
+    if not segs:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in segs])
+
+
+def causal_edges(segs):
+    """Causal (j <= i) pairs of the query positions in segs over a whole sequence of keys:
+    sum of (i + 1), in closed form. The work a rank does under `causal` self-attention."""
+    return sum((b - a) * (a + b + 1) // 2 for a, b in segs)

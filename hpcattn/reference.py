@@ -60,3 +60,49 @@ def errors(o, lse, o_ref, lse_ref):
 def tolerance(dtype):
     """Acceptable relative error of o (stored in the input dtype) and of lse (float32)."""
     return (4e-3 if np.dtype(dtype) == np.float16 else 1e-4), 1e-4
+
+
+def reference_backward(q, k, v, do, qpos, mask, scale):
+    """Exact gradients (dq, dk, dv) of sum(o * do) in float64, dense (DESIGN section 5).
+
+    q, do: (B, nq, H, D) at positions qpos; k, v: (B, N, Hkv, D), the whole sequence. Only
+    the given query rows contribute to dk, dv (pass all rows for the full gradient). Returns
+    float64 arrays shaped like q, k, v. Rows without edges contribute nothing.
+    """
+    B, nr, H, D = q.shape
+    N, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    dq = np.zeros((B, nr, H, D))
+    dk = np.zeros((B, N, Hkv, D))
+    dv = np.zeros((B, N, Hkv, D))
+    allowed = mask.allowed(np.asarray(qpos)[:, None], np.arange(N)[None, :])
+    for b in range(B):
+        for h in range(H):
+            hk = h // G
+            qq = np.asarray(q[b, :, h], dtype=np.float64)
+            gg = np.asarray(do[b, :, h], dtype=np.float64)
+            kk = np.asarray(k[b, :, hk], dtype=np.float64)
+            vv = np.asarray(v[b, :, hk], dtype=np.float64)
+            s = np.where(allowed, scale * (qq @ kk.T), -np.inf)
+            m = s.max(axis=1, initial=-np.inf)
+            p = np.exp(s - np.where(np.isneginf(m), 0.0, m)[:, None])
+            p /= np.where(p.sum(axis=1) > 0, p.sum(axis=1), 1)[:, None]
+            o = p @ vv
+            dv[b, :, hk] += p.T @ gg
+            ds = p * (gg @ vv.T - (gg * o).sum(axis=1)[:, None])
+            dq[b, :, h] = scale * ds @ kk
+            dk[b, :, hk] += scale * ds.T @ qq
+    return dq, dk, dv
+
+
+def grad_error(x, x_ref):
+    """max |x - x_ref| / max |x_ref| (inf if x has NaN): the error measure of dq, dk, dv."""
+    x = np.asarray(x, dtype=np.float64)
+    if np.isnan(x).any():
+        return np.inf
+    return float(np.max(np.abs(x - x_ref), initial=0.0) / max(np.max(np.abs(x_ref), initial=0.0), 1e-30))
+
+
+def grad_tolerance(dtype):
+    """Acceptable grad_error of dq, dk, dv stored in the input dtype (float32 accumulation)."""
+    return 5e-3 if np.dtype(dtype) == np.float16 else 1e-4

@@ -5,29 +5,44 @@ import time
 import numpy as np
 
 from . import __version__, h5io
-from .api import attention
+from .api import attention, attention_backward
 from .errors import collectively
 from .masks import parse
-from .partition import even_shard
+from .partition import segments
+
+ZIGZAG_VARIANTS = ("auto", "ring", "burst")  # ring-style variants: causal runs use zigzag
 
 
-def run(in_path, out_path, mask_spec, comm, variant="auto"):
+def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, ranks_per_node=None):
     """Collective over comm (an hpcattn Comm). Returns (per-rank stats list on rank 0, else
-    None; the output's attributes)."""
+    None; the output's attributes). backward: also read `do` and write dq, dk, dv."""
     t_start = time.perf_counter()
     mask = collectively(comm, parse, mask_spec)
-    meta = collectively(comm, h5io.read_meta, in_path)
+    meta = collectively(comm, h5io.read_meta, in_path, need_do=backward)
     P, r = comm.size, comm.rank
-    q_range, kv_range = even_shard(meta["Nq"], P, r), even_shard(meta["N"], P, r)
-    shard = collectively(comm, h5io.read_shard, in_path, meta, q_range, kv_range)
+    layout = "zigzag" if mask.causal and variant in ZIGZAG_VARIANTS else "contiguous"
+    q_range, kv_range = segments(meta["Nq"], P, r, layout), segments(meta["N"], P, r, layout)
+    shard = collectively(comm, h5io.read_shard, in_path, meta, q_range, kv_range, backward)
     io_s = time.perf_counter() - t_start
 
     stats = {}
     scale = 1 / math.sqrt(meta["D"])
+    common = dict(mask=mask, comm=comm, variant=variant, q_positions=shard["q_positions"],
+                  scale=scale, layout=layout, ranks_per_node=ranks_per_node)
     t_attn = time.perf_counter()
-    o, lse = attention(shard["q"], shard["k"], shard["v"], mask=mask, comm=comm, variant=variant,
-                       q_positions=shard["q_positions"], scale=scale, stats=stats)
+    o, lse = attention(shard["q"], shard["k"], shard["v"], stats=stats, **common)
     attn_s = time.perf_counter() - t_attn  # the attention call alone (no I/O): decode latency
+    grads = {}
+    if backward:
+        back = {}
+        dq, dk, dv = attention_backward(shard["q"], shard["k"], shard["v"], o, lse, shard["do"],
+                                        stats=back, **common)
+        stats["compute_s"] += back["compute_s"]
+        stats["edges_backward"] = back["edges"]
+        B, N, Hkv = meta["B"], meta["N"], meta["Hkv"]
+        grads = {"dq": (dq, (B, meta["Nq"], meta["H"], meta["D"]), 1),
+                 "dk": (dk, (B, N, Hkv, meta["D"]), 1, kv_range),
+                 "dv": (dv, (B, N, Hkv, meta["D"]), 1, kv_range)}
 
     t_write = time.perf_counter()
     B, Nq, H, D = meta["B"], meta["Nq"], meta["H"], meta["D"]
@@ -35,15 +50,18 @@ def run(in_path, out_path, mask_spec, comm, variant="auto"):
     try:
         h5io.write_rows(comm, tmp, out_path, q_range, {
             "o": (o, (B, Nq, H, D), 1),
-            "lse": (lse, (B, H, Nq), 2),
+            "lse": (lse, (B, H, Nq), 2), **grads,
         })
         io_s += time.perf_counter() - t_write
         rank_stats = {**comm.counters(), "compute_s": stats["compute_s"], "io_s": io_s, "attn_s": attn_s,
                       "wall_s": time.perf_counter() - t_start, "edges": stats["edges"],
-                      "q_rows": q_range[1] - q_range[0], "kv_rows": kv_range[1] - kv_range[0]}
+                      "edges_backward": stats.get("edges_backward", 0),
+                      "q_rows": sum(b - a for a, b in q_range), "kv_rows": sum(b - a for a, b in kv_range)}
         attrs = {"variant": stats["variant"], "mask": mask_spec, "ranks": P, "nodes": comm.nodes(),
                  "backend": "numpy", "transport": "mpi", "hpcattn_version": __version__,
-                 "scale": scale, "input": str(in_path)}
+                 "scale": scale, "input": str(in_path), "layout": layout, "backward": int(backward),
+                 "ranks_per_node": ranks_per_node or 0,
+                 "ring_levels": list(stats.get("ring_levels", (1, P)))}
         return h5io.finish(comm, tmp, out_path, rank_stats, attrs), attrs
     except BaseException:
         h5io.remove_quietly(tmp)
@@ -57,4 +75,11 @@ def summary(per_rank, attrs):
     return (f"hpcattn run: {attrs['ranks']} rank(s), variant {attrs['variant']}, mask {attrs['mask']}: "
             f"wall {top('wall_s'):.2f} s (compute {top('compute_s'):.2f} s, comm {top('comm_s'):.2f} s, "
             f"io {top('io_s'):.2f} s), max bytes sent/rank {top('bytes_sent') / 2**20:.1f} MiB, "
-            f"edges {sum(s['edges'] for s in per_rank):,}")
+            f"edges {sum(s['edges'] for s in per_rank):,} (slowest rank {balance(per_rank):.3f}x the mean)")
+
+
+def balance(per_rank):
+    """The compute balance: the busiest rank's edges over the mean (1.0 = perfect)."""
+    edges = [s["edges"] for s in per_rank]
+    mean = sum(edges) / len(edges)
+    return max(edges) / mean if mean else 1.0

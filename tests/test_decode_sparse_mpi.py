@@ -67,10 +67,10 @@ def test_self_attention_matches_reference_on_uneven_shards(spec, variant, N, H, 
     q, k, v = problem(N, N, H, Hkv, D, dtype, N)
     off = uneven_offsets(N, P, N + P)
     a, b = off[r], off[r + 1]
-    comm = Comm(world(), ranks_per_node=2)
+    comm = Comm(world())
     stats = {}
     o, lse = hpcattn.attention(q[:, a:b], k[:, a:b], v[:, a:b], mask=spec, comm=comm, variant=variant,
-                               stats=stats)
+                               stats=stats, ranks_per_node=2)
     check(o, lse, q[:, a:b], k, v, np.arange(a, b), spec, D)
     edges = world().allreduce(stats["edges"])
     assert stats["variant"] == variant and edges == parse(spec).allowed(
@@ -91,6 +91,20 @@ def test_decode_rows_match_reference(spec, variant):
     o, lse = hpcattn.attention(q[:, sl], k[:, kv[r]:kv[r + 1]], v[:, kv[r]:kv[r + 1]], mask=spec,
                                comm=world(), variant=variant, q_positions=qpos_all[sl])
     check(o, lse, q[:, sl], k, v, qpos_all[sl], spec, D)
+
+
+@pytest.mark.parametrize("spec", ["causal", "causal+window:30", "causal+global:3+block:40"])
+@pytest.mark.parametrize("variant", ["tree", "sparse"])
+def test_zigzag_layout(spec, variant):
+    """The runner gives causal runs the zigzag layout; tree and sparse take any key runs."""
+    from hpcattn.partition import positions, segments
+    P, r = world().size, world().rank
+    N, D = 157, 16
+    q, k, v = problem(N, N, 2, 1, D, "float32", 4)
+    rows = positions(segments(N, P, r, "zigzag"))
+    o, lse = hpcattn.attention(q[:, rows], k[:, rows], v[:, rows], mask=spec, comm=world(),
+                               variant=variant, layout="zigzag")
+    check(o, lse, q[:, rows], k, v, rows, spec, D)
 
 
 def node_collective_bytes(P, K, r, nbytes):
@@ -124,11 +138,11 @@ def test_tree_bytes_are_exact_and_independent_of_n(method, rpn):
         q, k, v = problem(N, Nq, H, Hkv, D, "float32", 3)
         kv, qo = uneven_offsets(N, P, P), uneven_offsets(Nq, P, P + 1)
         qpos = np.arange(N - Nq, N)
-        comm = Comm(world(), ranks_per_node=rpn)
+        comm = Comm(world())
         shard = hpcattn.api.Shard(hpcattn.api.to_heads(q[:, qo[r]:qo[r + 1]], Hkv), qpos[qo[r]:qo[r + 1]],
                                   hpcattn.api.to_heads(k[:, kv[r]:kv[r + 1]], Hkv)[:, :, 0],
                                   hpcattn.api.to_heads(v[:, kv[r]:kv[r + 1]], Hkv)[:, :, 0],
-                                  kv, parse("causal"), 0.3, q_offsets=qo)
+                                  kv, parse("causal"), 0.3, q_offsets=qo, ranks_per_node=rpn)
         o, lse = tree.forward(comm, shard, method)
         o_ref, lse_ref = reference(q[:, qo[r]:qo[r + 1]], k, v, shard.qpos, parse("causal"), 0.3)
         assert errors(hpcattn.api.from_heads(o, "float32"), lse.reshape(B, H, -1), o_ref, lse_ref)[0] < 1e-5
@@ -212,7 +226,7 @@ def test_auto_records_its_choice():
     q, k, v = problem(N, N, 2, 1, D, "float32", 9)
     off = even_offsets(N, P)
     sl = slice(off[r], off[r + 1])
-    expect = {"causal+window:10": "sparse", "causal": "ring", "block:20+global:2": "sparse"}
+    expect = {"causal+window:10": "sparse", "causal": "burst", "block:20+global:2": "sparse"}
     for spec, want in expect.items():
         stats = {}
         o, lse = hpcattn.attention(q[:, sl], k[:, sl], v[:, sl], mask=spec, comm=world(), stats=stats)
@@ -234,8 +248,8 @@ def test_decode_file_re_read_from_disk(mpi_tmp_path, variant):
         from hpcattn.generate import generate
         generate(inp, 5000, queries=5, heads=4, kv_heads=2, head_dim=16, dtype="float16", seed=2)
     world().Barrier()
-    comm = Comm(world(), ranks_per_node=2)
-    per_rank, attrs = run(str(inp), str(out), "causal", comm, variant)
+    comm = Comm(world())
+    per_rank, attrs = run(str(inp), str(out), "causal", comm, variant, ranks_per_node=2)
     world().Barrier()
     with h5py.File(out, "r") as f, h5py.File(inp, "r") as g:
         assert f.attrs["complete"] == 1

@@ -1,15 +1,18 @@
-"""Distribution variants. Each is a module with `forward(comm, shard) -> (o, lse)`.
+"""Distribution variants. Each is a module with `forward(comm, shard) -> (o, lse)` and, where
+supported, `backward(comm, shard, o, lse, do) -> (dq, dk, dv)`.
 
-They share the local kernel, the merge and the comm layer, and know nothing of HDF5.
+They share the local kernels, the merge, the ring helper and the comm layer, and know nothing
+of HDF5.
 """
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
 from ..masks import Block, Dilated, Global, Window
-from . import ring, sparse, tree
+from . import burst, ring, sparse, tree
 
-VARIANTS = {"ring": ring, "tree": tree, "sparse": sparse}
+VARIANTS = {"ring": ring, "burst": burst, "tree": tree, "sparse": sparse}
 
 DECODE_FRACTION = 8  # tree when all queries together number at most (keys per rank) / this
 
@@ -19,8 +22,11 @@ class Shard:
     """One rank's part of an attention problem, in the kernel's head-major layout.
 
     q (B, Hkv, G, nq, D) with query positions qpos (nq,) int64; k, v (B, Hkv, nk, D) holding
-    keys kv_offsets[rank] .. kv_offsets[rank+1]-1; kv_offsets (P+1,) over the whole sequence;
-    q_offsets (P+1,) the query rows of every rank (rank r holds rows q_offsets[r]..[r+1]-1).
+    this rank's keys. kv_offsets (P+1,): cumulative key counts per rank. kv_runs[r]: the global
+    (start, stop) key ranges rank r holds, in row order (one range per rank by default, two in
+    the zigzag layout); q_runs[r]: the lengths of the runs of consecutive positions of rank r's
+    query rows (they sum to its nq; needed by variants that move queries). ranks_per_node: None = group ranks by shared memory.
+    q_offsets (P+1,): cumulative query-row counts per rank (rank r holds rows q_offsets[r]..[r+1]-1).
     `stats` collects compute_s and edges.
     """
     q: object
@@ -31,11 +37,29 @@ class Shard:
     mask: object
     scale: float
     stats: dict = field(default_factory=lambda: {"compute_s": 0.0, "edges": 0})
-    q_offsets: np.ndarray = None
+    kv_runs: Optional[list] = None
+    q_runs: Optional[list] = None
+    ranks_per_node: Optional[int] = None
+    q_offsets: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        off = [int(x) for x in self.kv_offsets]
+        if self.kv_runs is None:
+            self.kv_runs = [[(a, b)] for a, b in zip(off[:-1], off[1:])]
 
     @property
     def n_keys(self):
         return int(self.kv_offsets[-1])
+
+    def kv_rows(self, owner):
+        """Number of key rows rank `owner` holds."""
+        return int(self.kv_offsets[owner + 1] - self.kv_offsets[owner])
+
+    def key_runs(self, owner):
+        """(global starts, local row slices) of owner's key runs."""
+        starts = [a for a, b in self.kv_runs[owner] if b > a]
+        cuts = np.cumsum([0] + [b - a for a, b in self.kv_runs[owner] if b > a])
+        return starts, [slice(int(c0), int(c1)) for c0, c1 in zip(cuts[:-1], cuts[1:])]
 
 
 def reach_width(mask):
@@ -57,15 +81,14 @@ def reach_width(mask):
 def pick(mask, n_queries, n_keys, ranks):
     """The variant name `auto` uses; a pure function of global facts, so every rank agrees.
 
-    - one rank: the default (nothing travels anyway);
+    - one rank: ring (one hop, nothing travels);
     - tree when all queries together are few: at most (keys per rank) / DECODE_FRACTION;
     - sparse when every row's reach is bounded (window, dilated, block, plus global tokens) and
       narrower than a shard, so halos are cheaper than a ring;
-    - otherwise burst (ring until burst exists).
+    - otherwise burst.
     """
-    default = "burst" if "burst" in VARIANTS else "ring"
     if ranks == 1:
-        return default
+        return "ring"
     per_rank = -(-n_keys // ranks)
     if n_queries * DECODE_FRACTION <= per_rank:
         return "tree"
@@ -73,7 +96,7 @@ def pick(mask, n_queries, n_keys, ranks):
     g = max((t.g for t in mask.terms if isinstance(t, Global)), default=0)
     if width is not None and width <= per_rank and g <= per_rank:
         return "sparse"
-    return default
+    return "burst"
 
 
 def choose(name, shard):

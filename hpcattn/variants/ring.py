@@ -1,35 +1,74 @@
 """Ring attention: queries stay, K/V shards travel P-1 hops; each hop's partial is merged.
 
-The next hop's transfer is posted before the current block is computed, so communication
-overlaps compute. Blocks the mask leaves empty cost no compute (the kernel sees no spans).
+The next hop's transfer is posted before the current block is computed (plan-once double
+buffers), so communication overlaps compute. Blocks the mask leaves empty travel but cost no
+compute. Backward: K, V travel again, and the accumulating dK, dV follow them home.
 """
 import time
 
 import numpy as np
 
-from .. import local
-from ..merge import empty_state, merge
+from .. import grad
+from . import blocks
+from .rings import Relay, RingPlan, circulate
 
 
-def forward(comm, shard):
-    """(o, lse) of this rank's queries over the whole sequence; collective over comm."""
-    P, r = comm.size, comm.rank
+def flat_plan(comm):
+    """The one-level ring over all ranks of comm in rank order."""
+    return RingPlan(comm.rank, [0] * comm.size)
+
+
+def forward(comm, shard, plan=None):
+    """(o, lse) of this rank's queries over the whole sequence; collective over comm.
+
+    K and V circulate along `plan` (default: the one-level ring)."""
+    plan = plan or flat_plan(comm)
     B, Hkv, G, nq, D = shard.q.shape
-    off = shard.kv_offsets
-    o, lse = empty_state(np, (B, Hkv, G, nq), D)
-    k, v, owner = shard.k, shard.v, r
-    for hop in range(P):
-        pending = None
-        if hop < P - 1:
-            nxt = (r - hop - 1) % P
-            n = int(off[nxt + 1] - off[nxt])
-            bufs = [np.empty((B, Hkv, n, D), dtype=k.dtype) for _ in range(2)]
-            pending = comm.exchange([k, v], (r + 1) % P, bufs, (r - 1) % P)
+    o, lse = blocks.new_state(shard.q)
+    qruns = blocks.runs(nq, shard.q_runs[comm.rank])
+
+    def shapes(owner):
+        return [(B, Hkv, shard.kv_rows(owner), D)] * 2
+
+    kv = [np.ascontiguousarray(shard.k), np.ascontiguousarray(shard.v)]
+    for _, owner, (kb, vb) in circulate(comm, plan, kv, shapes):
         t = time.perf_counter()
-        po, pl, edges = local.attend(shard.q, shard.qpos, k, v, int(off[owner]), shard.mask, shard.scale)
-        o, lse = merge(o, lse, po, pl)
+        starts, kruns = shard.key_runs(owner)
+        o, lse, edges = blocks.forward(shard.q, shard.qpos, qruns, kb, vb, starts, kruns,
+                                       shard.mask, shard.scale, o, lse)
         shard.stats["compute_s"] += time.perf_counter() - t
         shard.stats["edges"] += edges
-        if pending is not None:
-            (k, v), owner = pending.wait(), nxt
     return o, lse
+
+
+def backward(comm, shard, o, lse, do, plan=None):
+    """(dq, dk, dv) float32 of this rank's rows, given the forward's o (B, Hkv, G, nq, D), its
+    full-row lse (B, Hkv, G, nq) and dO (like q); collective over comm."""
+    plan = plan or flat_plan(comm)
+    B, Hkv, G, nq, D = shard.q.shape
+    nk = shard.k.shape[2]
+    qruns = blocks.runs(nq, shard.q_runs[comm.rank])
+    delta = grad.row_delta(do, o)
+    dq = np.zeros((B, Hkv, G, nq, D), np.float32)
+    dk, dv = np.zeros((B, Hkv, nk, D), np.float32), np.zeros((B, Hkv, nk, D), np.float32)
+
+    def shapes(owner):
+        return [(B, Hkv, shard.kv_rows(owner), D)] * 2
+
+    relay = Relay(comm, plan, shapes)
+    kv = [np.ascontiguousarray(shard.k), np.ascontiguousarray(shard.v)]
+    for step, owner, (kb, vb) in circulate(comm, plan, kv, shapes):
+        acc = [dk, dv] if step == 0 else relay.part(step)
+        t = time.perf_counter()
+        starts, kruns = shard.key_runs(owner)
+        edges = blocks.backward(shard.q, shard.qpos, qruns, do, lse, delta, kb, vb, starts, kruns,
+                                shard.mask, shard.scale, dq, *acc)
+        shard.stats["compute_s"] += time.perf_counter() - t
+        shard.stats["edges"] += edges
+        if step:
+            relay.send(step, acc)
+    rest = relay.finish()
+    if rest is not None:
+        dk += rest[0]
+        dv += rest[1]
+    return dq, dk, dv

@@ -63,16 +63,42 @@ def reach(mask, qpos, n):
     return union(ivs)
 
 
-def requests(intervals, offsets, rank):
-    """Cut intervals by owner: (reqs (k, 2) int64 ordered by owner then position, counts (P,))
-    leaving out this rank's own keys."""
-    P = len(offsets) - 1
-    lo = np.maximum(intervals[None, :, 0], offsets[:-1, None])
-    hi = np.minimum(intervals[None, :, 1], offsets[1:, None])
-    keep = lo < hi
-    keep[rank] = False
-    reqs = np.stack([lo[keep], hi[keep]], axis=1)  # row-major: owner, then interval order
-    return reqs.reshape(-1, 2), keep.sum(axis=1).astype(np.int64).reshape(P)
+def pieces(kv_runs):
+    """Every rank's key runs as one (m, 4) int64 table [start, stop, owner, first local row],
+    sorted by start (any layout: contiguous shards, zigzag chunks)."""
+    rows = []
+    for owner, runs in enumerate(kv_runs):
+        first = 0
+        for a, b in runs:
+            if b > a:
+                rows.append((a, b, owner, first))
+                first += b - a
+    table = np.array(rows, dtype=np.int64).reshape(-1, 4)
+    return table[np.argsort(table[:, 0], kind="stable")]
+
+
+def requests(intervals, table, rank, ranks):
+    """Cut intervals by owner: (reqs (k, 2) int64 ordered by owner, then position; counts
+    (ranks,)), leaving out this rank's own keys."""
+    lo = np.maximum(intervals[None, :, 0], table[:, 0, None])
+    hi = np.minimum(intervals[None, :, 1], table[:, 1, None])
+    keep = (lo < hi) & (table[:, 2, None] != rank)
+    piece, iv = np.nonzero(keep)  # piece-major: ascending positions
+    owner = table[piece, 2]
+    order = np.argsort(owner, kind="stable")
+    reqs = np.stack([lo[piece, iv], hi[piece, iv]], axis=1)[order]
+    return reqs.reshape(-1, 2), np.bincount(owner, minlength=ranks).astype(np.int64)
+
+
+def local_rows(asked, table, rank):
+    """Local row indices of this rank's keys in the asked global intervals (checked: a peer's
+    request outside this rank's keys is a bug, not data to trust)."""
+    own = table[table[:, 2] == rank]
+    j = np.searchsorted(own[:, 0], asked[:, 0], side="right") - 1
+    if len(asked) and ((j < 0).any() or (asked[:, 1] > own[np.maximum(j, 0), 1]).any()):
+        raise RuntimeError(f"rank {rank} was asked for keys it does not hold")
+    shift = own[j, 3] - own[j, 0] if len(asked) else np.zeros(0, dtype=np.int64)
+    return expand(asked + shift[:, None])
 
 
 def expand(intervals):
@@ -90,19 +116,17 @@ def _per_group(values, counts):
     return c[ends] - c[ends - counts]
 
 
-def fetch(comm, k, v, offsets, intervals):
-    """Collective: the key rows of `intervals` (owned by other ranks) from their owners.
+def fetch(comm, k, v, table, intervals):
+    """Collective: the key rows of `intervals` held by other ranks, from their owners.
 
-    Returns (positions (M,), k (B, Hkv, M, D), v) in position order. Bytes: the interval
-    requests (16 per interval), the count exchange, and the rows themselves.
+    table: `pieces` of the layout. Returns (positions (M,), k (B, Hkv, M, D), v), ordered by
+    owner then position. Bytes: the interval requests (16 per interval), the count exchange,
+    and the rows themselves.
     """
     r = comm.rank
-    reqs, counts = requests(intervals, offsets, r)
+    reqs, counts = requests(intervals, table, r, comm.size)
     asked, asked_counts = comm.alltoallv(reqs, counts)
-    k0, k1 = int(offsets[r]), int(offsets[r + 1])
-    if len(asked) and (asked[:, 0].min() < k0 or asked[:, 1].max() > k1):
-        raise RuntimeError(f"rank {r} was asked for keys outside its shard [{k0}, {k1})")
-    idx = expand(asked) - k0
+    idx = local_rows(asked, table, r)
     send_rows = _per_group(asked[:, 1] - asked[:, 0], asked_counts)
     pack = np.moveaxis(np.stack([k[:, :, idx], v[:, :, idx]]), 3, 0)  # (m, 2, B, Hkv, D)
     recv_rows = _per_group(reqs[:, 1] - reqs[:, 0], counts)
@@ -124,8 +148,7 @@ def forward(comm, shard):
     """(o, lse) of this rank's queries over the whole sequence; collective over comm."""
     P, r = comm.size, comm.rank
     B, Hkv, G, nq, D = shard.q.shape
-    off, n = shard.kv_offsets, shard.n_keys
-    k0 = int(off[r])
+    n = shard.n_keys
     mask, stats = shard.mask, shard.stats
     o, lse = empty_state(np, (B, Hkv, G, nq), D)
 
@@ -136,17 +159,17 @@ def forward(comm, shard):
         if rows.sum():
             q, qpos = tree.replicate(comm, shard.q[:, :, :, wide], shard.qpos[wide], rows)
             t = time.perf_counter()
-            wo, wl, edges = local.attend(q, qpos, shard.k, shard.v, k0, mask, shard.scale)
+            wo, wl, edges = tree.partial(q, qpos, shard, r)
             stats["compute_s"] += time.perf_counter() - t
             stats["edges"] += edges
-            wo, wl = tree.combine(comm, wo, wl)
+            wo, wl = tree.combine(comm, wo, wl, ranks_per_node=shard.ranks_per_node)
             a = int(rows[:r].sum())
             o[:, :, :, wide], lse[:, :, :, wide] = wo[..., a:a + rows[r], :], wl[..., a:a + rows[r]]
 
     q, qpos = shard.q[:, :, :, near], shard.qpos[near]
-    blocks = [(k0, shard.k, shard.v)]
+    blocks = [(start, shard.k[:, :, rows], shard.v[:, :, rows]) for start, rows in zip(*shard.key_runs(r))]
     if P > 1:
-        pos, kr, vr = fetch(comm, shard.k, shard.v, off, reach(mask, qpos, n))
+        pos, kr, vr = fetch(comm, shard.k, shard.v, pieces(shard.kv_runs), reach(mask, qpos, n))
         blocks += [(int(pos[a]), kr[:, :, a:b], vr[:, :, a:b]) for a, b in segments(pos)]
     t = time.perf_counter()
     no, nl = empty_state(np, (B, Hkv, G, len(qpos)), D)

@@ -12,13 +12,14 @@ With more than one node (real, or simulated by the communicator's ranks_per_node
 than one rank per node, the topology-aware form reduces inside each node, Allreduces among node
 leaders and broadcasts inside the node.
 """
+import functools
 import time
 
 import numpy as np
 
 from .. import local
 from ..comm import UserOp
-from ..merge import merge
+from ..merge import empty_state, merge
 
 METHODS = ("packed", "three")
 DEFAULT_METHOD = "packed"  # faster in jobs/tree_combine_bench.py (BENCHMARKS.md, issue 5)
@@ -30,44 +31,49 @@ def _merge_rows(a, b):
     b[:, 0], b[:, 1:] = lse, o
 
 
-def hierarchical(comm):
-    """True when the topology-aware combine applies: several nodes, some with several ranks."""
-    nodes = comm.nodes() if comm.ranks_per_node or comm.size > 1 else 1
+def hierarchical(comm, ranks_per_node=None):
+    """True when the topology-aware combine applies: several nodes, some with several ranks.
+    Nodes are simulated ones of ranks_per_node consecutive ranks when given (collective
+    otherwise)."""
+    if comm.size == 1:
+        return False
+    nodes = -(-comm.size // ranks_per_node) if ranks_per_node else comm.nodes()
     return 1 < nodes < comm.size
 
 
-def _allreduce(comm, buf, op, topo):
+def _allreduce(comm, buf, op, topo, ranks_per_node):
     """Allreduce, flat or as node reduce -> leaders' allreduce -> node broadcast."""
     if not topo:
         return comm.allreduce(buf, op)
-    node, leaders = comm.node_groups()
+    node, leaders = comm.node_groups(ranks_per_node)
     out = node.reduce(buf, op, root=0)
     if leaders is not None:
         out = leaders.allreduce(out, op)
     return node.bcast(out if out is not None else np.empty_like(buf), root=0)
 
 
-def combine(comm, o, lse, method=DEFAULT_METHOD, topo=None):
+def combine(comm, o, lse, method=DEFAULT_METHOD, ranks_per_node=None, topo=None):
     """Merge every rank's partial (o, lse) of the same rows; every rank gets the result.
 
     o (..., n, D) float32, lse (..., n) float32, the same shape on every rank. Collective.
-    topo: use the topology-aware form (default: when `hierarchical(comm)`).
+    topo: use the topology-aware form (default: when `hierarchical(comm, ranks_per_node)`).
     """
     if comm.size == 1:
         return o, lse
-    topo = hierarchical(comm) if topo is None else topo
+    topo = hierarchical(comm, ranks_per_node) if topo is None else topo
+    reduce = functools.partial(_allreduce, comm, topo=topo, ranks_per_node=ranks_per_node)
     D = o.shape[-1]
     if method == "packed":
         buf = np.concatenate([lse[..., None], o], axis=-1).astype(np.float32, copy=False)
-        out = _allreduce(comm, np.ascontiguousarray(buf), UserOp(_merge_rows, D + 1), topo)
+        out = reduce(np.ascontiguousarray(buf), UserOp(_merge_rows, D + 1))
         return np.ascontiguousarray(out[..., 1:]), np.ascontiguousarray(out[..., 0])
     if method != "three":
         raise ValueError(f"unknown tree combine {method!r}; expected one of {METHODS}")
-    m = _allreduce(comm, np.ascontiguousarray(lse, dtype=np.float32), "max", topo)
+    m = reduce(np.ascontiguousarray(lse, dtype=np.float32), "max")
     ref = np.where(np.isneginf(m), 0, m)
     w = np.exp(lse - ref)
-    num = _allreduce(comm, np.ascontiguousarray(w[..., None] * o, dtype=np.float32), "sum", topo)
-    den = _allreduce(comm, np.ascontiguousarray(w, dtype=np.float32), "sum", topo)
+    num = reduce(np.ascontiguousarray(w[..., None] * o, dtype=np.float32), "sum")
+    den = reduce(np.ascontiguousarray(w, dtype=np.float32), "sum")
     o = num / np.where(den > 0, den, 1)[..., None]
     with np.errstate(divide="ignore"):
         lse = (ref + np.log(den)).astype(np.float32)
@@ -83,16 +89,29 @@ def replicate(comm, q, qpos, rows):
     return np.ascontiguousarray(np.moveaxis(qt, 0, 3)), comm.allgather_rows(qpos, rows)
 
 
+def partial(q, qpos, shard, rank):
+    """(o, lse, edges) of rows q over this rank's own keys (one or more runs: any layout)."""
+    o = lse = None
+    edges = 0
+    for start, rows in zip(*shard.key_runs(rank)):
+        po, pl, n = local.attend(q, qpos, shard.k[:, :, rows], shard.v[:, :, rows], start, shard.mask,
+                                 shard.scale)
+        o, lse = (po, pl) if o is None else merge(o, lse, po, pl)
+        edges += n
+    if o is None:
+        o, lse = empty_state(np, q.shape[:-1], q.shape[-1])
+    return o, lse, edges
+
+
 def forward(comm, shard, method=DEFAULT_METHOD):
     """(o, lse) of this rank's queries over the whole sequence; collective over comm."""
     r = comm.rank
     q_off = shard.q_offsets
     q, qpos = replicate(comm, shard.q, shard.qpos, np.diff(q_off))
     t = time.perf_counter()
-    o, lse, edges = local.attend(q, qpos, shard.k, shard.v, int(shard.kv_offsets[r]), shard.mask,
-                                 shard.scale)
+    o, lse, edges = partial(q, qpos, shard, r)
     shard.stats["compute_s"] += time.perf_counter() - t
     shard.stats["edges"] += edges
-    o, lse = combine(comm, o, lse, method)
+    o, lse = combine(comm, o, lse, method, shard.ranks_per_node)
     a, b = int(q_off[r]), int(q_off[r + 1])
     return o[..., a:b, :], lse[..., a:b]

@@ -1,0 +1,64 @@
+"""BurstAttention: the ring with lse-only global state, tiled local kernels and a two-level
+ring (ranks grouped by node; the inter-node hop runs during the intra-node hops).
+
+Forward: K, V circulate along the two-level plan; the state per query row is (o, lse) only,
+merged by the one merge. Backward keeps K, V, dK, dV home and moves Q, dO, lse, D = rowsum(dO*O)
+(and the query positions) instead, with the accumulating dQ following them home: three
+full-size tensors per hop instead of ring's four.
+"""
+import time
+
+import numpy as np
+
+from .. import grad
+from . import blocks, ring
+from .rings import Relay, RingPlan, circulate
+
+
+def plan(comm, shard):
+    """The two-level ring: nodes from shared memory, or blocks of shard.ranks_per_node ranks."""
+    return RingPlan(comm.rank, comm.node_ids(shard.ranks_per_node))
+
+
+def forward(comm, shard):
+    """(o, lse) of this rank's queries over the whole sequence; collective over comm."""
+    p = plan(comm, shard)
+    shard.stats["ring_levels"] = p.levels
+    return ring.forward(comm, shard, p)
+
+
+def backward(comm, shard, o, lse, do):
+    """(dq, dk, dv) float32 of this rank's rows; see ring.backward for the arguments."""
+    p = plan(comm, shard)
+    B, Hkv, G, nq, D = shard.q.shape
+    nk = shard.k.shape[2]
+    starts, kruns = shard.key_runs(comm.rank)
+    delta = grad.row_delta(do, o)
+    dk, dv = np.zeros((B, Hkv, nk, D), np.float32), np.zeros((B, Hkv, nk, D), np.float32)
+    dq = np.zeros((B, Hkv, G, nq, D), np.float32)
+    nq_of = [sum(r) for r in shard.q_runs]
+
+    def shapes(owner):
+        n = nq_of[owner]
+        return [(B, Hkv, G, n, D)] * 2 + [(B, Hkv, G, n)] * 2 + [(n,)]
+
+    def acc_shapes(owner):
+        return [(B, Hkv, G, nq_of[owner], D)]
+
+    relay = Relay(comm, p, acc_shapes)
+    mine = [np.ascontiguousarray(a) for a in (shard.q, do, lse.astype(np.float32, copy=False),
+                                              delta.astype(np.float32, copy=False), shard.qpos)]
+    for step, owner, (qb, dob, lseb, deltab, qposb) in circulate(comm, p, mine, shapes):
+        acc = [dq] if step == 0 else relay.part(step)
+        t = time.perf_counter()
+        edges = blocks.backward(qb, qposb, blocks.runs(nq_of[owner], shard.q_runs[owner]), dob, lseb,
+                                deltab, shard.k, shard.v, starts, kruns, shard.mask, shard.scale,
+                                acc[0], dk, dv)
+        shard.stats["compute_s"] += time.perf_counter() - t
+        shard.stats["edges"] += edges
+        if step:
+            relay.send(step, acc)
+    rest = relay.finish()
+    if rest is not None:
+        dq += rest[0]
+    return dq, dk, dv
