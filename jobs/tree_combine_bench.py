@@ -31,19 +31,19 @@ def main():
     lse = rng.standard_normal(shape).astype(np.float32)
     rows = []
     for rpn in (None, a.ranks_per_node):
-        comm = Comm(world, ranks_per_node=rpn)
-        topo = tree.hierarchical(comm)
+        comm = Comm(world)
+        topo = tree.hierarchical(comm, rpn)
         if rpn and not topo:
             comm.free()
             continue
         for method in tree.METHODS:
-            tree.combine(comm, o, lse, method, topo)  # warm-up: creates ops and node groups
+            tree.combine(comm, o, lse, method, rpn, topo)  # warm-up: creates ops and node groups
             sent0 = comm.bytes_sent
             times = []
             for _ in range(a.repeat):
                 world.Barrier()
                 t = time.perf_counter()
-                tree.combine(comm, o, lse, method, topo)
+                tree.combine(comm, o, lse, method, rpn, topo)
                 times.append(time.perf_counter() - t)
             med = world.allreduce(float(np.median(times)), MPI.MAX)
             sent = world.allreduce((comm.bytes_sent - sent0) // a.repeat, MPI.MAX)

@@ -261,3 +261,44 @@ def test_decode_file_re_read_from_disk(mpi_tmp_path, variant):
         assert ok and o_err < 4e-3 and lse_err < 1e-5
         assert f["stats"]["edges"][...].sum() == sum(range(4996, 5001)) and (f["stats"]["attn_s"][...] > 0).all()
     comm.free()
+
+
+@pytest.mark.parametrize("spec", ["window:6", "causal+window:17", "dilated:3:4", "block:23",
+                                  "global:4+window:3", "causal+global:5+window:2", "full"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_sparse_backward_matches_reference(spec, layout, dtype):
+    """dQ, dK, dV of sparse (halo rows' dK, dV sent back to their owners) against float64."""
+    from hpcattn.partition import positions, segments
+    from hpcattn.reference import grad_error, grad_tolerance, reference_backward
+    P, r = world().size, world().rank
+    N, H, Hkv, D = 143, 4, 2, 16
+    q, k, v = problem(N, N, H, Hkv, D, dtype, 8)
+    do = np.random.default_rng(9).standard_normal(q.shape).astype(dtype)
+    if layout == "zigzag":
+        rows = positions(segments(N, P, r, "zigzag"))
+    else:
+        off = uneven_offsets(N, P, 60 + P)
+        rows = np.arange(off[r], off[r + 1])
+    comm = Comm(world())
+    args = dict(mask=spec, comm=comm, variant="sparse", layout=layout)
+    o, lse = hpcattn.attention(q[:, rows], k[:, rows], v[:, rows], **args)
+    before = comm.bytes_sent, comm.bytes_received
+    stats = {}
+    dq, dk, dv = hpcattn.attention_backward(q[:, rows], k[:, rows], v[:, rows], o, lse, do[:, rows],
+                                            stats=stats, **args)
+    rq, rk, rv = reference_backward(q, k, v, do, np.arange(N), parse(spec), 1 / np.sqrt(D))
+    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert got.dtype == q.dtype and grad_error(got, want[:, rows]) <= grad_tolerance(dtype), name
+    mask = parse(spec)
+    assert world().allreduce(stats["edges"]) == mask.allowed(np.arange(N)[:, None], np.arange(N)[None, :]).sum()
+    if layout == "contiguous" and P > 1 and sparse.wide_rows(mask, rows) is None:
+        # backward = the forward's traffic again (shard sizes, requests, K/V rows in dtype), plus
+        # the received rows' dK, dV going back to their owners as float32
+        row_back = 2 * 2 * Hkv * D * 4
+        reach = [reached(mask, np.arange(off[s], off[s + 1]), N) for s in range(P)]
+        served = sum(int(reach[s][off[r]:off[r + 1]].sum()) for s in range(P) if s != r)
+        got = sum(int(reach[r][off[s]:off[s + 1]].sum()) for s in range(P) if s != r)
+        assert comm.bytes_sent - before[0] == before[0] + got * row_back
+        assert comm.bytes_received - before[1] == before[1] + served * row_back
+    comm.free()

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .. import local
+from .. import grad, local
 from ..masks import Full, Global
 from ..merge import empty_state, merge
 from . import tree
@@ -116,23 +116,42 @@ def _per_group(values, counts):
     return c[ends] - c[ends - counts]
 
 
-def fetch(comm, k, v, table, intervals):
-    """Collective: the key rows of `intervals` held by other ranks, from their owners.
+class Halo:
+    """One rank's exchange plan (collective to build): the rows it asks other ranks for and
+    the rows it serves them. `gather` brings the asked K/V rows in; `scatter_add` sends
+    gradient rows for them back to their owners, who add them into their own dK, dV.
 
-    table: `pieces` of the layout. Returns (positions (M,), k (B, Hkv, M, D), v), ordered by
-    owner then position. Bytes: the interval requests (16 per interval), the count exchange,
-    and the rows themselves.
+    Bytes: the interval requests (16 per interval) and the count exchange once, then the rows
+    themselves per transfer (K, V in the input dtype; dK, dV in float32).
     """
-    r = comm.rank
-    reqs, counts = requests(intervals, table, r, comm.size)
-    asked, asked_counts = comm.alltoallv(reqs, counts)
-    idx = local_rows(asked, table, r)
-    send_rows = _per_group(asked[:, 1] - asked[:, 0], asked_counts)
-    pack = np.moveaxis(np.stack([k[:, :, idx], v[:, :, idx]]), 3, 0)  # (m, 2, B, Hkv, D)
-    recv_rows = _per_group(reqs[:, 1] - reqs[:, 0], counts)
-    got, _ = comm.alltoallv(pack, send_rows, recv_rows)
-    got = np.moveaxis(got, 0, 3)  # (2, B, Hkv, M, D)
-    return expand(reqs), got[0], got[1]
+
+    def __init__(self, comm, table, intervals):
+        r = comm.rank
+        reqs, counts = requests(intervals, table, r, comm.size)
+        asked, asked_counts = comm.alltoallv(reqs, counts)
+        self.comm = comm
+        self.positions = expand(reqs)  # of the received rows: by owner, then position
+        self.recv_rows = _per_group(reqs[:, 1] - reqs[:, 0], counts)
+        self.serve = local_rows(asked, table, r)  # local rows served, by requester
+        self.serve_rows = _per_group(asked[:, 1] - asked[:, 0], asked_counts)
+
+    def _swap(self, arrays, rows, send_rows, recv_rows):
+        """Alltoallv of row `rows` of several (B, Hkv, n, D) arrays, packed row-major."""
+        pack = np.moveaxis(np.stack([a[:, :, rows] for a in arrays]), 3, 0)  # (m, A, B, Hkv, D)
+        got, _ = self.comm.alltoallv(pack, send_rows, recv_rows)
+        return list(np.moveaxis(got, 0, 3))  # A x (B, Hkv, M, D)
+
+    def gather(self, k, v):
+        """(k, v) (B, Hkv, M, D) of the asked rows, in `positions` order."""
+        return self._swap([k, v], self.serve, self.serve_rows, self.recv_rows)
+
+    def scatter_add(self, dk_far, dv_far, dk, dv):
+        """Send dK, dV of the received rows to their owners; add what comes back into dk, dv
+        (this rank's own rows; several requesters may send the same row)."""
+        every = np.arange(len(self.positions))
+        back_k, back_v = self._swap([dk_far, dv_far], every, self.recv_rows, self.serve_rows)
+        np.add.at(dk, (slice(None), slice(None), self.serve), back_k)
+        np.add.at(dv, (slice(None), slice(None), self.serve), back_v)
 
 
 def segments(positions):
@@ -169,7 +188,9 @@ def forward(comm, shard):
     q, qpos = shard.q[:, :, :, near], shard.qpos[near]
     blocks = [(start, shard.k[:, :, rows], shard.v[:, :, rows]) for start, rows in zip(*shard.key_runs(r))]
     if P > 1:
-        pos, kr, vr = fetch(comm, shard.k, shard.v, pieces(shard.kv_runs), reach(mask, qpos, n))
+        halo = Halo(comm, pieces(shard.kv_runs), reach(mask, qpos, n))
+        kr, vr = halo.gather(shard.k, shard.v)
+        pos = halo.positions
         blocks += [(int(pos[a]), kr[:, :, a:b], vr[:, :, a:b]) for a, b in segments(pos)]
     t = time.perf_counter()
     no, nl = empty_state(np, (B, Hkv, G, len(qpos)), D)
@@ -180,3 +201,64 @@ def forward(comm, shard):
     o[:, :, :, near], lse[:, :, :, near] = no, nl
     stats["compute_s"] += time.perf_counter() - t
     return o, lse
+
+
+def backward(comm, shard, o, lse, do):
+    """(dq, dk, dv) float32 of this rank's rows, given the forward's o (B, Hkv, G, nq, D), its
+    full-row lse (B, Hkv, G, nq) and dO (like q); collective over comm.
+
+    The same halo as the forward brings the reached K/V rows in; the local backward kernel runs
+    over the own runs and each received segment; dK, dV of received rows go back to their
+    owners. Rows reaching everything are replicated (as in decoding): each rank adds their
+    dK, dV over its own keys and their dQ partials are summed across ranks.
+    """
+    P, r = comm.size, comm.rank
+    B, Hkv, G, nq, D = shard.q.shape
+    nk = shard.k.shape[2]
+    mask, stats, scale = shard.mask, shard.stats, shard.scale
+    delta = grad.row_delta(do, o)
+    dq = np.zeros((B, Hkv, G, nq, D), np.float32)
+    dk, dv = np.zeros((B, Hkv, nk, D), np.float32), np.zeros((B, Hkv, nk, D), np.float32)
+    own = list(zip(*shard.key_runs(r)))
+
+    def local_backward(q, qpos, do_, lse_, delta_, blocks, dq_):
+        """Local backward of rows over (start, k, v, dk, dv) blocks, accumulating into dq_."""
+        t = time.perf_counter()
+        for start, kb, vb, dkb, dvb in blocks:
+            stats["edges"] += grad.backward(q, qpos, kb, vb, start, mask, scale, do_, lse_, delta_,
+                                            dq_, dkb, dvb)[3]
+        stats["compute_s"] += time.perf_counter() - t
+
+    wide = wide_rows(mask, shard.qpos)
+    near = np.ones(nq, dtype=bool) if wide is None else ~wide
+    if wide is not None:
+        rows = np.array(comm.allgather_object(int(wide.sum())), dtype=np.int64)
+        if rows.sum():
+            pack = np.concatenate([shard.q[:, :, :, wide].astype(np.float32), do[:, :, :, wide].astype(np.float32),
+                                   lse[..., wide, None], delta[..., wide, None]], axis=-1)
+            pack, qpos = tree.replicate(comm, pack, shard.qpos[wide], rows)  # one gather of all four
+            q, do_w, lse_w, delta_w = pack[..., :D], pack[..., D:2 * D], pack[..., 2 * D], pack[..., 2 * D + 1]
+            dq_w = np.zeros((B, Hkv, G, len(qpos), D), np.float32)
+            local_backward(q, qpos, do_w, lse_w, delta_w,
+                [(start, shard.k[:, :, sl], shard.v[:, :, sl], dk[:, :, sl], dv[:, :, sl]) for start, sl in own],
+                dq_w)
+            dq_w = comm.allreduce(np.ascontiguousarray(dq_w), "sum")
+            a = int(rows[:r].sum())
+            dq[:, :, :, wide] = dq_w[:, :, :, a:a + rows[r]]
+
+    q, qpos, do_n = shard.q[:, :, :, near], shard.qpos[near], do[:, :, :, near]
+    lse_n, delta_n = lse[..., near], delta[..., near]
+    dq_n = np.zeros(q.shape, np.float32)
+    blocks = [(start, shard.k[:, :, sl], shard.v[:, :, sl], dk[:, :, sl], dv[:, :, sl]) for start, sl in own]
+    if P > 1:
+        halo = Halo(comm, pieces(shard.kv_runs), reach(mask, qpos, shard.n_keys))
+        kr, vr = halo.gather(shard.k, shard.v)
+        dk_far, dv_far = np.zeros(kr.shape, np.float32), np.zeros(vr.shape, np.float32)
+        pos = halo.positions
+        blocks += [(int(pos[a]), kr[:, :, a:b], vr[:, :, a:b], dk_far[:, :, a:b], dv_far[:, :, a:b])
+                   for a, b in segments(pos)]
+    local_backward(q, qpos, do_n, lse_n, delta_n, blocks, dq_n)
+    if P > 1:
+        halo.scatter_add(dk_far, dv_far, dk, dv)
+    dq[:, :, :, near] = dq_n
+    return dq, dk, dv
