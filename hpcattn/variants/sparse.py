@@ -221,30 +221,14 @@ def backward(comm, shard, o, lse, do):
     dk, dv = np.zeros((B, Hkv, nk, D), np.float32), np.zeros((B, Hkv, nk, D), np.float32)
     own = list(zip(*shard.key_runs(r)))
 
-    def local_backward(q, qpos, do_, lse_, delta_, blocks, dq_):
-        """Local backward of rows over (start, k, v, dk, dv) blocks, accumulating into dq_."""
-        t = time.perf_counter()
-        for start, kb, vb, dkb, dvb in blocks:
-            stats["edges"] += grad.backward(q, qpos, kb, vb, start, mask, scale, do_, lse_, delta_,
-                                            dq_, dkb, dvb)[3]
-        stats["compute_s"] += time.perf_counter() - t
-
     wide = wide_rows(mask, shard.qpos)
     near = np.ones(nq, dtype=bool) if wide is None else ~wide
     if wide is not None:
         rows = np.array(comm.allgather_object(int(wide.sum())), dtype=np.int64)
         if rows.sum():
-            pack = np.concatenate([shard.q[:, :, :, wide].astype(np.float32), do[:, :, :, wide].astype(np.float32),
-                                   lse[..., wide, None], delta[..., wide, None]], axis=-1)
-            pack, qpos = tree.replicate(comm, pack, shard.qpos[wide], rows)  # one gather of all four
-            q, do_w, lse_w, delta_w = pack[..., :D], pack[..., D:2 * D], pack[..., 2 * D], pack[..., 2 * D + 1]
-            dq_w = np.zeros((B, Hkv, G, len(qpos), D), np.float32)
-            local_backward(q, qpos, do_w, lse_w, delta_w,
-                [(start, shard.k[:, :, sl], shard.v[:, :, sl], dk[:, :, sl], dv[:, :, sl]) for start, sl in own],
-                dq_w)
-            dq_w = comm.allreduce(np.ascontiguousarray(dq_w), "sum")
-            a = int(rows[:r].sum())
-            dq[:, :, :, wide] = dq_w[:, :, :, a:a + rows[r]]
+            dq[:, :, :, wide] = tree.backward_rows(comm, shard, shard.q[:, :, :, wide], shard.qpos[wide],
+                                                   do[:, :, :, wide], lse[..., wide], delta[..., wide],
+                                                   rows, dk, dv)
 
     q, qpos, do_n = shard.q[:, :, :, near], shard.qpos[near], do[:, :, :, near]
     lse_n, delta_n = lse[..., near], delta[..., near]
@@ -257,7 +241,11 @@ def backward(comm, shard, o, lse, do):
         pos = halo.positions
         blocks += [(int(pos[a]), kr[:, :, a:b], vr[:, :, a:b], dk_far[:, :, a:b], dv_far[:, :, a:b])
                    for a, b in segments(pos)]
-    local_backward(q, qpos, do_n, lse_n, delta_n, blocks, dq_n)
+    t = time.perf_counter()
+    for start, kb, vb, dkb, dvb in blocks:
+        stats["edges"] += grad.backward(q, qpos, kb, vb, start, mask, scale, do_n, lse_n, delta_n,
+                                        dq_n, dkb, dvb)[3]
+    stats["compute_s"] += time.perf_counter() - t
     if P > 1:
         halo.scatter_add(dk_far, dv_far, dk, dv)
     dq[:, :, :, near] = dq_n

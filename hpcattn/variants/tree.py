@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .. import local
+from .. import grad, local
 from ..comm import UserOp
 from ..merge import empty_state, merge
 
@@ -115,3 +115,37 @@ def forward(comm, shard, method=DEFAULT_METHOD):
     o, lse = combine(comm, o, lse, method, shard.ranks_per_node)
     a, b = int(q_off[r]), int(q_off[r + 1])
     return o[..., a:b, :], lse[..., a:b]
+
+
+def backward_rows(comm, shard, q, qpos, do, lse, delta, rows, dk, dv):
+    """Backward of query rows replicated tree-style: every rank's rows q, do (B, Hkv, G, n_r, D),
+    lse, delta (B, Hkv, G, n_r) are gathered (one packed allgather), each rank adds their dK, dV
+    over its own keys into dk, dv and computes their dQ partial, and the partials are summed
+    by Allreduce. rows: (P,) the n_r of every rank. Returns this rank's dq (float32)."""
+    r, D = comm.rank, q.shape[-1]
+    pack = np.concatenate([q.astype(np.float32), do.astype(np.float32), lse[..., None],
+                           delta[..., None]], axis=-1)
+    pack, qpos = replicate(comm, pack, qpos, rows)
+    q, do, lse, delta = pack[..., :D], pack[..., D:2 * D], pack[..., 2 * D], pack[..., 2 * D + 1]
+    dq = np.zeros(q.shape, np.float32)
+    t = time.perf_counter()
+    for start, sl in zip(*shard.key_runs(r)):
+        shard.stats["edges"] += grad.backward(q, qpos, shard.k[:, :, sl], shard.v[:, :, sl], start,
+                                              shard.mask, shard.scale, do, lse, delta, dq,
+                                              dk[:, :, sl], dv[:, :, sl])[3]
+    shard.stats["compute_s"] += time.perf_counter() - t
+    dq = comm.allreduce(np.ascontiguousarray(dq), "sum") if comm.size > 1 else dq
+    a = int(np.sum(rows[:r]))
+    return dq[:, :, :, a:a + int(rows[r])]
+
+
+def backward(comm, shard, o, lse, do):
+    """(dq, dk, dv) float32 of this rank's rows, given the forward's o (B, Hkv, G, nq, D), its
+    full-row lse (B, Hkv, G, nq) and dO (like q); collective over comm. Bytes depend on the
+    number of queries only: the packed gather of q, dO, lse, D and the Allreduce of dQ."""
+    B, Hkv, G, nq, D = shard.q.shape
+    nk = shard.k.shape[2]
+    dk, dv = np.zeros((B, Hkv, nk, D), np.float32), np.zeros((B, Hkv, nk, D), np.float32)
+    dq = backward_rows(comm, shard, shard.q, shard.qpos, do, lse, grad.row_delta(do, o),
+                       np.diff(shard.q_offsets), dk, dv)
+    return dq, dk, dv
