@@ -63,8 +63,9 @@ class Shard:
 
 
 def reach_width(mask):
-    """Widest key range one query row can reach through the mask's bounded terms, or None when
-    some term is unbounded (full, causal alone, or a term this rule does not know)."""
+    """Widest key range one query row can reach through the mask's span-bounded terms (listed
+    terms such as random or csr add only their own columns), or None when some term is
+    unbounded (full, causal alone, or a term this rule does not know)."""
     width = 0
     for t in mask.terms:
         if isinstance(t, Window):
@@ -73,6 +74,8 @@ def reach_width(mask):
             width = max(width, 2 * t.w * t.r + 1)
         elif isinstance(t, Block):
             width = max(width, t.s)
+        elif hasattr(t, "columns"):  # listed columns (random, csr): fetched row by row
+            continue
         elif not isinstance(t, Global):
             return None
     return width

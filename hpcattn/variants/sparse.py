@@ -49,17 +49,41 @@ def union(intervals):
     return np.stack([a[first, 0], np.maximum.reduceat(a[:, 1], first)], axis=1)
 
 
+def explicit_terms(mask):
+    """The mask's terms that list their columns row by row (random, csr: `columns(qpos, k0,
+    k1)`) rather than bounding them by spans."""
+    return [t for t in mask.terms if hasattr(t, "columns")]
+
+
+def runs_of(keys):
+    """Sorted unique key positions -> (m, 2) intervals of their consecutive runs."""
+    keys = np.unique(np.asarray(keys, dtype=np.int64))
+    if not len(keys):
+        return np.empty((0, 2), dtype=np.int64)
+    cut = np.flatnonzero(np.diff(keys) != 1) + 1
+    first = np.concatenate([[0], cut])
+    last = np.concatenate([cut, [len(keys)]]) - 1
+    return np.stack([keys[first], keys[last] + 1], axis=1)
+
+
 def reach(mask, qpos, n):
     """Sorted disjoint key intervals (m, 2) of [0, n) holding every edge of the rows at qpos.
 
-    Queries are sorted and cut into tiles; each tile asks the mask for its spans, so a shard
-    of consecutive positions gets exactly its halo.
+    Span terms: queries are sorted and cut into tiles and each tile asks the mask for its
+    spans, so a shard of consecutive positions gets exactly its halo. Listed terms (random,
+    csr): their exact columns (Mask.columns), one interval per run of consecutive keys.
     """
     pos = np.sort(np.asarray(qpos, dtype=np.int64))
-    ivs = [iv for t0 in range(0, len(pos), Q_TILE)
-           for iv in mask.spans(int(pos[t0]), int(pos[min(len(pos), t0 + Q_TILE) - 1]), 0, n)]
-    # Hook for explicit-column terms (random, csr): their columns join here as [j, j+1)
-    # intervals once the mask offers them (see README of issue 5 / BENCHMARKS.md).
+    listed = explicit_terms(mask)
+    ivs = []
+    if listed:
+        kinds = tuple({type(t) for t in listed})
+        cols = mask.subset(kinds).columns(pos, 0, n)[1]
+        ivs.extend(runs_of(cols).tolist())
+        mask = mask.subset(kinds, exclude=True)
+    if mask is not None:
+        ivs.extend(iv for t0 in range(0, len(pos), Q_TILE)
+                   for iv in mask.spans(int(pos[t0]), int(pos[min(len(pos), t0 + Q_TILE) - 1]), 0, n))
     return union(ivs)
 
 
