@@ -194,7 +194,7 @@ class Comm:
         recv_rows = np.asarray(recv_rows, dtype=np.int64)
         row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * array.itemsize
         out = np.empty((int(recv_rows.sum()), *array.shape[1:]), dtype=array.dtype)
-        if row_bytes and (len(array) or len(out)):
+        if row_bytes:  # collective: every rank calls, even with nothing to move
             row = MPI.BYTE.Create_contiguous(row_bytes).Commit()
             sd = np.concatenate([[0], np.cumsum(send_rows)[:-1]])
             rd = np.concatenate([[0], np.cumsum(recv_rows)[:-1]])

@@ -351,3 +351,17 @@ def test_sparse_listed_columns(spec):
     row = 2 * 2 * D * 4  # (B = 2) x (k, v) x D float32
     assert comm.bytes_received >= int(need.sum()) * row
     comm.free()
+
+
+def test_sparse_with_idle_ranks():
+    """Ranks with empty shards, or whose rows reach nothing outside, still join every exchange."""
+    P, r = world().size, world().rank
+    N, D = 120, 8
+    q, k, v = problem(N, N, 2, 1, D, "float32", 31)
+    off = np.array([0] + [min(N, 40 * i) for i in range(P)], dtype=np.int64)  # rank 0 empty
+    off[-1] = N
+    a, b = off[r], off[r + 1]
+    for spec in ("block:40", "window:2", "global:3+block:40"):
+        o, lse = hpcattn.attention(q[:, a:b], k[:, a:b], v[:, a:b], mask=spec, comm=world(),
+                                   variant="sparse")
+        check(o, lse, q[:, a:b], k, v, np.arange(a, b), spec, D)
