@@ -12,6 +12,7 @@ import numpy as np
 
 from .api import check_shapes
 from .errors import HpcattnError, agree
+from .profile import phase
 
 STATS = ("bytes_sent", "bytes_received", "compute_s", "comm_s", "io_s", "wall_s", "edges",
          "q_rows", "kv_rows")
@@ -62,7 +63,7 @@ def read_meta(path, need_do=False):
 def read_shard(path, meta, q_range, kv_range):
     """This rank's rows: q, q positions, k, v; checked for NaN/Inf and position range."""
     (q0, q1), (k0, k1) = q_range, kv_range
-    with _open(path) as f:
+    with phase("read"), _open(path) as f:
         out = {"q": f["q"][:, q0:q1], "k": f["k"][:, k0:k1], "v": f["v"][:, k0:k1]}
         if meta["positions"]:
             out["q_positions"] = f["q_positions"][q0:q1].astype(np.int64)
@@ -105,7 +106,7 @@ def write_rows(comm, tmp, final, q_range, arrays):
         problem = None
         if comm.rank == r:
             try:
-                with h5py.File(tmp, "r+") as f:
+                with phase("write"), h5py.File(tmp, "r+") as f:
                     for name, (arr, _, axis) in arrays.items():
                         index = [slice(None)] * arr.ndim
                         index[axis] = slice(*q_range)
@@ -122,7 +123,7 @@ def finish(comm, tmp, final, stats, attrs):
     problem = None
     if comm.rank == 0:
         try:
-            with h5py.File(tmp, "r+") as f:
+            with phase("write stats"), h5py.File(tmp, "r+") as f:
                 g = f.create_group("stats")
                 for key in gathered[0]:
                     g.create_dataset(key, data=np.array([s[key] for s in gathered]))

@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import local
 from ..merge import empty_state, merge
+from ..profile import phase
 
 
 def forward(comm, shard):
@@ -24,12 +25,16 @@ def forward(comm, shard):
             nxt = (r - hop - 1) % P
             n = int(off[nxt + 1] - off[nxt])
             bufs = [np.empty((B, Hkv, n, D), dtype=k.dtype) for _ in range(2)]
-            pending = comm.exchange([k, v], (r + 1) % P, bufs, (r - 1) % P)
+            with phase(f"hop {hop + 1} send/recv"):
+                pending = comm.exchange([k, v], (r + 1) % P, bufs, (r - 1) % P)
         t = time.perf_counter()
-        po, pl, edges = local.attend(shard.q, shard.qpos, k, v, int(off[owner]), shard.mask, shard.scale)
-        o, lse = merge(o, lse, po, pl)
+        with phase("local"):
+            po, pl, edges = local.attend(shard.q, shard.qpos, k, v, int(off[owner]), shard.mask, shard.scale)
+        with phase("merge"):
+            o, lse = merge(o, lse, po, pl)
         shard.stats["compute_s"] += time.perf_counter() - t
         shard.stats["edges"] += edges
         if pending is not None:
-            (k, v), owner = pending.wait(), nxt
+            with phase(f"hop {hop + 1} wait"):
+                (k, v), owner = pending.wait(), nxt
     return o, lse
