@@ -21,7 +21,10 @@ DPI = 100
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise HpcattnError("hpcattn plot needs matplotlib: pip install 'hpcattn[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

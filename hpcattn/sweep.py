@@ -78,9 +78,9 @@ def save(records, results):
 
 
 def run_sweep(job_path, ranks=None, launcher=None, workdir=None, results=None, dry_run=False,
-              log=print):
+              log=print, plot=False):
     """Run a job file's points; returns the records. Raises HpcattnError on the first failure
-    (after saving the records so far)."""
+    (after saving the records so far). `plot`: also draw results.png beside results.json."""
     spec = jobs.load(job_path)
     run, out = spec["run"], spec["output"]
     launcher = launcher or run["launcher"]
@@ -89,6 +89,10 @@ def run_sweep(job_path, ranks=None, launcher=None, workdir=None, results=None, d
     workdir = Path(workdir or out.get("dir", f"runs/{spec['name']}"))
     results = Path(results) if results else workdir / out.get("results", "results.json")
     pts = jobs.points(spec, ranks)
+    tasks = os.environ.get("SLURM_NTASKS", "")
+    if tasks.isdigit() and max(p.ranks for p in pts) > int(tasks):
+        raise HpcattnError(f"job {job_path} asks for {max(p.ranks for p in pts)} ranks but this "
+                           f"allocation has {tasks} task(s); submit with --ntasks >= that")
     records = []
     if not dry_run:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +139,10 @@ def run_sweep(job_path, ranks=None, launcher=None, workdir=None, results=None, d
                                f"(o max rel err {rec['o_err']:.2e})")
     if not dry_run:
         log(f"hpcattn sweep: {len(records)} record(s) in {results} and {results.with_suffix('.csv')}")
+    if plot and records:
+        from .plot import plot_results
+        plot_results([results], results.with_suffix(".png"))
+        log(f"hpcattn sweep: figure {results.with_suffix('.png')}")
     return records
 
 
@@ -146,11 +154,12 @@ def add_parser(sub):
     s.add_argument("--dir", help="override output.dir")
     s.add_argument("--results", help="results JSON path (default: DIR/results.json)")
     s.add_argument("--dry-run", action="store_true", help="print the launch commands only")
+    s.add_argument("--plot", action="store_true", help="also draw results.png (hpcattn plot)")
     return s
 
 
 def cmd_sweep(args):
     run_sweep(args.job, args.ranks, args.launcher, args.dir, args.results, args.dry_run,
-              log=lambda m: print(m, flush=True))
+              log=lambda m: print(m, flush=True), plot=args.plot)
     return 0
 

@@ -16,6 +16,7 @@
 set -euo pipefail
 DIR=${HPCATTN_SLURM_DIR:-/tmp/hpcattn-slurm}
 CPUS=${HPCATTN_SLURM_CPUS:-8}
+NODES=${HPCATTN_SLURM_NODES:-1}   # >1: that many slurmd on this host (node1..nodeK), a multi-node test bed
 HOST=$(hostname -s)
 CONF=$DIR/slurm.conf
 action=${1:-start}
@@ -25,13 +26,14 @@ install=0
 log() { echo "local-cluster: $*" >&2; }
 
 stop() {
-    for d in slurmd slurmctld; do
-        if [[ -f $DIR/$d.pid ]]; then
-            pid=$(cat "$DIR/$d.pid")
-            kill "$pid" 2>/dev/null && log "stopped $d ($pid)" || true
-            rm -f "$DIR/$d.pid"
+    for pidfile in "$DIR"/slurmd*.pid "$DIR"/slurmctld.pid; do
+        if [[ -f $pidfile ]]; then
+            pid=$(cat "$pidfile")
+            kill "$pid" 2>/dev/null && log "stopped $(basename "$pidfile" .pid) ($pid)" || true
+            rm -f "$pidfile"
         fi
     done
+    sleep 1
     if [[ -f $DIR/munged.pid ]]; then
         kill "$(cat "$DIR/munged.pid")" 2>/dev/null && log "stopped munged" || true
         rm -f "$DIR/munged.pid"
@@ -62,6 +64,7 @@ fi
 
 stop
 mkdir -p "$DIR"/{spool,state,log}
+for i in $HOST $(seq -f "node%g" 1 "$NODES"); do mkdir -p "$DIR/tmp/$i" "$DIR/spool/slurmd-$i"; done
 # munge: the package's key; a private socket so a system munged (if any) is left alone.
 [[ -s /etc/munge/munge.key ]] || { mungekey --create 2>/dev/null || /usr/sbin/create-munge-key -f; }
 chown munge:munge /etc/munge/munge.key 2>/dev/null || true
@@ -75,6 +78,13 @@ munged --force --socket="$SOCKET" --pid-file="$DIR/munged.pid" --log-file="$DIR/
 chown root:root "$DIR"
 
 NODE=$(slurmd -C | head -1 | sed -E "s/CPUs=[0-9]+/CPUs=$CPUS/; s/CoresPerSocket=[0-9]+/CoresPerSocket=$CPUS/; s/RealMemory=([0-9]+)/RealMemory=1000/")
+if (( NODES > 1 )); then   # node1..nodeK, all on this host, one slurmd each on its own port
+    NODELIST="node[1-$NODES]"
+    base=${HPCATTN_SLURMD_PORT:-6818}
+    NODE=$(echo "$NODE" | sed -E "s/^NodeName=[^ ]+/NodeName=$NODELIST NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[$base-$((base + NODES - 1))]/")
+else
+    NODELIST=$HOST
+fi
 cat > "$CONF" <<CONF
 # written by hpcattn slurm/local-cluster.sh
 ClusterName=hpcattn-local
@@ -92,12 +102,14 @@ LaunchParameters=use_interactive_step
 SlurmdParameters=config_overrides
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/slurmd-%n
+# per-node job scratch: the pmix plugin puts each step's client directory here; on one host,
+# several slurmd would collide in /tmp without it
+TmpFS=$DIR/tmp/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 SlurmctldPort=${HPCATTN_SLURMCTLD_PORT:-6817}
-SlurmdPort=${HPCATTN_SLURMD_PORT:-6818}
 SchedulerType=sched/builtin
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
@@ -108,20 +120,24 @@ JobAcctGatherType=jobacct_gather/none
 MinJobAge=3600
 ReturnToService=2
 $NODE State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+PartitionName=debug Nodes=$NODELIST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
 export SLURM_CONF=$CONF
 slurmctld -f "$CONF" -i   # -i: ignore (clear) old state
-slurmd -f "$CONF"
+if (( NODES > 1 )); then
+    for i in $(seq "$NODES"); do slurmd -f "$CONF" -N "node$i"; done
+else
+    slurmd -f "$CONF"
+fi
 for _ in $(seq 60); do
-    state=$(sinfo -h -N -o %T 2>/dev/null | head -1 || true)
-    [[ $state == idle ]] && break
+    state=$(sinfo -h -o %T 2>/dev/null | sort -u | tr '\n' ' ' || true)
+    [[ $state == "idle " ]] && break
     sleep 1
 done
-if [[ ${state:-} != idle ]]; then
+if [[ ${state:-} != "idle " ]]; then
     log "node did not become idle (state '${state:-none}'); logs follow"
     tail -n 30 "$DIR"/log/*.log >&2 || true
     exit 1
 fi
-log "cluster up: node $HOST idle with $CPUS CPUs; logs in $DIR/log"
+log "cluster up: $NODES node(s) ($NODELIST) idle with $CPUS CPUs each; logs in $DIR/log"
 echo "export SLURM_CONF=$CONF"
