@@ -18,6 +18,7 @@ import numpy as np
 
 from . import jobs, launch
 from .errors import HpcattnError
+from .masks import parse
 
 FIELDS = ("job", "point", "repeat", "scaling", "ranks", "nodes", "launcher", "seq", "queries",
           "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "variant", "wall_s",
@@ -89,6 +90,11 @@ def run_sweep(job_path, ranks=None, launcher=None, workdir=None, results=None, d
     workdir = Path(workdir or out.get("dir", f"runs/{spec['name']}"))
     results = Path(results) if results else workdir / out.get("results", "results.json")
     pts = jobs.points(spec, ranks)
+    for mask in {p.mask for p in pts}:   # a typo in a mask fails now, not after hours of sweep
+        try:
+            parse(mask)
+        except HpcattnError as e:
+            raise HpcattnError(f"job {job_path}: {e}") from None
     tasks = os.environ.get("SLURM_NTASKS", "")
     if tasks.isdigit() and max(p.ranks for p in pts) > int(tasks):
         raise HpcattnError(f"job {job_path} asks for {max(p.ranks for p in pts)} ranks but this "
@@ -120,7 +126,8 @@ def run_sweep(job_path, ranks=None, launcher=None, workdir=None, results=None, d
         (workdir / f"{tag}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             save(records, results)
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            lines = proc.stderr.strip().splitlines()
+            last = ([x for x in lines if x.startswith("hpcattn: error")] or lines or ["(no output)"])[-1]
             raise HpcattnError(f"sweep point {pt.index} ({tag}) failed with status {proc.returncode}: "
                                f"{last} (log: {workdir / (tag + '.log')})")
         rec = record(spec, pt, out_path, launcher, elapsed, str(trace) if trace else None)
