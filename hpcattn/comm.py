@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from . import profile
+
 
 def _mpi():
     from mpi4py import MPI
@@ -20,6 +22,7 @@ class Pending:
 
     def __init__(self, comm, requests, received):
         self._comm, self._requests, self.received = comm, requests, received
+        self._posted = profile.now()
 
     def wait(self):
         if self._requests is None:
@@ -27,6 +30,7 @@ class Pending:
         t = time.perf_counter()
         _mpi().Request.Waitall(self._requests)
         self._comm._count(seconds=time.perf_counter() - t)
+        profile.span("send/recv in flight", self._posted)
         self._requests = None
         return self.received
 
@@ -84,7 +88,8 @@ class Comm:
 
     def _timed(self, fn, *args):
         t = time.perf_counter()
-        out = fn(*args)
+        with profile.phase(fn.__name__):
+            out = fn(*args)
         self._count(seconds=time.perf_counter() - t)
         return out
 

@@ -18,6 +18,7 @@ import numpy as np
 from .. import grad, local
 from ..masks import Full, Global
 from ..merge import empty_state, merge
+from ..profile import phase
 from . import tree
 
 Q_TILE = local.Q_TILE
@@ -219,8 +220,10 @@ def forward(comm, shard):
     t = time.perf_counter()
     no, nl = empty_state(np, (B, Hkv, G, len(qpos)), D)
     for start, kb, vb in blocks:
-        po, pl, edges = local.attend(q, qpos, kb, vb, start, mask, shard.scale)
-        no, nl = merge(no, nl, po, pl)
+        with phase("local"):
+            po, pl, edges = local.attend(q, qpos, kb, vb, start, mask, shard.scale)
+        with phase("merge"):
+            no, nl = merge(no, nl, po, pl)
         stats["edges"] += edges
     o[:, :, :, near], lse[:, :, :, near] = no, nl
     stats["compute_s"] += time.perf_counter() - t

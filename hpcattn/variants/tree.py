@@ -20,6 +20,7 @@ import numpy as np
 from .. import grad, local
 from ..comm import UserOp
 from ..merge import empty_state, merge
+from ..profile import phase
 
 METHODS = ("packed", "three")
 DEFAULT_METHOD = "packed"  # faster in jobs/tree_combine_bench.py (BENCHMARKS.md, issue 5)
@@ -94,9 +95,11 @@ def partial(q, qpos, shard, rank):
     o = lse = None
     edges = 0
     for start, rows in zip(*shard.key_runs(rank)):
-        po, pl, n = local.attend(q, qpos, shard.k[:, :, rows], shard.v[:, :, rows], start, shard.mask,
-                                 shard.scale)
-        o, lse = (po, pl) if o is None else merge(o, lse, po, pl)
+        with phase("local"):
+            po, pl, n = local.attend(q, qpos, shard.k[:, :, rows], shard.v[:, :, rows], start,
+                                     shard.mask, shard.scale)
+        with phase("merge"):
+            o, lse = (po, pl) if o is None else merge(o, lse, po, pl)
         edges += n
     if o is None:
         o, lse = empty_state(np, q.shape[:-1], q.shape[-1])
