@@ -76,12 +76,12 @@ def cmd_run(args, comm):
         ("--variant", args.variant, args.variant == "auto" or args.variant in VARIANTS),
         ("--backward", args.backward, not args.backward),
         ("--ranks-per-node", args.ranks_per_node, args.ranks_per_node is None),
-        ("--transport", args.transport, args.transport in ("auto", "mpi")),
+        ("--transport", args.transport, True),
         ("--profile", args.profile, args.profile is None)) if not ok]
     if unsupported:
         flag, val = unsupported[0]
         raise HpcattnError(f"{flag} {val} is not available in hpcattn {__version__} yet", collective=True)
-    per_rank, attrs = run(args.input, args.output, args.mask, comm, args.variant)
+    per_rank, attrs = run(args.input, args.output, args.mask, comm, args.variant, args.transport)
     if comm.rank == 0:
         print(summary(per_rank, attrs))
     return 0

@@ -2,12 +2,13 @@
 
 Wraps an mpi4py communicator (duplicated, so library traffic never mixes with the caller's).
 Variants use `exchange` (post sends/receives now, `wait` later) for overlap and the collectives
-below; none calls MPI directly.
+below; none calls MPI directly. Arrays may be NumPy or CuPy: device arrays move by the
+transport chosen with `use_transport` (transport.py: CUDA-aware MPI, NCCL or pinned staging).
 """
 import pickle
 import time
 
-import numpy as np
+from .transport import Transport
 
 
 def _mpi():
@@ -18,16 +19,16 @@ def _mpi():
 class Pending:
     """Outstanding non-blocking transfers; `wait` completes them exactly once."""
 
-    def __init__(self, comm, requests, received):
-        self._comm, self._requests, self.received = comm, requests, received
+    def __init__(self, comm, finish, received):
+        self._comm, self._finish, self.received = comm, finish, received
 
     def wait(self):
-        if self._requests is None:
+        if self._finish is None:
             raise RuntimeError("Pending.wait() called twice")
         t = time.perf_counter()
-        _mpi().Request.Waitall(self._requests)
+        self._finish()
         self._comm.comm_s += time.perf_counter() - t
-        self._requests = None
+        self._finish = None
         return self.received
 
 
@@ -40,6 +41,14 @@ class Comm:
         self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
         self.bytes_sent = self.bytes_received = 0
         self.comm_s = 0.0
+        self.transport = Transport("mpi")
+
+    def use_transport(self, requested, backend):
+        """Choose how device arrays travel (auto|mpi|host|nccl) for backend numpy|cupy
+        (collective); returns the transport's name."""
+        from . import transport
+        self.transport = transport.choose(self, requested, backend)
+        return self.transport.name
 
     @classmethod
     def wrap(cls, comm):
@@ -58,23 +67,20 @@ class Comm:
     def exchange(self, sends, dest, recvs, source, tag=0):
         """Post Isend of each array in `sends` to dest and Irecv into each of `recvs` from source.
 
-        Arrays must be contiguous host arrays. Returns a Pending whose wait() yields `recvs`.
+        Arrays must be contiguous, all host or all device arrays. Returns a Pending whose
+        wait() yields `recvs` (for device arrays, ready for work queued after the wait).
         """
-        reqs = []
-        for i, buf in enumerate(recvs):
-            reqs.append(self.mpi.Irecv(buf, source=source, tag=tag + i))
-            self.bytes_received += buf.nbytes
-        for i, buf in enumerate(sends):
-            reqs.append(self.mpi.Isend(buf, dest=dest, tag=tag + i))
-            self.bytes_sent += buf.nbytes
-        return Pending(self, reqs, recvs)
+        self.bytes_received += sum(b.nbytes for b in recvs)
+        self.bytes_sent += sum(b.nbytes for b in sends)
+        t = time.perf_counter()
+        finish = self.transport.exchange(self.mpi, sends, dest, recvs, source, tag)
+        self.comm_s += time.perf_counter() - t
+        return Pending(self, finish, recvs)
 
     def allreduce(self, array, op="sum"):
-        """Allreduce of a contiguous host array (op: sum|max|min); bytes counted as one
-        send and one receive of the array per rank (the logical volume)."""
-        MPI = _mpi()
-        out = np.empty_like(array)
-        self._timed(self.mpi.Allreduce, array, out, {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op])
+        """Allreduce of a contiguous host or device array (op: sum|max|min) into a new array;
+        bytes counted as one send and one receive of the array per rank (the logical volume)."""
+        out = self._timed(self.transport.allreduce, self.mpi, array, op)
         if self.size > 1:
             self.bytes_sent += array.nbytes
             self.bytes_received += array.nbytes

@@ -4,17 +4,22 @@ import time
 
 import numpy as np
 
-from . import __version__, h5io
+from . import __version__, gpu, h5io
 from .api import attention
 from .errors import collectively
 from .masks import parse
 from .partition import even_shard
 
 
-def run(in_path, out_path, mask_spec, comm, variant="auto"):
+def run(in_path, out_path, mask_spec, comm, variant="auto", transport="auto"):
     """Collective over comm (an hpcattn Comm). Returns (per-rank stats list on rank 0, else
-    None; the output's attributes)."""
+    None; the output's attributes). The backend is cupy when a GPU is seen (HPCATTN_BACKEND
+    overrides); each rank then takes its node-local device before allocating anything."""
     t_start = time.perf_counter()
+    backend = collectively(comm, gpu.backend_name)
+    if backend == "cupy":
+        gpu.setup(comm.mpi)
+    transport = collectively(comm, comm.use_transport, transport, backend)
     mask = collectively(comm, parse, mask_spec)
     meta = collectively(comm, h5io.read_meta, in_path)
     P, r = comm.size, comm.rank
@@ -24,9 +29,11 @@ def run(in_path, out_path, mask_spec, comm, variant="auto"):
 
     stats = {}
     scale = 1 / math.sqrt(meta["D"])
-    o, lse = attention(shard["q"], shard["k"], shard["v"], mask=mask, comm=comm, variant=variant,
+    xp = gpu.xp(backend)
+    o, lse = attention(*(xp.asarray(shard[a]) for a in "qkv"), mask=mask, comm=comm, variant=variant,
                        q_positions=shard["q_positions"], scale=scale, stats=stats)
 
+    o, lse = gpu.to_host(o), gpu.to_host(lse)
     t_write = time.perf_counter()
     B, Nq, H, D = meta["B"], meta["Nq"], meta["H"], meta["D"]
     tmp = h5io.temp_name(comm, out_path)
@@ -40,7 +47,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto"):
                       "wall_s": time.perf_counter() - t_start, "edges": stats["edges"],
                       "q_rows": q_range[1] - q_range[0], "kv_rows": kv_range[1] - kv_range[0]}
         attrs = {"variant": stats["variant"], "mask": mask_spec, "ranks": P, "nodes": comm.nodes(),
-                 "backend": "numpy", "transport": "mpi", "hpcattn_version": __version__,
+                 "backend": backend, "transport": transport, "hpcattn_version": __version__,
                  "scale": scale, "input": str(in_path)}
         return h5io.finish(comm, tmp, out_path, rank_stats, attrs), attrs
     except BaseException:

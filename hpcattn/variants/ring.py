@@ -5,9 +5,8 @@ overlaps compute. Blocks the mask leaves empty cost no compute (the kernel sees 
 """
 import time
 
-import numpy as np
-
 from .. import local
+from ..backend import array_module
 from ..merge import empty_state, merge
 
 
@@ -16,14 +15,15 @@ def forward(comm, shard):
     P, r = comm.size, comm.rank
     B, Hkv, G, nq, D = shard.q.shape
     off = shard.kv_offsets
-    o, lse = empty_state(np, (B, Hkv, G, nq), D)
+    xp = array_module(shard.q)
+    o, lse = empty_state(xp, (B, Hkv, G, nq), D)
     k, v, owner = shard.k, shard.v, r
     for hop in range(P):
         pending = None
         if hop < P - 1:
             nxt = (r - hop - 1) % P
             n = int(off[nxt + 1] - off[nxt])
-            bufs = [np.empty((B, Hkv, n, D), dtype=k.dtype) for _ in range(2)]
+            bufs = [xp.empty((B, Hkv, n, D), dtype=k.dtype) for _ in range(2)]
             pending = comm.exchange([k, v], (r + 1) % P, bufs, (r - 1) % P)
         t = time.perf_counter()
         po, pl, edges = local.attend(shard.q, shard.qpos, k, v, int(off[owner]), shard.mask, shard.scale)

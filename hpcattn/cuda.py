@@ -1,0 +1,176 @@
+"""GPU local kernels: one loader over kernels/*.cu and the launches hpcattn needs.
+
+Every source is compiled by `cupy.RawModule` with `name_expressions` per dtype and head-dim
+bucket on first use and cached per device; `kernel(name)` is the one lookup helper. Layouts
+are those of hpcattn/local.py. Inputs are checked here, on the host, before any launch.
+"""
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HpcattnError
+from .masks import Block, Dilated, Full, Global, Window
+
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+DMAXES = (64, 128, 256)
+BQ, BK, THREADS = 16, 32, 128  # must match kernels/attend.cu
+MAX_TERMS = 8                  # HPCATTN_MAX_TERMS in kernels/mask.cuh
+SOURCES = {
+    "attend.cu": tuple(f"attend_{d}<{t}, {m}>" for d in ("fwd", "bwd") for t in CTYPES.values()
+                       for m in DMAXES),
+    "merge.cu": ("merge_states",),
+}
+OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
+_modules = {}
+_cache = {}
+
+
+def _cp():
+    import cupy
+    return cupy
+
+
+def kernel(name):
+    """The compiled kernel for a name expression of SOURCES, on the current device."""
+    cp = _cp()
+    src = next((f for f, names in SOURCES.items() if name in names), None)
+    if src is None:
+        raise KeyError(f"no kernel {name!r} in {KERNEL_DIR}")
+    key = (cp.cuda.Device().id, src)
+    if key not in _modules:
+        _modules[key] = cp.RawModule(code=(KERNEL_DIR / src).read_text(), options=OPTIONS,
+                                     name_expressions=list(SOURCES[src]))
+    return _modules[key].get_function(name)
+
+
+def dtype_name(x, bf16=False):
+    """'float32' | 'float16' | 'bfloat16' for an array. CuPy has no bfloat16 dtype: bfloat16
+    data travels as uint16 bit patterns (e.g. a torch tensor's memory) with bf16=True."""
+    name = str(x.dtype)
+    if bf16 and name == "uint16":
+        return "bfloat16"
+    return name
+
+
+def _bucket(D):
+    for m in DMAXES:
+        if D <= m:
+            return m
+    raise HpcattnError(f"head dim {D} is above the GPU kernels' limit {DMAXES[-1]}")
+
+
+def mask_words(mask):
+    """The device encoding of a mask (kernels/mask.cuh): int64 [n, causal, (kind, a, b)*n]."""
+    words = []
+    for t in mask.terms:
+        if isinstance(t, Full):
+            words += [0, 0, 0]
+        elif isinstance(t, Window):
+            words += [1, t.w, 0]
+        elif isinstance(t, Dilated):
+            words += [2, min(t.w * t.r, 2**62), t.r]
+        elif isinstance(t, Block):
+            words += [3, t.s, 0]
+        elif isinstance(t, Global):
+            words += [4, t.g, 0]
+        else:
+            raise HpcattnError(f"mask term {t!r} of {mask.spec!r} has no GPU kernel yet")
+    if len(mask.terms) > MAX_TERMS:
+        raise HpcattnError(f"mask {mask.spec!r} has {len(mask.terms)} terms; the GPU kernels take {MAX_TERMS}")
+    return np.array([len(mask.terms), int(mask.causal), *words], dtype=np.int64)
+
+
+def _device_copy(tag, host, make=np.asarray):
+    """A device copy of make(host), reused while the same object is passed again (the ring
+    passes the same positions and mask every hop)."""
+    cp = _cp()
+    key = (tag, cp.cuda.Device().id)
+    hit = _cache.get(key)
+    if hit is None or hit[0] is not host:
+        hit = _cache[key] = (host, cp.asarray(make(host)))
+    return hit[1]
+
+
+def _check(q, qpos, k, v, k0, bf16):
+    B, Hkv, G, nq, D = q.shape
+    names = {dtype_name(x, bf16) for x in (q, k, v)}
+    if len(names) != 1 or not names <= set(CTYPES):
+        raise HpcattnError(f"GPU kernels take one dtype of {', '.join(CTYPES)}; got {', '.join(sorted(names))}")
+    if k.shape != v.shape or k.shape[:2] != (B, Hkv) or k.shape[3] != D:
+        raise HpcattnError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
+    if B * Hkv * G > 65535 or nq >= 2**31 - BQ or k.shape[2] >= 2**31:
+        raise HpcattnError(f"shape {q.shape} x {k.shape} exceeds the GPU kernels' grid")
+    qpos = np.asarray(qpos)
+    if qpos.shape != (nq,) or qpos.dtype != np.int64:
+        raise HpcattnError(f"qpos must be int64 of shape ({nq},), got {qpos.dtype} {qpos.shape}")
+    if nq and (qpos.min() < 0 or qpos.max() >= 2**62) or not 0 <= k0 < 2**62:
+        raise HpcattnError("query/key positions must lie in [0, 2**62)")
+    return CTYPES[names.pop()], _bucket(D)
+
+
+def _launch(name, grid, smem, args):
+    f = kernel(name)
+    if smem > 48 * 1024:
+        f.max_dynamic_shared_size_bytes = smem
+    f(grid, (THREADS,), args, shared_mem=smem)
+
+
+def attend(q, qpos, k, v, k0, mask, scale, bf16=False):
+    """local.attend on the GPU: (o, lse, edges) with o, lse float32 cupy arrays.
+    bf16=True reads uint16 inputs as bfloat16 bit patterns."""
+    cp = _cp()
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    ctype, dmax = _check(q, qpos, k, v, k0, bf16)
+    o = cp.zeros((B, Hkv, G, nq, D), dtype=cp.float32)
+    lse = cp.full((B, Hkv, G, nq), -cp.inf, dtype=cp.float32)
+    if nq == 0 or nk == 0 or B * Hkv * G == 0:
+        return o, lse, 0
+    edges = cp.zeros(1, dtype=cp.uint64)
+    smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
+    _launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
+            (cp.ascontiguousarray(q), _device_copy("qpos", qpos), cp.ascontiguousarray(k),
+             cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words),
+             np.int32(nq), np.int32(nk), np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
+    return o, lse, int(edges.get()[0])
+
+
+def attend_backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, bf16=False):
+    """Gradients over the keys k0..k0+nk-1 given the forward's global lse (B,Hkv,G,nq) and
+    delta = rowsum(dO * O): (dq like q, dk and dv like k), all float32 cupy arrays."""
+    cp = _cp()
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    ctype, dmax = _check(q, qpos, k, v, k0, bf16)
+    if do.shape != q.shape or do.dtype != q.dtype:
+        raise HpcattnError(f"do must match q: {do.shape} {do.dtype} vs {q.shape} {q.dtype}")
+    dq = cp.zeros(q.shape, dtype=cp.float32)
+    dk = cp.zeros(k.shape, dtype=cp.float32)
+    dv = cp.zeros(k.shape, dtype=cp.float32)
+    if nq == 0 or nk == 0 or B * Hkv * G == 0:
+        return dq, dk, dv
+    smem = 4 * (2 * BQ * dmax + 2 * BK * (dmax + 1) + 2 * BK * dmax)
+    _launch(f"attend_bwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
+            (cp.ascontiguousarray(q), _device_copy("qpos", qpos), cp.ascontiguousarray(k),
+             cp.ascontiguousarray(v), cp.ascontiguousarray(do),
+             cp.ascontiguousarray(lse, dtype=cp.float32), cp.ascontiguousarray(delta, dtype=cp.float32),
+             dq, dk, dv, _device_copy("mask", mask, mask_words),
+             np.int32(nq), np.int32(nk), np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
+    return dq, dk, dv
+
+
+def merge(o_a, lse_a, o_b, lse_b):
+    """merge.merge fused into one kernel for float32 cupy states of equal shapes."""
+    cp = _cp()
+    o_a, o_b = cp.ascontiguousarray(o_a), cp.ascontiguousarray(o_b)
+    lse_a, lse_b = cp.ascontiguousarray(lse_a), cp.ascontiguousarray(lse_b)
+    o, lse = cp.empty_like(o_a), cp.empty_like(lse_a)
+    n = o.size
+    if n:
+        D = o.shape[-1]
+        kernel("merge_states")(((n + 255) // 256,), (256,),
+                               (o_a, lse_a, o_b, lse_b, o, lse, np.int64(lse.size), np.int32(D)))
+    elif lse.size:
+        lse[...] = cp.logaddexp(lse_a, lse_b)
+    return o, lse
