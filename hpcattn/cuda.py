@@ -19,8 +19,11 @@ MAX_TERMS = 8                  # HPCATTN_MAX_TERMS in kernels/mask.cuh
 SOURCES = {
     "attend.cu": tuple(f"attend_{d}<{t}, {m}>" for d in ("fwd", "bwd") for t in CTYPES.values()
                        for m in DMAXES),
+    "attend_mma.cu": tuple(f"attend_fwd_mma<{t}, {d}>" for t in ("__half", "__nv_bfloat16")
+                           for d in (32, 64, 96, 128)),
     "merge.cu": ("merge_states",),
 }
+MQ, MK, MMA_DIMS = 64, 64, (32, 64, 96, 128)  # must match kernels/attend_mma.cu
 OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
 _modules = {}
 _cache = {}
@@ -116,9 +119,15 @@ def _launch(name, grid, smem, args):
     f(grid, (THREADS,), args, shared_mem=smem)
 
 
-def attend(q, qpos, k, v, k0, mask, scale, bf16=False):
+def _mma_smem(ctype, D):
+    t = 4 if ctype == "float" else 2
+    return (MQ + 2 * MK) * (D + 8) * t + 4 * 16 * (MK + 4) * 4 + 4 * 16 * (MK + 8) * t + 4 * 16 * (D + 4) * 4
+
+
+def attend(q, qpos, k, v, k0, mask, scale, bf16=False, kernel_kind="auto"):
     """local.attend on the GPU: (o, lse, edges) with o, lse float32 cupy arrays.
-    bf16=True reads uint16 inputs as bfloat16 bit patterns."""
+    bf16=True reads uint16 inputs as bfloat16 bit patterns. kernel_kind: "mma" (tensor
+    cores: float16/bfloat16, D in MMA_DIMS), "simt" (any dtype, D <= 256) or "auto"."""
     cp = _cp()
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
@@ -128,6 +137,15 @@ def attend(q, qpos, k, v, k0, mask, scale, bf16=False):
     if nq == 0 or nk == 0 or B * Hkv * G == 0:
         return o, lse, 0
     edges = cp.zeros(1, dtype=cp.uint64)
+    mma_ok = ctype != "float" and D in MMA_DIMS
+    if kernel_kind == "mma" and not mma_ok:
+        raise HpcattnError(f"the tensor-core kernel takes float16/bfloat16 with D in {MMA_DIMS}")
+    if mma_ok and kernel_kind != "simt":
+        _launch(f"attend_fwd_mma<{ctype}, {D}>", ((nq + MQ - 1) // MQ, B * Hkv * G), _mma_smem(ctype, D),
+                (cp.ascontiguousarray(q), _device_copy("qpos", qpos), cp.ascontiguousarray(k),
+                 cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words),
+                 np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale)))
+        return o, lse, int(edges.get()[0])
     smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
     _launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
             (cp.ascontiguousarray(q), _device_copy("qpos", qpos), cp.ascontiguousarray(k),

@@ -64,13 +64,13 @@ def make(N, H, D, dtype):
     return [bf16(a) if dtype == "bfloat16" else a.astype(dtype) for a in arrs]
 
 
-def ours(N, H, D, dtype, spec):
+def ours(N, H, D, dtype, spec, kind="auto"):
     q, k, v = make(N, H, D, dtype)
     mask, qpos, scale = parse(spec), np.arange(N, dtype=np.int64), 1 / math.sqrt(D)
     res = {}
 
     def go():
-        res["out"] = cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=dtype == "bfloat16")
+        res["out"] = cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
     s = timed(go, reps=3)
     edges = res["out"][2]
     nbytes = 3 * N * H * D * 2 + N * H * D * 4 + N * H * 4
@@ -154,11 +154,14 @@ def main(argv=None):
         for D in (64, 128):
             for N in map(int, args.sizes.split(",")):
                 row = {"dtype": dtype, "D": D, "N": N, "H": args.heads, "mask": spec}
-                try:
-                    row["hpcattn"] = ours(N, args.heads, D, dtype, spec)
-                except Exception as e:
-                    row["hpcattn"] = f"failed: {type(e).__name__}: {e}"
-                cp.get_default_memory_pool().free_all_blocks()
+                for kind in ("mma", "simt"):
+                    if kind == "simt" and N > 262144:
+                        continue
+                    try:
+                        row[f"hpcattn_{kind}"] = ours(N, args.heads, D, dtype, spec, kind)
+                    except Exception as e:
+                        row[f"hpcattn_{kind}"] = f"failed: {type(e).__name__}: {e}"
+                    cp.get_default_memory_pool().free_all_blocks()
                 row["peers"] = peers(N, args.heads, D, dtype, args.window)
                 res["runs"].append(row)
                 print(json.dumps(row), flush=True)

@@ -42,17 +42,22 @@ def inputs(rng, shape_q, shape_k, dtype):
 
 
 @pytest.mark.parametrize("spec", MASKS)
-@pytest.mark.parametrize("B,Hkv,G,nq,nk,D,dtype", [(1, 1, 1, 300, 300, 64, "float32"),
-                                                    (2, 2, 2, 130, 257, 48, "float16"),
-                                                    (1, 2, 3, 77, 200, 128, "bfloat16"),
-                                                    (1, 1, 2, 40, 90, 200, "float16")])
-def test_local_kernel_matches_reference_and_counts_edges(rng, spec, B, Hkv, G, nq, nk, D, dtype):
+@pytest.mark.parametrize("B,Hkv,G,nq,nk,D,dtype,kind", [(1, 1, 1, 300, 300, 64, "float32", "simt"),
+                                                         (2, 2, 2, 130, 257, 48, "float16", "simt"),
+                                                         (2, 2, 2, 130, 257, 64, "float16", "simt"),
+                                                         (2, 2, 2, 130, 257, 64, "float16", "mma"),
+                                                         (1, 2, 3, 77, 200, 128, "bfloat16", "mma"),
+                                                         (1, 1, 1, 200, 333, 32, "bfloat16", "mma"),
+                                                         (1, 1, 2, 150, 150, 96, "float16", "mma"),
+                                                         (1, 2, 3, 77, 200, 128, "bfloat16", "simt"),
+                                                         (1, 1, 2, 40, 90, 200, "float16", "simt")])
+def test_local_kernel_matches_reference_and_counts_edges(rng, spec, B, Hkv, G, nq, nk, D, dtype, kind):
     mask = parse(spec)
     (qh, kh, vh), (qd, kd, vd) = inputs(rng, (B, Hkv, G, nq, D), (B, Hkv, nk, D), dtype)
     k0 = 37  # a key block that does not start at 0, queries spread around and past it
     qpos = np.sort(rng.choice(np.arange(0, k0 + nk + 20), size=nq, replace=False)).astype(np.int64)
     scale = 1 / math.sqrt(D)
-    o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16")
+    o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
     o_ref, lse_ref, _ = local.attend(qh.astype(np.float64), qpos, kh.astype(np.float64),
                                      vh.astype(np.float64), k0, mask, scale)
     o, lse = o.get(), lse.get()
