@@ -37,7 +37,6 @@ def ceilings():
     x = cp.empty(2**30, dtype=cp.uint8)
     y = cp.empty_like(x)
     copy_s = timed(lambda: cp.copyto(y, x))
-    del x, y
     n = 8192
     a = cp.random.standard_normal((n, n), dtype=cp.float32).astype(cp.float16)
     gemm_s = timed(lambda: a @ a)
@@ -74,7 +73,6 @@ def ours(N, H, D, dtype, spec, kind="auto"):
     s = timed(go, reps=3)
     edges = res["out"][2]
     nbytes = 3 * N * H * D * 2 + N * H * D * 4 + N * H * 4
-    del res, q, k, v
     return {"s": s, "edges_per_head": edges, "useful_TFLOPs": 4 * edges * D * H / s / 1e12,
             "GBps": nbytes / s / 1e9}
 
@@ -118,7 +116,6 @@ def peers(N, H, D, dtype, w):
         out["flash_attn_window"] = rate(s)
     except Exception as e:
         out["flash_attn_window"] = f"not usable: {type(e).__name__}: {str(e)[:120]}"
-    del q, k, v
     torch.cuda.empty_cache()
     return out
 
