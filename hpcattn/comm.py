@@ -41,7 +41,7 @@ class Comm:
         self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
         self.bytes_sent = self.bytes_received = 0
         self.comm_s = 0.0
-        self.transport = Transport("mpi")
+        self.transport = Transport("host")  # device arrays staged until use_transport says more
 
     def use_transport(self, requested, backend):
         """Choose how device arrays travel (auto|mpi|host|nccl) for backend numpy|cupy

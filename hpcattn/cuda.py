@@ -4,6 +4,7 @@ Every source is compiled by `cupy.RawModule` with `name_expressions` per dtype a
 bucket on first use and cached per device; `kernel(name)` is the one lookup helper. Layouts
 are those of hpcattn/local.py. Inputs are checked here, on the host, before any launch.
 """
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,20 @@ MQ, MK, MMA_DIMS = 64, 64, (32, 64, 96, 128)  # must match kernels/attend_mma.cu
 OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
 _modules = {}
 _cache = {}
+COMPILED_BY = {}  # source -> which compiler built it (for logs)
 
 
 def _cp():
     import cupy
     return cupy
+
+
+def _cuda_include():
+    """-I for the CUDA headers (cuda_fp16.h, mma.h) that NVRTC does not find on its own."""
+    cp = _cp()
+    path = cp.cuda.get_cuda_path()
+    inc = path and os.path.join(path, "include")
+    return (f"-I{inc}",) if inc and os.path.isdir(inc) else ()
 
 
 def kernel(name):
@@ -42,8 +52,17 @@ def kernel(name):
         raise KeyError(f"no kernel {name!r} in {KERNEL_DIR}")
     key = (cp.cuda.Device().id, src)
     if key not in _modules:
-        _modules[key] = cp.RawModule(code=(KERNEL_DIR / src).read_text(), options=OPTIONS,
-                                     name_expressions=list(SOURCES[src]))
+        code, names = (KERNEL_DIR / src).read_text(), list(SOURCES[src])
+        options = OPTIONS + _cuda_include()
+        try:
+            mod = cp.RawModule(code=code, options=options, name_expressions=names)
+            mod.compile()
+            COMPILED_BY[src] = "nvrtc"
+        except cp.cuda.compiler.CompileException as e:  # e.g. NVRTC without the CUDA headers
+            COMPILED_BY[src] = f"nvcc (NVRTC failed: {str(e).splitlines()[0][:200]})"
+            mod = cp.RawModule(code=code, options=options, name_expressions=names, backend="nvcc")
+            mod.compile()
+        _modules[key] = mod
     return _modules[key].get_function(name)
 
 

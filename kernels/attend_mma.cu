@@ -123,9 +123,8 @@ attend_fwd_mma(const T* __restrict__ q, const long long* __restrict__ qpos, cons
 #pragma unroll 8
             for (int j = 0; j < 32; ++j) {
                 const float p = (okbits >> j) & 1 ? exp2f(srow[j] - m_new) : 0.f;
-                const T pt = from_f<T>(p);
-                prow[j] = pt;
-                psum += to_f<T>(pt);  // normalise by what the MMA actually sums
+                prow[j] = from_f<T>(p);
+                psum += p;
             }
             psum += __shfl_xor_sync(0xffffffffu, psum, 1);
             l = l * alpha + psum;

@@ -4,6 +4,10 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+#ifndef INFINITY  // NVRTC has no <math.h>
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 #define HPCATTN_MAX_TERMS 8
 #define HPCATTN_MAX_SPANS (HPCATTN_MAX_TERMS + 1)
 

@@ -26,6 +26,20 @@ def bf16_bits(x):
     return bits, (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def local_reference(q, k, v, qpos, k0, mask, scale):
+    """Float64 (o, lse) in the kernel layout over the keys k0..k0+nk-1 (-inf, 0 for no edge)."""
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    allowed = mask.allowed(np.asarray(qpos)[:, None], np.arange(k0, k0 + k.shape[2])[None, :])
+    s = np.where(allowed, scale * np.einsum("bhgqd,bhkd->bhgqk", q, k), -np.inf)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+    m0 = np.where(np.isfinite(m), m, 0)
+    e = np.exp(s - m0)
+    den = e.sum(axis=-1, keepdims=True)
+    o = np.einsum("bhgqk,bhkd->bhgqd", e / np.where(den > 0, den, 1), v)
+    with np.errstate(divide="ignore"):
+        return o, (m0 + np.log(den))[..., 0]
+
+
 def full_backward(q, k, v, do, qpos, mask, scale):
     """Float64 (o, lse, dq, dk, dv) over all keys 0..nk-1 in the kernel layout."""
     q, k, v, do = (np.asarray(a, dtype=np.float64) for a in (q, k, v, do))

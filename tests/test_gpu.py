@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from gpu_helpers import bf16_bits, cupy_or_skip, full_backward, rel_err
+from gpu_helpers import bf16_bits, cupy_or_skip, full_backward, local_reference, rel_err
 
 cp = cupy_or_skip()
 
 import hpcattn  # noqa: E402
-from hpcattn import cuda, local  # noqa: E402
+from hpcattn import cuda  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from hpcattn.merge import merge  # noqa: E402
 from hpcattn.reference import errors, reference, tolerance  # noqa: E402
@@ -22,7 +22,9 @@ from hpcattn.variants import VARIANTS  # noqa: E402
 MASKS = ["full", "causal", "window:7", "causal+window:33", "dilated:3:5", "causal+dilated:2:4",
          "block:50", "block:16+causal", "global:4+window:2", "causal+global:5", "window:0",
          "global:3+block:20+window:5+causal"]
-TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
+# inputs are exact in float32, so the CUDA-core kernel only rounds its float32 sums; the
+# tensor-core kernel also rounds the probabilities P to the input type before P V
+TOL = {"simt": 2e-5, ("mma", "float16"): 4e-3, ("mma", "bfloat16"): 3e-2}
 
 
 def one(rng, shape, dtype):
@@ -58,13 +60,12 @@ def test_local_kernel_matches_reference_and_counts_edges(rng, spec, B, Hkv, G, n
     qpos = np.sort(rng.choice(np.arange(0, k0 + nk + 20), size=nq, replace=False)).astype(np.int64)
     scale = 1 / math.sqrt(D)
     o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
-    o_ref, lse_ref, _ = local.attend(qh.astype(np.float64), qpos, kh.astype(np.float64),
-                                     vh.astype(np.float64), k0, mask, scale)
+    o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
     o, lse = o.get(), lse.get()
     assert o.dtype == lse.dtype == np.float32 and o.shape == qh.shape and lse.shape == qh.shape[:-1]
     empty = np.isneginf(lse_ref)
     assert np.array_equal(np.isneginf(lse), empty) and (o[empty] == 0).all()
-    assert rel_err(o, o_ref) <= TOL[dtype], rel_err(o, o_ref)
+    assert rel_err(o, o_ref) <= TOL.get(kind, TOL.get((kind, dtype))), rel_err(o, o_ref)
     fin = ~empty
     assert np.max(np.abs(lse[fin] - lse_ref[fin]) / np.maximum(1, np.abs(lse_ref[fin])), initial=0) <= 1e-4
     assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
@@ -96,7 +97,7 @@ def test_backward_matches_float64_gradients(rng, spec, Hkv, G, n, D, dtype):
     doh, dod = one(rng, (1, Hkv, G, n, D), dtype)
     qpos, scale = np.arange(n, dtype=np.int64), 1 / math.sqrt(D)
     o, lse, delta, dq, dk, dv = full_backward(qh, kh, vh, doh, qpos, mask, scale)
-    tol = 10 * TOL[dtype]
+    tol = 2e-4
     # two key blocks, gradients summed: what a ring hop sequence does
     cut = n // 3
     got = [cp.zeros(a.shape, cp.float32) for a in (qh, kh, kh)]

@@ -56,3 +56,47 @@ def test_head_dim_buckets_and_limits():
     assert [cuda._bucket(d) for d in (8, 64, 65, 128, 256)] == [64, 64, 128, 128, 256]
     with pytest.raises(Exception, match="head dim 257"):
         cuda._bucket(257)
+
+
+def find_nvrtc():
+    """libnvrtc as CuPy would load it (a CUDA install or the nvidia-cuda-nvrtc wheel), or None."""
+    import ctypes
+    import glob
+    import site
+    cands = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "lib64", "libnvrtc.so")]
+    for d in site.getsitepackages():
+        cands += sorted(glob.glob(os.path.join(d, "nvidia", "cu13", "lib", "libnvrtc.so.*")))
+    for c in cands:
+        try:
+            for b in sorted(glob.glob(os.path.join(os.path.dirname(c), "libnvrtc-builtins.so*"))):
+                ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)  # found by name, not by path, otherwise
+            return ctypes.CDLL(c)
+        except OSError:
+            continue
+    return None
+
+
+NVRTC = find_nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found: the runtime (CuPy/NVRTC) compile of "
+                    "kernels/*.cu was NOT checked (pip install nvidia-cuda-nvrtc to check it here)")
+@pytest.mark.parametrize("source", sorted(cuda.SOURCES))
+def test_kernel_compiles_with_nvrtc_as_cupy_loads_it(source):
+    """The same source and name expressions through NVRTC (what cupy.RawModule does at run
+    time), with the options hpcattn/cuda.py passes plus the CUDA headers' directory."""
+    import ctypes
+    prog = ctypes.c_void_p()
+    code = (cuda.KERNEL_DIR / source).read_bytes()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), code, source.encode(), 0, None, None) == 0
+    for name in cuda.SOURCES[source]:
+        assert NVRTC.nvrtcAddNameExpression(prog, name.encode()) == 0
+    cuda_inc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+    opts = [o.encode() for o in (*cuda.OPTIONS, f"-I{cuda_inc}", "-arch=sm_90")]
+    rc = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    NVRTC.nvrtcGetProgramLog(prog, log)
+    NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+    assert rc == 0 and not log.value.strip(), log.value.decode(errors="replace")
