@@ -126,9 +126,17 @@ def _check(q, qpos, k, v, k0, bf16):
     qpos = np.asarray(qpos)
     if qpos.shape != (nq,) or qpos.dtype != np.int64:
         raise HpcattnError(f"qpos must be int64 of shape ({nq},), got {qpos.dtype} {qpos.shape}")
-    if nq and (qpos.min() < 0 or qpos.max() >= 2**62) or not 0 <= k0 < 2**62:
-        raise HpcattnError("query/key positions must lie in [0, 2**62)")
+    if not 0 <= k0 < 2**62:
+        raise HpcattnError(f"key offset {k0} outside [0, 2**62)")
     return CTYPES[names.pop()], _bucket(D)
+
+
+def _positions(qpos):
+    """Query positions checked (once per array, on the host) and copied to the device."""
+    qpos = np.asarray(qpos)
+    if qpos.size and (qpos.min() < 0 or qpos.max() >= 2**62):
+        raise HpcattnError(f"query positions must lie in [0, 2**62); got [{qpos.min()}, {qpos.max()}]")
+    return qpos
 
 
 def _launch(name, grid, smem, args):
@@ -151,23 +159,24 @@ def attend(q, qpos, k, v, k0, mask, scale, bf16=False, kernel_kind="auto"):
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     ctype, dmax = _check(q, qpos, k, v, k0, bf16)
-    o = cp.zeros((B, Hkv, G, nq, D), dtype=cp.float32)
-    lse = cp.full((B, Hkv, G, nq), -cp.inf, dtype=cp.float32)
     if nq == 0 or nk == 0 or B * Hkv * G == 0:
-        return o, lse, 0
+        return (cp.zeros((B, Hkv, G, nq, D), dtype=cp.float32),
+                cp.full((B, Hkv, G, nq), -cp.inf, dtype=cp.float32), 0)
+    o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)  # the kernels write every row
+    lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
     edges = cp.zeros(1, dtype=cp.uint64)
     mma_ok = ctype != "float" and D in MMA_DIMS
     if kernel_kind == "mma" and not mma_ok:
         raise HpcattnError(f"the tensor-core kernel takes float16/bfloat16 with D in {MMA_DIMS}")
     if mma_ok and kernel_kind != "simt":
         _launch(f"attend_fwd_mma<{ctype}, {D}>", ((nq + MQ - 1) // MQ, B * Hkv * G), _mma_smem(ctype, D),
-                (cp.ascontiguousarray(q), _device_copy("qpos", qpos), cp.ascontiguousarray(k),
+                (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
                  cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words),
                  np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale)))
         return o, lse, int(edges.get()[0])
     smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
     _launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
-            (cp.ascontiguousarray(q), _device_copy("qpos", qpos), cp.ascontiguousarray(k),
+            (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
              cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words),
              np.int32(nq), np.int32(nk), np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
     return o, lse, int(edges.get()[0])
@@ -189,7 +198,7 @@ def attend_backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, bf16=False):
         return dq, dk, dv
     smem = 4 * (2 * BQ * dmax + 2 * BK * (dmax + 1) + 2 * BK * dmax)
     _launch(f"attend_bwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
-            (cp.ascontiguousarray(q), _device_copy("qpos", qpos), cp.ascontiguousarray(k),
+            (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
              cp.ascontiguousarray(v), cp.ascontiguousarray(do),
              cp.ascontiguousarray(lse, dtype=cp.float32), cp.ascontiguousarray(delta, dtype=cp.float32),
              dq, dk, dv, _device_copy("mask", mask, mask_words),
