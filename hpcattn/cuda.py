@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HpcattnError
-from .masks import Block, Dilated, Full, Global, Window
+from .masks import Block, Dilated, Full, Global, Mask, Window
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
@@ -22,8 +22,11 @@ SOURCES = {
                        for m in DMAXES),
     "attend_mma.cu": tuple(f"attend_fwd_mma<{t}, {d}>" for t in ("__half", "__nv_bfloat16")
                            for d in (32, 64, 96, 128)),
+    "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()
+                                                  for m in DMAXES),
     "merge.cu": ("merge_states",),
 }
+ROW_WARPS = 4  # RWARPS in kernels/attend_rows.cu
 MQ, MK, MMA_DIMS = 64, 64, (32, 64, 96, 128)  # must match kernels/attend_mma.cu
 OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
 _modules = {}
@@ -82,10 +85,19 @@ def _bucket(D):
     raise HpcattnError(f"head dim {D} is above the GPU kernels' limit {DMAXES[-1]}")
 
 
+def listed_terms(mask):
+    """The terms whose edges are lists of columns (random, csr: they have `columns`)."""
+    return [t for t in mask.terms if hasattr(t, "columns")]
+
+
 def mask_words(mask):
-    """The device encoding of a mask (kernels/mask.cuh): int64 [n, causal, (kind, a, b)*n]."""
-    words = []
+    """The device encoding of a mask's implicit terms and causal flag (kernels/mask.cuh):
+    int64 [n, causal, (kind, a, b)*n]. Listed terms (random, csr) are left to attend_rows."""
+    words, n = [], 0
     for t in mask.terms:
+        if hasattr(t, "columns"):
+            continue
+        n += 1
         if isinstance(t, Full):
             words += [0, 0, 0]
         elif isinstance(t, Window):
@@ -98,9 +110,9 @@ def mask_words(mask):
             words += [4, t.g, 0]
         else:
             raise HpcattnError(f"mask term {t!r} of {mask.spec!r} has no GPU kernel yet")
-    if len(mask.terms) > MAX_TERMS:
-        raise HpcattnError(f"mask {mask.spec!r} has {len(mask.terms)} terms; the GPU kernels take {MAX_TERMS}")
-    return np.array([len(mask.terms), int(mask.causal), *words], dtype=np.int64)
+    if n > MAX_TERMS:
+        raise HpcattnError(f"mask {mask.spec!r} has {n} terms; the GPU kernels take {MAX_TERMS}")
+    return np.array([n, int(mask.causal), *words], dtype=np.int64)
 
 
 def _device_copy(tag, host, make=np.asarray):
@@ -153,32 +165,104 @@ def _mma_smem(ctype, D):
 
 def attend(q, qpos, k, v, k0, mask, scale, bf16=False, kernel_kind="auto"):
     """local.attend on the GPU: (o, lse, edges) with o, lse float32 cupy arrays.
-    bf16=True reads uint16 inputs as bfloat16 bit patterns. kernel_kind: "mma" (tensor
-    cores: float16/bfloat16, D in MMA_DIMS), "simt" (any dtype, D <= 256) or "auto"."""
+    bf16=True reads uint16 inputs as bfloat16 bit patterns. kernel_kind for the implicit
+    terms: "mma" (tensor cores: float16/bfloat16, D in MMA_DIMS), "simt" (any dtype,
+    D <= 256) or "auto". Listed terms (random, csr) run in attend_rows and are merged in."""
     cp = _cp()
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     ctype, dmax = _check(q, qpos, k, v, k0, bf16)
-    if nq == 0 or nk == 0 or B * Hkv * G == 0:
-        return (cp.zeros((B, Hkv, G, nq, D), dtype=cp.float32),
-                cp.full((B, Hkv, G, nq), -cp.inf, dtype=cp.float32), 0)
+    listed = listed_terms(mask)
+    if nq == 0 or nk == 0 or B * Hkv * G == 0 or len(listed) == len(mask.terms):
+        o = cp.zeros((B, Hkv, G, nq, D), dtype=cp.float32)
+        lse = cp.full((B, Hkv, G, nq), -cp.inf, dtype=cp.float32)
+        if nq == 0 or nk == 0 or B * Hkv * G == 0:
+            return o, lse, 0
+        edges = 0
+    else:
+        o, lse, edges = _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind)
+    if listed:  # several listed terms: their union, as masks.Mask.columns builds it
+        source = listed[0] if len(listed) == 1 else Mask(mask.spec, listed, False)
+        po, pl, pe = _listed(cp, q, qpos, k, v, k0, mask, source, scale, ctype, dmax)
+        o, lse = merge(o, lse, po, pl)
+        edges += pe
+    return o, lse, edges
+
+
+def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
     o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)  # the kernels write every row
     lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
     edges = cp.zeros(1, dtype=cp.uint64)
     mma_ok = ctype != "float" and D in MMA_DIMS
     if kernel_kind == "mma" and not mma_ok:
         raise HpcattnError(f"the tensor-core kernel takes float16/bfloat16 with D in {MMA_DIMS}")
+    common = (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
+              cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words), np.int32(nq),
+              np.int32(nk))
     if mma_ok and kernel_kind != "simt":
         _launch(f"attend_fwd_mma<{ctype}, {D}>", ((nq + MQ - 1) // MQ, B * Hkv * G), _mma_smem(ctype, D),
-                (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
-                 cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words),
-                 np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale)))
-        return o, lse, int(edges.get()[0])
-    smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
-    _launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
-            (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
-             cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words),
-             np.int32(nq), np.int32(nk), np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
+                common + (np.int32(G), np.int64(k0), np.float32(scale)))
+    else:
+        smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
+        _launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
+                common + (np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
+    return o, lse, int(edges.get()[0])
+
+
+def _random_columns(term, qpos):
+    """(device int64 (nq*r) columns, r) of a random term's rows, drawn on the device exactly
+    as masks.random_keys draws them (kernels/attend_rows.cu: random_columns)."""
+    cp = _cp()
+    if getattr(term, "n", None) is None:
+        term.columns(qpos, 0, 0)  # raises the term's own "bind the number of keys" error
+    r, nq = min(term.r, term.n), len(qpos)
+    out = cp.empty(nq * r, dtype=cp.int64)
+    if nq and r:
+        kernel("random_columns")(((nq + 127) // 128,), (128,),
+                                 (np.uint64(term.seed % 2**64), _device_copy("qpos", qpos, _positions),
+                                  np.int32(nq), np.int64(r), np.int64(term.n), out))
+    return out, r
+
+
+def _host_columns(term, qpos, k0, k1):
+    """A listed term's (indptr, columns) for this key block, bounds-checked on the host."""
+    if not hasattr(term, "columns"):
+        raise HpcattnError("this version of hpcattn.masks cannot list the union of several random/csr terms")
+    indptr, cols = (np.asarray(a, dtype=np.int64) for a in term.columns(qpos, k0, k1))
+    nq = len(qpos)
+    if (indptr.shape != (nq + 1,) or indptr[0] != 0 or indptr[-1] != cols.size
+            or (np.diff(indptr) < 0).any() or (cols.size and (cols.min() < k0 or cols.max() >= k1))):
+        raise HpcattnError(f"mask term {type(term).__name__} gave malformed columns for keys [{k0}, {k1})")
+    return indptr, cols
+
+
+def _listed(cp, q, qpos, k, v, k0, mask, term, scale, ctype, dmax):
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    if type(term).__name__ == "Random" and hasattr(term, "seed"):
+        cols, width = _device_copy(("random", term), qpos, lambda p: _random_columns(term, p)[0]), \
+            min(term.r, term.n or 0)
+        indptr = cp.zeros(1, dtype=cp.int64)
+        if width == 0:
+            cols = None
+    else:
+        indptr, cols = (cp.asarray(a) for a in _host_columns(term, qpos, k0, k0 + nk))
+        width = 0
+    o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)
+    lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
+    if cols is None or cols.size == 0:
+        o.fill(0)
+        lse.fill(-np.inf)
+        return o, lse, 0
+    edges = cp.zeros(1, dtype=cp.uint64)
+    kernel(f"attend_rows<{ctype}, {dmax}>")(
+        ((nq + ROW_WARPS - 1) // ROW_WARPS, B * Hkv * G), (32 * ROW_WARPS,),
+        (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
+         cp.ascontiguousarray(v), indptr, cols, np.int64(width), o, lse, edges,
+         _device_copy("mask", mask, mask_words), np.int32(nq), np.int32(nk), np.int32(D), np.int32(G),
+         np.int64(k0), np.float32(scale)))
     return o, lse, int(edges.get()[0])
 
 
