@@ -266,28 +266,36 @@ def _listed(cp, q, qpos, k, v, k0, mask, term, scale, ctype, dmax):
     return o, lse, int(edges.get()[0])
 
 
-def attend_backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, bf16=False):
-    """Gradients over the keys k0..k0+nk-1 given the forward's global lse (B,Hkv,G,nq) and
-    delta = rowsum(dO * O): (dq like q, dk and dv like k), all float32 cupy arrays."""
+def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False):
+    """grad.backward on the GPU: add the key block k0..k0+nk-1's share to the float32
+    accumulators dq (like q), dk, dv (like k), created as zeros when not given, and return
+    (dq, dk, dv, edges). lse (B,Hkv,G,nq) is the forward's full-row log-sum-exp, delta =
+    rowsum(dO * O). Implicit mask terms only (random/csr backward stays on the CPU for now)."""
     cp = _cp()
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     ctype, dmax = _check(q, qpos, k, v, k0, bf16)
     if do.shape != q.shape or do.dtype != q.dtype:
         raise HpcattnError(f"do must match q: {do.shape} {do.dtype} vs {q.shape} {q.dtype}")
-    dq = cp.zeros(q.shape, dtype=cp.float32)
-    dk = cp.zeros(k.shape, dtype=cp.float32)
-    dv = cp.zeros(k.shape, dtype=cp.float32)
+    if listed_terms(mask):
+        raise HpcattnError(f"mask {mask.spec!r}: the GPU backward takes implicit terms only")
+    dq = cp.zeros(q.shape, dtype=cp.float32) if dq is None else dq
+    dk = cp.zeros(k.shape, dtype=cp.float32) if dk is None else dk
+    dv = cp.zeros(k.shape, dtype=cp.float32) if dv is None else dv
+    for name, acc, shape in (("dq", dq, q.shape), ("dk", dk, k.shape), ("dv", dv, k.shape)):
+        if acc.shape != shape or acc.dtype != cp.float32 or not acc.flags.c_contiguous:
+            raise HpcattnError(f"{name} must be a contiguous float32 array of shape {shape}")
     if nq == 0 or nk == 0 or B * Hkv * G == 0:
-        return dq, dk, dv
+        return dq, dk, dv, 0
+    edges = cp.zeros(1, dtype=cp.uint64)
     smem = 4 * (2 * BQ * dmax + 2 * BK * (dmax + 1) + 2 * BK * dmax)
     _launch(f"attend_bwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
             (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
              cp.ascontiguousarray(v), cp.ascontiguousarray(do),
              cp.ascontiguousarray(lse, dtype=cp.float32), cp.ascontiguousarray(delta, dtype=cp.float32),
-             dq, dk, dv, _device_copy("mask", mask, mask_words),
+             dq, dk, dv, edges, _device_copy("mask", mask, mask_words),
              np.int32(nq), np.int32(nk), np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
-    return dq, dk, dv
+    return dq, dk, dv, int(edges.get()[0])
 
 
 def merge(o_a, lse_a, o_b, lse_b):

@@ -126,14 +126,15 @@ attend_fwd(const T* __restrict__ q, const long long* __restrict__ qpos, const T*
 }
 
 // Backward over one key block, given the forward's global lse and delta = rowsum(dO * O):
-// dq (like q, float32) is written; dk, dv (like k, float32) are accumulated atomically
-// (the caller zeroes them). Same tiling as attend_fwd.
+// adds this block's share to dq (like q, float32; each row owned by one block) and, atomically,
+// to dk, dv (like k, float32). Same tiling as attend_fwd; edges counted as there.
 template <typename T, int DMAX>
 __global__ void __launch_bounds__(NWARP * 32)
 attend_bwd(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
            const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
            const float* __restrict__ delta, float* __restrict__ dq, float* __restrict__ dk,
-           float* __restrict__ dv, const long long* __restrict__ mask_words,
+           float* __restrict__ dv, unsigned long long* __restrict__ edges,
+           const long long* __restrict__ mask_words,
            int nq, int nk, int D, int G, long long k0, float scale) {
     constexpr int PER = DMAX / 32;
     extern __shared__ float smem[];
@@ -165,6 +166,7 @@ attend_bwd(const T* __restrict__ q, const long long* __restrict__ qpos, const T*
 #pragma unroll
         for (int u = 0; u < PER; ++u) acc[r][u] = 0.f;
     }
+    unsigned long long n_edges = 0;
 
     for (int sp = 0; sp < ti.n_spans; ++sp) {
         for (long long c0 = ti.lo[sp]; c0 < ti.hi[sp]; c0 += BK) {
@@ -178,8 +180,10 @@ attend_bwd(const T* __restrict__ q, const long long* __restrict__ qpos, const T*
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
                 const int lr = warp * ROWS + r;
-                if (t0 + lr >= t1 || lrow[r] == -INFINITY) continue;
+                if (t0 + lr >= t1) break;
                 const bool ok = lane < nkt && (full || mask_allows(ti.mask, pos[r], c0 + lane));
+                n_edges += __popc(__ballot_sync(0xffffffffu, ok)) * (lane == 0);
+                if (lrow[r] == -INFINITY) continue;  // a row with no edge anywhere
                 float p = 0.f, ds = 0.f;
                 if (ok) {
                     const float* qr = qs + lr * DMAX;
@@ -228,6 +232,7 @@ attend_bwd(const T* __restrict__ q, const long long* __restrict__ qpos, const T*
         float* out = dq + ((size_t)head * nq + row) * D;
 #pragma unroll
         for (int u = 0; u < PER; ++u)
-            if (lane + 32 * u < D) out[lane + 32 * u] = acc[r][u];
+            if (lane + 32 * u < D) out[lane + 32 * u] += acc[r][u];
     }
+    if (head == 0 && lane == 0 && n_edges) atomicAdd(edges, n_edges);
 }
