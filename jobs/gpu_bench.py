@@ -155,6 +155,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     res = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "ceilings": ceilings(), "runs": []}
     print(json.dumps(res["ceilings"]), flush=True)
+    gemm = res["ceilings"].get("gemm_bf16_torch_TFLOPs", res["ceilings"]["gemm_fp16_cupy_TFLOPs"])
     spec = f"window:{args.window}"
     for dtype in ("float16", "bfloat16"):
         for D in (64, 128):
@@ -164,7 +165,10 @@ def main(argv=None):
                     if kind == "simt" and N > 262144:
                         continue
                     try:
-                        row[f"hpcattn_{kind}"] = ours(N, args.heads, D, dtype, spec, kind)
+                        r = ours(N, args.heads, D, dtype, spec, kind)
+                        r["of_gemm"] = r["useful_TFLOPs"] / gemm
+                        r["of_copy"] = r["GBps"] / res["ceilings"]["copy_GBps"]
+                        row[f"hpcattn_{kind}"] = r
                     except Exception as e:
                         row[f"hpcattn_{kind}"] = f"failed: {type(e).__name__}: {e}"
                     cp.get_default_memory_pool().free_all_blocks()
