@@ -77,7 +77,6 @@ def cmd_run(args, comm):
     from .variants import VARIANTS
     unsupported = [(flag, val) for flag, val, ok in (
         ("--variant", args.variant, args.variant == "auto" or args.variant in VARIANTS),
-        ("--transport", args.transport, args.transport in ("auto", "mpi")),
         ) if not ok]
     if unsupported:
         flag, val = unsupported[0]
@@ -86,7 +85,7 @@ def cmd_run(args, comm):
     if args.ranks_per_node is not None and args.ranks_per_node < 1:
         raise HpcattnError(f"--ranks-per-node must be >= 1, got {args.ranks_per_node}", collective=True)
     per_rank, attrs = run(args.input, args.output, args.mask, comm, args.variant, args.backward,
-                          args.ranks_per_node)
+                          args.ranks_per_node, args.transport)
     if comm.rank == 0:
         print(summary(per_rank, attrs))
     if args.profile:

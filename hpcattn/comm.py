@@ -2,7 +2,8 @@
 
 Wraps an mpi4py communicator (duplicated, so library traffic never mixes with the caller's).
 Variants use `exchange` (post sends/receives now, `wait` later) for overlap and the collectives
-below; none calls MPI directly.
+below; none calls MPI directly. Arrays may be NumPy or CuPy: device arrays move by the
+transport chosen with `use_transport` (transport.py: CUDA-aware MPI, NCCL or pinned staging).
 """
 import pickle
 import time
@@ -10,6 +11,7 @@ import time
 import numpy as np
 
 from . import profile
+from .transport import Transport, is_device
 
 
 def _mpi():
@@ -20,18 +22,18 @@ def _mpi():
 class Pending:
     """Outstanding non-blocking transfers; `wait` completes them exactly once."""
 
-    def __init__(self, comm, requests, received):
-        self._comm, self._requests, self.received = comm, requests, received
+    def __init__(self, comm, finish, received):
+        self._comm, self._finish, self.received = comm, finish, received
         self._posted = profile.now()
 
     def wait(self):
-        if self._requests is None:
+        if self._finish is None:
             raise RuntimeError("Pending.wait() called twice")
         t = time.perf_counter()
-        _mpi().Request.Waitall(self._requests)
+        self._finish()
         self._comm._count(seconds=time.perf_counter() - t)
         profile.span("send/recv in flight", self._posted)
-        self._requests = None
+        self._finish = None
         return self.received
 
 
@@ -61,6 +63,15 @@ class Comm:
         self.comm_s = 0.0
         self.parent = parent
         self._ops, self._children, self._groups = {}, [], {}
+        # device arrays are staged through host memory until use_transport says more
+        self.transport = parent.transport if parent is not None else Transport("host")
+
+    def use_transport(self, requested, backend):
+        """Choose how device arrays travel (auto|mpi|host|nccl) for backend numpy|cupy
+        (collective); returns the transport's name."""
+        from . import transport
+        self.transport = transport.choose(self, requested, backend)
+        return self.transport.name
 
     @classmethod
     def wrap(cls, comm):
@@ -96,16 +107,14 @@ class Comm:
     def exchange(self, sends, dest, recvs, source, tag=0):
         """Post Isend of each array in `sends` to dest and Irecv into each of `recvs` from source.
 
-        Arrays must be contiguous host arrays. Returns a Pending whose wait() yields `recvs`.
+        Arrays must be contiguous, all host or all device arrays. Returns a Pending whose
+        wait() yields `recvs` (for device arrays, ready for work queued after the wait).
         """
-        reqs = []
-        for i, buf in enumerate(recvs):
-            reqs.append(self.mpi.Irecv(buf, source=source, tag=tag + i))
-            self._count(received=buf.nbytes)
-        for i, buf in enumerate(sends):
-            reqs.append(self.mpi.Isend(buf, dest=dest, tag=tag + i))
-            self._count(sent=buf.nbytes)
-        return Pending(self, reqs, recvs)
+        self._count(sent=sum(b.nbytes for b in sends), received=sum(b.nbytes for b in recvs))
+        t = time.perf_counter()
+        finish = self.transport.exchange(self.mpi, sends, dest, recvs, source, tag)
+        self._count(seconds=time.perf_counter() - t)
+        return Pending(self, finish, recvs)
 
     def _op(self, op, array):
         """(MPI op, buffer spec) for op = 'sum'|'max'|'min' or a UserOp."""
@@ -127,8 +136,14 @@ class Comm:
         return mpi_op, [array, array.size // op.width, row]
 
     def allreduce(self, array, op="sum"):
-        """Allreduce of a contiguous host array (op: sum|max|min or a UserOp); bytes counted
-        as one send and one receive of the array per rank (the logical volume)."""
+        """Allreduce of a contiguous host array (op: sum|max|min or a UserOp), or of a device
+        array (sum|max|min, by the transport); bytes counted as one send and one receive of the
+        array per rank (the logical volume)."""
+        if is_device(array) and not isinstance(op, UserOp):
+            out = self._timed(self.transport.allreduce, self.mpi, array, op)
+            if self.size > 1:
+                self._count(sent=array.nbytes, received=array.nbytes)
+            return out
         out = np.empty_like(array)
         mpi_op, send = self._op(op, array)
         _, recv = self._op(op, out)

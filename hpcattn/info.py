@@ -35,6 +35,22 @@ def gpus():
         return 0, f"none ({type(e).__name__})"
 
 
+def nccl_version():
+    """NCCL's version through cupy.cuda.nccl, or None when it is not there."""
+    try:
+        from cupy.cuda import nccl
+        return nccl.get_version() if nccl.available else None
+    except Exception:  # no cupy, no libnccl: NCCL is not available
+        return None
+
+
+def auto_transport(n_gpu, aware, nccl):
+    """What `--transport auto` picks for device arrays (transport.choose decides per job)."""
+    if not n_gpu:
+        return "mpi (host arrays; no GPU)"
+    return "mpi (CUDA-aware)" if aware else "nccl" if nccl else "host (pinned staging)"
+
+
 def report():
     from mpi4py import MPI
     n_gpu, gpu_names = gpus()
@@ -52,4 +68,6 @@ def report():
         "hdf5": h5py.version.hdf5_version,
         "parallel hdf5": "yes" if h5py.get_config().mpi else "no",
         "gpus": f"{n_gpu}: {gpu_names}" if n_gpu else gpu_names,
+        "nccl": nccl_version() or "no",
+        "transport": auto_transport(n_gpu, aware, nccl_version()),
     }

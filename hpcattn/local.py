@@ -21,6 +21,9 @@ def attend(q, qpos, k, v, k0, mask, scale):
     has no edge in this block. `edges` counts the (query, key) pairs visited (per head).
     """
     xp = array_module(q)
+    if xp is not np:  # device arrays: the CUDA kernels in kernels/ (hpcattn/cuda.py)
+        from . import cuda
+        return cuda.attend(q, qpos, k, v, k0, mask, scale)
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     o, lse = empty_state(xp, (B, Hkv, G, nq), D)

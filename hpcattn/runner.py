@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from . import __version__, h5io
+from . import __version__, gpu, h5io
 from .api import attention, attention_backward
 from .errors import collectively
 from .masks import parse
@@ -13,10 +13,17 @@ from .partition import segments
 ZIGZAG_VARIANTS = ("auto", "ring", "burst")  # ring-style variants: causal runs use zigzag
 
 
-def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, ranks_per_node=None):
+def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, ranks_per_node=None,
+        transport="auto"):
     """Collective over comm (an hpcattn Comm). Returns (per-rank stats list on rank 0, else
-    None; the output's attributes). backward: also read `do` and write dq, dk, dv."""
+    None; the output's attributes). backward: also read `do` and write dq, dk, dv. The
+    backend is cupy when a GPU is seen (HPCATTN_BACKEND overrides); each rank then takes its
+    node-local device before allocating anything."""
     t_start = time.perf_counter()
+    backend = collectively(comm, gpu.backend_name)
+    if backend == "cupy":
+        gpu.setup(comm.mpi)
+    transport = collectively(comm, comm.use_transport, transport, backend)
     mask = collectively(comm, parse, mask_spec)
     meta = collectively(comm, h5io.read_meta, in_path, need_do=backward)
     P, r = comm.size, comm.rank
@@ -29,14 +36,16 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     scale = 1 / math.sqrt(meta["D"])
     common = dict(mask=mask, comm=comm, variant=variant, q_positions=shard["q_positions"],
                   scale=scale, layout=layout, ranks_per_node=ranks_per_node)
+    xp = gpu.xp(backend)
+    q, k, v = (xp.asarray(shard[a]) for a in "qkv")
     t_attn = time.perf_counter()
-    o, lse = attention(shard["q"], shard["k"], shard["v"], stats=stats, **common)
+    o, lse = attention(q, k, v, stats=stats, **common)
     attn_s = time.perf_counter() - t_attn  # the attention call alone (no I/O): decode latency
     grads, phase = {}, {}
     if backward:
         back, before = {}, comm.counters()
-        dq, dk, dv = attention_backward(shard["q"], shard["k"], shard["v"], o, lse, shard["do"],
-                                        stats=back, **common)
+        dq, dk, dv = attention_backward(q, k, v, o, lse, xp.asarray(shard["do"]), stats=back, **common)
+        dq, dk, dv = gpu.to_host(dq), gpu.to_host(dk), gpu.to_host(dv)
         stats["compute_s"] += back["compute_s"]
         stats["edges_backward"] = back["edges"]
         phase = {f"{key}_backward": comm.counters()[key] - before[key] for key in ("bytes_sent", "bytes_received")}
@@ -45,6 +54,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
                  "dk": (dk, (B, N, Hkv, meta["D"]), 1, kv_range),
                  "dv": (dv, (B, N, Hkv, meta["D"]), 1, kv_range)}
 
+    o, lse = gpu.to_host(o), gpu.to_host(lse)
     t_write = time.perf_counter()
     B, Nq, H, D = meta["B"], meta["Nq"], meta["H"], meta["D"]
     tmp = h5io.temp_name(comm, out_path)
@@ -59,7 +69,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
                       "edges_backward": stats.get("edges_backward", 0), **phase,
                       "q_rows": sum(b - a for a, b in q_range), "kv_rows": sum(b - a for a, b in kv_range)}
         attrs = {"variant": stats["variant"], "mask": mask_spec, "ranks": P, "nodes": comm.nodes(),
-                 "backend": "numpy", "transport": "mpi", "hpcattn_version": __version__,
+                 "backend": backend, "transport": transport, "hpcattn_version": __version__,
                  "scale": scale, "input": str(in_path), "layout": layout, "backward": int(backward),
                  "ranks_per_node": ranks_per_node or 0,
                  "ring_levels": list(stats.get("ring_levels", (1, P)))}

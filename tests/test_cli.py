@@ -121,7 +121,7 @@ def test_bad_input_fails_on_every_rank_with_one_clear_line_and_no_output(tmp_pat
 
 @pytest.mark.parametrize("args, words", [
     (["--mask", "windw:5"], "unknown term 'windw:5'"),
-    (["--mask", "window:5", "--transport", "nccl"], "--transport nccl is not available"),
+    (["--mask", "window:5", "--transport", "nccl"], "--transport nccl needs the GPU backend"),
     (["--mask", "window:5", "--ranks-per-node", "0"], "--ranks-per-node must be >= 1"),
 ])
 def test_bad_options_fail_cleanly_on_three_ranks(tmp_path, args, words):

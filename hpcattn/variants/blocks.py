@@ -7,6 +7,7 @@ the mask leaves empty cost no compute, and a query tile never straddles two dist
 import numpy as np
 
 from .. import grad, local
+from ..backend import array_module
 from ..merge import empty_state, merge
 from ..profile import phase
 
@@ -55,4 +56,4 @@ def backward(q, qpos, qruns, do, lse, delta, k, v, kstarts, kruns, mask, scale, 
 def new_state(q):
     """The merge identity for q's rows."""
     B, Hkv, G, nq, D = q.shape
-    return empty_state(np, (B, Hkv, G, nq), D)
+    return empty_state(array_module(q), (B, Hkv, G, nq), D)

@@ -9,9 +9,10 @@ import time
 import numpy as np
 
 from .. import grad
+from ..backend import array_module
+from ..profile import phase
 from . import blocks
 from .rings import Relay, RingPlan, circulate
-from ..profile import phase
 
 
 def flat_plan(comm):
@@ -31,7 +32,8 @@ def forward(comm, shard, plan=None):
     def shapes(owner):
         return [(B, Hkv, shard.kv_rows(owner), D)] * 2
 
-    kv = [np.ascontiguousarray(shard.k), np.ascontiguousarray(shard.v)]
+    xp = array_module(shard.k)
+    kv = [xp.ascontiguousarray(shard.k), xp.ascontiguousarray(shard.v)]
     for _, owner, (kb, vb) in circulate(comm, plan, kv, shapes):
         t = time.perf_counter()
         starts, kruns = shard.key_runs(owner)
@@ -58,7 +60,8 @@ def backward(comm, shard, o, lse, do, plan=None):
         return [(B, Hkv, shard.kv_rows(owner), D)] * 2
 
     relay = Relay(comm, plan, shapes)
-    kv = [np.ascontiguousarray(shard.k), np.ascontiguousarray(shard.v)]
+    xp = array_module(shard.k)
+    kv = [xp.ascontiguousarray(shard.k), xp.ascontiguousarray(shard.v)]
     for step, owner, (kb, vb) in circulate(comm, plan, kv, shapes):
         acc = [dk, dv] if step == 0 else relay.part(step)
         t = time.perf_counter()

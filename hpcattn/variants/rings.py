@@ -12,6 +12,7 @@ is deadlock-free.
 """
 import numpy as np
 
+from ..backend import array_module
 from ..profile import phase
 
 TAG_INTRA, TAG_INTER, TAG_RELAY = 100, 200, 1000
@@ -68,8 +69,8 @@ class Buffers:
     """Plan-once receive buffers: flat arrays as large as the largest block, handed out as
     contiguous views of the shape a block needs."""
 
-    def __init__(self, sizes_dtypes, copies):
-        self._flat = [[np.empty(n, dtype=dt) for n, dt in sizes_dtypes] for _ in range(copies)]
+    def __init__(self, sizes_dtypes, copies, xp=np):
+        self._flat = [[xp.empty(n, dtype=dt) for n, dt in sizes_dtypes] for _ in range(copies)]
 
     def views(self, i, shapes):
         return [flat[:int(np.prod(s))].reshape(s) for flat, s in zip(self._flat[i], shapes)]
@@ -78,7 +79,7 @@ class Buffers:
 def circulate(comm, plan, mine, shapes_of):
     """Yield (step, owner, arrays) for every block of the ring in this rank's order.
 
-    mine: this rank's contiguous host arrays (the travellers); shapes_of(owner): their shapes
+    mine: this rank's contiguous host or device arrays (the travellers); shapes_of(owner): their shapes
     on that rank. The transfers of the next step are posted before each yield, so they
     overlap the caller's compute; yielded arrays are read-only and valid until the next step.
     """
@@ -86,8 +87,9 @@ def circulate(comm, plan, mine, shapes_of):
     dtypes = [a.dtype for a in mine]
     largest = [max(int(np.prod(shapes_of(q)[i])) for q in range(P)) for i in range(len(mine))]
     spec = list(zip(largest, dtypes))
-    intra = Buffers(spec, 2) if L > 1 else None
-    inter = Buffers(spec, 2) if M > 1 else None
+    xp = array_module(mine[0])
+    intra = Buffers(spec, 2, xp) if L > 1 else None
+    inter = Buffers(spec, 2, xp) if M > 1 else None
     cur, n_intra, n_inter = list(mine), 0, 0
     for s in range(M):
         outer = None

@@ -1,0 +1,314 @@
+"""GPU local kernels: one loader over kernels/*.cu and the launches hpcattn needs.
+
+Every source is compiled by `cupy.RawModule` with `name_expressions` per dtype and head-dim
+bucket on first use and cached per device; `kernel(name)` is the one lookup helper. Layouts
+are those of hpcattn/local.py. Inputs are checked here, on the host, before any launch.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HpcattnError
+from .masks import Block, Dilated, Full, Global, Mask, Window
+
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+DMAXES = (64, 128, 256)
+BQ, BK, THREADS = 16, 32, 128  # must match kernels/attend.cu
+MAX_TERMS = 8                  # HPCATTN_MAX_TERMS in kernels/mask.cuh
+SOURCES = {
+    "attend.cu": tuple(f"attend_{d}<{t}, {m}>" for d in ("fwd", "bwd") for t in CTYPES.values()
+                       for m in DMAXES),
+    "attend_mma.cu": tuple(f"attend_fwd_mma<{t}, {d}>" for t in ("__half", "__nv_bfloat16")
+                           for d in (32, 64, 96, 128)),
+    "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()
+                                                  for m in DMAXES),
+    "merge.cu": ("merge_states",),
+}
+ROW_WARPS = 4  # RWARPS in kernels/attend_rows.cu
+MQ, MK, MMA_DIMS = 64, 64, (32, 64, 96, 128)  # must match kernels/attend_mma.cu
+OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
+_modules = {}
+_cache = {}
+COMPILED_BY = {}  # source -> which compiler built it (for logs)
+
+
+def _cp():
+    import cupy
+    return cupy
+
+
+def _cuda_include():
+    """-I for the CUDA headers (cuda_fp16.h, mma.h) that NVRTC does not find on its own."""
+    cp = _cp()
+    path = cp.cuda.get_cuda_path()
+    inc = path and os.path.join(path, "include")
+    return (f"-I{inc}",) if inc and os.path.isdir(inc) else ()
+
+
+def kernel(name):
+    """The compiled kernel for a name expression of SOURCES, on the current device."""
+    cp = _cp()
+    src = next((f for f, names in SOURCES.items() if name in names), None)
+    if src is None:
+        raise KeyError(f"no kernel {name!r} in {KERNEL_DIR}")
+    key = (cp.cuda.Device().id, src)
+    if key not in _modules:
+        code, names = (KERNEL_DIR / src).read_text(), list(SOURCES[src])
+        options = OPTIONS + _cuda_include()
+        try:
+            mod = cp.RawModule(code=code, options=options, name_expressions=names)
+            mod.compile()
+            COMPILED_BY[src] = "nvrtc"
+        except cp.cuda.compiler.CompileException as e:  # e.g. NVRTC without the CUDA headers
+            COMPILED_BY[src] = f"nvcc (NVRTC failed: {str(e).splitlines()[0][:200]})"
+            mod = cp.RawModule(code=code, options=options, name_expressions=names, backend="nvcc")
+            mod.compile()
+        _modules[key] = mod
+    return _modules[key].get_function(name)
+
+
+def dtype_name(x, bf16=False):
+    """'float32' | 'float16' | 'bfloat16' for an array. CuPy has no bfloat16 dtype: bfloat16
+    data travels as uint16 bit patterns (e.g. a torch tensor's memory) with bf16=True."""
+    name = str(x.dtype)
+    if bf16 and name == "uint16":
+        return "bfloat16"
+    return name
+
+
+def _bucket(D):
+    for m in DMAXES:
+        if D <= m:
+            return m
+    raise HpcattnError(f"head dim {D} is above the GPU kernels' limit {DMAXES[-1]}")
+
+
+def listed_terms(mask):
+    """The terms whose edges are lists of columns (random, csr: they have `columns`)."""
+    return [t for t in mask.terms if hasattr(t, "columns")]
+
+
+def mask_words(mask):
+    """The device encoding of a mask's implicit terms and causal flag (kernels/mask.cuh):
+    int64 [n, causal, (kind, a, b)*n]. Listed terms (random, csr) are left to attend_rows."""
+    words, n = [], 0
+    for t in mask.terms:
+        if hasattr(t, "columns"):
+            continue
+        n += 1
+        if isinstance(t, Full):
+            words += [0, 0, 0]
+        elif isinstance(t, Window):
+            words += [1, t.w, 0]
+        elif isinstance(t, Dilated):
+            words += [2, min(t.w * t.r, 2**62), t.r]
+        elif isinstance(t, Block):
+            words += [3, t.s, 0]
+        elif isinstance(t, Global):
+            words += [4, t.g, 0]
+        else:
+            raise HpcattnError(f"mask term {t!r} of {mask.spec!r} has no GPU kernel yet")
+    if n > MAX_TERMS:
+        raise HpcattnError(f"mask {mask.spec!r} has {n} terms; the GPU kernels take {MAX_TERMS}")
+    return np.array([n, int(mask.causal), *words], dtype=np.int64)
+
+
+def _device_copy(tag, host, make=np.asarray):
+    """A device copy of make(host), reused while the same object is passed again (the ring
+    passes the same positions and mask every hop)."""
+    cp = _cp()
+    key = (tag, cp.cuda.Device().id)
+    hit = _cache.get(key)
+    if hit is None or hit[0] is not host:
+        hit = _cache[key] = (host, cp.asarray(make(host)))
+    return hit[1]
+
+
+def _check(q, qpos, k, v, k0, bf16):
+    B, Hkv, G, nq, D = q.shape
+    names = {dtype_name(x, bf16) for x in (q, k, v)}
+    if len(names) != 1 or not names <= set(CTYPES):
+        raise HpcattnError(f"GPU kernels take one dtype of {', '.join(CTYPES)}; got {', '.join(sorted(names))}")
+    if k.shape != v.shape or k.shape[:2] != (B, Hkv) or k.shape[3] != D:
+        raise HpcattnError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
+    if B * Hkv * G > 65535 or nq >= 2**31 - BQ or k.shape[2] >= 2**31:
+        raise HpcattnError(f"shape {q.shape} x {k.shape} exceeds the GPU kernels' grid")
+    qpos = np.asarray(qpos)
+    if qpos.shape != (nq,) or qpos.dtype != np.int64:
+        raise HpcattnError(f"qpos must be int64 of shape ({nq},), got {qpos.dtype} {qpos.shape}")
+    if not 0 <= k0 < 2**62:
+        raise HpcattnError(f"key offset {k0} outside [0, 2**62)")
+    return CTYPES[names.pop()], _bucket(D)
+
+
+def _positions(qpos):
+    """Query positions checked (once per array, on the host) and copied to the device."""
+    qpos = np.asarray(qpos)
+    if qpos.size and (qpos.min() < 0 or qpos.max() >= 2**62):
+        raise HpcattnError(f"query positions must lie in [0, 2**62); got [{qpos.min()}, {qpos.max()}]")
+    return qpos
+
+
+def _launch(name, grid, smem, args):
+    f = kernel(name)
+    if smem > 48 * 1024:
+        f.max_dynamic_shared_size_bytes = smem
+    f(grid, (THREADS,), args, shared_mem=smem)
+
+
+def _mma_smem(ctype, D):
+    t = 4 if ctype == "float" else 2
+    return (MQ + 2 * MK) * (D + 8) * t + 4 * 16 * (MK + 4) * 4 + 4 * 16 * (MK + 8) * t + 4 * 16 * (D + 4) * 4
+
+
+def attend(q, qpos, k, v, k0, mask, scale, bf16=False, kernel_kind="auto"):
+    """local.attend on the GPU: (o, lse, edges) with o, lse float32 cupy arrays.
+    bf16=True reads uint16 inputs as bfloat16 bit patterns. kernel_kind for the implicit
+    terms: "mma" (tensor cores: float16/bfloat16, D in MMA_DIMS), "simt" (any dtype,
+    D <= 256) or "auto". Listed terms (random, csr) run in attend_rows and are merged in."""
+    cp = _cp()
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    ctype, dmax = _check(q, qpos, k, v, k0, bf16)
+    listed = listed_terms(mask)
+    if nq == 0 or nk == 0 or B * Hkv * G == 0 or len(listed) == len(mask.terms):
+        o = cp.zeros((B, Hkv, G, nq, D), dtype=cp.float32)
+        lse = cp.full((B, Hkv, G, nq), -cp.inf, dtype=cp.float32)
+        if nq == 0 or nk == 0 or B * Hkv * G == 0:
+            return o, lse, 0
+        edges = 0
+    else:
+        o, lse, edges = _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind)
+    if listed:  # several listed terms: their union, as masks.Mask.columns builds it
+        source = listed[0] if len(listed) == 1 else Mask(mask.spec, listed, False)
+        po, pl, pe = _listed(cp, q, qpos, k, v, k0, mask, source, scale, ctype, dmax)
+        o, lse = merge(o, lse, po, pl)
+        edges += pe
+    return o, lse, edges
+
+
+def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)  # the kernels write every row
+    lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
+    edges = cp.zeros(1, dtype=cp.uint64)
+    mma_ok = ctype != "float" and D in MMA_DIMS
+    if kernel_kind == "mma" and not mma_ok:
+        raise HpcattnError(f"the tensor-core kernel takes float16/bfloat16 with D in {MMA_DIMS}")
+    common = (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
+              cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words), np.int32(nq),
+              np.int32(nk))
+    if mma_ok and kernel_kind != "simt":
+        _launch(f"attend_fwd_mma<{ctype}, {D}>", ((nq + MQ - 1) // MQ, B * Hkv * G), _mma_smem(ctype, D),
+                common + (np.int32(G), np.int64(k0), np.float32(scale)))
+    else:
+        smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
+        _launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
+                common + (np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
+    return o, lse, int(edges.get()[0])
+
+
+def _random_columns(term, qpos):
+    """(device int64 (nq*r) columns, r) of a random term's rows, drawn on the device exactly
+    as masks.random_keys draws them (kernels/attend_rows.cu: random_columns)."""
+    cp = _cp()
+    if getattr(term, "n", None) is None:
+        term.columns(qpos, 0, 0)  # raises the term's own "bind the number of keys" error
+    r, nq = min(term.r, term.n), len(qpos)
+    out = cp.empty(nq * r, dtype=cp.int64)
+    if nq and r:
+        kernel("random_columns")(((nq + 127) // 128,), (128,),
+                                 (np.uint64(term.seed % 2**64), _device_copy("qpos", qpos, _positions),
+                                  np.int32(nq), np.int64(r), np.int64(term.n), out))
+    return out, r
+
+
+def _host_columns(term, qpos, k0, k1):
+    """A listed term's (indptr, columns) for this key block, bounds-checked on the host."""
+    if not hasattr(term, "columns"):
+        raise HpcattnError("this version of hpcattn.masks cannot list the union of several random/csr terms")
+    indptr, cols = (np.asarray(a, dtype=np.int64) for a in term.columns(qpos, k0, k1))
+    nq = len(qpos)
+    if (indptr.shape != (nq + 1,) or indptr[0] != 0 or indptr[-1] != cols.size
+            or (np.diff(indptr) < 0).any() or (cols.size and (cols.min() < k0 or cols.max() >= k1))):
+        raise HpcattnError(f"mask term {type(term).__name__} gave malformed columns for keys [{k0}, {k1})")
+    return indptr, cols
+
+
+def _listed(cp, q, qpos, k, v, k0, mask, term, scale, ctype, dmax):
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    if type(term).__name__ == "Random" and hasattr(term, "seed"):
+        cols, width = _device_copy(("random", term), qpos, lambda p: _random_columns(term, p)[0]), \
+            min(term.r, term.n or 0)
+        indptr = cp.zeros(1, dtype=cp.int64)
+        if width == 0:
+            cols = None
+    else:
+        indptr, cols = (cp.asarray(a) for a in _host_columns(term, qpos, k0, k0 + nk))
+        width = 0
+    o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)
+    lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
+    if cols is None or cols.size == 0:
+        o.fill(0)
+        lse.fill(-np.inf)
+        return o, lse, 0
+    edges = cp.zeros(1, dtype=cp.uint64)
+    kernel(f"attend_rows<{ctype}, {dmax}>")(
+        ((nq + ROW_WARPS - 1) // ROW_WARPS, B * Hkv * G), (32 * ROW_WARPS,),
+        (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
+         cp.ascontiguousarray(v), indptr, cols, np.int64(width), o, lse, edges,
+         _device_copy("mask", mask, mask_words), np.int32(nq), np.int32(nk), np.int32(D), np.int32(G),
+         np.int64(k0), np.float32(scale)))
+    return o, lse, int(edges.get()[0])
+
+
+def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False):
+    """grad.backward on the GPU: add the key block k0..k0+nk-1's share to the float32
+    accumulators dq (like q), dk, dv (like k), created as zeros when not given, and return
+    (dq, dk, dv, edges). lse (B,Hkv,G,nq) is the forward's full-row log-sum-exp, delta =
+    rowsum(dO * O). Implicit mask terms only (random/csr backward stays on the CPU for now)."""
+    cp = _cp()
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    ctype, dmax = _check(q, qpos, k, v, k0, bf16)
+    if do.shape != q.shape or do.dtype != q.dtype:
+        raise HpcattnError(f"do must match q: {do.shape} {do.dtype} vs {q.shape} {q.dtype}")
+    if listed_terms(mask):
+        raise HpcattnError(f"mask {mask.spec!r}: the GPU backward takes implicit terms only")
+    dq = cp.zeros(q.shape, dtype=cp.float32) if dq is None else dq
+    dk = cp.zeros(k.shape, dtype=cp.float32) if dk is None else dk
+    dv = cp.zeros(k.shape, dtype=cp.float32) if dv is None else dv
+    for name, acc, shape in (("dq", dq, q.shape), ("dk", dk, k.shape), ("dv", dv, k.shape)):
+        if acc.shape != shape or acc.dtype != cp.float32 or not acc.flags.c_contiguous:
+            raise HpcattnError(f"{name} must be a contiguous float32 array of shape {shape}")
+    if nq == 0 or nk == 0 or B * Hkv * G == 0:
+        return dq, dk, dv, 0
+    edges = cp.zeros(1, dtype=cp.uint64)
+    smem = 4 * (2 * BQ * dmax + 2 * BK * (dmax + 1) + 2 * BK * dmax)
+    _launch(f"attend_bwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
+            (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
+             cp.ascontiguousarray(v), cp.ascontiguousarray(do),
+             cp.ascontiguousarray(lse, dtype=cp.float32), cp.ascontiguousarray(delta, dtype=cp.float32),
+             dq, dk, dv, edges, _device_copy("mask", mask, mask_words),
+             np.int32(nq), np.int32(nk), np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
+    return dq, dk, dv, int(edges.get()[0])
+
+
+def merge(o_a, lse_a, o_b, lse_b):
+    """merge.merge fused into one kernel for float32 cupy states of equal shapes."""
+    cp = _cp()
+    o_a, o_b = cp.ascontiguousarray(o_a), cp.ascontiguousarray(o_b)
+    lse_a, lse_b = cp.ascontiguousarray(lse_a), cp.ascontiguousarray(lse_b)
+    o, lse = cp.empty_like(o_a), cp.empty_like(lse_a)
+    n = o.size
+    if n:
+        D = o.shape[-1]
+        kernel("merge_states")(((n + 255) // 256,), (256,),
+                               (o_a, lse_a, o_b, lse_b, o, lse, np.int64(lse.size), np.int32(D)))
+    elif lse.size:
+        lse[...] = cp.logaddexp(lse_a, lse_b)
+    return o, lse

@@ -1,0 +1,194 @@
+"""Local-kernel benchmark on one GPU (issue 10): hpcattn's CUDA kernel, float16 and bfloat16,
+D = 64 and 128, window masks, N from 64K up; useful TFLOP/s (4*edges*D per head) and achieved
+bandwidth against the device-copy and GEMM ceilings measured in the same run; PyTorch SDPA,
+FlexAttention and FlashAttention's window_size side by side where importable; the longest
+in-HBM window:256 D=64 context. Writes JSON to argv[1] (and prints one line per figure)."""
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+
+import cupy as cp
+import numpy as np
+
+from hpcattn import cuda
+from hpcattn.masks import parse
+
+
+def timed(fn, reps=5, warm=1):
+    """Median seconds of fn() over reps, by CUDA events on the current stream."""
+    for _ in range(warm):
+        fn()
+    cp.cuda.get_current_stream().synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
+    return float(np.median(out))
+
+
+def ceilings():
+    x = cp.empty(2**30, dtype=cp.uint8)
+    y = cp.empty_like(x)
+    copy_s = timed(lambda: cp.copyto(y, x))
+    n = 8192
+    a = cp.random.standard_normal((n, n), dtype=cp.float32).astype(cp.float16)
+    gemm_s = timed(lambda: a @ a)
+    out = {"copy_GBps": 2 * 2**30 / copy_s / 1e9, "gemm_fp16_cupy_TFLOPs": 2 * n**3 / gemm_s / 1e12}
+    try:
+        import torch
+        t = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        s = timed(lambda: t @ t)
+        out["gemm_bf16_torch_TFLOPs"] = 2 * n**3 / s / 1e12
+    except Exception as e:
+        out["torch"] = f"not usable: {type(e).__name__}: {e}"
+    return out
+
+
+def bf16(x):
+    u = x.view(cp.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cp.uint16)
+
+
+def make(N, H, D, dtype):
+    """Device q (1,H,1,N,D), k, v (1,H,N,D) of dtype (bfloat16 as uint16 bits), filled in
+    chunks so that no float32 copy of a whole array is ever held."""
+    out = []
+    for shape in ((1, H, 1, N, D), (1, H, N, D), (1, H, N, D)):
+        a = cp.empty(shape, dtype=cp.uint16 if dtype == "bfloat16" else dtype)
+        flat = a.reshape(-1)
+        for i in range(0, flat.size, 1 << 26):
+            x = cp.random.standard_normal(min(1 << 26, flat.size - i), dtype=cp.float32)
+            flat[i:i + x.size] = bf16(x) if dtype == "bfloat16" else x.astype(dtype)
+        out.append(a)
+    return out
+
+
+def ours(N, H, D, dtype, spec, kind="auto"):
+    q, k, v = make(N, H, D, dtype)
+    mask, qpos, scale = parse(spec), np.arange(N, dtype=np.int64), 1 / math.sqrt(D)
+    res = {}
+
+    def go():
+        res["out"] = cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
+    s = timed(go, reps=3)
+    edges = res["out"][2]
+    nbytes = 3 * N * H * D * 2 + N * H * D * 4 + N * H * 4
+    return {"s": s, "edges_per_head": edges, "useful_TFLOPs": 4 * edges * D * H / s / 1e12,
+            "GBps": nbytes / s / 1e9}
+
+
+def peers(N, H, D, dtype, w):
+    """PyTorch SDPA (dense causal, as a dense ceiling), FlexAttention sliding window,
+    FlashAttention window_size: seconds, where importable."""
+    out = {}
+    try:
+        import torch
+        import torch.nn.functional as F
+    except Exception as e:
+        return {"torch": f"not importable: {e}"}
+    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=tdt) for _ in range(3))
+    edges = N * (2 * w + 1) - w * (w + 1)  # |i - j| <= w within [0, N), N > w
+
+    def rate(s, e=edges):
+        return {"s": s, "useful_TFLOPs": 4 * e * D * H / s / 1e12}
+    try:
+        if N > 262144:
+            raise RuntimeError("skipped above N = 262144 (dense: N^2 work)")
+        s = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps=3)
+        out["sdpa_dense_causal"] = rate(s, N * (N + 1) // 2)
+    except Exception as e:
+        out["sdpa_dense_causal"] = f"not run: {type(e).__name__}: {str(e)[:200]}"
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        t = time.perf_counter()
+        bm = create_block_mask(lambda b, h, i, j: (i - j <= w) & (j - i <= w), None, None, N, N, device="cuda")
+        build = time.perf_counter() - t
+        flex = torch.compile(flex_attention)
+        s = timed(lambda: flex(q, k, v, block_mask=bm), reps=3)
+        out["flex_window"] = {**rate(s), "block_mask_s": build}
+    except Exception as e:
+        out["flex_window"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+    try:
+        from flash_attn import flash_attn_func
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        s = timed(lambda: flash_attn_func(qt, kt, vt, window_size=(w, w)), reps=3)
+        out["flash_attn_window"] = rate(s)
+    except Exception as e:
+        out["flash_attn_window"] = f"not usable: {type(e).__name__}: {str(e)[:120]}"
+    torch.cuda.empty_cache()
+    return out
+
+
+def longest(spec="window:256", D=64, start=2**24, budget_s=120):
+    """Grow N (x1.25) until the kernel's arrays no longer fit; the last N that ran."""
+    best, N, t0 = None, start, time.perf_counter()
+    while time.perf_counter() - t0 < budget_s:
+        try:
+            r = ours(N, 1, D, "float16", spec)
+            best = {"N": N, **r}
+            print(f"longest {spec} D={D}: N={N:,} ran in {r['s']:.3f} s", flush=True)
+        except cp.cuda.memory.OutOfMemoryError:
+            break
+        finally:
+            cp.get_default_memory_pool().free_all_blocks()
+        N = int(N * 1.25) // 1024 * 1024
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("json_out")
+    p.add_argument("--sizes", default="65536,262144,1048576")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--longest-budget", type=float, default=120)
+    p.add_argument("--no-peers", action="store_true", help="time hpcattn only")
+    p.add_argument("--budget", type=float, default=400, help="seconds for the table; rows past it are skipped")
+    args = p.parse_args(argv)
+    res = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "ceilings": ceilings(), "runs": []}
+    print(json.dumps(res["ceilings"]), flush=True)
+    gemm = res["ceilings"].get("gemm_bf16_torch_TFLOPs", res["ceilings"]["gemm_fp16_cupy_TFLOPs"])
+    spec = f"window:{args.window}"
+    t_start = time.perf_counter()
+    for dtype in ("float16", "bfloat16"):
+        for D in (64, 128):
+            for N in map(int, args.sizes.split(",")):
+                row = {"dtype": dtype, "D": D, "N": N, "H": args.heads, "mask": spec}
+                if time.perf_counter() - t_start > args.budget:
+                    res["skipped"] = res.get("skipped", []) + [row]
+                    continue
+                for kind in ("mma", "simt"):
+                    if kind == "simt" and N > 262144:
+                        continue
+                    try:
+                        r = ours(N, args.heads, D, dtype, spec, kind)
+                        r["of_gemm"] = r["useful_TFLOPs"] / gemm
+                        r["of_copy"] = r["GBps"] / res["ceilings"]["copy_GBps"]
+                        row[f"hpcattn_{kind}"] = r
+                    except Exception as e:
+                        row[f"hpcattn_{kind}"] = f"failed: {type(e).__name__}: {e}"
+                    cp.get_default_memory_pool().free_all_blocks()
+                if not args.no_peers:
+                    row["peers"] = peers(N, args.heads, D, dtype, args.window)
+                res["runs"].append(row)
+                print(json.dumps(row), flush=True)
+    try:
+        res["longest_window256_D64"] = longest(budget_s=args.longest_budget)
+    except Exception:
+        res["longest_window256_D64"] = traceback.format_exc()
+    with open(args.json_out, "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""GPU backend under MPI (run with mpiexec like tests/test_mpi.py): every variant and every
+transport this machine offers, on CuPy shards, against the float64 reference; the GPU run
+counts exactly the bytes the NumPy run counts. Ranks may share one GPU (host/mpi transports).
+Skips, saying why, without CuPy or a CUDA device."""
+import math
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from gpu_helpers import cupy_or_skip
+
+cp = cupy_or_skip()
+
+import hpcattn  # noqa: E402
+from hpcattn import Comm, gpu  # noqa: E402
+from hpcattn.errors import HpcattnError  # noqa: E402
+from hpcattn.masks import parse  # noqa: E402
+from hpcattn.partition import even_shard  # noqa: E402
+from hpcattn.reference import errors, reference, tolerance  # noqa: E402
+from hpcattn.variants import VARIANTS  # noqa: E402
+
+pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
+gpu.setup(MPI.COMM_WORLD)
+
+
+def transports():
+    """The transports to try here; nccl only where every rank has its own GPU."""
+    return ["host", "mpi", "nccl"]
+
+
+@pytest.mark.parametrize("transport", transports())
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("spec", ["full", "causal", "causal+window:40", "dilated:4:3+global:2", "block:33"])
+def test_sharded_gpu_attention_matches_reference_and_cpu_bytes(transport, variant, spec):
+    world = MPI.COMM_WORLD
+    N, H, Hkv, D, dtype = 203, 4, 2, 64, "float16"
+    rng = np.random.default_rng(N)
+    q, k, v = (rng.standard_normal((2, N, h, D)).astype(dtype) for h in (H, Hkv, Hkv))
+    a, b = even_shard(N, world.size, world.rank)
+    comm = Comm(world)
+    try:
+        comm.use_transport(transport, "cupy")
+    except HpcattnError as e:  # collective: every rank skips together
+        comm.free()
+        pytest.skip(f"transport {transport} not available here: {e}")
+    assert comm.transport.name == transport
+    before = comm.counters()
+    o, lse = hpcattn.attention(*(cp.asarray(x[:, a:b]) for x in (q, k, v)), mask=spec, comm=comm,
+                               variant=variant)
+    o_ref, lse_ref = reference(q[:, a:b], k, v, np.arange(a, b), parse(spec), 1 / math.sqrt(D))
+    o_err, lse_err, empty_ok = errors(o.get(), lse.get(), o_ref, lse_ref)
+    o_tol, lse_tol = tolerance(dtype)
+    assert empty_ok and o_err <= o_tol and lse_err <= lse_tol, (o_err, lse_err)
+    cpu = Comm(world)
+    hpcattn.attention(q[:, a:b], k[:, a:b], v[:, a:b], mask=spec, comm=cpu, variant=variant)
+    after = comm.counters()
+    assert after["bytes_sent"] - before["bytes_sent"] == cpu.bytes_sent
+    assert after["bytes_received"] - before["bytes_received"] == cpu.bytes_received
+    comm.free()
+    cpu.free()
+
+
+@pytest.mark.parametrize("transport", transports())
+def test_allreduce_of_device_arrays(transport):
+    world = MPI.COMM_WORLD
+    comm = Comm(world)
+    try:
+        comm.use_transport(transport, "cupy")
+    except HpcattnError as e:
+        comm.free()
+        pytest.skip(f"transport {transport} not available here: {e}")
+    x = cp.arange(10, dtype=cp.float32) + world.rank
+    before = comm.bytes_sent
+    out = comm.allreduce(x, "sum")
+    assert isinstance(out, cp.ndarray)
+    expect = np.arange(10) * world.size + sum(range(world.size))
+    assert np.allclose(out.get(), expect)
+    assert comm.allreduce(x, "max").get()[0] == world.size - 1
+    assert comm.bytes_sent - before == (x.nbytes if world.size > 1 else 0)
+    comm.free()

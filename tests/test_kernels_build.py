@@ -1,0 +1,102 @@
+"""Every kernel in kernels/ compiles with nvcc for sm_90 with no warnings (runs in CI; needs
+nvcc, not a GPU), with every name expression hpcattn/cuda.py asks CuPy for instantiated."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpcattn import cuda
+from hpcattn.masks import parse
+
+
+def find_nvcc():
+    for cand in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+                 "/usr/local/cuda/bin/nvcc"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+NVCC = find_nvcc()
+
+
+def test_every_source_in_kernels_is_loaded():
+    on_disk = {p.name for p in cuda.KERNEL_DIR.glob("*.cu")}
+    assert on_disk and on_disk == set(cuda.SOURCES)
+
+
+@pytest.mark.skipif(NVCC is None, reason="NVCC NOT FOUND: kernels/*.cu were NOT compiled "
+                    "(install the CUDA toolkit or set CUDA_HOME)")
+@pytest.mark.parametrize("source", sorted(cuda.SOURCES))
+def test_kernel_compiles_for_sm90_without_warnings(source, tmp_path):
+    refs = ", ".join(f"(void*)&{name}" for name in cuda.SOURCES[source])
+    unit = tmp_path / f"check_{source}"
+    unit.write_text(f'#include "{cuda.KERNEL_DIR / source}"\n'
+                    f"void* hpcattn_kernels[] = {{{refs}}};\n")
+    cmd = [NVCC, "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings", f"-I{cuda.KERNEL_DIR}",
+           "-c", str(unit), "-o", str(tmp_path / "k.o")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+    assert Path(tmp_path / "k.o").stat().st_size > 0
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("full", [1, 0, 0, 0, 0]),
+    ("causal", [1, 1, 0, 0, 0]),
+    ("causal+window:3+global:2", [2, 1, 1, 3, 0, 4, 2, 0]),
+    ("dilated:4:3+block:16", [2, 0, 2, 12, 3, 3, 16, 0]),
+    ("dilated:4611686018427387903:4", [1, 0, 2, 2**62, 4])])
+def test_mask_words_encode_every_term(spec, words):
+    assert cuda.mask_words(parse(spec)).tolist() == words
+
+
+def test_head_dim_buckets_and_limits():
+    assert [cuda._bucket(d) for d in (8, 64, 65, 128, 256)] == [64, 64, 128, 128, 256]
+    with pytest.raises(Exception, match="head dim 257"):
+        cuda._bucket(257)
+
+
+def find_nvrtc():
+    """libnvrtc as CuPy would load it (a CUDA install or the nvidia-cuda-nvrtc wheel), or None."""
+    import ctypes
+    import glob
+    import site
+    cands = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "lib64", "libnvrtc.so")]
+    for d in site.getsitepackages():
+        cands += sorted(glob.glob(os.path.join(d, "nvidia", "cu13", "lib", "libnvrtc.so.*")))
+    for c in cands:
+        try:
+            for b in sorted(glob.glob(os.path.join(os.path.dirname(c), "libnvrtc-builtins.so*"))):
+                ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)  # found by name, not by path, otherwise
+            return ctypes.CDLL(c)
+        except OSError:
+            continue
+    return None
+
+
+NVRTC = find_nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found: the runtime (CuPy/NVRTC) compile of "
+                    "kernels/*.cu was NOT checked (pip install nvidia-cuda-nvrtc to check it here)")
+@pytest.mark.parametrize("source", sorted(cuda.SOURCES))
+def test_kernel_compiles_with_nvrtc_as_cupy_loads_it(source):
+    """The same source and name expressions through NVRTC (what cupy.RawModule does at run
+    time), with the options hpcattn/cuda.py passes plus the CUDA headers' directory."""
+    import ctypes
+    prog = ctypes.c_void_p()
+    code = (cuda.KERNEL_DIR / source).read_bytes()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), code, source.encode(), 0, None, None) == 0
+    for name in cuda.SOURCES[source]:
+        assert NVRTC.nvrtcAddNameExpression(prog, name.encode()) == 0
+    cuda_inc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+    opts = [o.encode() for o in (*cuda.OPTIONS, f"-I{cuda_inc}", "-arch=sm_90")]
+    rc = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    NVRTC.nvrtcGetProgramLog(prog, log)
+    NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+    assert rc == 0 and not log.value.strip(), log.value.decode(errors="replace")

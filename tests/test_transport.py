@@ -1,0 +1,47 @@
+"""Backend and transport selection without a GPU: the choices, the errors, what `run` records."""
+import h5py
+import pytest
+from mpi4py import MPI
+
+from conftest import hpcattn
+from hpcattn import Comm, gpu
+from hpcattn.errors import HpcattnError
+from hpcattn.generate import generate
+
+
+def test_numpy_backend_moves_host_arrays_by_mpi():
+    comm = Comm(MPI.COMM_SELF)
+    for requested in ("auto", "mpi", "host"):
+        assert comm.use_transport(requested, "numpy") == "mpi"
+    comm.free()
+
+
+@pytest.mark.parametrize("requested, words", [("nccl", "needs the GPU backend"), ("pigeon", "expected one of")])
+def test_bad_transport_requests_are_refused(requested, words):
+    comm = Comm(MPI.COMM_SELF)
+    with pytest.raises(HpcattnError, match=words):
+        comm.use_transport(requested, "numpy")
+    comm.free()
+
+
+def test_backend_names(monkeypatch):
+    monkeypatch.setattr(gpu, "device_count", lambda: 0)
+    assert gpu.backend_name("auto") == "numpy" and gpu.backend_name("numpy") == "numpy"
+    with pytest.raises(HpcattnError, match="sees no GPU"):
+        gpu.backend_name("cupy")
+    monkeypatch.setenv("HPCATTN_BACKEND", "tpu")
+    with pytest.raises(HpcattnError, match="HPCATTN_BACKEND"):
+        gpu.backend_name()
+
+
+def test_run_records_backend_and_transport_and_refuses_nccl_on_cpu(tmp_path):
+    generate(tmp_path / "in.h5", 64, heads=1, head_dim=8, seed=1)
+    out = hpcattn("run", tmp_path / "in.h5", tmp_path / "o.h5", "--mask", "window:4", "--transport", "host")
+    assert out.returncode == 0, out.stderr
+    with h5py.File(tmp_path / "o.h5", "r") as f:
+        expect = {"numpy": "mpi", "cupy": "host"}[f.attrs["backend"]]  # host arrays go by plain MPI
+        assert f.attrs["transport"] == expect
+    bad = hpcattn("run", tmp_path / "in.h5", tmp_path / "p.h5", "--mask", "window:4", "--transport", "nccl")
+    if gpu.device_count() == 0:
+        assert bad.returncode == 1 and "--transport nccl needs the GPU backend" in bad.stderr
+        assert not (tmp_path / "p.h5").exists()
