@@ -40,11 +40,16 @@ def _cp():
 
 
 def _cuda_include():
-    """-I for the CUDA headers (cuda_fp16.h, mma.h) that NVRTC does not find on its own."""
-    cp = _cp()
-    path = cp.cuda.get_cuda_path()
-    inc = path and os.path.join(path, "include")
-    return (f"-I{inc}",) if inc and os.path.isdir(inc) else ()
+    """-I for the CUDA headers (cuda_fp16.h, mma.h) that NVRTC does not find on its own: the
+    first candidate that has them all. CuPy's own guess may be a pip `nvidia/cu13` folder whose
+    mma.h lacks crt/mma.h (seen on the lent H100 image), so full toolkits are tried first."""
+    roots = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda",
+             _cp().cuda.get_cuda_path()]
+    for root in filter(None, roots):
+        inc = os.path.join(root, "include")
+        if all(os.path.isfile(os.path.join(inc, h)) for h in ("cuda_fp16.h", "mma.h", "crt/mma.h")):
+            return (f"-I{inc}",)
+    return ()
 
 
 def kernel(name):
