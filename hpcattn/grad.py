@@ -8,7 +8,6 @@ dK += scale dS^T Q, with D = rowsum(dO * O). Query tiles ask the mask for the ke
 reach and run dense float32 BLAS blocks over those spans only (masked elementwise); a kv
 head's dK, dV sum over its G query heads (the G*tile rows of one matmul).
 """
-import numpy as np
 
 from .backend import array_module
 
@@ -88,9 +87,7 @@ class _Tile:
             n = int(allowed.sum())
             if n == 0:
                 return 0
-            s = s.reshape(B, Hkv, G, tq, nb)
-            s[..., ~allowed] = -xp.inf
-            s = s.reshape(B, Hkv, G * tq, nb)
+            xp.copyto(s.reshape(B, Hkv, G, tq, nb), -xp.inf, where=~allowed)
         s -= self.lse
         p = xp.exp(s, out=s)                                   # P, zero off the mask
         dv += xp.matmul(p.swapaxes(-1, -2), self.do)

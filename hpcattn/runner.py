@@ -16,7 +16,7 @@ ZIGZAG_VARIANTS = ("auto", "ring", "burst")  # ring-style variants: causal runs 
 def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, ranks_per_node=None):
     """Collective over comm (an hpcattn Comm). Returns (per-rank stats list on rank 0, else
     None; the output's attributes). backward: also read `do` and write dq, dk, dv."""
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     mask = collectively(comm, parse, mask_spec)
     meta = collectively(comm, h5io.read_meta, in_path, need_do=backward)
     P, r = comm.size, comm.rank
@@ -53,7 +53,8 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
         })
         io_s += time.perf_counter() - t_write
         rank_stats = {**comm.counters(), "compute_s": stats["compute_s"], "io_s": io_s,
-                      "wall_s": time.perf_counter() - t_start, "edges": stats["edges"],
+                      "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - cpu_start,
+                      "edges": stats["edges"],
                       "edges_backward": stats.get("edges_backward", 0), **phase,
                       "q_rows": sum(b - a for a, b in q_range), "kv_rows": sum(b - a for a, b in kv_range)}
         attrs = {"variant": stats["variant"], "mask": mask_spec, "ranks": P, "nodes": comm.nodes(),

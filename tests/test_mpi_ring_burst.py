@@ -74,7 +74,7 @@ def shard_data(N, B, H, Hkv, D, dtype, spec, seed):
     rng = np.random.default_rng(seed)
     q, do = (rng.standard_normal((B, N, H, D)).astype(dtype) for _ in range(2))
     k, v = (rng.standard_normal((B, N, Hkv, D)).astype(dtype) for _ in range(2))
-    P, r = world().size, world().rank
+    P = world().size
     layout = "zigzag" if parse(spec).causal else "contiguous"
     segs = [segments(N, P, i, layout) for i in range(P)]
     return q, k, v, do, layout, segs
