@@ -83,7 +83,7 @@ def shard_data(N, B, H, Hkv, D, dtype, spec, seed):
 CASES = [("causal", 203, 2, 4, 2, 32, "float32"), ("causal+window:40", 203, 1, 2, 2, 16, "float32"),
          ("window:17", 130, 1, 2, 1, 16, "float16"), ("dilated:4:3+global:2", 97, 2, 2, 2, 24, "float32"),
          ("full", 61, 1, 3, 3, 8, "float16"), ("causal", 130, 1, 2, 2, 16, "float16"),
-         ("block:33+causal", 5, 1, 1, 1, 8, "float32")]
+         ("block:33+causal", 5, 1, 1, 1, 8, "float32"), ("window:1", 3, 1, 2, 1, 8, "float32")]
 
 
 @pytest.mark.parametrize("variant", ["ring", "burst"])
