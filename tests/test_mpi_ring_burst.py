@@ -210,3 +210,19 @@ def test_run_backward_without_do_fails_on_every_rank(mpi_tmp_path):
     assert e.value.collective
     assert not (mpi_tmp_path / "o.h5").exists()
     comm.free()
+
+
+def test_progress_advances_posted_transfers_and_wait_still_completes_them():
+    P, r = world().size, world().rank
+    comm = Comm(world())
+    send = np.full(1 << 20, r, dtype=np.float32)   # 4 MiB: past any eager limit
+    recv = np.empty_like(send)
+    pending = comm.exchange([send], (r + 1) % P, [recv], (r - 1) % P, tag=7)
+    for _ in range(100):
+        comm.progress()
+    (got,) = pending.wait()
+    assert (got == (r - 1) % P).all() and comm._outstanding == []
+    comm.progress()   # nothing outstanding: a no-op
+    with pytest.raises(RuntimeError, match="twice"):
+        pending.wait()
+    comm.free()

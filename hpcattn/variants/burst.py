@@ -56,7 +56,7 @@ def backward(comm, shard, o, lse, do):
         t = time.perf_counter()
         edges = blocks.backward(qb, qposb, blocks.runs(nq_of[owner], shard.q_runs[owner]), dob, lseb,
                                 deltab, shard.k, shard.v, starts, kruns, shard.mask, shard.scale,
-                                acc[0], dk, dv)
+                                acc[0], dk, dv, comm.progress)
         shard.stats["compute_s"] += time.perf_counter() - t
         shard.stats["edges"] += edges
         if step:
