@@ -15,7 +15,7 @@ export PRTE_MCA_rmaps_default_mapping_policy := :oversubscribe
 export OMPI_MCA_rmaps_base_oversubscribe := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all demo test test-serial test-mpi clean
+.PHONY: all demo test test-serial test-mpi test-slurm clean
 all: test
 
 $(VENV)/.installed: setup.py
@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 	$(BIN)/mpiexec -n $(RANKS) $(BIN)/python -m hpcattn run $(DEMO_DIR)/in.h5 $(DEMO_DIR)/out.h5 --mask $(DEMO_MASK)
 	$(BIN)/hpcattn verify $(DEMO_DIR)/in.h5 $(DEMO_DIR)/out.h5 --rows 256
 
-test: test-serial test-mpi
+test: test-serial test-mpi test-slurm
 
 test-serial: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not mpi" tests
@@ -41,6 +41,10 @@ test-mpi: $(VENV)/.installed
 	  timeout $(TEST_TIMEOUT) $(BIN)/mpiexec -n $$n $(BIN)/python -m mpi4py -m pytest --with-mpi -m mpi \
 	    -p no:cacheprovider -q tests || exit 1; \
 	done
+
+# a real one-node SLURM (two slurmd) on this machine; skips loudly where SLURM cannot be installed
+test-slurm: $(VENV)/.installed
+	slurm/ci-test.sh $(BIN)/python
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info

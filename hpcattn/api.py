@@ -83,7 +83,7 @@ def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node):
             raise HpcattnError(f"q_positions must lie in [0, {n}); got [{qpos.min()}, {qpos.max()}]")
     return Shard(to_heads(q, Hkv), qpos, to_heads(k, Hkv)[:, :, 0], to_heads(v, Hkv)[:, :, 0],
                  kv_off, mask, float(scale if scale is not None else 1 / math.sqrt(D)),
-                 kv_runs=kv_runs, q_runs=q_runs, ranks_per_node=ranks_per_node)
+                 kv_runs=kv_runs, q_runs=q_runs, ranks_per_node=ranks_per_node, q_offsets=q_off)
 
 
 def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None, scale=None,

@@ -4,8 +4,9 @@ import os
 import sys
 import traceback
 
-from . import __version__
+from . import __version__, plot, profile, sweep
 from .errors import HpcattnError
+from .launch import check_world
 
 
 def _launcher_rank():
@@ -59,6 +60,8 @@ def build_parser():
                    "Nq*N <= 2^30, else 2048 sampled)")
 
     sub.add_parser("info", help="backend, MPI, CUDA-awareness, parallel HDF5, GPUs")
+    sweep.add_parser(sub)
+    plot.add_parser(sub)
     return p
 
 
@@ -75,16 +78,19 @@ def cmd_run(args, comm):
     unsupported = [(flag, val) for flag, val, ok in (
         ("--variant", args.variant, args.variant == "auto" or args.variant in VARIANTS),
         ("--transport", args.transport, args.transport in ("auto", "mpi")),
-        ("--profile", args.profile, args.profile is None)) if not ok]
+        ) if not ok]
     if unsupported:
         flag, val = unsupported[0]
         raise HpcattnError(f"{flag} {val} is not available in hpcattn {__version__} yet", collective=True)
+    profile.enable(bool(args.profile))
     if args.ranks_per_node is not None and args.ranks_per_node < 1:
         raise HpcattnError(f"--ranks-per-node must be >= 1, got {args.ranks_per_node}", collective=True)
     per_rank, attrs = run(args.input, args.output, args.mask, comm, args.variant, args.backward,
                           args.ranks_per_node)
     if comm.rank == 0:
         print(summary(per_rank, attrs))
+    if args.profile:
+        profile.write_trace(comm, args.profile)
     return 0
 
 
@@ -129,15 +135,23 @@ def on_root(comm, fn, *args):
 
 
 COMMANDS = {"gen": cmd_gen, "run": cmd_run, "verify": cmd_verify, "info": cmd_info}
+SERIAL = {"sweep": sweep.cmd_sweep, "plot": plot.cmd_plot}   # one plain process, no MPI
 
 
 def main(argv=None):
     """Entry point; returns the exit status. Errors known to every rank end the job with
     status 1 everywhere; an error on one rank aborts the whole job (no hang)."""
     args = build_parser().parse_args(argv)
+    if args.command in SERIAL:
+        try:
+            return SERIAL[args.command](args)
+        except HpcattnError as e:
+            print(f"hpcattn: error: {e}", file=sys.stderr, flush=True)
+            return 1
     from .comm import Comm
     comm = Comm()
     try:
+        check_world(comm.size)
         return COMMANDS[args.command](args, comm)
     except HpcattnError as e:
         if e.collective and comm.rank == 0 or comm.size == 1:

@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from . import profile
+
 
 def _mpi():
     from mpi4py import MPI
@@ -21,13 +23,15 @@ class Pending:
     def __init__(self, comm, requests, received):
         self._comm, self._requests, self.received = comm, requests, received
         comm._outstanding.append(self)
+        self._posted = profile.now()
 
     def wait(self):
         if self._requests is None:
             raise RuntimeError("Pending.wait() called twice")
         t = time.perf_counter()
         _mpi().Request.Waitall(self._requests)
-        self._comm.comm_s += time.perf_counter() - t
+        self._comm._count(seconds=time.perf_counter() - t)
+        profile.span("send/recv in flight", self._posted)
         self._requests = None
         self._comm._outstanding.remove(self)
         return self.received
@@ -38,16 +42,33 @@ class Pending:
             _mpi().Request.Testall(self._requests)
 
 
-class Comm:
-    """A counted communicator. Attributes: rank, size, bytes_sent, bytes_received, comm_s."""
+class UserOp:
+    """A reduction written in NumPy over rows of `width` elements of `dtype`.
 
-    def __init__(self, mpi_comm=None):
+    fn(a, b) -> None combines rows a into b in place (both (rows, width) arrays); it must be
+    associative and, with commute=True, commutative. The comm layer turns it into an MPI op over
+    a contiguous row datatype, so MPI never splits a row across calls.
+    """
+
+    def __init__(self, fn, width, dtype=np.float32, commute=True):
+        self.fn, self.width, self.dtype, self.commute = fn, int(width), np.dtype(dtype), commute
+
+
+class Comm:
+    """A counted communicator. Attributes: rank, size, bytes_sent, bytes_received, comm_s.
+
+    A sub-communicator made by `split`/`node_groups` counts its traffic into its parent too.
+    """
+
+    def __init__(self, mpi_comm=None, parent=None):
         MPI = _mpi()
         self.mpi = (mpi_comm if mpi_comm is not None else MPI.COMM_WORLD).Dup()
         self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
         self.bytes_sent = self.bytes_received = 0
         self.comm_s = 0.0
         self._outstanding = []
+        self.parent = parent
+        self._ops, self._children, self._groups = {}, [], {}
 
     @classmethod
     def wrap(cls, comm):
@@ -55,12 +76,29 @@ class Comm:
         return comm if isinstance(comm, cls) else cls(comm)
 
     def free(self):
+        """Release this communicator, its sub-communicators and its user ops."""
+        for child in self._children:
+            child.free()
+        for op, dtype in self._ops.values():
+            op.Free()
+            dtype.Free()
+        self._children, self._ops, self._groups = [], {}, {}
         self.mpi.Free()
+
+    def _count(self, sent=0, received=0, seconds=0.0):
+        """Add traffic to this communicator and every parent (one place for all counting)."""
+        c = self
+        while c is not None:
+            c.bytes_sent += int(sent)
+            c.bytes_received += int(received)
+            c.comm_s += seconds
+            c = c.parent
 
     def _timed(self, fn, *args):
         t = time.perf_counter()
-        out = fn(*args)
-        self.comm_s += time.perf_counter() - t
+        with profile.phase(fn.__name__):
+            out = fn(*args)
+        self._count(seconds=time.perf_counter() - t)
         return out
 
     def exchange(self, sends, dest, recvs, source, tag=0):
@@ -71,10 +109,10 @@ class Comm:
         reqs = []
         for i, buf in enumerate(recvs):
             reqs.append(self.mpi.Irecv(buf, source=source, tag=tag + i))
-            self.bytes_received += buf.nbytes
+            self._count(received=buf.nbytes)
         for i, buf in enumerate(sends):
             reqs.append(self.mpi.Isend(buf, dest=dest, tag=tag + i))
-            self.bytes_sent += buf.nbytes
+            self._count(sent=buf.nbytes)
         return Pending(self, reqs, recvs)
 
     def progress(self):
@@ -85,26 +123,153 @@ class Comm:
             t = time.perf_counter()
             for pending in self._outstanding:
                 pending.test()
-            self.comm_s += time.perf_counter() - t
+            self._count(seconds=time.perf_counter() - t)
+
+    def _op(self, op, array):
+        """(MPI op, buffer spec) for op = 'sum'|'max'|'min' or a UserOp."""
+        MPI = _mpi()
+        if not isinstance(op, UserOp):
+            return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op], array
+        if array.dtype != op.dtype or array.size % op.width:
+            raise ValueError(f"UserOp over rows of {op.width} {op.dtype} got {array.size} {array.dtype}")
+        key = (op.fn, op.width, op.dtype.str, op.commute)
+        if key not in self._ops:
+            row = MPI.Datatype.fromcode(op.dtype.char).Create_contiguous(op.width).Commit()
+
+            def call(inbuf, inoutbuf, datatype, fn=op.fn, width=op.width, dtype=op.dtype):
+                fn(np.frombuffer(inbuf, dtype=dtype).reshape(-1, width),
+                   np.frombuffer(inoutbuf, dtype=dtype).reshape(-1, width))
+
+            self._ops[key] = (MPI.Op.Create(call, commute=op.commute), row)
+        mpi_op, row = self._ops[key]
+        return mpi_op, [array, array.size // op.width, row]
 
     def allreduce(self, array, op="sum"):
-        """Allreduce of a contiguous host array (op: sum|max|min); bytes counted as one
-        send and one receive of the array per rank (the logical volume)."""
-        MPI = _mpi()
+        """Allreduce of a contiguous host array (op: sum|max|min or a UserOp); bytes counted
+        as one send and one receive of the array per rank (the logical volume)."""
         out = np.empty_like(array)
-        self._timed(self.mpi.Allreduce, array, out, {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op])
+        mpi_op, send = self._op(op, array)
+        _, recv = self._op(op, out)
+        self._timed(self.mpi.Allreduce, send, recv, mpi_op)
         if self.size > 1:
-            self.bytes_sent += array.nbytes
-            self.bytes_received += array.nbytes
+            self._count(array.nbytes, array.nbytes)
         return out
+
+    def reduce(self, array, op="sum", root=0):
+        """Reduce a contiguous host array onto root (op as in allreduce). Returns the result on
+        root, None elsewhere. Counted like a gather: each other rank sends the array once, root
+        receives it from each of them."""
+        out = np.empty_like(array) if self.rank == root else None
+        mpi_op, send = self._op(op, array)
+        recv = self._op(op, out)[1] if out is not None else None
+        self._timed(self.mpi.Reduce, send, recv, mpi_op, root)
+        if self.size > 1:
+            if self.rank == root:
+                self._count(received=array.nbytes * (self.size - 1))
+            else:
+                self._count(sent=array.nbytes)
+        return out
+
+    def bcast(self, array, root=0):
+        """Broadcast root's contiguous host array in place into `array` on every rank (all
+        ranks pass an array of the same shape and dtype). Returns it."""
+        self._timed(self.mpi.Bcast, array, root)
+        if self.size > 1:
+            if self.rank == root:
+                self._count(sent=array.nbytes * (self.size - 1))
+            else:
+                self._count(received=array.nbytes)
+        return array
+
+    def allgather_rows(self, array, rows):
+        """Concatenate every rank's `array` (n_r, ...) along axis 0 in rank order.
+
+        rows: (P,) the n_r of every rank (known to all). Each rank sends its piece to P-1
+        others and receives every other piece. Returns a new contiguous array.
+        """
+        MPI = _mpi()
+        array = np.ascontiguousarray(array)
+        rows = np.asarray(rows, dtype=np.int64)
+        row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * array.itemsize
+        out = np.empty((int(rows.sum()), *array.shape[1:]), dtype=array.dtype)
+        if row_bytes and out.size:
+            row = MPI.BYTE.Create_contiguous(row_bytes).Commit()
+            displs = np.concatenate([[0], np.cumsum(rows)[:-1]])
+            self._timed(self.mpi.Allgatherv, [array, len(array), row], [out, (rows, displs), row])
+            row.Free()
+        if self.size > 1:
+            self._count(array.nbytes * (self.size - 1), row_bytes * (int(rows.sum()) - len(array)))
+        return out
+
+    def alltoallv(self, array, send_rows, recv_rows=None):
+        """Personalised exchange: rows send_rows[d] of `array` (in destination order, axis 0)
+        go to rank d. recv_rows, when the caller knows them, saves the count exchange (P-1
+        int64 each way, counted). Rows to self are copied, not counted. Returns
+        (received array in source order, recv_rows)."""
+        MPI = _mpi()
+        array = np.ascontiguousarray(array)
+        send_rows = np.asarray(send_rows, dtype=np.int64)
+        if recv_rows is None:
+            recv_rows = np.empty_like(send_rows)
+            self._timed(self.mpi.Alltoall, send_rows, recv_rows)
+            if self.size > 1:
+                self._count(8 * (self.size - 1), 8 * (self.size - 1))
+        recv_rows = np.asarray(recv_rows, dtype=np.int64)
+        row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * array.itemsize
+        out = np.empty((int(recv_rows.sum()), *array.shape[1:]), dtype=array.dtype)
+        if row_bytes:  # collective: every rank calls, even with nothing to move
+            row = MPI.BYTE.Create_contiguous(row_bytes).Commit()
+            sd = np.concatenate([[0], np.cumsum(send_rows)[:-1]])
+            rd = np.concatenate([[0], np.cumsum(recv_rows)[:-1]])
+            self._timed(self.mpi.Alltoallv, [array, (send_rows, sd), row], [out, (recv_rows, rd), row])
+            row.Free()
+        me = self.rank
+        self._count(row_bytes * int(send_rows.sum() - send_rows[me]),
+                    row_bytes * int(recv_rows.sum() - recv_rows[me]))
+        return out, recv_rows
+
+    def split(self, color, key=None):
+        """A counted sub-communicator of the ranks with the same color (None: not a member;
+        returns None there). Collective over this communicator."""
+        MPI = _mpi()
+        sub = self.mpi.Split(MPI.UNDEFINED if color is None else int(color),
+                             self.rank if key is None else int(key))
+        if sub == MPI.COMM_NULL:
+            return None
+        child = Comm(sub, parent=self)
+        sub.Free()
+        self._children.append(child)
+        return child
+
+    def node_color(self, ranks_per_node=None):
+        """This rank's node index: rank // ranks_per_node for simulated nodes, else the lowest
+        rank sharing its memory (collective over the node)."""
+        if ranks_per_node:
+            return self.rank // int(ranks_per_node)
+        MPI = _mpi()
+        local = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        first = local.allreduce(self.rank, op=MPI.MIN)
+        local.Free()
+        return first
+
+    def node_groups(self, ranks_per_node=None):
+        """(node, leaders): the counted communicator of this rank's node (node-rank 0 = its
+        lowest rank) and, on node leaders only, the communicator of all leaders (None
+        elsewhere). Nodes are simulated by ranks_per_node when given. Collective the first
+        time for a given ranks_per_node, then cached."""
+        if ranks_per_node not in self._groups:
+            node = self.split(self.node_color(ranks_per_node))
+            leaders = self.split(0 if node.rank == 0 else None)
+            self._groups[ranks_per_node] = (node, leaders)
+        return self._groups[ranks_per_node]
 
     def allgather_object(self, obj):
         """Small control data (shard sizes, error messages) from every rank, in rank order."""
         out = self._timed(self.mpi.allgather, obj)
         if self.size > 1:
             n = len(pickle.dumps(obj))
-            self.bytes_sent += n * (self.size - 1)
-            self.bytes_received += sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != self.rank)
+            self._count(n * (self.size - 1),
+                        sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != self.rank))
         return out
 
     def bcast_object(self, obj, root=0):
@@ -112,18 +277,18 @@ class Comm:
         if self.size > 1:
             n = len(pickle.dumps(out))
             if self.rank == root:
-                self.bytes_sent += n * (self.size - 1)
+                self._count(sent=n * (self.size - 1))
             else:
-                self.bytes_received += n
+                self._count(received=n)
         return out
 
     def gather_object(self, obj, root=0):
         out = self._timed(self.mpi.gather, obj, root)
         if self.size > 1:
             if self.rank == root:
-                self.bytes_received += sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != root)
+                self._count(received=sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != root))
             else:
-                self.bytes_sent += len(pickle.dumps(obj))
+                self._count(sent=len(pickle.dumps(obj)))
         return out
 
     def barrier(self):

@@ -12,6 +12,7 @@ import numpy as np
 
 from .api import check_shapes
 from .errors import HpcattnError, agree
+from .profile import phase
 
 STATS = ("bytes_sent", "bytes_received", "compute_s", "comm_s", "io_s", "wall_s", "edges",
          "q_rows", "kv_rows")
@@ -74,7 +75,7 @@ def read_shard(path, meta, q_range, kv_range, backward=False):
     """This rank's rows: q (and do with backward), q positions, k, v; checked for NaN/Inf and
     position range. q_range, kv_range: a (start, stop) pair or a list of them (zigzag layout)."""
     q_ranges, kv_ranges = _ranges(q_range), _ranges(kv_range)
-    with _open(path) as f:
+    with phase("read"), _open(path) as f:
         out = {"q": _rows(f["q"], q_ranges), "k": _rows(f["k"], kv_ranges), "v": _rows(f["v"], kv_ranges)}
         if backward:
             out["do"] = _rows(f["do"], q_ranges)
@@ -120,7 +121,7 @@ def write_rows(comm, tmp, final, q_range, arrays):
         problem = None
         if comm.rank == r:
             try:
-                with h5py.File(tmp, "r+") as f:
+                with phase("write"), h5py.File(tmp, "r+") as f:
                     for name, (arr, _, axis, *own) in arrays.items():
                         at = 0
                         for a, b in _ranges(own[0] if own else q_range):
@@ -142,7 +143,7 @@ def finish(comm, tmp, final, stats, attrs):
     problem = None
     if comm.rank == 0:
         try:
-            with h5py.File(tmp, "r+") as f:
+            with phase("write stats"), h5py.File(tmp, "r+") as f:
                 g = f.create_group("stats")
                 for key in gathered[0]:
                     g.create_dataset(key, data=np.array([s[key] for s in gathered]))

@@ -29,7 +29,9 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     scale = 1 / math.sqrt(meta["D"])
     common = dict(mask=mask, comm=comm, variant=variant, q_positions=shard["q_positions"],
                   scale=scale, layout=layout, ranks_per_node=ranks_per_node)
+    t_attn = time.perf_counter()
     o, lse = attention(shard["q"], shard["k"], shard["v"], stats=stats, **common)
+    attn_s = time.perf_counter() - t_attn  # the attention call alone (no I/O): decode latency
     grads, phase = {}, {}
     if backward:
         back, before = {}, comm.counters()
@@ -52,7 +54,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
             "lse": (lse, (B, H, Nq), 2), **grads,
         })
         io_s += time.perf_counter() - t_write
-        rank_stats = {**comm.counters(), "compute_s": stats["compute_s"], "io_s": io_s,
+        rank_stats = {**comm.counters(), "compute_s": stats["compute_s"], "io_s": io_s, "attn_s": attn_s,
                       "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - cpu_start,
                       "edges": stats["edges"],
                       "edges_backward": stats.get("edges_backward", 0), **phase,

@@ -9,9 +9,12 @@ from typing import Optional
 
 import numpy as np
 
-from . import burst, ring
+from ..masks import Block, Dilated, Global, Window
+from . import burst, ring, sparse, tree
 
-VARIANTS = {"ring": ring, "burst": burst}
+VARIANTS = {"ring": ring, "burst": burst, "tree": tree, "sparse": sparse}
+
+DECODE_FRACTION = 8  # tree when all queries together number at most (keys per rank) / this
 
 
 @dataclass
@@ -23,6 +26,7 @@ class Shard:
     (start, stop) key ranges rank r holds, in row order (one range per rank by default, two in
     the zigzag layout); q_runs[r]: the lengths of the runs of consecutive positions of rank r's
     query rows (they sum to its nq; needed by variants that move queries). ranks_per_node: None = group ranks by shared memory.
+    q_offsets (P+1,): cumulative query-row counts per rank (rank r holds rows q_offsets[r]..[r+1]-1).
     `stats` collects compute_s and edges.
     """
     q: object
@@ -36,6 +40,7 @@ class Shard:
     kv_runs: Optional[list] = None
     q_runs: Optional[list] = None
     ranks_per_node: Optional[int] = None
+    q_offsets: Optional[np.ndarray] = None
 
     def __post_init__(self):
         off = [int(x) for x in self.kv_offsets]
@@ -57,8 +62,50 @@ class Shard:
         return starts, [slice(int(c0), int(c1)) for c0, c1 in zip(cuts[:-1], cuts[1:])]
 
 
+def reach_width(mask):
+    """Widest key range one query row can reach through the mask's span-bounded terms (listed
+    terms such as random or csr add only their own columns), or None when some term is
+    unbounded (full, causal alone, or a term this rule does not know)."""
+    width = 0
+    for t in mask.terms:
+        if isinstance(t, Window):
+            width = max(width, 2 * t.w + 1)
+        elif isinstance(t, Dilated):
+            width = max(width, 2 * t.w * t.r + 1)
+        elif isinstance(t, Block):
+            width = max(width, t.s)
+        elif hasattr(t, "columns"):  # listed columns (random, csr): fetched row by row
+            continue
+        elif not isinstance(t, Global):
+            return None
+    return width
+
+
+def pick(mask, n_queries, n_keys, ranks):
+    """The variant name `auto` uses; a pure function of global facts, so every rank agrees.
+
+    - one rank: ring (one hop, nothing travels);
+    - tree when all queries together are few: at most (keys per rank) / DECODE_FRACTION;
+    - sparse when every row's reach is bounded (window, dilated, block, plus global tokens) and
+      narrower than a shard, so halos are cheaper than a ring;
+    - otherwise burst.
+    """
+    if ranks == 1:
+        return "ring"
+    per_rank = -(-n_keys // ranks)
+    if n_queries * DECODE_FRACTION <= per_rank:
+        return "tree"
+    width = reach_width(mask)
+    g = max((t.g for t in mask.terms if isinstance(t, Global)), default=0)
+    if width is not None and width <= per_rank and g <= per_rank:
+        return "sparse"
+    return "burst"
+
+
 def choose(name, shard):
-    """The variant module for a name; 'auto' picks from the mask and shapes."""
+    """(variant module, name) for a name; 'auto' picks from the mask and shapes (see `pick`)."""
     if name == "auto":
-        return VARIANTS["ring"], "ring"
+        q_off = shard.q_offsets
+        n_queries = int(q_off[-1]) if q_off is not None else len(shard.qpos)
+        name = pick(shard.mask, n_queries, shard.n_keys, len(shard.kv_offsets) - 1)
     return VARIANTS[name], name

@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import grad, local
 from ..merge import empty_state, merge
+from ..profile import phase
 
 
 def runs(n_rows, lengths):
@@ -32,7 +33,8 @@ def forward(q, qpos, qruns, k, v, kstarts, kruns, mask, scale, o, lse, progress=
     edges = 0
     for qs, k0, ks in _pairs(qpos, qruns, kstarts, kruns, mask):
         po, pl, n = local.attend(q[:, :, :, qs], qpos[qs], k[:, :, ks], v[:, :, ks], k0, mask, scale)
-        o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], po, pl)
+        with phase("merge"):
+            o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], po, pl)
         edges += n
         if progress is not None:
             progress()

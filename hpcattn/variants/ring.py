@@ -11,6 +11,7 @@ import numpy as np
 from .. import grad
 from . import blocks
 from .rings import Relay, RingPlan, circulate
+from ..profile import phase
 
 
 def flat_plan(comm):
@@ -34,8 +35,9 @@ def forward(comm, shard, plan=None):
     for _, owner, (kb, vb) in circulate(comm, plan, kv, shapes):
         t = time.perf_counter()
         starts, kruns = shard.key_runs(owner)
-        o, lse, edges = blocks.forward(shard.q, shard.qpos, qruns, kb, vb, starts, kruns,
-                                       shard.mask, shard.scale, o, lse, comm.progress)
+        with phase("local"):
+            o, lse, edges = blocks.forward(shard.q, shard.qpos, qruns, kb, vb, starts, kruns,
+                                           shard.mask, shard.scale, o, lse, comm.progress)
         shard.stats["compute_s"] += time.perf_counter() - t
         shard.stats["edges"] += edges
     return o, lse

@@ -12,6 +12,8 @@ is deadlock-free.
 """
 import numpy as np
 
+from ..profile import phase
+
 TAG_INTRA, TAG_INTER, TAG_RELAY = 100, 200, 1000
 
 
@@ -91,22 +93,26 @@ def circulate(comm, plan, mine, shapes_of):
         outer = None
         if s < M - 1:
             nxt = plan.held[(s + 1) * L]
-            outer = comm.exchange(cur, plan.inter_next, inter.views(n_inter % 2, shapes_of(nxt)),
-                                  plan.inter_prev, tag=TAG_INTER)
+            with phase(f"hop {(s + 1) * L} send/recv"):
+                outer = comm.exchange(cur, plan.inter_next, inter.views(n_inter % 2, shapes_of(nxt)),
+                                      plan.inter_prev, tag=TAG_INTER)
             n_inter += 1
         for t in range(L):
             k = s * L + t
             hop = None
             if t < L - 1:
-                hop = comm.exchange(cur, plan.intra_next,
-                                    intra.views(n_intra % 2, shapes_of(plan.held[k + 1])),
-                                    plan.intra_prev, tag=TAG_INTRA)
+                with phase(f"hop {k + 1} send/recv"):
+                    hop = comm.exchange(cur, plan.intra_next,
+                                        intra.views(n_intra % 2, shapes_of(plan.held[k + 1])),
+                                        plan.intra_prev, tag=TAG_INTRA)
                 n_intra += 1
             yield k, plan.held[k], cur
             if hop is not None:
-                cur = hop.wait()
+                with phase(f"hop {k + 1} wait"):
+                    cur = hop.wait()
         if outer is not None:
-            cur = outer.wait()
+            with phase(f"hop {(s + 1) * L} wait"):
+                cur = outer.wait()
 
 
 class Relay:

@@ -1,0 +1,92 @@
+"""Decode benchmark (issue 5): tree vs ring with few queries at the end of a long sequence.
+
+For each N it writes one input with `hpcattn gen --queries NQ` (q_positions at the end), then
+runs `mpiexec -n P hpcattn run --mask causal --variant tree|ring` and reads the per-rank stats
+back from the output: latency = the slowest rank's attn_s (the attention call, no file I/O),
+bytes = the largest per-rank bytes_sent / bytes_received. Prints a Markdown table and JSON.
+
+  python jobs/decode_bench.py --dir /tmp/dec --seqs 1048576,8388608 --ranks 2,4,8
+
+BLAS runs one thread per rank (more only thrash when ranks already outnumber cores).
+Only ratios measured in the same run mean anything on a shared, oversubscribed machine.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+       "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_rmaps_base_oversubscribe": "true",
+       "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per rank
+
+
+def hpcattn(P, *args):
+    cmd = ([str(BIN / "mpiexec"), "-n", str(P)] if P else []) + [sys.executable, "-m", "hpcattn", *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1800)
+    if res.returncode:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
+    return res.stdout
+
+
+def measure(P, inp, out, mask, variant, extra=()):
+    """One run; the slowest rank's attention time and the largest per-rank traffic."""
+    hpcattn(P, "run", inp, out, "--mask", mask, "--variant", variant, *extra)
+    with h5py.File(out, "r") as f:
+        s = {k: f["stats"][k][...] for k in f["stats"]}
+        row = {"variant": str(f.attrs["variant"]), "ranks": P, "attn_s": float(s["attn_s"].max()),
+               "compute_s": float(s["compute_s"].max()), "comm_s": float(s["comm_s"].max()),
+               "bytes_sent": int(s["bytes_sent"].max()), "bytes_received": int(s["bytes_received"].max())}
+    os.remove(out)
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", required=True)
+    p.add_argument("--seqs", default="1048576,8388608")
+    p.add_argument("--ranks", default="2,4,8")
+    p.add_argument("--queries", type=int, default=16)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=1)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--ranks-per-node", type=int, help="also run tree with simulated nodes")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    d = Path(a.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for N in map(int, a.seqs.split(",")):
+        inp = d / f"decode_{N}.h5"
+        if not inp.exists():
+            hpcattn(0, "gen", inp, "--seq", N, "--queries", a.queries, "--heads", a.heads, "--kv-heads",
+                    a.kv_heads, "--head-dim", a.head_dim, "--dtype", a.dtype, "--seed", 1)
+        for P in map(int, a.ranks.split(",")):
+            runs = [("tree", ()), ("ring", ())]
+            if a.ranks_per_node and 1 < a.ranks_per_node < P:
+                runs.insert(1, ("tree", ("--ranks-per-node", a.ranks_per_node)))
+            got = {}
+            for variant, extra in runs:
+                r = measure(P, inp, d / "out.h5", "causal", variant, extra)
+                r.update(N=N, label=variant + (f" rpn={extra[1]}" if extra else ""))
+                got[r["label"]] = r
+                rows.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+            for r in got.values():
+                r["ring_over_this"] = got["ring"]["attn_s"] / r["attn_s"]
+    print("| N | P | variant | latency s (max attn_s) | ring / this | max bytes sent/rank | max bytes recv/rank |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['N']:,} | {r['ranks']} | {r['label']} | {r['attn_s']:.3f} | {r['ring_over_this']:.1f}x "
+              f"| {r['bytes_sent']:,} | {r['bytes_received']:,} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
