@@ -24,6 +24,7 @@ class Pending:
 
     def __init__(self, comm, finish, received):
         self._comm, self._finish, self.received = comm, finish, received
+        comm._outstanding.append(self)
         self._posted = profile.now()
 
     def wait(self):
@@ -34,7 +35,14 @@ class Pending:
         self._comm._count(seconds=time.perf_counter() - t)
         profile.span("send/recv in flight", self._posted)
         self._finish = None
+        self._comm._outstanding.remove(self)
         return self.received
+
+    def test(self):
+        """Advance the transfers without blocking (host MPI requests; device transports
+        progress on their own streams)."""
+        if self._finish is not None and hasattr(self._finish, "test"):
+            self._finish.test()
 
 
 class UserOp:
@@ -61,6 +69,7 @@ class Comm:
         self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
         self.bytes_sent = self.bytes_received = 0
         self.comm_s = 0.0
+        self._outstanding = []
         self.parent = parent
         self._ops, self._children, self._groups = {}, [], {}
         # device arrays are staged through host memory until use_transport says more
@@ -115,6 +124,16 @@ class Comm:
         finish = self.transport.exchange(self.mpi, sends, dest, recvs, source, tag)
         self._count(seconds=time.perf_counter() - t)
         return Pending(self, finish, recvs)
+
+    def progress(self):
+        """Let posted transfers advance while the caller computes: MPI without a progress
+        thread moves large (rendezvous) messages only inside MPI calls, so kernels call this
+        between tiles. Time spent here counts as comm_s."""
+        if self._outstanding:
+            t = time.perf_counter()
+            for pending in self._outstanding:
+                pending.test()
+            self._count(seconds=time.perf_counter() - t)
 
     def _op(self, op, array):
         """(MPI op, buffer spec) for op = 'sum'|'max'|'min' or a UserOp."""

@@ -8,7 +8,6 @@ dK += scale dS^T Q, with D = rowsum(dO * O). Query tiles ask the mask for the ke
 reach and run dense float32 BLAS blocks over those spans only (masked elementwise); a kv
 head's dK, dV sum over its G query heads (the G*tile rows of one matmul).
 """
-import numpy as np
 
 from .backend import array_module
 
@@ -23,13 +22,14 @@ def row_delta(do, o):
                      o.astype(xp.float32, copy=False))
 
 
-def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None):
+def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, progress=None):
     """Add this key block's contribution to (dq, dk, dv) and return (dq, dk, dv, edges).
 
     lse (B, Hkv, G, nq) float32 is the forward's log-sum-exp over the whole row (not just this
     block); delta (B, Hkv, G, nq) = row_delta(do, o). dq (B, Hkv, G, nq, D) and dk, dv
     (B, Hkv, nk, D) are float32 accumulators, created as zeros when not given. `edges` counts
-    the (query, key) pairs visited, per head, as the forward kernel does.
+    the (query, key) pairs visited, per head, as the forward kernel does. `progress`, if
+    given, is called after every query tile (the comm layer's hook to advance transfers).
     """
     xp = array_module(q)
     B, Hkv, G, nq, D = q.shape
@@ -58,6 +58,8 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
                 edges += tile.block(k[:, :, c0 - k0:c1 - k0], v[:, :, c0 - k0:c1 - k0], c0, mask,
                                     dqt, dk[:, :, c0 - k0:c1 - k0], dv[:, :, c0 - k0:c1 - k0])
         dq[:, :, :, t0:t1] = dqt.reshape(B, Hkv, G, t1 - t0, D)
+        if progress is not None:
+            progress()
     return dq, dk, dv, edges
 
 
@@ -88,9 +90,7 @@ class _Tile:
             n = int(allowed.sum())
             if n == 0:
                 return 0
-            s = s.reshape(B, Hkv, G, tq, nb)
-            s[..., ~allowed] = -xp.inf
-            s = s.reshape(B, Hkv, G * tq, nb)
+            xp.copyto(s.reshape(B, Hkv, G, tq, nb), -xp.inf, where=~allowed)
         s -= self.lse
         p = xp.exp(s, out=s)                                   # P, zero off the mask
         dv += xp.matmul(p.swapaxes(-1, -2), self.do)

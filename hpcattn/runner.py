@@ -19,7 +19,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     None; the output's attributes). backward: also read `do` and write dq, dk, dv. The
     backend is cupy when a GPU is seen (HPCATTN_BACKEND overrides); each rank then takes its
     node-local device before allocating anything."""
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     backend = collectively(comm, gpu.backend_name)
     if backend == "cupy":
         gpu.setup(comm.mpi)
@@ -65,7 +65,8 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
         })
         io_s += time.perf_counter() - t_write
         rank_stats = {**comm.counters(), "compute_s": stats["compute_s"], "io_s": io_s, "attn_s": attn_s,
-                      "wall_s": time.perf_counter() - t_start, "edges": stats["edges"],
+                      "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - cpu_start,
+                      "edges": stats["edges"],
                       "edges_backward": stats.get("edges_backward", 0), **phase,
                       "q_rows": sum(b - a for a, b in q_range), "kv_rows": sum(b - a for a, b in kv_range)}
         attrs = {"variant": stats["variant"], "mask": mask_spec, "ranks": P, "nodes": comm.nodes(),

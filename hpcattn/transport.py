@@ -22,10 +22,23 @@ def _mpi():
     return MPI
 
 
+class _Requests:
+    """Posted MPI requests: calling completes them, test() advances them without blocking."""
+
+    def __init__(self, reqs):
+        self.reqs = reqs
+
+    def __call__(self):
+        _mpi().Request.Waitall(self.reqs)
+
+    def test(self):
+        _mpi().Request.Testall(self.reqs)
+
+
 def _plain(mpi, sends, dest, recvs, source, tag):
     reqs = [mpi.Irecv(b, source=source, tag=tag + i) for i, b in enumerate(recvs)]
     reqs += [mpi.Isend(b, dest=dest, tag=tag + i) for i, b in enumerate(sends)]
-    return lambda: _mpi().Request.Waitall(reqs)
+    return _Requests(reqs)
 
 
 class Transport:

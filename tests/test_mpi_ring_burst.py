@@ -74,7 +74,7 @@ def shard_data(N, B, H, Hkv, D, dtype, spec, seed):
     rng = np.random.default_rng(seed)
     q, do = (rng.standard_normal((B, N, H, D)).astype(dtype) for _ in range(2))
     k, v = (rng.standard_normal((B, N, Hkv, D)).astype(dtype) for _ in range(2))
-    P, r = world().size, world().rank
+    P = world().size
     layout = "zigzag" if parse(spec).causal else "contiguous"
     segs = [segments(N, P, i, layout) for i in range(P)]
     return q, k, v, do, layout, segs
@@ -83,7 +83,7 @@ def shard_data(N, B, H, Hkv, D, dtype, spec, seed):
 CASES = [("causal", 203, 2, 4, 2, 32, "float32"), ("causal+window:40", 203, 1, 2, 2, 16, "float32"),
          ("window:17", 130, 1, 2, 1, 16, "float16"), ("dilated:4:3+global:2", 97, 2, 2, 2, 24, "float32"),
          ("full", 61, 1, 3, 3, 8, "float16"), ("causal", 130, 1, 2, 2, 16, "float16"),
-         ("block:33+causal", 5, 1, 1, 1, 8, "float32")]
+         ("block:33+causal", 5, 1, 1, 1, 8, "float32"), ("window:1", 3, 1, 2, 1, 8, "float32")]
 
 
 @pytest.mark.parametrize("variant", ["ring", "burst"])
@@ -209,4 +209,20 @@ def test_run_backward_without_do_fails_on_every_rank(mpi_tmp_path):
         run(str(inp), str(mpi_tmp_path / "o.h5"), "causal", comm, "burst", backward=True)
     assert e.value.collective
     assert not (mpi_tmp_path / "o.h5").exists()
+    comm.free()
+
+
+def test_progress_advances_posted_transfers_and_wait_still_completes_them():
+    P, r = world().size, world().rank
+    comm = Comm(world())
+    send = np.full(1 << 20, r, dtype=np.float32)   # 4 MiB: past any eager limit
+    recv = np.empty_like(send)
+    pending = comm.exchange([send], (r + 1) % P, [recv], (r - 1) % P, tag=7)
+    for _ in range(100):
+        comm.progress()
+    (got,) = pending.wait()
+    assert (got == (r - 1) % P).all() and comm._outstanding == []
+    comm.progress()   # nothing outstanding: a no-op
+    with pytest.raises(RuntimeError, match="twice"):
+        pending.wait()
     comm.free()

@@ -27,27 +27,32 @@ def _pairs(qpos, qruns, kstarts, kruns, mask):
                 yield qs, k0, ks
 
 
-def forward(q, qpos, qruns, k, v, kstarts, kruns, mask, scale, o, lse):
+def forward(q, qpos, qruns, k, v, kstarts, kruns, mask, scale, o, lse, progress=None):
     """Merge the block partial of q's rows over the keys k, v (runs starting at global
-    positions kstarts) into (o, lse); returns (o, lse, edges)."""
+    positions kstarts) into (o, lse); returns (o, lse, edges). progress() is called between
+    kernel calls, so posted transfers advance."""
     edges = 0
     for qs, k0, ks in _pairs(qpos, qruns, kstarts, kruns, mask):
         po, pl, n = local.attend(q[:, :, :, qs], qpos[qs], k[:, :, ks], v[:, :, ks], k0, mask, scale)
         with phase("merge"):
             o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], po, pl)
         edges += n
+        if progress is not None:
+            progress()
     return o, lse, edges
 
 
-def backward(q, qpos, qruns, do, lse, delta, k, v, kstarts, kruns, mask, scale, dq, dk, dv):
+def backward(q, qpos, qruns, do, lse, delta, k, v, kstarts, kruns, mask, scale, dq, dk, dv,
+             progress=None):
     """Add the block's gradient contributions into the float32 accumulators dq (q's rows) and
-    dk, dv (the block's keys); returns the edges visited."""
+    dk, dv (the block's keys); returns the edges visited. progress() runs after every tile."""
     edges = 0
     for qs, k0, ks in _pairs(qpos, qruns, kstarts, kruns, mask):
         sub_dq = dq[:, :, :, qs]
         _, sub_dk, sub_dv, n = grad.backward(q[:, :, :, qs], qpos[qs], k[:, :, ks], v[:, :, ks], k0,
                                              mask, scale, do[:, :, :, qs], lse[:, :, :, qs],
-                                             delta[:, :, :, qs], sub_dq, dk[:, :, ks], dv[:, :, ks])
+                                             delta[:, :, :, qs], sub_dq, dk[:, :, ks], dv[:, :, ks],
+                                             progress)
         dq[:, :, :, qs] = sub_dq
         edges += n
     return edges

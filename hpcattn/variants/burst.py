@@ -4,7 +4,10 @@ ring (ranks grouped by node; the inter-node hop runs during the intra-node hops)
 Forward: K, V circulate along the two-level plan; the state per query row is (o, lse) only,
 merged by the one merge. Backward keeps K, V, dK, dV home and moves Q, dO, lse, D = rowsum(dO*O)
 (and the query positions) instead, with the accumulating dQ following them home: three
-full-size tensors per hop instead of ring's four.
+full-size tensors per hop instead of ring's four. A block's owner keeps its own dQ part, so the
+relay starts at the second holder and its last hop is the one home (P-1 hops in all). With
+grouped-query attention (G query heads per kv head) the moved tensors are G times larger than
+ring's K, V: burst's backward saves bytes only when G = 1.
 """
 import time
 
@@ -53,7 +56,7 @@ def backward(comm, shard, o, lse, do):
         t = time.perf_counter()
         edges = blocks.backward(qb, qposb, blocks.runs(nq_of[owner], shard.q_runs[owner]), dob, lseb,
                                 deltab, shard.k, shard.v, starts, kruns, shard.mask, shard.scale,
-                                acc[0], dk, dv)
+                                acc[0], dk, dv, comm.progress)
         shard.stats["compute_s"] += time.perf_counter() - t
         shard.stats["edges"] += edges
         if step:

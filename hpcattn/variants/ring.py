@@ -39,7 +39,7 @@ def forward(comm, shard, plan=None):
         starts, kruns = shard.key_runs(owner)
         with phase("local"):
             o, lse, edges = blocks.forward(shard.q, shard.qpos, qruns, kb, vb, starts, kruns,
-                                           shard.mask, shard.scale, o, lse)
+                                           shard.mask, shard.scale, o, lse, comm.progress)
         shard.stats["compute_s"] += time.perf_counter() - t
         shard.stats["edges"] += edges
     return o, lse
@@ -67,7 +67,7 @@ def backward(comm, shard, o, lse, do, plan=None):
         t = time.perf_counter()
         starts, kruns = shard.key_runs(owner)
         edges = blocks.backward(shard.q, shard.qpos, qruns, do, lse, delta, kb, vb, starts, kruns,
-                                shard.mask, shard.scale, dq, *acc)
+                                shard.mask, shard.scale, dq, *acc, progress=comm.progress)
         shard.stats["compute_s"] += time.perf_counter() - t
         shard.stats["edges"] += edges
         if step:
