@@ -95,8 +95,10 @@ def cmd_verify(args, comm):
         print(f"hpcattn verify: {rep['rows']} of {rep['of']} rows against float64: "
               f"o max rel err {rep['o_err']:.2e} (tol {rep['o_tol']:.0e}), "
               f"lse max rel err {rep['lse_err']:.2e} (tol {rep['lse_tol']:.0e}), "
-              f"empty rows {'ok' if rep['empty_rows_ok'] else 'WRONG'}: "
-              f"{'PASS' if rep['passed'] else 'FAIL'}")
+              f"empty rows {'ok' if rep['empty_rows_ok'] else 'WRONG'}"
+              + (f", dq/dk/dv max rel err {rep['grad_err']:.2e} (tol {rep['grad_tol']:.0e})"
+                 if "grad_err" in rep else "")
+              + f": {'PASS' if rep['passed'] else 'FAIL'}")
     return 0 if rep["passed"] else 1
 
 

@@ -75,23 +75,27 @@ def reference_backward(q, k, v, do, qpos, mask, scale):
     dq = np.zeros((B, nr, H, D))
     dk = np.zeros((B, N, Hkv, D))
     dv = np.zeros((B, N, Hkv, D))
-    allowed = mask.allowed(np.asarray(qpos)[:, None], np.arange(N)[None, :])
+    step = max(1, REF_ELEMS // max(1, N))
+    keys = np.arange(N)
     for b in range(B):
-        for h in range(H):
-            hk = h // G
-            qq = np.asarray(q[b, :, h], dtype=np.float64)
-            gg = np.asarray(do[b, :, h], dtype=np.float64)
+        for hk in range(Hkv):
             kk = np.asarray(k[b, :, hk], dtype=np.float64)
             vv = np.asarray(v[b, :, hk], dtype=np.float64)
-            s = np.where(allowed, scale * (qq @ kk.T), -np.inf)
-            m = s.max(axis=1, initial=-np.inf)
-            p = np.exp(s - np.where(np.isneginf(m), 0.0, m)[:, None])
-            p /= np.where(p.sum(axis=1) > 0, p.sum(axis=1), 1)[:, None]
-            o = p @ vv
-            dv[b, :, hk] += p.T @ gg
-            ds = p * (gg @ vv.T - (gg * o).sum(axis=1)[:, None])
-            dq[b, :, h] = scale * ds @ kk
-            dk[b, :, hk] += scale * ds.T @ qq
+            for r0 in range(0, nr, step):
+                r1 = min(nr, r0 + step)
+                allowed = mask.allowed(np.asarray(qpos[r0:r1])[:, None], keys[None, :])
+                for h in range(hk * G, (hk + 1) * G):
+                    qq = np.asarray(q[b, r0:r1, h], dtype=np.float64)
+                    gg = np.asarray(do[b, r0:r1, h], dtype=np.float64)
+                    s = np.where(allowed, scale * (qq @ kk.T), -np.inf)
+                    m = s.max(axis=1, initial=-np.inf)
+                    p = np.exp(s - np.where(np.isneginf(m), 0.0, m)[:, None])
+                    denom = p.sum(axis=1)
+                    p /= np.where(denom > 0, denom, 1)[:, None]
+                    ds = p * (gg @ vv.T - (gg * (p @ vv)).sum(axis=1)[:, None])
+                    dv[b, :, hk] += p.T @ gg
+                    dq[b, r0:r1, h] = scale * ds @ kk
+                    dk[b, :, hk] += scale * ds.T @ qq
     return dq, dk, dv
 
 

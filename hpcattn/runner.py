@@ -32,13 +32,14 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     t_attn = time.perf_counter()
     o, lse = attention(shard["q"], shard["k"], shard["v"], stats=stats, **common)
     attn_s = time.perf_counter() - t_attn  # the attention call alone (no I/O): decode latency
-    grads = {}
+    grads, phase = {}, {}
     if backward:
-        back = {}
+        back, before = {}, comm.counters()
         dq, dk, dv = attention_backward(shard["q"], shard["k"], shard["v"], o, lse, shard["do"],
                                         stats=back, **common)
         stats["compute_s"] += back["compute_s"]
         stats["edges_backward"] = back["edges"]
+        phase = {f"{key}_backward": comm.counters()[key] - before[key] for key in ("bytes_sent", "bytes_received")}
         B, N, Hkv = meta["B"], meta["N"], meta["Hkv"]
         grads = {"dq": (dq, (B, meta["Nq"], meta["H"], meta["D"]), 1),
                  "dk": (dk, (B, N, Hkv, meta["D"]), 1, kv_range),
@@ -55,7 +56,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
         io_s += time.perf_counter() - t_write
         rank_stats = {**comm.counters(), "compute_s": stats["compute_s"], "io_s": io_s, "attn_s": attn_s,
                       "wall_s": time.perf_counter() - t_start, "edges": stats["edges"],
-                      "edges_backward": stats.get("edges_backward", 0),
+                      "edges_backward": stats.get("edges_backward", 0), **phase,
                       "q_rows": sum(b - a for a, b in q_range), "kv_rows": sum(b - a for a, b in kv_range)}
         attrs = {"variant": stats["variant"], "mask": mask_spec, "ranks": P, "nodes": comm.nodes(),
                  "backend": "numpy", "transport": "mpi", "hpcattn_version": __version__,

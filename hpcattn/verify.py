@@ -6,7 +6,7 @@ from . import h5io
 from .errors import HpcattnError
 from .masks import parse
 from .partition import even_offsets
-from .reference import errors, reference, tolerance
+from .reference import errors, grad_error, grad_tolerance, reference, reference_backward, tolerance
 
 ALL_ROWS_LIMIT = 1 << 30  # Nq * N up to which every row is checked by default
 DEFAULT_SAMPLE = 2048
@@ -44,6 +44,24 @@ def verify(in_path, out_path, rows=None):
         o_ref, lse_ref = reference(q, f["k"], f["v"], qpos, mask, scale)
     o_err, lse_err, empty_ok = errors(o, lse, o_ref, lse_ref)
     o_tol, lse_tol = tolerance(meta["dtype"])
-    return {"rows": len(idx), "of": meta["Nq"], "o_err": o_err, "lse_err": lse_err,
-            "o_tol": o_tol, "lse_tol": lse_tol, "empty_rows_ok": empty_ok,
-            "passed": o_err <= o_tol and lse_err <= lse_tol and empty_ok}
+    rep = {"rows": len(idx), "of": meta["Nq"], "o_err": o_err, "lse_err": lse_err,
+           "o_tol": o_tol, "lse_tol": lse_tol, "empty_rows_ok": empty_ok,
+           "passed": o_err <= o_tol and lse_err <= lse_tol and empty_ok}
+    rep.update(_verify_grads(in_path, out_path, meta, mask, scale, len(idx) == meta["Nq"]))
+    rep["passed"] = rep["passed"] and rep.get("grad_err", 0.0) <= rep.get("grad_tol", 0.0)
+    return rep
+
+
+def _verify_grads(in_path, out_path, meta, mask, scale, all_rows):
+    """grad_err (max over dq, dk, dv) and grad_tol when the output holds gradients; dk and dv
+    need every query row, so gradients are checked only when all rows are."""
+    with h5py.File(out_path, "r") as f:
+        if "dq" not in f:
+            return {}
+        if not all_rows or not meta["do"]:
+            return {"grads": "not checked (needs all rows and do)"}
+        got = [f[n][...] for n in ("dq", "dk", "dv")]
+    with h5py.File(in_path, "r") as f:
+        qpos = f["q_positions"][...].astype(np.int64) if meta["positions"] else np.arange(meta["Nq"])
+        want = reference_backward(f["q"][...], f["k"][...], f["v"][...], f["do"][...], qpos, mask, scale)
+    return {"grad_err": max(grad_error(g, w) for g, w in zip(got, want)), "grad_tol": grad_tolerance(meta["dtype"])}
