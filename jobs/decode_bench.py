@@ -20,13 +20,14 @@ from pathlib import Path
 import h5py
 
 BIN = Path(sys.executable).parent
+MPIEXEC = os.environ.get("MPIEXEC") or (str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else "mpiexec")
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
        "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_rmaps_base_oversubscribe": "true",
        "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per rank
 
 
 def hpcattn(P, *args):
-    cmd = ([str(BIN / "mpiexec"), "-n", str(P)] if P else []) + [sys.executable, "-m", "hpcattn", *map(str, args)]
+    cmd = ([MPIEXEC, "-n", str(P)] if P else []) + [sys.executable, "-m", "hpcattn", *map(str, args)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1800)
     if res.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")

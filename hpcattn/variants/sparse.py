@@ -4,8 +4,11 @@ From the mask alone each rank works out the key intervals its query rows can rea
 (`Mask.spans` per query tile), cuts them by owner rank and asks each owner for exactly those
 rows (one Alltoallv of intervals, one Alltoallv of K/V rows). For a window this is a halo from
 each neighbour; for global tokens, every rank's request to rank 0 for keys [0, G) forms one
-small all-gather. The rows then go through the same local kernel, one contiguous segment at a
-time, and the segment partials merge with the shared merge.
+small all-gather; for listed terms (random, csr) the exact columns (`Mask.columns`, when the
+mask offers it). The rows then go through the same local kernel, one contiguous segment at a
+time, and the segment partials merge with the shared merge. (Isolated listed columns make
+one segment each: work-optimal compute for them needs a kernel entry that takes key
+positions instead of one contiguous block; the exchange itself is exact already.)
 
 Rows whose edges reach the whole sequence (queries i < G of a non-causal `global:G`, or a
 non-causal `full` term) would need every key; instead they are handled as in decoding: the
