@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from .backend import array_module
 from .masks import LISTED, Full, Mask, Window
@@ -32,6 +32,7 @@ Q_TILE = 256            # query rows per tile of the tiles piece (before growing
 SCORE_ELEMS = 1 << 21   # float32 scores held at once per block or tile group: 8 MiB
 ROW_ELEMS = 1 << 19     # output elements (rows x heads x D) per row chunk: 2 MiB
 EDGE_ELEMS = 1 << 21    # gathered elements (edges x heads x D) per gather chunk
+MIN_ROWS = 512          # fewest query rows per chunk handed to a worker thread
 
 
 def threads():
@@ -60,7 +61,8 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
         return o, lse, edges
     plan = Plan(mask)
     qpos = np.asarray(qpos, dtype=np.int64)
-    step = max(1, ROW_ELEMS // (B * Hkv * G * D))
+    workers = threads() if xp is np else 1
+    step = max(1, min(ROW_ELEMS // (B * Hkv * G * D), max(MIN_ROWS, -(-nq // workers))))
 
     def chunk(r0):
         r1 = min(nq, r0 + step)
@@ -69,13 +71,31 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
         return n
 
     starts = range(0, nq, step)
-    workers = min(threads(), len(starts)) if xp is np else 1
-    if workers <= 1 and (threads() > 1 or xp is not np):
+    if xp is not np:
         return o, lse, sum(map(chunk, starts))
     # Row chunks on a thread pool with one BLAS thread each: BLAS's own threads are slow on
     # the kernel's many small products (and spin against each other on a loaded machine).
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        return o, lse, sum(pool.map(chunk, starts))
+    with _blas().limit(limits=1, user_api="blas"):
+        if min(workers, len(starts)) <= 1:
+            return o, lse, sum(map(chunk, starts))
+        return o, lse, sum(_pool(workers).map(chunk, starts))
+
+
+_SHARED = {}
+
+
+def _blas():
+    """The process's BLAS thread controller (inspecting the loaded libraries once)."""
+    if "blas" not in _SHARED:
+        _SHARED["blas"] = ThreadpoolController()
+    return _SHARED["blas"]
+
+
+def _pool(workers):
+    """A thread pool kept for the process (starting threads per call costs milliseconds)."""
+    if _SHARED.get("pool", (0,))[0] != workers:
+        _SHARED["pool"] = (workers, ThreadPoolExecutor(workers, thread_name_prefix="hpcattn"))
+    return _SHARED["pool"][1]
 
 
 class Plan:

@@ -20,6 +20,9 @@ def run(in_path, out_path, mask_spec, comm, variant="auto"):
     P, r = comm.size, comm.rank
     q_range, kv_range = even_shard(meta["Nq"], P, r), even_shard(meta["N"], P, r)
     shard = collectively(comm, h5io.read_shard, in_path, meta, q_range, kv_range)
+    mask = mask.bind(n_keys=meta["N"])
+    if "csr" in mask.needs:  # only this rank's query rows of the explicit mask, validated
+        mask = mask.bind(csr=collectively(comm, h5io.read_csr, in_path, meta, shard["q_positions"]))
     io_s = time.perf_counter() - t_start
 
     stats = {}
