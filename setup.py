@@ -14,6 +14,7 @@ setup(
         "gpu": ["cupy-cuda13x"],
         "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout", "hypothesis"],
         "bench": ["torch==2.13.0", "matplotlib"],
+        "fast": ["numba"],
     },
     entry_points={"console_scripts": ["hpcattn=hpcattn.cli:main"]},
 )

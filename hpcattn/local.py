@@ -24,6 +24,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from threadpoolctl import ThreadpoolController
 
+from . import jit
 from .backend import array_module
 from .masks import LISTED, Full, Mask, Window
 from .merge import empty_state, merge
@@ -184,16 +185,19 @@ def _band(xp, q, pos, k, v, k0, band, exclude, scale):
             t1 = min(t_hi, t0 + g_max)
             g = t1 - t0
             s0 = p0 + t0 * T - W - k0  # local key row where tile t0's span starts
-            kf = k[:, :, s0:s0 + (g - 1) * T + L].astype(xp.float32, copy=False)
-            vf = v[:, :, s0:s0 + (g - 1) * T + L].astype(xp.float32, copy=False)
-            kb, vb = (as_strided(x, (B, Hkv, g, L, D), (x.strides[0], x.strides[1], T * x.strides[2],
-                                                        x.strides[2], x.strides[3])) for x in (kf, vf))
+            rows = (g - 1) * T + L
+            kf = k[:, :, s0:s0 + rows].astype(xp.float32, copy=False)
+            vf = xp.empty((B, Hkv, rows, D + 1), dtype=xp.float32)  # V | 1: P @ it gives the row sums
+            vf[..., :D], vf[..., D] = v[:, :, s0:s0 + rows], 1
+
+            def tiles(x):  # overlapping (g, L) windows of the slab, T rows apart: no copy
+                return as_strided(x, (B, Hkv, g, L, x.shape[-1]), (x.strides[0], x.strides[1],
+                                  T * x.strides[2], x.strides[2], x.strides[3]))
+            kb, vb = tiles(kf), tiles(vf)
             r0, r1 = a + t0 * T, a + t1 * T
             qb = (q[:, :, :, r0:r1].reshape(B, Hkv, G, g, T, D).transpose(0, 1, 3, 2, 4, 5)
                   .reshape(B, Hkv, g, G * T, D).astype(xp.float32)) * np.float32(scale)
-            s = xp.matmul(qb, kb.swapaxes(-1, -2))
-            s.reshape(B, Hkv, g, G, T, L)[...] += bias
-            ob, lb = _softmax_block(xp, s, vb, True)
+            ob, lb = _band_softmax(xp, qb, kb, kf, vb, bias, G, T, L, D)
             o[:, :, :, r0:r1] = ob.reshape(B, Hkv, g, G, T, D).transpose(0, 1, 3, 2, 4, 5).reshape(B, Hkv, G, g * T, D)
             lse[:, :, :, r0:r1] = lb.reshape(B, Hkv, g, G, T).transpose(0, 1, 3, 2, 4).reshape(B, Hkv, G, g * T)
             edges += g * per_tile
@@ -203,6 +207,32 @@ def _band(xp, q, pos, k, v, k0, band, exclude, scale):
             o[:, :, :, a:b], lse[:, :, :, a:b] = po, pl
             edges += e
     return o, lse, edges
+
+
+UNDERFLOW = 1e-25  # a row sum below this (row max < bound - 57) takes the exact path
+
+
+def _band_softmax(xp, qb, kb, kf, vb, bias, G, T, L, D):
+    """(o, lse) of a group of interior band tiles in two elementwise passes.
+
+    Instead of each row's max, one bound c >= every score of the group (Cauchy-Schwarz:
+    max|q| * max|k|, scale folded into q) is subtracted inside the bias add, so exp never
+    overflows; row sums come from the GEMM with V's ones column. If a row's sum underflows
+    (its max lies far below c), the group is recomputed with exact row maxima.
+    """
+    B, Hkv, g = qb.shape[:3]
+    c = float(xp.sqrt((qb * qb).sum(axis=-1).max()) * xp.sqrt((kf * kf).sum(axis=-1).max()))
+    s = xp.matmul(qb, kb.swapaxes(-1, -2))
+    if np.isfinite(c):
+        s.reshape(B, Hkv, g, G, T, L)[...] += bias - np.float32(c)
+        xp.exp(s, out=s)
+        ov = xp.matmul(s, vb)
+        den = ov[..., D]
+        if float(den.min()) >= UNDERFLOW:
+            return ov[..., :D] / den[..., None], np.float32(c) + xp.log(den)
+        s = xp.matmul(qb, kb.swapaxes(-1, -2))
+    s.reshape(B, Hkv, g, G, T, L)[...] += bias
+    return _softmax_block(xp, s, vb[..., :D], True)
 
 
 def _all_full(mask):
@@ -284,10 +314,13 @@ def _gather(xp, q, pos, k, v, k0, mask, exclude, scale):
     if exclude is not None and len(cols):
         keep = ~exclude.allowed(pos[rows], cols)
         rows, cols = rows[keep], cols[keep]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
     edges = len(cols)
     if edges == 0:
         return o, lse, 0
     cols = cols - k0
+    if xp is np and jit.available(q.dtype):
+        return (*jit.gather_rows(q, k, v, indptr, cols, scale), edges)
     step = max(1, EDGE_ELEMS // (B * Hkv * G * D))
     e0 = 0
     while e0 < edges:

@@ -256,6 +256,9 @@ class Csr:
     def columns(self, qpos, k0, k1):
         d = self._rows(qpos)
         base = d.indptr[0]
+        if len(qpos) and k0 <= 0 and k1 >= d.n_keys and (np.diff(qpos) == 1).all():
+            a, b = qpos[0] - d.row0, qpos[-1] - d.row0 + 1  # consecutive rows, all keys: slices
+            return d.indptr[a:b + 1] - d.indptr[a], d.indices[d.indptr[a] - base:d.indptr[b] - base]
         lo, hi = d.indptr[qpos - d.row0] - base, d.indptr[qpos - d.row0 + 1] - base
         idx = ranges(lo, hi)
         cols = d.indices[idx]
@@ -356,6 +359,8 @@ class Mask:
         Work and memory O(n + edges); for the sparse distribution and the gather kernel."""
         qpos = np.asarray(qpos, dtype=np.int64)
         n = len(qpos)
+        if len(self.terms) == 1 and hasattr(self.terms[0], "columns") and not self.causal:
+            return self.terms[0].columns(qpos, k0, k1)
         parts = []  # (counts per row, columns): each sorted and unique within a row
         for t in self.terms:
             if hasattr(t, "columns"):
