@@ -46,7 +46,8 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
     """(o, lse, edges) of every query row of q over the keys k0 .. k0+nk-1 that the mask allows.
 
     o: (B, Hkv, G, nq, D) float32 normalised (or written into `out`, any float dtype, which is
-    returned: lets float16 runs keep float16 outputs); lse: (B, Hkv, G, nq) float32, -inf where
+    returned: lets float16 runs keep float16 outputs; `out` may be q itself, since each row
+    chunk of q is read before its rows of o are written); lse: (B, Hkv, G, nq) float32, -inf where
     a row has no edge in this block. `edges` counts the (query, key) pairs visited (per head).
     The mask must be bound (Mask.bind) when it has random or csr terms.
     """
@@ -55,10 +56,9 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
     nk = k.shape[2]
     o = xp.zeros((B, Hkv, G, nq, D), dtype=xp.float32) if out is None else out
     lse = xp.full((B, Hkv, G, nq), -xp.inf, dtype=xp.float32)
-    if out is not None:
-        o[...] = 0
     edges = 0
     if nq == 0 or nk == 0:
+        o[...] = 0
         return o, lse, edges
     plan = Plan(mask)
     qpos = np.asarray(qpos, dtype=np.int64)

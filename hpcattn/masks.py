@@ -121,13 +121,25 @@ def random_keys(seed, i, r, n):
     i = np.asarray(i, dtype=np.int64).ravel()
     r = min(r, n)
     out = np.empty((i.size, r), dtype=np.int64)
+    # "taken?" by comparing with the row's earlier draws (r^2 work per row), or, when r^2 > n,
+    # by a bitmap of [0, n) per row for a block of rows (n work per row)
+    block = i.size if r * r <= n else max(1, (1 << 24) // max(n, 1))
     with np.errstate(over="ignore"):
-        base = mix64(mix64(np.uint64(seed % 2**64)) ^ i.astype(np.uint64))
-        for d in range(r):
-            m = n - r + d
-            t = (mix64(base ^ np.uint64(d)) % np.uint64(m + 1)).astype(np.int64)
-            taken = (out[:, :d] == t[:, None]).any(axis=1)
-            out[:, d] = np.where(taken, m, t)
+        for a in range(0, i.size, max(block, 1)):
+            b = min(i.size, a + block)
+            base = mix64(mix64(np.uint64(seed % 2**64)) ^ i[a:b].astype(np.uint64))
+            seen = np.zeros((b - a, n), dtype=bool) if r * r > n else None
+            for d in range(r):
+                m = n - r + d
+                t = (mix64(base ^ np.uint64(d)) % np.uint64(m + 1)).astype(np.int64)
+                if seen is None:
+                    taken = (out[a:b, :d] == t[:, None]).any(axis=1)
+                else:
+                    taken = seen[np.arange(b - a), t]
+                pick = np.where(taken, m, t)
+                out[a:b, d] = pick
+                if seen is not None:
+                    seen[np.arange(b - a), pick] = True
     out.sort(axis=1)
     return out
 

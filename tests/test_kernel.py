@@ -80,3 +80,22 @@ def test_out_buffer_keeps_the_input_dtype_and_threads_agree(rng, monkeypatch):
     monkeypatch.setenv("HPCATTN_THREADS", "1")
     o1, lse1, e1 = local.attend(q, np.arange(n), k, v, 0, mask, 0.2)
     assert e1 == e32 and np.abs(o1 - o32).max() < 1e-6 and np.abs(lse1 - lse32).max() < 1e-6
+
+
+@pytest.mark.parametrize("spec", ["csr", "random:6:2+causal", "dilated:3:4+window:2", "window:3+global:2+random:5+csr"])
+def test_compiled_gather_matches_the_numpy_gather(rng, spec, monkeypatch):
+    pytest.importorskip("numba")
+    n = 400
+    dense = rng.random((n, n)) < 0.04
+    csr = check_csr(np.concatenate([[0], np.cumsum(dense.sum(1))]), np.nonzero(dense)[1], n, 0, n)
+    mask = parse(spec, n_keys=n, csr=csr)
+    q = rng.standard_normal((2, 2, 3, n, 16)).astype("float32")
+    k, v = (rng.standard_normal((2, 2, n, 16)).astype("float32") for _ in range(2))
+    got = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("HPCATTN_JIT", flag)
+        got[flag] = local.attend(q, np.arange(n), k, v, 0, mask, 0.25)
+    (o0, l0, e0), (o1, l1, e1) = got.values()
+    assert e0 == e1 and np.abs(o0 - o1).max() < 1e-5
+    fin = np.isfinite(l0)
+    assert (np.isneginf(l0) == np.isneginf(l1)).all() and np.abs(l0[fin] - l1[fin]).max() < 1e-5
