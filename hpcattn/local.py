@@ -187,8 +187,7 @@ def _band(xp, q, pos, k, v, k0, band, exclude, scale):
             s0 = p0 + t0 * T - W - k0  # local key row where tile t0's span starts
             rows = (g - 1) * T + L
             kf = k[:, :, s0:s0 + rows].astype(xp.float32, copy=False)
-            vf = xp.empty((B, Hkv, rows, D + 1), dtype=xp.float32)  # V | 1: P @ it gives the row sums
-            vf[..., :D], vf[..., D] = v[:, :, s0:s0 + rows], 1
+            vf = v[:, :, s0:s0 + rows].astype(xp.float32, copy=False)
 
             def tiles(x):  # overlapping (g, L) windows of the slab, T rows apart: no copy
                 return as_strided(x, (B, Hkv, g, L, x.shape[-1]), (x.strides[0], x.strides[1],
@@ -217,7 +216,7 @@ def _band_softmax(xp, qb, kb, kf, vb, bias, G, T, L, D):
 
     Instead of each row's max, one bound c >= every score of the group (Cauchy-Schwarz:
     max|q| * max|k|, scale folded into q) is subtracted inside the bias add, so exp never
-    overflows; row sums come from the GEMM with V's ones column. If a row's sum underflows
+    overflows. If a row's sum underflows
     (its max lies far below c), the group is recomputed with exact row maxima.
     """
     B, Hkv, g = qb.shape[:3]
@@ -226,13 +225,14 @@ def _band_softmax(xp, qb, kb, kf, vb, bias, G, T, L, D):
     if np.isfinite(c):
         s.reshape(B, Hkv, g, G, T, L)[...] += bias - np.float32(c)
         xp.exp(s, out=s)
-        ov = xp.matmul(s, vb)
-        den = ov[..., D]
+        den = s.sum(axis=-1)
         if float(den.min()) >= UNDERFLOW:
-            return ov[..., :D] / den[..., None], np.float32(c) + xp.log(den)
+            ov = xp.matmul(s, vb)
+            ov /= den[..., None]
+            return ov, np.float32(c) + xp.log(den)
         s = xp.matmul(qb, kb.swapaxes(-1, -2))
     s.reshape(B, Hkv, g, G, T, L)[...] += bias
-    return _softmax_block(xp, s, vb[..., :D], True)
+    return _softmax_block(xp, s, vb, True)
 
 
 def _all_full(mask):
