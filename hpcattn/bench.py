@@ -24,7 +24,7 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def sgemm_gflops(n=4096, repeat=3):
+def sgemm_gflops(n=4096, repeat=2):
     """The machine's float32 GEMM rate now (numpy's BLAS, all its threads), best of `repeat`."""
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     best = min(_timed(lambda: a @ a)[1] for _ in range(repeat))
@@ -164,6 +164,7 @@ def bench(seqs, specs, vs=(), head_dim=64, dtype="float32", repeat=3, sgemm=Fals
             raise HpcattnError("--vs needs PyTorch: pip install -e '.[bench]'") from None
     if sgemm:
         rows.append({"impl": "sgemm", "seq": 4096, "mask": "dense 4096^3", "gflops": sgemm_gflops()})
+        sgemm = rows[-1]
     for n in seqs:
         q, k, v = make_inputs(n, head_dim, dtype, seed)
         scale = 1 / math.sqrt(head_dim)
@@ -211,6 +212,8 @@ def bench(seqs, specs, vs=(), head_dim=64, dtype="float32", repeat=3, sgemm=Fals
                     row.update(ratio=row["time_s"] / t, ratio_with_build=(row["time_s"] + row["build_s"]) / t)
             rows += peers
             del tq, tk, tv
+    if sgemm:  # measured again after the cases: the best rate meets the same load as ours
+        sgemm["gflops"] = max(sgemm["gflops"], sgemm_gflops())
     return rows
 
 

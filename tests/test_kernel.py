@@ -79,7 +79,7 @@ def test_out_buffer_keeps_the_input_dtype_and_threads_agree(rng, monkeypatch):
     assert np.abs(o16.astype(np.float32) - o32).max() < 2e-3
     monkeypatch.setenv("HPCATTN_THREADS", "1")
     o1, lse1, e1 = local.attend(q, np.arange(n), k, v, 0, mask, 0.2)
-    assert e1 == e32 and np.abs(o1 - o32).max() < 1e-6 and np.abs(lse1 - lse32).max() < 1e-6
+    assert e1 == e32 and np.abs(o1 - o32).max() < 1e-5 and np.abs(lse1 - lse32).max() < 1e-5
 
 
 @pytest.mark.parametrize("spec", ["csr", "random:6:2+causal", "dilated:3:4+window:2", "window:3+global:2+random:5+csr"])
