@@ -13,7 +13,7 @@ import numpy as np
 
 from . import local
 from .errors import HpcattnError
-from .masks import Block, Csr, Dilated, Full, Global, Random, Window, check_csr, parse, random_keys
+from .masks import Block, Dilated, Full, Global, Random, Window, check_csr, parse, random_keys
 
 SDPA_BYTES = 6 << 30  # dense mask + scores + probabilities SDPA would hold (about 9 N^2 bytes)
 CHECK_ROWS = 64
