@@ -72,12 +72,12 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
         return n
 
     starts = range(0, nq, step)
-    if xp is not np:
+    if xp is not np or (len(starts) == 1 and workers > 1):  # one chunk (decode): BLAS threads
         return o, lse, sum(map(chunk, starts))
     # Row chunks on a thread pool with one BLAS thread each: BLAS's own threads are slow on
     # the kernel's many small products (and spin against each other on a loaded machine).
     with _blas().limit(limits=1, user_api="blas"):
-        if min(workers, len(starts)) <= 1:
+        if workers == 1:
             return o, lse, sum(map(chunk, starts))
         return o, lse, sum(_pool(workers).map(chunk, starts))
 
