@@ -81,6 +81,11 @@ def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node):
             raise HpcattnError(f"q_positions must have shape ({nq},), got {qpos.shape}")
         if nq and (qpos.min() < 0 or qpos.max() >= n):
             raise HpcattnError(f"q_positions must lie in [0, {n}); got [{qpos.min()}, {qpos.max()}]")
+    if "n_keys" in mask.needs:
+        mask = mask.bind(n_keys=n)
+    if "csr" in mask.needs:
+        raise HpcattnError("the mask has a csr term: pass a Mask bound to this rank's rows "
+                           "(masks.parse(spec, csr=masks.check_csr(...)))")
     return Shard(to_heads(q, Hkv), qpos, to_heads(k, Hkv)[:, :, 0], to_heads(v, Hkv)[:, :, 0],
                  kv_off, mask, float(scale if scale is not None else 1 / math.sqrt(D)),
                  kv_runs=kv_runs, q_runs=q_runs, ranks_per_node=ranks_per_node, q_offsets=q_off)

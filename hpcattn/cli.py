@@ -59,6 +59,22 @@ def build_parser():
     v.add_argument("--rows", type=int, help="check K sampled rows (default: all rows when "
                    "Nq*N <= 2^30, else 2048 sampled)")
 
+    b = sub.add_parser("bench", help="time the local kernel (and peers) on generated data")
+    b.add_argument("--seq", type=int, nargs="+", default=[65536], help="sequence lengths N")
+    b.add_argument("--mask", nargs="+", default=["window:256"], help="mask specs (csr: edges of "
+                   "the other terms, e.g. random:328+csr)")
+    b.add_argument("--vs", action="append", choices=["flex", "sdpa"], default=[],
+                   help="peer to time in the same run (repeatable; needs the bench extra)")
+    b.add_argument("--head-dim", type=int, default=64)
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    b.add_argument("--repeat", type=int, default=3, help="timed runs per case after the first "
+                   "(the best of all is reported; 0: the first only)")
+    b.add_argument("--sgemm", action="store_true", help="also measure the SGEMM rate (4096^3)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--in-place", action="store_true", help="write o over q (longest context: "
+                   "inputs are all the memory; one timed run)")
+    b.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+
     sub.add_parser("info", help="backend, MPI, CUDA-awareness, parallel HDF5, GPUs")
     sweep.add_parser(sub)
     plot.add_parser(sub)
@@ -107,6 +123,19 @@ def cmd_verify(args, comm):
     return 0 if rep["passed"] else 1
 
 
+def cmd_bench(args, comm):
+    import json
+    from .bench import bench, table
+    for n in args.seq:
+        if n < 1:
+            raise HpcattnError(f"--seq must be >= 1, got {n}", collective=True)
+    rows = on_root(comm, bench, args.seq, args.mask, args.vs, args.head_dim, args.dtype,
+                   args.repeat, args.sgemm, args.seed, args.in_place)
+    if comm.rank == 0:
+        print(json.dumps(rows, indent=1) if args.json else table(rows))
+    return 0
+
+
 def cmd_info(args, comm):
     from .info import report
     rep = report()
@@ -133,7 +162,8 @@ def on_root(comm, fn, *args):
     return result
 
 
-COMMANDS = {"gen": cmd_gen, "run": cmd_run, "verify": cmd_verify, "info": cmd_info}
+COMMANDS = {"gen": cmd_gen, "run": cmd_run, "verify": cmd_verify, "bench": cmd_bench,
+            "info": cmd_info}
 SERIAL = {"sweep": sweep.cmd_sweep, "plot": plot.cmd_plot}   # one plain process, no MPI
 
 

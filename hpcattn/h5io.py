@@ -95,6 +95,34 @@ def read_shard(path, meta, q_range, kv_range, backward=False):
     return out
 
 
+def read_csr(path, meta, qpos):
+    """The explicit mask's rows min(qpos)..max(qpos): one hyperslab of mask/indptr and the
+    matching slice of mask/indices, validated (masks.check_csr) before any index is used."""
+    from .masks import CsrRows, check_csr
+    N = meta["N"]
+    with _open(path) as f:
+        ptr, idx = _dataset(f, "mask/indptr", path), _dataset(f, "mask/indices", path)
+        for name, ds in (("mask/indptr", ptr), ("mask/indices", idx)):
+            if ds.ndim != 1 or ds.dtype.kind not in "iu":
+                raise HpcattnError(f"input {path!r}: {name} must be 1-D integers, got {ds.shape} {ds.dtype}")
+        if ptr.shape[0] != N + 1:
+            raise HpcattnError(f"input {path!r}: mask/indptr must have {N + 1} entries (one per "
+                               f"key position + 1), got {ptr.shape[0]}")
+        if int(ptr[0]) != 0 or int(ptr[N]) != idx.shape[0]:
+            raise HpcattnError(f"input {path!r}: mask/indptr must run from 0 to len(mask/indices) "
+                               f"= {idx.shape[0]}, got {int(ptr[0])} .. {int(ptr[N])}")
+        if len(qpos) == 0:
+            return CsrRows(np.zeros(1, np.int64), np.zeros(0, np.int64), 0, N, np.zeros(0, np.int64))
+        lo, hi = int(np.min(qpos)), int(np.max(qpos))
+        indptr = ptr[lo:hi + 2].astype(np.int64)
+        a, b = int(indptr[0]), int(indptr[-1])
+        if not 0 <= a <= b <= idx.shape[0]:
+            raise HpcattnError(f"input {path!r}: mask/indptr rows {lo}..{hi} point outside "
+                               f"mask/indices ({a} .. {b} of {idx.shape[0]})")
+        indices = idx[a:b]
+    return check_csr(indptr, indices, N, row0=lo, where=f"input {path!r}: mask")
+
+
 def temp_name(comm, final):
     """A temporary path beside `final`, the same on every rank."""
     name = f"{final}.tmp-{uuid.uuid4().hex[:12]}" if comm.rank == 0 else None

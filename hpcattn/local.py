@@ -2,23 +2,54 @@
 
 Knows nothing of MPI. Layout (head-major, grouped-query):
   q (B, Hkv, G, nq, D), k and v (B, Hkv, nk, D); query head h = hkv * G + g.
-It tiles the queries, asks the mask which key spans a tile can reach, and runs dense float32
-blocks over those spans only, merging block partials with the shared merge.
-"""
-import numpy as np
 
+Work is proportional to the mask's edges and nothing is stored for implicit masks. The edge
+set is cut into three disjoint pieces, one code path per idea (not per mask):
+- band: the union of `window` terms (|i - j| <= W, with causal j <= i). Query tiles of T rows
+  over spans of T + 2W keys, all interior tiles of a group in one batched BLAS call on strided
+  views of K/V, masked by one additive bias shared by every tile (the band is shift-invariant).
+- tiles: `full`, `block`, `global` minus the band: query tiles over the mask's key spans,
+  tiles grown until their score block is large (a global-column strip is one BLAS call),
+  masked elementwise only where a block is not entirely inside the mask.
+- gather: `dilated`, `random`, `csr` minus the two pieces above: the rows' explicit columns
+  (Mask.columns), K/V rows gathered, segment-wise softmax with ufunc.reduceat.
+The pieces' partials of a row are combined with the shared merge. Rows are processed in
+chunks, so float16 inputs are converted to float32 a chunk at a time (never a whole shard)
+and temporaries stay O(chunk + its edges).
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+from threadpoolctl import ThreadpoolController
+
+from . import jit
 from .backend import array_module
+from .masks import LISTED, Full, Mask, Window
 from .merge import empty_state, merge
 
-Q_TILE = 256
-SCORE_ELEMS = 1 << 22  # scores held at once per block (float32): 16 MiB
+Q_TILE = 256            # query rows per tile of the tiles piece (before growing)
+SCORE_ELEMS = 1 << 21   # float32 scores held at once per block or tile group: 8 MiB
+ROW_ELEMS = 1 << 19     # output elements (rows x heads x D) per row chunk: 2 MiB
+EDGE_ELEMS = 1 << 21    # gathered elements (edges x heads x D) per gather chunk
+MIN_ROWS = 512          # fewest query rows per chunk handed to a worker thread
 
 
-def attend(q, qpos, k, v, k0, mask, scale):
+def threads():
+    """Worker threads of the kernel: HPCATTN_THREADS, else the cores this process may use."""
+    env = os.environ.get("HPCATTN_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+
+
+def attend(q, qpos, k, v, k0, mask, scale, out=None):
     """(o, lse, edges) of every query row of q over the keys k0 .. k0+nk-1 that the mask allows.
 
-    o: (B, Hkv, G, nq, D) float32 normalised; lse: (B, Hkv, G, nq) float32, -inf where a row
-    has no edge in this block. `edges` counts the (query, key) pairs visited (per head).
+    o: (B, Hkv, G, nq, D) float32 normalised (or written into `out`, any float dtype, which is
+    returned: lets float16 runs keep float16 outputs; `out` may be q itself, since each row
+    chunk of q is read before its rows of o are written); lse: (B, Hkv, G, nq) float32, -inf where
+    a row has no edge in this block. `edges` counts the (query, key) pairs visited (per head).
+    The mask must be bound (Mask.bind) when it has random or csr terms.
     """
     xp = array_module(q)
     if xp is not np:  # device arrays: the CUDA kernels in kernels/ (hpcattn/cuda.py)
@@ -26,53 +57,295 @@ def attend(q, qpos, k, v, k0, mask, scale):
         return cuda.attend(q, qpos, k, v, k0, mask, scale)
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
-    o, lse = empty_state(xp, (B, Hkv, G, nq), D)
+    o = xp.zeros((B, Hkv, G, nq, D), dtype=xp.float32) if out is None else out
+    lse = xp.full((B, Hkv, G, nq), -xp.inf, dtype=xp.float32)
     edges = 0
     if nq == 0 or nk == 0:
+        o[...] = 0
         return o, lse, edges
-    k_chunk = max(64, SCORE_ELEMS // max(1, B * Hkv * G * Q_TILE))
-    for t0 in range(0, nq, Q_TILE):
-        t1 = min(nq, t0 + Q_TILE)
-        pos = qpos[t0:t1]
-        spans = mask.spans(int(pos.min()), int(pos.max()), k0, k0 + nk)
-        if not spans:
+    plan = Plan(mask)
+    qpos = np.asarray(qpos, dtype=np.int64)
+    workers = threads() if xp is np else 1
+    step = max(1, min(ROW_ELEMS // (B * Hkv * G * D), max(MIN_ROWS, -(-nq // workers))))
+
+    def chunk(r0):
+        r1 = min(nq, r0 + step)
+        po, pl, n = plan.rows(xp, q[:, :, :, r0:r1], qpos[r0:r1], k, v, k0, scale)
+        o[:, :, :, r0:r1], lse[:, :, :, r0:r1] = po, pl
+        return n
+
+    starts = range(0, nq, step)
+    if xp is not np or (len(starts) == 1 and workers > 1):  # one chunk (decode): BLAS threads
+        return o, lse, sum(map(chunk, starts))
+    # Row chunks on a thread pool with one BLAS thread each: BLAS's own threads are slow on
+    # the kernel's many small products (and spin against each other on a loaded machine).
+    with _blas().limit(limits=1, user_api="blas"):
+        if workers == 1:
+            return o, lse, sum(map(chunk, starts))
+        return o, lse, sum(_pool(workers).map(chunk, starts))
+
+
+_SHARED = {}
+
+
+def _blas():
+    """The process's BLAS thread controller (inspecting the loaded libraries once)."""
+    if "blas" not in _SHARED:
+        _SHARED["blas"] = ThreadpoolController()
+    return _SHARED["blas"]
+
+
+def _pool(workers):
+    """A thread pool kept for the process (starting threads per call costs milliseconds)."""
+    if _SHARED.get("pool", (0,))[0] != workers:
+        _SHARED["pool"] = (workers, ThreadPoolExecutor(workers, thread_name_prefix="hpcattn"))
+    return _SHARED["pool"][1]
+
+
+class Plan:
+    """The mask cut into the kernel's three disjoint pieces (see the module docstring)."""
+
+    def __init__(self, mask):
+        if any(isinstance(t, Full) for t in mask.terms):
+            self.band, self.tiles, self.gather = None, Mask(mask.spec, [Full()], mask.causal), None
+            self.implicit = self.tiles
+            return
+        wins = [t.w for t in mask.terms if isinstance(t, Window)]
+        self.band = Mask(mask.spec, [Window(max(wins))], mask.causal) if wins else None
+        self.tiles = mask.subset(LISTED + (Window,), exclude=True)
+        self.implicit = mask.subset(LISTED, exclude=True)  # band + tiles
+        self.gather = mask.subset(LISTED)
+
+    def rows(self, xp, q, pos, k, v, k0, scale):
+        """(o, lse, edges) of one chunk of query rows: the pieces, merged."""
+        B, Hkv, G, n, D = q.shape
+        o, lse = empty_state(xp, (B, Hkv, G, n), D)
+        edges = 0
+        for piece, fn, exclude in ((self.band, _band, None), (self.tiles, _tiles, self.band),
+                                   (self.gather, _gather, self.implicit)):
+            if piece is None:
+                continue
+            po, pl, e = fn(xp, q, pos, k, v, k0, piece, exclude, scale)
+            if e:
+                o, lse = (po, pl) if edges == 0 else merge(o, lse, po, pl)
+            edges += e
+        return o, lse, edges
+
+
+def _softmax_block(xp, s, vb, m_finite):
+    """Given scores s (..., rows, keys) already masked with -inf, return (o, lse) of the rows."""
+    m = s.max(axis=-1)
+    m_ref = m if m_finite else xp.where(xp.isneginf(m), 0, m)
+    s -= m_ref[..., None]
+    xp.exp(s, out=s)
+    denom = s.sum(axis=-1)
+    o = xp.matmul(s, vb)
+    o /= (denom if m_finite else xp.where(denom > 0, denom, 1))[..., None]
+    with np.errstate(divide="ignore"):
+        lse = m_ref + xp.log(denom)
+    return o, lse
+
+
+_BIAS = {}
+
+
+def _band_bias(xp, T, W, causal):
+    """Additive mask of an interior band tile: rows r (T), keys c of span p0 - W + c."""
+    key = (T, W, causal, xp.__name__)
+    if key not in _BIAS:
+        r = np.arange(T)[:, None]
+        c = np.arange(T + (W if causal else 2 * W))[None, :]
+        d = c - W - r  # j - i
+        ok = (np.abs(d) <= W) & ((d <= 0) if causal else True)
+        _BIAS[key] = (xp.asarray(np.where(ok, 0, -np.inf).astype(np.float32)), int(ok.sum()))
+    return _BIAS[key]
+
+
+def _band(xp, q, pos, k, v, k0, band, exclude, scale):
+    """The band piece: batched interior tiles with a shared bias; ragged tiles via _tiles."""
+    B, Hkv, G, n, D = q.shape
+    nk = k.shape[2]
+    W, causal = band.terms[0].w, band.causal
+    T = int(min(128, max(16, W // 4)))  # tile rows: span T + 2W keeps >= 2/3 of work useful
+    L = T + (W if causal else 2 * W)
+    o, lse = empty_state(xp, (B, Hkv, G, n), D)
+    edges = 0
+    runs = np.flatnonzero(np.diff(pos) != 1) + 1
+    ragged = []  # row ranges [a, b) not covered by interior tiles
+    for a, b in zip(np.concatenate([[0], runs]), np.concatenate([runs, [n]])):
+        a, b = int(a), int(b)
+        p0 = int(pos[a])
+        # interior tile t covers rows a + t*T ..; its span starts at p0 + t*T - W
+        t_lo = max(0, -(-(k0 - p0 + W) // T))
+        t_hi = min((b - a) // T, (k0 + nk - L - p0 + W) // T + 1)
+        if t_hi <= t_lo:
+            ragged.append((a, b))
             continue
-        qt = q[:, :, :, t0:t1].astype(xp.float32, copy=False)
+        ragged += [(a, a + t_lo * T), (a + t_hi * T, b)]
+        bias, per_tile = _band_bias(xp, T, W, causal)
+        g_max = max(1, SCORE_ELEMS // (B * Hkv * G * T * L))
+        for t0 in range(t_lo, t_hi, g_max):
+            t1 = min(t_hi, t0 + g_max)
+            g = t1 - t0
+            s0 = p0 + t0 * T - W - k0  # local key row where tile t0's span starts
+            rows = (g - 1) * T + L
+            kf = k[:, :, s0:s0 + rows].astype(xp.float32, copy=False)
+            vf = v[:, :, s0:s0 + rows].astype(xp.float32, copy=False)
+
+            def tiles(x):  # overlapping (g, L) windows of the slab, T rows apart: no copy
+                return as_strided(x, (B, Hkv, g, L, x.shape[-1]), (x.strides[0], x.strides[1],
+                                  T * x.strides[2], x.strides[2], x.strides[3]))
+            kb, vb = tiles(kf), tiles(vf)
+            r0, r1 = a + t0 * T, a + t1 * T
+            qb = (q[:, :, :, r0:r1].reshape(B, Hkv, G, g, T, D).transpose(0, 1, 3, 2, 4, 5)
+                  .reshape(B, Hkv, g, G * T, D).astype(xp.float32)) * np.float32(scale)
+            ob, lb = _band_softmax(xp, qb, kb, kf, vb, bias, G, T, L, D)
+            o[:, :, :, r0:r1] = ob.reshape(B, Hkv, g, G, T, D).transpose(0, 1, 3, 2, 4, 5).reshape(B, Hkv, G, g * T, D)
+            lse[:, :, :, r0:r1] = lb.reshape(B, Hkv, g, G, T).transpose(0, 1, 3, 2, 4).reshape(B, Hkv, G, g * T)
+            edges += g * per_tile
+    for a, b in ragged:
+        if b > a:
+            po, pl, e = _tiles(xp, q[:, :, :, a:b], pos[a:b], k, v, k0, band, None, scale)
+            o[:, :, :, a:b], lse[:, :, :, a:b] = po, pl
+            edges += e
+    return o, lse, edges
+
+
+UNDERFLOW = 1e-25  # a row sum below this (row max < bound - 57) takes the exact path
+
+
+def _band_softmax(xp, qb, kb, kf, vb, bias, G, T, L, D):
+    """(o, lse) of a group of interior band tiles in two elementwise passes.
+
+    Instead of each row's max, one bound c >= every score of the group (Cauchy-Schwarz:
+    max|q| * max|k|, scale folded into q) is subtracted inside the bias add, so exp never
+    overflows. If a row's sum underflows
+    (its max lies far below c), the group is recomputed with exact row maxima.
+    """
+    B, Hkv, g = qb.shape[:3]
+    c = float(xp.sqrt((qb * qb).sum(axis=-1).max()) * xp.sqrt((kf * kf).sum(axis=-1).max()))
+    s = xp.matmul(qb, kb.swapaxes(-1, -2))
+    if np.isfinite(c):
+        s.reshape(B, Hkv, g, G, T, L)[...] += bias - np.float32(c)
+        xp.exp(s, out=s)
+        den = s.sum(axis=-1)
+        if float(den.min()) >= UNDERFLOW:
+            ov = xp.matmul(s, vb)
+            ov /= den[..., None]
+            return ov, np.float32(c) + xp.log(den)
+        s = xp.matmul(qb, kb.swapaxes(-1, -2))
+    s.reshape(B, Hkv, g, G, T, L)[...] += bias
+    return _softmax_block(xp, s, vb, True)
+
+
+def _all_full(mask):
+    return all(isinstance(t, Full) for t in mask.terms)
+
+
+def _tiles(xp, q, pos, k, v, k0, mask, exclude, scale):
+    """Query tiles over the mask's key spans (minus `exclude`'s edges), grown while narrow."""
+    B, Hkv, G, n, D = q.shape
+    nk = k.shape[2]
+    o, lse = empty_state(xp, (B, Hkv, G, n), D)
+    edges = 0
+    heads = B * Hkv * G
+    t0 = 0
+    breaks = mask.row_breaks()
+    while t0 < n:
+        t1 = min(n, t0 + Q_TILE)
+        for g in breaks:  # end the tile where its rows change side of a break
+            side = pos[t0:t1] < g
+            if side[0] != side[-1]:
+                t1 = t0 + int(np.argmax(side != side[0]))
+        spans = mask.spans(int(pos[t0:t1].min()), int(pos[t0:t1].max()), k0, k0 + nk)
+        width = sum(b - a for a, b in spans)
+        if t1 < n and width * heads * (t1 - t0) * 4 < SCORE_ELEMS:  # narrow: grow the tile
+            t1 = min(n, t0 + max(Q_TILE, SCORE_ELEMS // max(1, width * heads)))
+            for g in breaks:
+                side = pos[t0:t1] < g
+                if side[0] != side[-1]:
+                    t1 = t0 + int(np.argmax(side != side[0]))
+            spans = mask.spans(int(pos[t0:t1].min()), int(pos[t0:t1].max()), k0, k0 + nk)
+        tp = pos[t0:t1]
+        qt = q[:, :, :, t0:t1].astype(xp.float32) * np.float32(scale)
+        k_chunk = max(64, SCORE_ELEMS // max(1, heads * (t1 - t0)))
         to, tl = o[:, :, :, t0:t1], lse[:, :, :, t0:t1]
         for a, b in spans:
             for c0 in range(a, b, k_chunk):
                 c1 = min(b, c0 + k_chunk)
-                po, pl, n = _block(xp, qt, pos, k[:, :, c0 - k0:c1 - k0], v[:, :, c0 - k0:c1 - k0],
-                                   c0, mask, scale)
-                edges += n
-                to, tl = merge(to, tl, po, pl)
+                po, pl, e = _block(xp, qt, tp, k[:, :, c0 - k0:c1 - k0], v[:, :, c0 - k0:c1 - k0],
+                                   c0, mask, exclude)
+                if e:
+                    edges += e
+                    to, tl = merge(to, tl, po, pl)
         o[:, :, :, t0:t1], lse[:, :, :, t0:t1] = to, tl
+        t0 = t1
     return o, lse, edges
 
 
-def _block(xp, qt, pos, kb, vb, c0, mask, scale):
-    """Dense softmax partial of a query tile over one key block, masked elementwise."""
+def _block(xp, qt, pos, kb, vb, c0, mask, exclude):
+    """Dense softmax partial of a (pre-scaled) query tile over one key block."""
     B, Hkv, G, tq, D = qt.shape
     nk = kb.shape[2]
+    full = exclude is None and (mask.dense or (_all_full(mask) and c0 + nk - 1 <= pos.min()))
+    if full:
+        n, allowed = tq * nk, None
+    else:
+        cols = np.arange(c0, c0 + nk)
+        allowed = mask.allowed(pos[:, None], cols[None, :])
+        if exclude is not None:
+            allowed &= ~exclude.allowed(pos[:, None], cols[None, :])
+        n = int(allowed.sum())
+        if n == 0:
+            return None, None, 0
     kb = kb.astype(xp.float32, copy=False)
     vb = vb.astype(xp.float32, copy=False)
     s = xp.matmul(qt.reshape(B, Hkv, G * tq, D), kb.swapaxes(-1, -2)).reshape(B, Hkv, G, tq, nk)
-    s *= scale
-    if mask.dense:
-        n = tq * nk
-    else:
-        allowed = mask.allowed(pos[:, None], xp.arange(c0, c0 + nk)[None, :])
-        n = int(allowed.sum())
-        if n == 0:
-            return (*empty_state(xp, (B, Hkv, G, tq), D), 0)
-        s = xp.where(allowed, s, -xp.inf)
-    m = s.max(axis=-1)
-    m_ref = xp.where(xp.isneginf(m), 0, m)
-    s -= m_ref[..., None]
-    xp.exp(s, out=s)
-    denom = s.sum(axis=-1)
-    o = xp.matmul(s.reshape(B, Hkv, G * tq, nk), vb).reshape(B, Hkv, G, tq, D)
-    o /= xp.where(denom > 0, denom, 1)[..., None]
-    with np.errstate(divide="ignore"):
-        lse = m_ref + xp.log(denom)
+    if allowed is not None:
+        s[..., ~xp.asarray(allowed)] = -xp.inf
+    o, lse = _softmax_block(xp, s, vb[:, :, None], full)
     return o, lse.astype(xp.float32, copy=False), n
+
+
+def _gather(xp, q, pos, k, v, k0, mask, exclude, scale):
+    """Listed edges (minus `exclude`'s): gathered K/V rows, segment-wise softmax per row."""
+    B, Hkv, G, n, D = q.shape
+    nk = k.shape[2]
+    o, lse = empty_state(xp, (B, Hkv, G, n), D)
+    indptr, cols = mask.columns(pos, k0, k0 + nk)
+    rows = np.repeat(np.arange(n), np.diff(indptr))
+    if exclude is not None and len(cols):
+        keep = ~exclude.allowed(pos[rows], cols)
+        rows, cols = rows[keep], cols[keep]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
+    edges = len(cols)
+    if edges == 0:
+        return o, lse, 0
+    cols = cols - k0
+    if xp is np and jit.available(q.dtype):
+        return (*jit.gather_rows(q, k, v, indptr, cols, scale), edges)
+    step = max(1, EDGE_ELEMS // (B * Hkv * G * D))
+    e0 = 0
+    while e0 < edges:
+        e1 = min(edges, e0 + step)
+        if e1 < edges:  # end the chunk at a row boundary (a row longer than a chunk is one chunk)
+            cut = np.searchsorted(rows, rows[e1], side="left")
+            e1 = cut if cut > e0 else int(np.searchsorted(rows, rows[e0], side="right"))
+        r, c = rows[e0:e1], cols[e0:e1]
+        starts = np.concatenate([[0], np.flatnonzero(r[1:] != r[:-1]) + 1])
+        counts = np.diff(np.concatenate([starts, [len(r)]]))
+        urows = xp.asarray(r[starts])
+        kg = k[:, :, c].astype(xp.float32, copy=False)
+        qg = q[:, :, :, r].astype(xp.float32, copy=False)
+        s = xp.einsum("bhged,bhed->bhge", qg, kg)
+        s *= np.float32(scale)
+        m = xp.maximum.reduceat(s, starts, axis=-1)
+        s -= xp.repeat(m, counts, axis=-1)
+        xp.exp(s, out=s)
+        denom = xp.add.reduceat(s, starts, axis=-1)
+        vg = v[:, :, c].astype(xp.float32, copy=False)
+        num = xp.add.reduceat(s[..., None] * vg[:, :, None], starts, axis=-2)
+        o[:, :, :, urows] = num / denom[..., None]
+        lse[:, :, :, urows] = m + xp.log(denom)
+        e0 = e1
+    return o, lse, edges

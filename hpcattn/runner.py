@@ -30,6 +30,9 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     layout = "zigzag" if mask.causal and variant in ZIGZAG_VARIANTS else "contiguous"
     q_range, kv_range = segments(meta["Nq"], P, r, layout), segments(meta["N"], P, r, layout)
     shard = collectively(comm, h5io.read_shard, in_path, meta, q_range, kv_range, backward)
+    mask = mask.bind(n_keys=meta["N"])
+    if "csr" in mask.needs:  # only this rank's query rows of the explicit mask, validated
+        mask = mask.bind(csr=collectively(comm, h5io.read_csr, in_path, meta, shard["q_positions"]))
     io_s = time.perf_counter() - t_start
 
     stats = {}

@@ -41,6 +41,10 @@ def verify(in_path, out_path, rows=None):
     with h5py.File(in_path, "r") as f:
         q = f["q"][:, idx]
         qpos = f["q_positions"][idx].astype(np.int64) if meta["positions"] else idx.astype(np.int64)
+    mask = mask.bind(n_keys=meta["N"])
+    if "csr" in mask.needs:
+        mask = mask.bind(csr=h5io.read_csr(in_path, meta, qpos))
+    with h5py.File(in_path, "r") as f:
         o_ref, lse_ref = reference(q, f["k"], f["v"], qpos, mask, scale)
     o_err, lse_err, empty_ok = errors(o, lse, o_ref, lse_ref)
     o_tol, lse_tol = tolerance(meta["dtype"])

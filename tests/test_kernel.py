@@ -1,0 +1,101 @@
+"""The work-optimal local kernel against the float64 dense reference (issue 3)."""
+import numpy as np
+import pytest
+
+from hpcattn import local
+from hpcattn.api import to_heads
+from hpcattn.masks import check_csr, parse
+from hpcattn.reference import errors, reference, tolerance
+
+
+class KeyRange:
+    """The mask restricted to keys [k0, k1): what one attend call over a key block must give."""
+
+    def __init__(self, mask, k0, k1):
+        self.mask, self.k0, self.k1 = mask, k0, k1
+
+    def allowed(self, i, j):
+        return self.mask.allowed(i, j) & (j >= self.k0) & (j < self.k1)
+
+
+def run_case(rng, spec, n, B=1, H=1, Hkv=1, D=16, dtype="float32", qpos=None, k0=0, k1=None,
+             density=0.05):
+    k1 = n if k1 is None else k1
+    dense = rng.random((n, n)) < density
+    csr = check_csr(np.concatenate([[0], np.cumsum(dense.sum(1))]), np.nonzero(dense)[1], n, 0, n)
+    mask = parse(spec, n_keys=n, csr=csr)
+    qpos = np.arange(n) if qpos is None else np.asarray(qpos)
+    q = rng.standard_normal((B, len(qpos), H, D)).astype(dtype)
+    k, v = (rng.standard_normal((B, n, Hkv, D)).astype(dtype) for _ in range(2))
+    o, lse, edges = local.attend(to_heads(q, Hkv), qpos, to_heads(k[:, k0:k1], Hkv)[:, :, 0],
+                                 to_heads(v[:, k0:k1], Hkv)[:, :, 0], k0, mask, 0.3)
+    sub = KeyRange(mask, k0, k1)
+    o_ref, lse_ref = reference(q, k, v, qpos, sub, 0.3)
+    o = o.transpose(0, 3, 1, 2, 4).reshape(q.shape)
+    o_err, lse_err, empty_ok = errors(o, lse.reshape(B, H, len(qpos)), o_ref, lse_ref)
+    o_tol, lse_tol = tolerance(dtype)
+    assert empty_ok and o_err <= o_tol and lse_err <= lse_tol, (o_err, lse_err)
+    assert edges == sub.allowed(qpos[:, None], np.arange(n)[None, :]).sum()
+    return lse_ref
+
+
+SPECS = ["full", "causal", "window:0", "window:7", "causal+window:33", "window:300", "causal+window:130",
+         "dilated:3:5", "causal+dilated:4:7", "block:50", "block:1", "global:4+window:2", "causal+global:5",
+         "random:5:3", "causal+random:9", "csr", "causal+csr", "window:20+global:3+random:4",
+         "causal+window:16+global:2+random:3", "csr+window:10+causal", "dilated:2:7+block:9+random:2",
+         "window:5+window:40+dilated:3:9"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("n, kwargs", [
+    (300, {}),                                                          # fewer rows than a tile
+    (1001, {}),                                                         # not a multiple of any tile
+    (777, dict(B=2, H=4, Hkv=2, D=8, k0=100, k1=650)),                  # GQA, one key block of a ring hop
+    (900, dict(qpos=[0, 3, 4, 5, 6, 400, 401, 898, 899], D=32)),        # scattered and decode rows
+    (513, dict(H=2, Hkv=1, D=64, dtype="float16", k0=257, k1=513))])    # float16, block crosses windows
+def test_kernel_matches_reference(rng, spec, n, kwargs):
+    run_case(rng, spec, n, **kwargs)
+
+
+def test_rows_without_edges_give_zero_and_minus_infinity(rng):
+    # random:0 has no edge at all; dilated rows whose stride misses the key block have none
+    lse_ref = run_case(rng, "random:0", 50)
+    assert np.isneginf(lse_ref).all()
+    lse_ref = run_case(rng, "dilated:2:10", 200, k0=103, k1=108, qpos=np.arange(90, 130))
+    assert np.isneginf(lse_ref).any() and np.isfinite(lse_ref).any()
+    lse_ref = run_case(rng, "csr", 60, density=0.01)
+    assert np.isneginf(lse_ref).any()
+
+
+def test_out_buffer_keeps_the_input_dtype_and_threads_agree(rng, monkeypatch):
+    n, D = 5000, 32
+    mask = parse("window:64+global:3+random:4", n_keys=n)
+    q = rng.standard_normal((1, 1, 2, n, D)).astype("float16")
+    k, v = (rng.standard_normal((1, 1, n, D)).astype("float16") for _ in range(2))
+    o32, lse32, e32 = local.attend(q, np.arange(n), k, v, 0, mask, 0.2)
+    out = np.full_like(q, np.nan)
+    o16, lse16, e16 = local.attend(q, np.arange(n), k, v, 0, mask, 0.2, out=out)
+    assert o16 is out and e16 == e32 and (lse16 == lse32).all()
+    assert np.abs(o16.astype(np.float32) - o32).max() < 2e-3
+    monkeypatch.setenv("HPCATTN_THREADS", "1")
+    o1, lse1, e1 = local.attend(q, np.arange(n), k, v, 0, mask, 0.2)
+    assert e1 == e32 and np.abs(o1 - o32).max() < 1e-5 and np.abs(lse1 - lse32).max() < 1e-5
+
+
+@pytest.mark.parametrize("spec", ["csr", "random:6:2+causal", "dilated:3:4+window:2", "window:3+global:2+random:5+csr"])
+def test_compiled_gather_matches_the_numpy_gather(rng, spec, monkeypatch):
+    pytest.importorskip("numba")
+    n = 400
+    dense = rng.random((n, n)) < 0.04
+    csr = check_csr(np.concatenate([[0], np.cumsum(dense.sum(1))]), np.nonzero(dense)[1], n, 0, n)
+    mask = parse(spec, n_keys=n, csr=csr)
+    q = rng.standard_normal((2, 2, 3, n, 16)).astype("float32")
+    k, v = (rng.standard_normal((2, 2, n, 16)).astype("float32") for _ in range(2))
+    got = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("HPCATTN_JIT", flag)
+        got[flag] = local.attend(q, np.arange(n), k, v, 0, mask, 0.25)
+    (o0, l0, e0), (o1, l1, e1) = got.values()
+    assert e0 == e1 and np.abs(o0 - o1).max() < 1e-5
+    fin = np.isfinite(l0)
+    assert (np.isneginf(l0) == np.isneginf(l1)).all() and np.abs(l0[fin] - l1[fin]).max() < 1e-5
