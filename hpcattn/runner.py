@@ -1,24 +1,32 @@
 """`hpcattn run`: read each rank's hyperslab, compute, write one complete result file."""
 import math
+import resource
 import time
 
 import numpy as np
 
-from . import __version__, h5io
+from . import __version__, h5io, outofcore
 from .api import attention
 from .errors import collectively
 from .masks import parse
 from .partition import even_shard
 
 
-def run(in_path, out_path, mask_spec, comm, variant="auto"):
+def run(in_path, out_path, mask_spec, comm, variant="auto", max_memory=None, resume=False,
+        compression=None):
     """Collective over comm (an hpcattn Comm). Returns (per-rank stats list on rank 0, else
-    None; the output's attributes)."""
+    None; the output's attributes). When a shard would not fit in `max_memory` bytes per rank
+    (default: this node's available memory shared by its ranks), or with `resume`, the run
+    streams through memory out of core (hpcattn.outofcore)."""
     t_start = time.perf_counter()
     mask = collectively(comm, parse, mask_spec)
     meta = collectively(comm, h5io.read_meta, in_path)
     P, r = comm.size, comm.rank
     q_range, kv_range = even_shard(meta["Nq"], P, r), even_shard(meta["N"], P, r)
+    budget = max_memory or int(0.7 * outofcore.available_bytes() * comm.nodes() / P)
+    need = outofcore.in_core_bytes(meta, q_range[1] - q_range[0], kv_range[1] - kv_range[0])
+    if resume or max(comm.allgather_object(need)) > budget:
+        return outofcore.run(in_path, out_path, mask, meta, comm, budget, resume, compression)
     shard = collectively(comm, h5io.read_shard, in_path, meta, q_range, kv_range)
     io_s = time.perf_counter() - t_start
 
@@ -31,17 +39,18 @@ def run(in_path, out_path, mask_spec, comm, variant="auto"):
     B, Nq, H, D = meta["B"], meta["Nq"], meta["H"], meta["D"]
     tmp = h5io.temp_name(comm, out_path)
     try:
-        h5io.write_rows(comm, tmp, out_path, q_range, {
+        hdf5 = h5io.write_rows(comm, tmp, out_path, q_range, {
             "o": (o, (B, Nq, H, D), 1),
             "lse": (lse, (B, H, Nq), 2),
-        })
+        }, compression=compression)
         io_s += time.perf_counter() - t_write
         rank_stats = {**comm.counters(), "compute_s": stats["compute_s"], "io_s": io_s,
                       "wall_s": time.perf_counter() - t_start, "edges": stats["edges"],
-                      "q_rows": q_range[1] - q_range[0], "kv_rows": kv_range[1] - kv_range[0]}
+                      "q_rows": q_range[1] - q_range[0], "kv_rows": kv_range[1] - kv_range[0],
+                      "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         attrs = {"variant": stats["variant"], "mask": mask_spec, "ranks": P, "nodes": comm.nodes(),
                  "backend": "numpy", "transport": "mpi", "hpcattn_version": __version__,
-                 "scale": scale, "input": str(in_path)}
+                 "scale": scale, "input": str(in_path), "hdf5": hdf5, "out_of_core": 0}
         return h5io.finish(comm, tmp, out_path, rank_stats, attrs), attrs
     except BaseException:
         h5io.remove_quietly(tmp)
