@@ -5,6 +5,7 @@ to the final one only after `complete` = 1 is set, so a failed run leaves no res
 This module knows nothing of the attention maths.
 """
 import os
+import shutil
 import uuid
 
 import h5py
@@ -103,6 +104,21 @@ def chunks_for(shape, axis, dtype):
     return tuple(max(1, rows if i == axis else (1 if i < axis else n)) for i, n in enumerate(shape))
 
 
+def _space_problem(tmp, final, datasets, compression):
+    """A message when the output's directory cannot hold the uncompressed datasets (checked
+    up front: HDF5 reports a full disk late, at flush or close), else None."""
+    need = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+               for shape, dtype, _ in datasets.values())
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
+    except OSError as e:
+        return f"cannot create output {final!r}: {e}"
+    if compression is None and need > free:
+        return (f"cannot create output {final!r}: it needs {need / 2**20:.1f} MiB but its file system "
+                f"has {free / 2**20:.1f} MiB free (No space left on device)")
+    return None
+
+
 class Output:
     """An output file under a temporary name that every rank writes rows into (collective).
 
@@ -126,6 +142,9 @@ class Output:
             from h5py import h5fd, h5p
             self.dxpl = h5p.create(h5p.DATASET_XFER)
             self.dxpl.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE)
+            if comm.rank == 0 and mode == "w":
+                problem = _space_problem(tmp, final, datasets, compression)
+            agree(comm, problem)
             try:
                 self.file = h5py.File(tmp, mode, driver="mpio", comm=comm.mpi)
             except OSError as e:
@@ -134,15 +153,17 @@ class Output:
             if mode == "w":  # dataset creation is collective under mpio: same calls on every rank
                 try:
                     self._create(self.file, datasets, compression)
-                except (OSError, ValueError) as e:
+                except (OSError, RuntimeError, ValueError) as e:
                     problem = f"cannot create output {final!r}: {e}"
         else:
             self.dxpl = None
             if comm.rank == 0 and mode == "w":
+                problem = _space_problem(tmp, final, datasets, compression)
                 try:
-                    with h5py.File(tmp, "w") as f:
-                        self._create(f, datasets, compression)
-                except (OSError, ValueError) as e:
+                    if problem is None:
+                        with h5py.File(tmp, "w") as f:
+                            self._create(f, datasets, compression)
+                except (OSError, RuntimeError, ValueError) as e:
                     problem = f"cannot create output {final!r}: {e}"
             elif comm.rank == 0 and not os.access(tmp, os.R_OK | os.W_OK):
                 problem = f"cannot open {tmp!r} for writing"
@@ -168,7 +189,7 @@ class Output:
                     for rows, arr in pieces:
                         self._put(self.file[name], self.axes[name], rows, arr)
                 self.file.flush()
-            except OSError as e:
+            except (OSError, RuntimeError) as e:
                 problem = f"cannot write output {self.final!r}: {e}"
             agree(self.comm, problem)
             return
@@ -185,7 +206,7 @@ class Output:
                     finally:
                         if self.file is None:
                             f.close()
-                except OSError as e:
+                except (OSError, RuntimeError) as e:
                     problem = f"cannot write output {self.final!r}: {e}"
             if self.comm.size > 1 or problem:
                 agree(self.comm, problem)
@@ -230,7 +251,7 @@ class Output:
                 f.flush()
                 if self.file is None:
                     f.close()
-            except OSError as e:
+            except (OSError, RuntimeError) as e:
                 problem = f"cannot write output {self.final!r}: {e}"
         agree(self.comm, problem)
 
@@ -277,7 +298,7 @@ def finish(comm, tmp, final, stats, attrs, drop=()):
                 f.flush()
                 f.attrs["complete"] = 1
             os.replace(tmp, final)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             problem = f"cannot finish output {final!r}: {e}"
     agree(comm, problem)
     return gathered
