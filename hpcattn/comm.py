@@ -15,6 +15,12 @@ def _mpi():
     return MPI
 
 
+def _wire(buf):
+    """Point-to-point message spec: float16 travels as raw bytes, since MPI libraries without
+    a half-precision datatype (Debian's Open MPI 4) cannot map it; the bytes are the same."""
+    return [buf, _mpi().BYTE] if buf.dtype.char == "e" else buf
+
+
 class Pending:
     """Outstanding non-blocking transfers; `wait` completes them exactly once."""
 
@@ -62,10 +68,10 @@ class Comm:
         """
         reqs = []
         for i, buf in enumerate(recvs):
-            reqs.append(self.mpi.Irecv(buf, source=source, tag=tag + i))
+            reqs.append(self.mpi.Irecv(_wire(buf), source=source, tag=tag + i))
             self.bytes_received += buf.nbytes
         for i, buf in enumerate(sends):
-            reqs.append(self.mpi.Isend(buf, dest=dest, tag=tag + i))
+            reqs.append(self.mpi.Isend(_wire(buf), dest=dest, tag=tag + i))
             self.bytes_sent += buf.nbytes
         return Pending(self, reqs, recvs)
 
