@@ -231,15 +231,16 @@ class Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=done, unit="chunk", desc="hpcattn run (rank 0)")
 
-    def step(self, rows):
+    def step(self, rows, st):
         self.count += 1
         if self.bar is not None:
             self.bar.update(1)
         elif self.on and (time.perf_counter() - self.last > LOG_EVERY_S or self.count == self.total):
             self.last = time.perf_counter()
             dt = self.last - self.t0
-            print(f"hpcattn run: rank 0 chunk {self.count}/{self.total} done ({rows} rows, {dt:.1f} s)",
-                  file=sys.stderr, flush=True)
+            print(f"hpcattn run: rank 0 chunk {self.count}/{self.total} done ({rows} rows, {dt:.1f} s; "
+                  f"compute {st['compute_s']:.1f} s, io {st['io_s']:.1f} s, waited on reads "
+                  f"{st['io_wait_s']:.1f} s)", file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:
@@ -341,7 +342,7 @@ def run(in_path, out_path, mask, meta, comm, budget, resume=False, compression=N
             out.write([("chunks_done", (chunk.index, chunk.index + 1), np.ones(1, np.uint8))] if chunk else [])
             st["io_s"] += time.perf_counter() - t
             if chunk is not None:
-                progress.step(chunk.b - chunk.a)
+                progress.step(chunk.b - chunk.a, st)
             if crash_after and step + 1 >= crash_after:
                 comm.barrier()
                 os._exit(75)
