@@ -5,6 +5,7 @@ import numpy as np
 from . import h5io
 from .errors import HpcattnError
 from .masks import parse
+from .outofcore import bounded
 from .partition import even_offsets
 from .reference import errors, reference, tolerance
 
@@ -23,7 +24,8 @@ def pick_rows(nq, rows, ranks, seed=0):
     return np.unique(np.clip(np.concatenate([special, picked]), 0, nq - 1))
 
 
-LOCAL_KEYS_FROM = 1 << 24  # sequences longer than this: read only the keys each row reaches
+LOCAL_KEYS_FROM = 1 << 24  # longer sequences (or sampled rows of a bounded mask): read only
+                           # the keys each row reaches
 
 
 def _reference_by_spans(f, q, qpos, mask, scale):
@@ -61,7 +63,7 @@ def verify(in_path, out_path, rows=None):
     with h5py.File(in_path, "r") as f:
         q = f["q"][:, idx]
         qpos = f["q_positions"][idx].astype(np.int64) if meta["positions"] else idx.astype(np.int64)
-        if meta["N"] > LOCAL_KEYS_FROM:
+        if meta["N"] > LOCAL_KEYS_FROM or (len(idx) < meta["Nq"] and bounded(mask)):
             o_ref, lse_ref = _reference_by_spans(f, q, qpos, mask, scale)
         else:
             o_ref, lse_ref = reference(q, f["k"], f["v"], qpos, mask, scale)

@@ -111,3 +111,18 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_result(inp, tiny_disk, ooc
     assert res.returncode != 0 and not out.exists()
     assert "hpcattn: error:" in res.stderr and "o.h5" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("spec", [SPEC, "dilated:6:4+global:3", "block:100"])
+def test_reference_by_spans_equals_the_dense_reference(inp, spec):
+    """verify's sampled-row path (only the keys each row reaches) agrees with the dense one."""
+    from hpcattn.masks import parse
+    from hpcattn.reference import reference
+    from hpcattn.verify import _reference_by_spans
+    idx = np.array([0, 1, 2, 150, 1500, 2999, 3000])
+    with h5py.File(inp, "r") as f:
+        q = f["q"][:, idx]
+        by_spans = _reference_by_spans(f, q, idx, parse(spec), 0.25)
+        dense = reference(q, f["k"][...], f["v"][...], idx, parse(spec), 0.25)
+    np.testing.assert_allclose(by_spans[0], dense[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(by_spans[1], dense[1], rtol=1e-12)
