@@ -7,7 +7,6 @@ sets both. Skipped otherwise.
 """
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -15,6 +14,7 @@ import pytest
 
 from conftest import mpiexec
 from hpcattn.cli import main
+from hpcattn.outofcore import CRASH_VAR
 
 PHDF5_PYTHON = os.environ.get("HPCATTN_PHDF5_PYTHON")
 PHDF5_MPIEXEC = os.environ.get("HPCATTN_PHDF5_MPIEXEC", "/usr/bin/mpiexec")
@@ -24,8 +24,8 @@ SAME_MATH = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 pytestmark = pytest.mark.skipif(not PHDF5_PYTHON, reason="HPCATTN_PHDF5_PYTHON not set (see DEVELOPERS.md)")
 
 
-def phdf5_run(n, *args):
-    env = {**os.environ, **SAME_MATH, "OMPI_MCA_rmaps_base_oversubscribe": "true"}
+def phdf5_run(n, *args, env=None):
+    env = {**os.environ, **SAME_MATH, "OMPI_MCA_rmaps_base_oversubscribe": "true", **(env or {})}
     env.pop("PYTHONPATH", None)
     return subprocess.run([PHDF5_MPIEXEC, "-n", str(n), PHDF5_PYTHON, "-m", "hpcattn", *map(str, args)],
                           capture_output=True, text=True, timeout=300, env=env)
@@ -57,3 +57,24 @@ def test_both_stacks_write_the_same_bytes(tmp_path, P, extra):
         for name in ("o", "lse"):
             assert fa[name].dtype == fb[name].dtype and fa[name].shape == fb[name].shape
             assert fa[name][...].tobytes() == fb[name][...].tobytes(), name
+
+
+def test_a_crashed_mpio_run_resumes_to_the_serial_stacks_bytes(tmp_path):
+    """Crash after 2 chunk steps under the mpio driver (collective writes, file held open by
+    every rank), resume there, and get exactly the bytes the serial stack writes."""
+    inp = tmp_path / "in.h5"
+    assert main(["gen", str(inp), "--seq", "2500", "--heads", "2", "--head-dim", "16",
+                 "--dtype", "float16", "--seed", "5"]) == 0
+    args = ["--mask", "window:50+global:1", "--max-memory", "64K"]
+    a, b = tmp_path / "serial.h5", tmp_path / "mpio.h5"
+    assert mpiexec(3, "run", inp, a, *args, env=SAME_MATH).returncode == 0
+    assert phdf5_run(3, "run", inp, b, *args, env={CRASH_VAR: "2"}).returncode != 0
+    assert not b.exists() and Path(f"{b}.partial").exists()
+    res = phdf5_run(3, "run", inp, b, *args, "--resume")
+    assert res.returncode == 0, res.stderr
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        assert fb.attrs["hdf5"] == "mpio" and fb.attrs["resumed"] == 1
+        assert fb["stats"]["chunks_resumed"][...].sum() == 6
+        for name in ("o", "lse"):
+            assert fa[name][...].tobytes() == fb[name][...].tobytes(), name
+    assert not Path(f"{b}.partial").exists()
