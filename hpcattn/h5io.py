@@ -2,6 +2,8 @@
 
 Every rank reads only its hyperslab. Results are written under a temporary name and renamed
 to the final one only after `complete` = 1 is set, so a failed run leaves no result-looking file.
+Writes go through `Output`: parallel HDF5 (`mpio` driver, collective transfers) when h5py has
+it, else ordered per-rank writes; one ordinary file with the same content either way.
 This module knows nothing of the attention maths.
 """
 import os
