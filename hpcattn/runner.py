@@ -1,12 +1,13 @@
 """`hpcattn run`: read each rank's hyperslab, compute, write one complete result file."""
 import math
+import resource
 import time
 
 import numpy as np
 
-from . import __version__, gpu, h5io
+from . import __version__, gpu, h5io, outofcore
 from .api import attention, attention_backward
-from .errors import collectively
+from .errors import HpcattnError, collectively
 from .masks import parse
 from .partition import segments
 
@@ -14,11 +15,13 @@ ZIGZAG_VARIANTS = ("auto", "ring", "burst")  # ring-style variants: causal runs 
 
 
 def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, ranks_per_node=None,
-        transport="auto"):
+        transport="auto", max_memory=None, resume=False, compression=None):
     """Collective over comm (an hpcattn Comm). Returns (per-rank stats list on rank 0, else
     None; the output's attributes). backward: also read `do` and write dq, dk, dv. The
     backend is cupy when a GPU is seen (HPCATTN_BACKEND overrides); each rank then takes its
-    node-local device before allocating anything."""
+    node-local device before allocating anything. When a shard would not fit in `max_memory`
+    bytes per rank (default: this node's available memory shared by its ranks), or with
+    `resume`, the run streams through memory out of core (hpcattn.outofcore)."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     backend = collectively(comm, gpu.backend_name)
     if backend == "cupy":
@@ -29,6 +32,14 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     P, r = comm.size, comm.rank
     layout = "zigzag" if mask.causal and variant in ZIGZAG_VARIANTS else "contiguous"
     q_range, kv_range = segments(meta["Nq"], P, r, layout), segments(meta["N"], P, r, layout)
+    budget = max_memory or int(0.7 * outofcore.available_bytes() * comm.nodes() / P)
+    need = outofcore.in_core_bytes(meta, sum(b - a for a, b in q_range), sum(b - a for a, b in kv_range))
+    if resume or max(comm.allgather_object(need)) > budget:
+        if backward:
+            raise HpcattnError("--backward needs the shard in memory: it does not fit in "
+                               f"{budget / 2**30:.2f} GiB per rank (--max-memory); use more ranks",
+                               collective=True)
+        return outofcore.run(in_path, out_path, mask, meta, comm, budget, resume, compression)
     shard = collectively(comm, h5io.read_shard, in_path, meta, q_range, kv_range, backward)
     mask = mask.bind(n_keys=meta["N"])
     if "csr" in mask.needs:  # only this rank's query rows of the explicit mask, validated
@@ -62,21 +73,22 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     B, Nq, H, D = meta["B"], meta["Nq"], meta["H"], meta["D"]
     tmp = h5io.temp_name(comm, out_path)
     try:
-        h5io.write_rows(comm, tmp, out_path, q_range, {
+        hdf5 = h5io.write_rows(comm, tmp, out_path, q_range, {
             "o": (o, (B, Nq, H, D), 1),
             "lse": (lse, (B, H, Nq), 2), **grads,
-        })
+        }, compression=compression)
         io_s += time.perf_counter() - t_write
         rank_stats = {**comm.counters(), "compute_s": stats["compute_s"], "io_s": io_s, "attn_s": attn_s,
                       "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - cpu_start,
                       "edges": stats["edges"],
                       "edges_backward": stats.get("edges_backward", 0), **phase,
-                      "q_rows": sum(b - a for a, b in q_range), "kv_rows": sum(b - a for a, b in kv_range)}
+                      "q_rows": sum(b - a for a, b in q_range), "kv_rows": sum(b - a for a, b in kv_range),
+                      "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         attrs = {"variant": stats["variant"], "mask": mask_spec, "ranks": P, "nodes": comm.nodes(),
                  "backend": backend, "transport": transport, "hpcattn_version": __version__,
                  "scale": scale, "input": str(in_path), "layout": layout, "backward": int(backward),
                  "ranks_per_node": ranks_per_node or 0,
-                 "ring_levels": list(stats.get("ring_levels", (1, P)))}
+                 "ring_levels": list(stats.get("ring_levels", (1, P))), "hdf5": hdf5, "out_of_core": 0}
         return h5io.finish(comm, tmp, out_path, rank_stats, attrs), attrs
     except BaseException:
         h5io.remove_quietly(tmp)

@@ -35,9 +35,15 @@ class _Requests:
         _mpi().Request.Testall(self.reqs)
 
 
+def _wire(buf):
+    """Point-to-point message spec: float16 travels as raw bytes, since MPI libraries without
+    a half-precision datatype (Debian's Open MPI 4) cannot map it; the bytes are the same."""
+    return [buf, _mpi().BYTE] if buf.dtype.char == "e" else buf
+
+
 def _plain(mpi, sends, dest, recvs, source, tag):
-    reqs = [mpi.Irecv(b, source=source, tag=tag + i) for i, b in enumerate(recvs)]
-    reqs += [mpi.Isend(b, dest=dest, tag=tag + i) for i, b in enumerate(sends)]
+    reqs = [mpi.Irecv(_wire(b), source=source, tag=tag + i) for i, b in enumerate(recvs)]
+    reqs += [mpi.Isend(_wire(b), dest=dest, tag=tag + i) for i, b in enumerate(sends)]
     return _Requests(reqs)
 
 
