@@ -21,9 +21,11 @@ def check_shapes(q_shape, k_shape, v_shape, dtypes):
     (B, _, H, D), (Bk, _, Hkv, Dk) = q_shape, k_shape
     if B != Bk or D != Dk:
         return f"q {tuple(q_shape)} and k {tuple(k_shape)} disagree in batch or head dim"
-    if Hkv < 1 or D < 1 or H % Hkv:
+    if D < 1:
+        return f"head dim must be at least 1; got q {tuple(q_shape)}, k {tuple(k_shape)}"
+    if Hkv < 1 or H % Hkv:
         return f"query heads ({H}) must be a positive multiple of kv heads ({Hkv})"
-    names = {str(d) for d in dtypes}
+    names = {np.dtype(d).name for d in dtypes}  # any byte order
     if len(names) != 1 or not names <= set(DTYPES):
         return f"q, k, v must share one dtype of {', '.join(DTYPES)}; got {', '.join(map(str, dtypes))}"
     return None

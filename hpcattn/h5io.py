@@ -4,6 +4,7 @@ Every rank reads only its hyperslab. Results are written under a temporary name 
 to the final one only after `complete` = 1 is set, so a failed run leaves no result-looking file.
 This module knows nothing of the attention maths.
 """
+import contextlib
 import os
 import uuid
 
@@ -11,19 +12,31 @@ import h5py
 import numpy as np
 
 from .api import check_shapes
+from . import validate
 from .errors import HpcattnError, agree
 
 STATS = ("bytes_sent", "bytes_received", "compute_s", "comm_s", "io_s", "wall_s", "edges",
          "q_rows", "kv_rows")
 
 
+@contextlib.contextmanager
 def _open(path, mode="r"):
+    """The open HDF5 file; HDF5 errors while it is used (a damaged file) become HpcattnError."""
+    if os.path.isdir(path):
+        raise HpcattnError(f"{path!r} is a directory, not an HDF5 file")
     try:
-        return h5py.File(path, mode)
+        f = h5py.File(path, mode)
     except FileNotFoundError:
         raise HpcattnError(f"input file {path!r} does not exist") from None
     except OSError as e:
         raise HpcattnError(f"cannot open {path!r} as HDF5 ({e})") from None
+    with f:
+        try:
+            yield f
+        except HpcattnError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise HpcattnError(f"cannot read {path!r}, the file is damaged ({e})") from None
 
 
 def _dataset(f, name, path):
@@ -41,8 +54,9 @@ def read_meta(path, need_do=False):
             raise HpcattnError(f"input {path!r}: {problem}")
         B, Nq, H, D = q.shape
         N, Hkv = k.shape[1], k.shape[2]
-        meta = dict(B=B, Nq=Nq, N=N, H=H, Hkv=Hkv, D=D, dtype=q.dtype, positions="q_positions" in f,
-                    do="do" in f)
+        meta = dict(B=B, Nq=Nq, N=N, H=H, Hkv=Hkv, D=D, dtype=q.dtype.newbyteorder("="),
+                    positions="q_positions" in f, do="do" in f)
+        validate.dims(path, meta)
         if meta["positions"]:
             p = _dataset(f, "q_positions", path)
             if p.shape != (Nq,) or p.dtype.kind not in "iu":
@@ -62,21 +76,19 @@ def read_meta(path, need_do=False):
 def read_shard(path, meta, q_range, kv_range):
     """This rank's rows: q, q positions, k, v; checked for NaN/Inf and position range."""
     (q0, q1), (k0, k1) = q_range, kv_range
+    validate.fits(path, meta, q_range, kv_range)
     with _open(path) as f:
+        # native byte order, whatever the file's
         out = {"q": f["q"][:, q0:q1], "k": f["k"][:, k0:k1], "v": f["v"][:, k0:k1]}
+        out = {name: arr.astype(meta["dtype"], copy=False) for name, arr in out.items()}
         if meta["positions"]:
-            out["q_positions"] = f["q_positions"][q0:q1].astype(np.int64)
+            raw = f["q_positions"][q0:q1]
+            validate.positions(path, raw, meta["N"])
+            out["q_positions"] = raw.astype(np.int64)
         else:
             out["q_positions"] = np.arange(q0, q1, dtype=np.int64)
     for name in ("q", "k", "v"):
-        if not np.isfinite(out[name]).all():
-            bad = np.argwhere(~np.isfinite(out[name]))[0]
-            row = bad[1] + (q0 if name == "q" else k0)
-            raise HpcattnError(f"input {path!r}: {name} holds NaN or Inf (first at row {row})")
-    pos = out["q_positions"]
-    if pos.size and (pos.min() < 0 or pos.max() >= meta["N"]):
-        raise HpcattnError(f"input {path!r}: q_positions must lie in [0, {meta['N']}), "
-                           f"got values in [{pos.min()}, {pos.max()}]")
+        validate.values(path, name, out[name], q0 if name == "q" else k0)
     return out
 
 

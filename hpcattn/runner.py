@@ -4,10 +4,11 @@ import time
 
 import numpy as np
 
-from . import __version__, h5io
+from . import __version__, faults, h5io
 from .api import attention
 from .errors import collectively
 from .masks import parse
+from .validate import paths
 from .partition import even_shard
 
 
@@ -15,12 +16,14 @@ def run(in_path, out_path, mask_spec, comm, variant="auto"):
     """Collective over comm (an hpcattn Comm). Returns (per-rank stats list on rank 0, else
     None; the output's attributes)."""
     t_start = time.perf_counter()
+    collectively(comm, paths, in_path, out_path)
     mask = collectively(comm, parse, mask_spec)
     meta = collectively(comm, h5io.read_meta, in_path)
     P, r = comm.size, comm.rank
     q_range, kv_range = even_shard(meta["Nq"], P, r), even_shard(meta["N"], P, r)
     shard = collectively(comm, h5io.read_shard, in_path, meta, q_range, kv_range)
     io_s = time.perf_counter() - t_start
+    faults.point("read", r)
 
     stats = {}
     scale = 1 / math.sqrt(meta["D"])
@@ -31,6 +34,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto"):
     B, Nq, H, D = meta["B"], meta["Nq"], meta["H"], meta["D"]
     tmp = h5io.temp_name(comm, out_path)
     try:
+        faults.point("write", r)
         h5io.write_rows(comm, tmp, out_path, q_range, {
             "o": (o, (B, Nq, H, D), 1),
             "lse": (lse, (B, H, Nq), 2),
@@ -42,6 +46,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto"):
         attrs = {"variant": stats["variant"], "mask": mask_spec, "ranks": P, "nodes": comm.nodes(),
                  "backend": "numpy", "transport": "mpi", "hpcattn_version": __version__,
                  "scale": scale, "input": str(in_path)}
+        faults.point("finish", r)
         return h5io.finish(comm, tmp, out_path, rank_stats, attrs), attrs
     except BaseException:
         h5io.remove_quietly(tmp)

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from .. import local
+from .. import faults, local
 from ..merge import empty_state, merge
 
 
@@ -25,6 +25,7 @@ def forward(comm, shard):
             n = int(off[nxt + 1] - off[nxt])
             bufs = [np.empty((B, Hkv, n, D), dtype=k.dtype) for _ in range(2)]
             pending = comm.exchange([k, v], (r + 1) % P, bufs, (r - 1) % P)
+        faults.point("compute", r)
         t = time.perf_counter()
         po, pl, edges = local.attend(shard.q, shard.qpos, k, v, int(off[owner]), shard.mask, shard.scale)
         o, lse = merge(o, lse, po, pl)
