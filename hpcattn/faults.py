@@ -19,12 +19,15 @@ _hits = {}
 
 def _parse(text):
     """HPCATTN_FAULT text -> dict(rank, phase, kind, hit); ValueError on a malformed spec."""
-    fields = dict(part.split("=", 1) for part in text.split(",") if part)
-    unknown = set(fields) - {"rank", "phase", "kind", "hit"}
-    if unknown or "rank" not in fields or "phase" not in fields:
-        raise ValueError(f"HPCATTN_FAULT={text!r}: expected rank=R,phase=NAME[,kind=...][,hit=K]")
-    plan = {"rank": int(fields["rank"]), "phase": fields["phase"],
-            "kind": fields.get("kind", "raise"), "hit": int(fields.get("hit", 1))}
+    usage = f"HPCATTN_FAULT={text!r}: expected rank=R,phase=NAME[,kind=raise|kill|exit][,hit=K]"
+    try:
+        fields = dict(part.split("=", 1) for part in text.split(",") if part)
+        plan = {"rank": int(fields.pop("rank")), "phase": fields.pop("phase"),
+                "kind": fields.pop("kind", "raise"), "hit": int(fields.pop("hit", 1))}
+    except (ValueError, KeyError):
+        raise ValueError(usage) from None
+    if fields:
+        raise ValueError(usage)
     if plan["kind"] not in KINDS:
         raise ValueError(f"HPCATTN_FAULT={text!r}: kind must be one of {', '.join(KINDS)}")
     return plan
