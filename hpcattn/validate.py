@@ -84,3 +84,54 @@ def paths(in_path, out_path):
         same = os.path.samefile(in_path, out_path)
     if same:
         raise HpcattnError(f"output {out_path!r} is the input file; choose another name")
+
+
+def csr_layout(path, indptr_shape, indices_shape, indptr_dtype, indices_dtype, n_rows):
+    """The `mask/` group's declared layout: 1-D integer indptr of n_rows + 1, 1-D integer indices."""
+    for name, shape, dtype in (("indptr", indptr_shape, indptr_dtype), ("indices", indices_shape, indices_dtype)):
+        if len(shape) != 1 or np.dtype(dtype).kind not in "iu":
+            raise HpcattnError(f"input {path!r}: mask/{name} must be 1-D integers, got {tuple(shape)} {dtype}")
+    if indptr_shape[0] != n_rows + 1:
+        raise HpcattnError(f"input {path!r}: mask/indptr must have {n_rows + 1} entries (rows + 1), "
+                           f"got {indptr_shape[0]}")
+
+
+def csr_offsets(path, indptr, nnz, n_rows, row0=0):
+    """A slice of mask/indptr (rows row0 .. row0+len-2, plus the next row's start): offsets in
+    [0, nnz] (nnz = length of mask/indices), non-decreasing, 0 at row 0 and nnz after the last
+    row. Check before reading mask/indices[indptr[0]:indptr[-1]]."""
+    indptr = np.asarray(indptr)
+    where = f"input {path!r}: mask/indptr"
+    if indptr.size and (indptr.min() < 0 or indptr.max() > nnz):
+        raise HpcattnError(f"{where} must lie in [0, {nnz}] (the length of mask/indices), "
+                           f"got values in [{indptr.min()}, {indptr.max()}]")
+    steps = np.diff(indptr)
+    if (steps < 0).any():
+        raise HpcattnError(f"{where} decreases at row {int(np.argmax(steps < 0)) + row0}")
+    if row0 == 0 and indptr.size and indptr[0] != 0:
+        raise HpcattnError(f"{where} must start at 0, got {indptr[0]}")
+    if row0 + indptr.size - 1 == n_rows and indptr.size and indptr[-1] != nnz:
+        raise HpcattnError(f"{where} must end at {nnz} (the length of mask/indices), got {indptr[-1]}")
+
+
+def csr_indices(path, indptr, indices, n_keys, row0=0):
+    """The column indices of rows row0.. (`indices` = mask/indices[indptr[0]:indptr[-1]], with
+    `indptr` already checked by csr_offsets): every index in [0, n_keys), each row strictly
+    increasing (sorted, no duplicates). Vectorised: no loop over rows or edges."""
+    indptr, indices = np.asarray(indptr), np.asarray(indices)
+    if not indices.size:
+        return
+    where = f"input {path!r}: mask/indices"
+    if indices.min() < 0 or indices.max() >= n_keys:
+        bad = int(np.argmax((indices < 0) | (indices >= n_keys)))
+        raise HpcattnError(f"{where} must lie in [0, {n_keys}), got {indices[bad]} at entry "
+                           f"{bad + int(indptr[0])}")
+    starts = np.zeros(indices.size, dtype=bool)
+    steps = np.diff(indptr)
+    starts[(indptr[:-1] - indptr[0])[steps > 0]] = True  # first entry of each non-empty row
+    bad = (np.diff(indices.astype(np.int64)) <= 0) & ~starts[1:]
+    if bad.any():
+        at = int(np.argmax(bad)) + 1
+        row = int(np.searchsorted(indptr, at + indptr[0], side="right")) - 1 + row0
+        raise HpcattnError(f"{where} of row {row} must be sorted without duplicates, got "
+                           f"{indices[at - 1]} then {indices[at]}")

@@ -353,3 +353,123 @@ def test_damaged_files_give_hpcattn_error_never_anything_else(tmp_path):
         except HpcattnError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 100, outcomes
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seq", "100000000000"], "GiB free"),
+    (["--seq", "10", "--heads", "3", "--kv-heads", "2"], "multiple of --kv-heads"),
+    (["--seq", "0"], "--seq must be >= 1"),
+    (["--seq", "10", "--queries", "11"], "cannot exceed --seq"),
+    (["--seq", "10", "--mask", "windw:3"], "unknown term"),
+])
+def test_gen_refuses_absurd_arguments_before_writing(tmp_path, args, words):
+    codes, err = run_each_rank(2, "gen", tmp_path / "g.h5", *args)
+    assert all(codes) and err.count("hpcattn: error") == 1 and words in err, err
+    assert not (tmp_path / "g.h5").exists()
+    codes, err = run_each_rank(1, "gen", tmp_path / "no_dir" / "g.h5", "--seq", "10")
+    assert all(codes) and "does not exist" in err
+
+
+VERIFY_DAMAGE = {
+    "no_scale_attr": ("del f.attrs['scale']", "can't locate attribute: 'scale'"),
+    "text_scale": ("f.attrs['scale'] = 'abc'", "could not convert string to float"),
+    "bad_mask_attr": ("f.attrs['mask'] = 'windw:3'", "unknown term 'windw:3'"),
+    "nan_in_o": ("f['o'][0, 3, 0, 0] = np.nan", "o max rel err inf"),
+    "no_lse": ("del f['lse']", "dataset 'lse' missing"),
+    "complete_2": ("f.attrs['complete'] = 2", "not a complete result"),
+    "o_transposed": ("o = f['o'][...]; del f['o']; f['o'] = o.transpose(0, 2, 1, 3)", "dataset 'o' missing or not shaped"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VERIFY_DAMAGE))
+def test_verify_refuses_damaged_results(tmp_path, capsys, case):
+    code, words = VERIFY_DAMAGE[case]
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    generate(inp, 50, heads=2, head_dim=8)
+    assert main(["run", str(inp), str(out), "--mask", "causal"]) == 0
+    with h5py.File(out, "r+") as f:
+        exec(code, {"f": f, "np": np})
+    capsys.readouterr()
+    assert main(["verify", str(inp), str(out)]) == 1
+    captured = capsys.readouterr()
+    assert words in captured.err + captured.out and "Traceback" not in captured.err
+
+
+# ---------------------------------------------------------------- explicit (CSR) masks
+def check_csr(indptr, indices, n_keys, row0=0, n_rows=None):
+    """Check a whole CSR (or the rows from row0), as a rank would: offsets first, then indices."""
+    indptr, indices = np.asarray(indptr), np.asarray(indices)
+    n_rows = len(indptr) - 1 + row0 if n_rows is None else n_rows
+    nnz = len(indices) if row0 == 0 else int(indptr[-1])
+    validate.csr_offsets("m.h5", indptr, nnz, n_rows, row0)
+    validate.csr_indices("m.h5", indptr, indices[indptr[0]:indptr[-1]] if row0 == 0 else indices, n_keys, row0)
+
+
+BAD_CSR = {
+    "unsorted": (([0, 3, 5], [0, 2, 1, 0, 4], 6), "row 0 must be sorted"),
+    "duplicate": (([0, 2, 4], [0, 1, 3, 3], 6), "row 1 must be sorted without duplicates, got 3 then 3"),
+    "negative": (([0, 1, 2], [0, -1], 6), "must lie in [0, 6), got -1 at entry 1"),
+    "out_of_range": (([0, 1, 2], [0, 6], 6), "must lie in [0, 6), got 6"),
+    "indptr_decreasing": (([0, 2, 1, 3], [0, 1, 2], 6), "decreases at row 1"),
+    "indptr_past_nnz": (([0, 1, 9], [0, 1], 6), "must lie in [0, 2]"),
+    "indptr_negative": (([0, -1, 2], [0, 1], 6), "must lie in [0, 2]"),
+    "indptr_not_from_0": (([1, 2, 2], [0, 1], 6), "must start at 0"),
+    "indptr_short_of_nnz": (([0, 1, 1], [0, 1], 6), "must end at 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CSR))
+def test_bad_csr_is_refused_naming_the_problem(case):
+    (indptr, indices, n_keys), words = BAD_CSR[case]
+    with pytest.raises(HpcattnError) as e:
+        check_csr(indptr, indices, n_keys)
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("shapes, words", [
+    (((3,), (5,), "int64", "int64", 3), "must have 4 entries"),
+    (((4, 1), (5,), "int64", "int64", 3), "indptr must be 1-D integers"),
+    (((4,), (5,), "int64", "float32", 3), "indices must be 1-D integers"),
+])
+def test_bad_csr_layout_is_refused(shapes, words):
+    with pytest.raises(HpcattnError, match=words):
+        validate.csr_layout("m.h5", *shapes)
+
+
+@st.composite
+def csr_and_damage(draw):
+    n_rows, n_keys = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    rows = [sorted(draw(st.sets(st.integers(0, n_keys - 1), max_size=n_keys))) for _ in range(n_rows)]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    indices = np.array([j for r in rows for j in r], dtype=np.int64)
+    return indptr, indices, n_keys, draw(st.integers(0, 5)), draw(st.integers(0, 10**6))
+
+
+@settings(max_examples=400, deadline=None)
+@given(csr_and_damage())
+def test_csr_checks_accept_valid_and_refuse_damaged_masks_by_rows(case):
+    """Valid CSRs pass whole and split at any row (as ranks see them); one damaged entry is
+    refused (or is still a valid CSR, which the check recomputes independently)."""
+    indptr, indices, n_keys, damage, seed = case
+    check_csr(indptr, indices, n_keys)
+    cut = seed % len(indptr)
+    check_csr(indptr[:cut + 1], indices, n_keys, n_rows=len(indptr) - 1)
+    check_csr(indptr[cut:], indices[indptr[cut]:], n_keys, row0=cut, n_rows=len(indptr) - 1)
+    if not damage or not indices.size:
+        return
+    rng = np.random.default_rng(seed)
+    bad_ptr, bad_idx = indptr.copy(), indices.copy()
+    if damage == 1:
+        bad_idx[rng.integers(indices.size)] = rng.integers(-2, n_keys + 2)
+    elif damage == 2:
+        bad_ptr[rng.integers(len(indptr))] += rng.choice([-1, 1])
+    else:
+        bad_idx = rng.permutation(bad_idx)
+    rows = [bad_idx[a:b] for a, b in zip(bad_ptr[:-1], bad_ptr[1:])] if (np.diff(bad_ptr) >= 0).all() else None
+    valid = (bad_ptr[0] == 0 and bad_ptr[-1] == bad_idx.size and rows is not None
+             and all(((r >= 0) & (r < n_keys)).all() and (np.diff(r) > 0).all() for r in rows))
+    if valid:
+        check_csr(bad_ptr, bad_idx, n_keys)
+    else:
+        with pytest.raises(HpcattnError):
+            check_csr(bad_ptr, bad_idx, n_keys)

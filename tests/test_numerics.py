@@ -168,3 +168,20 @@ def test_cli_runs_are_bitwise_identical_for_a_fixed_rank_count(tmp_path, P):
         with h5py.File(out) as f:
             results.append((f["o"][...].tobytes(), f["lse"][...].tobytes()))
     assert results[0] == results[1]
+
+
+@pytest.mark.slow
+def test_more_than_2_to_the_31_edges_are_counted_and_computed():
+    """2,147,549,184 edges (full mask, 32,769 decode queries x 65,536 keys, D = 1) on one rank:
+    edge counts, positions and offsets are int64/Python ints, never int32. About 20 s."""
+    rng = np.random.default_rng(8)
+    N, Nq = 65536, 32769
+    q, k, v = (rng.standard_normal(s).astype("float32") for s in ((1, Nq, 1, 1), (1, N, 1, 1), (1, N, 1, 1)))
+    qpos = np.arange(N - Nq, N)
+    stats = {}
+    o, lse = hpcattn.attention(q, k, v, mask="full", comm=MPI.COMM_SELF, q_positions=qpos, stats=stats)
+    assert stats["edges"] == Nq * N > 2**31
+    rows = np.array([0, 1, Nq // 2, Nq - 1])
+    o_ref, lse_ref = reference(q[:, rows], k, v, qpos[rows], parse("full"), 1.0)
+    o_err, lse_err, _ = errors(o[:, rows], lse[:, :, rows], o_ref, lse_ref)
+    assert o_err <= 1e-4 and lse_err <= 1e-5, (o_err, lse_err)
