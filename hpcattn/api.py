@@ -73,6 +73,8 @@ def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None,
             raise HpcattnError(f"{q_off[-1]} query rows but {n} keys: give q_positions")
         qpos = np.arange(q_off[comm.rank], q_off[comm.rank + 1], dtype=np.int64)
     else:
+        if np.size(q_positions) and np.asarray(q_positions).dtype.kind not in "iu":
+            raise HpcattnError(f"q_positions must be integers, got {np.asarray(q_positions).dtype}")
         qpos = np.asarray(q_positions, dtype=np.int64)
         if qpos.shape != (nq,):
             raise HpcattnError(f"q_positions must have shape ({nq},), got {qpos.shape}")
