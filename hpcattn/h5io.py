@@ -11,8 +11,8 @@ import uuid
 import h5py
 import numpy as np
 
-from .api import check_shapes
 from . import validate
+from .api import check_shapes
 from .errors import HpcattnError, agree
 
 STATS = ("bytes_sent", "bytes_received", "compute_s", "comm_s", "io_s", "wall_s", "edges",
@@ -74,7 +74,8 @@ def read_meta(path, need_do=False):
 
 
 def read_shard(path, meta, q_range, kv_range):
-    """This rank's rows: q, q positions, k, v; checked for NaN/Inf and position range."""
+    """This rank's rows: q, q positions, k, v in native byte order; refused before reading when
+    they cannot fit in memory, after reading when they hold NaN/Inf, huge values or bad positions."""
     (q0, q1), (k0, k1) = q_range, kv_range
     validate.fits(path, meta, q_range, kv_range)
     with _open(path) as f:

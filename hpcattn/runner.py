@@ -8,8 +8,8 @@ from . import __version__, faults, h5io
 from .api import attention
 from .errors import collectively
 from .masks import parse
-from .validate import paths
 from .partition import even_shard
+from .validate import paths
 
 
 def run(in_path, out_path, mask_spec, comm, variant="auto"):

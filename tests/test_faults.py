@@ -9,6 +9,7 @@ import pytest
 from conftest import mpiexec
 from hpcattn import faults
 from hpcattn.cli import main
+from hpcattn.variants import VARIANTS
 
 FAULT_TIMEOUT = 90  # seconds; a healthy failing job ends in a few
 PHASES = ["read", "compute", "write", "finish"]
@@ -72,3 +73,14 @@ def test_a_fault_on_a_rank_that_does_not_exist_changes_nothing(tmp_path, inp):
 def test_malformed_fault_spec_is_refused(text):
     with pytest.raises(ValueError, match="HPCATTN_FAULT"):
         faults._parse(text)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_reaches_the_compute_fault_point(tmp_path, inp, variant):
+    """Each registered variant calls faults.point("compute", rank) in its main loop, so the
+    tests above hold for it too; one fault at compute on rank 1 of 3 ends its job."""
+    out = tmp_path / "out.h5"
+    res = mpiexec(3, "run", inp, out, "--mask", "causal", "--variant", variant,
+                  env={"HPCATTN_FAULT": "rank=1,phase=compute"}, timeout=FAULT_TIMEOUT)
+    assert res.returncode != 0 and "internal error on rank 1: RuntimeError: injected fault" in res.stderr
+    assert not out.exists()
