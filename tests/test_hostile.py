@@ -473,3 +473,7 @@ def test_csr_checks_accept_valid_and_refuse_damaged_masks_by_rows(case):
     else:
         with pytest.raises(HpcattnError):
             check_csr(bad_ptr, bad_idx, n_keys)
+
+
+def test_error_messages_are_one_line():
+    assert str(HpcattnError("cannot open 'x' (HDF5 says:\n  bad\nthings)")) == "cannot open 'x' (HDF5 says: bad things)"
