@@ -294,24 +294,42 @@ DTYPES = [F32, F16, "float64", "int64", ">f4", "<f2", "bool"]
 
 @st.composite
 def hostile_files(draw):
-    """Small q, k, v (and maybe q_positions) with shapes, dtypes and values drawn at random."""
-    def shape(ndim_choices=(3, 4, 4, 4, 5)):
-        return tuple(draw(st.integers(0, 4)) for _ in range(draw(st.sampled_from(ndim_choices))))
-    base = shape((4,))
-    datasets = {}
-    for name in ("q", "k", "v"):
-        s = base if draw(st.booleans()) else shape()
-        dtype = draw(st.sampled_from(DTYPES))
-        arr = np.asarray(np.random.default_rng(len(datasets)).standard_normal(s)).astype(dtype)
-        if arr.size and arr.dtype.kind == "f" and draw(st.integers(0, 4)) == 0:
-            arr.flat[draw(st.integers(0, arr.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-        datasets[name] = arr
-    if draw(st.booleans()):
-        n = draw(st.integers(0, 5))
-        dtype = draw(st.sampled_from(["int64", "int8", "uint32", "float32"]))
-        lo = 0 if dtype == "uint32" else -2
-        datasets["q_positions"] = np.array(draw(st.lists(st.integers(lo, 6), min_size=n, max_size=n)), dtype)
-    return datasets
+    """A valid small input (GQA, maybe decode positions), then 0-3 random mutations: a dataset
+    removed, reshaped, retyped, a NaN/Inf planted, positions retyped or pushed out of range."""
+    B, N, Hkv, G, D = (draw(st.integers(1, 3)) for _ in range(5))
+    Nq = draw(st.sampled_from([N, draw(st.integers(1, N))]))
+    dtype = draw(st.sampled_from([F32, F16]))
+    rng = np.random.default_rng(draw(st.integers(0, 99)))
+    data = {"q": rng.standard_normal((B, Nq, Hkv * G, D)).astype(dtype),
+            "k": rng.standard_normal((B, N, Hkv, D)).astype(dtype),
+            "v": rng.standard_normal((B, N, Hkv, D)).astype(dtype)}
+    if Nq != N or draw(st.booleans()):
+        data["q_positions"] = np.sort(rng.choice(N, Nq, replace=False)).astype(np.int64)
+    for _ in range(draw(st.integers(0, 3))):
+        name = draw(st.sampled_from(sorted(data)))
+        arr, kind = data[name], draw(st.sampled_from(["drop", "shape", "dtype", "value"]))
+        if kind == "drop":
+            del data[name]
+            if not data:
+                break
+        elif kind == "shape":
+            shape = list(arr.shape)
+            if shape and draw(st.booleans()):
+                shape[draw(st.integers(0, len(shape) - 1))] = draw(st.integers(0, 4))
+            else:
+                shape = shape + [1] if draw(st.booleans()) else shape[1:]
+            data[name] = np.resize(arr, shape).astype(arr.dtype)
+        elif kind == "dtype":
+            data[name] = arr.astype(draw(st.sampled_from(DTYPES + ["int8", "uint32"])))
+        elif arr.size:
+            arr = arr.copy()
+            if arr.dtype.kind == "f":
+                arr.flat[draw(st.integers(0, arr.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e30]))
+            else:
+                bad = np.array(draw(st.sampled_from([-1, N, 2**40])))
+                arr.flat[draw(st.integers(0, arr.size - 1))] = bad.astype(arr.dtype)  # wraps if narrow
+            data[name] = arr
+    return data
 
 
 @settings(max_examples=150, deadline=None,
