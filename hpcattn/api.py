@@ -23,9 +23,11 @@ def check_shapes(q_shape, k_shape, v_shape, dtypes):
     (B, _, H, D), (Bk, _, Hkv, Dk) = q_shape, k_shape
     if B != Bk or D != Dk:
         return f"q {tuple(q_shape)} and k {tuple(k_shape)} disagree in batch or head dim"
-    if Hkv < 1 or D < 1 or H % Hkv:
+    if D < 1:
+        return f"head dim must be at least 1; got q {tuple(q_shape)}, k {tuple(k_shape)}"
+    if Hkv < 1 or H % Hkv:
         return f"query heads ({H}) must be a positive multiple of kv heads ({Hkv})"
-    names = {str(d) for d in dtypes}
+    names = {np.dtype(d).name for d in dtypes}  # any byte order
     if len(names) != 1 or not names <= set(DTYPES):
         return f"q, k, v must share one dtype of {', '.join(DTYPES)}; got {', '.join(map(str, dtypes))}"
     return None
@@ -76,6 +78,8 @@ def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node):
             raise HpcattnError(f"{n_q} query rows but {n} keys: give q_positions")
         qpos = positions(q_segs[r])
     else:
+        if np.size(q_positions) and np.asarray(q_positions).dtype.kind not in "iu":
+            raise HpcattnError(f"q_positions must be integers, got {np.asarray(q_positions).dtype}")
         qpos = np.asarray(q_positions, dtype=np.int64)
         if qpos.shape != (nq,):
             raise HpcattnError(f"q_positions must have shape ({nq},), got {qpos.shape}")

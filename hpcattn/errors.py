@@ -1,4 +1,5 @@
 """User-facing errors and the collective agreement that makes every rank see them."""
+import re
 
 
 class HpcattnError(ValueError):
@@ -9,7 +10,7 @@ class HpcattnError(ValueError):
     """
 
     def __init__(self, message, collective=False):
-        super().__init__(message)
+        super().__init__(re.sub(r"\s*\n\s*", " ", str(message)))  # one line, whatever HDF5 said
         self.collective = collective
 
 

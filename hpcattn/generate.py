@@ -1,4 +1,7 @@
 """`hpcattn gen`: reproducible random inputs, written in row chunks so size is bounded by disk."""
+import os
+import shutil
+
 import h5py
 import numpy as np
 
@@ -29,6 +32,15 @@ def generate(path, seq, queries=None, batch=1, heads=1, kv_heads=None, head_dim=
     edges = None
     if mask is not None:
         edges = csr_source(mask, seq)
+    need = np.dtype(dtype).itemsize * batch * head_dim * (queries * heads * (2 if backward else 1)
+                                                          + 2 * seq * kv_heads)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise HpcattnError(f"cannot write {path!r}: folder {folder!r} does not exist")
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise HpcattnError(f"{path!r} would take {need / 2**30:,.1f} GiB but its disk has "
+                           f"{free / 2**30:,.1f} GiB free")
     with h5py.File(path, "w") as f:
         shapes = {"q": (batch, queries, heads, head_dim), "k": (batch, seq, kv_heads, head_dim),
                   "v": (batch, seq, kv_heads, head_dim)}

@@ -6,6 +6,7 @@ Writes go through `Output`: parallel HDF5 (`mpio` driver, collective transfers) 
 it, else ordered per-rank writes; one ordinary file with the same content either way.
 This module knows nothing of the attention maths.
 """
+import contextlib
 import os
 import shutil
 import uuid
@@ -13,6 +14,7 @@ import uuid
 import h5py
 import numpy as np
 
+from . import validate
 from .api import check_shapes
 from .errors import HpcattnError, agree
 from .profile import phase
@@ -21,13 +23,24 @@ STATS = ("bytes_sent", "bytes_received", "compute_s", "comm_s", "io_s", "wall_s"
          "q_rows", "kv_rows")
 
 
+@contextlib.contextmanager
 def _open(path, mode="r"):
+    """The open HDF5 file; HDF5 errors while it is used (a damaged file) become HpcattnError."""
+    if os.path.isdir(path):
+        raise HpcattnError(f"{path!r} is a directory, not an HDF5 file")
     try:
-        return h5py.File(path, mode)
+        f = h5py.File(path, mode)
     except FileNotFoundError:
         raise HpcattnError(f"input file {path!r} does not exist") from None
     except OSError as e:
         raise HpcattnError(f"cannot open {path!r} as HDF5 ({e})") from None
+    with f:
+        try:
+            yield f
+        except HpcattnError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise HpcattnError(f"cannot read {path!r}, the file is damaged ({e})") from None
 
 
 def _dataset(f, name, path):
@@ -45,8 +58,9 @@ def read_meta(path, need_do=False):
             raise HpcattnError(f"input {path!r}: {problem}")
         B, Nq, H, D = q.shape
         N, Hkv = k.shape[1], k.shape[2]
-        meta = dict(B=B, Nq=Nq, N=N, H=H, Hkv=Hkv, D=D, dtype=q.dtype, positions="q_positions" in f,
-                    do="do" in f)
+        meta = dict(B=B, Nq=Nq, N=N, H=H, Hkv=Hkv, D=D, dtype=q.dtype.newbyteorder("="),
+                    positions="q_positions" in f, do="do" in f)
+        validate.dims(path, meta)
         if meta["positions"]:
             p = _dataset(f, "q_positions", path)
             if p.shape != (Nq,) or p.dtype.kind not in "iu":
@@ -75,26 +89,28 @@ def _rows(ds, ranges, axis=1):
 
 
 def read_shard(path, meta, q_range, kv_range, backward=False):
-    """This rank's rows: q (and do with backward), q positions, k, v; checked for NaN/Inf and
-    position range. q_range, kv_range: a (start, stop) pair or a list of them (zigzag layout)."""
+    """This rank's rows: q (and do with backward), q positions, k, v in native byte order;
+    refused before reading when they cannot fit in memory, after reading when they hold
+    NaN/Inf, huge values or bad positions. q_range, kv_range: a (start, stop) pair or a list
+    of them (zigzag layout)."""
     q_ranges, kv_ranges = _ranges(q_range), _ranges(kv_range)
+    validate.fits(path, meta, q_ranges, kv_ranges)
     with phase("read"), _open(path) as f:
         out = {"q": _rows(f["q"], q_ranges), "k": _rows(f["k"], kv_ranges), "v": _rows(f["v"], kv_ranges)}
         if backward:
             out["do"] = _rows(f["do"], q_ranges)
+        out = {name: arr.astype(meta["dtype"], copy=False) for name, arr in out.items()}  # native order
         if meta["positions"]:
-            out["q_positions"] = _rows(f["q_positions"], q_ranges, axis=0).astype(np.int64)
+            raw = _rows(f["q_positions"], q_ranges, axis=0)
+            validate.positions(path, raw, meta["N"])
+            out["q_positions"] = raw.astype(np.int64)
         else:
             out["q_positions"] = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in q_ranges])
     for name in [n for n in ("q", "k", "v", "do") if n in out]:
-        if not np.isfinite(out[name]).all():
-            bad = np.argwhere(~np.isfinite(out[name]))[0]
-            rows = np.concatenate([np.arange(a, b) for a, b in (kv_ranges if name in "kv" else q_ranges)])
-            raise HpcattnError(f"input {path!r}: {name} holds NaN or Inf (first at row {rows[bad[1]]})")
-    pos = out["q_positions"]
-    if pos.size and (pos.min() < 0 or pos.max() >= meta["N"]):
-        raise HpcattnError(f"input {path!r}: q_positions must lie in [0, {meta['N']}), "
-                           f"got values in [{pos.min()}, {pos.max()}]")
+        at = 0
+        for a, b in (kv_ranges if name in ("k", "v") else q_ranges):
+            validate.values(path, name, out[name][:, at:at + b - a], a)
+            at += b - a
     return out
 
 

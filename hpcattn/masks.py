@@ -423,11 +423,10 @@ def parse(spec, n_keys=None, csr=None):
         if len(args) not in nargs:
             raise HpcattnError(f"bad mask spec {spec!r}: term {word!r} takes "
                                f"{' or '.join(map(str, nargs))} integer argument(s), got {raw.strip()!r}")
-        try:
-            vals = [int(a) for a in args]
-        except ValueError:
-            raise HpcattnError(f"bad mask spec {spec!r}: arguments of {word!r} must be integers, "
-                               f"got {raw.strip()!r}") from None
+        if not all(a.isascii() and a.isdigit() for a in args):  # int() would take " 5", "1_0", "٣"
+            raise HpcattnError(f"bad mask spec {spec!r}: arguments of {word!r} must be integers "
+                               f"written 0-9, got {raw.strip()!r}")
+        vals = [int(a) if len(a) < 20 else 2**62 for a in args]  # 20+ digits: out of range below
         for v, lo in zip(vals, _MINIMUM.get(word, ())):
             if not lo <= v < 2**62:
                 raise HpcattnError(f"bad mask spec {spec!r}: {raw.strip()!r} needs arguments in [{lo}, 2**62)")

@@ -5,11 +5,12 @@ import time
 
 import numpy as np
 
-from . import __version__, gpu, h5io, outofcore
+from . import __version__, faults, gpu, h5io, outofcore
 from .api import attention, attention_backward
 from .errors import HpcattnError, collectively
 from .masks import parse
 from .partition import segments
+from .validate import paths
 
 ZIGZAG_VARIANTS = ("auto", "ring", "burst")  # ring-style variants: causal runs use zigzag
 
@@ -27,6 +28,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     if backend == "cupy":
         gpu.setup(comm.mpi)
     transport = collectively(comm, comm.use_transport, transport, backend)
+    collectively(comm, paths, in_path, out_path)
     mask = collectively(comm, parse, mask_spec)
     meta = collectively(comm, h5io.read_meta, in_path, need_do=backward)
     P, r = comm.size, comm.rank
@@ -45,6 +47,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     if "csr" in mask.needs:  # only this rank's query rows of the explicit mask, validated
         mask = mask.bind(csr=collectively(comm, h5io.read_csr, in_path, meta, shard["q_positions"]))
     io_s = time.perf_counter() - t_start
+    faults.point("read", r)
 
     stats = {}
     scale = 1 / math.sqrt(meta["D"])
@@ -73,6 +76,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     B, Nq, H, D = meta["B"], meta["Nq"], meta["H"], meta["D"]
     tmp = h5io.temp_name(comm, out_path)
     try:
+        faults.point("write", r)
         hdf5 = h5io.write_rows(comm, tmp, out_path, q_range, {
             "o": (o, (B, Nq, H, D), 1),
             "lse": (lse, (B, H, Nq), 2), **grads,
@@ -89,6 +93,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
                  "scale": scale, "input": str(in_path), "layout": layout, "backward": int(backward),
                  "ranks_per_node": ranks_per_node or 0,
                  "ring_levels": list(stats.get("ring_levels", (1, P))), "hdf5": hdf5, "out_of_core": 0}
+        faults.point("finish", r)
         return h5io.finish(comm, tmp, out_path, rank_stats, attrs), attrs
     except BaseException:
         h5io.remove_quietly(tmp)

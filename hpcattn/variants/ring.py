@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from .. import grad
+from .. import faults, grad
 from ..backend import array_module
 from ..profile import phase
 from . import blocks
@@ -35,6 +35,7 @@ def forward(comm, shard, plan=None):
     xp = array_module(shard.k)
     kv = [xp.ascontiguousarray(shard.k), xp.ascontiguousarray(shard.v)]
     for _, owner, (kb, vb) in circulate(comm, plan, kv, shapes):
+        faults.point("compute", comm.rank)
         t = time.perf_counter()
         starts, kruns = shard.key_runs(owner)
         with phase("local"):

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from .. import grad, local
+from .. import faults, grad, local
 from ..masks import Full, Global
 from ..merge import empty_state, merge
 from ..profile import phase
@@ -220,6 +220,7 @@ def forward(comm, shard):
         kr, vr = halo.gather(shard.k, shard.v)
         pos = halo.positions
         blocks += [(int(pos[a]), kr[:, :, a:b], vr[:, :, a:b]) for a, b in segments(pos)]
+    faults.point("compute", r)
     t = time.perf_counter()
     no, nl = empty_state(np, (B, Hkv, G, len(qpos)), D)
     for start, kb, vb in blocks:

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .. import grad, local
+from .. import faults, grad, local
 from ..comm import UserOp
 from ..merge import empty_state, merge
 from ..profile import phase
@@ -111,6 +111,7 @@ def forward(comm, shard, method=DEFAULT_METHOD):
     r = comm.rank
     q_off = shard.q_offsets
     q, qpos = replicate(comm, shard.q, shard.qpos, np.diff(q_off))
+    faults.point("compute", r)
     t = time.perf_counter()
     o, lse, edges = partial(q, qpos, shard, r)
     shard.stats["compute_s"] += time.perf_counter() - t
