@@ -16,7 +16,7 @@ import hpcattn  # noqa: E402
 from hpcattn import cuda, masks  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from hpcattn.merge import merge  # noqa: E402
-from hpcattn.reference import errors, reference, tolerance  # noqa: E402
+from hpcattn.reference import errors, grad_error, reference, reference_backward, tolerance  # noqa: E402
 from hpcattn.variants import VARIANTS  # noqa: E402
 
 MASKS = ["full", "causal", "window:7", "causal+window:33", "dilated:3:5", "causal+dilated:2:4",
@@ -180,6 +180,25 @@ def test_every_variant_through_the_api_on_cupy(rng, variant, spec):
     o_err, lse_err, empty_ok = errors(o.get(), lse.get(), o_ref, lse_ref)
     o_tol, lse_tol = tolerance("float16")
     assert empty_ok and o_err <= o_tol and lse_err <= lse_tol, (o_err, lse_err)
+    assert stats["edges"] == parse(spec).allowed(np.arange(N)[:, None], np.arange(N)[None, :]).sum()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("spec", ["full", "causal", "causal+window:33", "dilated:3:5+global:2", "block:50"])
+def test_every_variant_backward_through_the_api_on_cupy(rng, variant, spec):
+    """attention_backward on device arrays: grad.backward runs kernels/attend.cu (accumulators
+    that are strided views go through a copy) and every variant keeps its arrays on the GPU."""
+    N, H, Hkv, D = 257, 4, 2, 64
+    q, do = (rng.standard_normal((2, N, H, D)).astype("float32") for _ in range(2))
+    k, v = (rng.standard_normal((2, N, Hkv, D)).astype("float32") for _ in range(2))
+    o, lse = hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF)
+    stats = {}
+    got = hpcattn.attention_backward(*map(cp.asarray, (q, k, v, o, lse, do)), mask=spec, comm=MPI.COMM_SELF,
+                                     variant=variant, stats=stats)
+    want = reference_backward(q, k, v, do, np.arange(N), parse(spec), 1 / math.sqrt(D))
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert isinstance(g, cp.ndarray) and g.dtype == cp.float32, name
+        assert grad_error(g.get(), w) <= 1e-4, (name, grad_error(g.get(), w))
     assert stats["edges"] == parse(spec).allowed(np.arange(N)[:, None], np.arange(N)[None, :]).sum()
 
 
