@@ -113,6 +113,22 @@ def test_listed_terms_match_reference(rng, spec, dtype, kind):
     assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("spec", ["causal+window:40", "window:256", "dilated:3:5+global:2"])
+def test_lean_forward_is_the_mma_forward_rounded(rng, dtype, spec):
+    """attend_lean (positions q0 + r derived on the device, o in the input dtype) gives the
+    float32 tensor-core result rounded to the input dtype, the same lse and the same edges."""
+    mask, nq, nk, q0 = parse(spec), 300, 400, 37
+    _, (qd, kd, vd) = inputs(rng, (1, 2, 2, nq, 64), (1, 2, nk, 64), dtype)
+    bf = dtype == "bfloat16"
+    o, lse, edges = cuda.attend(qd, np.arange(q0, q0 + nq, dtype=np.int64), kd, vd, 0, mask, 0.125, bf16=bf,
+                                kernel_kind="mma")
+    lo, ll, le = cuda.attend_lean(qd, q0, kd, vd, 0, mask, 0.125, bf16=bf)
+    assert lo.dtype == qd.dtype and le == edges and np.array_equal(ll.get(), lse.get())
+    want = bf16_bits(o.get())[0] if bf else o.get().astype(np.float16)
+    assert np.array_equal(lo.get(), want)
+
+
 def test_decode_rows_without_edges_and_empty_blocks(rng):
     mask = parse("window:0")
     q = cp.asarray(rng.standard_normal((1, 1, 1, 5, 32)).astype(np.float32))
