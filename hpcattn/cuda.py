@@ -216,12 +216,14 @@ def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
     return o, lse, int(edges.get()[0])
 
 
-def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False):
+def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None):
     """The tensor-core forward with the least memory per token, for self-attention over very
     long sequences (jobs/gpu_bench.py's longest context): query row r sits at position q0 + r
     (no position array) and o comes in the input dtype (bfloat16 as uint16 bits), lse float32:
-    2*D*4 + 4 bytes per token and head with q, k, v. Implicit mask terms, D in MMA_DIMS.
-    Returns (o, lse, edges); o is the normalised output, not a float32 partial for merge."""
+    2*D*4 + 4 bytes per token and head with q, k, v. out: where o goes (like q; q itself is
+    allowed, each kernel block reads its q rows before writing those rows of o), saving 2*D
+    more. Implicit mask terms, D in MMA_DIMS. Returns (o, lse, edges); o is the normalised
+    output, not a float32 partial for merge."""
     cp = _cp()
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
@@ -230,13 +232,16 @@ def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False):
         raise HpcattnError(f"attend_lean takes float16/bfloat16, D in {MMA_DIMS} and implicit mask terms")
     if not 0 <= q0 <= 2**62 - nq:
         raise HpcattnError(f"query offset {q0} with {nq} rows leaves [0, 2**62)")
-    o = cp.empty(q.shape, dtype=q.dtype)
+    q = cp.ascontiguousarray(q)
+    o = cp.empty(q.shape, dtype=q.dtype) if out is None else out
+    if o.shape != q.shape or o.dtype != q.dtype or not o.flags.c_contiguous:
+        raise HpcattnError(f"out must be a contiguous {q.dtype} array of shape {q.shape}")
     lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
     edges = cp.zeros(1, dtype=cp.uint64)
     if nq and nk and B * Hkv * G:
         _launch(f"attend_fwd_mma<{ctype}, {D}, {ctype}>", ((nq + MQ - 1) // MQ, B * Hkv * G),
                 _mma_smem(ctype, D),
-                (cp.ascontiguousarray(q), np.uintp(0), cp.ascontiguousarray(k), cp.ascontiguousarray(v), o, lse,
+                (q, np.uintp(0), cp.ascontiguousarray(k), cp.ascontiguousarray(v), o, lse,
                  edges, _device_copy("mask", mask, mask_words), np.int32(nq), np.int32(nk), np.int32(G),
                  np.int64(k0), np.float32(scale), np.int64(q0)))
     else:

@@ -32,11 +32,13 @@ __device__ __forceinline__ void stage(const T* __restrict__ src, int rows, int p
 
 // TO: the type o is written in (float for the merge contract; T halves o's memory where a
 // caller keeps the output as is). qpos == nullptr: query r sits at position q0 + r (no
-// position array: 8 bytes per token less for self-attention on long sequences).
+// position array: 8 bytes per token less for self-attention on long sequences). o may be q
+// itself (TO = T): a block stages its own q rows before the loop and writes the same rows of o
+// after it, and no block reads another's rows, hence no __restrict__ on q and o.
 template <typename T, int D, typename TO>
 __global__ void __launch_bounds__(MWARPS * 32)
-attend_fwd_mma(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
-               const T* __restrict__ v, TO* __restrict__ o, float* __restrict__ lse,
+attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
+               const T* __restrict__ v, TO* o, float* __restrict__ lse,
                unsigned long long* __restrict__ edges, const long long* __restrict__ mask_words,
                int nq, int nk, int G, long long k0, float scale, long long q0) {
     using namespace nvcuda;

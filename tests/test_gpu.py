@@ -127,6 +127,8 @@ def test_lean_forward_is_the_mma_forward_rounded(rng, dtype, spec):
     assert lo.dtype == qd.dtype and le == edges and np.array_equal(ll.get(), lse.get())
     want = bf16_bits(o.get())[0] if bf else o.get().astype(np.float16)
     assert np.array_equal(lo.get(), want)
+    lo, ll, le = cuda.attend_lean(qd, q0, kd, vd, 0, mask, 0.125, bf16=bf, out=qd)  # o over q
+    assert lo is qd and le == edges and np.array_equal(qd.get(), want)
 
 
 def test_decode_rows_without_edges_and_empty_blocks(rng):
