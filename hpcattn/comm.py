@@ -19,6 +19,16 @@ def _mpi():
     return MPI
 
 
+def _staged(array):
+    """(host array, back): the collectives other than exchange/allreduce move host memory only,
+    so a device array is copied to the host and back(result) returns the result on the device
+    (bytes counted the same either way). Host arrays pass through."""
+    if not is_device(array):
+        return array, lambda x: x
+    import cupy
+    return array.get(), lambda x: None if x is None else cupy.asarray(x)
+
+
 class Pending:
     """Outstanding non-blocking transfers; `wait` completes them exactly once."""
 
@@ -72,8 +82,10 @@ class Comm:
         self._outstanding = []
         self.parent = parent
         self._ops, self._children, self._groups = {}, [], {}
-        # device arrays are staged through host memory until use_transport says more
-        self.transport = parent.transport if parent is not None else Transport("host")
+        # device arrays are staged through host memory until use_transport says more; a
+        # sub-communicator never reuses its parent's NCCL communicator (other ranks, other ids)
+        inherit = parent is not None and parent.transport.name != "nccl"
+        self.transport = parent.transport if inherit else Transport("host")
 
     def use_transport(self, requested, backend):
         """Choose how device arrays travel (auto|mpi|host|nccl) for backend numpy|cupy
@@ -156,25 +168,27 @@ class Comm:
 
     def allreduce(self, array, op="sum"):
         """Allreduce of a contiguous host array (op: sum|max|min or a UserOp), or of a device
-        array (sum|max|min, by the transport); bytes counted as one send and one receive of the
-        array per rank (the logical volume)."""
+        array (sum|max|min by the transport; a UserOp's NumPy body through host memory); bytes
+        counted as one send and one receive of the array per rank (the logical volume)."""
         if is_device(array) and not isinstance(op, UserOp):
             out = self._timed(self.transport.allreduce, self.mpi, array, op)
             if self.size > 1:
                 self._count(sent=array.nbytes, received=array.nbytes)
             return out
+        array, back = _staged(array)
         out = np.empty_like(array)
         mpi_op, send = self._op(op, array)
         _, recv = self._op(op, out)
         self._timed(self.mpi.Allreduce, send, recv, mpi_op)
         if self.size > 1:
             self._count(array.nbytes, array.nbytes)
-        return out
+        return back(out)
 
     def reduce(self, array, op="sum", root=0):
         """Reduce a contiguous host array onto root (op as in allreduce). Returns the result on
         root, None elsewhere. Counted like a gather: each other rank sends the array once, root
         receives it from each of them."""
+        array, back = _staged(array)
         out = np.empty_like(array) if self.rank == root else None
         mpi_op, send = self._op(op, array)
         recv = self._op(op, out)[1] if out is not None else None
@@ -184,18 +198,23 @@ class Comm:
                 self._count(received=array.nbytes * (self.size - 1))
             else:
                 self._count(sent=array.nbytes)
-        return out
+        return back(out)
 
     def bcast(self, array, root=0):
-        """Broadcast root's contiguous host array in place into `array` on every rank (all
-        ranks pass an array of the same shape and dtype). Returns it."""
+        """Broadcast root's contiguous array in place into `array` on every rank (all ranks
+        pass an array of the same shape and dtype; device arrays go through host memory).
+        Returns it."""
+        target = array
+        array, back = _staged(array)
         self._timed(self.mpi.Bcast, array, root)
         if self.size > 1:
             if self.rank == root:
                 self._count(sent=array.nbytes * (self.size - 1))
             else:
                 self._count(received=array.nbytes)
-        return array
+        if target is not array:
+            target[...] = back(array)
+        return target
 
     def allgather_rows(self, array, rows):
         """Concatenate every rank's `array` (n_r, ...) along axis 0 in rank order.
@@ -204,6 +223,7 @@ class Comm:
         others and receives every other piece. Returns a new contiguous array.
         """
         MPI = _mpi()
+        array, back = _staged(array)
         array = np.ascontiguousarray(array)
         rows = np.asarray(rows, dtype=np.int64)
         row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * array.itemsize
@@ -215,7 +235,7 @@ class Comm:
             row.Free()
         if self.size > 1:
             self._count(array.nbytes * (self.size - 1), row_bytes * (int(rows.sum()) - len(array)))
-        return out
+        return back(out)
 
     def alltoallv(self, array, send_rows, recv_rows=None):
         """Personalised exchange: rows send_rows[d] of `array` (in destination order, axis 0)
@@ -223,6 +243,7 @@ class Comm:
         int64 each way, counted). Rows to self are copied, not counted. Returns
         (received array in source order, recv_rows)."""
         MPI = _mpi()
+        array, back = _staged(array)
         array = np.ascontiguousarray(array)
         send_rows = np.asarray(send_rows, dtype=np.int64)
         if recv_rows is None:
@@ -242,7 +263,7 @@ class Comm:
         me = self.rank
         self._count(row_bytes * int(send_rows.sum() - send_rows[me]),
                     row_bytes * int(recv_rows.sum() - recv_rows[me]))
-        return out, recv_rows
+        return back(out), recv_rows
 
     def split(self, color, key=None):
         """A counted sub-communicator of the ranks with the same color (None: not a member;

@@ -20,8 +20,8 @@ MAX_TERMS = 8                  # HPCATTN_MAX_TERMS in kernels/mask.cuh
 SOURCES = {
     "attend.cu": tuple(f"attend_{d}<{t}, {m}>" for d in ("fwd", "bwd") for t in CTYPES.values()
                        for m in DMAXES),
-    "attend_mma.cu": tuple(f"attend_fwd_mma<{t}, {d}>" for t in ("__half", "__nv_bfloat16")
-                           for d in (32, 64, 96, 128)),
+    "attend_mma.cu": tuple(f"attend_fwd_mma<{t}, {d}, {o}>" for t in ("__half", "__nv_bfloat16")
+                           for d in (32, 64, 96, 128) for o in ("float", t)),
     "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()
                                                   for m in DMAXES),
     "merge.cu": ("merge_states",),
@@ -140,7 +140,7 @@ def _check(q, qpos, k, v, k0, bf16):
         raise HpcattnError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
     if B * Hkv * G > 65535 or nq >= 2**31 - BQ or k.shape[2] >= 2**31:
         raise HpcattnError(f"shape {q.shape} x {k.shape} exceeds the GPU kernels' grid")
-    qpos = np.asarray(qpos)
+    qpos = np.asarray(qpos) if qpos is not None else np.zeros(nq, dtype=np.int64)  # None: derived
     if qpos.shape != (nq,) or qpos.dtype != np.int64:
         raise HpcattnError(f"qpos must be int64 of shape ({nq},), got {qpos.dtype} {qpos.shape}")
     if not 0 <= k0 < 2**62:
@@ -207,12 +207,46 @@ def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
               cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words), np.int32(nq),
               np.int32(nk))
     if mma_ok and kernel_kind != "simt":
-        _launch(f"attend_fwd_mma<{ctype}, {D}>", ((nq + MQ - 1) // MQ, B * Hkv * G), _mma_smem(ctype, D),
-                common + (np.int32(G), np.int64(k0), np.float32(scale)))
+        _launch(f"attend_fwd_mma<{ctype}, {D}, float>", ((nq + MQ - 1) // MQ, B * Hkv * G), _mma_smem(ctype, D),
+                common + (np.int32(G), np.int64(k0), np.float32(scale), np.int64(0)))
     else:
         smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
         _launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
                 common + (np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
+    return o, lse, int(edges.get()[0])
+
+
+def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None):
+    """The tensor-core forward with the least memory per token, for self-attention over very
+    long sequences (jobs/gpu_bench.py's longest context): query row r sits at position q0 + r
+    (no position array) and o comes in the input dtype (bfloat16 as uint16 bits), lse float32:
+    2*D*4 + 4 bytes per token and head with q, k, v. out: where o goes (like q; q itself is
+    allowed, each kernel block reads its q rows before writing those rows of o), saving 2*D
+    more. Implicit mask terms, D in MMA_DIMS. Returns (o, lse, edges); o is the normalised
+    output, not a float32 partial for merge."""
+    cp = _cp()
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    ctype, _ = _check(q, None, k, v, k0, bf16)
+    if ctype == "float" or D not in MMA_DIMS or listed_terms(mask):
+        raise HpcattnError(f"attend_lean takes float16/bfloat16, D in {MMA_DIMS} and implicit mask terms")
+    if not 0 <= q0 <= 2**62 - nq:
+        raise HpcattnError(f"query offset {q0} with {nq} rows leaves [0, 2**62)")
+    q = cp.ascontiguousarray(q)
+    o = cp.empty(q.shape, dtype=q.dtype) if out is None else out
+    if o.shape != q.shape or o.dtype != q.dtype or not o.flags.c_contiguous:
+        raise HpcattnError(f"out must be a contiguous {q.dtype} array of shape {q.shape}")
+    lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
+    edges = cp.zeros(1, dtype=cp.uint64)
+    if nq and nk and B * Hkv * G:
+        _launch(f"attend_fwd_mma<{ctype}, {D}, {ctype}>", ((nq + MQ - 1) // MQ, B * Hkv * G),
+                _mma_smem(ctype, D),
+                (q, np.uintp(0), cp.ascontiguousarray(k), cp.ascontiguousarray(v), o, lse,
+                 edges, _device_copy("mask", mask, mask_words), np.int32(nq), np.int32(nk), np.int32(G),
+                 np.int64(k0), np.float32(scale), np.int64(q0)))
+    else:
+        o.fill(0)
+        lse.fill(-np.inf)
     return o, lse, int(edges.get()[0])
 
 

@@ -182,7 +182,6 @@ def choose(comm, requested, backend):
     elif requested == "nccl" and not nccl_ok:
         raise HpcattnError("--transport nccl needs cupy.cuda.nccl on every rank and one GPU per rank",
                            collective=True)
-    comm = None
     if name == "nccl":
         uid = comm.bcast_object(nccl.get_unique_id() if comm.rank == 0 else None)
         nc = nccl.NcclCommunicator(comm.size, uid, comm.rank)

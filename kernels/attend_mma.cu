@@ -14,6 +14,7 @@
 #define MLN2 0.6931471805599453f
 
 template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
@@ -29,12 +30,17 @@ __device__ __forceinline__ void stage(const T* __restrict__ src, int rows, int p
     }
 }
 
-template <typename T, int D>
+// TO: the type o is written in (float for the merge contract; T halves o's memory where a
+// caller keeps the output as is). qpos == nullptr: query r sits at position q0 + r (no
+// position array: 8 bytes per token less for self-attention on long sequences). o may be q
+// itself (TO = T): a block stages its own q rows before the loop and writes the same rows of o
+// after it, and no block reads another's rows, hence no __restrict__ on q and o.
+template <typename T, int D, typename TO>
 __global__ void __launch_bounds__(MWARPS * 32)
-attend_fwd_mma(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
-               const T* __restrict__ v, float* __restrict__ o, float* __restrict__ lse,
+attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
+               const T* __restrict__ v, TO* o, float* __restrict__ lse,
                unsigned long long* __restrict__ edges, const long long* __restrict__ mask_words,
-               int nq, int nk, int G, long long k0, float scale) {
+               int nq, int nk, int G, long long k0, float scale, long long q0) {
     using namespace nvcuda;
     constexpr int LDT = D + 8, LDS = MK + 4, LDP = MK + 8, LDO = D + 4;
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -57,8 +63,11 @@ attend_fwd_mma(const T* __restrict__ q, const long long* __restrict__ qpos, cons
 
     if (tid == 0) {
         load_mask(mask_words, mk);
-        long long lo = qpos[t0], hi = qpos[t0];
-        for (int r = t0 + 1; r < t1; ++r) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
+        long long lo = q0 + t0, hi = q0 + t1 - 1;
+        if (qpos) {
+            lo = hi = qpos[t0];
+            for (int r = t0 + 1; r < t1; ++r) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
+        }
         qlo_s = lo;
         qhi_s = hi;
         nsp_s = mask_spans(mk, lo, hi, k0, k0 + nk, lo_s, hi_s);
@@ -69,7 +78,7 @@ attend_fwd_mma(const T* __restrict__ q, const long long* __restrict__ qpos, cons
     // two lanes per query row: lane 2r and 2r+1 own row r of this warp, half of its columns each
     const int row = lane >> 1, half = lane & 1, grow = t0 + warp * 16 + row;
     const bool live = grow < t1;
-    const long long pos = live ? qpos[grow] : 0;
+    const long long pos = !live ? 0 : qpos ? qpos[grow] : q0 + grow;
     float m = -INFINITY, l = 0.f;
     unsigned long long n_edges = 0;
     const float sl2 = scale * MLOG2E;
@@ -155,8 +164,8 @@ attend_fwd_mma(const T* __restrict__ q, const long long* __restrict__ qpos, cons
         const bool any = l > 0.f;
         const float inv = any ? 1.f / l : 0.f;
         const float* orow = O + row * LDO + half * (D / 2);
-        float* out = o + ((size_t)head * nq + grow) * D + half * (D / 2);
-        for (int d = 0; d < D / 2; ++d) out[d] = orow[d] * inv;
+        TO* out = o + ((size_t)head * nq + grow) * D + half * (D / 2);
+        for (int d = 0; d < D / 2; ++d) out[d] = from_f<TO>(orow[d] * inv);
         if (half == 0) lse[(size_t)head * nq + grow] = any ? (m + log2f(l)) * MLN2 : -INFINITY;
     }
     n_edges += __shfl_down_sync(0xffffffffu, n_edges, 16);

@@ -41,7 +41,9 @@ def local_reference(q, k, v, qpos, k0, mask, scale):
 
 
 def full_backward(q, k, v, do, qpos, mask, scale):
-    """Float64 (o, lse, dq, dk, dv) over all keys 0..nk-1 in the kernel layout."""
+    """Float64 (o, lse, delta, dq, dk, dv, (|dq|, |dk|)) over all keys 0..nk-1 in the kernel
+    layout. |dq|, |dk| are the same sums over absolute values, dS taken as P (|dO| |V|^T + |D|):
+    the size of the terms that cancel, which bounds a float32 kernel's rounding (see grad_err)."""
     q, k, v, do = (np.asarray(a, dtype=np.float64) for a in (q, k, v, do))
     nk = k.shape[2]
     allowed = mask.allowed(np.asarray(qpos)[:, None], np.arange(nk)[None, :])
@@ -60,7 +62,22 @@ def full_backward(q, k, v, do, qpos, mask, scale):
     dq = scale * np.einsum("bhgqk,bhkd->bhgqd", ds, k)
     dk = scale * np.einsum("bhgqk,bhgqd->bhkd", ds, q)
     dv = np.einsum("bhgqk,bhgqd->bhkd", p, do)
-    return o, lse, delta, dq, dk, dv
+    ds_abs = p * (np.einsum("bhgqd,bhkd->bhgqk", abs(do), abs(v)) + abs(delta)[..., None])
+    mags = (scale * np.einsum("bhgqk,bhkd->bhgqd", ds_abs, abs(k)),
+            scale * np.einsum("bhgqk,bhgqd->bhkd", ds_abs, abs(q)))
+    return o, lse, delta, dq, dk, dv, mags
+
+
+def grad_err(a, ref, mag):
+    """rel_err of a gradient, its denominator floored at 1% of max |mag| (the size of the terms
+    summed). A gradient that cancels to zero (window:0: one key per row, so dS = P (dP - D) = 0
+    exactly) would otherwise be judged by float32 rounding (~1e-7 |mag|) over a float64 ~1e-16;
+    for the other masks max|ref| is 4-13x below max|mag|, so the floor never binds there."""
+    a = np.asarray(a, dtype=np.float64)
+    if np.isnan(a).any():
+        return np.inf
+    den = max(np.max(np.abs(ref), initial=0.0), 1e-2 * np.max(mag, initial=0.0), 1e-30)
+    return float(np.max(np.abs(a - ref), initial=0.0) / den)
 
 
 def rel_err(a, ref):

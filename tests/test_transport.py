@@ -24,6 +24,26 @@ def test_bad_transport_requests_are_refused(requested, words):
     comm.free()
 
 
+def test_nccl_is_bootstrapped_over_the_comm(monkeypatch):
+    """The NCCL branch of transport.choose with stand-in cupy modules: the unique id travels
+    by the hpcattn Comm and the communicator is built with this rank's place (no GPU needed)."""
+    import sys
+    import types
+    from hpcattn import transport
+    made = []
+    nccl = types.SimpleNamespace(available=True, get_unique_id=lambda: b"uid",
+                                 NcclCommunicator=lambda *a: made.append(a) or "nc")
+    cuda = types.SimpleNamespace(nccl=nccl, Device=lambda: types.SimpleNamespace(id=0))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", nccl)
+    monkeypatch.setattr(transport, "cuda_aware", lambda: False)
+    comm = Comm(MPI.COMM_SELF)
+    assert comm.use_transport("nccl", "cupy") == "nccl" and made == [(1, b"uid", 0)]
+    assert comm.use_transport("auto", "cupy") == "host"  # one rank: nothing to gain from NCCL
+    comm.free()
+
+
 def test_backend_names(monkeypatch):
     monkeypatch.setattr(gpu, "device_count", lambda: 0)
     assert gpu.backend_name("auto") == "numpy" and gpu.backend_name("numpy") == "numpy"

@@ -14,6 +14,8 @@ import time
 import numpy as np
 
 from .. import grad
+from ..backend import array_module
+from ..gpu import to_host
 from . import blocks, ring
 from .rings import Relay, RingPlan, circulate
 
@@ -37,8 +39,9 @@ def backward(comm, shard, o, lse, do):
     nk = shard.k.shape[2]
     starts, kruns = shard.key_runs(comm.rank)
     delta = grad.row_delta(do, o)
-    dk, dv = np.zeros((B, Hkv, nk, D), np.float32), np.zeros((B, Hkv, nk, D), np.float32)
-    dq = np.zeros((B, Hkv, G, nq, D), np.float32)
+    xp = array_module(shard.k)
+    dk, dv = xp.zeros((B, Hkv, nk, D), np.float32), xp.zeros((B, Hkv, nk, D), np.float32)
+    dq = xp.zeros((B, Hkv, G, nq, D), np.float32)
     nq_of = [sum(r) for r in shard.q_runs]
 
     def shapes(owner):
@@ -48,10 +51,12 @@ def backward(comm, shard, o, lse, do):
     def acc_shapes(owner):
         return [(B, Hkv, G, nq_of[owner], D)]
 
-    relay = Relay(comm, p, acc_shapes)
-    mine = [np.ascontiguousarray(a) for a in (shard.q, do, lse.astype(np.float32, copy=False),
-                                              delta.astype(np.float32, copy=False), shard.qpos)]
+    relay = Relay(comm, p, acc_shapes, xp)
+    # the positions travel with the rows, as device arrays on the GPU (one transport per hop)
+    mine = [xp.ascontiguousarray(a) for a in (shard.q, do, lse.astype(np.float32, copy=False),
+                                              delta.astype(np.float32, copy=False), xp.asarray(shard.qpos))]
     for step, owner, (qb, dob, lseb, deltab, qposb) in circulate(comm, p, mine, shapes):
+        qposb = to_host(qposb)
         acc = [dq] if step == 0 else relay.part(step)
         t = time.perf_counter()
         edges = blocks.backward(qb, qposb, blocks.runs(nq_of[owner], shard.q_runs[owner]), dob, lseb,

@@ -54,14 +54,14 @@ def backward(comm, shard, o, lse, do, plan=None):
     nk = shard.k.shape[2]
     qruns = blocks.runs(nq, shard.q_runs[comm.rank])
     delta = grad.row_delta(do, o)
-    dq = np.zeros((B, Hkv, G, nq, D), np.float32)
-    dk, dv = np.zeros((B, Hkv, nk, D), np.float32), np.zeros((B, Hkv, nk, D), np.float32)
+    xp = array_module(shard.k)
+    dq = xp.zeros((B, Hkv, G, nq, D), np.float32)
+    dk, dv = xp.zeros((B, Hkv, nk, D), np.float32), xp.zeros((B, Hkv, nk, D), np.float32)
 
     def shapes(owner):
         return [(B, Hkv, shard.kv_rows(owner), D)] * 2
 
-    relay = Relay(comm, plan, shapes)
-    xp = array_module(shard.k)
+    relay = Relay(comm, plan, shapes, xp)
     kv = [xp.ascontiguousarray(shard.k), xp.ascontiguousarray(shard.v)]
     for step, owner, (kb, vb) in circulate(comm, plan, kv, shapes):
         acc = [dk, dv] if step == 0 else relay.part(step)

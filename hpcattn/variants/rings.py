@@ -121,14 +121,15 @@ class Relay:
     """Carries float32 gradient accumulators behind travelling blocks: the holder at step k
     adds its part to what the holder at step k-1 sent and passes it to the holder at step
     k+1, or home after the last step. A block's owner keeps its own (step-0) part, so each
-    accumulator makes P-1 hops. shapes_of(owner): the accumulator shapes of owner's block."""
+    accumulator makes P-1 hops. shapes_of(owner): the accumulator shapes of owner's block;
+    xp: the array module the accumulators live in (numpy or cupy)."""
 
-    def __init__(self, comm, plan, shapes_of):
-        self.comm, self.plan, self.shapes_of = comm, plan, shapes_of
+    def __init__(self, comm, plan, shapes_of, xp=np):
+        self.comm, self.plan, self.shapes_of, self.xp = comm, plan, shapes_of, xp
         largest = [max(int(np.prod(s)) for s in (shapes_of(q)[i] for q in range(plan.P)))
                    for i in range(len(shapes_of(plan.rank)))]
         spec = [(n, np.float32) for n in largest]
-        self._parts, self._incoming = Buffers(spec, 2), Buffers(spec, 1)
+        self._parts, self._incoming = Buffers(spec, 2, xp), Buffers(spec, 1, xp)
         self._recv = self._send = None
 
     def part(self, k):
@@ -158,7 +159,7 @@ class Relay:
         """This rank's own accumulators as summed by every other rank (None when P == 1)."""
         if self.plan.P == 1:
             return None
-        home = self.comm.exchange([], None, [np.empty(s, np.float32) for s in self.shapes_of(self.plan.rank)],
+        home = self.comm.exchange([], None, [self.xp.empty(s, np.float32) for s in self.shapes_of(self.plan.rank)],
                                   self.plan.last_holder, tag=TAG_RELAY + 8 * self.plan.P)
         got = home.wait()
         if self._send is not None:

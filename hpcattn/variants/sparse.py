@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from .. import faults, grad, local
+from ..backend import array_module
 from ..masks import Full, Global
 from ..merge import empty_state, merge
 from ..profile import phase
@@ -165,9 +166,10 @@ class Halo:
 
     def _swap(self, arrays, rows, send_rows, recv_rows):
         """Alltoallv of row `rows` of several (B, Hkv, n, D) arrays, packed row-major."""
-        pack = np.moveaxis(np.stack([a[:, :, rows] for a in arrays]), 3, 0)  # (m, A, B, Hkv, D)
+        xp = array_module(arrays[0])
+        pack = xp.moveaxis(xp.stack([a[:, :, rows] for a in arrays]), 3, 0)  # (m, A, B, Hkv, D)
         got, _ = self.comm.alltoallv(pack, send_rows, recv_rows)
-        return list(np.moveaxis(got, 0, 3))  # A x (B, Hkv, M, D)
+        return list(xp.moveaxis(got, 0, 3))  # A x (B, Hkv, M, D)
 
     def gather(self, k, v):
         """(k, v) (B, Hkv, M, D) of the asked rows, in `positions` order."""
@@ -178,8 +180,16 @@ class Halo:
         (this rank's own rows; several requesters may send the same row)."""
         every = np.arange(len(self.positions))
         back_k, back_v = self._swap([dk_far, dv_far], every, self.recv_rows, self.serve_rows)
-        np.add.at(dk, (slice(None), slice(None), self.serve), back_k)
-        np.add.at(dv, (slice(None), slice(None), self.serve), back_v)
+        at = (slice(None), slice(None), self.serve)
+        if array_module(dk) is np:
+            np.add.at(dk, at, back_k)
+            np.add.at(dv, at, back_v)
+        else:
+            import cupy
+            import cupyx
+            at = (slice(None), slice(None), cupy.asarray(self.serve))
+            cupyx.scatter_add(dk, at, back_k)
+            cupyx.scatter_add(dv, at, back_v)
 
 
 def segments(positions):
@@ -197,7 +207,8 @@ def forward(comm, shard):
     B, Hkv, G, nq, D = shard.q.shape
     n = shard.n_keys
     mask, stats = shard.mask, shard.stats
-    o, lse = empty_state(np, (B, Hkv, G, nq), D)
+    xp = array_module(shard.q)
+    o, lse = empty_state(xp, (B, Hkv, G, nq), D)
 
     wide = wide_rows(mask, shard.qpos)
     near = np.ones(nq, dtype=bool) if wide is None else ~wide
@@ -211,7 +222,8 @@ def forward(comm, shard):
             stats["edges"] += edges
             wo, wl = tree.combine(comm, wo, wl, ranks_per_node=shard.ranks_per_node)
             a = int(rows[:r].sum())
-            o[:, :, :, wide], lse[:, :, :, wide] = wo[..., a:a + rows[r], :], wl[..., a:a + rows[r]]
+            n_r = int(rows[r])
+            o[:, :, :, wide], lse[:, :, :, wide] = wo[..., a:a + n_r, :], wl[..., a:a + n_r]
 
     q, qpos = shard.q[:, :, :, near], shard.qpos[near]
     blocks = [(start, shard.k[:, :, rows], shard.v[:, :, rows]) for start, rows in zip(*shard.key_runs(r))]
@@ -222,7 +234,7 @@ def forward(comm, shard):
         blocks += [(int(pos[a]), kr[:, :, a:b], vr[:, :, a:b]) for a, b in segments(pos)]
     faults.point("compute", r)
     t = time.perf_counter()
-    no, nl = empty_state(np, (B, Hkv, G, len(qpos)), D)
+    no, nl = empty_state(xp, (B, Hkv, G, len(qpos)), D)
     for start, kb, vb in blocks:
         with phase("local"):
             po, pl, edges = local.attend(q, qpos, kb, vb, start, mask, shard.scale)
@@ -248,8 +260,9 @@ def backward(comm, shard, o, lse, do):
     nk = shard.k.shape[2]
     mask, stats, scale = shard.mask, shard.stats, shard.scale
     delta = grad.row_delta(do, o)
-    dq = np.zeros((B, Hkv, G, nq, D), np.float32)
-    dk, dv = np.zeros((B, Hkv, nk, D), np.float32), np.zeros((B, Hkv, nk, D), np.float32)
+    xp = array_module(shard.k)
+    dq = xp.zeros((B, Hkv, G, nq, D), np.float32)
+    dk, dv = xp.zeros((B, Hkv, nk, D), np.float32), xp.zeros((B, Hkv, nk, D), np.float32)
     own = list(zip(*shard.key_runs(r)))
 
     wide = wide_rows(mask, shard.qpos)
@@ -263,12 +276,12 @@ def backward(comm, shard, o, lse, do):
 
     q, qpos, do_n = shard.q[:, :, :, near], shard.qpos[near], do[:, :, :, near]
     lse_n, delta_n = lse[..., near], delta[..., near]
-    dq_n = np.zeros(q.shape, np.float32)
+    dq_n = xp.zeros(q.shape, np.float32)
     blocks = [(start, shard.k[:, :, sl], shard.v[:, :, sl], dk[:, :, sl], dv[:, :, sl]) for start, sl in own]
     if P > 1:
         halo = Halo(comm, pieces(shard.kv_runs), reach(mask, qpos, shard.n_keys))
         kr, vr = halo.gather(shard.k, shard.v)
-        dk_far, dv_far = np.zeros(kr.shape, np.float32), np.zeros(vr.shape, np.float32)
+        dk_far, dv_far = xp.zeros(kr.shape, np.float32), xp.zeros(vr.shape, np.float32)
         pos = halo.positions
         blocks += [(int(pos[a]), kr[:, :, a:b], vr[:, :, a:b], dk_far[:, :, a:b], dv_far[:, :, a:b])
                    for a, b in segments(pos)]

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from .. import faults, grad, local
+from ..backend import array_module
 from ..comm import UserOp
 from ..merge import empty_state, merge
 from ..profile import phase
@@ -50,7 +51,7 @@ def _allreduce(comm, buf, op, topo, ranks_per_node):
     out = node.reduce(buf, op, root=0)
     if leaders is not None:
         out = leaders.allreduce(out, op)
-    return node.bcast(out if out is not None else np.empty_like(buf), root=0)
+    return node.bcast(out if out is not None else array_module(buf).empty_like(buf), root=0)
 
 
 def combine(comm, o, lse, method=DEFAULT_METHOD, ranks_per_node=None, topo=None):
@@ -64,20 +65,21 @@ def combine(comm, o, lse, method=DEFAULT_METHOD, ranks_per_node=None, topo=None)
     topo = hierarchical(comm, ranks_per_node) if topo is None else topo
     reduce = functools.partial(_allreduce, comm, topo=topo, ranks_per_node=ranks_per_node)
     D = o.shape[-1]
-    if method == "packed":
-        buf = np.concatenate([lse[..., None], o], axis=-1).astype(np.float32, copy=False)
-        out = reduce(np.ascontiguousarray(buf), UserOp(_merge_rows, D + 1))
-        return np.ascontiguousarray(out[..., 1:]), np.ascontiguousarray(out[..., 0])
+    xp = array_module(o)
+    if method == "packed":  # the UserOp is NumPy: device rows go through host memory (comm.py)
+        buf = xp.concatenate([lse[..., None], o], axis=-1).astype(np.float32, copy=False)
+        out = reduce(xp.ascontiguousarray(buf), UserOp(_merge_rows, D + 1))
+        return xp.ascontiguousarray(out[..., 1:]), xp.ascontiguousarray(out[..., 0])
     if method != "three":
         raise ValueError(f"unknown tree combine {method!r}; expected one of {METHODS}")
-    m = reduce(np.ascontiguousarray(lse, dtype=np.float32), "max")
-    ref = np.where(np.isneginf(m), 0, m)
-    w = np.exp(lse - ref)
-    num = reduce(np.ascontiguousarray(w[..., None] * o, dtype=np.float32), "sum")
-    den = reduce(np.ascontiguousarray(w, dtype=np.float32), "sum")
-    o = num / np.where(den > 0, den, 1)[..., None]
+    m = reduce(xp.ascontiguousarray(lse, dtype=np.float32), "max")
+    ref = xp.where(xp.isneginf(m), 0, m)
+    w = xp.exp(lse - ref)
+    num = reduce(xp.ascontiguousarray(w[..., None] * o, dtype=np.float32), "sum")
+    den = reduce(xp.ascontiguousarray(w, dtype=np.float32), "sum")
+    o = num / xp.where(den > 0, den, 1)[..., None]
     with np.errstate(divide="ignore"):
-        lse = (ref + np.log(den)).astype(np.float32)
+        lse = (ref + xp.log(den)).astype(np.float32)
     return o.astype(np.float32, copy=False), lse
 
 
@@ -86,8 +88,9 @@ def replicate(comm, q, qpos, rows):
     qpos (nq_r,) -> (sum,). rows: (P,) the nq_r of every rank. Collective."""
     if comm.size == 1:
         return q, qpos
-    qt = comm.allgather_rows(np.moveaxis(q, 3, 0), rows)
-    return np.ascontiguousarray(np.moveaxis(qt, 0, 3)), comm.allgather_rows(qpos, rows)
+    xp = array_module(q)
+    qt = comm.allgather_rows(xp.moveaxis(q, 3, 0), rows)
+    return xp.ascontiguousarray(xp.moveaxis(qt, 0, 3)), comm.allgather_rows(qpos, rows)
 
 
 def partial(q, qpos, shard, rank):
@@ -102,7 +105,7 @@ def partial(q, qpos, shard, rank):
             o, lse = (po, pl) if o is None else merge(o, lse, po, pl)
         edges += n
     if o is None:
-        o, lse = empty_state(np, q.shape[:-1], q.shape[-1])
+        o, lse = empty_state(array_module(q), q.shape[:-1], q.shape[-1])
     return o, lse, edges
 
 
@@ -127,18 +130,21 @@ def backward_rows(comm, shard, q, qpos, do, lse, delta, rows, dk, dv):
     over its own keys into dk, dv and computes their dQ partial, and the partials are summed
     by Allreduce. rows: (P,) the n_r of every rank. Returns this rank's dq (float32)."""
     r, D = comm.rank, q.shape[-1]
-    pack = np.concatenate([q.astype(np.float32), do.astype(np.float32), lse[..., None],
-                           delta[..., None]], axis=-1)
+    xp, q_dtype, do_dtype = array_module(q), q.dtype, do.dtype
+    pack = xp.concatenate([q.astype(np.float32), do.astype(np.float32), lse[..., None].astype(np.float32),
+                           delta[..., None].astype(np.float32)], axis=-1)
     pack, qpos = replicate(comm, pack, qpos, rows)
-    q, do, lse, delta = pack[..., :D], pack[..., D:2 * D], pack[..., 2 * D], pack[..., 2 * D + 1]
-    dq = np.zeros(q.shape, np.float32)
+    # q, dO back in the input dtype (exact: they were widened): the GPU kernel takes one dtype
+    q, do = pack[..., :D].astype(q_dtype), pack[..., D:2 * D].astype(do_dtype)
+    lse, delta = pack[..., 2 * D], pack[..., 2 * D + 1]
+    dq = xp.zeros(q.shape, np.float32)
     t = time.perf_counter()
     for start, sl in zip(*shard.key_runs(r)):
         shard.stats["edges"] += grad.backward(q, qpos, shard.k[:, :, sl], shard.v[:, :, sl], start,
                                               shard.mask, shard.scale, do, lse, delta, dq,
                                               dk[:, :, sl], dv[:, :, sl])[3]
     shard.stats["compute_s"] += time.perf_counter() - t
-    dq = comm.allreduce(np.ascontiguousarray(dq), "sum") if comm.size > 1 else dq
+    dq = comm.allreduce(xp.ascontiguousarray(dq), "sum") if comm.size > 1 else dq
     a = int(np.sum(rows[:r]))
     return dq[:, :, :, a:a + int(rows[r])]
 
@@ -149,7 +155,8 @@ def backward(comm, shard, o, lse, do):
     number of queries only: the packed gather of q, dO, lse, D and the Allreduce of dQ."""
     B, Hkv, G, nq, D = shard.q.shape
     nk = shard.k.shape[2]
-    dk, dv = np.zeros((B, Hkv, nk, D), np.float32), np.zeros((B, Hkv, nk, D), np.float32)
+    xp = array_module(shard.k)
+    dk, dv = xp.zeros((B, Hkv, nk, D), np.float32), xp.zeros((B, Hkv, nk, D), np.float32)
     dq = backward_rows(comm, shard, shard.q, shard.qpos, do, lse, grad.row_delta(do, o),
                        np.diff(shard.q_offsets), dk, dv)
     return dq, dk, dv
