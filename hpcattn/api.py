@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from .backend import array_module
-from .comm import Comm
+from .comm import counted
 from .errors import HpcattnError
 from .masks import Mask, parse
 from .partition import positions, segments
@@ -110,15 +110,15 @@ def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None,
     Returns (o, lse) on every rank: o (B, nq, H, D) in q's dtype, lse (B, H, nq) float32.
     If `stats` is a dict, compute_s, edges and the variant used are added to it.
     """
-    comm = Comm.wrap(comm)
-    shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node)
-    xp = array_module(q)
-    B, nq, H, D = q.shape
-    module, name = choose(variant, shard)
-    o, lse = module.forward(comm, shard)
-    if stats is not None:
-        stats.update(shard.stats, variant=name)
-    return from_heads(o, q.dtype), xp.ascontiguousarray(lse.reshape(B, H, nq))
+    with counted(comm) as comm:
+        shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node)
+        xp = array_module(q)
+        B, nq, H, D = q.shape
+        module, name = choose(variant, shard)
+        o, lse = module.forward(comm, shard)
+        if stats is not None:
+            stats.update(shard.stats, variant=name)
+        return from_heads(o, q.dtype), xp.ascontiguousarray(lse.reshape(B, H, nq))
 
 
 def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="auto",
@@ -130,21 +130,21 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
     output gradient do (like q). Returns dq like q and dk, dv like k, v, in the input dtype
     (accumulated in float32): this rank's rows of the gradients of sum(o * do).
     """
-    comm = Comm.wrap(comm)
-    shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node)
-    for name, x in (("o", o), ("do", do)):
-        if x.shape != q.shape:
-            raise HpcattnError(f"{name} must be shaped like q {q.shape}, got {x.shape}")
-    B, nq, H, D = q.shape
-    Hkv = k.shape[2]
-    if lse.shape != (B, H, nq):
-        raise HpcattnError(f"lse must have shape {(B, H, nq)}, got {lse.shape}")
-    module, name = choose(variant, shard)
-    if not hasattr(module, "backward"):
-        raise HpcattnError(f"variant {name!r} has no backward pass")
-    dq, dk, dv = module.backward(comm, shard, to_heads(o, Hkv), lse.reshape(B, Hkv, H // Hkv, nq)
-                                 .astype("float32"), to_heads(do, Hkv))
-    if stats is not None:
-        stats.update(shard.stats, variant=name)
-    return (from_heads(dq, q.dtype), from_heads(dk[:, :, None], k.dtype),
-            from_heads(dv[:, :, None], v.dtype))
+    with counted(comm) as comm:
+        shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node)
+        for name, x in (("o", o), ("do", do)):
+            if x.shape != q.shape:
+                raise HpcattnError(f"{name} must be shaped like q {q.shape}, got {x.shape}")
+        B, nq, H, D = q.shape
+        Hkv = k.shape[2]
+        if lse.shape != (B, H, nq):
+            raise HpcattnError(f"lse must have shape {(B, H, nq)}, got {lse.shape}")
+        module, name = choose(variant, shard)
+        if not hasattr(module, "backward"):
+            raise HpcattnError(f"variant {name!r} has no backward pass")
+        dq, dk, dv = module.backward(comm, shard, to_heads(o, Hkv), lse.reshape(B, Hkv, H // Hkv, nq)
+                                     .astype("float32"), to_heads(do, Hkv))
+        if stats is not None:
+            stats.update(shard.stats, variant=name)
+        return (from_heads(dq, q.dtype), from_heads(dk[:, :, None], k.dtype),
+                from_heads(dv[:, :, None], v.dtype))

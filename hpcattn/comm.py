@@ -5,6 +5,7 @@ Variants use `exchange` (post sends/receives now, `wait` later) for overlap and 
 below; none calls MPI directly. Arrays may be NumPy or CuPy: device arrays move by the
 transport chosen with `use_transport` (transport.py: CUDA-aware MPI, NCCL or pinned staging).
 """
+import contextlib
 import pickle
 import time
 
@@ -27,6 +28,11 @@ def _staged(array):
         return array, lambda x: x
     import cupy
     return array.get(), lambda x: None if x is None else cupy.asarray(x)
+
+
+# MPI ops and their datatypes belong to the process, not to a communicator, and MPI
+# libraries allow only a few user ops: one per (fn, row width, dtype) for the process's life.
+_USER_OPS = {}
 
 
 class Pending:
@@ -81,7 +87,7 @@ class Comm:
         self.comm_s = 0.0
         self._outstanding = []
         self.parent = parent
-        self._ops, self._children, self._groups = {}, [], {}
+        self._children, self._groups = [], {}
         # device arrays are staged through host memory until use_transport says more; a
         # sub-communicator never reuses its parent's NCCL communicator (other ranks, other ids)
         inherit = parent is not None and parent.transport.name != "nccl"
@@ -94,19 +100,11 @@ class Comm:
         self.transport = transport.choose(self, requested, backend)
         return self.transport.name
 
-    @classmethod
-    def wrap(cls, comm):
-        """A Comm for `comm`: itself if already counted, else a counted duplicate."""
-        return comm if isinstance(comm, cls) else cls(comm)
-
     def free(self):
-        """Release this communicator, its sub-communicators and its user ops."""
+        """Release this communicator and its sub-communicators."""
         for child in self._children:
             child.free()
-        for op, dtype in self._ops.values():
-            op.Free()
-            dtype.Free()
-        self._children, self._ops, self._groups = [], {}, {}
+        self._children, self._groups = [], {}
         self.mpi.Free()
 
     def _count(self, sent=0, received=0, seconds=0.0):
@@ -155,15 +153,15 @@ class Comm:
         if array.dtype != op.dtype or array.size % op.width:
             raise ValueError(f"UserOp over rows of {op.width} {op.dtype} got {array.size} {array.dtype}")
         key = (op.fn, op.width, op.dtype.str, op.commute)
-        if key not in self._ops:
+        if key not in _USER_OPS:
             row = MPI.Datatype.fromcode(op.dtype.char).Create_contiguous(op.width).Commit()
 
             def call(inbuf, inoutbuf, datatype, fn=op.fn, width=op.width, dtype=op.dtype):
                 fn(np.frombuffer(inbuf, dtype=dtype).reshape(-1, width),
                    np.frombuffer(inoutbuf, dtype=dtype).reshape(-1, width))
 
-            self._ops[key] = (MPI.Op.Create(call, commute=op.commute), row)
-        mpi_op, row = self._ops[key]
+            _USER_OPS[key] = (MPI.Op.Create(call, commute=op.commute), row)
+        mpi_op, row = _USER_OPS[key]
         return mpi_op, [array, array.size // op.width, row]
 
     def allreduce(self, array, op="sum"):
@@ -363,3 +361,17 @@ class Comm:
 
     def counters(self):
         return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "comm_s": self.comm_s}
+
+
+@contextlib.contextmanager
+def counted(comm):
+    """A Comm for the duration of one call: `comm` itself if it already counts, else a counted
+    duplicate of it (or of COMM_WORLD), freed afterwards so repeated calls leak nothing."""
+    if isinstance(comm, Comm):
+        yield comm
+        return
+    c = Comm(comm)
+    try:
+        yield c
+    finally:
+        c.free()

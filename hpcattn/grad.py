@@ -9,6 +9,8 @@ reach and run dense float32 BLAS blocks over those spans only (masked elementwis
 head's dK, dV sum over its G query heads (the G*tile rows of one matmul).
 """
 
+import numpy as np
+
 from .backend import array_module
 
 Q_TILE = 256

@@ -3,7 +3,6 @@ import math
 import resource
 import time
 
-import numpy as np
 
 from . import __version__, faults, gpu, h5io, outofcore
 from .api import attention, attention_backward

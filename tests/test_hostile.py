@@ -4,7 +4,6 @@ a non-zero exit on every rank within seconds, and no file under the output name.
 Cases are listed (and counted) in tests/README.md; keep the two in step.
 """
 import os
-import shutil
 import subprocess
 import sys
 import tempfile

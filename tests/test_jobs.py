@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 
 from conftest import BIN, LAUNCH_TIMEOUT, mpiexec
