@@ -115,6 +115,7 @@ def test_allreduce_of_device_arrays(transport):
     assert isinstance(out, cp.ndarray)
     expect = np.arange(10) * world.size + sum(range(world.size))
     assert np.allclose(out.get(), expect)
-    assert comm.allreduce(x, "max").get()[0] == world.size - 1
     assert comm.bytes_sent - before == (x.nbytes if world.size > 1 else 0)
+    assert comm.allreduce(x, "max").get()[0] == world.size - 1
+    assert comm.bytes_sent - before == (2 * x.nbytes if world.size > 1 else 0)
     comm.free()
