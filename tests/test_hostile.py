@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import BIN
-from hpcattn import h5io, validate
+from hpcattn import h5io, masks, validate
 from hpcattn.cli import main
 from hpcattn.errors import HpcattnError
 from hpcattn.generate import generate
@@ -416,24 +416,24 @@ def test_verify_refuses_damaged_results(tmp_path, capsys, case):
 
 # ---------------------------------------------------------------- explicit (CSR) masks
 def check_csr(indptr, indices, n_keys, row0=0, n_rows=None):
-    """Check a whole CSR (or the rows from row0), as a rank would: offsets first, then indices."""
+    """Check a whole CSR (n_rows None), or rows as a rank reads them (indices sliced to those
+    rows), with the mask's own validator."""
     indptr, indices = np.asarray(indptr), np.asarray(indices)
-    n_rows = len(indptr) - 1 + row0 if n_rows is None else n_rows
-    nnz = len(indices) if row0 == 0 else int(indptr[-1])
-    validate.csr_offsets("m.h5", indptr, nnz, n_rows, row0)
-    validate.csr_indices("m.h5", indptr, indices[indptr[0]:indptr[-1]] if row0 == 0 else indices, n_keys, row0)
+    if n_rows is not None and row0 == 0:
+        indices = indices[:indptr[-1]]
+    return masks.check_csr(indptr, indices, n_keys, row0=row0)
 
 
 BAD_CSR = {
-    "unsorted": (([0, 3, 5], [0, 2, 1, 0, 4], 6), "row 0 must be sorted"),
-    "duplicate": (([0, 2, 4], [0, 1, 3, 3], 6), "row 1 must be sorted without duplicates, got 3 then 3"),
-    "negative": (([0, 1, 2], [0, -1], 6), "must lie in [0, 6), got -1 at entry 1"),
-    "out_of_range": (([0, 1, 2], [0, 6], 6), "must lie in [0, 6), got 6"),
-    "indptr_decreasing": (([0, 2, 1, 3], [0, 1, 2], 6), "decreases at row 1"),
-    "indptr_past_nnz": (([0, 1, 9], [0, 1], 6), "must lie in [0, 2]"),
-    "indptr_negative": (([0, -1, 2], [0, 1], 6), "must lie in [0, 2]"),
-    "indptr_not_from_0": (([1, 2, 2], [0, 1], 6), "must start at 0"),
-    "indptr_short_of_nnz": (([0, 1, 1], [0, 1], 6), "must end at 2"),
+    "unsorted": (([0, 3, 5], [0, 2, 1, 0, 4], 6), "unsorted column 1 in row 0"),
+    "duplicate": (([0, 2, 4], [0, 1, 3, 3], 6), "duplicate column 3 in row 1"),
+    "negative": (([0, 1, 2], [0, -1], 6), "out of range: -1 in row 1"),
+    "out_of_range": (([0, 1, 2], [0, 6], 6), "out of range: 6 in row 1"),
+    "indptr_decreasing": (([0, 2, 1, 3], [0, 1, 2], 6), "never decrease (row 1)"),
+    "indptr_past_nnz": (([0, 1, 9], [0, 1], 6), "ends at 9 but mask/indices has 2 entries"),
+    "indptr_negative": (([0, -1, 2], [0, 1], 6), "never decrease (row 0)"),
+    "indptr_not_from_0": (([1, 2, 2], [0, 1], 6), "(starts at 1)"),
+    "indptr_short_of_nnz": (([0, 1, 1], [0, 1], 6), "ends at 1 but mask/indices has 2 entries"),
 }
 
 
@@ -445,14 +445,14 @@ def test_bad_csr_is_refused_naming_the_problem(case):
     assert words in str(e.value)
 
 
-@pytest.mark.parametrize("shapes, words", [
-    (((3,), (5,), "int64", "int64", 3), "must have 4 entries"),
-    (((4, 1), (5,), "int64", "int64", 3), "indptr must be 1-D integers"),
-    (((4,), (5,), "int64", "float32", 3), "indices must be 1-D integers"),
+@pytest.mark.parametrize("indptr, indices, words", [
+    (np.zeros(3, "int64"), np.zeros(0, "int64"), "must have 4 entries"),
+    (np.zeros((4, 1), "int64"), np.zeros(0, "int64"), "indptr must be 1-D"),
+    (np.zeros(4, "int64"), np.zeros(0, "float32"), "indices must hold integers"),
 ])
-def test_bad_csr_layout_is_refused(shapes, words):
+def test_bad_csr_layout_is_refused(indptr, indices, words):
     with pytest.raises(HpcattnError, match=words):
-        validate.csr_layout("m.h5", *shapes)
+        masks.check_csr(indptr, indices, 6, n_rows_total=3)
 
 
 @st.composite
