@@ -36,7 +36,7 @@ test-serial: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not mpi" tests
 
 test-mpi: $(VENV)/.installed
-	for n in 2 3 4; do \
+	for n in 1 2 3 4; do \
 	  echo "== MPI tests on $$n ranks"; \
 	  timeout $(TEST_TIMEOUT) $(BIN)/mpiexec -n $$n $(BIN)/python -m mpi4py -m pytest --with-mpi -m mpi \
 	    -p no:cacheprovider -q tests || exit 1; \
