@@ -19,8 +19,9 @@ from hpcattn.outofcore import CRASH_VAR
 PHDF5_PYTHON = os.environ.get("HPCATTN_PHDF5_PYTHON")
 PHDF5_MPIEXEC = os.environ.get("HPCATTN_PHDF5_MPIEXEC", "/usr/bin/mpiexec")
 # BLAS sums in an order that depends on its thread count, and the two launchers bind ranks to
-# different numbers of cores: pin one thread so both stacks do the same arithmetic.
-SAME_MATH = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+# different numbers of cores (so does the kernel's own thread pool, which cuts rows by thread):
+# pin one thread of each so both stacks do the same arithmetic.
+SAME_MATH = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HPCATTN_THREADS": "1"}
 pytestmark = pytest.mark.skipif(not PHDF5_PYTHON, reason="HPCATTN_PHDF5_PYTHON not set (see DEVELOPERS.md)")
 
 
