@@ -2,6 +2,7 @@
 import argparse
 import os
 import sys
+import time
 import traceback
 
 from . import __version__, plot, profile, sweep
@@ -21,7 +22,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         if _launcher_rank() == 0:
             self.print_usage(sys.stderr)
-            print(f"hpcattn: error: {message}", file=sys.stderr)
+            print(f"hpcattn: error: {message}", file=sys.stderr, flush=True)
+        else:  # every rank fails alike; let rank 0 print before the launcher ends the job
+            time.sleep(2)
         raise SystemExit(2)
 
 
