@@ -29,10 +29,6 @@ def enable(on=True):
     _events.clear()
 
 
-def enabled():
-    return _enabled
-
-
 def _now_us():
     return _t0 + time.perf_counter() * 1e6
 
