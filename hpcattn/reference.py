@@ -12,10 +12,27 @@ def reference(q, k, v, qpos, mask, scale, keys=None):
     Returns o (B, nr, H, D) float64 and lse (B, H, nr) float64 (-inf and 0 for empty rows).
     """
     B, nr, H, D = q.shape
-    N, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
     o = np.zeros((B, nr, H, D))
     lse = np.full((B, H, nr), -np.inf)
+    for b, hk, h, rows, allowed, kk, vv in _blocks(q, k, v, qpos, mask, keys):
+        s = np.where(allowed, scale * (np.asarray(q[b, rows, h], dtype=np.float64) @ kk.T), -np.inf)
+        m = s.max(axis=1, initial=-np.inf)
+        m_ref = np.where(np.isneginf(m), 0.0, m)
+        p = np.exp(s - m_ref[:, None])
+        denom = p.sum(axis=1)
+        o[b, rows, h] = (p @ vv) / np.where(denom > 0, denom, 1)[:, None]
+        with np.errstate(divide="ignore"):
+            lse[b, h, rows] = m_ref + np.log(denom)
+    return o, lse
+
+
+def _blocks(q, k, v, qpos, mask, keys=None):
+    """Yield (b, kv head, query head, row slice, allowed, k, v in float64) over every batch,
+    kv head, batch of query rows (bounded score memory) and query head of that kv head: the
+    one loop nest of both references."""
+    B, nr, H, _ = q.shape
+    N, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
     step = max(1, REF_ELEMS // max(1, N))
     keys = np.arange(N) if keys is None else np.asarray(keys, dtype=np.int64)
     for b in range(B):
@@ -23,20 +40,10 @@ def reference(q, k, v, qpos, mask, scale, keys=None):
             kk = np.asarray(k[b, :, hk], dtype=np.float64)
             vv = np.asarray(v[b, :, hk], dtype=np.float64)
             for r0 in range(0, nr, step):
-                r1 = min(nr, r0 + step)
-                allowed = mask.allowed(np.asarray(qpos[r0:r1])[:, None], keys[None, :])
-                for g in range(G):
-                    h = hk * G + g
-                    s = scale * (np.asarray(q[b, r0:r1, h], dtype=np.float64) @ kk.T)
-                    s = np.where(allowed, s, -np.inf)
-                    m = s.max(axis=1, initial=-np.inf)
-                    m_ref = np.where(np.isneginf(m), 0.0, m)
-                    p = np.exp(s - m_ref[:, None])
-                    denom = p.sum(axis=1)
-                    o[b, r0:r1, h] = (p @ vv) / np.where(denom > 0, denom, 1)[:, None]
-                    with np.errstate(divide="ignore"):
-                        lse[b, h, r0:r1] = m_ref + np.log(denom)
-    return o, lse
+                rows = slice(r0, min(nr, r0 + step))
+                allowed = mask.allowed(np.asarray(qpos[rows])[:, None], keys[None, :])
+                for h in range(hk * G, (hk + 1) * G):
+                    yield b, hk, h, rows, allowed, kk, vv
 
 
 def errors(o, lse, o_ref, lse_ref):
@@ -72,31 +79,21 @@ def reference_backward(q, k, v, do, qpos, mask, scale):
     """
     B, nr, H, D = q.shape
     N, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
     dq = np.zeros((B, nr, H, D))
     dk = np.zeros((B, N, Hkv, D))
     dv = np.zeros((B, N, Hkv, D))
-    step = max(1, REF_ELEMS // max(1, N))
-    keys = np.arange(N)
-    for b in range(B):
-        for hk in range(Hkv):
-            kk = np.asarray(k[b, :, hk], dtype=np.float64)
-            vv = np.asarray(v[b, :, hk], dtype=np.float64)
-            for r0 in range(0, nr, step):
-                r1 = min(nr, r0 + step)
-                allowed = mask.allowed(np.asarray(qpos[r0:r1])[:, None], keys[None, :])
-                for h in range(hk * G, (hk + 1) * G):
-                    qq = np.asarray(q[b, r0:r1, h], dtype=np.float64)
-                    gg = np.asarray(do[b, r0:r1, h], dtype=np.float64)
-                    s = np.where(allowed, scale * (qq @ kk.T), -np.inf)
-                    m = s.max(axis=1, initial=-np.inf)
-                    p = np.exp(s - np.where(np.isneginf(m), 0.0, m)[:, None])
-                    denom = p.sum(axis=1)
-                    p /= np.where(denom > 0, denom, 1)[:, None]
-                    ds = p * (gg @ vv.T - (gg * (p @ vv)).sum(axis=1)[:, None])
-                    dv[b, :, hk] += p.T @ gg
-                    dq[b, r0:r1, h] = scale * ds @ kk
-                    dk[b, :, hk] += scale * ds.T @ qq
+    for b, hk, h, rows, allowed, kk, vv in _blocks(q, k, v, qpos, mask):
+        qq = np.asarray(q[b, rows, h], dtype=np.float64)
+        gg = np.asarray(do[b, rows, h], dtype=np.float64)
+        s = np.where(allowed, scale * (qq @ kk.T), -np.inf)
+        m = s.max(axis=1, initial=-np.inf)
+        p = np.exp(s - np.where(np.isneginf(m), 0.0, m)[:, None])
+        denom = p.sum(axis=1)
+        p /= np.where(denom > 0, denom, 1)[:, None]
+        ds = p * (gg @ vv.T - (gg * (p @ vv)).sum(axis=1)[:, None])
+        dv[b, :, hk] += p.T @ gg
+        dq[b, rows, h] = scale * ds @ kk
+        dk[b, :, hk] += scale * ds.T @ qq
     return dq, dk, dv
 
 
