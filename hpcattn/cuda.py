@@ -17,17 +17,36 @@ CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 DMAXES = (64, 128, 256)
 BQ, BK, THREADS = 16, 32, 128  # must match kernels/attend.cu
 MAX_TERMS = 8                  # HPCATTN_MAX_TERMS in kernels/mask.cuh
+MK = 64  # MK in kernels/attend_mma.cu
+# attend_fwd_mma's shape per head dim: (warps per block, 16-row MMA tiles per warp, q kept in
+# registers, K/V buffers, blocks per SM asked of the register allocator): the fastest of
+# jobs/mma_tune.py's candidates on an H100 (BENCHMARKS.md, issue 10)
+MMA_SHAPES = {32: (2, 2, True, 3, 1), 64: (2, 2, True, 3, 1), 96: (4, 1, True, 2, 1), 128: (4, 1, True, 2, 1)}
+MMA_DIMS = tuple(MMA_SHAPES)
+
+
+def mma_name(ctype, D, otype, shape=None):
+    w, rm, qreg, st, minb = shape or MMA_SHAPES[D]
+    return f"attend_fwd_mma<{ctype}, {D}, {otype}, {w}, {rm}, {str(qreg).lower()}, {st}, {minb}>"
+
+
+def mma_smem(D, shape=None):
+    """Shared bytes of attend_fwd_mma: its K and V tile buffers (half precision, rows padded by
+    8), plus the q rows unless they stay in registers (then they pass through a K/V buffer)."""
+    w, rm, qreg, st, _ = shape or MMA_SHAPES[D]
+    return (2 * st * MK + (0 if qreg else 16 * rm * w)) * (D + 8) * 2
+
+
 SOURCES = {
     "attend.cu": tuple(f"attend_{d}<{t}, {m}>" for d in ("fwd", "bwd") for t in CTYPES.values()
                        for m in DMAXES),
-    "attend_mma.cu": tuple(f"attend_fwd_mma<{t}, {d}, {o}>" for t in ("__half", "__nv_bfloat16")
+    "attend_mma.cu": tuple(mma_name(t, d, o) for t in ("__half", "__nv_bfloat16")
                            for d in (32, 64, 96, 128) for o in ("float", t)),
     "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()
                                                   for m in DMAXES),
     "merge.cu": ("merge_states",),
 }
 ROW_WARPS = 4  # RWARPS in kernels/attend_rows.cu
-MQ, MK, MMA_DIMS = 64, 64, (32, 64, 96, 128)  # must match kernels/attend_mma.cu
 OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
 _modules = {}
 _cache = {}
@@ -97,7 +116,8 @@ def listed_terms(mask):
 
 def mask_words(mask):
     """The device encoding of a mask's implicit terms and causal flag (kernels/mask.cuh):
-    int64 [n, causal, (kind, a, b)*n]. Listed terms (random, csr) are left to attend_rows."""
+    int64 [n, causal, (kind, a, b)*n, zeros to MAX_TERMS]. Listed terms (random, csr) are left
+    to attend_rows."""
     words, n = [], 0
     for t in mask.terms:
         if hasattr(t, "columns"):
@@ -117,6 +137,7 @@ def mask_words(mask):
             raise HpcattnError(f"mask term {t!r} of {mask.spec!r} has no GPU kernel yet")
     if n > MAX_TERMS:
         raise HpcattnError(f"mask {mask.spec!r} has {n} terms; the GPU kernels take {MAX_TERMS}")
+    words += [0] * (3 * MAX_TERMS - len(words))  # fixed length: a warp reads it in one step
     return np.array([n, int(mask.causal), *words], dtype=np.int64)
 
 
@@ -156,16 +177,17 @@ def _positions(qpos):
     return qpos
 
 
-def _launch(name, grid, smem, args):
+def _launch(name, grid, smem, args, threads=THREADS):
     f = kernel(name)
     if smem > 48 * 1024:
         f.max_dynamic_shared_size_bytes = smem
-    f(grid, (THREADS,), args, shared_mem=smem)
+    f(grid, (threads,), args, shared_mem=smem)
 
 
-def _mma_smem(ctype, D):
-    t = 4 if ctype == "float" else 2
-    return (MQ + 2 * MK) * (D + 8) * t + 4 * 16 * (MK + 4) * 4 + 4 * 16 * (MK + 8) * t + 4 * 16 * (D + 4) * 4
+def _launch_mma(ctype, D, otype, nq, heads, args):
+    w, rm = MMA_SHAPES[D][:2]
+    rows = 16 * rm * w
+    _launch(mma_name(ctype, D, otype), ((nq + rows - 1) // rows, heads), mma_smem(D), args, threads=32 * w)
 
 
 def attend(q, qpos, k, v, k0, mask, scale, bf16=False, kernel_kind="auto"):
@@ -200,15 +222,15 @@ def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
     o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)  # the kernels write every row
     lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
     edges = cp.zeros(1, dtype=cp.uint64)
-    mma_ok = ctype != "float" and D in MMA_DIMS
+    mma_ok = ctype != "float" and D in MMA_DIMS and scale > 0
     if kernel_kind == "mma" and not mma_ok:
-        raise HpcattnError(f"the tensor-core kernel takes float16/bfloat16 with D in {MMA_DIMS}")
+        raise HpcattnError(f"the tensor-core kernel takes float16/bfloat16 with D in {MMA_DIMS} and scale > 0")
     common = (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
               cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words), np.int32(nq),
               np.int32(nk))
     if mma_ok and kernel_kind != "simt":
-        _launch(f"attend_fwd_mma<{ctype}, {D}, float>", ((nq + MQ - 1) // MQ, B * Hkv * G), _mma_smem(ctype, D),
-                common + (np.int32(G), np.int64(k0), np.float32(scale), np.int64(0)))
+        _launch_mma(ctype, D, "float", nq, B * Hkv * G, common + (np.int32(G), np.int64(k0), np.float32(scale),
+                                                                  np.int64(0)))
     else:
         smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
         _launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
@@ -228,8 +250,8 @@ def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None):
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     ctype, _ = _check(q, None, k, v, k0, bf16)
-    if ctype == "float" or D not in MMA_DIMS or listed_terms(mask):
-        raise HpcattnError(f"attend_lean takes float16/bfloat16, D in {MMA_DIMS} and implicit mask terms")
+    if ctype == "float" or D not in MMA_DIMS or listed_terms(mask) or not scale > 0:
+        raise HpcattnError(f"attend_lean takes float16/bfloat16, D in {MMA_DIMS}, implicit mask terms and scale > 0")
     if not 0 <= q0 <= 2**62 - nq:
         raise HpcattnError(f"query offset {q0} with {nq} rows leaves [0, 2**62)")
     q = cp.ascontiguousarray(q)
@@ -239,11 +261,10 @@ def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None):
     lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
     edges = cp.zeros(1, dtype=cp.uint64)
     if nq and nk and B * Hkv * G:
-        _launch(f"attend_fwd_mma<{ctype}, {D}, {ctype}>", ((nq + MQ - 1) // MQ, B * Hkv * G),
-                _mma_smem(ctype, D),
-                (q, np.uintp(0), cp.ascontiguousarray(k), cp.ascontiguousarray(v), o, lse,
-                 edges, _device_copy("mask", mask, mask_words), np.int32(nq), np.int32(nk), np.int32(G),
-                 np.int64(k0), np.float32(scale), np.int64(q0)))
+        _launch_mma(ctype, D, ctype, nq, B * Hkv * G,
+                    (q, np.uintp(0), cp.ascontiguousarray(k), cp.ascontiguousarray(v), o, lse, edges,
+                     _device_copy("mask", mask, mask_words), np.int32(nq), np.int32(nk), np.int32(G),
+                     np.int64(k0), np.float32(scale), np.int64(q0)))
     else:
         o.fill(0)
         lse.fill(-np.inf)

@@ -1,177 +1,372 @@
-// Local sparse attention forward on tensor cores (wmma, HMMA) for float16/bfloat16 with head
-// dim D in {32, 64, 96, 128}: same contract and mask handling as attend_fwd in attend.cu.
-// A block of 4 warps takes 64 query rows (16 per warp) of one query head and walks the
-// 64-key tiles of the block's key spans: S = Q K^T and O += P V run as 16x16x16 MMAs,
-// the online softmax runs on S in shared memory (two lanes per row), O lives in shared
-// memory as float32 so that its per-row rescale needs no knowledge of fragment layouts.
-#include <mma.h>
+// Local sparse attention forward on tensor cores for float16/bfloat16 with head dim D in
+// {32, 64, 96, 128}: same contract and mask handling as attend_fwd in attend.cu.
+// FlashAttention-2's scheme with PTX mma.sync m16n8k16: a block of W warps takes 16*RM*W query
+// rows of one query head (RM 16-row MMA tiles per warp) and walks the MK-key tiles of the
+// block's key spans.
+// K and V tiles rotate through ST shared-memory buffers filled by cp.async ST - 1 tiles ahead;
+// S, P and O stay in registers (P is re-packed from S's accumulators as the A operand of P*V).
+// Issuing the next tile's S before this tile's softmax (FlashAttention-3's overlap) was
+// measured slower here: it costs registers, hence resident blocks (jobs/mma_tune.py). Tiles wholly inside the mask take no per-pair test; the others build one
+// 64-bit row mask per query row from the mask terms' intervals.
 #include "mask.cuh"
 
-#define MQ 64
 #define MK 64
-#define MWARPS 4
 #define MLOG2E 1.4426950408889634f
 #define MLN2 0.6931471805599453f
 
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <typename T> __device__ __forceinline__ unsigned pack2(float a, float b);
+template <> __device__ __forceinline__ unsigned pack2<__half>(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<unsigned*>(&h);
+}
+template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<unsigned*>(&h);
+}
 
-// rows [0, rows) of a (rows, D) block into shared memory (row stride LD), zeros up to MK/MQ rows.
+template <typename T> __device__ __forceinline__ void store2(T* p, float a, float b);
+template <> __device__ __forceinline__ void store2<float>(float* p, float a, float b) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+template <> __device__ __forceinline__ void store2<__half>(__half* p, float a, float b) {
+    *reinterpret_cast<unsigned*>(p) = pack2<__half>(a, b);
+}
+template <> __device__ __forceinline__ void store2<__nv_bfloat16>(__nv_bfloat16* p, float a, float b) {
+    *reinterpret_cast<unsigned*>(p) = pack2<__nv_bfloat16>(a, b);
+}
+
+// c (16x8 f32) += a (16x16, row) * b (16x8, col)
+template <typename T> __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1);
+template <> __device__ __forceinline__ void mma16816<__half>(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm4(unsigned* r, const void* p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+__device__ __forceinline__ void ldsm4t(unsigned* r, const void* p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+// 16 bytes global -> shared, zero-filled when !pred (src must still be a valid address)
+__device__ __forceinline__ void cp16(void* dst, const void* src, bool pred) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(s), "l"(src), "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
+// rows [0, rows) of a (rows, D) block at src into shared memory with row stride LD, zeros up to
+// `pad` rows: asynchronous, completes with the caller's next cp_commit group.
 template <typename T, int D, int LD>
-__device__ __forceinline__ void stage(const T* __restrict__ src, int rows, int pad_to, T* dst, int tid) {
-    constexpr int VEC = 8, PER_ROW = D / VEC;
-    for (int e = tid; e < pad_to * PER_ROW; e += MWARPS * 32) {
-        const int r = e / PER_ROW, c = (e - r * PER_ROW) * VEC;
-        uint4 x = make_uint4(0u, 0u, 0u, 0u);
-        if (r < rows) x = *reinterpret_cast<const uint4*>(src + (size_t)r * D + c);
-        *reinterpret_cast<uint4*>(dst + r * LD + c) = x;
+__device__ __forceinline__ void load_tile(const T* __restrict__ src, int rows, int pad, T* dst, int tid, int nthreads) {
+    constexpr int CH = D / 8;
+    for (int e = tid; e < pad * CH; e += nthreads) {
+        const int r = e / CH, c = (e - r * CH) * 8;
+        cp16(dst + r * LD + c, src + (size_t)(r < rows ? r : 0) * D + c, r < rows);
+    }
+}
+
+// Local columns [lo, hi) clipped to [0, 64) as bits.
+__device__ __forceinline__ unsigned long long bit_range(long long lo, long long hi) {
+    lo = max(lo, 0LL);
+    hi = min(hi, 64LL);
+    if (lo >= hi) return 0ull;
+    const unsigned long long upper = hi >= 64 ? ~0ull : (1ull << hi) - 1ull;
+    return upper & ~((1ull << lo) - 1ull);
+}
+
+// Bit c set when key c0 + c (c < nkt <= 64) is an edge of the query at position i: mask_allows
+// for a whole tile row at once (window, block, global and causal are intervals).
+__device__ __forceinline__ unsigned long long row_bits(const MaskDev& m, long long i, long long c0, int nkt) {
+    const long long d = i - c0;  // the query's position in tile-local columns
+    unsigned long long bits = 0ull;
+    for (int t = 0; t < m.n; ++t) {
+        const long long a = min(m.a[t], (1LL << 62) - 1);
+        switch (m.kind[t]) {
+        case T_FULL: bits = ~0ull; break;
+        case T_WINDOW: bits |= bit_range(d - a, d + a + 1); break;
+        case T_DILATED: {
+            const long long r = m.b[t];
+            if (r == 1) { bits |= bit_range(d - a, d + a + 1); break; }
+            const long long lo = max(d - a, 0LL), hi = min(d + a + 1, 64LL);
+            for (long long c = lo + (((d - lo) % r) + r) % r; c < hi; c += r) bits |= 1ull << c;
+            break;
+        }
+        case T_BLOCK: bits |= bit_range(i / a * a - c0, (i / a + 1) * a - c0); break;
+        case T_GLOBAL: bits |= i < a ? ~0ull : bit_range(-c0, a - c0); break;
+        }
+    }
+    if (m.causal) bits &= bit_range(0, d + 1);
+    return bits & bit_range(0, nkt);
+}
+
+// Tile cursor over the spans [lo[sp], hi[sp]): the next MK-key tile after c0.
+__device__ __forceinline__ void next_tile(int& sp, long long& c0, int nsp, const long long* lo, const long long* hi) {
+    c0 += MK;
+    if (c0 >= hi[sp]) {
+        ++sp;
+        c0 = sp < nsp ? lo[sp] : 0;
+    }
+}
+
+// s = Q K^T for one key tile: RM 16 x MK blocks per warp, n-tile j holds keys 8j .. 8j+7. Q comes
+// from registers (qa) or from shared rows (Qw: this lane's ldmatrix address).
+template <typename T, int D, int RM, bool QREG, int LD>
+__device__ __forceinline__ void tile_scores(float (&s)[RM][MK / 8][4], const unsigned (&qa)[QREG ? RM : 1][QREG ? D / 16 : 1][4],
+                                            const T* Qw, const T* Kb, int lane) {
+#pragma unroll
+    for (int mi = 0; mi < RM; ++mi)
+#pragma unroll
+        for (int j = 0; j < MK / 8; ++j) s[mi][j][0] = s[mi][j][1] = s[mi][j][2] = s[mi][j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        unsigned a[RM][4];
+#pragma unroll
+        for (int mi = 0; mi < RM; ++mi) {
+            if (QREG) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) a[mi][e] = qa[QREG ? mi : 0][QREG ? kk : 0][e];
+            } else {
+                ldsm4(a[mi], Qw + mi * 16 * LD + kk * 16);
+            }
+        }
+#pragma unroll
+        for (int np = 0; np < MK / 16; ++np) {
+            unsigned b[4];
+            ldsm4(b, Kb + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int mi = 0; mi < RM; ++mi) {
+                mma16816<T>(s[mi][2 * np], a[mi], b[0], b[1]);
+                mma16816<T>(s[mi][2 * np + 1], a[mi], b[2], b[3]);
+            }
+        }
     }
 }
 
 // TO: the type o is written in (float for the merge contract; T halves o's memory where a
 // caller keeps the output as is). qpos == nullptr: query r sits at position q0 + r (no
 // position array: 8 bytes per token less for self-attention on long sequences). o may be q
-// itself (TO = T): a block stages its own q rows before the loop and writes the same rows of o
+// itself (TO = T): a block reads its own q rows before the loop and writes the same rows of o
 // after it, and no block reads another's rows, hence no __restrict__ on q and o.
-template <typename T, int D, typename TO>
-__global__ void __launch_bounds__(MWARPS * 32)
+// Shape: W warps, RM 16-row MMA tiles per warp, ST K/V buffers, MINB blocks per SM asked of the
+// register allocator. QREG: q fragments stay in registers (the q rows pass through the last
+// K/V buffer, which the loop's first prefetch then overwrites); otherwise every tile re-reads
+// them from their own shared rows.
+template <typename T, int D, typename TO, int W, int RM, bool QREG, int ST, int MINB>
+__global__ void __launch_bounds__(W * 32, MINB)
 attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
                const T* __restrict__ v, TO* o, float* __restrict__ lse,
                unsigned long long* __restrict__ edges, const long long* __restrict__ mask_words,
                int nq, int nk, int G, long long k0, float scale, long long q0) {
-    using namespace nvcuda;
-    constexpr int LDT = D + 8, LDS = MK + 4, LDP = MK + 8, LDO = D + 4;
+    constexpr int BM = 16 * RM * W, LD = D + 8, NT = W * 32, TILE = MK * LD;
+    static_assert(ST >= 2 && (!QREG || BM <= 2 * MK), "q rows must fit in one K/V buffer");
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    T* Qs = reinterpret_cast<T*>(smem_raw);              // MQ x LDT
-    T* Ks = Qs + MQ * LDT;                               // MK x LDT
-    T* Vs = Ks + MK * LDT;                               // MK x LDT
-    float* Sw = reinterpret_cast<float*>(Vs + MK * LDT); // per warp 16 x LDS
-    T* Pw = reinterpret_cast<T*>(Sw + MWARPS * 16 * LDS); // per warp 16 x LDP
-    float* Ow = reinterpret_cast<float*>(Pw + MWARPS * 16 * LDP); // per warp 16 x LDO
+    T* KV = reinterpret_cast<T*>(smem_raw);  // buffer b: K at KV + 2b*TILE, V at KV + (2b+1)*TILE
+    T* Qs = QREG ? KV + 2 * (ST - 1) * TILE : KV + 2 * ST * TILE;  // BM x LD
     __shared__ MaskDev mk;
     __shared__ long long qlo_s, qhi_s, lo_s[HPCATTN_MAX_SPANS], hi_s[HPCATTN_MAX_SPANS];
     __shared__ int nsp_s;
+    __shared__ unsigned long long edges_s;
 
     const int head = blockIdx.y, kvh = head / G;
-    const int t0 = blockIdx.x * MQ, t1 = min(nq, t0 + MQ);
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    float* S = Sw + warp * 16 * LDS;
-    T* P = Pw + warp * 16 * LDP;
-    float* O = Ow + warp * 16 * LDO;
-
-    if (tid == 0) {
-        load_mask(mask_words, mk);
-        long long lo = q0 + t0, hi = q0 + t1 - 1;
-        if (qpos) {
-            lo = hi = qpos[t0];
-            for (int r = t0 + 1; r < t1; ++r) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
-        }
-        qlo_s = lo;
-        qhi_s = hi;
-        nsp_s = mask_spans(mk, lo, hi, k0, k0 + nk, lo_s, hi_s);
-    }
-    stage<T, D, LDT>(q + ((size_t)head * nq + t0) * D, t1 - t0, MQ, Qs, tid);
-    for (int e = lane; e < 16 * LDO; e += 32) O[e] = 0.f;
-
-    // two lanes per query row: lane 2r and 2r+1 own row r of this warp, half of its columns each
-    const int row = lane >> 1, half = lane & 1, grow = t0 + warp * 16 + row;
-    const bool live = grow < t1;
-    const long long pos = !live ? 0 : qpos ? qpos[grow] : q0 + grow;
-    float m = -INFINITY, l = 0.f;
-    unsigned long long n_edges = 0;
-    const float sl2 = scale * MLOG2E;
+    const int t0 = blockIdx.x * BM, t1 = min(nq, t0 + BM);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const T* kh = k + (size_t)kvh * nk * D;
     const T* vh = v + (size_t)kvh * nk * D;
-    __syncthreads();
 
-    for (int sp = 0; sp < nsp_s; ++sp) {
-        for (long long c0 = lo_s[sp]; c0 < hi_s[sp]; c0 += MK) {
-            const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
-            const bool full = mask_tile_full(mk, qlo_s, qhi_s, c0, c0 + nkt);
-            __syncthreads();
-            stage<T, D, LDT>(kh + (size_t)(c0 - k0) * D, nkt, MK, Ks, tid);
-            stage<T, D, LDT>(vh + (size_t)(c0 - k0) * D, nkt, MK, Vs, tid);
-            __syncthreads();
-            // S = Q_w K^T
+    load_tile<T, D, LD>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qs, tid, NT);
+    cp_commit();
+    if (warp == 0) {  // positions and mask in one round trip, then the block's key spans
+        load_mask_warp(mask_words, mk, lane);
+        long long lo = q0 + t0, hi = q0 + t1 - 1;
+        if (qpos) {
+            lo = 0x7fffffffffffffffLL;
+            hi = -0x7fffffffffffffffLL - 1;
+            for (int r = t0 + lane; r < t1; r += 32) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
 #pragma unroll
-            for (int c = 0; c < MK / 16; ++c) {
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-                wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-                    wmma::load_matrix_sync(a, Qs + warp * 16 * LDT + kk * 16, LDT);
-                    wmma::load_matrix_sync(b, Ks + c * 16 * LDT + kk * 16, LDT);
-                    wmma::mma_sync(acc, a, b, acc);
-                }
-                wmma::store_matrix_sync(S + c * 16, acc, LDS, wmma::mem_row_major);
+            for (int s = 16; s > 0; s >>= 1) {
+                lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
+                hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
             }
-            __syncwarp();
-            // online softmax on this row's half (32 columns)
-            float* srow = S + row * LDS + half * 32;
-            T* prow = P + row * LDP + half * 32;
-            float tmax = -INFINITY;
-            unsigned int okbits = 0;
-#pragma unroll 8
-            for (int j = 0; j < 32; ++j) {
-                const int col = half * 32 + j;
-                const bool ok = live && col < nkt && (full || mask_allows(mk, pos, c0 + col));
-                okbits |= (unsigned int)ok << j;
-                const float s = ok ? srow[j] * sl2 : -INFINITY;
-                srow[j] = s;
-                tmax = fmaxf(tmax, s);
-            }
-            n_edges += __popc(okbits);
-            tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-            const float m_new = fmaxf(m, tmax);
-            const float alpha = m_new == -INFINITY ? 1.f : exp2f(m - m_new);
-            float psum = 0.f;
-#pragma unroll 8
-            for (int j = 0; j < 32; ++j) {
-                const float p = (okbits >> j) & 1 ? exp2f(srow[j] - m_new) : 0.f;
-                prow[j] = from_f<T>(p);
-                psum += p;
-            }
-            psum += __shfl_xor_sync(0xffffffffu, psum, 1);
-            l = l * alpha + psum;
-            m = m_new;
-            float* orow = O + row * LDO + half * (D / 2);
-#pragma unroll 8
-            for (int d = 0; d < D / 2; ++d) orow[d] *= alpha;
-            __syncwarp();
-            // O += P V
-#pragma unroll
-            for (int dt = 0; dt < D / 16; ++dt) {
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-                wmma::load_matrix_sync(acc, O + dt * 16, LDO, wmma::mem_row_major);
-#pragma unroll
-                for (int kk = 0; kk < MK / 16; ++kk) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-                    wmma::load_matrix_sync(a, P + kk * 16, LDP);
-                    wmma::load_matrix_sync(b, Vs + kk * 16 * LDT + dt * 16, LDT);
-                    wmma::mma_sync(acc, a, b, acc);
-                }
-                wmma::store_matrix_sync(O + dt * 16, acc, LDO, wmma::mem_row_major);
-            }
-            __syncwarp();
+        }
+        if (lane == 0) {
+            qlo_s = lo;
+            qhi_s = hi;
+            nsp_s = mask_spans(mk, lo, hi, k0, k0 + nk, lo_s, hi_s);
+            edges_s = 0ull;
         }
     }
-    if (live) {
-        const bool any = l > 0.f;
-        const float inv = any ? 1.f / l : 0.f;
-        const float* orow = O + row * LDO + half * (D / 2);
-        TO* out = o + ((size_t)head * nq + grow) * D + half * (D / 2);
-        for (int d = 0; d < D / 2; ++d) out[d] = from_f<TO>(orow[d] * inv);
-        if (half == 0) lse[(size_t)head * nq + grow] = any ? (m + log2f(l)) * MLN2 : -INFINITY;
+    __syncthreads();
+    const int nsp = nsp_s;
+    const long long qlo = qlo_s, qhi = qhi_s;
+    int sp = 0, fsp = 0;  // compute and fetch cursors
+    long long c0 = nsp ? lo_s[0] : 0, fc0 = c0;
+#pragma unroll
+    for (int b = 0; b < ST - 1; ++b) {  // tiles 0 .. ST - 2, one commit group each
+        if (fsp < nsp) {
+            const int n = (int)min((long long)MK, hi_s[fsp] - fc0);
+            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * D, n, MK, KV + 2 * b * TILE, tid, NT);
+            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * D, n, MK, KV + (2 * b + 1) * TILE, tid, NT);
+            next_tile(fsp, fc0, nsp, lo_s, hi_s);
+        }
+        cp_commit();
     }
-    n_edges += __shfl_down_sync(0xffffffffu, n_edges, 16);
-    n_edges += __shfl_down_sync(0xffffffffu, n_edges, 8);
-    n_edges += __shfl_down_sync(0xffffffffu, n_edges, 4);
-    n_edges += __shfl_down_sync(0xffffffffu, n_edges, 2);
-    n_edges += __shfl_down_sync(0xffffffffu, n_edges, 1);
-    if (head == 0 && lane == 0 && n_edges) atomicAdd(edges, n_edges);
+
+    int rows[RM][2];
+    long long pos[RM][2];
+    float m[RM][2], l[RM][2], oacc[RM][D / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < RM; ++mi) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = t0 + (warp * RM + mi) * 16 + g + 8 * h;
+            rows[mi][h] = r;
+            pos[mi][h] = r >= t1 ? 0 : qpos ? qpos[r] : q0 + r;
+            m[mi][h] = -INFINITY;
+            l[mi][h] = 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) oacc[mi][j][0] = oacc[mi][j][1] = oacc[mi][j][2] = oacc[mi][j][3] = 0.f;
+    }
+    // scores stay unscaled until the exponent (one FFMA each); the row max of unscaled scores
+    // times sl2 is the scaled row max because sl2 > 0 (the host checks scale > 0)
+    const float sl2 = scale * MLOG2E;
+    unsigned long long n_edges = 0;
+    const T* Qw = Qs + (warp * RM * 16 + (lane & 15)) * LD + (lane >> 4) * 8;  // this lane's ldmatrix row
+
+    unsigned qa[QREG ? RM : 1][QREG ? D / 16 : 1][4];
+    cp_wait<ST - 1>();  // the q rows
+    __syncthreads();
+    if (QREG) {
+#pragma unroll
+        for (int mi = 0; mi < RM; ++mi)
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) ldsm4(qa[QREG ? mi : 0][QREG ? kk : 0], Qw + mi * 16 * LD + kk * 16);
+        __syncthreads();  // the first prefetch overwrites the q rows
+    }
+
+    int buf = 0;
+    while (sp < nsp) {
+        const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
+        if (fsp < nsp) {  // prefetch tile i + ST - 1 into the buffer tile i - 1 used
+            const int n = (int)min((long long)MK, hi_s[fsp] - fc0), fb = buf == 0 ? ST - 1 : buf - 1;
+            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * D, n, MK, KV + 2 * fb * TILE, tid, NT);
+            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * D, n, MK, KV + (2 * fb + 1) * TILE, tid, NT);
+            next_tile(fsp, fc0, nsp, lo_s, hi_s);
+        }
+        cp_commit();
+        cp_wait<ST - 1>();  // tile i
+        __syncthreads();
+        float s[RM][MK / 8][4];
+        tile_scores<T, D, RM, QREG, LD>(s, qa, Qw, KV + 2 * buf * TILE, lane);
+
+        const bool full = nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK);
+#pragma unroll
+        for (int mi = 0; mi < RM; ++mi) {
+            if (full) {
+                if (tq == 0) n_edges += (unsigned long long)((rows[mi][0] < t1) + (rows[mi][1] < t1)) * MK;
+            } else {
+                const unsigned long long b0 = rows[mi][0] < t1 ? row_bits(mk, pos[mi][0], c0, nkt) : 0ull;
+                const unsigned long long b1 = rows[mi][1] < t1 ? row_bits(mk, pos[mi][1], c0, nkt) : 0ull;
+                if (tq == 0) n_edges += __popcll(b0) + __popcll(b1);
+                // this lane's columns 8j + 2tq + e are bits 8j + e after one shift
+                const unsigned long long c0b = b0 >> (2 * tq), c1b = b1 >> (2 * tq);
+#pragma unroll
+                for (int j = 0; j < MK / 8; ++j) {
+                    const unsigned w0 = (unsigned)(c0b >> (8 * j)), w1 = (unsigned)(c1b >> (8 * j));
+                    if (!(w0 & 1u)) s[mi][j][0] = -INFINITY;
+                    if (!(w0 & 2u)) s[mi][j][1] = -INFINITY;
+                    if (!(w1 & 1u)) s[mi][j][2] = -INFINITY;
+                    if (!(w1 & 2u)) s[mi][j][3] = -INFINITY;
+                }
+            }
+        }
+        // online softmax, log2 units; the 4 lanes of a quad share rows g and g + 8
+        unsigned pa[RM][MK / 16][4];
+#pragma unroll
+        for (int mi = 0; mi < RM; ++mi) {
+            float u[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float x = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < MK / 8; ++j) x = fmaxf(x, fmaxf(s[mi][j][2 * h], s[mi][j][2 * h + 1]));
+                x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+                x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+                const float mn = fmaxf(m[mi][h], x * sl2);
+                u[h] = mn == -INFINITY ? 0.f : mn;
+                const float alpha = exp2f(m[mi][h] - u[h]);
+                m[mi][h] = mn;
+                l[mi][h] *= alpha;
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j) {
+                    oacc[mi][j][2 * h] *= alpha;
+                    oacc[mi][j][2 * h + 1] *= alpha;
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < MK / 8; ++j) {
+                const float p0 = exp2f(fmaf(s[mi][j][0], sl2, -u[0])), p1 = exp2f(fmaf(s[mi][j][1], sl2, -u[0]));
+                const float p2 = exp2f(fmaf(s[mi][j][2], sl2, -u[1])), p3 = exp2f(fmaf(s[mi][j][3], sl2, -u[1]));
+                l[mi][0] += p0 + p1;
+                l[mi][1] += p2 + p3;
+                pa[mi][j >> 1][(j & 1) * 2] = pack2<T>(p0, p1);
+                pa[mi][j >> 1][(j & 1) * 2 + 1] = pack2<T>(p2, p3);
+            }
+        }
+        // O += P V
+        const T* Vb = KV + (2 * buf + 1) * TILE;
+#pragma unroll
+        for (int kk = 0; kk < MK / 16; ++kk) {
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                unsigned b[4];
+                ldsm4t(b, Vb + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + dp * 16 + (lane >> 4) * 8);
+#pragma unroll
+                for (int mi = 0; mi < RM; ++mi) {
+                    mma16816<T>(oacc[mi][2 * dp], pa[mi][kk], b[0], b[1]);
+                    mma16816<T>(oacc[mi][2 * dp + 1], pa[mi][kk], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this buffer before it is refilled
+        buf = buf + 1 == ST ? 0 : buf + 1;
+        next_tile(sp, c0, nsp, lo_s, hi_s);
+    }
+    cp_wait<0>();
+
+#pragma unroll
+    for (int mi = 0; mi < RM; ++mi) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float lt = l[mi][h];
+            lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+            lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+            const int r = rows[mi][h];
+            if (r >= t1) continue;
+            const float inv = lt > 0.f ? 1.f / lt : 0.f;
+            TO* orow = o + ((size_t)head * nq + r) * D + 2 * tq;
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j) store2<TO>(orow + 8 * j, oacc[mi][j][2 * h] * inv, oacc[mi][j][2 * h + 1] * inv);
+            if (tq == 0) lse[(size_t)head * nq + r] = lt > 0.f ? (m[mi][h] + log2f(lt)) * MLN2 : -INFINITY;
+        }
+    }
+
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) n_edges += __shfl_xor_sync(0xffffffffu, n_edges, s);
+    if (lane == 0 && n_edges) atomicAdd(&edges_s, n_edges);
+    __syncthreads();
+    if (tid == 0 && head == 0 && edges_s) atomicAdd(edges, edges_s);
 }

@@ -18,7 +18,8 @@ struct MaskDev {
     long long kind[HPCATTN_MAX_TERMS], a[HPCATTN_MAX_TERMS], b[HPCATTN_MAX_TERMS];
 };
 
-// Dilated terms arrive as (reach = W*R clamped by the host, R).
+// Dilated terms arrive as (reach = W*R clamped by the host, R). The host pads the words to
+// HPCATTN_MAX_TERMS terms, so that a warp can read them all at once (load_mask_warp).
 __device__ __forceinline__ void load_mask(const long long* __restrict__ w, MaskDev& m) {
     m.n = (int)w[0];
     m.causal = (int)w[1];
@@ -27,6 +28,20 @@ __device__ __forceinline__ void load_mask(const long long* __restrict__ w, MaskD
         m.a[t] = w[3 + 3 * t];
         m.b[t] = w[4 + 3 * t];
     }
+}
+
+// load_mask by the 32 lanes of one warp, one word each: one memory round trip.
+__device__ __forceinline__ void load_mask_warp(const long long* __restrict__ w, MaskDev& m, int lane) {
+    if (lane < 2 + 3 * HPCATTN_MAX_TERMS) {
+        const long long x = w[lane];
+        if (lane == 0) m.n = (int)x;
+        else if (lane == 1) m.causal = (int)x;
+        else {
+            const int t = (lane - 2) / 3, f = (lane - 2) % 3;
+            (f == 0 ? m.kind : f == 1 ? m.a : m.b)[t] = x;
+        }
+    }
+    __syncwarp();
 }
 
 __device__ __forceinline__ bool term_allows(const MaskDev& m, int t, long long i, long long j) {
