@@ -5,7 +5,7 @@ import numpy as np
 
 from .backend import array_module
 from .comm import counted
-from .errors import HpcattnError
+from .errors import HpcattnError, agree_on
 from .masks import Mask, parse
 from .partition import positions, segments
 from .variants import Shard, choose
@@ -46,50 +46,90 @@ def from_heads(x, dtype):
     return x.transpose(0, 3, 1, 2, 4).reshape(B, n, Hkv * G, D).astype(dtype)
 
 
-def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node):
-    """Validate one rank's pieces and build its Shard (collective: one small allgather)."""
-    mask = mask if isinstance(mask, Mask) else parse(mask)
+def _local_problem(q, k, v, mask, layout):
+    """(mask, problem): this rank's own argument errors, found without communicating."""
+    try:
+        mask = mask if isinstance(mask, Mask) else parse(mask)
+    except HpcattnError as e:
+        return None, str(e)
     problem = check_shapes(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype))
-    if problem:
-        raise HpcattnError(problem)
-    if layout not in LAYOUTS:
-        raise HpcattnError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if not problem and layout not in LAYOUTS:
+        problem = f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}"
+    return mask, problem
+
+
+def _positions_problem(q_positions, nq):
+    """(problem, largest position): q_positions' own errors; the upper bound needs every rank."""
+    qpos = np.asarray(q_positions)
+    if qpos.size and qpos.dtype.kind not in "iu":
+        return f"q_positions must be integers, got {qpos.dtype}", -1
+    if qpos.shape != (nq,):
+        return f"q_positions must have shape ({nq},), got {qpos.shape}", -1
+    if nq and qpos.min() < 0:
+        return f"q_positions must not be negative; got {qpos.min()}", -1
+    return None, int(qpos.max()) if nq else -1
+
+
+def _grad_problem(q, o, lse, do):
+    """The backward's own argument errors (o, do like q; lse (B, H, nq))."""
+    if len(q.shape) != 4:
+        return None  # check_shapes names it
+    B, nq, H, D = q.shape
+    for name, x in (("o", o), ("do", do)):
+        if x.shape != q.shape:
+            return f"{name} must be shaped like q {q.shape}, got {x.shape}"
+    if lse.shape != (B, H, nq):
+        return f"lse must have shape {(B, H, nq)}, got {lse.shape}"
+    return None
+
+
+def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node, problem=None):
+    """Validate one rank's pieces and build its Shard (collective: one small allgather, which
+    carries either a rank's (nq, nk[, largest query position]) or its argument error, so that
+    a bad argument on any rank raises the same HpcattnError on every rank, none left waiting)."""
+    mask, local = _local_problem(q, k, v, mask, layout)
+    problem = local or problem
+    qmax = -1
+    if not problem and q_positions is not None:
+        problem, qmax = _positions_problem(q_positions, q.shape[1])
+    nq_nk = () if problem else (q.shape[1], k.shape[1])
+    pieces = comm.allgather_object(problem or (nq_nk if q_positions is None else nq_nk + (qmax,)))
+    agree_on(pieces)
     B, nq, H, D = q.shape
     Hkv = k.shape[2]
     P, r = comm.size, comm.rank
-    sizes = np.array(comm.allgather_object((nq, k.shape[1])), dtype=np.int64).reshape(-1, 2)
+    sizes = np.array([p[:2] for p in pieces], dtype=np.int64).reshape(-1, 2)
     q_off = np.concatenate([[0], np.cumsum(sizes[:, 0])])
     kv_off = np.concatenate([[0], np.cumsum(sizes[:, 1])])
     n, n_q = int(kv_off[-1]), int(q_off[-1])
+    # the checks below see the same numbers on every rank
+    if q_positions is not None:
+        for i, p in enumerate(pieces):
+            if p[2] >= n:
+                raise HpcattnError(f"rank {i}: q_positions must lie in [0, {n}); got {p[2]}", collective=True)
     if layout == "zigzag":
         kv_runs = [segments(n, P, i, layout) for i in range(P)]
         q_segs = [segments(n_q, P, i, layout) for i in range(P)]
         want = [(sum(b - a for a, b in qs), sum(b - a for a, b in ks)) for qs, ks in zip(q_segs, kv_runs)]
         if [tuple(x) for x in sizes.tolist()] != want:
-            raise HpcattnError(f"layout 'zigzag' needs rank {r} to hold chunks {r} and {2 * P - 1 - r} "
+            raise HpcattnError(f"layout 'zigzag' needs rank i to hold chunks i and 2P-1-i "
                                f"of 2P even chunks: (q, kv) rows per rank should be {want}, "
-                               f"got {[tuple(x) for x in sizes.tolist()]}")
+                               f"got {[tuple(x) for x in sizes.tolist()]}", collective=True)
         q_runs = [[b - a for a, b in qs] for qs in q_segs]
     else:
         kv_runs, q_segs = None, [[(int(q_off[i]), int(q_off[i + 1]))] for i in range(P)]
         q_runs = [[int(sizes[i, 0])] for i in range(P)]
     if q_positions is None:
         if n_q != n:
-            raise HpcattnError(f"{n_q} query rows but {n} keys: give q_positions")
+            raise HpcattnError(f"{n_q} query rows but {n} keys: give q_positions", collective=True)
         qpos = positions(q_segs[r])
     else:
-        if np.size(q_positions) and np.asarray(q_positions).dtype.kind not in "iu":
-            raise HpcattnError(f"q_positions must be integers, got {np.asarray(q_positions).dtype}")
         qpos = np.asarray(q_positions, dtype=np.int64)
-        if qpos.shape != (nq,):
-            raise HpcattnError(f"q_positions must have shape ({nq},), got {qpos.shape}")
-        if nq and (qpos.min() < 0 or qpos.max() >= n):
-            raise HpcattnError(f"q_positions must lie in [0, {n}); got [{qpos.min()}, {qpos.max()}]")
     if "n_keys" in mask.needs:
         mask = mask.bind(n_keys=n)
     if "csr" in mask.needs:
         raise HpcattnError("the mask has a csr term: pass a Mask bound to this rank's rows "
-                           "(masks.parse(spec, csr=masks.check_csr(...)))")
+                           "(masks.parse(spec, csr=masks.check_csr(...)))", collective=True)
     return Shard(to_heads(q, Hkv), qpos, to_heads(k, Hkv)[:, :, 0], to_heads(v, Hkv)[:, :, 0],
                  kv_off, mask, float(scale if scale is not None else 1 / math.sqrt(D)),
                  kv_runs=kv_runs, q_runs=q_runs, ranks_per_node=ranks_per_node, q_offsets=q_off)
@@ -131,14 +171,10 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
     (accumulated in float32): this rank's rows of the gradients of sum(o * do).
     """
     with counted(comm) as comm:
-        shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node)
-        for name, x in (("o", o), ("do", do)):
-            if x.shape != q.shape:
-                raise HpcattnError(f"{name} must be shaped like q {q.shape}, got {x.shape}")
+        shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node,
+                       problem=_grad_problem(q, o, lse, do))
         B, nq, H, D = q.shape
         Hkv = k.shape[2]
-        if lse.shape != (B, H, nq):
-            raise HpcattnError(f"lse must have shape {(B, H, nq)}, got {lse.shape}")
         module, name = choose(variant, shard)
         if not hasattr(module, "backward"):
             raise HpcattnError(f"variant {name!r} has no backward pass")

@@ -20,10 +20,14 @@ def agree(comm, problem):
     `problem` is this rank's message or None. The message of the lowest failing rank wins,
     prefixed by that rank when there is more than one rank.
     """
-    problems = comm.allgather_object(problem)
-    for rank, msg in enumerate(problems):
-        if msg:
-            where = f"rank {rank}: " if len(problems) > 1 else ""
+    agree_on(comm.allgather_object(problem))
+
+
+def agree_on(gathered):
+    """Raise on every rank if an allgathered list holds a message (str) from any rank."""
+    for rank, msg in enumerate(gathered):
+        if isinstance(msg, str) and msg:
+            where = f"rank {rank}: " if len(gathered) > 1 else ""
             raise HpcattnError(where + msg if not msg.startswith("rank ") else msg, collective=True)
 
 

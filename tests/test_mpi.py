@@ -107,3 +107,45 @@ def test_a_bad_file_fails_on_every_rank(mpi_tmp_path):
         run(str(inp), str(mpi_tmp_path / "o.h5"), "full", comm)
     assert e.value.collective
     comm.free()
+
+
+@pytest.mark.parametrize("what", ["q_shape", "dtype", "positions_high", "positions_negative", "grad_o", "grad_lse"])
+def test_a_bad_api_argument_on_one_rank_raises_on_every_rank(what):
+    """The last rank alone passes a bad argument: every rank raises the same collective
+    HpcattnError naming that rank (none is left waiting in a collective: the timeout says so)."""
+    P, r = world().size, world().rank
+    bad = r == P - 1
+    N, D = 40, 8
+    rng = np.random.default_rng(3)
+    a, b = even_shard(N, P, r)
+    q = rng.standard_normal((1, b - a, 2, D)).astype("float32")
+    k = rng.standard_normal((1, b - a, 1, D)).astype("float32")
+    v = k.copy()
+    qpos = np.arange(a, b)
+    if bad and what == "q_shape":
+        q = q[:, :, :, :D - 1]
+    if bad and what == "dtype":
+        v = v.astype("float64")
+    if bad and what == "positions_high":
+        qpos = qpos + N
+    if bad and what == "positions_negative":
+        qpos = qpos - N
+    comm = Comm(world())
+    with pytest.raises(hpcattn.HpcattnError) as e:
+        if what.startswith("grad"):
+            o = np.zeros_like(q)
+            lse = np.zeros((1, 2, b - a), "float32")
+            if bad and what == "grad_o":
+                o = o[:, :, :1]
+            if bad and what == "grad_lse":
+                lse = lse[:, :1]
+            hpcattn.attention_backward(q, k, v, o, lse, np.ones_like(q), mask="causal", comm=comm, variant="ring")
+        else:
+            hpcattn.attention(q, k, v, mask="causal", comm=comm, q_positions=qpos, variant="ring")
+    assert e.value.collective
+    if P > 1:
+        assert str(e.value).startswith(f"rank {P - 1}: ")
+    word = {"q_shape": "head dim", "dtype": "dtype", "positions_high": "q_positions",
+            "positions_negative": "q_positions", "grad_o": "o must be shaped", "grad_lse": "lse must have"}[what]
+    assert word in str(e.value)
+    comm.free()
