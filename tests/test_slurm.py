@@ -67,6 +67,21 @@ def submit(workdir, script, *sbatch_args, env=None, timeout=600):
     return proc.returncode, state, code, log, job
 
 
+# Seen once in four CI runs, on the simulated two-node cluster only (two slurmd on one host): a
+# task on node2 exited with status 14 during MPI start-up under srun --mpi=pmix, before any
+# hpcattn code ran. Two-node jobs that end that way are submitted once more; any other failure,
+# and a second start-up failure, fail the test.
+STARTUP_FAILURE = re.compile(r"(exit code|status) 14\b")
+
+
+def submit_two_nodes(workdir, script, *sbatch_args, env=None):
+    rc, state, code, log, job = submit(workdir, script, *sbatch_args, env=env)
+    if (rc, state, code) != (0, "COMPLETED", "0:0") and STARTUP_FAILURE.search(log):
+        print(f"{script}: MPI start-up failure on the simulated cluster, submitted again:\n{log}")
+        rc, state, code, log, job = submit(workdir, script, *sbatch_args, env=env)
+    return rc, state, code, log, job
+
+
 def assert_verified(workdir, job, ranks):
     out = Path(workdir) / "runs" / job / "out.h5"
     with h5py.File(out, "r") as f:
@@ -94,7 +109,7 @@ def test_single_run_with_mpiexec(nodes, tmp_path):
 
 def test_multinode_run(nodes, tmp_path):
     n = min(2, len(nodes))
-    rc, state, code, log, job = submit(tmp_path, "multinode.sbatch", f"--nodes={n}",
+    rc, state, code, log, job = submit_two_nodes(tmp_path, "multinode.sbatch", f"--nodes={n}",
                                        "--ntasks-per-node=2")
     assert (rc, state, code) == (0, "COMPLETED", "0:0"), log
     assert f"on {n} node(s)" in log and f"hpcattn run: {2 * n} rank(s)" in log
@@ -124,10 +139,10 @@ def _png_size(path):
 
 def test_strong_sweep_collects_results(nodes, tmp_path):
     n = min(2, len(nodes))
-    rc, state, code, log, _ = submit(tmp_path, "strong.sbatch", f"--nodes={n}", f"--ntasks={2 * n}",
-                                     "--ntasks-per-node=2",
-                                     env={"HPCATTN_JOB": "jobs/smoke.toml",
-                                          "HPCATTN_SWEEP_ARGS": f"--dir {tmp_path}/sweep"})
+    rc, state, code, log, _ = submit_two_nodes(tmp_path, "strong.sbatch", f"--nodes={n}", f"--ntasks={2 * n}",
+                                               "--ntasks-per-node=2",
+                                               env={"HPCATTN_JOB": "jobs/smoke.toml",
+                                                    "HPCATTN_SWEEP_ARGS": f"--dir {tmp_path}/sweep"})
     assert (rc, state, code) == (0, "COMPLETED", "0:0"), log
     recs = _records(tmp_path / "sweep" / "results.json")
     assert [r["ranks"] for r in recs] == [1, 2, 3]
