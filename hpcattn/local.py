@@ -34,6 +34,8 @@ SCORE_ELEMS = 1 << 21   # float32 scores held at once per block or tile group: 8
 ROW_ELEMS = 1 << 19     # output elements (rows x heads x D) per row chunk: 2 MiB
 EDGE_ELEMS = 1 << 21    # gathered elements (edges x heads x D) per gather chunk
 MIN_ROWS = 512          # fewest query rows per chunk handed to a worker thread
+DECODE_ROWS = 64        # query rows per tile at most for the dense decode path (_dense)
+DECODE_ELEMS = 1 << 18  # float32 scores per key chunk of that path: 1 MiB, kept in L2
 
 
 def threads():
@@ -271,6 +273,13 @@ def _tiles(xp, q, pos, k, v, k0, mask, exclude, scale):
         k_chunk = max(64, SCORE_ELEMS // max(1, heads * (t1 - t0)))
         to, tl = o[:, :, :, t0:t1], lse[:, :, :, t0:t1]
         for a, b in spans:
+            if t1 - t0 <= DECODE_ROWS and exclude is None and (mask.dense or _all_full(mask)):
+                d = min(b, int(tp.min()) + 1) if mask.causal else b  # keys every row reaches
+                if d > a:  # few rows over many dense keys (decode): the streaming path
+                    po, pl = _dense(qt, k[:, :, a - k0:d - k0], v[:, :, a - k0:d - k0])
+                    edges += (t1 - t0) * (d - a)
+                    to, tl = merge(to, tl, po, pl)
+                    a = d
             for c0 in range(a, b, k_chunk):
                 c1 = min(b, c0 + k_chunk)
                 po, pl, e = _block(xp, qt, tp, k[:, :, c0 - k0:c1 - k0], v[:, :, c0 - k0:c1 - k0],
@@ -281,6 +290,45 @@ def _tiles(xp, q, pos, k, v, k0, mask, exclude, scale):
         o[:, :, :, t0:t1], lse[:, :, :, t0:t1] = to, tl
         t0 = t1
     return o, lse, edges
+
+
+def _dense(qt, kb, vb):
+    """(o, lse) of a few pre-scaled float32 query rows qt (B, Hkv, G, tq, D) over keys kb, vb
+    (B, Hkv, nk, D) that every row reaches: the decode shape, where per-key costs dominate.
+
+    Per key chunk: all G heads and tq rows of a kv head in one product for the scores and one
+    for the values, the float16 chunk widened to float32 once into reused buffers (jit.widen),
+    chunks sized so the scores stay in cache, and an online softmax across chunks.
+    """
+    B, Hkv, G, tq, D = qt.shape
+    nk, R = kb.shape[2], G * tq
+    c = min(nk, max(256, DECODE_ELEMS // (B * Hkv * R)))
+    q2 = qt.reshape(B, Hkv, R, D)
+    half = kb.dtype != np.float32
+    kf, vf = (np.empty((B, Hkv, c, D), np.float32) for _ in range(2)) if half else (None, None)
+    s = np.empty((B, Hkv, R, c), np.float32)
+    m = np.full((B, Hkv, R), -np.inf, np.float32)
+    den = np.zeros((B, Hkv, R), np.float32)
+    acc = np.zeros((B, Hkv, R, D), np.float32)
+    for c0 in range(0, nk, c):
+        w = min(c, nk - c0)
+        kc, vc = kb[:, :, c0:c0 + w], vb[:, :, c0:c0 + w]
+        if half:
+            kc, vc = jit.widen(kc, kf[:, :, :w]), jit.widen(vc, vf[:, :, :w])
+        sc = np.matmul(q2, kc.swapaxes(-1, -2), out=s if w == c else None)
+        top = np.maximum(m, sc.max(axis=-1))
+        sc -= top[..., None]
+        np.exp(sc, out=sc)
+        f = np.exp(m - top)  # rescales what earlier chunks summed (0 on the first chunk)
+        den *= f
+        den += sc.sum(axis=-1)
+        acc *= f[..., None]
+        acc += np.matmul(sc, vc)
+        m = top
+    o = acc / den[..., None]
+    with np.errstate(divide="ignore"):
+        lse = m + np.log(den)
+    return o.reshape(B, Hkv, G, tq, D), lse.reshape(B, Hkv, G, tq)
 
 
 def _block(xp, qt, pos, kb, vb, c0, mask, exclude):
