@@ -139,7 +139,7 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
         Hkv = k.shape[2]
         if lse.shape != (B, H, nq):
             raise HpcattnError(f"lse must have shape {(B, H, nq)}, got {lse.shape}")
-        module, name = choose(variant, shard)
+        module, name = choose(variant, shard, backward=True)
         if not hasattr(module, "backward"):
             raise HpcattnError(f"variant {name!r} has no backward pass")
         dq, dk, dv = module.backward(comm, shard, to_heads(o, Hkv), lse.reshape(B, Hkv, H // Hkv, nq)
