@@ -36,6 +36,7 @@ EDGE_ELEMS = 1 << 21    # gathered elements (edges x heads x D) per gather chunk
 MIN_ROWS = 512          # fewest query rows per chunk handed to a worker thread
 DECODE_ROWS = 64        # query rows per tile at most for the dense decode path (_dense)
 DECODE_ELEMS = 1 << 18  # float32 scores per key chunk of that path: 1 MiB, kept in L2
+LAG = float(1 << 24)    # largest chunk row sum that path accepts over its lagging reference
 
 
 def threads():
@@ -296,38 +297,49 @@ def _dense(qt, kb, vb):
     """(o, lse) of a few pre-scaled float32 query rows qt (B, Hkv, G, tq, D) over keys kb, vb
     (B, Hkv, nk, D) that every row reaches: the decode shape, where per-key costs dominate.
 
-    Per key chunk: all G heads and tq rows of a kv head in one product for the scores and one
-    for the values, the float16 chunk widened to float32 once into reused buffers (jit.widen),
-    chunks sized so the scores stay in cache, and an online softmax across chunks.
+    Per key chunk (sized so the scores stay in cache): the chunk is widened to float32 once into
+    reused buffers (jit.widen), then all G heads and tq rows of a kv head take one product for
+    the scores and one for the values, with one exp pass between. Each row's softmax reference m
+    lags: the first chunk's row maxima, raised only when a chunk's row sum exceeds LAG (that
+    chunk is then redone with its maxima). So m is subtracted inside the score product (Q
+    carries -m in an extra column, K a column of ones) and the row sums come out of the value
+    product (V carries a column of ones): no max, subtract or sum pass per chunk.
     """
     B, Hkv, G, tq, D = qt.shape
     nk, R = kb.shape[2], G * tq
     c = min(nk, max(256, DECODE_ELEMS // (B * Hkv * R)))
-    q2 = qt.reshape(B, Hkv, R, D)
-    half = kb.dtype != np.float32
-    kf, vf = (np.empty((B, Hkv, c, D), np.float32) for _ in range(2)) if half else (None, None)
+    qa = np.zeros((B, Hkv, R, D + 1), np.float32)
+    qa[..., :D] = qt.reshape(B, Hkv, R, D)
+    ka, va = np.ones((B, Hkv, c, D + 1), np.float32), np.ones((B, Hkv, c, D + 1), np.float32)
     s = np.empty((B, Hkv, R, c), np.float32)
-    m = np.full((B, Hkv, R), -np.inf, np.float32)
-    den = np.zeros((B, Hkv, R), np.float32)
-    acc = np.zeros((B, Hkv, R, D), np.float32)
+    acc = np.zeros((B, Hkv, R, D + 1), np.float32)  # [sum p v, sum p] per row
+    m = None
     for c0 in range(0, nk, c):
         w = min(c, nk - c0)
-        kc, vc = kb[:, :, c0:c0 + w], vb[:, :, c0:c0 + w]
-        if half:
-            kc, vc = jit.widen(kc, kf[:, :, :w]), jit.widen(vc, vf[:, :, :w])
-        sc = np.matmul(q2, kc.swapaxes(-1, -2), out=s if w == c else None)
-        top = np.maximum(m, sc.max(axis=-1))
-        sc -= top[..., None]
+        kc, vc = ka[:, :, :w], va[:, :, :w]
+        jit.widen(kb[:, :, c0:c0 + w], kc[..., :D])
+        jit.widen(vb[:, :, c0:c0 + w], vc[..., :D])
+        out = s if w == c else None
+        sc = np.matmul(qa, kc.swapaxes(-1, -2), out=out)  # scores - m
+        if m is None:  # first chunk: the reference is its row maxima
+            m = sc.max(axis=-1)
+            sc -= m[..., None]
+            qa[..., D] = -m
         np.exp(sc, out=sc)
-        f = np.exp(m - top)  # rescales what earlier chunks summed (0 on the first chunk)
-        den *= f
-        den += sc.sum(axis=-1)
-        acc *= f[..., None]
-        acc += np.matmul(sc, vc)
-        m = top
-    o = acc / den[..., None]
-    with np.errstate(divide="ignore"):
-        lse = m + np.log(den)
+        part = np.matmul(sc, vc)
+        if not part[..., D].max() <= LAG:  # a row rose far above its reference (or NaN): redo
+            sc = np.matmul(qa, kc.swapaxes(-1, -2), out=out)
+            top = np.maximum(sc.max(axis=-1), 0)
+            sc -= top[..., None]
+            np.exp(sc, out=sc)
+            part = np.matmul(sc, vc)
+            acc *= np.exp(-top)[..., None]
+            m = m + top
+            qa[..., D] = -m
+        acc += part
+    den = acc[..., D]  # >= 1: each row's reference key counts exp(0)
+    o = acc[..., :D] / den[..., None]
+    lse = m + np.log(den)
     return o.reshape(B, Hkv, G, tq, D), lse.reshape(B, Hkv, G, tq)
 
 

@@ -50,6 +50,24 @@ def test_online_softmax_rescales_when_a_later_or_earlier_chunk_dominates(rng, mo
     decode_case(rng, "causal", 3000, np.arange(2990, 3000), H=4, Hkv=1, D=32, boost=boost)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_online_softmax_follows_a_steadily_rising_maximum(rng, monkeypatch, dtype):
+    """Keys drift towards the queries, so nearly every chunk raises the rows' maxima far past
+    the lagging reference (each such chunk is redone with its maxima)."""
+    monkeypatch.setattr(local, "DECODE_ELEMS", 1024)
+    n, D = 4000, 32
+    q = rng.standard_normal((1, 4, 2, D)).astype(dtype)
+    k, v = (rng.standard_normal((1, n, 1, D)).astype(dtype) for _ in range(2))
+    k[0, :, 0] += (np.linspace(0, 4, n)[:, None] * q[0, 0, 0]).astype(dtype)
+    qpos = np.arange(n - 4, n)
+    o, lse, _ = local.attend(to_heads(q, 1), qpos, to_heads(k, 1)[:, :, 0], to_heads(v, 1)[:, :, 0],
+                             0, parse("causal"), 1.0)
+    o_ref, lse_ref = reference(q, k, v, qpos, parse("causal"), 1.0)
+    o_err, lse_err, ok = errors(o.transpose(0, 3, 1, 2, 4).reshape(q.shape), lse.reshape(1, 2, 4),
+                                o_ref, lse_ref)
+    assert lse_ref.max() > 100 and ok and o_err <= tolerance(dtype)[0] and lse_err <= 1e-4, (o_err, lse_err)
+
+
 @pytest.mark.parametrize("jit_flag", ["1", "0"])
 def test_widen_is_exact_for_every_float16_value(monkeypatch, jit_flag):
     monkeypatch.setenv("HPCATTN_JIT", jit_flag)
