@@ -303,13 +303,14 @@ def _dense(qt, kb, vb):
     lags: the first chunk's row maxima, raised only when a chunk's row sum exceeds LAG (that
     chunk is then redone with its maxima). So m is subtracted inside the score product (Q
     carries -m in an extra column, K a column of ones) and the row sums come out of the value
-    product (V carries a column of ones): no max, subtract or sum pass per chunk.
+    product (V carries a column of ones): no max, subtract or sum pass per chunk. Scores are
+    in base 2 (Q times log2 e), since NumPy's exp2 costs half its exp.
     """
     B, Hkv, G, tq, D = qt.shape
     nk, R = kb.shape[2], G * tq
     c = min(nk, max(256, DECODE_ELEMS // (B * Hkv * R)))
     qa = np.zeros((B, Hkv, R, D + 1), np.float32)
-    qa[..., :D] = qt.reshape(B, Hkv, R, D)
+    qa[..., :D] = qt.reshape(B, Hkv, R, D) * np.float32(np.log2(np.e))
     ka, va = np.ones((B, Hkv, c, D + 1), np.float32), np.ones((B, Hkv, c, D + 1), np.float32)
     s = np.empty((B, Hkv, R, c), np.float32)
     acc = np.zeros((B, Hkv, R, D + 1), np.float32)  # [sum p v, sum p] per row
@@ -320,26 +321,26 @@ def _dense(qt, kb, vb):
         jit.widen(kb[:, :, c0:c0 + w], kc[..., :D])
         jit.widen(vb[:, :, c0:c0 + w], vc[..., :D])
         out = s if w == c else None
-        sc = np.matmul(qa, kc.swapaxes(-1, -2), out=out)  # scores - m
+        sc = np.matmul(qa, kc.swapaxes(-1, -2), out=out)  # (scores - m) in base 2
         if m is None:  # first chunk: the reference is its row maxima
             m = sc.max(axis=-1)
             sc -= m[..., None]
             qa[..., D] = -m
-        np.exp(sc, out=sc)
+        np.exp2(sc, out=sc)
         part = np.matmul(sc, vc)
         if not part[..., D].max() <= LAG:  # a row rose far above its reference (or NaN): redo
             sc = np.matmul(qa, kc.swapaxes(-1, -2), out=out)
             top = np.maximum(sc.max(axis=-1), 0)
             sc -= top[..., None]
-            np.exp(sc, out=sc)
+            np.exp2(sc, out=sc)
             part = np.matmul(sc, vc)
-            acc *= np.exp(-top)[..., None]
+            acc *= np.exp2(-top)[..., None]
             m = m + top
             qa[..., D] = -m
         acc += part
-    den = acc[..., D]  # >= 1: each row's reference key counts exp(0)
+    den = acc[..., D]  # >= 1: each row's reference key counts 2^0
     o = acc[..., :D] / den[..., None]
-    lse = m + np.log(den)
+    lse = (m + np.log2(den)) * np.float32(np.log(2))
     return o.reshape(B, Hkv, G, tq, D), lse.reshape(B, Hkv, G, tq)
 
 
