@@ -10,7 +10,8 @@ set is cut into three disjoint pieces, one code path per idea (not per mask):
   views of K/V, masked by one additive bias shared by every tile (the band is shift-invariant).
 - tiles: `full`, `block`, `global` minus the band: query tiles over the mask's key spans,
   tiles grown until their score block is large (a global-column strip is one BLAS call),
-  masked elementwise only where a block is not entirely inside the mask.
+  masked elementwise only where a block is not entirely inside the mask. A tile of few rows
+  (decode) over keys that every row reaches streams them through `_dense` instead.
 - gather: `dilated`, `random`, `csr` minus the two pieces above: the rows' explicit columns
   (Mask.columns), K/V rows gathered, segment-wise softmax with ufunc.reduceat.
 The pieces' partials of a row are combined with the shared merge. Rows are processed in

@@ -13,17 +13,22 @@ With --repeat R each (N, P) runs its variants in turn R times; the table gives t
 (and the fastest) of the slowest rank's attn_s, and the load average seen before the runs.
 --blas-core sets OPENBLAS_CORETYPE for every run (OpenBLAS picks its AVX2 Haswell kernels on
 CPUs it does not know, e.g. AMD family 26; SkylakeX are its AVX-512 ones).
+--kernel instead times, in this one process, the local kernel on one rank's share of each
+variant (tree: all queries over N/P keys; ring: Nq/P queries over N/P keys, P times), best
+of three: the compute both variants must do per rank, without MPI.
 Only ratios measured in the same run mean anything on a shared, oversubscribed machine.
 """
 import argparse
 import json
 import os
 import statistics
+import time
 import subprocess
 import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 BIN = Path(sys.executable).parent
 MPIEXEC = os.environ.get("MPIEXEC") or (str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else "mpiexec")
@@ -54,6 +59,29 @@ def measure(P, inp, out, mask, variant, extra=()):
     return row
 
 
+def kernel_times(N, P, a):
+    """Seconds of the local kernel for one rank's tree share and its ring shares (P hops)."""
+    from hpcattn import local
+    from hpcattn.masks import parse
+    rng = np.random.default_rng(1)
+    G, n = a.heads // a.kv_heads, N // P
+    k, v = (rng.standard_normal((1, a.kv_heads, n, a.head_dim)).astype(a.dtype) for _ in range(2))
+    q = rng.standard_normal((1, a.kv_heads, G, a.queries, a.head_dim)).astype(a.dtype)
+    qpos, mask, scale = np.arange(N - a.queries, N), parse("causal"), a.head_dim ** -0.5
+    nq = -(-a.queries // P)  # the largest ring shard of the queries
+
+    def best(fn):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+    tree = best(lambda: local.attend(q, qpos, k, v, 0, mask, scale))
+    hop = best(lambda: local.attend(q[:, :, :, :nq], qpos[:nq], k, v, 0, mask, scale))
+    return tree, P * hop
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", required=True)
@@ -66,11 +94,24 @@ def main(argv=None):
     p.add_argument("--dtype", default="float16")
     p.add_argument("--ranks-per-node", type=int, help="also run tree with simulated nodes")
     p.add_argument("--repeat", type=int, default=1, help="runs of each variant per (N, P)")
-    p.add_argument("--blas-core", help="OPENBLAS_CORETYPE for every run (default: OpenBLAS's choice)")
+    p.add_argument("--blas-core", help="OPENBLAS_CORETYPE for every launched run (default: OpenBLAS's choice; "
+                   "for --kernel set it in the environment)")
+    p.add_argument("--kernel", action="store_true", help="time the per-rank kernel work only (no MPI)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     if a.blas_core:
         ENV["OPENBLAS_CORETYPE"] = a.blas_core
+    if a.kernel:  # this process: set BLAS threads before the kernel's first product
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1)
+        os.environ["HPCATTN_THREADS"] = "1"
+        print("| N | P | tree kernel s / rank | ring kernel s / rank (P hops) | ring / tree |")
+        print("|---|---|---|---|---|")
+        for N in map(int, a.seqs.split(",")):
+            for P in map(int, a.ranks.split(",")):
+                tree, ring = kernel_times(N, P, a)
+                print(f"| {N:,} | {P} | {tree:.3f} | {ring:.3f} | {ring / tree:.2f} |", flush=True)
+        return
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
     warm = d / "warm.h5"
