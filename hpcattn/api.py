@@ -175,7 +175,7 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
                        problem=_grad_problem(q, o, lse, do))
         B, nq, H, D = q.shape
         Hkv = k.shape[2]
-        module, name = choose(variant, shard)
+        module, name = choose(variant, shard, backward=True)
         if not hasattr(module, "backward"):
             raise HpcattnError(f"variant {name!r} has no backward pass")
         dq, dk, dv = module.backward(comm, shard, to_heads(o, Hkv), lse.reshape(B, Hkv, H // Hkv, nq)

@@ -10,7 +10,8 @@ set is cut into three disjoint pieces, one code path per idea (not per mask):
   views of K/V, masked by one additive bias shared by every tile (the band is shift-invariant).
 - tiles: `full`, `block`, `global` minus the band: query tiles over the mask's key spans,
   tiles grown until their score block is large (a global-column strip is one BLAS call),
-  masked elementwise only where a block is not entirely inside the mask.
+  masked elementwise only where a block is not entirely inside the mask. A tile of few rows
+  (decode) over keys that every row reaches streams them through `_dense` instead.
 - gather: `dilated`, `random`, `csr` minus the two pieces above: the rows' explicit columns
   (Mask.columns), K/V rows gathered, segment-wise softmax with ufunc.reduceat.
 The pieces' partials of a row are combined with the shared merge. Rows are processed in
@@ -34,6 +35,9 @@ SCORE_ELEMS = 1 << 21   # float32 scores held at once per block or tile group: 8
 ROW_ELEMS = 1 << 19     # output elements (rows x heads x D) per row chunk: 2 MiB
 EDGE_ELEMS = 1 << 21    # gathered elements (edges x heads x D) per gather chunk
 MIN_ROWS = 512          # fewest query rows per chunk handed to a worker thread
+DECODE_ROWS = 64        # query rows per tile at most for the dense decode path (_dense)
+DECODE_ELEMS = 1 << 18  # float32 scores per key chunk of that path: 1 MiB, kept in L2
+LAG = float(1 << 24)    # largest chunk row sum that path accepts over its lagging reference
 
 
 def threads():
@@ -271,6 +275,13 @@ def _tiles(xp, q, pos, k, v, k0, mask, exclude, scale):
         k_chunk = max(64, SCORE_ELEMS // max(1, heads * (t1 - t0)))
         to, tl = o[:, :, :, t0:t1], lse[:, :, :, t0:t1]
         for a, b in spans:
+            if t1 - t0 <= DECODE_ROWS and exclude is None and (mask.dense or _all_full(mask)):
+                d = min(b, int(tp.min()) + 1) if mask.causal else b  # keys every row reaches
+                if d > a:  # few rows over many dense keys (decode): the streaming path
+                    po, pl = _dense(qt, k[:, :, a - k0:d - k0], v[:, :, a - k0:d - k0])
+                    edges += (t1 - t0) * (d - a)
+                    to, tl = merge(to, tl, po, pl)
+                    a = d
             for c0 in range(a, b, k_chunk):
                 c1 = min(b, c0 + k_chunk)
                 po, pl, e = _block(xp, qt, tp, k[:, :, c0 - k0:c1 - k0], v[:, :, c0 - k0:c1 - k0],
@@ -281,6 +292,57 @@ def _tiles(xp, q, pos, k, v, k0, mask, exclude, scale):
         o[:, :, :, t0:t1], lse[:, :, :, t0:t1] = to, tl
         t0 = t1
     return o, lse, edges
+
+
+def _dense(qt, kb, vb):
+    """(o, lse) of a few pre-scaled float32 query rows qt (B, Hkv, G, tq, D) over keys kb, vb
+    (B, Hkv, nk, D) that every row reaches: the decode shape, where per-key costs dominate.
+
+    Per key chunk (sized so the scores stay in cache): the chunk is widened to float32 once into
+    reused buffers (jit.widen), then all G heads and tq rows of a kv head take one product for
+    the scores and one for the values, with one exp pass between. Each row's softmax reference m
+    lags: the first chunk's row maxima, raised only when a chunk's row sum exceeds LAG (that
+    chunk is then redone with its maxima). So m is subtracted inside the score product (Q
+    carries -m in an extra column, K a column of ones) and the row sums come out of the value
+    product (V carries a column of ones): no max, subtract or sum pass per chunk. Scores are
+    in base 2 (Q times log2 e), since NumPy's exp2 costs half its exp.
+    """
+    B, Hkv, G, tq, D = qt.shape
+    nk, R = kb.shape[2], G * tq
+    c = min(nk, max(256, DECODE_ELEMS // (B * Hkv * R)))
+    qa = np.zeros((B, Hkv, R, D + 1), np.float32)
+    qa[..., :D] = qt.reshape(B, Hkv, R, D) * np.float32(np.log2(np.e))
+    ka, va = np.ones((B, Hkv, c, D + 1), np.float32), np.ones((B, Hkv, c, D + 1), np.float32)
+    s = np.empty((B, Hkv, R, c), np.float32)
+    acc = np.zeros((B, Hkv, R, D + 1), np.float32)  # [sum p v, sum p] per row
+    m = None
+    for c0 in range(0, nk, c):
+        w = min(c, nk - c0)
+        kc, vc = ka[:, :, :w], va[:, :, :w]
+        jit.widen(kb[:, :, c0:c0 + w], kc[..., :D])
+        jit.widen(vb[:, :, c0:c0 + w], vc[..., :D])
+        out = s if w == c else None
+        sc = np.matmul(qa, kc.swapaxes(-1, -2), out=out)  # (scores - m) in base 2
+        if m is None:  # first chunk: the reference is its row maxima
+            m = sc.max(axis=-1)
+            sc -= m[..., None]
+            qa[..., D] = -m
+        np.exp2(sc, out=sc)
+        part = np.matmul(sc, vc)
+        if not part[..., D].max() <= LAG:  # a row rose far above its reference (or NaN): redo
+            sc = np.matmul(qa, kc.swapaxes(-1, -2), out=out)
+            top = np.maximum(sc.max(axis=-1), 0)
+            sc -= top[..., None]
+            np.exp2(sc, out=sc)
+            part = np.matmul(sc, vc)
+            acc *= np.exp2(-top)[..., None]
+            m = m + top
+            qa[..., D] = -m
+        acc += part
+    den = acc[..., D]  # >= 1: each row's reference key counts 2^0
+    o = acc[..., :D] / den[..., None]
+    lse = (m + np.log2(den)) * np.float32(np.log(2))
+    return o.reshape(B, Hkv, G, tq, D), lse.reshape(B, Hkv, G, tq)
 
 
 def _block(xp, qt, pos, kb, vb, c0, mask, exclude):

@@ -91,7 +91,8 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
                  "backend": backend, "transport": transport, "hpcattn_version": __version__,
                  "scale": scale, "input": str(in_path), "layout": layout, "backward": int(backward),
                  "ranks_per_node": ranks_per_node or 0,
-                 "ring_levels": list(stats.get("ring_levels", (1, P))), "hdf5": hdf5, "out_of_core": 0}
+                 "ring_levels": list(stats.get("ring_levels", (1, P))), "hdf5": hdf5, "out_of_core": 0,
+                 **({"variant_backward": back["variant"]} if backward else {})}
         faults.point("finish", r)
         return h5io.finish(comm, tmp, out_path, rank_stats, attrs), attrs
     except BaseException:

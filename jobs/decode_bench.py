@@ -5,19 +5,30 @@ runs `mpiexec -n P hpcattn run --mask causal --variant tree|ring` and reads the 
 back from the output: latency = the slowest rank's attn_s (the attention call, no file I/O),
 bytes = the largest per-rank bytes_sent / bytes_received. Prints a Markdown table and JSON.
 
-  python jobs/decode_bench.py --dir /tmp/dec --seqs 1048576,8388608 --ranks 2,4,8
+  python jobs/decode_bench.py --dir /tmp/dec --seqs 1048576,8388608 --ranks 2,4,8 --repeat 3
 
-BLAS runs one thread per rank (more only thrash when ranks already outnumber cores).
+BLAS runs one thread per rank (more only thrash when ranks already outnumber cores). A tiny
+run of each variant first fills numba's on-disk cache, so no timed run pays a compilation.
+With --repeat R each (N, P) runs its variants in turn R times; the table gives the median
+(and the fastest) of the slowest rank's attn_s, and the load average seen before the runs.
+--blas-core sets OPENBLAS_CORETYPE for every run (OpenBLAS picks its AVX2 Haswell kernels on
+CPUs it does not know, e.g. AMD family 26; SkylakeX are its AVX-512 ones).
+--kernel instead times, in this one process, the local kernel on one rank's share of each
+variant (tree: all queries over N/P keys; ring: Nq/P queries over N/P keys, P times), best
+of three: the compute both variants must do per rank, without MPI.
 Only ratios measured in the same run mean anything on a shared, oversubscribed machine.
 """
 import argparse
 import json
 import os
+import statistics
+import time
 import subprocess
 import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 BIN = Path(sys.executable).parent
 MPIEXEC = os.environ.get("MPIEXEC") or (str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else "mpiexec")
@@ -36,14 +47,39 @@ def hpcattn(P, *args):
 
 def measure(P, inp, out, mask, variant, extra=()):
     """One run; the slowest rank's attention time and the largest per-rank traffic."""
+    load = os.getloadavg()[0]
     hpcattn(P, "run", inp, out, "--mask", mask, "--variant", variant, *extra)
     with h5py.File(out, "r") as f:
         s = {k: f["stats"][k][...] for k in f["stats"]}
         row = {"variant": str(f.attrs["variant"]), "ranks": P, "attn_s": float(s["attn_s"].max()),
                "compute_s": float(s["compute_s"].max()), "comm_s": float(s["comm_s"].max()),
-               "bytes_sent": int(s["bytes_sent"].max()), "bytes_received": int(s["bytes_received"].max())}
+               "bytes_sent": int(s["bytes_sent"].max()), "bytes_received": int(s["bytes_received"].max()),
+               "load_before": load}
     os.remove(out)
     return row
+
+
+def kernel_times(N, P, a):
+    """Seconds of the local kernel for one rank's tree share and its ring shares (P hops)."""
+    from hpcattn import local
+    from hpcattn.masks import parse
+    rng = np.random.default_rng(1)
+    G, n = a.heads // a.kv_heads, N // P
+    k, v = (rng.standard_normal((1, a.kv_heads, n, a.head_dim)).astype(a.dtype) for _ in range(2))
+    q = rng.standard_normal((1, a.kv_heads, G, a.queries, a.head_dim)).astype(a.dtype)
+    qpos, mask, scale = np.arange(N - a.queries, N), parse("causal"), a.head_dim ** -0.5
+    nq = -(-a.queries // P)  # the largest ring shard of the queries
+
+    def best(fn):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+    tree = best(lambda: local.attend(q, qpos, k, v, 0, mask, scale))
+    hop = best(lambda: local.attend(q[:, :, :, :nq], qpos[:nq], k, v, 0, mask, scale))
+    return tree, P * hop
 
 
 def main(argv=None):
@@ -57,10 +93,32 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="float16")
     p.add_argument("--ranks-per-node", type=int, help="also run tree with simulated nodes")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each variant per (N, P)")
+    p.add_argument("--blas-core", help="OPENBLAS_CORETYPE for every launched run (default: OpenBLAS's choice; "
+                   "for --kernel set it in the environment)")
+    p.add_argument("--kernel", action="store_true", help="time the per-rank kernel work only (no MPI)")
     p.add_argument("--json")
     a = p.parse_args(argv)
+    if a.blas_core:
+        ENV["OPENBLAS_CORETYPE"] = a.blas_core
+    if a.kernel:  # this process: set BLAS threads before the kernel's first product
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1)
+        os.environ["HPCATTN_THREADS"] = "1"
+        print("| N | P | tree kernel s / rank | ring kernel s / rank (P hops) | ring / tree |")
+        print("|---|---|---|---|---|")
+        for N in map(int, a.seqs.split(",")):
+            for P in map(int, a.ranks.split(",")):
+                tree, ring = kernel_times(N, P, a)
+                print(f"| {N:,} | {P} | {tree:.3f} | {ring:.3f} | {ring / tree:.2f} |", flush=True)
+        return
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
+    warm = d / "warm.h5"
+    hpcattn(0, "gen", warm, "--seq", 4096, "--queries", 4, "--heads", 2, "--kv-heads", 1, "--head-dim",
+            a.head_dim, "--dtype", a.dtype, "--seed", 1)
+    for variant in ("tree", "ring"):
+        measure(2, warm, d / "out.h5", "causal", variant)
     rows = []
     for N in map(int, a.seqs.split(",")):
         inp = d / f"decode_{N}.h5"
@@ -72,19 +130,34 @@ def main(argv=None):
             if a.ranks_per_node and 1 < a.ranks_per_node < P:
                 runs.insert(1, ("tree", ("--ranks-per-node", a.ranks_per_node)))
             got = {}
-            for variant, extra in runs:
-                r = measure(P, inp, d / "out.h5", "causal", variant, extra)
-                r.update(N=N, label=variant + (f" rpn={extra[1]}" if extra else ""))
-                got[r["label"]] = r
-                rows.append(r)
-                print(json.dumps(r), file=sys.stderr, flush=True)
-            for r in got.values():
-                r["ring_over_this"] = got["ring"]["attn_s"] / r["attn_s"]
-    print("| N | P | variant | latency s (max attn_s) | ring / this | max bytes sent/rank | max bytes recv/rank |")
-    print("|---|---|---|---|---|---|---|")
+            for rep in range(a.repeat):
+                for variant, extra in runs:
+                    r = measure(P, inp, d / "out.h5", "causal", variant, extra)
+                    label = variant + (f" rpn={extra[1]}" if extra else "")
+                    print(json.dumps({**r, "N": N, "label": label}), file=sys.stderr, flush=True)
+                    got.setdefault(label, []).append(r)
+            for label, rs in got.items():
+                times = [r["attn_s"] for r in rs]
+                row = {**rs[0], "N": N, "label": label, "attn_s": statistics.median(times),
+                       "attn_s_min": min(times), "attn_s_all": times,
+                       "compute_s": statistics.median(r["compute_s"] for r in rs),
+                       "comm_s": statistics.median(r["comm_s"] for r in rs),
+                       "load_before": max(r["load_before"] for r in rs)}
+                assert all((r["bytes_sent"], r["bytes_received"]) == (row["bytes_sent"], row["bytes_received"])
+                           for r in rs)  # bytes are exact: equal in every repeat
+                rows.append(row)
+            ring = next(r for r in rows[::-1] if r["N"] == N and r["ranks"] == P and r["label"] == "ring")
+            for r in rows:
+                if r["N"] == N and r["ranks"] == P:
+                    r["ring_over_this"] = ring["attn_s"] / r["attn_s"]
+                    r["ring_over_this_min"] = ring["attn_s_min"] / r["attn_s_min"]
+    print("| N | P | variant | latency s (median) | fastest | ring / this (median) | (fastest) "
+          "| compute s | comm s | max bytes sent/rank | max bytes recv/rank | load before |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['N']:,} | {r['ranks']} | {r['label']} | {r['attn_s']:.3f} | {r['ring_over_this']:.1f}x "
-              f"| {r['bytes_sent']:,} | {r['bytes_received']:,} |")
+        print(f"| {r['N']:,} | {r['ranks']} | {r['label']} | {r['attn_s']:.3f} | {r['attn_s_min']:.3f} "
+              f"| {r['ring_over_this']:.1f}x | {r['ring_over_this_min']:.1f}x | {r['compute_s']:.2f} "
+              f"| {r['comm_s']:.2f} | {r['bytes_sent']:,} | {r['bytes_received']:,} | {r['load_before']:.1f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

@@ -390,3 +390,60 @@ def test_run_backward_file(mpi_tmp_path, spec, queries, variant):
         for name, ref in zip(("dq", "dk", "dv"), want):
             assert grad_error(f[name][...], ref) < 1e-4, name
     comm.free()
+
+
+@pytest.mark.parametrize("H, Hkv, dtype, want", [(8, 2, "float32", "ring"), (6, 2, "float16", "ring"),
+                                                 (4, 4, "float32", "burst")])
+def test_auto_backward_picks_the_variant_moving_fewer_bytes(H, Hkv, dtype, want):
+    """Backward under auto: ring when the query side (G = H / Hkv heads) outweighs the key side,
+    burst otherwise; the choice is in stats, the gradients match float64 on uneven zigzag
+    shards, and the bytes are exactly the chosen variant's (test_mpi_ring_burst's formulas)."""
+    from test_mpi_ring_burst import control, expected_bytes, shard_data
+
+    from hpcattn.partition import positions
+    from hpcattn.reference import grad_error, grad_tolerance, reference_backward
+    P, r = world().size, world().rank
+    N, B, D, spec = 131, 1, 16, "causal"
+    q, k, v, do, layout, segs = shard_data(N, B, H, Hkv, D, dtype, spec, 5)
+    idx = positions(segs[r])
+    comm = Comm(world())
+    kw = dict(mask=spec, comm=comm, variant="auto", layout=layout, ranks_per_node=P)  # one node
+    fwd_stats, bwd_stats = {}, {}
+    o, lse = hpcattn.attention(q[:, idx], k[:, idx], v[:, idx], stats=fwd_stats, **kw)
+    before = comm.bytes_sent, comm.bytes_received
+    dq, dk, dv = hpcattn.attention_backward(q[:, idx], k[:, idx], v[:, idx], o, lse, do[:, idx],
+                                            stats=bwd_stats, **kw)
+    assert fwd_stats["variant"] == ("burst" if P > 1 else "ring")
+    assert bwd_stats["variant"] == (want if P > 1 else "ring")
+    want_grads = reference_backward(q, k, v, do, np.arange(N), parse(spec), 1 / np.sqrt(D))
+    for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), want_grads):
+        assert not np.isnan(got).any() and grad_error(got, ref[:, idx]) <= grad_tolerance(dtype), name
+    sizes = [(len(positions(s)),) * 2 for s in segs]
+    rows = [s[0] for s in sizes]
+    _, bwd = expected_bytes(bwd_stats["variant"], P, P, r, rows, rows, B, H, Hkv, D, np.dtype(dtype).itemsize)
+    c_sent, c_recv = control(P, r, sizes)
+    assert (comm.bytes_sent - before[0], comm.bytes_received - before[1]) == (bwd[0] + c_sent, bwd[1] + c_recv)
+    comm.free()
+
+
+def test_run_backward_records_auto_backward_choice(mpi_tmp_path):
+    """`run --backward` with GQA and a causal mask: auto runs burst forward, ring backward, and
+    the file says so (attribute variant_backward); gradients re-read from disk match float64."""
+    from hpcattn.reference import grad_error, reference_backward
+    inp, out = mpi_tmp_path / "gqa.h5", mpi_tmp_path / "gqa_out.h5"
+    if world().rank == 0:
+        from hpcattn.generate import generate
+        generate(inp, 300, heads=4, kv_heads=1, head_dim=16, seed=6, backward=True)
+    world().Barrier()
+    comm = Comm(world())
+    run(str(inp), str(out), "causal", comm, "auto", backward=True)
+    world().Barrier()
+    with h5py.File(out, "r") as f, h5py.File(inp, "r") as g:
+        multi = world().size > 1
+        assert (f.attrs["variant"], f.attrs["variant_backward"]) == (("burst", "ring") if multi else ("ring", "ring"))
+        want = reference_backward(g["q"][...], g["k"][...], g["v"][...], g["do"][...], np.arange(300),
+                                  parse("causal"), f.attrs["scale"])
+        for name, ref in zip(("dq", "dk", "dv"), want):
+            got = f[name][...]
+            assert not np.isnan(got).any() and grad_error(got, ref) < 1e-4, name
+    comm.free()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from hpcattn.masks import parse
-from hpcattn.variants import pick, reach_width, sparse
+from hpcattn.variants import backward_bytes, pick, reach_width, sparse
 
 
 def test_union_expand_and_requests():
@@ -57,3 +57,21 @@ def test_auto_rule():
     assert pick(parse("window:256"), n, n, 1) == "ring"           # one rank: nothing travels
     assert reach_width(parse("block:64+dilated:2:3")) == 64 and reach_width(parse("full")) is None
     assert pick(parse("full"), n // 32 + 1, n, 4) == "burst" and pick(parse("full"), n // 32, n, 4) == "tree"
+
+
+def test_auto_backward_takes_ring_when_burst_would_move_more():
+    """Backward: burst moves the query side (G heads per kv head), ring the key side."""
+    n = 1 << 14
+    mha, gqa = (1, 4, 1, 64, 4, 4), (1, 2, 4, 64, 4, 4)   # B, Hkv, G, D, q_size, kv_size
+    ring_b, burst_b = backward_bytes(n, n, 4, *mha)
+    assert ring_b == 3 * 4 * n * 64 * 16 and burst_b == 3 * (4 * n * (64 * 12 + 8) + 8 * n)
+    assert round(burst_b / ring_b, 3) == 0.760
+    ring_b, burst_b = backward_bytes(n, n, 4, *gqa)
+    assert round(burst_b / ring_b, 3) == 3.035                  # the 3.04x of BENCHMARKS issue 4
+    assert pick(parse("causal"), n, n, 4, mha) == "burst"
+    assert pick(parse("causal"), n, n, 4, gqa) == "ring"
+    assert pick(parse("causal"), n, n, 4, (1, 2, 2, 64, 2, 2)) == "ring"    # G = 2: 1.5x
+    assert pick(parse("causal"), n, 8 * n, 4, (1, 1, 4, 64, 4, 4)) == "burst"  # fewer queries
+    assert pick(parse("causal"), 16, n, 4, gqa) == "tree"      # unchanged: decode, sparse, one rank
+    assert pick(parse("window:256"), n, n, 4, gqa) == "sparse"
+    assert pick(parse("causal"), n, n, 1, gqa) == "ring"

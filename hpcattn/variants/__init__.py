@@ -81,14 +81,31 @@ def reach_width(mask):
     return width
 
 
-def pick(mask, n_queries, n_keys, ranks):
+def backward_bytes(n_queries, n_keys, ranks, B, Hkv, G, D, q_size, kv_size):
+    """(ring, burst): bytes the two backwards move in all, summed over ranks (DESIGN.md section 6).
+
+    Each travelling block makes P - 1 hops and its accumulator P - 1 more sends. Ring moves every
+    key row's K, V (kv_size bytes each) and its dK, dV (float32); burst moves every query row's
+    Q, dO (q_size bytes) in all B * Hkv * G query heads, their lse and D (float32), their
+    positions (int64) and dQ (float32). So burst is smaller for G = 1 (0.76x ring at D = 64,
+    float32) and about G times larger with grouped-query heads.
+    """
+    hops = ranks - 1
+    ring = hops * B * Hkv * n_keys * D * (2 * kv_size + 8)
+    burst = hops * (B * Hkv * G * n_queries * (D * (2 * q_size + 4) + 8) + 8 * n_queries)
+    return ring, burst
+
+
+def pick(mask, n_queries, n_keys, ranks, backward=None):
     """The variant name `auto` uses; a pure function of global facts, so every rank agrees.
 
     - one rank: ring (one hop, nothing travels);
     - tree when all queries together are few: at most (keys per rank) / DECODE_FRACTION;
     - sparse when every row's reach is bounded (window, dilated, block, plus global tokens) and
       narrower than a shard, so halos are cheaper than a ring;
-    - otherwise burst.
+    - otherwise burst, except for a backward (`backward` = the shape facts B, Hkv, G, D, q_size,
+      kv_size of `backward_bytes`) where ring moves fewer bytes: with grouped-query heads the
+      query side burst moves is larger than the key side ring moves.
     """
     if ranks == 1:
         return "ring"
@@ -99,13 +116,20 @@ def pick(mask, n_queries, n_keys, ranks):
     g = max((t.g for t in mask.terms if isinstance(t, Global)), default=0)
     if width is not None and width <= per_rank and g <= per_rank:
         return "sparse"
+    if backward is not None:
+        ring_b, burst_b = backward_bytes(n_queries, n_keys, ranks, *backward)
+        if ring_b < burst_b:
+            return "ring"
     return "burst"
 
 
-def choose(name, shard):
-    """(variant module, name) for a name; 'auto' picks from the mask and shapes (see `pick`)."""
+def choose(name, shard, backward=False):
+    """(variant module, name) for a name; 'auto' picks from the mask and shapes (see `pick`),
+    for the backward pass when `backward`."""
     if name == "auto":
         q_off = shard.q_offsets
         n_queries = int(q_off[-1]) if q_off is not None else len(shard.qpos)
-        name = pick(shard.mask, n_queries, shard.n_keys, len(shard.kv_offsets) - 1)
+        B, Hkv, G, _, D = shard.q.shape
+        facts = (B, Hkv, G, D, shard.q.dtype.itemsize, shard.k.dtype.itemsize) if backward else None
+        name = pick(shard.mask, n_queries, shard.n_keys, len(shard.kv_offsets) - 1, facts)
     return VARIANTS[name], name
