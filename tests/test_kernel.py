@@ -99,3 +99,50 @@ def test_compiled_gather_matches_the_numpy_gather(rng, spec, monkeypatch):
     assert e0 == e1 and np.abs(o0 - o1).max() < 1e-5
     fin = np.isfinite(l0)
     assert (np.isneginf(l0) == np.isneginf(l1)).all() and np.abs(l0[fin] - l1[fin]).max() < 1e-5
+
+
+@pytest.mark.parametrize("spec", ["window:40", "causal+window:40", "window:300"])
+@pytest.mark.parametrize("mode", ["plain", "large_logits", "large_v", "underflow"])
+def test_band_tiles_every_softmax_path(rng, spec, mode, monkeypatch):
+    """The band's interior tiles take exp(s) unshifted for ordinary inputs, subtract the bound c
+    for large logits or large V, and recompute with exact row maxima when a row's sum underflows
+    under c: each path against float64 (N = 1001: not a multiple of the tile, GQA)."""
+    n, H, Hkv, D = 1001, 4, 2, 32
+    q = rng.standard_normal((1, n, H, D)).astype("float32")
+    k, v = (rng.standard_normal((1, n, Hkv, D)).astype("float32") for _ in range(2))
+    scale = 0.3
+    if mode == "large_logits":  # q and k near one vector u: every score near c ~ 1e3 > NO_SHIFT
+        u = rng.standard_normal(D).astype("float32")
+        q, k = (u + 0.005 * x for x in (q, k))
+        scale = 1e3 / float(u @ u)
+    elif mode == "large_v":
+        v *= 1e28  # exp(c) * L * |v| > SAFE although c is small
+    elif mode == "underflow":
+        k[0, 500] *= 40  # one large key: c ~ 1e3, while most rows' scores stay near 0
+    calls = {"band": 0, "exact": 0}
+    band, block = local._band_softmax, local._softmax_block
+
+    def spy_band(*a):
+        calls["band"] += 1
+        calls["in"] = True
+        try:
+            return band(*a)
+        finally:
+            calls["in"] = False
+
+    def spy_block(*a):
+        calls["exact"] += calls.get("in", False)
+        return block(*a)
+    monkeypatch.setenv("HPCATTN_THREADS", "1")  # the spies' flag is per process
+    monkeypatch.setattr(local, "_band_softmax", spy_band)
+    monkeypatch.setattr(local, "_softmax_block", spy_block)
+    mask = parse(spec)
+    o, lse, _ = local.attend(to_heads(q, Hkv), np.arange(n), to_heads(k, Hkv)[:, :, 0],
+                             to_heads(v, Hkv)[:, :, 0], 0, mask, scale)
+    o_ref, lse_ref = reference(q, k, v, np.arange(n), mask, scale)
+    o = o.transpose(0, 3, 1, 2, 4).reshape(q.shape)
+    o_err, lse_err, empty_ok = errors(o, lse.reshape(1, H, n), o_ref, lse_ref)
+    assert np.isfinite(o).all() and np.isfinite(lse).all() and empty_ok
+    tol = 4 * float(np.finfo(np.float32).eps) * 1e3 if mode == "large_logits" else tolerance("float32")[0]
+    assert o_err <= tol and lse_err <= 1e-4, (o_err, lse_err)
+    assert calls["band"] > 0 and (calls["exact"] > 0) == (mode == "underflow"), calls
