@@ -83,14 +83,23 @@ def test_out_buffer_keeps_the_input_dtype_and_threads_agree(rng, monkeypatch):
 
 
 @pytest.mark.parametrize("spec", ["csr", "random:6:2+causal", "dilated:3:4+window:2", "window:3+global:2+random:5+csr"])
-def test_compiled_gather_matches_the_numpy_gather(rng, spec, monkeypatch):
+@pytest.mark.parametrize("D, blocks", [(16, None), (64, (48, 100))])
+def test_compiled_gather_matches_the_numpy_gather(rng, spec, D, blocks, monkeypatch):
+    """numba's two passes against NumPy's gathers; D = 64 is compiled as a constant (its own
+    loops); small row and key blocks so rows and keys cross many block boundaries (n = 400 is
+    a multiple of neither), empty rows included (density 4%, some rows have no csr edge)."""
+    from hpcattn import jit
     pytest.importorskip("numba")
+    if blocks:
+        monkeypatch.setattr(jit, "ROW_BLOCK", blocks[0])
+        monkeypatch.setattr(jit, "KEY_BLOCK", blocks[1])
     n = 400
     dense = rng.random((n, n)) < 0.04
+    dense[7] = dense[300] = False
     csr = check_csr(np.concatenate([[0], np.cumsum(dense.sum(1))]), np.nonzero(dense)[1], n, 0, n)
     mask = parse(spec, n_keys=n, csr=csr)
-    q = rng.standard_normal((2, 2, 3, n, 16)).astype("float32")
-    k, v = (rng.standard_normal((2, 2, n, 16)).astype("float32") for _ in range(2))
+    q = rng.standard_normal((2, 2, 3, n, D)).astype("float32")
+    k, v = (rng.standard_normal((2, 2, n, D)).astype("float32") for _ in range(2))
     got = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("HPCATTN_JIT", flag)
@@ -99,6 +108,13 @@ def test_compiled_gather_matches_the_numpy_gather(rng, spec, monkeypatch):
     assert e0 == e1 and np.abs(o0 - o1).max() < 1e-5
     fin = np.isfinite(l0)
     assert (np.isneginf(l0) == np.isneginf(l1)).all() and np.abs(l0[fin] - l1[fin]).max() < 1e-5
+    B, Hkv, G = q.shape[:3]  # and the compiled result against float64
+    o_ref, lse_ref = reference(q.transpose(0, 3, 1, 2, 4).reshape(B, n, Hkv * G, D), k.transpose(0, 2, 1, 3),
+                               v.transpose(0, 2, 1, 3), np.arange(n), mask, 0.25)
+    o_err, lse_err, empty_ok = errors(o1.transpose(0, 3, 1, 2, 4).reshape(B, n, Hkv * G, D),
+                                      l1.reshape(B, Hkv * G, n), o_ref, lse_ref)
+    assert empty_ok and (spec != "csr" or np.isneginf(lse_ref).any())
+    assert o_err <= tolerance("float32")[0] and lse_err <= tolerance("float32")[1], (o_err, lse_err)
 
 
 @pytest.mark.parametrize("spec", ["window:40", "causal+window:40", "window:300"])
