@@ -1,9 +1,10 @@
 """Optional compiled loop for the kernel's gather piece (numba, the `fast` extra).
 
-NumPy's gathers cost about a microsecond per edge; these loops walk the edges in key blocks
-that stay in L2 (scores and exact row maxima, then exp by NumPy, then exp-weighted V rows), four
-edges at a time so the inner loops over D vectorise: the same maths as local._gather. Used for float32 inputs when numba
-imports; `HPCATTN_JIT=0` turns it off. Rows without edges give o = 0, lse = -inf.
+NumPy's gathers cost about a microsecond per edge; these loops walk the edges in blocks of rows
+and keys that stay in L2 (scores and exact row maxima, then exp by NumPy, then exp-weighted V
+rows), four edges at a time so the inner loops over D vectorise: the same maths as
+local._gather, about 5 ns per edge and pass on this machine's cores. Used for float32 inputs
+when numba imports; `HPCATTN_JIT=0` turns it off. Rows without edges give o = 0, lse = -inf.
 """
 import os
 
@@ -107,10 +108,11 @@ if njit is not None:
                             e, e1 = ptr[r], indptr[r + 1]
                             if e == e1 or cols[e] >= c1:
                                 continue
-                            if D == 64:
-                                e, mg[r] = _score_segment(q[b, g, r], kb, cols, e, e1, c1, sg, mg[r], scale, 64)
+                            qr = q[b, g, r]
+                            if D == 64:  # a constant: the loops over D unroll
+                                e, mg[r] = _score_segment(qr, kb, cols, e, e1, c1, sg, mg[r], scale, 64)
                             else:
-                                e, mg[r] = _score_segment(q[b, g, r], kb, cols, e, e1, c1, sg, mg[r], scale, D)
+                                e, mg[r] = _score_segment(qr, kb, cols, e, e1, c1, sg, mg[r], scale, D)
                             ptr[r] = e
                 for r in range(n):
                     top = mg[r]
