@@ -31,6 +31,16 @@ def sgemm_gflops(n=4096, repeat=2):
     return 2 * n**3 / best / 1e9
 
 
+def blas_name():
+    """numpy's BLAS and the kernel set it runs (OpenBLAS picks it by CPU unless OPENBLAS_CORETYPE
+    says otherwise, e.g. Haswell's AVX2 kernels on an AVX-512 CPU: about half the rate)."""
+    from threadpoolctl import threadpool_info
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas":
+            return f"{lib.get('internal_api')} {lib.get('version')} {lib.get('architecture') or ''}".strip()
+    return "unknown"
+
+
 def _timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -183,7 +193,8 @@ def bench(seqs, specs, vs=(), head_dim=64, dtype="float32", repeat=3, sgemm=Fals
             ours = {"impl": "hpcattn", "seq": n, "mask": spec, "time_s": t, "edges": int(edges),
                     "gflops": 4 * edges * head_dim / t / 1e9, "ratio": 1.0,
                     "max_err": check_ours(qrows, k, v, mask, scale, o, lse, sample),
-                    "peak_rss_gib": peak_rss_gib(), "threads": local.threads(), "dtype": dtype}
+                    "peak_rss_gib": peak_rss_gib(), "threads": local.threads(), "dtype": dtype,
+                    "blas": blas_name()}
             if t_edges is not None:
                 ours["build_s"] = t_edges
             rows.append(ours)
@@ -227,7 +238,8 @@ def table(rows):
             return format(r[key], fmt) if key in r else "-".rjust(int(fmt.split(".")[0]))
         note = r.get("note", "")
         if r["impl"] == "hpcattn":
-            note = f"edges {r['edges']:,}, peak RSS {r['peak_rss_gib']:.2f} GiB, {r['threads']} threads, {r['dtype']}"
+            note = (f"edges {r['edges']:,}, peak RSS {r['peak_rss_gib']:.2f} GiB, {r['threads']} threads, "
+                    f"{r['dtype']}, BLAS {r['blas']}")
         elif "first_call_s" in r:
             note = f"first (compiling) call {r['first_call_s']:.1f} s; build includes compile"
         lines.append(f"{r['impl']:<8} {r['seq']:>10,} {r['mask'][:30]:<30} {f('time_s', '9.4f')} "

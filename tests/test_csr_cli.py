@@ -76,3 +76,4 @@ def test_bench_json_reports_ours_checked_and_sgemm():
     assert [x["impl"] for x in rows] == ["sgemm", "hpcattn", "hpcattn"]
     assert rows[0]["gflops"] > 0
     assert rows[2]["edges"] == 700 * 20 and all(x["max_err"] < 1e-5 for x in rows[1:])
+    assert all(x["blas"] for x in rows[1:])  # the BLAS kernel set the figures were taken with

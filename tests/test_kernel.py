@@ -83,14 +83,23 @@ def test_out_buffer_keeps_the_input_dtype_and_threads_agree(rng, monkeypatch):
 
 
 @pytest.mark.parametrize("spec", ["csr", "random:6:2+causal", "dilated:3:4+window:2", "window:3+global:2+random:5+csr"])
-def test_compiled_gather_matches_the_numpy_gather(rng, spec, monkeypatch):
+@pytest.mark.parametrize("D, blocks", [(16, None), (64, (48, 100))])
+def test_compiled_gather_matches_the_numpy_gather(rng, spec, D, blocks, monkeypatch):
+    """numba's two passes against NumPy's gathers; D = 64 is compiled as a constant (its own
+    loops); small row and key blocks so rows and keys cross many block boundaries (n = 400 is
+    a multiple of neither), empty rows included (density 4%, some rows have no csr edge)."""
+    from hpcattn import jit
     pytest.importorskip("numba")
+    if blocks:
+        monkeypatch.setattr(jit, "ROW_BLOCK", blocks[0])
+        monkeypatch.setattr(jit, "KEY_BLOCK", blocks[1])
     n = 400
     dense = rng.random((n, n)) < 0.04
+    dense[7] = dense[300] = False
     csr = check_csr(np.concatenate([[0], np.cumsum(dense.sum(1))]), np.nonzero(dense)[1], n, 0, n)
     mask = parse(spec, n_keys=n, csr=csr)
-    q = rng.standard_normal((2, 2, 3, n, 16)).astype("float32")
-    k, v = (rng.standard_normal((2, 2, n, 16)).astype("float32") for _ in range(2))
+    q = rng.standard_normal((2, 2, 3, n, D)).astype("float32")
+    k, v = (rng.standard_normal((2, 2, n, D)).astype("float32") for _ in range(2))
     got = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("HPCATTN_JIT", flag)
@@ -99,3 +108,57 @@ def test_compiled_gather_matches_the_numpy_gather(rng, spec, monkeypatch):
     assert e0 == e1 and np.abs(o0 - o1).max() < 1e-5
     fin = np.isfinite(l0)
     assert (np.isneginf(l0) == np.isneginf(l1)).all() and np.abs(l0[fin] - l1[fin]).max() < 1e-5
+    B, Hkv, G = q.shape[:3]  # and the compiled result against float64
+    o_ref, lse_ref = reference(q.transpose(0, 3, 1, 2, 4).reshape(B, n, Hkv * G, D), k.transpose(0, 2, 1, 3),
+                               v.transpose(0, 2, 1, 3), np.arange(n), mask, 0.25)
+    o_err, lse_err, empty_ok = errors(o1.transpose(0, 3, 1, 2, 4).reshape(B, n, Hkv * G, D),
+                                      l1.reshape(B, Hkv * G, n), o_ref, lse_ref)
+    assert empty_ok and (spec != "csr" or np.isneginf(lse_ref).any())
+    assert o_err <= tolerance("float32")[0] and lse_err <= tolerance("float32")[1], (o_err, lse_err)
+
+
+@pytest.mark.parametrize("spec", ["window:40", "causal+window:40", "window:300"])
+@pytest.mark.parametrize("mode", ["plain", "large_logits", "large_v", "underflow"])
+def test_band_tiles_every_softmax_path(rng, spec, mode, monkeypatch):
+    """The band's interior tiles take exp(s) unshifted for ordinary inputs, subtract the bound c
+    for large logits or large V, and recompute with exact row maxima when a row's sum underflows
+    under c: each path against float64 (N = 1001: not a multiple of the tile, GQA)."""
+    n, H, Hkv, D = 1001, 4, 2, 32
+    q = rng.standard_normal((1, n, H, D)).astype("float32")
+    k, v = (rng.standard_normal((1, n, Hkv, D)).astype("float32") for _ in range(2))
+    scale = 0.3
+    if mode == "large_logits":  # q and k near one vector u: every score near c ~ 1e3 > NO_SHIFT
+        u = rng.standard_normal(D).astype("float32")
+        q, k = (u + 0.005 * x for x in (q, k))
+        scale = 1e3 / float(u @ u)
+    elif mode == "large_v":
+        v *= 1e28  # exp(c) * L * |v| > SAFE although c is small
+    elif mode == "underflow":
+        k[0, 500] *= 40  # one large key: c ~ 1e3, while most rows' scores stay near 0
+    calls = {"band": 0, "exact": 0}
+    band, block = local._band_softmax, local._softmax_block
+
+    def spy_band(*a):
+        calls["band"] += 1
+        calls["in"] = True
+        try:
+            return band(*a)
+        finally:
+            calls["in"] = False
+
+    def spy_block(*a):
+        calls["exact"] += calls.get("in", False)
+        return block(*a)
+    monkeypatch.setenv("HPCATTN_THREADS", "1")  # the spies' flag is per process
+    monkeypatch.setattr(local, "_band_softmax", spy_band)
+    monkeypatch.setattr(local, "_softmax_block", spy_block)
+    mask = parse(spec)
+    o, lse, _ = local.attend(to_heads(q, Hkv), np.arange(n), to_heads(k, Hkv)[:, :, 0],
+                             to_heads(v, Hkv)[:, :, 0], 0, mask, scale)
+    o_ref, lse_ref = reference(q, k, v, np.arange(n), mask, scale)
+    o = o.transpose(0, 3, 1, 2, 4).reshape(q.shape)
+    o_err, lse_err, empty_ok = errors(o, lse.reshape(1, H, n), o_ref, lse_ref)
+    assert np.isfinite(o).all() and np.isfinite(lse).all() and empty_ok
+    tol = 4 * float(np.finfo(np.float32).eps) * 1e3 if mode == "large_logits" else tolerance("float32")[0]
+    assert o_err <= tol and lse_err <= 1e-4, (o_err, lse_err)
+    assert calls["band"] > 0 and (calls["exact"] > 0) == (mode == "underflow"), calls
