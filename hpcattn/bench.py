@@ -13,6 +13,7 @@ import numpy as np
 
 from . import local
 from .errors import HpcattnError
+from .info import blas_name
 from .masks import Block, Dilated, Full, Global, Random, Window, check_csr, parse, random_keys
 
 SDPA_BYTES = 6 << 30  # dense mask + scores + probabilities SDPA would hold (about 9 N^2 bytes)
@@ -29,16 +30,6 @@ def sgemm_gflops(n=4096, repeat=2):
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     best = min(_timed(lambda: a @ a)[1] for _ in range(repeat))
     return 2 * n**3 / best / 1e9
-
-
-def blas_name():
-    """numpy's BLAS and the kernel set it runs (OpenBLAS picks it by CPU unless OPENBLAS_CORETYPE
-    says otherwise, e.g. Haswell's AVX2 kernels on an AVX-512 CPU: about half the rate)."""
-    from threadpoolctl import threadpool_info
-    for lib in threadpool_info():
-        if lib.get("user_api") == "blas":
-            return f"{lib.get('internal_api')} {lib.get('version')} {lib.get('architecture') or ''}".strip()
-    return "unknown"
 
 
 def _timed(fn):

@@ -1,5 +1,6 @@
 """`hpcattn info`: what this installation will use."""
 import ctypes
+import os
 import platform
 
 import h5py
@@ -22,6 +23,19 @@ def cuda_aware_mpi():
             return None
     query.restype = ctypes.c_int
     return bool(query())
+
+
+def blas_name():
+    """numpy's BLAS and the kernel set it runs. OpenBLAS picks the set by CPU unless
+    OPENBLAS_CORETYPE forces one (e.g. Haswell's AVX2 kernels on an AVX-512 CPU run at about
+    half the rate: BENCHMARKS.md, issue 3), so a forced set is named as such."""
+    from threadpoolctl import threadpool_info
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas":
+            name = f"{lib.get('internal_api')} {lib.get('version')} {lib.get('architecture') or ''}".strip()
+            forced = os.environ.get("OPENBLAS_CORETYPE") if lib.get("internal_api") == "openblas" else None
+            return f"{name} (forced by OPENBLAS_CORETYPE={forced})" if forced else name
+    return "unknown"
 
 
 def gpus():
@@ -59,6 +73,7 @@ def report():
         "hpcattn": __version__,
         "python": platform.python_version(),
         "numpy": np.__version__,
+        "blas": blas_name(),
         "backend": "cupy" if n_gpu else "numpy",
         "mpi library": MPI.Get_library_version().splitlines()[0].strip(),
         "mpi standard": "%d.%d" % MPI.Get_version(),

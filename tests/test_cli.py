@@ -155,5 +155,5 @@ def test_verify_fails_on_a_wrong_or_incomplete_result(gqa_f16, tmp_path):
 def test_info_reports_the_environment():
     res = hpcattn("info")
     assert res.returncode == 0
-    for key in ("backend", "mpi library", "cuda-aware mpi", "parallel hdf5", "gpus"):
+    for key in ("backend", "blas", "mpi library", "cuda-aware mpi", "parallel hdf5", "gpus"):
         assert key in res.stdout
