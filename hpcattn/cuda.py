@@ -93,6 +93,50 @@ def kernel(name):
     return _modules[key].get_function(name)
 
 
+class Sm90aModule:
+    """Kernels that need Hopper's arch-specific instructions (wgmma: sm_90a), compiled by NVRTC
+    straight to a cubin (cupy.RawModule always adds its own plain -arch option); the part of
+    RawModule's interface that `kernel` and `_launch` use."""
+
+    def __init__(self, code, names, options):
+        cp = _cp()
+        from cupy.cuda import function, nvrtc
+        prog = nvrtc.createProgram(code, "kernels.cu", [], [])
+        try:
+            for n in names:
+                nvrtc.addNameExpression(prog, n)
+            try:
+                nvrtc.compileProgram(prog, tuple(options) + ("-arch=sm_90a",))
+            except nvrtc.NVRTCError as e:
+                raise cp.cuda.compiler.CompileException(nvrtc.getProgramLog(prog), code, "kernels.cu",
+                                                        options, "nvrtc") from e
+            self._mod = function.Module()
+            self._mod.load(nvrtc.getCUBIN(prog))
+            self._lowered = {n: nvrtc.getLoweredName(prog, n) for n in names}
+        finally:
+            nvrtc.destroyProgram(prog)
+
+    def get_function(self, name):
+        return _Sm90aFunction(self._mod.get_function(self._lowered[name]))
+
+
+class _Sm90aFunction:
+    def __init__(self, fn):
+        self._fn = fn
+
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return None
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, nbytes):
+        from cupy.cuda import driver
+        driver.funcSetAttribute(self._fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self._fn(grid, block, args, shared_mem=shared_mem)
+
+
 def dtype_name(x, bf16=False):
     """'float32' | 'float16' | 'bfloat16' for an array. CuPy has no bfloat16 dtype: bfloat16
     data travels as uint16 bit patterns (e.g. a torch tensor's memory) with bf16=True."""

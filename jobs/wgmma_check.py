@@ -1,0 +1,119 @@
+"""Check and time kernels/attend_wgmma.cu's shapes against attend_fwd_mma on the same inputs:
+max difference of o and lse, equal edge counts, useful TFLOP/s per shape (N tokens, H heads,
+window:W by default), plus a correctness pass over several masks, query positions and
+uneven row counts at a small size."""
+import argparse
+import json
+import math
+
+import cupy as cp
+import numpy as np
+
+from hpcattn import cuda
+from hpcattn.masks import parse
+
+
+def timed(f, reps=5):
+    f()
+    cp.cuda.Device().synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        f()
+        b.record()
+        b.synchronize()
+        out.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
+    return float(np.median(out))
+
+
+def inputs(N, H, D, dtype, seed=0):
+    r = cp.random.default_rng(seed)
+    mk = lambda *s: r.standard_normal(s, dtype=cp.float32).astype(cp.float16)  # noqa: E731
+    q, k, v = mk(1, H, 1, N, D), mk(1, H, N, D), mk(1, H, N, D)
+    if dtype == "bfloat16":  # bfloat16 bit patterns of the same values, rounded
+        q, k, v = (cp.asarray(x.astype(cp.float32).view(cp.uint32) + 0x8000 >> 16).astype(cp.uint16) for x in (q, k, v))
+    return q, k, v
+
+
+def run(f, smem, shape, q, qpos, k, v, mask, N, nk, scale, k0=0, qp=True):
+    nwg = shape[0]
+    H = q.shape[1]
+    o = cp.zeros((1, H, 1, N, q.shape[-1]), dtype=q.dtype if shape[4] else cp.float32)
+    lse = cp.zeros((1, H, 1, N), dtype=cp.float32)
+    edges = cp.zeros(1, dtype=cp.uint64)
+    words = cp.asarray(cuda.mask_words(mask))
+    qd = cp.asarray(qpos) if qp else None
+
+    def go():
+        edges.fill(0)
+        f(((N + 64 * nwg - 1) // (64 * nwg), H), (128 * nwg,),
+          (q, qd if qd is not None else np.uintp(0), k, v, o, lse, edges, words, np.int32(N), np.int32(nk),
+           np.int32(1), np.int64(k0), np.float32(scale), np.int64(0)), shared_mem=smem)
+    return go, o, lse, edges
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq", type=int, default=1 << 20)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--mask", default="window:256")
+    p.add_argument("--dims", default="64,128")
+    p.add_argument("--dtypes", default="float16")
+    p.add_argument("--shapes", default="1:3:2:1,2:3:1:1", help="NWG:ST:MINB:SW[:TO] (TO 1: o in the input dtype), comma-separated")
+    a = p.parse_args()
+    shapes = [tuple(int(x) for x in (s + ":0").split(":")[:5]) for s in a.shapes.split(",")]
+    for dtype in a.dtypes.split(","):
+        ct = cuda.CTYPES[dtype]
+        for D in map(int, a.dims.split(",")):
+            names = [f"attend_fwd_wgmma<{ct}, {D}, {ct if to else 'float'}, {w}, {st}, {mb}, {str(bool(sw)).lower()}>"
+                     for w, st, mb, sw, to in shapes]
+            mod = cuda.Sm90aModule((cuda.KERNEL_DIR / "attend_wgmma.cu").read_text(), names,
+                                   cuda.OPTIONS + cuda._cuda_include())
+            scale = 1 / math.sqrt(D)
+            bf = dtype == "bfloat16"
+            # correctness at a small size: several masks, positions, uneven rows, a key offset
+            for spec, N, nk, k0, shift in (("window:256", 1000, 1000, 0, 0), ("causal+window:100", 777, 900, 50, 60),
+                                           ("dilated:40:3+global:5", 513, 600, 0, 0), ("block:96+causal", 300, 300, 0, 0),
+                                           ("full", 200, 333, 0, 0)):
+                q, k, v = inputs(N, 2, D, dtype, seed=N)
+                k, v = cp.ascontiguousarray(k[:, :, :nk]), cp.ascontiguousarray(v[:, :, :nk])
+                if nk > N:
+                    q2, k2, v2 = inputs(nk, 2, D, dtype, seed=nk)
+                    k, v = cp.ascontiguousarray(k2), cp.ascontiguousarray(v2)
+                mask = parse(spec)
+                qpos = np.sort(np.random.default_rng(N).choice(np.arange(k0 + shift, k0 + nk + shift), N, replace=False)).astype(np.int64)
+                ref = cuda.attend(q, qpos, k, v, k0, mask, scale, bf16=bf, kernel_kind="mma")
+                for shape, name in zip(shapes, names):
+                    f = mod.get_function(name)
+                    smem = (2 * shape[1] * 64 * D + 64 * shape[0] * D) * 2 + 1024
+                    f.max_dynamic_shared_size_bytes = smem
+                    go, o, lse, edges = run(f, smem, shape, q, qpos, k, v, mask, N, nk, scale, k0)
+                    go()
+                    fin = bool(cp.isfinite(o).all())
+                    print(json.dumps({"check": spec, "dtype": dtype, "D": D, "shape": shape, "o_diff": float(cp.abs(o.astype(cp.float32) - ref[0]).max()) if not bf else float(cp.abs(o - ref[0]).max()) if not shape[4] else -1.0,
+                                      "lse_diff": float(cp.nanmax(cp.abs(cp.where(cp.isinf(ref[1]), 0, lse - ref[1])))),
+                                      "lse_inf_same": bool((cp.isinf(lse) == cp.isinf(ref[1])).all()), "finite": fin,
+                                      "edges_equal": int(edges.get()[0]) == ref[2]}), flush=True)
+            N, H = a.seq, a.heads
+            q, k, v = inputs(N, H, D, dtype)
+            mask, qpos = parse(a.mask), np.arange(N, dtype=np.int64)
+            ref = cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="mma")
+            s_ref = timed(lambda: cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="mma"))
+            useful = 4 * ref[2] * D * H
+            print(json.dumps({"bench": a.mask, "N": N, "H": H, "dtype": dtype, "D": D, "kernel": "mma", "s": s_ref,
+                              "TFLOPs": useful / s_ref / 1e12}), flush=True)
+            for shape, name in zip(shapes, names):
+                f = mod.get_function(name)
+                smem = (2 * shape[1] * 64 * D + 64 * shape[0] * D) * 2 + 1024
+                f.max_dynamic_shared_size_bytes = smem
+                go, o, lse, edges = run(f, smem, shape, q, qpos, k, v, mask, N, N, scale, qp=False)
+                s = timed(go)
+                print(json.dumps({"bench": a.mask, "N": N, "H": H, "dtype": dtype, "D": D, "kernel": "wgmma", "shape": shape,
+                                  "s": s, "TFLOPs": useful / s / 1e12, "o_diff": float(cp.abs(o.astype(cp.float32) - ref[0]).max()) if not (bf and shape[4]) else -1.0,
+                                  "edges_equal": int(edges.get()[0]) == ref[2]}), flush=True)
+                del o, lse
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+// Local sparse attention forward on Hopper's warpgroup MMA (wgmma, sm_90a) for float16/bfloat16
+// with head dim D in {64, 128}: same contract, mask handling and helpers as attend_fwd_mma in
+// attend_mma.cu. A block of NWG warpgroups (4 warps each) takes 64 * NWG query rows of one head;
+// the warpgroups share every K/V tile (fewer L2 reads per row) and each skips the tiles its own
+// rows' key spans miss (no wasted MMAs at a window's two ends). S = Q K^T is wgmma m64n64k16
+// with Q in registers and the K tile in shared memory; O += P V is wgmma m64nDk16 with P
+// re-packed from S's accumulators in registers and the V tile read N-major from shared memory.
+// K, V (and q) tiles sit in shared memory as 8-row x 16-byte core matrices (no swizzle, no bank
+// conflicts), filled by cp.async ST - 1 tiles ahead.
+#include "attend_mma.cu"
+
+// Shared-memory matrix descriptor, no swizzle: start address, and the byte distances between
+// core matrices adjacent in the leading (K) and in the stride (M/N) dimension.
+__device__ __forceinline__ unsigned long long wg_desc(const void* p, unsigned lbo, unsigned sbo) {
+    const unsigned long long a = (unsigned)__cvta_generic_to_shared(p);
+    return ((a & 0x3FFFFull) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
+}
+// The same with the 128-byte swizzle: 8 rows of 128 bytes whose 16-byte chunks are permuted
+// by XOR with the row index mod 8 (CUTLASS's Swizzle<3,4,3>; atoms 1024-byte aligned).
+__device__ __forceinline__ unsigned long long wg_desc_sw(const void* p, unsigned lbo, unsigned sbo) {
+    return wg_desc(p, lbo, sbo) | (1ull << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
+// Keeps the compiler from moving accesses to wgmma accumulators across a fence or wait
+// (CUTLASS's warpgroup_fence_operand): the asm "redefines" every register of the array.
+template <int N> __device__ __forceinline__ void fence_regs(float (&d)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+// cp.async and ordinary stores write through the generic proxy; wgmma reads through the async one
+__device__ __forceinline__ void proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+#define WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+    "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+    "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, " \
+    "%39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, " \
+    "%59, %60, %61, %62, %63}"
+#define WG_F4(a, j) "+f"(a[j][0]), "+f"(a[j][1]), "+f"(a[j][2]), "+f"(a[j][3])
+#define WG_OUT8(a) WG_F4(a, 0), WG_F4(a, 1), WG_F4(a, 2), WG_F4(a, 3), WG_F4(a, 4), WG_F4(a, 5), WG_F4(a, 6), WG_F4(a, 7)
+#define WG_OUT16(a) WG_OUT8(a), WG_F4(a, 8), WG_F4(a, 9), WG_F4(a, 10), WG_F4(a, 11), WG_F4(a, 12), \
+    WG_F4(a, 13), WG_F4(a, 14), WG_F4(a, 15)
+
+// d (64 x N per warpgroup; this thread's share as [N/8][4]) (+)= a (registers) * B (descriptor).
+// TNSP: B is stored N-major (its N index contiguous) rather than K-major.
+template <typename T, int N, int TNSP> struct Wgmma;
+#define WG_DEFINE(TY, N, OUT, OPS)                                                                   \
+    template <int TNSP> struct Wgmma<TY, N, TNSP> {                                                  \
+        static __device__ __forceinline__ void run(float (&d)[N / 8][4], const unsigned (&a)[4],     \
+                                                   unsigned long long b, int accumulate) {           \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " OPS ";\n}\n"                            \
+                         : OUT(d)                                                                    \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(TNSP)); \
+        }                                                                                            \
+    };
+// operands: the accumulators %0.., then a (4 registers), b, accumulate, TNSP
+#define WG_OPS64(PTXTY) "%37, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32." PTXTY " " WG_ACC32 \
+    ", {%32, %33, %34, %35}, %36, p, 1, 1, %38"
+#define WG_OPS128(PTXTY) "%69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32." PTXTY " " WG_ACC64 \
+    ", {%64, %65, %66, %67}, %68, p, 1, 1, %70"
+WG_DEFINE(__half, 64, WG_OUT8, WG_OPS64("f16.f16"))
+WG_DEFINE(__half, 128, WG_OUT16, WG_OPS128("f16.f16"))
+WG_DEFINE(__nv_bfloat16, 64, WG_OUT8, WG_OPS64("bf16.bf16"))
+WG_DEFINE(__nv_bfloat16, 128, WG_OUT16, WG_OPS128("bf16.bf16"))
+
+// d (64 x 64) (+)= A * B, both K-major in shared memory (descriptors)
+template <typename T> struct WgmmaSS;
+#define WGSS_DEFINE(TY, PTXTY)                                                                       \
+    template <> struct WgmmaSS<TY> {                                                                 \
+        static __device__ __forceinline__ void run(float (&d)[8][4], unsigned long long a,           \
+                                                   unsigned long long b, int accumulate) {           \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                               \
+                         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTXTY " " WG_ACC32            \
+                         ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                           \
+                         : WG_OUT8(d)                                                                \
+                         : "l"(a), "l"(b), "r"(accumulate));                                         \
+        }                                                                                            \
+    };
+WGSS_DEFINE(__half, "f16.f16")
+WGSS_DEFINE(__nv_bfloat16, "bf16.bf16")
+
+// rows [0, rows) of a (rows, D) block at src into shared memory as core matrices, zeros up to
+// `pad` rows: row r, 16-byte chunk c at ((r / 8) * (D / 8) + c) * 128 + (r % 8) * 16. Eight
+// consecutive threads fill one core matrix (128 contiguous bytes: no bank conflicts).
+template <typename T, int D>
+__device__ __forceinline__ void load_tile_cm(const T* __restrict__ src, int rows, int pad, T* dst, int tid, int nthreads) {
+    constexpr int CH = D / 8;
+    for (int e = tid; e < pad * CH; e += nthreads) {
+        const int r8 = e & 7, c = (e >> 3) % CH, rg = (e >> 3) / CH, r = rg * 8 + r8;
+        cp16(reinterpret_cast<char*>(dst) + ((rg * CH + c) * 128 + r8 * 16), src + (size_t)(r < rows ? r : 0) * D + c * 8,
+             r < rows);
+    }
+}
+
+
+// Masks s (the tile's scores of this thread's rows r0, r0 + 8) outside the mask and counts the
+// edges; full: the tile lies wholly inside the mask.
+__device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk, bool full, bool live0, bool live1,
+                                        long long pos0, long long pos1, long long c0, int nkt, int tq,
+                                        unsigned long long& n_edges) {
+    if (full) {
+        if (tq == 0) n_edges += (unsigned long long)(live0 + live1) * MK;
+        return;
+    }
+    const unsigned long long b0 = live0 ? row_bits(mk, pos0, c0, nkt) : 0ull;
+    const unsigned long long b1 = live1 ? row_bits(mk, pos1, c0, nkt) : 0ull;
+    if (tq == 0) n_edges += __popcll(b0) + __popcll(b1);
+    const unsigned long long c0b = b0 >> (2 * tq), c1b = b1 >> (2 * tq);  // this lane's columns 8j + 2tq + e
+#pragma unroll
+    for (int j = 0; j < MK / 8; ++j) {
+        const unsigned w0 = (unsigned)(c0b >> (8 * j)), w1 = (unsigned)(c1b >> (8 * j));
+        if (!(w0 & 1u)) s[j][0] = -INFINITY;
+        if (!(w0 & 2u)) s[j][1] = -INFINITY;
+        if (!(w1 & 1u)) s[j][2] = -INFINITY;
+        if (!(w1 & 2u)) s[j][3] = -INFINITY;
+    }
+}
+
+// Online softmax of one tile in log2 units (the 4 lanes of a quad share rows g and g + 8):
+// updates the row maxima m and sums l, turns s into exp2 weights in place, and returns in a0,
+// a1 the factors by which O must be rescaled before this tile's P V is added.
+__device__ __forceinline__ void wg_softmax(float (&s)[MK / 8][4], float sl2, float& m0, float& m1, float& l0,
+                                           float& l1, float& a0, float& a1) {
+    float x0 = -INFINITY, x1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < MK / 8; ++j) {
+        x0 = fmaxf(x0, fmaxf(s[j][0], s[j][1]));
+        x1 = fmaxf(x1, fmaxf(s[j][2], s[j][3]));
+    }
+    x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
+    x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
+    x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
+    x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
+    const float n0 = fmaxf(m0, x0 * sl2), n1 = fmaxf(m1, x1 * sl2);  // sl2 > 0: checked by the host
+    const float u0 = n0 == -INFINITY ? 0.f : n0, u1 = n1 == -INFINITY ? 0.f : n1;
+    a0 = exp2f(m0 - u0);
+    a1 = exp2f(m1 - u1);
+    m0 = n0;
+    m1 = n1;
+    l0 *= a0;
+    l1 *= a1;
+#pragma unroll
+    for (int j = 0; j < MK / 8; ++j) {
+        s[j][0] = exp2f(fmaf(s[j][0], sl2, -u0));
+        s[j][1] = exp2f(fmaf(s[j][1], sl2, -u0));
+        s[j][2] = exp2f(fmaf(s[j][2], sl2, -u1));
+        s[j][3] = exp2f(fmaf(s[j][3], sl2, -u1));
+        l0 += s[j][0] + s[j][1];
+        l1 += s[j][2] + s[j][3];
+    }
+}
+
+// The weights as the A operand of P V (16-bit pairs in the mma fragment order)
+template <typename T> __device__ __forceinline__ void wg_pack(const float (&s)[MK / 8][4], unsigned (&pa)[MK / 16][4]) {
+#pragma unroll
+    for (int j = 0; j < MK / 8; ++j) {
+        pa[j >> 1][(j & 1) * 2] = pack2<T>(s[j][0], s[j][1]);
+        pa[j >> 1][(j & 1) * 2 + 1] = pack2<T>(s[j][2], s[j][3]);
+    }
+}
+
+// rows [0, rows) of a (rows, D) block at src into shared memory in 128-byte swizzle atoms, zeros
+// up to `pad` rows: columns [64h, 64h + 64) of row r at h * pad * 128 + r * 128, their 16-byte
+// chunk c at position c ^ (r % 8). Eight consecutive threads read one 128-byte row segment.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile_sw(const T* __restrict__ src, int rows, int pad, T* dst, int tid, int nthreads) {
+    constexpr int CH = D / 8;
+    for (int e = tid; e < pad * CH; e += nthreads) {
+        const int r = e / CH, c = e % CH;
+        cp16(reinterpret_cast<char*>(dst) + (c >> 3) * pad * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4),
+             src + (size_t)(r < rows ? r : 0) * D + c * 8, r < rows);
+    }
+}
+
+// NWG warpgroups of 64 query rows per block share ST K/V buffers (ST >= 4), filled by cp.async
+// two tiles ahead; MINB blocks per SM asked of the register allocator. The q rows stay in their
+// own shared buffer, read there by S's wgmma. Per warpgroup the MMAs overlap the softmax
+// (FlashAttention-3's intra-warpgroup pipelining): while tile i's softmax runs, S of tile i + 1
+// and O += P V of tile i - 1 are in flight, so S alternates between two register sets.
+template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool SW>
+__global__ void __launch_bounds__(128 * NWG, MINB)
+attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
+                 const T* __restrict__ v, TO* o, float* __restrict__ lse,
+                 unsigned long long* __restrict__ edges, const long long* __restrict__ mask_words,
+                 int nq, int nk, int G, long long k0, float scale, long long q0) {
+    constexpr int BM = 64 * NWG, NT = 128 * NWG, TILE = MK * D, AHEAD = ST - 1;  // TILE in elements
+    static_assert(ST >= 3, "tiles i - 1 (V) and i (K) in use while tile i + 1 loads");
+    extern __shared__ __align__(128) unsigned char smem_wg[];
+    // buffer b: K at KV + 2b*TILE, V at KV + (2b+1)*TILE; 1024-byte aligned (the host adds 1024)
+    T* KV = reinterpret_cast<T*>(smem_wg + ((1024 - ((unsigned)__cvta_generic_to_shared(smem_wg) & 1023)) & 1023));
+    T* Qs = KV + 2 * ST * TILE;             // BM rows, core matrices
+    __shared__ MaskDev mk;
+    // [0]: the block's query positions, [1 + w]: warpgroup w's; the block's key spans
+    __shared__ long long qlo_s[NWG + 1], qhi_s[NWG + 1], lo_s[HPCATTN_MAX_SPANS], hi_s[HPCATTN_MAX_SPANS];
+    __shared__ int nsp_s;
+    __shared__ unsigned long long edges_s;
+
+    const int head = blockIdx.y, kvh = head / G;
+    const int t0 = blockIdx.x * BM, t1 = min(nq, t0 + BM);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
+    const T* kh = k + (size_t)kvh * nk * D;
+    const T* vh = v + (size_t)kvh * nk * D;
+
+    if (SW) load_tile_sw<T, D>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qs, tid, NT);
+    else load_tile_cm<T, D>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qs, tid, NT);
+    cp_commit();
+    if (warp == 0) {  // positions and mask in one round trip, then the key spans
+        load_mask_warp(mask_words, mk, lane);
+        long long blo = 0x7fffffffffffffffLL, bhi = -0x7fffffffffffffffLL - 1;
+        for (int w = 0; w < NWG; ++w) {
+            const int r0 = t0 + 64 * w, r1 = min(t1, r0 + 64);
+            long long lo = q0 + r0, hi = q0 + r1 - 1;
+            if (qpos) {
+                lo = 0x7fffffffffffffffLL;
+                hi = -0x7fffffffffffffffLL - 1;
+                for (int r = r0 + lane; r < r1; r += 32) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
+#pragma unroll
+                for (int s = 16; s > 0; s >>= 1) {
+                    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
+                    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
+                }
+            }
+            if (lane == 0) {
+                qlo_s[1 + w] = lo;
+                qhi_s[1 + w] = hi;
+            }
+            if (r0 < r1) {
+                blo = min(blo, lo);
+                bhi = max(bhi, hi);
+            }
+        }
+        if (lane == 0) {
+            qlo_s[0] = blo;
+            qhi_s[0] = bhi;
+            nsp_s = mask_spans(mk, blo, bhi, k0, k0 + nk, lo_s, hi_s);
+            edges_s = 0ull;
+        }
+    }
+    __syncthreads();
+    const int nsp = nsp_s;
+    const long long *blo_s = lo_s, *bhi_s = hi_s, qlo = qlo_s[1 + wg], qhi = qhi_s[1 + wg];
+    // cursors over the block's tiles: fetch (tile i + AHEAD - 1) and compute (tile i)
+    int fsp = 0, sp = 0, fb = 0;
+    long long fc0 = nsp ? blo_s[0] : 0, c0 = fc0;
+    auto fetch = [&]() {  // the next tile into buffer fb, one commit group (maybe empty)
+        if (fsp < nsp) {
+            const int n = (int)min((long long)MK, bhi_s[fsp] - fc0);
+            if (SW) {
+                load_tile_sw<T, D>(kh + (size_t)(fc0 - k0) * D, n, MK, KV + 2 * fb * TILE, tid, NT);
+                load_tile_sw<T, D>(vh + (size_t)(fc0 - k0) * D, n, MK, KV + (2 * fb + 1) * TILE, tid, NT);
+            } else {
+                load_tile_cm<T, D>(kh + (size_t)(fc0 - k0) * D, n, MK, KV + 2 * fb * TILE, tid, NT);
+                load_tile_cm<T, D>(vh + (size_t)(fc0 - k0) * D, n, MK, KV + (2 * fb + 1) * TILE, tid, NT);
+            }
+            next_tile(fsp, fc0, nsp, blo_s, bhi_s);
+        }
+        cp_commit();
+        fb = fb + 1 == ST ? 0 : fb + 1;
+    };
+#pragma unroll
+    for (int b = 0; b < AHEAD; ++b) fetch();
+
+    const int r0 = t0 + 64 * wg + 16 * wq + g, r1 = r0 + 8;
+    const bool live0 = r0 < t1, live1 = r1 < t1;
+    const long long pos0 = !live0 ? 0 : qpos ? qpos[r0] : q0 + r0;
+    const long long pos1 = !live1 ? 0 : qpos ? qpos[r1] : q0 + r1;
+    float oacc[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) oacc[j][0] = oacc[j][1] = oacc[j][2] = oacc[j][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    const float sl2 = scale * MLOG2E;
+    unsigned long long n_edges = 0;
+    const char* Qw = reinterpret_cast<const char*>(Qs) + (SW ? wg * 64 * 128 : wg * 128 * D);  // this warpgroup's q rows
+
+    float s[MK / 8][4], a0 = 1.f, a1 = 1.f;
+    unsigned pa[MK / 16][4];
+    // S = Q K^T of the tile in buffer b, committed, not waited for
+    auto issue_s = [&](int b) {
+        const char* Kb = reinterpret_cast<const char*>(KV + 2 * b * TILE);
+        fence_regs(s);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)  // a k16 step is two core matrices along D
+            if (SW)  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns BM (q) or MK (k) rows apart
+                WgmmaSS<T>::run(s, wg_desc_sw(Qw + (kk >> 2) * BM * 128 + (kk & 3) * 32, 16, 1024),
+                                wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+            else
+                WgmmaSS<T>::run(s, wg_desc(Qw + kk * 256, 128, D * 16), wg_desc(Kb + kk * 256, 128, D * 16), kk > 0);
+        wg_commit();
+    };
+    // O = a O + P V of the tile in buffer b, committed, not waited for
+    auto issue_pv = [&](int b) {
+        const char* Vb = reinterpret_cast<const char*>(KV + (2 * b + 1) * TILE);
+        fence_regs(oacc);
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            oacc[j][0] *= a0;
+            oacc[j][1] *= a0;
+            oacc[j][2] *= a1;
+            oacc[j][3] *= a1;
+        }
+        fence_regs(oacc);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is two 8-key groups
+            Wgmma<T, D, 1>::run(oacc, pa[kk], SW ? wg_desc_sw(Vb + kk * 16 * 128, MK * 128, 1024)
+                                                 : wg_desc(Vb + kk * 2 * D * 16, D * 16, 128), 1);
+        wg_commit();
+    };
+    // tile i's scores (complete in s): mask, softmax, weights into s
+    auto softmax = [&]() {
+        const int nkt = (int)min((long long)MK, bhi_s[sp] - c0);
+        wg_mask(s, mk, nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK), live0, live1, pos0, pos1, c0, nkt, tq,
+                n_edges);
+        wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
+    };
+
+    cp_wait<AHEAD - 1>();  // the q rows and tile 0
+    proxy_fence();
+    __syncthreads();
+    if (nsp) {
+        issue_s(0);
+        wgmma_wait<0>();
+        fence_regs(s);
+        softmax();
+        wg_pack<T>(s, pa);
+        int prev = 0;  // the buffer of tile i - 1
+        next_tile(sp, c0, nsp, blo_s, bhi_s);
+        while (sp < nsp) {  // tile i >= 1: its S and tile i - 1's P V in flight together
+            const int cur = prev + 1 == ST ? 0 : prev + 1;
+            cp_wait<AHEAD - 2>();  // tile i
+            proxy_fence();
+            __syncthreads();  // ... visible to all; every warpgroup is past P V of tile i - 2
+            fetch();          // tile i + AHEAD - 1 into the buffer of tile i - 2
+            issue_s(cur);
+            issue_pv(prev);
+            wgmma_wait<1>();  // S
+            fence_regs(s);
+            softmax();        // overlaps P V
+            wgmma_wait<0>();  // P V
+            fence_regs(oacc);
+            wg_pack<T>(s, pa);
+            prev = cur;
+            next_tile(sp, c0, nsp, blo_s, bhi_s);
+        }
+        issue_pv(prev);
+        wgmma_wait<0>();
+        fence_regs(oacc);
+    }
+    cp_wait<0>();
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+        if (live0) store2<TO>(o + ((size_t)head * nq + r0) * D + 8 * j + 2 * tq, oacc[j][0] * i0, oacc[j][1] * i0);
+        if (live1) store2<TO>(o + ((size_t)head * nq + r1) * D + 8 * j + 2 * tq, oacc[j][2] * i1, oacc[j][3] * i1);
+    }
+    if (tq == 0 && live0) lse[(size_t)head * nq + r0] = l0 > 0.f ? (m0 + log2f(l0)) * MLN2 : -INFINITY;
+    if (tq == 0 && live1) lse[(size_t)head * nq + r1] = l1 > 0.f ? (m1 + log2f(l1)) * MLN2 : -INFINITY;
+
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) n_edges += __shfl_xor_sync(0xffffffffu, n_edges, s);
+    if (lane == 0 && n_edges) atomicAdd(&edges_s, n_edges);
+    __syncthreads();
+    if (tid == 0 && head == 0 && edges_s) atomicAdd(edges, edges_s);
+}
