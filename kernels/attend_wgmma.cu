@@ -176,38 +176,44 @@ __device__ __forceinline__ void load_tile_sw(const T* __restrict__ src, int rows
     }
 }
 
-// NWG warpgroups of 64 query rows per block share ST K/V buffers (ST >= 4), filled by cp.async
-// two tiles ahead; MINB blocks per SM asked of the register allocator. The q rows stay in their
-// own shared buffer, read there by S's wgmma. Per warpgroup the MMAs overlap the softmax
-// (FlashAttention-3's intra-warpgroup pipelining): while tile i's softmax runs, S of tile i + 1
-// and O += P V of tile i - 1 are in flight, so S alternates between two register sets.
-template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool SW>
-__global__ void __launch_bounds__(128 * NWG, MINB)
+__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
+template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
+template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
+
+// Warp-specialised (FlashAttention-3's layout): warpgroup 0 loads K/V tiles into ST buffers
+// with cp.async, NWG consumer warpgroups of 64 query rows each compute. Named barriers pass the
+// buffers: FULL[b] (tile landed) and EMPTY[b] (every consumer is done with it), so consumers
+// drift apart instead of running in lockstep. Per consumer the MMAs overlap the softmax: S of
+// tile i and O += P V of tile i - 1 are in flight together, then tile i's softmax runs while
+// P V finishes. MINB blocks per SM; setmaxnreg moves registers from the loader to the consumers.
+template <typename T, int D, typename TO, int NWG, int ST, int MINB>
+__global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
                  const T* __restrict__ v, TO* o, float* __restrict__ lse,
                  unsigned long long* __restrict__ edges, const long long* __restrict__ mask_words,
                  int nq, int nk, int G, long long k0, float scale, long long q0) {
-    constexpr int BM = 64 * NWG, NT = 128 * NWG, TILE = MK * D, AHEAD = ST - 1;  // TILE in elements
-    static_assert(ST >= 3, "tiles i - 1 (V) and i (K) in use while tile i + 1 loads");
+    constexpr int BM = 64 * NWG, NT = 128 * (NWG + 1), TILE = MK * D;  // TILE in elements
+    constexpr int PREG = 40, CREG0 = ((65536 / MINB - 128 * PREG) / (128 * NWG)) / 8 * 8;
+    constexpr int CREG = CREG0 > 240 ? 240 : CREG0;
+    constexpr int FULL = 1, EMPTY = 1 + ST;  // named barrier ids (0 is __syncthreads')
+    static_assert(ST >= 3 && 2 * ST < 16, "the loader refills tile i's buffer while tiles i + 1, i + 2 are in use");
     extern __shared__ __align__(128) unsigned char smem_wg[];
     // buffer b: K at KV + 2b*TILE, V at KV + (2b+1)*TILE; 1024-byte aligned (the host adds 1024)
     T* KV = reinterpret_cast<T*>(smem_wg + ((1024 - ((unsigned)__cvta_generic_to_shared(smem_wg) & 1023)) & 1023));
-    T* Qs = KV + 2 * ST * TILE;             // BM rows, core matrices
+    T* Qs = KV + 2 * ST * TILE;  // BM rows, 128-byte swizzle atoms
     __shared__ MaskDev mk;
-    // [0]: the block's query positions, [1 + w]: warpgroup w's; the block's key spans
-    __shared__ long long qlo_s[NWG + 1], qhi_s[NWG + 1], lo_s[HPCATTN_MAX_SPANS], hi_s[HPCATTN_MAX_SPANS];
-    __shared__ int nsp_s;
+    // [w]: consumer w's query positions; the block's key spans and tile count
+    __shared__ long long qlo_s[NWG], qhi_s[NWG], lo_s[HPCATTN_MAX_SPANS], hi_s[HPCATTN_MAX_SPANS];
+    __shared__ int nsp_s, ntiles_s;
     __shared__ unsigned long long edges_s;
 
     const int head = blockIdx.y, kvh = head / G;
     const int t0 = blockIdx.x * BM, t1 = min(nq, t0 + BM);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
-    const T* kh = k + (size_t)kvh * nk * D;
-    const T* vh = v + (size_t)kvh * nk * D;
+    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3;  // warp-uniform to the compiler
 
-    if (SW) load_tile_sw<T, D>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qs, tid, NT);
-    else load_tile_cm<T, D>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qs, tid, NT);
+    load_tile_sw<T, D>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qs, tid, NT);
     cp_commit();
     if (warp == 0) {  // positions and mask in one round trip, then the key spans
         load_mask_warp(mask_words, mk, lane);
@@ -226,8 +232,8 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 }
             }
             if (lane == 0) {
-                qlo_s[1 + w] = lo;
-                qhi_s[1 + w] = hi;
+                qlo_s[w] = lo;
+                qhi_s[w] = hi;
             }
             if (r0 < r1) {
                 blo = min(blo, lo);
@@ -235,137 +241,138 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             }
         }
         if (lane == 0) {
-            qlo_s[0] = blo;
-            qhi_s[0] = bhi;
-            nsp_s = mask_spans(mk, blo, bhi, k0, k0 + nk, lo_s, hi_s);
+            const int n = mask_spans(mk, blo, bhi, k0, k0 + nk, lo_s, hi_s);
+            int nt = 0;
+            for (int sp = 0; sp < n; ++sp) nt += (int)((hi_s[sp] - lo_s[sp] + MK - 1) / MK);
+            nsp_s = n;
+            ntiles_s = nt;
             edges_s = 0ull;
         }
     }
-    __syncthreads();
-    const int nsp = nsp_s;
-    const long long *blo_s = lo_s, *bhi_s = hi_s, qlo = qlo_s[1 + wg], qhi = qhi_s[1 + wg];
-    // cursors over the block's tiles: fetch (tile i + AHEAD - 1) and compute (tile i)
-    int fsp = 0, sp = 0, fb = 0;
-    long long fc0 = nsp ? blo_s[0] : 0, c0 = fc0;
-    auto fetch = [&]() {  // the next tile into buffer fb, one commit group (maybe empty)
-        if (fsp < nsp) {
-            const int n = (int)min((long long)MK, bhi_s[fsp] - fc0);
-            if (SW) {
-                load_tile_sw<T, D>(kh + (size_t)(fc0 - k0) * D, n, MK, KV + 2 * fb * TILE, tid, NT);
-                load_tile_sw<T, D>(vh + (size_t)(fc0 - k0) * D, n, MK, KV + (2 * fb + 1) * TILE, tid, NT);
-            } else {
-                load_tile_cm<T, D>(kh + (size_t)(fc0 - k0) * D, n, MK, KV + 2 * fb * TILE, tid, NT);
-                load_tile_cm<T, D>(vh + (size_t)(fc0 - k0) * D, n, MK, KV + (2 * fb + 1) * TILE, tid, NT);
-            }
-            next_tile(fsp, fc0, nsp, blo_s, bhi_s);
-        }
-        cp_commit();
-        fb = fb + 1 == ST ? 0 : fb + 1;
-    };
-#pragma unroll
-    for (int b = 0; b < AHEAD; ++b) fetch();
-
-    const int r0 = t0 + 64 * wg + 16 * wq + g, r1 = r0 + 8;
-    const bool live0 = r0 < t1, live1 = r1 < t1;
-    const long long pos0 = !live0 ? 0 : qpos ? qpos[r0] : q0 + r0;
-    const long long pos1 = !live1 ? 0 : qpos ? qpos[r1] : q0 + r1;
-    float oacc[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) oacc[j][0] = oacc[j][1] = oacc[j][2] = oacc[j][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-    const float sl2 = scale * MLOG2E;
-    unsigned long long n_edges = 0;
-    const char* Qw = reinterpret_cast<const char*>(Qs) + (SW ? wg * 64 * 128 : wg * 128 * D);  // this warpgroup's q rows
-
-    float s[MK / 8][4], a0 = 1.f, a1 = 1.f;
-    unsigned pa[MK / 16][4];
-    // S = Q K^T of the tile in buffer b, committed, not waited for
-    auto issue_s = [&](int b) {
-        const char* Kb = reinterpret_cast<const char*>(KV + 2 * b * TILE);
-        fence_regs(s);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)  // a k16 step is two core matrices along D
-            if (SW)  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns BM (q) or MK (k) rows apart
-                WgmmaSS<T>::run(s, wg_desc_sw(Qw + (kk >> 2) * BM * 128 + (kk & 3) * 32, 16, 1024),
-                                wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
-            else
-                WgmmaSS<T>::run(s, wg_desc(Qw + kk * 256, 128, D * 16), wg_desc(Kb + kk * 256, 128, D * 16), kk > 0);
-        wg_commit();
-    };
-    // O = a O + P V of the tile in buffer b, committed, not waited for
-    auto issue_pv = [&](int b) {
-        const char* Vb = reinterpret_cast<const char*>(KV + (2 * b + 1) * TILE);
-        fence_regs(oacc);
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            oacc[j][0] *= a0;
-            oacc[j][1] *= a0;
-            oacc[j][2] *= a1;
-            oacc[j][3] *= a1;
-        }
-        fence_regs(oacc);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is two 8-key groups
-            Wgmma<T, D, 1>::run(oacc, pa[kk], SW ? wg_desc_sw(Vb + kk * 16 * 128, MK * 128, 1024)
-                                                 : wg_desc(Vb + kk * 2 * D * 16, D * 16, 128), 1);
-        wg_commit();
-    };
-    // tile i's scores (complete in s): mask, softmax, weights into s
-    auto softmax = [&]() {
-        const int nkt = (int)min((long long)MK, bhi_s[sp] - c0);
-        wg_mask(s, mk, nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK), live0, live1, pos0, pos1, c0, nkt, tq,
-                n_edges);
-        wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
-    };
-
-    cp_wait<AHEAD - 1>();  // the q rows and tile 0
+    cp_wait<0>();
     proxy_fence();
     __syncthreads();
-    if (nsp) {
-        issue_s(0);
-        wgmma_wait<0>();
-        fence_regs(s);
-        softmax();
-        wg_pack<T>(s, pa);
-        int prev = 0;  // the buffer of tile i - 1
-        next_tile(sp, c0, nsp, blo_s, bhi_s);
-        while (sp < nsp) {  // tile i >= 1: its S and tile i - 1's P V in flight together
-            const int cur = prev + 1 == ST ? 0 : prev + 1;
-            cp_wait<AHEAD - 2>();  // tile i
-            proxy_fence();
-            __syncthreads();  // ... visible to all; every warpgroup is past P V of tile i - 2
-            fetch();          // tile i + AHEAD - 1 into the buffer of tile i - 2
-            issue_s(cur);
-            issue_pv(prev);
-            wgmma_wait<1>();  // S
-            fence_regs(s);
-            softmax();        // overlaps P V
-            wgmma_wait<0>();  // P V
-            fence_regs(oacc);
-            wg_pack<T>(s, pa);
-            prev = cur;
-            next_tile(sp, c0, nsp, blo_s, bhi_s);
-        }
-        issue_pv(prev);
-        wgmma_wait<0>();
-        fence_regs(oacc);
-    }
-    cp_wait<0>();
+    const int nsp = nsp_s, ntiles = ntiles_s;
+    int sp = 0;
+    long long c0 = nsp ? lo_s[0] : 0;
+    unsigned long long n_edges = 0;
 
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    if (wg == 0) {  // the loader
+        regs_dec<PREG>();
+        const T* kh = k + (size_t)kvh * nk * D;
+        const T* vh = v + (size_t)kvh * nk * D;
+        for (int t = 0, b = 0; t < ntiles; ++t) {
+            if (t >= ST) bar_sync(EMPTY + b, NT);  // consumers are done with tile t - ST
+            const int n = (int)min((long long)MK, hi_s[sp] - c0);
+            load_tile_sw<T, D>(kh + (size_t)(c0 - k0) * D, n, MK, KV + 2 * b * TILE, tid, 128);
+            load_tile_sw<T, D>(vh + (size_t)(c0 - k0) * D, n, MK, KV + (2 * b + 1) * TILE, tid, 128);
+            cp_commit();
+            next_tile(sp, c0, nsp, lo_s, hi_s);
+            if (t > 0) {  // tile t - 1 landed
+                cp_wait<1>();
+                proxy_fence();
+                bar_arrive(FULL + (b == 0 ? ST - 1 : b - 1), NT);
+            }
+            b = b + 1 == ST ? 0 : b + 1;
+        }
+        if (ntiles) {
+            cp_wait<0>();
+            proxy_fence();
+            bar_arrive(FULL + (ntiles - 1) % ST, NT);
+        }
+    } else {
+        regs_inc<CREG>();
+        const int cw = wg - 1;  // consumer index
+        const int r0 = t0 + 64 * cw + 16 * wq + g, r1 = r0 + 8;
+        const bool live0 = r0 < t1, live1 = r1 < t1;
+        const long long pos0 = !live0 ? 0 : qpos ? qpos[r0] : q0 + r0;
+        const long long pos1 = !live1 ? 0 : qpos ? qpos[r1] : q0 + r1;
+        const long long qlo = qlo_s[cw], qhi = qhi_s[cw];
+        float oacc[D / 8][4];
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-        if (live0) store2<TO>(o + ((size_t)head * nq + r0) * D + 8 * j + 2 * tq, oacc[j][0] * i0, oacc[j][1] * i0);
-        if (live1) store2<TO>(o + ((size_t)head * nq + r1) * D + 8 * j + 2 * tq, oacc[j][2] * i1, oacc[j][3] * i1);
+        for (int j = 0; j < D / 8; ++j) oacc[j][0] = oacc[j][1] = oacc[j][2] = oacc[j][3] = 0.f;
+        float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+        const float sl2 = scale * MLOG2E;
+        const char* Qw = reinterpret_cast<const char*>(Qs) + cw * 64 * 128;  // this consumer's q rows
+        float s[MK / 8][4], a0 = 1.f, a1 = 1.f;
+        unsigned pa[MK / 16][4];
+        // S = Q K^T of the tile in buffer b, committed, not waited for
+        auto issue_s = [&](int b) {
+            const char* Kb = reinterpret_cast<const char*>(KV + 2 * b * TILE);
+            fence_regs(s);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
+                WgmmaSS<T>::run(s, wg_desc_sw(Qw + (kk >> 2) * BM * 128 + (kk & 3) * 32, 16, 1024),
+                                wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+            wg_commit();
+        };
+        // O = a O + P V of the tile in buffer b, committed, not waited for
+        auto issue_pv = [&](int b) {
+            const char* Vb = reinterpret_cast<const char*>(KV + (2 * b + 1) * TILE);
+            fence_regs(oacc);
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j) {
+                oacc[j][0] *= a0;
+                oacc[j][1] *= a0;
+                oacc[j][2] *= a1;
+                oacc[j][3] *= a1;
+            }
+            fence_regs(oacc);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is 16 keys; V is N-major, atoms of 64 d's
+                Wgmma<T, D, 1>::run(oacc, pa[kk], wg_desc_sw(Vb + kk * 16 * 128, MK * 128, 1024), 1);
+            wg_commit();
+        };
+        // the current tile's scores (complete in s): mask, softmax, weights into s
+        auto softmax = [&]() {
+            const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
+            wg_mask(s, mk, nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK), live0, live1, pos0, pos1, c0, nkt, tq,
+                    n_edges);
+            wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
+        };
+        if (ntiles) {
+            bar_sync(FULL, NT);
+            issue_s(0);
+            wgmma_wait<0>();
+            fence_regs(s);
+            softmax();
+            wg_pack<T>(s, pa);
+            int prev = 0;  // the buffer of tile i - 1
+            next_tile(sp, c0, nsp, lo_s, hi_s);
+            for (int i = 1; i < ntiles; ++i) {  // S of tile i and P V of tile i - 1 in flight together
+                const int cur = prev + 1 == ST ? 0 : prev + 1;
+                bar_sync(FULL + cur, NT);
+                issue_s(cur);
+                issue_pv(prev);
+                wgmma_wait<1>();  // S
+                fence_regs(s);
+                softmax();        // overlaps P V
+                wgmma_wait<0>();  // P V
+                fence_regs(oacc);
+                if (i - 1 + ST < ntiles) bar_arrive(EMPTY + prev, NT);  // the loader waits for this one
+                wg_pack<T>(s, pa);
+                prev = cur;
+                next_tile(sp, c0, nsp, lo_s, hi_s);
+            }
+            issue_pv(prev);
+            wgmma_wait<0>();
+            fence_regs(oacc);
+        }
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            if (live0) store2<TO>(o + ((size_t)head * nq + r0) * D + 8 * j + 2 * tq, oacc[j][0] * i0, oacc[j][1] * i0);
+            if (live1) store2<TO>(o + ((size_t)head * nq + r1) * D + 8 * j + 2 * tq, oacc[j][2] * i1, oacc[j][3] * i1);
+        }
+        if (tq == 0 && live0) lse[(size_t)head * nq + r0] = l0 > 0.f ? (m0 + log2f(l0)) * MLN2 : -INFINITY;
+        if (tq == 0 && live1) lse[(size_t)head * nq + r1] = l1 > 0.f ? (m1 + log2f(l1)) * MLN2 : -INFINITY;
     }
-    if (tq == 0 && live0) lse[(size_t)head * nq + r0] = l0 > 0.f ? (m0 + log2f(l0)) * MLN2 : -INFINITY;
-    if (tq == 0 && live1) lse[(size_t)head * nq + r1] = l1 > 0.f ? (m1 + log2f(l1)) * MLN2 : -INFINITY;
 
 #pragma unroll
     for (int s = 16; s > 0; s >>= 1) n_edges += __shfl_xor_sync(0xffffffffu, n_edges, s);
