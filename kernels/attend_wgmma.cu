@@ -120,6 +120,14 @@ __device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk
     }
 }
 
+// 2^x by the MUFU alone (exp2f adds a denormal-input fix-up around it): the inputs here are
+// <= 0, and outputs below 2^-126 that flush to 0 are far below a row sum's rounding.
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Online softmax of one tile in log2 units (the 4 lanes of a quad share rows g and g + 8):
 // updates the row maxima m and sums l, turns s into exp2 weights in place, and returns in a0,
 // a1 the factors by which O must be rescaled before this tile's P V is added.
@@ -137,18 +145,18 @@ __device__ __forceinline__ void wg_softmax(float (&s)[MK / 8][4], float sl2, flo
     x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
     const float n0 = fmaxf(m0, x0 * sl2), n1 = fmaxf(m1, x1 * sl2);  // sl2 > 0: checked by the host
     const float u0 = n0 == -INFINITY ? 0.f : n0, u1 = n1 == -INFINITY ? 0.f : n1;
-    a0 = exp2f(m0 - u0);
-    a1 = exp2f(m1 - u1);
+    a0 = ex2(m0 - u0);
+    a1 = ex2(m1 - u1);
     m0 = n0;
     m1 = n1;
     l0 *= a0;
     l1 *= a1;
 #pragma unroll
     for (int j = 0; j < MK / 8; ++j) {
-        s[j][0] = exp2f(fmaf(s[j][0], sl2, -u0));
-        s[j][1] = exp2f(fmaf(s[j][1], sl2, -u0));
-        s[j][2] = exp2f(fmaf(s[j][2], sl2, -u1));
-        s[j][3] = exp2f(fmaf(s[j][3], sl2, -u1));
+        s[j][0] = ex2(fmaf(s[j][0], sl2, -u0));
+        s[j][1] = ex2(fmaf(s[j][1], sl2, -u0));
+        s[j][2] = ex2(fmaf(s[j][2], sl2, -u1));
+        s[j][3] = ex2(fmaf(s[j][3], sl2, -u1));
         l0 += s[j][0] + s[j][1];
         l1 += s[j][2] + s[j][3];
     }
@@ -176,18 +184,30 @@ __device__ __forceinline__ void load_tile_sw(const T* __restrict__ src, int rows
     }
 }
 
-__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
-__device__ __forceinline__ void bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
+// shared-memory barriers with phases (mbarrier): a phase completes when its count of arrivals is in
+__device__ __forceinline__ void mb_init(unsigned long long* b, int n) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"((unsigned)__cvta_generic_to_shared(b)), "r"(n) : "memory");
+}
+__device__ __forceinline__ void mb_arrive(unsigned long long* b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"((unsigned)__cvta_generic_to_shared(b)) : "memory");
+}
+// waits for the completion of the phase with this parity (phase k: parity k & 1)
+__device__ __forceinline__ void mb_wait(unsigned long long* b, int parity) {
+    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(b)), "r"(parity) : "memory");
+}
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
 
 // Warp-specialised (FlashAttention-3's layout): warpgroup 0 loads K/V tiles into ST buffers
-// with cp.async, NWG consumer warpgroups of 64 query rows each compute. Named barriers pass the
-// buffers: FULL[b] (tile landed) and EMPTY[b] (every consumer is done with it), so consumers
-// drift apart instead of running in lockstep. Per consumer the MMAs overlap the softmax: S of
+// with cp.async, NWG consumer warpgroups of 64 query rows each compute. mbarriers pass the
+// buffers: full[b] (tile landed) and empty[b] (every consumer is done with it), so consumers
+// drift apart instead of running in lockstep, and each computes only the tiles from the first
+// to the last that its own rows reach (a window's ends differ per warpgroup); it only signals
+// the others. Per consumer the MMAs overlap the softmax: S of
 // tile i and O += P V of tile i - 1 are in flight together, then tile i's softmax runs while
 // P V finishes. MINB blocks per SM; setmaxnreg moves registers from the loader to the consumers.
-template <typename T, int D, typename TO, int NWG, int ST, int MINB>
+template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool QREG, int ABL>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
                  const T* __restrict__ v, TO* o, float* __restrict__ lse,
@@ -196,8 +216,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
     constexpr int BM = 64 * NWG, NT = 128 * (NWG + 1), TILE = MK * D;  // TILE in elements
     constexpr int PREG = 40, CREG0 = ((65536 / MINB - 128 * PREG) / (128 * NWG)) / 8 * 8;
     constexpr int CREG = CREG0 > 240 ? 240 : CREG0;
-    constexpr int FULL = 1, EMPTY = 1 + ST;  // named barrier ids (0 is __syncthreads')
-    static_assert(ST >= 3 && 2 * ST < 16, "the loader refills tile i's buffer while tiles i + 1, i + 2 are in use");
+    static_assert(ST >= 3, "the loader refills tile i's buffer while tiles i + 1, i + 2 are in use");
     extern __shared__ __align__(128) unsigned char smem_wg[];
     // buffer b: K at KV + 2b*TILE, V at KV + (2b+1)*TILE; 1024-byte aligned (the host adds 1024)
     T* KV = reinterpret_cast<T*>(smem_wg + ((1024 - ((unsigned)__cvta_generic_to_shared(smem_wg) & 1023)) & 1023));
@@ -205,7 +224,8 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
     __shared__ MaskDev mk;
     // [w]: consumer w's query positions; the block's key spans and tile count
     __shared__ long long qlo_s[NWG], qhi_s[NWG], lo_s[HPCATTN_MAX_SPANS], hi_s[HPCATTN_MAX_SPANS];
-    __shared__ int nsp_s, ntiles_s;
+    __shared__ int nsp_s, ntiles_s, first_s[NWG], last_s[NWG];
+    __shared__ __align__(8) unsigned long long full_b[ST], empty_b[ST];
     __shared__ unsigned long long edges_s;
 
     const int head = blockIdx.y, kvh = head / G;
@@ -234,6 +254,8 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             if (lane == 0) {
                 qlo_s[w] = lo;
                 qhi_s[w] = hi;
+                first_s[w] = r0 < r1 ? 0 : 1;  // no rows: the empty range [1, 0]
+                last_s[w] = r0 < r1 ? -1 : 0;
             }
             if (r0 < r1) {
                 blo = min(blo, lo);
@@ -247,7 +269,33 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             nsp_s = n;
             ntiles_s = nt;
             edges_s = 0ull;
+            for (int w = 0; w < NWG; ++w) {  // the first and last tiles consumer w's key spans reach
+                if (last_s[w] < 0) {
+                    long long wl[HPCATTN_MAX_SPANS], wh[HPCATTN_MAX_SPANS];
+                    const int wn = mask_spans(mk, qlo_s[w], qhi_s[w], k0, k0 + nk, wl, wh);
+                    int first = 1, last = 0, ws = 0, sp = 0;
+                    long long c = n ? lo_s[0] : 0;
+                    for (int t = 0; t < nt; ++t) {
+                        const long long ce = min(c + MK, hi_s[sp]);
+                        while (ws < wn && wh[ws] <= c) ++ws;
+                        if (ws < wn && wl[ws] < ce) {
+                            if (first > last) first = t;
+                            last = t;
+                        }
+                        next_tile(sp, c, n, lo_s, hi_s);
+                    }
+                    first_s[w] = first;
+                    last_s[w] = last;
+                }
+            }
         }
+    }
+    if (tid == 0) {
+        for (int b = 0; b < ST; ++b) {
+            mb_init(&full_b[b], 128);         // every loader thread, once its copies landed
+            mb_init(&empty_b[b], 4 * NWG);    // every consumer warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     cp_wait<0>();
     proxy_fence();
@@ -262,23 +310,25 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
         const T* kh = k + (size_t)kvh * nk * D;
         const T* vh = v + (size_t)kvh * nk * D;
         for (int t = 0, b = 0; t < ntiles; ++t) {
-            if (t >= ST) bar_sync(EMPTY + b, NT);  // consumers are done with tile t - ST
+            if (t >= ST) mb_wait(&empty_b[b], (t / ST - 1) & 1);  // consumers are done with tile t - ST
             const int n = (int)min((long long)MK, hi_s[sp] - c0);
-            load_tile_sw<T, D>(kh + (size_t)(c0 - k0) * D, n, MK, KV + 2 * b * TILE, tid, 128);
-            load_tile_sw<T, D>(vh + (size_t)(c0 - k0) * D, n, MK, KV + (2 * b + 1) * TILE, tid, 128);
+            if (ABL != 3 || t < ST) {
+                load_tile_sw<T, D>(kh + (size_t)(c0 - k0) * D, n, MK, KV + 2 * b * TILE, tid, 128);
+                load_tile_sw<T, D>(vh + (size_t)(c0 - k0) * D, n, MK, KV + (2 * b + 1) * TILE, tid, 128);
+            }
             cp_commit();
             next_tile(sp, c0, nsp, lo_s, hi_s);
             if (t > 0) {  // tile t - 1 landed
                 cp_wait<1>();
                 proxy_fence();
-                bar_arrive(FULL + (b == 0 ? ST - 1 : b - 1), NT);
+                mb_arrive(&full_b[b == 0 ? ST - 1 : b - 1]);
             }
             b = b + 1 == ST ? 0 : b + 1;
         }
         if (ntiles) {
             cp_wait<0>();
             proxy_fence();
-            bar_arrive(FULL + (ntiles - 1) % ST, NT);
+            mb_arrive(&full_b[(ntiles - 1) % ST]);
         }
     } else {
         regs_inc<CREG>();
@@ -296,15 +346,29 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
         const char* Qw = reinterpret_cast<const char*>(Qs) + cw * 64 * 128;  // this consumer's q rows
         float s[MK / 8][4], a0 = 1.f, a1 = 1.f;
         unsigned pa[MK / 16][4];
+        unsigned qa[QREG ? D / 16 : 1][4];
+        if (QREG) {
+            const int r = 64 * cw + 16 * wq + (lane & 15);  // this lane's ldmatrix row
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const int c = 2 * kk + (lane >> 4);
+                ldsm4(qa[QREG ? kk : 0], reinterpret_cast<const char*>(Qs) + (c >> 3) * BM * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+            }
+        }
         // S = Q K^T of the tile in buffer b, committed, not waited for
         auto issue_s = [&](int b) {
             const char* Kb = reinterpret_cast<const char*>(KV + 2 * b * TILE);
             fence_regs(s);
             wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk)  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
-                WgmmaSS<T>::run(s, wg_desc_sw(Qw + (kk >> 2) * BM * 128 + (kk & 3) * 32, 16, 1024),
-                                wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+            for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
+                if (ABL == 2) break;
+                if (QREG)
+                    Wgmma<T, MK, 0>::run(s, qa[QREG ? kk : 0], wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+                else
+                    WgmmaSS<T>::run(s, wg_desc_sw(Qw + (kk >> 2) * BM * 128 + (kk & 3) * 32, 16, 1024),
+                                    wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+            }
             wg_commit();
         };
         // O = a O + P V of the tile in buffer b, committed, not waited for
@@ -327,38 +391,72 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
         };
         // the current tile's scores (complete in s): mask, softmax, weights into s
         auto softmax = [&]() {
+            if (ABL == 1) return;
             const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
-            wg_mask(s, mk, nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK), live0, live1, pos0, pos1, c0, nkt, tq,
-                    n_edges);
+            if (ABL != 5)
+                wg_mask(s, mk, nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK), live0, live1, pos0, pos1, c0, nkt, tq,
+                        n_edges);
+            if (ABL == 6) {  // no exponentials: weights = scaled scores
+#pragma unroll
+                for (int j = 0; j < MK / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
+                return;
+            }
+            if (ABL == 7) {  // no row maxima
+#pragma unroll
+                for (int j = 0; j < MK / 8; ++j) {
+                    s[j][0] = ex2(s[j][0] * sl2); s[j][1] = ex2(s[j][1] * sl2);
+                    s[j][2] = ex2(s[j][2] * sl2); s[j][3] = ex2(s[j][3] * sl2);
+                    l0 += s[j][0] + s[j][1];
+                    l1 += s[j][2] + s[j][3];
+                }
+                return;
+            }
             wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
         };
-        if (ntiles) {
-            bar_sync(FULL, NT);
-            issue_s(0);
+        // tile t is in buffer t % ST, filled for the (t / ST)-th time
+        auto wait_full = [&](int t) { mb_wait(&full_b[t % ST], (t / ST) & 1); };
+        auto release = [&](int t) {  // this warp is done with tile t
+            __syncwarp();
+            if (lane == 0) mb_arrive(&empty_b[t % ST]);
+        };
+        const int first = __shfl_sync(0xffffffffu, first_s[cw], 0), last = __shfl_sync(0xffffffffu, last_s[cw], 0);
+        int t = 0;
+        for (; t < first && t < ntiles; ++t) {  // tiles before this consumer's rows reach
+            wait_full(t);
+            release(t);
+            next_tile(sp, c0, nsp, lo_s, hi_s);
+        }
+        if (first <= last) {
+            wait_full(t);
+            issue_s(t % ST);
             wgmma_wait<0>();
             fence_regs(s);
             softmax();
             wg_pack<T>(s, pa);
-            int prev = 0;  // the buffer of tile i - 1
             next_tile(sp, c0, nsp, lo_s, hi_s);
-            for (int i = 1; i < ntiles; ++i) {  // S of tile i and P V of tile i - 1 in flight together
-                const int cur = prev + 1 == ST ? 0 : prev + 1;
-                bar_sync(FULL + cur, NT);
-                issue_s(cur);
-                issue_pv(prev);
+            for (++t; t <= last; ++t) {  // S of tile t and P V of tile t - 1 in flight together
+                wait_full(t);
+                issue_s(t % ST);
+                issue_pv((t - 1) % ST);
                 wgmma_wait<1>();  // S
                 fence_regs(s);
                 softmax();        // overlaps P V
                 wgmma_wait<0>();  // P V
                 fence_regs(oacc);
-                if (i - 1 + ST < ntiles) bar_arrive(EMPTY + prev, NT);  // the loader waits for this one
+                release(t - 1);
                 wg_pack<T>(s, pa);
-                prev = cur;
                 next_tile(sp, c0, nsp, lo_s, hi_s);
             }
-            issue_pv(prev);
+            issue_pv((t - 1) % ST);
             wgmma_wait<0>();
             fence_regs(oacc);
+            release(t - 1);
+        }
+        for (; t < ntiles; ++t) {  // tiles after
+            wait_full(t);
+            release(t);
         }
         l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
         l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
