@@ -47,9 +47,11 @@ def run(f, smem, shape, q, qpos, k, v, mask, N, nk, scale, k0=0, qp=True):
 
     def go():
         edges.fill(0)
-        f(((N + 64 * nwg - 1) // (64 * nwg), H), (128 * (nwg + 1),),
+        items = (N + 64 * nwg - 1) // (64 * nwg) * H
+        ctas = min(items, cp.cuda.Device().attributes["MultiProcessorCount"] * shape[2])
+        f((ctas,), (128 * (nwg + 1),),
           (q, qd if qd is not None else np.uintp(0), k, v, o, lse, edges, words, np.int32(N), np.int32(nk),
-           np.int32(1), np.int64(k0), np.float32(scale), np.int64(0)), shared_mem=smem)
+           np.int32(1), np.int64(k0), np.float32(scale), np.int64(0), np.int32(H)), shared_mem=smem)
     return go, o, lse, edges
 
 
@@ -88,7 +90,7 @@ def main():
                     if shape[4]:
                         continue  # ablations compute wrong results on purpose
                     f = mod.get_function(name)
-                    smem = (2 * shape[1] * 64 * D + 64 * shape[0] * D) * 2 + 1024
+                    smem = (2 * shape[1] * 64 * D + 2 * 64 * shape[0] * D) * 2 + 1024
                     f.max_dynamic_shared_size_bytes = smem
                     go, o, lse, edges = run(f, smem, shape, q, qpos, k, v, mask, N, nk, scale, k0)
                     go()
@@ -107,7 +109,7 @@ def main():
                               "TFLOPs": useful / s_ref / 1e12}), flush=True)
             for shape, name in zip(shapes, names):
                 f = mod.get_function(name)
-                smem = (2 * shape[1] * 64 * D + 64 * shape[0] * D) * 2 + 1024
+                smem = (2 * shape[1] * 64 * D + 2 * 64 * shape[0] * D) * 2 + 1024
                 f.max_dynamic_shared_size_bytes = smem
                 go, o, lse, edges = run(f, smem, shape, q, qpos, k, v, mask, N, N, scale, qp=False)
                 s = timed(go)

@@ -199,282 +199,306 @@ __device__ __forceinline__ void mb_wait(unsigned long long* b, int parity) {
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
 
-// Warp-specialised (FlashAttention-3's layout): warpgroup 0 loads K/V tiles into ST buffers
-// with cp.async, NWG consumer warpgroups of 64 query rows each compute. mbarriers pass the
-// buffers: full[b] (tile landed) and empty[b] (every consumer is done with it), so consumers
-// drift apart instead of running in lockstep, and each computes only the tiles from the first
-// to the last that its own rows reach (a window's ends differ per warpgroup); it only signals
-// the others. Per consumer the MMAs overlap the softmax: S of
-// tile i and O += P V of tile i - 1 are in flight together, then tile i's softmax runs while
-// P V finishes. MINB blocks per SM; setmaxnreg moves registers from the loader to the consumers.
+// One work item's set-up, written by the loader, read by the consumers: the rows' positions
+// per consumer, the block's key spans and tiles, and the range of tiles each consumer reaches.
+template <int NWG> struct Item {
+    long long qlo[NWG], qhi[NWG], lo[HPCATTN_MAX_SPANS], hi[HPCATTN_MAX_SPANS];
+    int nsp, ntiles, first[NWG], last[NWG];
+};
+
+// Persistent and warp-specialised (FlashAttention-3's layout): each block walks work items (64 *
+// NWG query rows of one head) gridDim.x apart. Warpgroup 0 loads: it works out an item's key
+// spans, loads its q rows, then streams its K/V tiles through a ring of ST buffers with
+// cp.async, running up to two items ahead (set-up and q double-buffered), so that one item's
+// set-up and first loads hide behind the last tiles of the one before. NWG consumer
+// warpgroups of 64 rows each compute. mbarriers pass the buffers (full: landed; empty: every
+// consumer warp is done), so consumers drift apart instead of running in lockstep, and each
+// computes only the tiles from the first to the last that its own rows reach. Per consumer
+// the MMAs overlap the softmax: S of tile i and O += P V of tile i - 1 are in flight together,
+// then tile i's softmax runs while P V finishes. setmaxnreg moves registers to the consumers.
 template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool QREG, int ABL>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
                  const T* __restrict__ v, TO* o, float* __restrict__ lse,
                  unsigned long long* __restrict__ edges, const long long* __restrict__ mask_words,
-                 int nq, int nk, int G, long long k0, float scale, long long q0) {
-    constexpr int BM = 64 * NWG, NT = 128 * (NWG + 1), TILE = MK * D;  // TILE in elements
-    constexpr int PREG = 40, CREG0 = ((65536 / MINB - 128 * PREG) / (128 * NWG)) / 8 * 8;
+                 int nq, int nk, int G, long long k0, float scale, long long q0, int heads) {
+    constexpr int BM = 64 * NWG, TILE = MK * D;  // TILE in elements
+    constexpr int PREG = 72, CREG0 = ((65536 / MINB - 128 * PREG) / (128 * NWG)) / 8 * 8;
     constexpr int CREG = CREG0 > 240 ? 240 : CREG0;
     static_assert(ST >= 3, "the loader refills tile i's buffer while tiles i + 1, i + 2 are in use");
     extern __shared__ __align__(128) unsigned char smem_wg[];
-    // buffer b: K at KV + 2b*TILE, V at KV + (2b+1)*TILE; 1024-byte aligned (the host adds 1024)
+    // buffer b: K at KV + 2b*TILE, V at KV + (2b+1)*TILE, then two q buffers of BM rows
+    // (128-byte swizzle atoms, 1024-byte aligned: the host adds 1024 bytes)
     T* KV = reinterpret_cast<T*>(smem_wg + ((1024 - ((unsigned)__cvta_generic_to_shared(smem_wg) & 1023)) & 1023));
-    T* Qs = KV + 2 * ST * TILE;  // BM rows, 128-byte swizzle atoms
+    T* Qbuf = KV + 2 * ST * TILE;
     __shared__ MaskDev mk;
-    // [w]: consumer w's query positions; the block's key spans and tile count
-    __shared__ long long qlo_s[NWG], qhi_s[NWG], lo_s[HPCATTN_MAX_SPANS], hi_s[HPCATTN_MAX_SPANS];
-    __shared__ int nsp_s, ntiles_s, first_s[NWG], last_s[NWG];
-    __shared__ __align__(8) unsigned long long full_b[ST], empty_b[ST];
+    __shared__ Item<NWG> items[2];
+    __shared__ __align__(8) unsigned long long full_b[ST], empty_b[ST], qfull_b[2], qempty_b[2];
     __shared__ unsigned long long edges_s;
 
-    const int head = blockIdx.y, kvh = head / G;
-    const int t0 = blockIdx.x * BM, t1 = min(nq, t0 + BM);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3;  // warp-uniform to the compiler
+    const int nblk = (nq + BM - 1) / BM, nitems = nblk * heads;
 
-    load_tile_sw<T, D>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qs, tid, NT);
-    cp_commit();
-    if (warp == 0) {  // positions and mask in one round trip, then the key spans
-        load_mask_warp(mask_words, mk, lane);
-        long long blo = 0x7fffffffffffffffLL, bhi = -0x7fffffffffffffffLL - 1;
-        for (int w = 0; w < NWG; ++w) {
-            const int r0 = t0 + 64 * w, r1 = min(t1, r0 + 64);
-            long long lo = q0 + r0, hi = q0 + r1 - 1;
-            if (qpos) {
-                lo = 0x7fffffffffffffffLL;
-                hi = -0x7fffffffffffffffLL - 1;
-                for (int r = r0 + lane; r < r1; r += 32) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
-#pragma unroll
-                for (int s = 16; s > 0; s >>= 1) {
-                    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
-                    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
-                }
-            }
-            if (lane == 0) {
-                qlo_s[w] = lo;
-                qhi_s[w] = hi;
-                first_s[w] = r0 < r1 ? 0 : 1;  // no rows: the empty range [1, 0]
-                last_s[w] = r0 < r1 ? -1 : 0;
-            }
-            if (r0 < r1) {
-                blo = min(blo, lo);
-                bhi = max(bhi, hi);
-            }
-        }
-        if (lane == 0) {
-            const int n = mask_spans(mk, blo, bhi, k0, k0 + nk, lo_s, hi_s);
-            int nt = 0;
-            for (int sp = 0; sp < n; ++sp) nt += (int)((hi_s[sp] - lo_s[sp] + MK - 1) / MK);
-            nsp_s = n;
-            ntiles_s = nt;
-            edges_s = 0ull;
-            for (int w = 0; w < NWG; ++w) {  // the first and last tiles consumer w's key spans reach
-                if (last_s[w] < 0) {
-                    long long wl[HPCATTN_MAX_SPANS], wh[HPCATTN_MAX_SPANS];
-                    const int wn = mask_spans(mk, qlo_s[w], qhi_s[w], k0, k0 + nk, wl, wh);
-                    int first = 1, last = 0, ws = 0, sp = 0;
-                    long long c = n ? lo_s[0] : 0;
-                    for (int t = 0; t < nt; ++t) {
-                        const long long ce = min(c + MK, hi_s[sp]);
-                        while (ws < wn && wh[ws] <= c) ++ws;
-                        if (ws < wn && wl[ws] < ce) {
-                            if (first > last) first = t;
-                            last = t;
-                        }
-                        next_tile(sp, c, n, lo_s, hi_s);
-                    }
-                    first_s[w] = first;
-                    last_s[w] = last;
-                }
-            }
-        }
-    }
+    if (warp == 0) load_mask_warp(mask_words, mk, lane);
     if (tid == 0) {
         for (int b = 0; b < ST; ++b) {
-            mb_init(&full_b[b], 128);         // every loader thread, once its copies landed
-            mb_init(&empty_b[b], 4 * NWG);    // every consumer warp
+            mb_init(&full_b[b], 128);       // every loader thread, once its copies landed
+            mb_init(&empty_b[b], 4 * NWG);  // every consumer warp
         }
+        for (int b = 0; b < 2; ++b) {
+            mb_init(&qfull_b[b], 128);
+            mb_init(&qempty_b[b], 4 * NWG);
+        }
+        edges_s = 0ull;
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    cp_wait<0>();
-    proxy_fence();
     __syncthreads();
-    const int nsp = nsp_s, ntiles = ntiles_s;
-    int sp = 0;
-    long long c0 = nsp ? lo_s[0] : 0;
     unsigned long long n_edges = 0;
 
     if (wg == 0) {  // the loader
         regs_dec<PREG>();
-        const T* kh = k + (size_t)kvh * nk * D;
-        const T* vh = v + (size_t)kvh * nk * D;
-        for (int t = 0, b = 0; t < ntiles; ++t) {
-            if (t >= ST) mb_wait(&empty_b[b], (t / ST - 1) & 1);  // consumers are done with tile t - ST
-            const int n = (int)min((long long)MK, hi_s[sp] - c0);
-            if (ABL != 3 || t < ST) {
-                load_tile_sw<T, D>(kh + (size_t)(c0 - k0) * D, n, MK, KV + 2 * b * TILE, tid, 128);
-                load_tile_sw<T, D>(vh + (size_t)(c0 - k0) * D, n, MK, KV + (2 * b + 1) * TILE, tid, 128);
-            }
-            cp_commit();
-            next_tile(sp, c0, nsp, lo_s, hi_s);
-            if (t > 0) {  // tile t - 1 landed
-                cp_wait<1>();
-                proxy_fence();
-                mb_arrive(&full_b[b == 0 ? ST - 1 : b - 1]);
-            }
-            b = b + 1 == ST ? 0 : b + 1;
-        }
-        if (ntiles) {
-            cp_wait<0>();
+        constexpr int NONE = -3;
+        int ntile = 0;      // tiles issued so far, over all items: tile n is in buffer n % ST
+        int pend = NONE;    // the newest commit group, not yet signalled: tile n >= 0, or q of slot -1 - pend
+        auto signal = [&]() {  // called once every group but the newest has landed
+            if (pend == NONE) return;
             proxy_fence();
-            mb_arrive(&full_b[(ntiles - 1) % ST]);
+            if (pend >= 0) mb_arrive(&full_b[pend % ST]);
+            else mb_arrive(&qfull_b[-1 - pend]);
+        };
+        for (int it = blockIdx.x, n = 0; it < nitems; it += gridDim.x, ++n) {
+            const int slot = n & 1, head = it / nblk, kvh = head / G;
+            const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
+            Item<NWG>& item = items[slot];
+            if (n >= 2) mb_wait(&qempty_b[slot], (n / 2 - 1) & 1);  // consumers are done with item n - 2
+            load_tile_sw<T, D>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qbuf + slot * BM * D, tid, 128);
+            cp_commit();
+            cp_wait<1>();
+            signal();
+            pend = -1 - slot;
+            if (warp == 0) {  // the item's positions and key spans
+                long long blo = 0x7fffffffffffffffLL, bhi = -0x7fffffffffffffffLL - 1;
+                for (int w = 0; w < NWG; ++w) {
+                    const int r0 = t0 + 64 * w, r1 = min(t1, r0 + 64);
+                    long long lo = q0 + r0, hi = q0 + r1 - 1;
+                    if (qpos) {
+                        lo = 0x7fffffffffffffffLL;
+                        hi = -0x7fffffffffffffffLL - 1;
+                        for (int r = r0 + lane; r < r1; r += 32) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
+#pragma unroll
+                        for (int s = 16; s > 0; s >>= 1) {
+                            lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
+                            hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
+                        }
+                    }
+                    if (lane == 0) {
+                        item.qlo[w] = lo;
+                        item.qhi[w] = hi;
+                    }
+                    if (r0 < r1) {
+                        blo = min(blo, lo);
+                        bhi = max(bhi, hi);
+                    }
+                }
+                if (lane == 0) {
+                    const int ns = mask_spans(mk, blo, bhi, k0, k0 + nk, item.lo, item.hi);
+                    int nt = 0;
+                    for (int sp = 0; sp < ns; ++sp) nt += (int)((item.hi[sp] - item.lo[sp] + MK - 1) / MK);
+                    item.nsp = ns;
+                    item.ntiles = nt;
+                }
+                __syncwarp();
+                if (lane < NWG) {  // the first and last tiles consumer `lane`'s key spans reach
+                    const int w = lane, ns = item.nsp, nt = item.ntiles;
+                    int first = 1, last = 0;
+                    if (t0 + 64 * w < t1) {
+                        long long wl[HPCATTN_MAX_SPANS], wh[HPCATTN_MAX_SPANS];
+                        const int wn = mask_spans(mk, item.qlo[w], item.qhi[w], k0, k0 + nk, wl, wh);
+                        int ws = 0, sp = 0;
+                        long long c = ns ? item.lo[0] : 0;
+                        for (int t = 0; t < nt; ++t) {
+                            const long long ce = min(c + MK, item.hi[sp]);
+                            while (ws < wn && wh[ws] <= c) ++ws;
+                            if (ws < wn && wl[ws] < ce) {
+                                if (first > last) first = t;
+                                last = t;
+                            }
+                            next_tile(sp, c, ns, item.lo, item.hi);
+                        }
+                    }
+                    item.first[w] = first;
+                    item.last[w] = last;
+                }
+            }
+            asm volatile("bar.sync 1, 128;\n" ::: "memory");  // the loader's warps see the spans
+            const T* kh = k + (size_t)kvh * nk * D;
+            const T* vh = v + (size_t)kvh * nk * D;
+            const int nsp = item.nsp, nt = item.ntiles;
+            int sp = 0;
+            long long c0 = nsp ? item.lo[0] : 0;
+            for (int t = 0; t < nt; ++t, ++ntile) {
+                const int b = ntile % ST;
+                if (ntile >= ST) mb_wait(&empty_b[b], (ntile / ST - 1) & 1);  // consumers are done with tile n - ST
+                if (ABL != 3 || ntile < ST) {
+                    const int rows = (int)min((long long)MK, item.hi[sp] - c0);
+                    load_tile_sw<T, D>(kh + (size_t)(c0 - k0) * D, rows, MK, KV + 2 * b * TILE, tid, 128);
+                    load_tile_sw<T, D>(vh + (size_t)(c0 - k0) * D, rows, MK, KV + (2 * b + 1) * TILE, tid, 128);
+                }
+                cp_commit();
+                cp_wait<1>();
+                signal();
+                pend = ntile;
+                next_tile(sp, c0, nsp, item.lo, item.hi);
+            }
         }
+        cp_wait<0>();
+        signal();
     } else {
         regs_inc<CREG>();
         const int cw = wg - 1;  // consumer index
-        const int r0 = t0 + 64 * cw + 16 * wq + g, r1 = r0 + 8;
-        const bool live0 = r0 < t1, live1 = r1 < t1;
-        const long long pos0 = !live0 ? 0 : qpos ? qpos[r0] : q0 + r0;
-        const long long pos1 = !live1 ? 0 : qpos ? qpos[r1] : q0 + r1;
-        const long long qlo = qlo_s[cw], qhi = qhi_s[cw];
-        float oacc[D / 8][4];
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) oacc[j][0] = oacc[j][1] = oacc[j][2] = oacc[j][3] = 0.f;
-        float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
         const float sl2 = scale * MLOG2E;
-        const char* Qw = reinterpret_cast<const char*>(Qs) + cw * 64 * 128;  // this consumer's q rows
-        float s[MK / 8][4], a0 = 1.f, a1 = 1.f;
-        unsigned pa[MK / 16][4];
-        unsigned qa[QREG ? D / 16 : 1][4];
-        if (QREG) {
-            const int r = 64 * cw + 16 * wq + (lane & 15);  // this lane's ldmatrix row
+        int ntile = 0;  // tiles of earlier items
+        for (int it = blockIdx.x, n = 0; it < nitems; it += gridDim.x, ++n) {
+            const int slot = n & 1, head = it / nblk;
+            const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
+            const Item<NWG>& item = items[slot];
+            mb_wait(&qfull_b[slot], (n / 2) & 1);  // q rows landed, set-up written
+            const int r0 = t0 + 64 * cw + 16 * wq + g, r1 = r0 + 8;
+            const bool live0 = r0 < t1, live1 = r1 < t1;
+            const long long pos0 = !live0 ? 0 : qpos ? qpos[r0] : q0 + r0;
+            const long long pos1 = !live1 ? 0 : qpos ? qpos[r1] : q0 + r1;
+            const long long qlo = item.qlo[cw], qhi = item.qhi[cw];
+            const int nsp = item.nsp, ntiles = item.ntiles;
+            const int first = __shfl_sync(0xffffffffu, item.first[cw], 0), last = __shfl_sync(0xffffffffu, item.last[cw], 0);
+            const T* Qs = Qbuf + slot * BM * D;
+            const char* Qw = reinterpret_cast<const char*>(Qs) + cw * 64 * 128;  // this consumer's q rows
+            float oacc[D / 8][4];
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const int c = 2 * kk + (lane >> 4);
-                ldsm4(qa[QREG ? kk : 0], reinterpret_cast<const char*>(Qs) + (c >> 3) * BM * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
-            }
-        }
-        // S = Q K^T of the tile in buffer b, committed, not waited for
-        auto issue_s = [&](int b) {
-            const char* Kb = reinterpret_cast<const char*>(KV + 2 * b * TILE);
-            fence_regs(s);
-            wg_fence();
+            for (int j = 0; j < D / 8; ++j) oacc[j][0] = oacc[j][1] = oacc[j][2] = oacc[j][3] = 0.f;
+            float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+            float s[MK / 8][4], a0 = 1.f, a1 = 1.f;
+            unsigned pa[MK / 16][4];
+            unsigned qa[QREG ? D / 16 : 1][4];
+            if (QREG) {
+                const int r = 64 * cw + 16 * wq + (lane & 15);  // this lane's ldmatrix row
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
-                if (ABL == 2) break;
-                if (QREG)
-                    Wgmma<T, MK, 0>::run(s, qa[QREG ? kk : 0], wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
-                else
-                    WgmmaSS<T>::run(s, wg_desc_sw(Qw + (kk >> 2) * BM * 128 + (kk & 3) * 32, 16, 1024),
-                                    wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
-            }
-            wg_commit();
-        };
-        // O = a O + P V of the tile in buffer b, committed, not waited for
-        auto issue_pv = [&](int b) {
-            const char* Vb = reinterpret_cast<const char*>(KV + (2 * b + 1) * TILE);
-            fence_regs(oacc);
-#pragma unroll
-            for (int j = 0; j < D / 8; ++j) {
-                oacc[j][0] *= a0;
-                oacc[j][1] *= a0;
-                oacc[j][2] *= a1;
-                oacc[j][3] *= a1;
-            }
-            fence_regs(oacc);
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is 16 keys; V is N-major, atoms of 64 d's
-                Wgmma<T, D, 1>::run(oacc, pa[kk], wg_desc_sw(Vb + kk * 16 * 128, MK * 128, 1024), 1);
-            wg_commit();
-        };
-        // the current tile's scores (complete in s): mask, softmax, weights into s
-        auto softmax = [&]() {
-            if (ABL == 1) return;
-            const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
-            if (ABL != 5)
-                wg_mask(s, mk, nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK), live0, live1, pos0, pos1, c0, nkt, tq,
-                        n_edges);
-            if (ABL == 6) {  // no exponentials: weights = scaled scores
-#pragma unroll
-                for (int j = 0; j < MK / 8; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
-                return;
-            }
-            if (ABL == 7) {  // no row maxima
-#pragma unroll
-                for (int j = 0; j < MK / 8; ++j) {
-                    s[j][0] = ex2(s[j][0] * sl2); s[j][1] = ex2(s[j][1] * sl2);
-                    s[j][2] = ex2(s[j][2] * sl2); s[j][3] = ex2(s[j][3] * sl2);
-                    l0 += s[j][0] + s[j][1];
-                    l1 += s[j][2] + s[j][3];
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const int c = 2 * kk + (lane >> 4);
+                    ldsm4(qa[QREG ? kk : 0], reinterpret_cast<const char*>(Qs) + (c >> 3) * BM * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
                 }
-                return;
             }
-            wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
-        };
-        // tile t is in buffer t % ST, filled for the (t / ST)-th time
-        auto wait_full = [&](int t) { mb_wait(&full_b[t % ST], (t / ST) & 1); };
-        auto release = [&](int t) {  // this warp is done with tile t
-            __syncwarp();
-            if (lane == 0) mb_arrive(&empty_b[t % ST]);
-        };
-        const int first = __shfl_sync(0xffffffffu, first_s[cw], 0), last = __shfl_sync(0xffffffffu, last_s[cw], 0);
-        int t = 0;
-        for (; t < first && t < ntiles; ++t) {  // tiles before this consumer's rows reach
-            wait_full(t);
-            release(t);
-            next_tile(sp, c0, nsp, lo_s, hi_s);
-        }
-        if (first <= last) {
-            wait_full(t);
-            issue_s(t % ST);
-            wgmma_wait<0>();
-            fence_regs(s);
-            softmax();
-            wg_pack<T>(s, pa);
-            next_tile(sp, c0, nsp, lo_s, hi_s);
-            for (++t; t <= last; ++t) {  // S of tile t and P V of tile t - 1 in flight together
-                wait_full(t);
-                issue_s(t % ST);
-                issue_pv((t - 1) % ST);
-                wgmma_wait<1>();  // S
+            unsigned long long item_edges = 0;
+            int sp = 0;
+            long long c0 = nsp ? item.lo[0] : 0;
+            // S = Q K^T of the tile in buffer b, committed, not waited for
+            auto issue_s = [&](int b) {
+                const char* Kb = reinterpret_cast<const char*>(KV + 2 * b * TILE);
                 fence_regs(s);
-                softmax();        // overlaps P V
-                wgmma_wait<0>();  // P V
+                wg_fence();
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
+                    if (ABL == 2) break;
+                    if (QREG)
+                        Wgmma<T, MK, 0>::run(s, qa[QREG ? kk : 0], wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+                    else
+                        WgmmaSS<T>::run(s, wg_desc_sw(Qw + (kk >> 2) * BM * 128 + (kk & 3) * 32, 16, 1024),
+                                        wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+                }
+                wg_commit();
+            };
+            // O = a O + P V of the tile in buffer b, committed, not waited for
+            auto issue_pv = [&](int b) {
+                const char* Vb = reinterpret_cast<const char*>(KV + (2 * b + 1) * TILE);
+                fence_regs(oacc);
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j) {
+                    oacc[j][0] *= a0;
+                    oacc[j][1] *= a0;
+                    oacc[j][2] *= a1;
+                    oacc[j][3] *= a1;
+                }
+                fence_regs(oacc);
+                wg_fence();
+#pragma unroll
+                for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is 16 keys; V is N-major, atoms of 64 d's
+                    Wgmma<T, D, 1>::run(oacc, pa[kk], wg_desc_sw(Vb + kk * 16 * 128, MK * 128, 1024), 1);
+                wg_commit();
+            };
+            // the current tile's scores (complete in s): mask, softmax, weights into s
+            auto softmax = [&]() {
+                if (ABL == 1) return;
+                const int nkt = (int)min((long long)MK, item.hi[sp] - c0);
+                if (ABL != 5)
+                    wg_mask(s, mk, nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK), live0, live1, pos0, pos1, c0,
+                            nkt, tq, item_edges);
+                wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
+            };
+            // tile n (over all items) is in buffer n % ST, filled for the (n / ST)-th time
+            auto wait_full = [&](int t) { mb_wait(&full_b[(ntile + t) % ST], ((ntile + t) / ST) & 1); };
+            auto release = [&](int t) {  // this warp is done with tile t
+                __syncwarp();
+                if (lane == 0) mb_arrive(&empty_b[(ntile + t) % ST]);
+            };
+            int t = 0;
+            for (; t < first && t < ntiles; ++t) {  // tiles before this consumer's rows reach
+                wait_full(t);
+                release(t);
+                next_tile(sp, c0, nsp, item.lo, item.hi);
+            }
+            if (first <= last) {
+                wait_full(t);
+                issue_s((ntile + t) % ST);
+                wgmma_wait<0>();
+                fence_regs(s);
+                softmax();
+                wg_pack<T>(s, pa);
+                next_tile(sp, c0, nsp, item.lo, item.hi);
+                for (++t; t <= last; ++t) {  // S of tile t and P V of tile t - 1 in flight together
+                    wait_full(t);
+                    issue_s((ntile + t) % ST);
+                    issue_pv((ntile + t - 1) % ST);
+                    wgmma_wait<1>();  // S
+                    fence_regs(s);
+                    softmax();        // overlaps P V
+                    wgmma_wait<0>();  // P V
+                    fence_regs(oacc);
+                    release(t - 1);
+                    wg_pack<T>(s, pa);
+                    next_tile(sp, c0, nsp, item.lo, item.hi);
+                }
+                issue_pv((ntile + t - 1) % ST);
+                wgmma_wait<0>();
                 fence_regs(oacc);
                 release(t - 1);
-                wg_pack<T>(s, pa);
-                next_tile(sp, c0, nsp, lo_s, hi_s);
             }
-            issue_pv((t - 1) % ST);
-            wgmma_wait<0>();
-            fence_regs(oacc);
-            release(t - 1);
-        }
-        for (; t < ntiles; ++t) {  // tiles after
-            wait_full(t);
-            release(t);
-        }
-        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-        const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+            for (; t < ntiles; ++t) {  // tiles after
+                wait_full(t);
+                release(t);
+            }
+            ntile += ntiles;
+            __syncwarp();
+            if (lane == 0) mb_arrive(&qempty_b[slot]);  // done with this item's q rows and set-up
+            if (head == 0) n_edges += item_edges;
+
+            l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+            l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+            const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            if (live0) store2<TO>(o + ((size_t)head * nq + r0) * D + 8 * j + 2 * tq, oacc[j][0] * i0, oacc[j][1] * i0);
-            if (live1) store2<TO>(o + ((size_t)head * nq + r1) * D + 8 * j + 2 * tq, oacc[j][2] * i1, oacc[j][3] * i1);
+            for (int j = 0; j < D / 8; ++j) {
+                if (live0) store2<TO>(o + ((size_t)head * nq + r0) * D + 8 * j + 2 * tq, oacc[j][0] * i0, oacc[j][1] * i0);
+                if (live1) store2<TO>(o + ((size_t)head * nq + r1) * D + 8 * j + 2 * tq, oacc[j][2] * i1, oacc[j][3] * i1);
+            }
+            if (tq == 0 && live0) lse[(size_t)head * nq + r0] = l0 > 0.f ? (m0 + log2f(l0)) * MLN2 : -INFINITY;
+            if (tq == 0 && live1) lse[(size_t)head * nq + r1] = l1 > 0.f ? (m1 + log2f(l1)) * MLN2 : -INFINITY;
         }
-        if (tq == 0 && live0) lse[(size_t)head * nq + r0] = l0 > 0.f ? (m0 + log2f(l0)) * MLN2 : -INFINITY;
-        if (tq == 0 && live1) lse[(size_t)head * nq + r1] = l1 > 0.f ? (m1 + log2f(l1)) * MLN2 : -INFINITY;
     }
 
 #pragma unroll
     for (int s = 16; s > 0; s >>= 1) n_edges += __shfl_xor_sync(0xffffffffu, n_edges, s);
     if (lane == 0 && n_edges) atomicAdd(&edges_s, n_edges);
     __syncthreads();
-    if (tid == 0 && head == 0 && edges_s) atomicAdd(edges, edges_s);
+    if (tid == 0 && edges_s) atomicAdd(edges, edges_s);
 }
