@@ -23,6 +23,12 @@ MK = 64  # MK in kernels/attend_mma.cu
 # jobs/mma_tune.py's candidates on an H100 (BENCHMARKS.md, issue 10)
 MMA_SHAPES = {32: (2, 2, True, 3, 1), 64: (2, 2, True, 3, 1), 96: (4, 1, True, 2, 1), 128: (4, 1, True, 2, 1)}
 MMA_DIMS = tuple(MMA_SHAPES)
+# attend_fwd_wgmma's shape per head dim (Hopper, sm_90a): (consumer warpgroups of 64 rows,
+# K/V buffers, blocks per SM, q in registers), the fastest of jobs/wgmma_check.py's candidates
+# on an H100 (BENCHMARKS.md, issue 10)
+WG_SHAPES = {64: (3, 4, 1, False), 128: (2, 5, 1, True)}
+WG_DIMS = tuple(WG_SHAPES)
+WG_CTAS = None  # blocks of the persistent wgmma kernel; None: as many as the SMs hold (tests lower it)
 
 
 def mma_name(ctype, D, otype, shape=None):
@@ -37,11 +43,24 @@ def mma_smem(D, shape=None):
     return (2 * st * MK + (0 if qreg else 16 * rm * w)) * (D + 8) * 2
 
 
+def wg_name(ctype, D, otype, shape=None):
+    nwg, st, minb, qreg = shape or WG_SHAPES[D]
+    return f"attend_fwd_wgmma<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(qreg).lower()}>"
+
+
+def wg_smem(D, shape=None):
+    """Shared bytes of attend_fwd_wgmma: ST K/V tile buffers, two q buffers, 1024 for alignment."""
+    nwg, st, _, _ = shape or WG_SHAPES[D]
+    return (2 * st * MK + 2 * 64 * nwg) * D * 2 + 1024
+
+
 SOURCES = {
     "attend.cu": tuple(f"attend_{d}<{t}, {m}>" for d in ("fwd", "bwd") for t in CTYPES.values()
                        for m in DMAXES),
     "attend_mma.cu": tuple(mma_name(t, d, o) for t in ("__half", "__nv_bfloat16")
                            for d in MMA_DIMS for o in ("float", t)),
+    "attend_wgmma.cu": tuple(wg_name(t, d, o) for t in ("__half", "__nv_bfloat16") for d in WG_DIMS
+                             for o in ("float", t)),
     "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()
                                                   for m in DMAXES),
     "merge.cu": ("merge_states",),
@@ -81,6 +100,10 @@ def kernel(name):
     if key not in _modules:
         code, names = (KERNEL_DIR / src).read_text(), list(SOURCES[src])
         options = OPTIONS + _cuda_include()
+        if src in SM90A:
+            _modules[key] = Sm90aModule(code, names, options)
+            COMPILED_BY[src] = "nvrtc (sm_90a)"
+            return _modules[key].get_function(name)
         try:
             mod = cp.RawModule(code=code, options=options, name_expressions=names)
             mod.compile()
@@ -135,6 +158,27 @@ class _Sm90aFunction:
 
     def __call__(self, grid, block, args, shared_mem=0):
         self._fn(grid, block, args, shared_mem=shared_mem)
+
+
+SM90A = ("attend_wgmma.cu",)  # sources built for sm_90a only
+
+
+def wgmma_available():
+    """Whether this device runs the Hopper kernel (compute capability 9.0) and NVRTC builds it;
+    a build failure is remembered in COMPILED_BY and the tensor-core kernel serves instead."""
+    cp = _cp()
+    dev = cp.cuda.Device()
+    key = ("wgmma", dev.id)
+    if key not in _cache:
+        ok = dev.compute_capability == "90"
+        if ok:
+            try:
+                kernel(wg_name("__half", WG_DIMS[0], "float"))
+            except cp.cuda.compiler.CompileException as e:
+                COMPILED_BY["attend_wgmma.cu"] = f"unavailable (NVRTC failed: {str(e).splitlines()[0][:200]})"
+                ok = False
+        _cache[key] = ok
+    return _cache[key]
 
 
 def dtype_name(x, bf16=False):
@@ -228,6 +272,30 @@ def _launch(name, grid, smem, args, threads=THREADS):
     f(grid, (threads,), args, shared_mem=smem)
 
 
+def _launch_wgmma(ctype, D, otype, nq, heads, args):
+    """The persistent Hopper kernel: each block walks work items (rows x head) gridDim apart."""
+    cp = _cp()
+    nwg, _, minb, _ = WG_SHAPES[D]
+    items = (nq + 64 * nwg - 1) // (64 * nwg) * heads
+    ctas = min(items, WG_CTAS or cp.cuda.Device().attributes["MultiProcessorCount"] * minb)
+    _launch(wg_name(ctype, D, otype), (ctas,), wg_smem(D), args + (np.int32(heads),), threads=128 * (nwg + 1))
+
+
+def _tensor_kernel(ctype, D, scale, kernel_kind):
+    """'wgmma', 'mma' or None (the CUDA-core kernel) for the implicit terms; kernel_kind as in
+    `attend`. The tensor-core kernels need scale > 0 (row maxima of unscaled scores)."""
+    ok = ctype != "float" and D in MMA_DIMS and scale > 0
+    hopper = ok and D in WG_DIMS and wgmma_available()
+    if kernel_kind == "wgmma" and not hopper:
+        raise HpcattnError(f"the Hopper kernel takes float16/bfloat16, D in {WG_DIMS} and scale > 0 on a compute "
+                           f"capability 9.0 device; this one is {_cp().cuda.Device().compute_capability}")
+    if kernel_kind == "mma" and not ok:
+        raise HpcattnError(f"the tensor-core kernel takes float16/bfloat16 with D in {MMA_DIMS} and scale > 0")
+    if kernel_kind == "simt" or not ok:
+        return None
+    return "wgmma" if kernel_kind == "wgmma" or (kernel_kind == "auto" and hopper) else "mma"
+
+
 def _launch_mma(ctype, D, otype, nq, heads, args):
     w, rm = MMA_SHAPES[D][:2]
     rows = 16 * rm * w
@@ -237,8 +305,9 @@ def _launch_mma(ctype, D, otype, nq, heads, args):
 def attend(q, qpos, k, v, k0, mask, scale, bf16=False, kernel_kind="auto"):
     """local.attend on the GPU: (o, lse, edges) with o, lse float32 cupy arrays.
     bf16=True reads uint16 inputs as bfloat16 bit patterns. kernel_kind for the implicit
-    terms: "mma" (tensor cores: float16/bfloat16, D in MMA_DIMS), "simt" (any dtype,
-    D <= 256) or "auto". Listed terms (random, csr) run in attend_rows and are merged in."""
+    terms: "wgmma" (Hopper's warpgroup MMA: float16/bfloat16, D in WG_DIMS), "mma" (tensor
+    cores: float16/bfloat16, D in MMA_DIMS), "simt" (any dtype, D <= 256) or "auto" (the first
+    of these that applies). Listed terms (random, csr) run in attend_rows and are merged in."""
     cp = _cp()
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
@@ -266,15 +335,13 @@ def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
     o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)  # the kernels write every row
     lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
     edges = cp.zeros(1, dtype=cp.uint64)
-    mma_ok = ctype != "float" and D in MMA_DIMS and scale > 0
-    if kernel_kind == "mma" and not mma_ok:
-        raise HpcattnError(f"the tensor-core kernel takes float16/bfloat16 with D in {MMA_DIMS} and scale > 0")
+    tensor = _tensor_kernel(ctype, D, scale, kernel_kind)
     common = (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
               cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words), np.int32(nq),
               np.int32(nk))
-    if mma_ok and kernel_kind != "simt":
-        _launch_mma(ctype, D, "float", nq, B * Hkv * G, common + (np.int32(G), np.int64(k0), np.float32(scale),
-                                                                  np.int64(0)))
+    if tensor:
+        launch = _launch_wgmma if tensor == "wgmma" else _launch_mma
+        launch(ctype, D, "float", nq, B * Hkv * G, common + (np.int32(G), np.int64(k0), np.float32(scale), np.int64(0)))
     else:
         smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
         _launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
@@ -282,20 +349,22 @@ def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
     return o, lse, int(edges.get()[0])
 
 
-def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None):
+def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None, kernel_kind="auto"):
     """The tensor-core forward with the least memory per token, for self-attention over very
     long sequences (jobs/gpu_bench.py's longest context): query row r sits at position q0 + r
     (no position array) and o comes in the input dtype (bfloat16 as uint16 bits), lse float32:
     2*D*4 + 4 bytes per token and head with q, k, v. out: where o goes (like q; q itself is
     allowed, each kernel block reads its q rows before writing those rows of o), saving 2*D
-    more. Implicit mask terms, D in MMA_DIMS. Returns (o, lse, edges); o is the normalised
-    output, not a float32 partial for merge."""
+    more. Implicit mask terms, D in MMA_DIMS; kernel_kind "auto", "wgmma" or "mma" as in
+    `attend`. Returns (o, lse, edges); o is the normalised output, not a float32 partial for merge."""
     cp = _cp()
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     ctype, _ = _check(q, None, k, v, k0, bf16)
-    if ctype == "float" or D not in MMA_DIMS or listed_terms(mask) or not scale > 0:
-        raise HpcattnError(f"attend_lean takes float16/bfloat16, D in {MMA_DIMS}, implicit mask terms and scale > 0")
+    if ctype == "float" or D not in MMA_DIMS or listed_terms(mask) or not scale > 0 or kernel_kind == "simt":
+        raise HpcattnError(f"attend_lean takes float16/bfloat16, D in {MMA_DIMS}, implicit mask terms, scale > 0 "
+                           "and a tensor-core kernel")
+    launch = _launch_wgmma if _tensor_kernel(ctype, D, scale, kernel_kind) == "wgmma" else _launch_mma
     if not 0 <= q0 <= 2**62 - nq:
         raise HpcattnError(f"query offset {q0} with {nq} rows leaves [0, 2**62)")
     q = cp.ascontiguousarray(q)
@@ -305,10 +374,10 @@ def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None):
     lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
     edges = cp.zeros(1, dtype=cp.uint64)
     if nq and nk and B * Hkv * G:
-        _launch_mma(ctype, D, ctype, nq, B * Hkv * G,
-                    (q, np.uintp(0), cp.ascontiguousarray(k), cp.ascontiguousarray(v), o, lse, edges,
-                     _device_copy("mask", mask, mask_words), np.int32(nq), np.int32(nk), np.int32(G),
-                     np.int64(k0), np.float32(scale), np.int64(q0)))
+        launch(ctype, D, ctype, nq, B * Hkv * G,
+               (q, np.uintp(0), cp.ascontiguousarray(k), cp.ascontiguousarray(v), o, lse, edges,
+                _device_copy("mask", mask, mask_words), np.int32(nq), np.int32(nk), np.int32(G),
+                np.int64(k0), np.float32(scale), np.int64(q0)))
     else:
         o.fill(0)
         lse.fill(-np.inf)

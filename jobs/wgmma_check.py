@@ -1,7 +1,8 @@
-"""Check and time kernels/attend_wgmma.cu's shapes against attend_fwd_mma on the same inputs:
-max difference of o and lse, equal edge counts, useful TFLOP/s per shape (N tokens, H heads,
-window:W by default), plus a correctness pass over several masks, query positions and
-uneven row counts at a small size."""
+"""Check and time kernels/attend_wgmma.cu's shapes (cuda.WG_SHAPES' fields) against
+attend_fwd_mma on the same inputs: max difference of o and lse, equal edge counts, useful
+TFLOP/s per shape (N tokens, H heads, window:256 by default), after a correctness pass over
+several masks, query positions and uneven row counts at a small size.
+    PYTHONPATH=$PWD python3 jobs/wgmma_check.py --shapes 2:5:1:1,3:4:1:0"""
 import argparse
 import json
 import math
@@ -39,7 +40,7 @@ def inputs(N, H, D, dtype, seed=0):
 def run(f, smem, shape, q, qpos, k, v, mask, N, nk, scale, k0=0, qp=True):
     nwg = shape[0]
     H = q.shape[1]
-    o = cp.zeros((1, H, 1, N, q.shape[-1]), dtype=q.dtype if shape[5] else cp.float32)
+    o = cp.zeros((1, H, 1, N, q.shape[-1]), dtype=q.dtype if shape[4] else cp.float32)
     lse = cp.zeros((1, H, 1, N), dtype=cp.float32)
     edges = cp.zeros(1, dtype=cp.uint64)
     words = cp.asarray(cuda.mask_words(mask))
@@ -62,14 +63,13 @@ def main():
     p.add_argument("--mask", default="window:256")
     p.add_argument("--dims", default="64,128")
     p.add_argument("--dtypes", default="float16")
-    p.add_argument("--shapes", default="1:4:2:0:0,3:4:1:0:0", help="NWG:ST:MINB:QREG:ABL[:TO] (TO 1: o in the input dtype; ABL: ablation, 0 none), comma-separated")
+    p.add_argument("--shapes", default="3:4:1:0,2:5:1:1", help="NWG:ST:MINB:QREG[:TO] (TO 1: o in the input dtype), comma-separated")
     a = p.parse_args()
-    shapes = [tuple(int(x) for x in (s + ":0").split(":")[:6]) for s in a.shapes.split(",")]
+    shapes = [tuple(int(x) for x in (s + ":0").split(":")[:5]) for s in a.shapes.split(",")]
     for dtype in a.dtypes.split(","):
         ct = cuda.CTYPES[dtype]
         for D in map(int, a.dims.split(",")):
-            names = [f"attend_fwd_wgmma<{ct}, {D}, {ct if to else 'float'}, {w}, {st}, {mb}, {str(bool(qr)).lower()}, {ab}>"
-                     for w, st, mb, qr, ab, to in shapes]
+            names = [cuda.wg_name(ct, D, ct if sh[4] else "float", (sh[0], sh[1], sh[2], bool(sh[3]))) for sh in shapes]
             mod = cuda.Sm90aModule((cuda.KERNEL_DIR / "attend_wgmma.cu").read_text(), names,
                                    cuda.OPTIONS + cuda._cuda_include())
             scale = 1 / math.sqrt(D)
@@ -87,15 +87,13 @@ def main():
                 qpos = np.sort(np.random.default_rng(N).choice(np.arange(k0 + shift, k0 + nk + shift), N, replace=False)).astype(np.int64)
                 ref = cuda.attend(q, qpos, k, v, k0, mask, scale, bf16=bf, kernel_kind="mma")
                 for shape, name in zip(shapes, names):
-                    if shape[4]:
-                        continue  # ablations compute wrong results on purpose
                     f = mod.get_function(name)
-                    smem = (2 * shape[1] * 64 * D + 2 * 64 * shape[0] * D) * 2 + 1024
+                    smem = cuda.wg_smem(D, (shape[0], shape[1], shape[2], bool(shape[3])))
                     f.max_dynamic_shared_size_bytes = smem
                     go, o, lse, edges = run(f, smem, shape, q, qpos, k, v, mask, N, nk, scale, k0)
                     go()
                     fin = bool(cp.isfinite(o).all())
-                    print(json.dumps({"check": spec, "dtype": dtype, "D": D, "shape": shape, "o_diff": float(cp.abs(o.astype(cp.float32) - ref[0]).max()) if not bf else float(cp.abs(o - ref[0]).max()) if not shape[5] else -1.0,
+                    print(json.dumps({"check": spec, "dtype": dtype, "D": D, "shape": shape, "o_diff": float(cp.abs(o.astype(cp.float32) - ref[0]).max()) if not bf else float(cp.abs(o - ref[0]).max()) if not shape[4] else -1.0,
                                       "lse_diff": float(cp.nanmax(cp.abs(cp.where(cp.isinf(ref[1]), 0, lse - ref[1])))),
                                       "lse_inf_same": bool((cp.isinf(lse) == cp.isinf(ref[1])).all()), "finite": fin,
                                       "edges_equal": int(edges.get()[0]) == ref[2]}), flush=True)
@@ -109,12 +107,12 @@ def main():
                               "TFLOPs": useful / s_ref / 1e12}), flush=True)
             for shape, name in zip(shapes, names):
                 f = mod.get_function(name)
-                smem = (2 * shape[1] * 64 * D + 2 * 64 * shape[0] * D) * 2 + 1024
+                smem = cuda.wg_smem(D, (shape[0], shape[1], shape[2], bool(shape[3])))
                 f.max_dynamic_shared_size_bytes = smem
                 go, o, lse, edges = run(f, smem, shape, q, qpos, k, v, mask, N, N, scale, qp=False)
                 s = timed(go)
                 print(json.dumps({"bench": a.mask, "N": N, "H": H, "dtype": dtype, "D": D, "kernel": "wgmma", "shape": shape,
-                                  "s": s, "TFLOPs": useful / s / 1e12, "o_diff": float(cp.abs(o.astype(cp.float32) - ref[0]).max()) if not (bf and shape[5]) else -1.0,
+                                  "s": s, "TFLOPs": useful / s / 1e12, "o_diff": float(cp.abs(o.astype(cp.float32) - ref[0]).max()) if not (bf and shape[4]) else -1.0,
                                   "edges_equal": int(edges.get()[0]) == ref[2]}), flush=True)
                 del o, lse
 

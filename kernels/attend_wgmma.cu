@@ -216,7 +216,7 @@ template <int NWG> struct Item {
 // computes only the tiles from the first to the last that its own rows reach. Per consumer
 // the MMAs overlap the softmax: S of tile i and O += P V of tile i - 1 are in flight together,
 // then tile i's softmax runs while P V finishes. setmaxnreg moves registers to the consumers.
-template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool QREG, int ABL>
+template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool QREG>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
                  const T* __restrict__ v, TO* o, float* __restrict__ lse,
@@ -340,11 +340,9 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             for (int t = 0; t < nt; ++t, ++ntile) {
                 const int b = ntile % ST;
                 if (ntile >= ST) mb_wait(&empty_b[b], (ntile / ST - 1) & 1);  // consumers are done with tile n - ST
-                if (ABL != 3 || ntile < ST) {
-                    const int rows = (int)min((long long)MK, item.hi[sp] - c0);
-                    load_tile_sw<T, D>(kh + (size_t)(c0 - k0) * D, rows, MK, KV + 2 * b * TILE, tid, 128);
-                    load_tile_sw<T, D>(vh + (size_t)(c0 - k0) * D, rows, MK, KV + (2 * b + 1) * TILE, tid, 128);
-                }
+                const int rows = (int)min((long long)MK, item.hi[sp] - c0);
+                load_tile_sw<T, D>(kh + (size_t)(c0 - k0) * D, rows, MK, KV + 2 * b * TILE, tid, 128);
+                load_tile_sw<T, D>(vh + (size_t)(c0 - k0) * D, rows, MK, KV + (2 * b + 1) * TILE, tid, 128);
                 cp_commit();
                 cp_wait<1>();
                 signal();
@@ -398,7 +396,6 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 wg_fence();
 #pragma unroll
                 for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
-                    if (ABL == 2) break;
                     if (QREG)
                         Wgmma<T, MK, 0>::run(s, qa[QREG ? kk : 0], wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
                     else
@@ -427,11 +424,9 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             };
             // the current tile's scores (complete in s): mask, softmax, weights into s
             auto softmax = [&]() {
-                if (ABL == 1) return;
                 const int nkt = (int)min((long long)MK, item.hi[sp] - c0);
-                if (ABL != 5)
-                    wg_mask(s, mk, nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK), live0, live1, pos0, pos1, c0,
-                            nkt, tq, item_edges);
+                wg_mask(s, mk, nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK), live0, live1, pos0, pos1, c0, nkt,
+                        tq, item_edges);
                 wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
             };
             // tile n (over all items) is in buffer n % ST, filled for the (n / ST)-th time

@@ -24,7 +24,15 @@ MASKS = ["full", "causal", "window:7", "causal+window:33", "dilated:3:5", "causa
          "global:3+block:20+window:5+causal"]
 # inputs are exact in float32, so the CUDA-core kernel only rounds its float32 sums; the
 # tensor-core kernel also rounds the probabilities P to the input type before P V
-TOL = {"simt": 2e-5, ("mma", "float16"): 4e-3, ("mma", "bfloat16"): 3e-2}
+TOL = {"simt": 2e-5, ("mma", "float16"): 4e-3, ("mma", "bfloat16"): 3e-2, ("wgmma", "float16"): 4e-3,
+       ("wgmma", "bfloat16"): 3e-2}
+
+
+def need(kind):
+    """Skips a Hopper-kernel case (saying why) on a device that cannot run it."""
+    if kind == "wgmma" and not cuda.wgmma_available():
+        pytest.skip(f"the wgmma kernel needs compute capability 9.0; this device is "
+                    f"{cp.cuda.Device().compute_capability} ({cuda.COMPILED_BY.get('attend_wgmma.cu', '')})")
 
 
 def one(rng, shape, dtype):
@@ -51,9 +59,14 @@ def inputs(rng, shape_q, shape_k, dtype):
                                                          (1, 2, 3, 77, 200, 128, "bfloat16", "mma"),
                                                          (1, 1, 1, 200, 333, 32, "bfloat16", "mma"),
                                                          (1, 1, 2, 150, 150, 96, "float16", "mma"),
+                                                         (2, 2, 2, 130, 257, 64, "float16", "wgmma"),
+                                                         (1, 2, 3, 77, 200, 128, "bfloat16", "wgmma"),
+                                                         (1, 1, 2, 300, 333, 64, "bfloat16", "wgmma"),
+                                                         (1, 1, 1, 200, 333, 128, "float16", "wgmma"),
                                                          (1, 2, 3, 77, 200, 128, "bfloat16", "simt"),
                                                          (1, 1, 2, 40, 90, 200, "float16", "simt")])
 def test_local_kernel_matches_reference_and_counts_edges(rng, spec, B, Hkv, G, nq, nk, D, dtype, kind):
+    need(kind)
     mask = parse(spec)
     (qh, kh, vh), (qd, kd, vd) = inputs(rng, (B, Hkv, G, nq, D), (B, Hkv, nk, D), dtype)
     k0 = 37  # a key block that does not start at 0, queries spread around and past it
@@ -99,8 +112,10 @@ def listed_mask(spec, rng, n):
 @pytest.mark.skipif(not LISTED, reason=NO_LISTED)
 @pytest.mark.parametrize("spec", ["random:5:3", "causal+random:9", "window:4+random:6:1", "csr",
                                   "causal+csr+window:2", "global:2+csr", "random:3+csr+block:8"])
-@pytest.mark.parametrize("dtype, kind", [("float32", "simt"), ("float16", "mma"), ("bfloat16", "simt")])
+@pytest.mark.parametrize("dtype, kind", [("float32", "simt"), ("float16", "mma"), ("bfloat16", "simt"),
+                                         ("bfloat16", "wgmma")])
 def test_listed_terms_match_reference(rng, spec, dtype, kind):
+    need(kind)
     n, k0, nk, D = 320, 50, 200, 64
     mask = listed_mask(spec, rng, n)
     (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, 2, 2, n, D), (1, 2, nk, D), dtype)
@@ -113,22 +128,53 @@ def test_listed_terms_match_reference(rng, spec, dtype, kind):
     assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
 
 
+@pytest.mark.parametrize("kind", ["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("spec", ["causal+window:40", "window:256", "dilated:3:5+global:2"])
-def test_lean_forward_is_the_mma_forward_rounded(rng, dtype, spec):
+def test_lean_forward_is_the_tensor_core_forward_rounded(rng, dtype, spec, kind):
     """attend_lean (positions q0 + r derived on the device, o in the input dtype) gives the
-    float32 tensor-core result rounded to the input dtype, the same lse and the same edges."""
+    float32 tensor-core result of the same kernel rounded to the input dtype, the same lse and
+    the same edges."""
+    need(kind)
     mask, nq, nk, q0 = parse(spec), 300, 400, 37
     _, (qd, kd, vd) = inputs(rng, (1, 2, 2, nq, 64), (1, 2, nk, 64), dtype)
     bf = dtype == "bfloat16"
     o, lse, edges = cuda.attend(qd, np.arange(q0, q0 + nq, dtype=np.int64), kd, vd, 0, mask, 0.125, bf16=bf,
-                                kernel_kind="mma")
-    lo, ll, le = cuda.attend_lean(qd, q0, kd, vd, 0, mask, 0.125, bf16=bf)
+                                kernel_kind=kind)
+    lo, ll, le = cuda.attend_lean(qd, q0, kd, vd, 0, mask, 0.125, bf16=bf, kernel_kind=kind)
     assert lo.dtype == qd.dtype and le == edges and np.array_equal(ll.get(), lse.get())
     want = bf16_bits(o.get())[0] if bf else o.get().astype(np.float16)
     assert np.array_equal(lo.get(), want)
-    lo, ll, le = cuda.attend_lean(qd, q0, kd, vd, 0, mask, 0.125, bf16=bf, out=qd)  # o over q
+    lo, ll, le = cuda.attend_lean(qd, q0, kd, vd, 0, mask, 0.125, bf16=bf, out=qd, kernel_kind=kind)  # o over q
     assert lo is qd and le == edges and np.array_equal(qd.get(), want)
+
+
+@pytest.mark.parametrize("ctas", [1, 3])
+@pytest.mark.parametrize("D, dtype", [(64, "float16"), (128, "bfloat16")])
+@pytest.mark.parametrize("spec", ["causal+window:100", "global:3+window:40", "block:64+causal", "full"])
+def test_persistent_wgmma_blocks_walk_many_work_items(rng, monkeypatch, ctas, D, dtype, spec):
+    """Few blocks, many (rows, head) items each: the loader's double-buffered set-up, the ring's
+    phases across items and items without keys (q positions past the keys) all stay exact."""
+    need("wgmma")
+    monkeypatch.setattr(cuda, "WG_CTAS", ctas)
+    mask, k0, nq, nk = parse(spec), 20, 900, 700
+    (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, 2, 2, nq, D), (1, 2, nk, D), dtype)
+    qpos = np.sort(rng.choice(np.arange(0, k0 + nk + 400), size=nq, replace=False)).astype(np.int64)
+    o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, 1 / math.sqrt(D), bf16=dtype == "bfloat16",
+                                kernel_kind="wgmma")
+    o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, 1 / math.sqrt(D))
+    o, lse = o.get(), lse.get()
+    empty = np.isneginf(lse_ref)
+    assert np.array_equal(np.isneginf(lse), empty) and (o[empty] == 0).all() and np.isfinite(o).all()
+    assert rel_err(o, o_ref) <= TOL[("wgmma", dtype)]
+    assert np.max(np.abs(lse[~empty] - lse_ref[~empty]) / np.maximum(1, np.abs(lse_ref[~empty])), initial=0) <= 1e-4
+    assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
+
+
+def test_wgmma_kind_is_refused_clearly_where_it_cannot_run(rng):
+    _, (qd, kd, vd) = inputs(rng, (1, 1, 1, 10, 32), (1, 1, 10, 32), "float16")  # D = 32: not a Hopper shape
+    with pytest.raises(hpcattn.HpcattnError, match="Hopper kernel takes"):
+        cuda.attend(qd, np.arange(10), kd, vd, 0, parse("full"), 0.1, kernel_kind="wgmma")
 
 
 def test_decode_rows_without_edges_and_empty_blocks(rng):

@@ -1,4 +1,4 @@
-"""Every kernel in kernels/ compiles with nvcc for sm_90 with no warnings (runs in CI; needs
+"""Every kernel in kernels/ compiles with nvcc for sm_90 (sm_90a: cuda.SM90A) with no warnings (runs in CI; needs
 nvcc, not a GPU), with every name expression hpcattn/cuda.py asks CuPy for instantiated."""
 import os
 import shutil
@@ -35,7 +35,8 @@ def test_kernel_compiles_for_sm90_without_warnings(source, tmp_path):
     unit = tmp_path / f"check_{source}"
     unit.write_text(f'#include "{cuda.KERNEL_DIR / source}"\n'
                     f"void* hpcattn_kernels[] = {{{refs}}};\n")
-    cmd = [NVCC, "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings", f"-I{cuda.KERNEL_DIR}",
+    arch = "-gencode=arch=compute_90a,code=sm_90a" if source in cuda.SM90A else "-arch=sm_90"
+    cmd = [NVCC, arch, "-std=c++17", "-Werror", "all-warnings", f"-I{cuda.KERNEL_DIR}",
            "-c", str(unit), "-o", str(tmp_path / "k.o")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
@@ -95,7 +96,8 @@ def test_kernel_compiles_with_nvrtc_as_cupy_loads_it(source):
     for name in cuda.SOURCES[source]:
         assert NVRTC.nvrtcAddNameExpression(prog, name.encode()) == 0
     cuda_inc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
-    opts = [o.encode() for o in (*cuda.OPTIONS, f"-I{cuda_inc}", "-arch=sm_90")]
+    arch = "-arch=sm_90a" if source in cuda.SM90A else "-arch=sm_90"
+    opts = [o.encode() for o in (*cuda.OPTIONS, f"-I{cuda_inc}", arch)]
     rc = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
