@@ -244,8 +244,8 @@ def main(argv=None):
                 if time.perf_counter() - t_start > args.budget:
                     res["skipped"] = res.get("skipped", []) + [row]
                     continue
-                for kind in ("mma", "simt"):
-                    if kind == "simt" and N > 262144:
+                for kind in ("wgmma", "mma", "simt"):
+                    if (kind == "simt" and N > 262144) or (kind == "wgmma" and not cuda.wgmma_available()):
                         continue
                     try:
                         r = ours(N, args.heads, D, dtype, spec, kind)
