@@ -105,6 +105,10 @@ def main():
             useful = 4 * ref[2] * D * H
             print(json.dumps({"bench": a.mask, "N": N, "H": H, "dtype": dtype, "D": D, "kernel": "mma", "s": s_ref,
                               "TFLOPs": useful / s_ref / 1e12}), flush=True)
+            if cuda.wgmma_available():  # as hpcattn runs it: cuda.WG_SHAPES, a position array
+                s_wg = timed(lambda: cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="wgmma"))
+                print(json.dumps({"bench": a.mask, "N": N, "H": H, "dtype": dtype, "D": D, "kernel": "attend wgmma",
+                                  "shape": cuda.WG_SHAPES[D], "s": s_wg, "TFLOPs": useful / s_wg / 1e12}), flush=True)
             for shape, name in zip(shapes, names):
                 f = mod.get_function(name)
                 smem = cuda.wg_smem(D, (shape[0], shape[1], shape[2], bool(shape[3])))
