@@ -248,7 +248,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
         }
         for (int b = 0; b < 2; ++b) {
             mb_init(&qfull_b[b], 32);       // the preparing warp
-            mb_init(&qempty_b[b], 4 * NWG);
+            mb_init(&qempty_b[b], 4 * NWG + 3);  // every consumer and streaming warp
         }
         edges_s = 0ull;
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -349,6 +349,10 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                     pend = ntile;
                     next_tile(sp, c0, nsp, item.lo, item.hi);
                 }
+                // done with the set-up: warp 0 may refill the slot (without this, items with no
+                // tiles could let it run two phases ahead of a streaming warp: a deadlock)
+                __syncwarp();
+                if (lane == 0) mb_arrive(&qempty_b[slot]);
             }
             cp_wait<0>();
             if (pend >= 0) {
