@@ -191,10 +191,17 @@ __device__ __forceinline__ void mb_init(unsigned long long* b, int n) {
 __device__ __forceinline__ void mb_arrive(unsigned long long* b) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"((unsigned)__cvta_generic_to_shared(b)) : "memory");
 }
-// waits for the completion of the phase with this parity (phase k: parity k & 1)
+// waits for the completion of the phase with this parity (phase k: parity k & 1); a pipeline
+// that stops moving (a bug) ends the kernel with an error after 2^30 polls instead of hanging
 __device__ __forceinline__ void mb_wait(unsigned long long* b, int parity) {
-    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n"
-                 :: "r"((unsigned)__cvta_generic_to_shared(b)), "r"(parity) : "memory");
+    const unsigned a = (unsigned)__cvta_generic_to_shared(b);
+    for (unsigned n = 0;; ++n) {
+        unsigned done;
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(a), "r"(parity) : "memory");
+        if (done) return;
+        if (n == (1u << 30)) __trap();
+    }
 }
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
@@ -263,7 +270,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 const int slot = n & 1, head = it / nblk;
                 const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
                 Item<NWG>& item = items[slot];
-                if (n >= 2) mb_wait(&qempty_b[slot], (n / 2 - 1) & 1);  // consumers are done with item n - 2
+                if (n >= 2) mb_wait(&qempty_b[slot], (n / 2 - 1) & 1);  // everyone is done with item n - 2
                 load_tile_sw<T, D>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qbuf + slot * BM * D, lane, 32);
                 cp_commit();
                 long long blo = 0x7fffffffffffffffLL, bhi = -0x7fffffffffffffffLL - 1;
