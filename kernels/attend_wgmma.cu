@@ -191,17 +191,10 @@ __device__ __forceinline__ void mb_init(unsigned long long* b, int n) {
 __device__ __forceinline__ void mb_arrive(unsigned long long* b) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"((unsigned)__cvta_generic_to_shared(b)) : "memory");
 }
-// waits for the completion of the phase with this parity (phase k: parity k & 1); a pipeline
-// that stops moving (a bug) ends the kernel with an error after 2^30 polls instead of hanging
+// waits for the completion of the phase with this parity (phase k: parity k & 1)
 __device__ __forceinline__ void mb_wait(unsigned long long* b, int parity) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(b);
-    for (unsigned n = 0;; ++n) {
-        unsigned done;
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done) : "r"(a), "r"(parity) : "memory");
-        if (done) return;
-        if (n == (1u << 30)) __trap();
-    }
+    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(b)), "r"(parity) : "memory");
 }
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
@@ -214,10 +207,10 @@ template <int NWG> struct Item {
 };
 
 // Persistent and warp-specialised (FlashAttention-3's layout): each block walks work items (64 *
-// NWG query rows of one head) gridDim.x apart. Warpgroup 0 loads: its warp 0 works out an
-// item's key spans and loads its q rows, up to two items ahead (set-up and q double-buffered);
-// warps 1-3 stream the items' K/V tiles through a ring of ST buffers with cp.async, so that
-// one item's set-up and first loads hide behind the last tiles of the one before. NWG consumer
+// NWG query rows of one head) gridDim.x apart. Warpgroup 0 loads: it works out an item's key
+// spans, loads its q rows, then streams its K/V tiles through a ring of ST buffers with
+// cp.async, running up to two items ahead (set-up and q double-buffered), so that one item's
+// set-up and first loads hide behind the last tiles of the one before. NWG consumer
 // warpgroups of 64 rows each compute. mbarriers pass the buffers (full: landed; empty: every
 // consumer warp is done), so consumers drift apart instead of running in lockstep, and each
 // computes only the tiles from the first to the last that its own rows reach. Per consumer
@@ -250,12 +243,12 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
     if (warp == 0) load_mask_warp(mask_words, mk, lane);
     if (tid == 0) {
         for (int b = 0; b < ST; ++b) {
-            mb_init(&full_b[b], 96);        // every streaming thread, once its copies landed
+            mb_init(&full_b[b], 128);       // every loader thread, once its copies landed
             mb_init(&empty_b[b], 4 * NWG);  // every consumer warp
         }
         for (int b = 0; b < 2; ++b) {
-            mb_init(&qfull_b[b], 32);       // the preparing warp
-            mb_init(&qempty_b[b], 4 * NWG + 3);  // every consumer and streaming warp
+            mb_init(&qfull_b[b], 128);
+            mb_init(&qempty_b[b], 4 * NWG);
         }
         edges_s = 0ull;
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -263,16 +256,28 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
     __syncthreads();
     unsigned long long n_edges = 0;
 
-    if (wg == 0) {  // the loader: warp 0 prepares items (set-up, q rows), warps 1-3 stream their tiles
+    if (wg == 0) {  // the loader
         regs_dec<PREG>();
-        if (warp == 0) {
-            for (int it = blockIdx.x, n = 0; it < nitems; it += gridDim.x, ++n) {
-                const int slot = n & 1, head = it / nblk;
-                const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
-                Item<NWG>& item = items[slot];
-                if (n >= 2) mb_wait(&qempty_b[slot], (n / 2 - 1) & 1);  // everyone is done with item n - 2
-                load_tile_sw<T, D>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qbuf + slot * BM * D, lane, 32);
-                cp_commit();
+        constexpr int NONE = -3;
+        int ntile = 0;      // tiles issued so far, over all items: tile n is in buffer n % ST
+        int pend = NONE;    // the newest commit group, not yet signalled: tile n >= 0, or q of slot -1 - pend
+        auto signal = [&]() {  // called once every group but the newest has landed
+            if (pend == NONE) return;
+            proxy_fence();
+            if (pend >= 0) mb_arrive(&full_b[pend % ST]);
+            else mb_arrive(&qfull_b[-1 - pend]);
+        };
+        for (int it = blockIdx.x, n = 0; it < nitems; it += gridDim.x, ++n) {
+            const int slot = n & 1, head = it / nblk, kvh = head / G;
+            const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
+            Item<NWG>& item = items[slot];
+            if (n >= 2) mb_wait(&qempty_b[slot], (n / 2 - 1) & 1);  // consumers are done with item n - 2
+            load_tile_sw<T, D>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qbuf + slot * BM * D, tid, 128);
+            cp_commit();
+            cp_wait<1>();
+            signal();
+            pend = -1 - slot;
+            if (warp == 0) {  // the item's positions and key spans
                 long long blo = 0x7fffffffffffffffLL, bhi = -0x7fffffffffffffffLL - 1;
                 for (int w = 0; w < NWG; ++w) {
                     const int r0 = t0 + 64 * w, r1 = min(t1, r0 + 64);
@@ -325,71 +330,42 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                     item.first[w] = first;
                     item.last[w] = last;
                 }
-                cp_wait<0>();
-                proxy_fence();
-                mb_arrive(&qfull_b[slot]);
             }
-        } else {
-            const int ltid = tid - 32;  // 96 streaming threads
-            int ntile = 0, pend = -1;   // tiles issued so far (tile n is in buffer n % ST); the newest, unsignalled
-            for (int it = blockIdx.x, n = 0; it < nitems; it += gridDim.x, ++n) {
-                const int slot = n & 1, head = it / nblk, kvh = head / G;
-                const Item<NWG>& item = items[slot];
-                mb_wait(&qfull_b[slot], (n / 2) & 1);  // the item's set-up
-                const T* kh = k + (size_t)kvh * nk * D;
-                const T* vh = v + (size_t)kvh * nk * D;
-                const int nsp = item.nsp, nt = item.ntiles;
-                int sp = 0;
-                long long c0 = nsp ? item.lo[0] : 0;
-                for (int t = 0; t < nt; ++t, ++ntile) {
-                    const int b = ntile % ST;
-                    if (ntile >= ST) mb_wait(&empty_b[b], (ntile / ST - 1) & 1);  // consumers are done with tile n - ST
-                    const int rows = (int)min((long long)MK, item.hi[sp] - c0);
-                    load_tile_sw<T, D>(kh + (size_t)(c0 - k0) * D, rows, MK, KV + 2 * b * TILE, ltid, 96);
-                    load_tile_sw<T, D>(vh + (size_t)(c0 - k0) * D, rows, MK, KV + (2 * b + 1) * TILE, ltid, 96);
-                    cp_commit();
-                    cp_wait<1>();  // every tile but the newest has landed
-                    if (pend >= 0) {
-                        proxy_fence();
-                        mb_arrive(&full_b[pend % ST]);
-                    }
-                    pend = ntile;
-                    next_tile(sp, c0, nsp, item.lo, item.hi);
-                }
-                // done with the set-up: warp 0 may refill the slot (without this, items with no
-                // tiles could let it run two phases ahead of a streaming warp: a deadlock)
-                __syncwarp();
-                if (lane == 0) mb_arrive(&qempty_b[slot]);
-            }
-            cp_wait<0>();
-            if (pend >= 0) {
-                proxy_fence();
-                mb_arrive(&full_b[pend % ST]);
+            asm volatile("bar.sync 1, 128;\n" ::: "memory");  // the loader's warps see the spans
+            const T* kh = k + (size_t)kvh * nk * D;
+            const T* vh = v + (size_t)kvh * nk * D;
+            const int nsp = item.nsp, nt = item.ntiles;
+            int sp = 0;
+            long long c0 = nsp ? item.lo[0] : 0;
+            for (int t = 0; t < nt; ++t, ++ntile) {
+                const int b = ntile % ST;
+                if (ntile >= ST) mb_wait(&empty_b[b], (ntile / ST - 1) & 1);  // consumers are done with tile n - ST
+                const int rows = (int)min((long long)MK, item.hi[sp] - c0);
+                load_tile_sw<T, D>(kh + (size_t)(c0 - k0) * D, rows, MK, KV + 2 * b * TILE, tid, 128);
+                load_tile_sw<T, D>(vh + (size_t)(c0 - k0) * D, rows, MK, KV + (2 * b + 1) * TILE, tid, 128);
+                cp_commit();
+                cp_wait<1>();
+                signal();
+                pend = ntile;
+                next_tile(sp, c0, nsp, item.lo, item.hi);
             }
         }
+        cp_wait<0>();
+        signal();
     } else {
         regs_inc<CREG>();
         const int cw = wg - 1;  // consumer index
         const float sl2 = scale * MLOG2E;
         int ntile = 0;  // tiles of earlier items
-        // this thread's rows' positions, loaded one item ahead (off the first tile's critical path)
-        auto positions = [&](int it, long long& p0, long long& p1) {
-            const int head = it / nblk, t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
-            const int r0 = t0 + 64 * cw + 16 * wq + g, r1 = r0 + 8;
-            p0 = r0 >= t1 ? 0 : qpos ? qpos[r0] : q0 + r0;
-            p1 = r1 >= t1 ? 0 : qpos ? qpos[r1] : q0 + r1;
-        };
-        long long npos0 = 0, npos1 = 0;
-        if (blockIdx.x < nitems) positions(blockIdx.x, npos0, npos1);
         for (int it = blockIdx.x, n = 0; it < nitems; it += gridDim.x, ++n) {
             const int slot = n & 1, head = it / nblk;
             const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
             const Item<NWG>& item = items[slot];
+            mb_wait(&qfull_b[slot], (n / 2) & 1);  // q rows landed, set-up written
             const int r0 = t0 + 64 * cw + 16 * wq + g, r1 = r0 + 8;
             const bool live0 = r0 < t1, live1 = r1 < t1;
-            const long long pos0 = npos0, pos1 = npos1;
-            if (it + gridDim.x < nitems) positions(it + gridDim.x, npos0, npos1);
-            mb_wait(&qfull_b[slot], (n / 2) & 1);  // q rows landed, set-up written
+            const long long pos0 = !live0 ? 0 : qpos ? qpos[r0] : q0 + r0;
+            const long long pos1 = !live1 ? 0 : qpos ? qpos[r1] : q0 + r1;
             const long long qlo = item.qlo[cw], qhi = item.qhi[cw];
             const int nsp = item.nsp, ntiles = item.ntiles;
             const int first = __shfl_sync(0xffffffffu, item.first[cw], 0), last = __shfl_sync(0xffffffffu, item.last[cw], 0);
