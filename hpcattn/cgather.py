@@ -48,10 +48,10 @@ def _choice():
     return choice
 
 
-def available(dtype, n_keys):
-    """Whether the compiled kernel takes these inputs here: library built, float32, key
-    indices that fit its uint32 columns, not turned off by HPCATTN_GATHER=numpy."""
-    return LIB is not None and dtype == np.float32 and n_keys < 2**32 and _choice() != "numpy"
+def available(dtype):
+    """Whether the compiled kernel takes inputs of this dtype here (float32, library built,
+    not turned off by HPCATTN_GATHER=numpy)."""
+    return LIB is not None and dtype == np.float32 and _choice() != "numpy"
 
 
 def best():
@@ -86,7 +86,7 @@ def run(q, k, v, indptr, cols, scale):
     c = np.ascontiguousarray
     q, k, v = c(q, dtype=np.float32), c(k, dtype=np.float32), c(v, dtype=np.float32)
     indptr = c(indptr, dtype=np.int64)
-    cols = c(cols, dtype=np.uint32)
+    cols = c(cols, dtype=np.int64)
     o = np.empty((B, Hkv, G, n, D), dtype=np.float32)
     lse = np.empty((B, Hkv, G, n), dtype=np.float32)
     used = LIB.hpcattn_gather(q.ctypes.data, k.ctypes.data, v.ctypes.data, indptr.ctypes.data,

@@ -414,17 +414,21 @@ def _gather(xp, q, pos, k, v, k0, mask, exclude, scale):
     nk = k.shape[2]
     o, lse = empty_state(xp, (B, Hkv, G, n), D)
     indptr, cols = mask.columns(pos, k0, k0 + nk)
-    rows = np.repeat(np.arange(n), np.diff(indptr))
+    rows = None
     if exclude is not None and len(cols):
+        rows = np.repeat(np.arange(n), np.diff(indptr))
         keep = ~exclude.allowed(pos[rows], cols)
         rows, cols = rows[keep], cols[keep]
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
     edges = len(cols)
     if edges == 0:
         return o, lse, 0
-    cols = cols - k0
-    if xp is np and cgather.available(q.dtype, nk):  # kernels/gather.c; NumPy below otherwise
+    if k0:
+        cols = cols - k0
+    if xp is np and cgather.available(q.dtype):  # kernels/gather.c; NumPy below otherwise
         return (*cgather.gather_rows(q, k, v, indptr, cols, scale), edges)
+    if rows is None:
+        rows = np.repeat(np.arange(n), np.diff(indptr))
     step = max(1, EDGE_ELEMS // (B * Hkv * G * D))
     e0 = 0
     while e0 < edges:

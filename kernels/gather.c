@@ -4,7 +4,7 @@
  * so the kernel's row-chunk threads (local.attend) run it in parallel.
  *
  * Layout: q (BH, G, n, D), k and v (BH, nk, D), o (BH, G, n, D), lse (BH, G, n), all
- * contiguous; indptr (n + 1) int64 and cols (nnz) uint32: the edges of row r are
+ * contiguous; indptr (n + 1) int64 and cols (nnz) int64: the edges of row r are
  * cols[indptr[r] .. indptr[r + 1]), local key indices. The caller guarantees every index is in
  * [0, nk) (hpcattn/masks.py: check_csr validates explicit edges when they are read, and
  * Mask.columns returns only columns of [k0, k1), which local._gather shifts by k0); nothing is
@@ -51,7 +51,7 @@ enum { GENERIC = 1, AVX2 = 2, AVX512 = 3 };
                 const float *qr = q + (row0 + r) * D;                                           \
                 float *acc = o + (row0 + r) * D;                                                \
                 int64_t e0 = indptr[r], cnt = indptr[r + 1] - e0;                               \
-                const uint32_t *c = cols + e0;                                                  \
+                const int64_t *c = cols + e0;                                                  \
                 for (int64_t d = 0; d < D; d++)                                                 \
                     acc[d] = 0.0f;                                                              \
                 if (cnt == 0) {                                                                 \
@@ -90,7 +90,7 @@ enum { GENERIC = 1, AVX2 = 2, AVX512 = 3 };
     }
 
 static void gather_generic(const float *q, const float *k, const float *v, const int64_t *indptr,
-                           const uint32_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
+                           const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
                            int64_t D, float scale, float *sc, float *o, float *lse)
 {
     PORTABLE_BODY
@@ -99,7 +99,7 @@ static void gather_generic(const float *q, const float *k, const float *v, const
 #ifdef HPCATTN_X86
 __attribute__((target("avx2,fma")))
 static void gather_avx2(const float *q, const float *k, const float *v, const int64_t *indptr,
-                        const uint32_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
+                        const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
                         int64_t D, float scale, float *sc, float *o, float *lse)
 {
     PORTABLE_BODY
@@ -154,7 +154,7 @@ V512 __m512 sum16(const __m512 *a)
  * edges are in flight at once: scores 16 at a time (16 dot products in 16 registers, reduced
  * together) and their max; exp; the weighted V rows into two sets of accumulators. K rows are
  * prefetched a group ahead, V rows 16 edges ahead. buf: scratch of cnt rounded up to 16. */
-V512 void row512(const float *qr, const float *K, const float *V, const uint32_t *c, int64_t cnt,
+V512 void row512(const float *qr, const float *K, const float *V, const int64_t *c, int64_t cnt,
                  const int NV, __m512 scale, float *buf, float *out, float *lse)
 {
     enum { AHEAD = 16 };
@@ -234,7 +234,7 @@ V512 void row512(const float *qr, const float *K, const float *V, const uint32_t
 
 /* Every row, one after another (the G query heads of a row together: they share K/V rows). */
 V512 void rows512(const float *q, const float *k, const float *v, const int64_t *indptr,
-                  const uint32_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
+                  const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
                   const int NV, float scale, float *buf, float *o, float *lse)
 {
     const size_t D = (size_t)NV * 16;
@@ -264,7 +264,7 @@ V512 void rows512(const float *q, const float *k, const float *v, const int64_t 
 
 __attribute__((target("avx512f,avx512dq,fma")))
 static void gather_avx512(const float *q, const float *k, const float *v, const int64_t *indptr,
-                          const uint32_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
+                          const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
                           int64_t D, float scale, float *buf, float *o, float *lse)
 {
     switch (D / 16) {
@@ -293,7 +293,7 @@ EXPORT int hpcattn_gather_best(void)
  * else that one (lowered to what the CPU runs; avx512 needs D % 16 == 0 and D <= 256).
  * Returns the variant used, or -1 if scratch memory could not be allocated. */
 EXPORT int hpcattn_gather(const float *q, const float *k, const float *v, const int64_t *indptr,
-                          const uint32_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
+                          const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
                           int64_t D, float scale, int variant, float *o, float *lse)
 {
     int best = hpcattn_gather_best();
