@@ -11,24 +11,36 @@ x86-64), `avx512`, `avx2` or `generic` to force one (lowered to what the CPU run
 to check every variant), `numpy` to turn the compiled kernel off.
 """
 import ctypes
-import importlib.util
+import importlib.machinery
 import os
+import warnings
 
 import numpy as np
 
 from .errors import HpcattnError
 
+ABI = 2  # hpcattn_gather_abi() of the kernels/gather.c this module calls
 VARIANTS = {"generic": 1, "avx2": 2, "avx512": 3}
 NAMES = {v: k for k, v in VARIANTS.items()}
 
 
+_SKIPPED = []  # why a library found beside this file was not used
+
+
 def _load():
+    """The library beside this file (hpcattn/_gather + an extension suffix), None if unbuilt."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [os.path.join(here, "_gather" + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is None:
+        return None
     try:
-        spec = importlib.util.find_spec("hpcattn._gather")
-        if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-            return None
-        lib = ctypes.CDLL(spec.origin)
-    except (ImportError, OSError):
+        lib = ctypes.CDLL(path)
+        if lib.hpcattn_gather_abi() != ABI:
+            raise OSError(f"built from another kernels/gather.c (ABI {lib.hpcattn_gather_abi()})")
+    except (OSError, AttributeError) as e:
+        _SKIPPED.append(f"{os.path.basename(path)} ignored: {e}; reinstall to rebuild it")
+        warnings.warn(f"hpcattn: {_SKIPPED[0]} (NumPy gathers meanwhile)", RuntimeWarning, stacklevel=2)
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.hpcattn_gather.argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_float, ctypes.c_int, ptr, ptr]
@@ -62,7 +74,7 @@ def best():
 def describe():
     """One line for `hpcattn info`: which gather kernel a float32 run uses."""
     if LIB is None:
-        return "NumPy gathers (hpcattn/_gather not built)"
+        return f"NumPy gathers ({_SKIPPED[0] if _SKIPPED else 'hpcattn/_gather not built'})"
     choice = _choice()
     if choice == "numpy":
         return "NumPy gathers (HPCATTN_GATHER=numpy)"

@@ -276,6 +276,13 @@ static void gather_avx512(const float *q, const float *k, const float *v, const 
 
 /* ---------------------------------------------------------------- entry points */
 
+/* The calling convention's version: hpcattn/cgather.py ignores a library built from another
+ * (a stale in-place build). Bump it with any change of hpcattn_gather's arguments. */
+EXPORT int hpcattn_gather_abi(void)
+{
+    return 2;
+}
+
 /* The best variant this CPU runs (3 avx512, 2 avx2, 1 generic). */
 EXPORT int hpcattn_gather_best(void)
 {

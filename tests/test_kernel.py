@@ -165,6 +165,11 @@ def test_compiled_gather_runs_the_variant_asked(rng, variant, D, monkeypatch):
         assert abs(lse[0, 0, 0, r] - (s.max() + np.log(p.sum()))) <= 1e-5 * max(1, abs(lse[0, 0, 0, r]))
 
 
+def test_compiled_gather_library_is_current():
+    """A library beside the package built from another kernels/gather.c is refused, not called."""
+    assert not cgather._SKIPPED, cgather._SKIPPED
+
+
 def test_gather_variant_names_are_checked(monkeypatch):
     monkeypatch.setenv("HPCATTN_GATHER", "numba")
     with pytest.raises(HpcattnError, match="HPCATTN_GATHER='numba'"):
