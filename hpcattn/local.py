@@ -412,7 +412,6 @@ def _gather(xp, q, pos, k, v, k0, mask, exclude, scale):
     """Listed edges (minus `exclude`'s): gathered K/V rows, segment-wise softmax per row."""
     B, Hkv, G, n, D = q.shape
     nk = k.shape[2]
-    o, lse = empty_state(xp, (B, Hkv, G, n), D)
     indptr, cols = mask.columns(pos, k0, k0 + nk)
     rows = None
     if exclude is not None and len(cols):
@@ -422,13 +421,14 @@ def _gather(xp, q, pos, k, v, k0, mask, exclude, scale):
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
     edges = len(cols)
     if edges == 0:
-        return o, lse, 0
+        return (*empty_state(xp, (B, Hkv, G, n), D), 0)
     if k0:
         cols = cols - k0
     if xp is np and cgather.available(q.dtype):  # kernels/gather.c; NumPy below otherwise
         return (*cgather.gather_rows(q, k, v, indptr, cols, scale), edges)
     if rows is None:
         rows = np.repeat(np.arange(n), np.diff(indptr))
+    o, lse = empty_state(xp, (B, Hkv, G, n), D)
     step = max(1, EDGE_ELEMS // (B * Hkv * G * D))
     e0 = 0
     while e0 < edges:
