@@ -1,4 +1,5 @@
-# `make demo` and `make test` work on a fresh machine with Python 3.9+, make and a compiler.
+# `make demo` and `make test` work on a fresh machine with Python 3.9+, make and a C compiler
+# (pip builds kernels/gather.c into the package; editing it re-runs the install).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,7 +19,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: all demo test test-serial test-mpi test-slurm test-phdf5 clean
 all: test
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py kernels/gather.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[mpi,test]'
@@ -52,7 +53,7 @@ PVENV ?= .venv-phdf5
 PBIN := $(PVENV)/bin
 PMPIEXEC ?= /usr/bin/mpiexec
 
-$(PVENV)/.installed: setup.py
+$(PVENV)/.installed: setup.py kernels/gather.c
 	@command -v mpicc >/dev/null && pkg-config --exists hdf5-openmpi || { echo "need: apt-get install libhdf5-openmpi-dev openmpi-bin pkg-config"; exit 1; }
 	$(PYTHON) -m venv $(PVENV)
 	$(PBIN)/python -m pip install --quiet --upgrade pip

@@ -1,4 +1,15 @@
-from setuptools import find_packages, setup
+import os
+
+from setuptools import Extension, find_packages, setup
+
+# The CPU gather kernel (kernels/gather.c): plain C with no Python.h, built as an
+# extension-shaped shared library in the package and loaded with ctypes (hpcattn/cgather.py).
+# Its AVX-512 and AVX2 variants are chosen at run time (target attributes), never -march=native.
+# Required where the C is GCC/Clang-style (POSIX); elsewhere optional: hpcattn then uses NumPy.
+POSIX = os.name == "posix"
+GATHER = Extension("hpcattn._gather", sources=["kernels/gather.c"], optional=not POSIX,
+                   extra_compile_args=["-O3", "-std=c11"] if POSIX else [],
+                   libraries=["m"] if POSIX else [])
 
 setup(
     name="hpcattn",
@@ -7,6 +18,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["hpcattn", "hpcattn.*"]),
+    ext_modules=[GATHER],
     python_requires=">=3.9",
     install_requires=["numpy>=1.23", "h5py>=3.8", "mpi4py>=4.0", "tqdm", "nvtx", "threadpoolctl",
                       "tomli; python_version < '3.11'"],
@@ -16,7 +28,7 @@ setup(
         "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout", "hypothesis", "matplotlib"],
         "plot": ["matplotlib"],
         "bench": ["torch==2.13.0", "matplotlib"],
-        "fast": ["numba"],
+        "fast": ["numba"],  # only the float16 widening of the dense decode path (jit.widen)
     },
     entry_points={"console_scripts": ["hpcattn=hpcattn.cli:main"]},
 )

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from . import local
+from . import cgather, local
 from .errors import HpcattnError
 from .info import blas_name
 from .masks import Block, Dilated, Full, Global, Random, Window, check_csr, parse, random_keys
@@ -185,7 +185,7 @@ def bench(seqs, specs, vs=(), head_dim=64, dtype="float32", repeat=3, sgemm=Fals
                     "gflops": 4 * edges * head_dim / t / 1e9, "ratio": 1.0,
                     "max_err": check_ours(qrows, k, v, mask, scale, o, lse, sample),
                     "peak_rss_gib": peak_rss_gib(), "threads": local.threads(), "dtype": dtype,
-                    "blas": blas_name()}
+                    "blas": blas_name(), "gather": cgather.describe()}
             if t_edges is not None:
                 ours["build_s"] = t_edges
             rows.append(ours)
@@ -230,7 +230,7 @@ def table(rows):
         note = r.get("note", "")
         if r["impl"] == "hpcattn":
             note = (f"edges {r['edges']:,}, peak RSS {r['peak_rss_gib']:.2f} GiB, {r['threads']} threads, "
-                    f"{r['dtype']}, BLAS {r['blas']}")
+                    f"{r['dtype']}, BLAS {r['blas']}, gather {r['gather']}")
         elif "first_call_s" in r:
             note = f"first (compiling) call {r['first_call_s']:.1f} s; build includes compile"
         lines.append(f"{r['impl']:<8} {r['seq']:>10,} {r['mask'][:30]:<30} {f('time_s', '9.4f')} "

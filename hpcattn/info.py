@@ -6,7 +6,7 @@ import platform
 import h5py
 import numpy as np
 
-from . import __version__
+from . import __version__, cgather
 
 
 def cuda_aware_mpi():
@@ -74,6 +74,7 @@ def report():
         "python": platform.python_version(),
         "numpy": np.__version__,
         "blas": blas_name(),
+        "gather kernel": cgather.describe(),
         "backend": "cupy" if n_gpu else "numpy",
         "mpi library": MPI.Get_library_version().splitlines()[0].strip(),
         "mpi standard": "%d.%d" % MPI.Get_version(),

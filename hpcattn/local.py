@@ -13,7 +13,8 @@ set is cut into three disjoint pieces, one code path per idea (not per mask):
   masked elementwise only where a block is not entirely inside the mask. A tile of few rows
   (decode) over keys that every row reaches streams them through `_dense` instead.
 - gather: `dilated`, `random`, `csr` minus the two pieces above: the rows' explicit columns
-  (Mask.columns), K/V rows gathered, segment-wise softmax with ufunc.reduceat.
+  (Mask.columns), then the compiled kernel (hpcattn/cgather.py, kernels/gather.c) for float32,
+  else K/V rows gathered by NumPy with a segment-wise softmax by ufunc.reduceat.
 The pieces' partials of a row are combined with the shared merge. Rows are processed in
 chunks, so float16 inputs are converted to float32 a chunk at a time (never a whole shard)
 and temporaries stay O(chunk + its edges).
@@ -25,7 +26,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from threadpoolctl import ThreadpoolController
 
-from . import jit
+from . import cgather, jit
 from .backend import array_module
 from .masks import LISTED, Full, Mask, Window
 from .merge import empty_state, merge
@@ -411,19 +412,23 @@ def _gather(xp, q, pos, k, v, k0, mask, exclude, scale):
     """Listed edges (minus `exclude`'s): gathered K/V rows, segment-wise softmax per row."""
     B, Hkv, G, n, D = q.shape
     nk = k.shape[2]
-    o, lse = empty_state(xp, (B, Hkv, G, n), D)
     indptr, cols = mask.columns(pos, k0, k0 + nk)
-    rows = np.repeat(np.arange(n), np.diff(indptr))
+    rows = None
     if exclude is not None and len(cols):
+        rows = np.repeat(np.arange(n), np.diff(indptr))
         keep = ~exclude.allowed(pos[rows], cols)
         rows, cols = rows[keep], cols[keep]
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
     edges = len(cols)
     if edges == 0:
-        return o, lse, 0
-    cols = cols - k0
-    if xp is np and jit.available(q.dtype):
-        return (*jit.gather_rows(q, k, v, indptr, cols, scale), edges)
+        return (*empty_state(xp, (B, Hkv, G, n), D), 0)
+    if k0:
+        cols = cols - k0
+    if xp is np and cgather.available(q.dtype):  # kernels/gather.c; NumPy below otherwise
+        return (*cgather.gather_rows(q, k, v, indptr, cols, scale), edges)
+    if rows is None:
+        rows = np.repeat(np.arange(n), np.diff(indptr))
+    o, lse = empty_state(xp, (B, Hkv, G, n), D)
     step = max(1, EDGE_ELEMS // (B * Hkv * G * D))
     e0 = 0
     while e0 < edges:

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from hpcattn import local
+from hpcattn import cgather, local
 from hpcattn.api import to_heads
+from hpcattn.errors import HpcattnError
 from hpcattn.masks import check_csr, parse
 from hpcattn.reference import errors, reference, tolerance
 
@@ -82,32 +83,50 @@ def test_out_buffer_keeps_the_input_dtype_and_threads_agree(rng, monkeypatch):
     assert e1 == e32 and np.abs(o1 - o32).max() < 1e-5 and np.abs(lse1 - lse32).max() < 1e-5
 
 
-@pytest.mark.parametrize("spec", ["csr", "random:6:2+causal", "dilated:3:4+window:2", "window:3+global:2+random:5+csr"])
-@pytest.mark.parametrize("D, blocks", [(16, None), (64, (48, 100))])
-def test_compiled_gather_matches_the_numpy_gather(rng, spec, D, blocks, monkeypatch):
-    """numba's two passes against NumPy's gathers; D = 64 is compiled as a constant (its own
-    loops); small row and key blocks so rows and keys cross many block boundaries (n = 400 is
-    a multiple of neither), empty rows included (density 4%, some rows have no csr edge)."""
-    from hpcattn import jit
-    pytest.importorskip("numba")
-    if blocks:
-        monkeypatch.setattr(jit, "ROW_BLOCK", blocks[0])
-        monkeypatch.setattr(jit, "KEY_BLOCK", blocks[1])
+def compiled_variants():
+    """The compiled gather's variants this CPU runs (none when hpcattn/_gather is not built)."""
+    if cgather.LIB is None:
+        return []
+    best = cgather.VARIANTS[cgather.best()]
+    return [name for name, level in cgather.VARIANTS.items() if level <= best]
+
+
+needs_compiled = pytest.mark.skipif(
+    cgather.LIB is None, reason="hpcattn/_gather NOT BUILT (pip install builds it from "
+    "kernels/gather.c): the compiled gather was NOT tested")
+
+
+@needs_compiled
+@pytest.mark.parametrize("variant", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("spec, density", [("csr", 0.04), ("csr", 0.3), ("causal+csr", 0.3),
+                                           ("random:6:2+causal", 0), ("dilated:3:4+window:2", 0),
+                                           ("window:3+global:2+random:5+csr", 0.04),
+                                           ("global:3+random:40", 0)])
+@pytest.mark.parametrize("D", [8, 24, 64, 80])
+def test_compiled_gather_matches_the_reference(rng, variant, spec, density, D, monkeypatch):
+    """kernels/gather.c, each variant this CPU runs (HPCATTN_GATHER forces it), against float64
+    and against NumPy's gathers: B, Hkv, G > 1, rows of 0 to ~150 edges (groups of 16 cut
+    anywhere), empty rows (the csr rows 7 and 300), D a multiple of 16 (the AVX-512 loops) or
+    not (the portable loops, whatever the variant asked)."""
+    if variant not in compiled_variants():
+        pytest.skip(f"this CPU does not run the {variant} variant")
     n = 400
-    dense = rng.random((n, n)) < 0.04
+    dense = rng.random((n, n)) < density
     dense[7] = dense[300] = False
     csr = check_csr(np.concatenate([[0], np.cumsum(dense.sum(1))]), np.nonzero(dense)[1], n, 0, n)
     mask = parse(spec, n_keys=n, csr=csr)
     q = rng.standard_normal((2, 2, 3, n, D)).astype("float32")
     k, v = (rng.standard_normal((2, 2, n, D)).astype("float32") for _ in range(2))
     got = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("HPCATTN_JIT", flag)
+    for flag in ("numpy", variant):
+        monkeypatch.setenv("HPCATTN_GATHER", flag)
         got[flag] = local.attend(q, np.arange(n), k, v, 0, mask, 0.25)
     (o0, l0, e0), (o1, l1, e1) = got.values()
-    assert e0 == e1 and np.abs(o0 - o1).max() < 1e-5
+    assert e0 == e1 and not np.isnan(o1).any() and not np.isnan(l1).any()
+    assert np.abs(o0 - o1).max() < 1e-5
     fin = np.isfinite(l0)
     assert (np.isneginf(l0) == np.isneginf(l1)).all() and np.abs(l0[fin] - l1[fin]).max() < 1e-5
+    assert (o1[np.isneginf(l1)] == 0).all()
     B, Hkv, G = q.shape[:3]  # and the compiled result against float64
     o_ref, lse_ref = reference(q.transpose(0, 3, 1, 2, 4).reshape(B, n, Hkv * G, D), k.transpose(0, 2, 1, 3),
                                v.transpose(0, 2, 1, 3), np.arange(n), mask, 0.25)
@@ -115,6 +134,64 @@ def test_compiled_gather_matches_the_numpy_gather(rng, spec, D, blocks, monkeypa
                                       l1.reshape(B, Hkv * G, n), o_ref, lse_ref)
     assert empty_ok and (spec != "csr" or np.isneginf(lse_ref).any())
     assert o_err <= tolerance("float32")[0] and lse_err <= tolerance("float32")[1], (o_err, lse_err)
+
+
+@needs_compiled
+@pytest.mark.parametrize("variant", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("D", [16, 24, 64, 272])
+def test_compiled_gather_runs_the_variant_asked(rng, variant, D, monkeypatch):
+    """HPCATTN_GATHER picks the variant; AVX-512 takes D % 16 == 0 up to 256, other D run the
+    portable loops (AVX2 where the CPU has it); a row without edges gives o = 0, lse = -inf."""
+    if variant not in compiled_variants():
+        pytest.skip(f"this CPU does not run the {variant} variant")
+    monkeypatch.setenv("HPCATTN_GATHER", variant)
+    n, nk = 5, 70
+    indptr = np.array([0, 3, 3, 40, 41, 70])  # rows of 3, 0, 37, 1 and 29 edges
+    cols = np.concatenate([[0, 5, 69], np.arange(2, 39), [7], np.arange(0, 70, 1)[:29]])
+    q = rng.standard_normal((1, 1, 1, n, D)).astype("float32")
+    k, v = (rng.standard_normal((1, 1, nk, D)).astype("float32") for _ in range(2))
+    o, lse, used = cgather.run(q, k, v, indptr, cols, 0.5)
+    portable = "avx2" if "avx2" in compiled_variants() and variant != "generic" else "generic"
+    assert used == (variant if variant != "avx512" or (D % 16 == 0 and D <= 256) else portable)
+    for r in range(n):
+        c = cols[indptr[r]:indptr[r + 1]]
+        if not len(c):
+            assert (o[0, 0, 0, r] == 0).all() and np.isneginf(lse[0, 0, 0, r])
+            continue
+        s = 0.5 * k[0, 0, c].astype(np.float64) @ q[0, 0, 0, r].astype(np.float64)
+        p = np.exp(s - s.max())
+        ref = p @ v[0, 0, c].astype(np.float64) / p.sum()
+        assert np.abs(o[0, 0, 0, r] - ref).max() <= 1e-5 * np.abs(ref).max()
+        assert abs(lse[0, 0, 0, r] - (s.max() + np.log(p.sum()))) <= 1e-5 * max(1, abs(lse[0, 0, 0, r]))
+
+
+@needs_compiled
+def test_compiled_gather_gives_the_same_bits_on_any_thread_count(rng, monkeypatch):
+    """Row chunks run the C on the thread pool (ctypes drops the GIL); each row is computed the
+    same way whatever the chunking, so one thread and several agree bit for bit."""
+    n, D = 6000, 64
+    mask = parse("causal+random:40+dilated:3:7", n_keys=n)
+    q = rng.standard_normal((1, 2, 2, n, D)).astype("float32")
+    k, v = (rng.standard_normal((1, 2, n, D)).astype("float32") for _ in range(2))
+    got = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("HPCATTN_THREADS", threads)
+        got.append(local.attend(q, np.arange(n), k, v, 0, mask, 0.125))
+    for o, lse, e in got[1:]:
+        assert e == got[0][2] and np.array_equal(o, got[0][0]) and np.array_equal(lse, got[0][1])
+
+
+def test_compiled_gather_library_is_current():
+    """A library beside the package built from another kernels/gather.c is refused, not called."""
+    assert not cgather._SKIPPED, cgather._SKIPPED
+
+
+def test_gather_variant_names_are_checked(monkeypatch):
+    monkeypatch.setenv("HPCATTN_GATHER", "numba")
+    with pytest.raises(HpcattnError, match="HPCATTN_GATHER='numba'"):
+        cgather.available(np.dtype("float32"))
+    monkeypatch.setenv("HPCATTN_GATHER", "numpy")
+    assert not cgather.available(np.dtype("float32"))
 
 
 @pytest.mark.parametrize("spec", ["window:40", "causal+window:40", "window:300"])

@@ -1,0 +1,109 @@
+"""The compiled gather kernel (kernels/gather.c), loaded with ctypes.
+
+setup.py builds the C file into the package as hpcattn/_gather*.so (a plain shared library
+shaped like an extension module, so every install builds it; it is never imported as a
+module). ctypes releases the GIL during the call, so local.attend's row-chunk threads run it on
+every core. Runs from a source tree where it was not built fall back to NumPy's gathers.
+
+`HPCATTN_GATHER` picks the variant: unset or `auto` the best this CPU runs (AVX-512 for D a
+multiple of 16 up to 256, else the portable loops compiled for AVX2 + FMA, else for baseline
+x86-64), `avx512`, `avx2` or `generic` to force one (lowered to what the CPU runs; tests use it
+to check every variant), `numpy` to turn the compiled kernel off.
+"""
+import ctypes
+import importlib.machinery
+import os
+import warnings
+
+import numpy as np
+
+from .errors import HpcattnError
+
+ABI = 2  # hpcattn_gather_abi() of the kernels/gather.c this module calls
+VARIANTS = {"generic": 1, "avx2": 2, "avx512": 3}
+NAMES = {v: k for k, v in VARIANTS.items()}
+
+
+_SKIPPED = []  # why a library found beside this file was not used
+
+
+def _load():
+    """The library beside this file (hpcattn/_gather + an extension suffix), None if unbuilt."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [os.path.join(here, "_gather" + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+        if lib.hpcattn_gather_abi() != ABI:
+            raise OSError(f"built from another kernels/gather.c (ABI {lib.hpcattn_gather_abi()})")
+    except (OSError, AttributeError) as e:
+        _SKIPPED.append(f"{os.path.basename(path)} ignored: {e}; reinstall to rebuild it")
+        warnings.warn(f"hpcattn: {_SKIPPED[0]} (NumPy gathers meanwhile)", RuntimeWarning, stacklevel=2)
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.hpcattn_gather.argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_float, ctypes.c_int, ptr, ptr]
+    lib.hpcattn_gather.restype = ctypes.c_int
+    lib.hpcattn_gather_best.restype = ctypes.c_int
+    return lib
+
+
+LIB = _load()
+
+
+def _choice():
+    choice = os.environ.get("HPCATTN_GATHER", "auto").strip().lower() or "auto"
+    if choice not in ("auto", "numpy", *VARIANTS):
+        raise HpcattnError(f"HPCATTN_GATHER={choice!r}: expected auto, numpy, "
+                           + ", ".join(VARIANTS))
+    return choice
+
+
+def available(dtype):
+    """Whether the compiled kernel takes inputs of this dtype here (float32, library built,
+    not turned off by HPCATTN_GATHER=numpy)."""
+    return LIB is not None and dtype == np.float32 and _choice() != "numpy"
+
+
+def best():
+    """Name of the best variant this CPU runs ('avx512', 'avx2', 'generic'), None if unbuilt."""
+    return NAMES[LIB.hpcattn_gather_best()] if LIB is not None else None
+
+
+def describe():
+    """One line for `hpcattn info`: which gather kernel a float32 run uses."""
+    if LIB is None:
+        return f"NumPy gathers ({_SKIPPED[0] if _SKIPPED else 'hpcattn/_gather not built'})"
+    choice = _choice()
+    if choice == "numpy":
+        return "NumPy gathers (HPCATTN_GATHER=numpy)"
+    return f"compiled {best()}" if choice == "auto" else f"compiled, HPCATTN_GATHER={choice}"
+
+
+def gather_rows(q, k, v, indptr, cols, scale):
+    """(o, lse) of the rows of q (B, Hkv, G, n, D) over their CSR edges (local key indices).
+
+    k, v (B, Hkv, nk, D) float32; indptr (n + 1,), cols (nnz,) in [0, nk): local._gather's
+    columns, already validated (masks.check_csr, Mask.columns); nothing is checked again here.
+    o (B, Hkv, G, n, D) float32, lse (B, Hkv, G, n) float32 (-inf and o = 0 for rows without
+    edges). The variant comes from HPCATTN_GATHER (module docstring)."""
+    return run(q, k, v, indptr, cols, scale)[:2]
+
+
+def run(q, k, v, indptr, cols, scale):
+    """gather_rows, plus the name of the variant that ran."""
+    B, Hkv, G, n, D = q.shape
+    nk = k.shape[2]
+    c = np.ascontiguousarray
+    q, k, v = c(q, dtype=np.float32), c(k, dtype=np.float32), c(v, dtype=np.float32)
+    indptr = c(indptr, dtype=np.int64)
+    cols = c(cols, dtype=np.int64)
+    o = np.empty((B, Hkv, G, n, D), dtype=np.float32)
+    lse = np.empty((B, Hkv, G, n), dtype=np.float32)
+    used = LIB.hpcattn_gather(q.ctypes.data, k.ctypes.data, v.ctypes.data, indptr.ctypes.data,
+                              cols.ctypes.data, B * Hkv, G, n, nk, D, float(scale),
+                              VARIANTS.get(_choice(), 0), o.ctypes.data, lse.ctypes.data)
+    if used < 0:
+        raise MemoryError("the compiled gather could not allocate its scratch row")
+    return o, lse, NAMES[used]
