@@ -10,22 +10,9 @@ import math
 import cupy as cp
 import numpy as np
 
+from gpu_bench import timed  # jobs/ is on the path when this runs as a script
 from hpcattn import cuda
 from hpcattn.masks import parse
-
-
-def timed(f, reps=5):
-    f()
-    cp.cuda.Device().synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        f()
-        b.record()
-        b.synchronize()
-        out.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
-    return float(np.median(out))
 
 
 def inputs(N, H, D, dtype, seed=0):

@@ -112,6 +112,24 @@ __device__ __forceinline__ unsigned long long row_bits(const MaskDev& m, long lo
     return bits & bit_range(0, nkt);
 }
 
+// The lowest and highest position of rows [r0, r1) (row r sits at q0 + r without qpos),
+// reduced over the 32 lanes of one warp.
+__device__ __forceinline__ void row_positions(const long long* __restrict__ qpos, long long q0, int r0, int r1,
+                                              int lane, long long& lo, long long& hi) {
+    lo = q0 + r0;
+    hi = q0 + r1 - 1;
+    if (qpos) {
+        lo = 0x7fffffffffffffffLL;
+        hi = -0x7fffffffffffffffLL - 1;
+        for (int r = r0 + lane; r < r1; r += 32) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
+#pragma unroll
+        for (int s = 16; s > 0; s >>= 1) {
+            lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
+            hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
+        }
+    }
+}
+
 // Tile cursor over the spans [lo[sp], hi[sp]): the next MK-key tile after c0.
 __device__ __forceinline__ void next_tile(int& sp, long long& c0, int nsp, const long long* lo, const long long* hi) {
     c0 += MK;
@@ -190,17 +208,8 @@ attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restri
     cp_commit();
     if (warp == 0) {  // positions and mask in one round trip, then the block's key spans
         load_mask_warp(mask_words, mk, lane);
-        long long lo = q0 + t0, hi = q0 + t1 - 1;
-        if (qpos) {
-            lo = 0x7fffffffffffffffLL;
-            hi = -0x7fffffffffffffffLL - 1;
-            for (int r = t0 + lane; r < t1; r += 32) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
-#pragma unroll
-            for (int s = 16; s > 0; s >>= 1) {
-                lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
-                hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
-            }
-        }
+        long long lo, hi;
+        row_positions(qpos, q0, t0, t1, lane, lo, hi);
         if (lane == 0) {
             qlo_s = lo;
             qhi_s = hi;

@@ -281,17 +281,8 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 long long blo = 0x7fffffffffffffffLL, bhi = -0x7fffffffffffffffLL - 1;
                 for (int w = 0; w < NWG; ++w) {
                     const int r0 = t0 + 64 * w, r1 = min(t1, r0 + 64);
-                    long long lo = q0 + r0, hi = q0 + r1 - 1;
-                    if (qpos) {
-                        lo = 0x7fffffffffffffffLL;
-                        hi = -0x7fffffffffffffffLL - 1;
-                        for (int r = r0 + lane; r < r1; r += 32) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
-#pragma unroll
-                        for (int s = 16; s > 0; s >>= 1) {
-                            lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
-                            hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
-                        }
-                    }
+                    long long lo, hi;
+                    row_positions(qpos, q0, r0, r1, lane, lo, hi);
                     if (lane == 0) {
                         item.qlo[w] = lo;
                         item.qhi[w] = hi;
