@@ -191,10 +191,24 @@ __device__ __forceinline__ void mb_init(unsigned long long* b, int n) {
 __device__ __forceinline__ void mb_arrive(unsigned long long* b) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"((unsigned)__cvta_generic_to_shared(b)) : "memory");
 }
-// waits for the completion of the phase with this parity (phase k: parity k & 1)
+// waits for the completion of the phase with this parity (phase k: parity k & 1). A pipeline
+// that stops moving (a bug) ends the kernel with an error after 10 minutes instead of hanging
+// the job; no legitimate wait comes near that (the longest is one work item's compute).
 __device__ __forceinline__ void mb_wait(unsigned long long* b, int parity) {
-    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n"
-                 :: "r"((unsigned)__cvta_generic_to_shared(b)), "r"(parity) : "memory");
+    const unsigned a = (unsigned)__cvta_generic_to_shared(b);
+    unsigned long long t0 = 0;
+    for (unsigned n = 1;; ++n) {
+        unsigned done;
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(a), "r"(parity) : "memory");
+        if (done) return;
+        if ((n & 0xffff) == 0) {  // every 65,536 polls, a look at the clock (ns)
+            unsigned long long now;
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+            if (t0 == 0) t0 = now;
+            else if (now - t0 > 600000000000ull) __trap();
+        }
+    }
 }
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
