@@ -174,8 +174,9 @@ def wgmma_available():
         if ok:
             try:
                 kernel(wg_name("__half", WG_DIMS[0], "float"))
-            except cp.cuda.compiler.CompileException as e:
-                COMPILED_BY["attend_wgmma.cu"] = f"unavailable (NVRTC failed: {str(e).splitlines()[0][:200]})"
+            except (cp.cuda.compiler.CompileException, RuntimeError, OSError) as e:  # NVRTC errors, no libnvrtc
+                why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                COMPILED_BY["attend_wgmma.cu"] = f"unavailable (NVRTC failed: {why}); attend_mma.cu serves"
                 ok = False
         _cache[key] = ok
     return _cache[key]
