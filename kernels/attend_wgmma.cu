@@ -1,24 +1,20 @@
 // Local sparse attention forward on Hopper's warpgroup MMA (wgmma, sm_90a) for float16/bfloat16
 // with head dim D in {64, 128}: same contract, mask handling and helpers as attend_fwd_mma in
-// attend_mma.cu. A block of NWG warpgroups (4 warps each) takes 64 * NWG query rows of one head;
-// the warpgroups share every K/V tile (fewer L2 reads per row) and each skips the tiles its own
-// rows' key spans miss (no wasted MMAs at a window's two ends). S = Q K^T is wgmma m64n64k16
-// with Q in registers and the K tile in shared memory; O += P V is wgmma m64nDk16 with P
-// re-packed from S's accumulators in registers and the V tile read N-major from shared memory.
-// K, V (and q) tiles sit in shared memory as 8-row x 16-byte core matrices (no swizzle, no bank
-// conflicts), filled by cp.async ST - 1 tiles ahead.
+// attend_mma.cu; the structure (persistent, a loader warpgroup and consumer warpgroups) is
+// described above the kernel. S = Q K^T is wgmma m64n64k16 with Q in registers or shared memory
+// and the K tile in shared memory; O += P V is wgmma m64nDk16 with P re-packed from S's
+// accumulators in registers and the V tile read N-major from shared memory. q, K and V sit in
+// shared memory in 128-byte swizzle atoms (without the swizzle the MMAs' reads were bank-bound).
 #include "attend_mma.cu"
 
-// Shared-memory matrix descriptor, no swizzle: start address, and the byte distances between
-// core matrices adjacent in the leading (K) and in the stride (M/N) dimension.
-__device__ __forceinline__ unsigned long long wg_desc(const void* p, unsigned lbo, unsigned sbo) {
-    const unsigned long long a = (unsigned)__cvta_generic_to_shared(p);
-    return ((a & 0x3FFFFull) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
-}
-// The same with the 128-byte swizzle: 8 rows of 128 bytes whose 16-byte chunks are permuted
-// by XOR with the row index mod 8 (CUTLASS's Swizzle<3,4,3>; atoms 1024-byte aligned).
+// Shared-memory matrix descriptor in the 128-byte swizzle (8 rows of 128 bytes whose 16-byte
+// chunks are permuted by XOR with the row index mod 8: CUTLASS's Swizzle<3,4,3>; atoms
+// 1024-byte aligned): start address, and the byte distances between atoms adjacent in the
+// leading (K) and in the stride (M/N) dimension.
 __device__ __forceinline__ unsigned long long wg_desc_sw(const void* p, unsigned lbo, unsigned sbo) {
-    return wg_desc(p, lbo, sbo) | (1ull << 62);
+    const unsigned long long a = (unsigned)__cvta_generic_to_shared(p);
+    return ((a & 0x3FFFFull) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32)
+           | (1ull << 62);
 }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -82,20 +78,6 @@ template <typename T> struct WgmmaSS;
     };
 WGSS_DEFINE(__half, "f16.f16")
 WGSS_DEFINE(__nv_bfloat16, "bf16.bf16")
-
-// rows [0, rows) of a (rows, D) block at src into shared memory as core matrices, zeros up to
-// `pad` rows: row r, 16-byte chunk c at ((r / 8) * (D / 8) + c) * 128 + (r % 8) * 16. Eight
-// consecutive threads fill one core matrix (128 contiguous bytes: no bank conflicts).
-template <typename T, int D>
-__device__ __forceinline__ void load_tile_cm(const T* __restrict__ src, int rows, int pad, T* dst, int tid, int nthreads) {
-    constexpr int CH = D / 8;
-    for (int e = tid; e < pad * CH; e += nthreads) {
-        const int r8 = e & 7, c = (e >> 3) % CH, rg = (e >> 3) / CH, r = rg * 8 + r8;
-        cp16(reinterpret_cast<char*>(dst) + ((rg * CH + c) * 128 + r8 * 16), src + (size_t)(r < rows ? r : 0) * D + c * 8,
-             r < rows);
-    }
-}
-
 
 // Masks s (the tile's scores of this thread's rows r0, r0 + 8) outside the mask and counts the
 // edges; full: the tile lies wholly inside the mask.
