@@ -16,6 +16,9 @@ __device__ __forceinline__ unsigned long long wg_desc_sw(const void* p, unsigned
     return ((a & 0x3FFFFull) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32)
            | (1ull << 62);
 }
+// The descriptor d with its start address moved by `bytes` (a multiple of 16; the address stays
+// in shared memory, so the 14-bit field does not carry): per-tile descriptors from one base.
+__device__ __forceinline__ unsigned long long wg_desc_at(unsigned long long d, unsigned bytes) { return d + (bytes >> 4); }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
@@ -111,8 +114,11 @@ __device__ __forceinline__ float ex2(float x) {
 }
 
 // Online softmax of one tile in log2 units (the 4 lanes of a quad share rows g and g + 8):
-// updates the row maxima m and sums l, turns s into exp2 weights in place, and returns in a0,
-// a1 the factors by which O must be rescaled before this tile's P V is added.
+// updates the rows' reference maxima m and sums l, turns s into exp2 weights in place, and
+// returns in a0, a1 the factors by which O must be rescaled before this tile's P V is added.
+// A reference is raised only when the tile's row maximum passes it by more than 8 (FlashAttention-4's
+// lazy rescaling): weights stay below 2^8 (exact in float16/bfloat16 and float32 sums), and
+// once a row's maximum settles its factor is exactly 1, so most tiles skip O's rescale.
 __device__ __forceinline__ void wg_softmax(float (&s)[MK / 8][4], float sl2, float& m0, float& m1, float& l0,
                                            float& l1, float& a0, float& a1) {
     float x0 = -INFINITY, x1 = -INFINITY;
@@ -125,7 +131,8 @@ __device__ __forceinline__ void wg_softmax(float (&s)[MK / 8][4], float sl2, flo
     x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
     x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
     x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
-    const float n0 = fmaxf(m0, x0 * sl2), n1 = fmaxf(m1, x1 * sl2);  // sl2 > 0: checked by the host
+    const float y0 = x0 * sl2, y1 = x1 * sl2;  // sl2 > 0: checked by the host
+    const float n0 = y0 > m0 + 8.f ? y0 : m0, n1 = y1 > m1 + 8.f ? y1 : m1;
     const float u0 = n0 == -INFINITY ? 0.f : n0, u1 = n1 == -INFINITY ? 0.f : n1;
     a0 = ex2(m0 - u0);
     a1 = ex2(m1 - u1);
@@ -343,21 +350,32 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
         regs_inc<CREG>();
         const int cw = wg - 1;  // consumer index
         const float sl2 = scale * MLOG2E;
+        // descriptors of buffer 0's K and V tiles and of q buffer 0's rows of this consumer
+        const unsigned long long kdesc = wg_desc_sw(KV, 16, 1024), vdesc = wg_desc_sw(KV + TILE, MK * 128, 1024);
+        const unsigned long long qdesc = wg_desc_sw(reinterpret_cast<const char*>(Qbuf) + cw * 64 * 128, 16, 1024);
         int ntile = 0;  // tiles of earlier items
+        // this thread's rows' positions, loaded one item ahead (off the first tile's critical path)
+        auto positions = [&](int it, long long& p0, long long& p1) {
+            const int head = it / nblk, t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
+            const int r0 = t0 + 64 * cw + 16 * wq + g, r1 = r0 + 8;
+            p0 = r0 >= t1 ? 0 : qpos ? qpos[r0] : q0 + r0;
+            p1 = r1 >= t1 ? 0 : qpos ? qpos[r1] : q0 + r1;
+        };
+        long long npos0 = 0, npos1 = 0;
+        if (blockIdx.x < nitems) positions(blockIdx.x, npos0, npos1);
         for (int it = blockIdx.x, n = 0; it < nitems; it += gridDim.x, ++n) {
             const int slot = n & 1, head = it / nblk;
             const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
             const Item<NWG>& item = items[slot];
-            mb_wait(&qfull_b[slot], (n / 2) & 1);  // q rows landed, set-up written
             const int r0 = t0 + 64 * cw + 16 * wq + g, r1 = r0 + 8;
             const bool live0 = r0 < t1, live1 = r1 < t1;
-            const long long pos0 = !live0 ? 0 : qpos ? qpos[r0] : q0 + r0;
-            const long long pos1 = !live1 ? 0 : qpos ? qpos[r1] : q0 + r1;
+            const long long pos0 = npos0, pos1 = npos1;
+            if (it + gridDim.x < nitems) positions(it + gridDim.x, npos0, npos1);
+            mb_wait(&qfull_b[slot], (n / 2) & 1);  // q rows landed, set-up written
             const long long qlo = item.qlo[cw], qhi = item.qhi[cw];
             const int nsp = item.nsp, ntiles = item.ntiles;
             const int first = __shfl_sync(0xffffffffu, item.first[cw], 0), last = __shfl_sync(0xffffffffu, item.last[cw], 0);
             const T* Qs = Qbuf + slot * BM * D;
-            const char* Qw = reinterpret_cast<const char*>(Qs) + cw * 64 * 128;  // this consumer's q rows
             float oacc[D / 8][4];
 #pragma unroll
             for (int j = 0; j < D / 8; ++j) oacc[j][0] = oacc[j][1] = oacc[j][2] = oacc[j][3] = 0.f;
@@ -378,35 +396,37 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             long long c0 = nsp ? item.lo[0] : 0;
             // S = Q K^T of the tile in buffer b, committed, not waited for
             auto issue_s = [&](int b) {
-                const char* Kb = reinterpret_cast<const char*>(KV + 2 * b * TILE);
+                const unsigned kb = b * 2 * TILE * (unsigned)sizeof(T), qb = slot * BM * D * (unsigned)sizeof(T);
                 fence_regs(s);
                 wg_fence();
 #pragma unroll
                 for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
+                    const unsigned long long kd = wg_desc_at(kdesc, kb + (kk >> 2) * MK * 128 + (kk & 3) * 32);
                     if (QREG)
-                        Wgmma<T, MK, 0>::run(s, qa[QREG ? kk : 0], wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+                        Wgmma<T, MK, 0>::run(s, qa[QREG ? kk : 0], kd, kk > 0);
                     else
-                        WgmmaSS<T>::run(s, wg_desc_sw(Qw + (kk >> 2) * BM * 128 + (kk & 3) * 32, 16, 1024),
-                                        wg_desc_sw(Kb + (kk >> 2) * MK * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+                        WgmmaSS<T>::run(s, wg_desc_at(qdesc, qb + (kk >> 2) * BM * 128 + (kk & 3) * 32), kd, kk > 0);
                 }
                 wg_commit();
             };
             // O = a O + P V of the tile in buffer b, committed, not waited for
             auto issue_pv = [&](int b) {
-                const char* Vb = reinterpret_cast<const char*>(KV + (2 * b + 1) * TILE);
+                const unsigned vb = b * 2 * TILE * (unsigned)sizeof(T);
                 fence_regs(oacc);
+                if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {  // rare after a row's first tiles
 #pragma unroll
-                for (int j = 0; j < D / 8; ++j) {
-                    oacc[j][0] *= a0;
-                    oacc[j][1] *= a0;
-                    oacc[j][2] *= a1;
-                    oacc[j][3] *= a1;
+                    for (int j = 0; j < D / 8; ++j) {
+                        oacc[j][0] *= a0;
+                        oacc[j][1] *= a0;
+                        oacc[j][2] *= a1;
+                        oacc[j][3] *= a1;
+                    }
                 }
                 fence_regs(oacc);
                 wg_fence();
 #pragma unroll
                 for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is 16 keys; V is N-major, atoms of 64 d's
-                    Wgmma<T, D, 1>::run(oacc, pa[kk], wg_desc_sw(Vb + kk * 16 * 128, MK * 128, 1024), 1);
+                    Wgmma<T, D, 1>::run(oacc, pa[kk], wg_desc_at(vdesc, vb + kk * 16 * 128), 1);
                 wg_commit();
             };
             // the current tile's scores (complete in s): mask, softmax, weights into s
