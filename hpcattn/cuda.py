@@ -4,7 +4,10 @@ Every source is compiled by `cupy.RawModule` with `name_expressions` per dtype a
 bucket on first use and cached per device; `kernel(name)` is the one lookup helper. Layouts
 are those of hpcattn/local.py. Inputs are checked here, on the host, before any launch.
 """
+import hashlib
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +122,48 @@ def kernel(name):
 class Sm90aModule:
     """Kernels that need Hopper's arch-specific instructions (wgmma: sm_90a), compiled by NVRTC
     straight to a cubin (cupy.RawModule always adds its own plain -arch option); the part of
-    RawModule's interface that `kernel` and `_launch` use."""
+    RawModule's interface that `kernel` and `_launch` use. The cubin is cached on disk beside
+    CuPy's own kernel cache (CUPY_CACHE_DIR), keyed by the code, every kernels/ source it may
+    include, the names, the options and the NVRTC version, so that each MPI rank of a job loads
+    it instead of compiling it again inside its timed attention call."""
 
     def __init__(self, code, names, options):
+        from cupy.cuda import function
+        self._mod = function.Module()
+        cubin, self._lowered = self._cached(code, names, options)
+        self._mod.load(cubin)
+
+    @staticmethod
+    def _cached(code, names, options):
+        """(cubin bytes, lowered names) from the disk cache, else compiled and stored there."""
+        from cupy.cuda import nvrtc
+        sources = sorted((p.name, p.read_text()) for p in KERNEL_DIR.glob("*.cu*"))
+        key = hashlib.sha256(json.dumps([code, sources, list(names), list(options), nvrtc.getVersion()])
+                             .encode()).hexdigest()[:32]
+        cache = os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")  # as CuPy's
+        base = Path(cache) / f"hpcattn_sm90a_{key}"
+        try:
+            lowered = json.loads(base.with_suffix(".json").read_text())
+            if sorted(lowered) == sorted(names):
+                return base.with_suffix(".cubin").read_bytes(), lowered
+        except (OSError, ValueError):
+            pass
+        cubin, lowered = Sm90aModule._compile(code, names, options)
+        try:  # atomic: a concurrent rank reads either nothing or whole files
+            base.parent.mkdir(parents=True, exist_ok=True)
+            for suffix, data in ((".cubin", cubin), (".json", json.dumps(lowered).encode())):
+                fd, tmp = tempfile.mkstemp(dir=base.parent, prefix=base.name)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, base.with_suffix(suffix))
+        except OSError:  # a read-only cache only costs the next process a compilation
+            pass
+        return cubin, lowered
+
+    @staticmethod
+    def _compile(code, names, options):
         cp = _cp()
-        from cupy.cuda import function, nvrtc
+        from cupy.cuda import nvrtc
         prog = nvrtc.createProgram(code, "kernels.cu", [], [])
         try:
             for n in names:
@@ -133,9 +173,7 @@ class Sm90aModule:
             except nvrtc.NVRTCError as e:
                 raise cp.cuda.compiler.CompileException(nvrtc.getProgramLog(prog), code, "kernels.cu",
                                                         options, "nvrtc") from e
-            self._mod = function.Module()
-            self._mod.load(nvrtc.getCUBIN(prog))
-            self._lowered = {n: nvrtc.getLoweredName(prog, n) for n in names}
+            return nvrtc.getCUBIN(prog), {n: nvrtc.getLoweredName(prog, n) for n in names}
         finally:
             nvrtc.destroyProgram(prog)
 
@@ -330,16 +368,60 @@ def attend(q, qpos, k, v, k0, mask, scale, bf16=False, kernel_kind="auto"):
     return o, lse, edges
 
 
+SPLIT_KEYS = 4096  # the fewest keys per chunk when few query rows split the keys (flash-decoding)
+
+
+def _key_chunks(cp, nq, heads, nk):
+    """Chunks to split the keys into so that few query rows (decode) still fill the GPU: about
+    two blocks of 64 rows x head per SM, chunks of at least SPLIT_KEYS keys; 1 for prefill."""
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    return max(1, min(2 * sms // (-(-nq // 64) * heads), nk // SPLIT_KEYS))
+
+
 def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    q, k, v = cp.ascontiguousarray(q), cp.ascontiguousarray(k), cp.ascontiguousarray(v)
+    edges = cp.zeros(1, dtype=cp.uint64)
+    chunks = _key_chunks(cp, nq, G, nk)
+    if chunks == 1:
+        o, lse = _launch_implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind, edges)
+        return o, lse, int(edges.get()[0])
+    # flash-decoding: every (batch, kv head, key chunk) on its own stream at once, one partial
+    # (o, lse) per chunk, folded by the one merge; the slices are contiguous views, not copies
+    bounds = np.linspace(0, nk, chunks + 1).astype(np.int64)
+    o = cp.empty((chunks, B, Hkv, G, nq, D), dtype=cp.float32)
+    lse = cp.empty((chunks, B, Hkv, G, nq), dtype=cp.float32)
+    pool = _cache.setdefault(("streams", cp.cuda.Device().id), [])  # made once, reused by every call
+    pool += [cp.cuda.Stream(non_blocking=True) for _ in range(min(chunks * B * Hkv, 32) - len(pool))]
+    streams = pool[:min(chunks * B * Hkv, 32)]
+    other = cp.zeros(1, dtype=cp.uint64)  # edges are counted per head: those of (0, 0) only
+    done = cp.cuda.get_current_stream().record()
+    for n, (c, b, h) in enumerate(np.ndindex(chunks, B, Hkv)):
+        a, z, sl = int(bounds[c]), int(bounds[c + 1]), (slice(b, b + 1), slice(h, h + 1))
+        with streams[n % len(streams)] as st:
+            st.wait_event(done)
+            o[c][sl], lse[c][sl] = _launch_implicit(cp, q[sl], qpos, k[sl + (slice(a, z),)], v[sl + (slice(a, z),)],
+                                                    k0 + a, mask, scale, ctype, dmax, kernel_kind,
+                                                    edges if b == h == 0 else other)
+    for st in streams:
+        cp.cuda.get_current_stream().wait_event(st.record())
+    out, out_lse = o[0], lse[0]
+    for c in range(1, chunks):
+        out, out_lse = merge(out, out_lse, o[c], lse[c])
+    return out, out_lse, int(edges.get()[0])
+
+
+def _launch_implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind, edges):
+    """One launch of the implicit-term kernel; (o, lse) float32, edges added into `edges`."""
+    q, k, v = cp.ascontiguousarray(q), cp.ascontiguousarray(k), cp.ascontiguousarray(v)  # views: no copy
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)  # the kernels write every row
     lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
-    edges = cp.zeros(1, dtype=cp.uint64)
     tensor = _tensor_kernel(ctype, D, scale, kernel_kind)
-    common = (cp.ascontiguousarray(q), _device_copy("qpos", qpos, _positions), cp.ascontiguousarray(k),
-              cp.ascontiguousarray(v), o, lse, edges, _device_copy("mask", mask, mask_words), np.int32(nq),
-              np.int32(nk))
+    common = (q, _device_copy("qpos", qpos, _positions), k, v, o, lse, edges, _device_copy("mask", mask, mask_words),
+              np.int32(nq), np.int32(nk))
     if tensor:
         launch = _launch_wgmma if tensor == "wgmma" else _launch_mma
         launch(ctype, D, "float", nq, B * Hkv * G, common + (np.int32(G), np.int64(k0), np.float32(scale), np.int64(0)))
@@ -347,7 +429,7 @@ def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
         smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
         _launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
                 common + (np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
-    return o, lse, int(edges.get()[0])
+    return o, lse
 
 
 def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None, kernel_kind="auto"):

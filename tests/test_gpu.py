@@ -84,6 +84,32 @@ def test_local_kernel_matches_reference_and_counts_edges(rng, spec, B, Hkv, G, n
     assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
 
 
+@pytest.mark.parametrize("spec", ["causal", "window:300", "global:3+causal+window:40", "block:128"])
+@pytest.mark.parametrize("B,Hkv,G,nq,D,dtype,kind", [(1, 1, 8, 16, 64, "float16", "wgmma"),
+                                                      (2, 2, 3, 5, 128, "bfloat16", "wgmma"),
+                                                      (2, 2, 2, 16, 64, "float16", "mma"),
+                                                      (1, 1, 4, 3, 40, "float32", "simt")])
+def test_few_query_rows_split_the_keys_and_merge(rng, monkeypatch, spec, B, Hkv, G, nq, D, dtype, kind):
+    """Decode (flash-decoding): with few query rows the keys split into chunks, each a launch
+    on its own stream, partials folded by the one merge; exact, every chunk's edges counted,
+    rows without edges (0, -inf)."""
+    need(kind)
+    monkeypatch.setattr(cuda, "SPLIT_KEYS", 50)
+    mask, nk, k0 = parse(spec), 1000, 10
+    assert cuda._key_chunks(cp, nq, G, nk) > 1
+    (qh, kh, vh), (qd, kd, vd) = inputs(rng, (B, Hkv, G, nq, D), (B, Hkv, nk, D), dtype)
+    qpos = np.concatenate([[3], np.sort(rng.choice(np.arange(k0, k0 + nk + 5), nq - 1, replace=False))]).astype(np.int64)
+    scale = 1 / math.sqrt(D)
+    o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
+    o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
+    o, lse = o.get(), lse.get()
+    empty = np.isneginf(lse_ref)
+    assert np.array_equal(np.isneginf(lse), empty) and (o[empty] == 0).all() and not np.isnan(o).any()
+    assert rel_err(o, o_ref) <= TOL.get(kind, TOL.get((kind, dtype))), rel_err(o, o_ref)
+    assert np.max(np.abs(lse[~empty] - lse_ref[~empty]) / np.maximum(1, np.abs(lse_ref[~empty])), initial=0) <= 1e-4
+    assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
+
+
 LISTED = hasattr(masks, "random_keys") and hasattr(masks, "check_csr")
 NO_LISTED = "hpcattn.masks has no random/csr terms yet (they come with issue 3)"
 
@@ -169,6 +195,27 @@ def test_persistent_wgmma_blocks_walk_many_work_items(rng, monkeypatch, ctas, D,
     assert rel_err(o, o_ref) <= TOL[("wgmma", dtype)]
     assert np.max(np.abs(lse[~empty] - lse_ref[~empty]) / np.maximum(1, np.abs(lse_ref[~empty])), initial=0) <= 1e-4
     assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
+
+
+def test_sm90a_cubin_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
+    """A second process (here: a second module) loads the cubin the first compiled, and a
+    kernels/ source change (another key) compiles anew."""
+    need("wgmma")
+    from cupy.cuda import nvrtc
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    code, names = (cuda.KERNEL_DIR / "attend_wgmma.cu").read_text(), [cuda.wg_name("__half", 64, "float")]
+    options = cuda.OPTIONS + cuda._cuda_include()
+    first = cuda.Sm90aModule(code, names, options)
+    cached = sorted(p.suffix for p in tmp_path.iterdir())
+    assert cached == [".cubin", ".json"]
+
+    def no_compile(*a):
+        raise AssertionError("compiled although cached")
+    monkeypatch.setattr(nvrtc, "compileProgram", no_compile)
+    again = cuda.Sm90aModule(code, names, options)
+    assert again._lowered == first._lowered
+    with pytest.raises(AssertionError, match="compiled although cached"):
+        cuda.Sm90aModule(code + "\n// another version\n", names, options)
 
 
 def test_wgmma_kind_is_refused_clearly_where_it_cannot_run(rng):
