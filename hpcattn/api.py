@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from .backend import array_module
+from .backend import aligned_copy, array_module
 from .comm import counted
 from .errors import HpcattnError, agree_on
 from .masks import Mask, parse
@@ -34,10 +34,11 @@ def check_shapes(q_shape, k_shape, v_shape, dtypes):
 
 
 def to_heads(x, hkv):
-    """(B, n, H, D) -> contiguous (B, Hkv, H//Hkv, n, D)."""
-    xp = array_module(x)
+    """(B, n, H, D) -> contiguous (B, Hkv, H//Hkv, n, D): x itself where that is already the
+    layout (one head, batch 1), else a cache-line aligned copy (backend.aligned_empty)."""
     B, n, H, D = x.shape
-    return xp.ascontiguousarray(x.reshape(B, n, hkv, H // hkv, D).transpose(0, 2, 3, 1, 4))
+    y = x.reshape(B, n, hkv, H // hkv, D).transpose(0, 2, 3, 1, 4)
+    return y if y.flags.c_contiguous else aligned_copy(y)
 
 
 def from_heads(x, dtype):

@@ -27,7 +27,7 @@ from numpy.lib.stride_tricks import as_strided
 from threadpoolctl import ThreadpoolController
 
 from . import cgather, jit
-from .backend import array_module
+from .backend import aligned_copy, array_module
 from .masks import LISTED, Full, Mask, Window
 from .merge import empty_state, merge
 
@@ -71,6 +71,10 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
         o[...] = 0
         return o, lse, edges
     plan = Plan(mask)
+    if plan.gather is not None and cgather.available(q.dtype):
+        # the compiled gather reads random K/V rows: on cache-line boundaries each row is the
+        # fewest lines (20% faster measured); a misaligned block is copied once per call here
+        k, v = aligned_copy(k), aligned_copy(v)
     qpos = np.asarray(qpos, dtype=np.int64)
     workers = threads() if xp is np else 1
     step = max(1, min(ROW_ELEMS // (B * Hkv * G * D), max(MIN_ROWS, -(-nq // workers))))

@@ -16,7 +16,9 @@
  *   that K and V stay in L2 measured no faster at 1% density: a row's edges in one key block
  *   are too few), scores 16 edges at a time (16 dot products in 16 registers reduced together
  *   by a transpose-add tree), the exact row max, one vectorised exp per 16 edges, V rows
- *   accumulated with FMAs; K and V rows prefetched ahead of use.
+ *   accumulated with FMAs; K and V rows prefetched 32 rows ahead of use in the order they are
+ *   read, across phase and row ends (a cursor over the edge list). Fastest with K and V on
+ *   64-byte boundaries (4 cache lines per 256-byte row, not 5): local.attend sees to it.
  * - avx2 / generic: the same maths as plain C loops over one row at a time (scores, exact row
  *   max, exp, weighted V rows), compiled for AVX2 + FMA and for baseline x86-64 (or any other
  *   architecture), so every D works everywhere.
@@ -149,15 +151,50 @@ V512 __m512 sum16(const __m512 *a)
     return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xdd));
 }
 
+/* The K and V rows the kernel reads, in the order it reads them: row r's K rows (its edges in
+ * order), then its V rows, then row r + 1's K rows, and so on. A cursor in that stream runs
+ * AHEAD rows ahead of the reads and prefetches each row it passes, so the prefetch distance
+ * stays the same across the end of a phase and of a query row (a prefetch that restarted at
+ * each row left the first K and V rows of every row to wait on L3: 11-16% slower, measured). */
+enum { AHEAD = 32 };
+
+typedef struct {
+    const int64_t *indptr, *cols;
+    const float *K, *V;
+    int64_t n, r, e;  /* query rows; the cursor's row and edge */
+    int v;            /* 0: in row r's K rows, 1: in its V rows */
+} Cursor;
+
+/* Prefetch the row at the cursor and step past it (nothing once past the last query row). */
+V512 void prefetch_next(Cursor *p, const int NV)
+{
+    if (p->r >= p->n)
+        return;
+    while (p->e >= p->indptr[p->r + 1]) {  /* end of a phase (or an empty row) */
+        if (!p->v) {
+            p->v = 1;
+        } else {
+            p->v = 0;
+            if (++p->r >= p->n)
+                return;
+        }
+        p->e = p->indptr[p->r];
+    }
+    const float *row = (p->v ? p->V : p->K) + (size_t)p->cols[p->e++] * (size_t)(NV * 16);
+    UNROLL
+    for (int u = 0; u < NV; u++)
+        _mm_prefetch((const char *)(row + 16 * u), _MM_HINT_T0);
+}
+
 /* One query row over its edges c[0 .. cnt) (cnt >= 1): o row (normalised) and lse. Three
  * phases, none with a dependency from one group of 16 edges to the next, so the loads of many
  * edges are in flight at once: scores 16 at a time (16 dot products in 16 registers, reduced
- * together) and their max; exp; the weighted V rows into two sets of accumulators. K rows are
- * prefetched a group ahead, V rows 16 edges ahead. buf: scratch of cnt rounded up to 16. */
+ * together) and their max; exp; the weighted V rows into two sets of accumulators. Each K or V
+ * row read steps the prefetch cursor pc once (NULL: no prefetching, for the 2nd.. query heads
+ * of a row, whose K and V rows the first left in cache). buf: scratch of cnt rounded up to 16. */
 V512 void row512(const float *qr, const float *K, const float *V, const int64_t *c, int64_t cnt,
-                 const int NV, __m512 scale, float *buf, float *out, float *lse)
+                 const int NV, __m512 scale, float *buf, float *out, float *lse, Cursor *pc)
 {
-    enum { AHEAD = 16 };
     const size_t D = (size_t)NV * 16;
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 qv[16], vmax = ninf;
@@ -166,9 +203,9 @@ V512 void row512(const float *qr, const float *K, const float *V, const int64_t 
         qv[u] = _mm512_loadu_ps(qr + 16 * u);
     for (int64_t j0 = 0; j0 < cnt; j0 += 16) {
         int t = cnt - j0 < 16 ? (int)(cnt - j0) : 16;
-        for (int64_t e = j0 + AHEAD; e < j0 + AHEAD + 16 && e < cnt; e++)
-            for (int u = 0; u < NV; u++)
-                _mm_prefetch((const char *)(K + (size_t)c[e] * D + 16 * u), _MM_HINT_T0);
+        if (pc)
+            for (int e = 0; e < t; e++)
+                prefetch_next(pc, NV);
         const float *kr[16];
         UNROLL
         for (int j = 0; j < 16; j++)  /* a short last group repeats its first edge */
@@ -204,11 +241,10 @@ V512 void row512(const float *qr, const float *K, const float *V, const int64_t 
         a0[u] = a1[u] = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 1 < cnt; j += 2) {  /* even edges into a0, odd ones into a1 */
-        if (j + AHEAD + 1 < cnt)
-            for (int u = 0; u < NV; u++) {
-                _mm_prefetch((const char *)(V + (size_t)c[j + AHEAD] * D + 16 * u), _MM_HINT_T0);
-                _mm_prefetch((const char *)(V + (size_t)c[j + AHEAD + 1] * D + 16 * u), _MM_HINT_T0);
-            }
+        if (pc) {
+            prefetch_next(pc, NV);
+            prefetch_next(pc, NV);
+        }
         const float *v0 = V + (size_t)c[j] * D, *v1 = V + (size_t)c[j + 1] * D;
         __m512 p0 = _mm512_set1_ps(buf[j]), p1 = _mm512_set1_ps(buf[j + 1]);
         UNROLL
@@ -220,6 +256,8 @@ V512 void row512(const float *qr, const float *K, const float *V, const int64_t 
     if (j < cnt) {
         const float *v0 = V + (size_t)c[j] * D;
         __m512 p0 = _mm512_set1_ps(buf[j]);
+        if (pc)
+            prefetch_next(pc, NV);
         UNROLL
         for (int u = 0; u < NV; u++)
             a0[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * u), a0[u]);
@@ -241,6 +279,9 @@ V512 void rows512(const float *q, const float *k, const float *v, const int64_t 
     const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t b = 0; b < bh; b++) {
         const float *K = k + (size_t)b * nk * D, *V = v + (size_t)b * nk * D;
+        Cursor pc = {indptr, cols, K, V, n, 0, indptr[0], 0};
+        for (int a = 0; a < AHEAD; a++)
+            prefetch_next(&pc, NV);
         for (int64_t r = 0; r < n; r++) {
             int64_t e0 = indptr[r], cnt = indptr[r + 1] - e0;
             for (int64_t gi = 0; gi < g; gi++) {
@@ -250,7 +291,8 @@ V512 void rows512(const float *q, const float *k, const float *v, const int64_t 
                         o[row * D + d] = 0.0f;
                     lse[row] = -INFINITY;
                 } else {
-                    row512(q + row * D, K, V, cols + e0, cnt, NV, vscale, buf, o + row * D, lse + row);
+                    row512(q + row * D, K, V, cols + e0, cnt, NV, vscale, buf, o + row * D, lse + row,
+                           gi == 0 ? &pc : NULL);
                 }
             }
         }

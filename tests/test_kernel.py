@@ -4,6 +4,7 @@ import pytest
 
 from hpcattn import cgather, local
 from hpcattn.api import to_heads
+from hpcattn.backend import aligned_copy, aligned_empty
 from hpcattn.errors import HpcattnError
 from hpcattn.masks import check_csr, parse
 from hpcattn.reference import errors, reference, tolerance
@@ -179,6 +180,46 @@ def test_compiled_gather_gives_the_same_bits_on_any_thread_count(rng, monkeypatc
         got.append(local.attend(q, np.arange(n), k, v, 0, mask, 0.125))
     for o, lse, e in got[1:]:
         assert e == got[0][2] and np.array_equal(o, got[0][0]) and np.array_equal(lse, got[0][1])
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5, 7), "float32"), ((0, 4), "float16"), ((1000, 64), "int64"),
+                                          (17, "float32")])
+def test_aligned_arrays_start_on_a_cache_line(shape, dtype):
+    """backend.aligned_empty: the shape and dtype asked, data on a 64-byte boundary (NumPy's own
+    large arrays start 16 bytes past one); aligned_copy keeps an aligned contiguous array and
+    copies anything else (a view at an odd offset, a transposed view) into an aligned one."""
+    a = aligned_empty(np, shape, dtype)
+    assert a.shape == np.empty(shape).shape and a.dtype == dtype and a.flags.c_contiguous
+    assert a.flags.writeable and (a.size == 0 or a.ctypes.data % 64 == 0)  # no data: no address
+    assert a.size == 0 or aligned_copy(a) is a
+    x = np.arange(4001, dtype=np.float32)[1:].reshape(40, 100)
+    for src in (x, x.T):
+        y = aligned_copy(src)
+        assert y is not src and y.ctypes.data % 64 == 0 and y.flags.c_contiguous
+        assert np.array_equal(y, src)
+    h = to_heads(np.ones((1, 9, 4, 8), np.float32), 2)  # a copy: aligned
+    assert h.shape == (1, 2, 2, 9, 8) and h.ctypes.data % 64 == 0
+    one = np.ones((1, 9, 1, 8), np.float32)
+    assert np.shares_memory(to_heads(one, 1), one)  # already head-major: never copied
+
+
+@pytest.mark.parametrize("spec", ["csr", "causal+random:9+window:3"])
+def test_gather_gives_the_same_bits_on_misaligned_inputs(rng, spec):
+    """local.attend copies a misaligned K/V block to a cache-line boundary for the compiled
+    gather (a speed matter only): K and V starting 4 bytes off one give the same bits."""
+    n, D = 700, 64
+    dense = rng.random((n, n)) < 0.05
+    csr = check_csr(np.concatenate([[0], np.cumsum(dense.sum(1))]), np.nonzero(dense)[1], n, 0, n)
+    mask = parse(spec, n_keys=n, csr=csr)
+    q = rng.standard_normal((1, 1, 2, n, D)).astype("float32")
+    k, v = (rng.standard_normal((1, 1, n, D)).astype("float32") for _ in range(2))
+    odd = [aligned_empty(np, k.size + 1, np.float32)[1:].reshape(k.shape) for _ in range(2)]
+    odd[0][...], odd[1][...] = k, v
+    assert odd[0].ctypes.data % 64 == 4
+    want = local.attend(q, np.arange(n), aligned_copy(k), aligned_copy(v), 0, mask, 0.125)
+    got = local.attend(q, np.arange(n), odd[0], odd[1], 0, mask, 0.125)
+    assert got[2] == want[2] > 0 and np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert np.array_equal(odd[0], k) and np.array_equal(odd[1], v)  # the inputs are left as they were
 
 
 def test_compiled_gather_library_is_current():

@@ -12,7 +12,7 @@ is deadlock-free.
 """
 import numpy as np
 
-from ..backend import array_module
+from ..backend import aligned_empty, array_module
 from ..profile import phase
 
 TAG_INTRA, TAG_INTER, TAG_RELAY = 100, 200, 1000
@@ -70,7 +70,7 @@ class Buffers:
     contiguous views of the shape a block needs."""
 
     def __init__(self, sizes_dtypes, copies, xp=np):
-        self._flat = [[xp.empty(n, dtype=dt) for n, dt in sizes_dtypes] for _ in range(copies)]
+        self._flat = [[aligned_empty(xp, n, dt) for n, dt in sizes_dtypes] for _ in range(copies)]
 
     def views(self, i, shapes):
         return [flat[:int(np.prod(s))].reshape(s) for flat, s in zip(self._flat[i], shapes)]
