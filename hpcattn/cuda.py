@@ -373,7 +373,8 @@ SPLIT_KEYS = 4096  # the fewest keys per chunk when few query rows split the key
 
 def _key_chunks(cp, nq, heads, nk):
     """Chunks to split the keys into so that few query rows (decode) still fill the GPU: about
-    two blocks of 64 rows x head per SM, chunks of at least SPLIT_KEYS keys; 1 for prefill."""
+    two blocks of 64 rows x head per SM over all `heads` (batch x query heads), chunks of at
+    least SPLIT_KEYS keys; 1 where the rows alone fill it (prefill)."""
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     return max(1, min(2 * sms // (-(-nq // 64) * heads), nk // SPLIT_KEYS))
 
@@ -383,7 +384,7 @@ def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
     nk = k.shape[2]
     q, k, v = cp.ascontiguousarray(q), cp.ascontiguousarray(k), cp.ascontiguousarray(v)
     edges = cp.zeros(1, dtype=cp.uint64)
-    chunks = _key_chunks(cp, nq, G, nk)
+    chunks = _key_chunks(cp, nq, B * Hkv * G, nk)
     if chunks == 1:
         o, lse = _launch_implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind, edges)
         return o, lse, int(edges.get()[0])
@@ -413,8 +414,8 @@ def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
 
 
 def _launch_implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind, edges):
-    """One launch of the implicit-term kernel; (o, lse) float32, edges added into `edges`."""
-    q, k, v = cp.ascontiguousarray(q), cp.ascontiguousarray(k), cp.ascontiguousarray(v)  # views: no copy
+    """One launch of the implicit-term kernel over C-contiguous q, k, v; (o, lse) float32,
+    edges added into `edges`."""
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)  # the kernels write every row

@@ -96,7 +96,7 @@ def test_few_query_rows_split_the_keys_and_merge(rng, monkeypatch, spec, B, Hkv,
     need(kind)
     monkeypatch.setattr(cuda, "SPLIT_KEYS", 50)
     mask, nk, k0 = parse(spec), 1000, 10
-    assert cuda._key_chunks(cp, nq, G, nk) > 1
+    assert cuda._key_chunks(cp, nq, B * Hkv * G, nk) > 1
     (qh, kh, vh), (qd, kd, vd) = inputs(rng, (B, Hkv, G, nq, D), (B, Hkv, nk, D), dtype)
     qpos = np.concatenate([[3], np.sort(rng.choice(np.arange(k0, k0 + nk + 5), nq - 1, replace=False))]).astype(np.int64)
     scale = 1 / math.sqrt(D)
