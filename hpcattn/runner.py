@@ -3,6 +3,8 @@ import math
 import resource
 import time
 
+import numpy as np
+
 
 from . import __version__, faults, gpu, h5io, outofcore
 from .api import attention, attention_backward
@@ -35,7 +37,8 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     q_range, kv_range = segments(meta["Nq"], P, r, layout), segments(meta["N"], P, r, layout)
     budget = max_memory or int(0.7 * outofcore.available_bytes() * comm.nodes() / P)
     need = outofcore.in_core_bytes(meta, sum(b - a for a, b in q_range), sum(b - a for a, b in kv_range))
-    if resume or max(comm.allgather_object(need)) > budget:
+    # fixed-width (a pickled count's size depends on its magnitude: per-rank bytes would move with N)
+    if resume or int(comm.allreduce(np.array([need], dtype=np.int64), "max")[0]) > budget:
         if backward:
             raise HpcattnError("--backward needs the shard in memory: it does not fit in "
                                f"{budget / 2**30:.2f} GiB per rank (--max-memory); use more ranks",
