@@ -397,6 +397,9 @@ def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
     pool += [cp.cuda.Stream(non_blocking=True) for _ in range(min(chunks * B * Hkv, 32) - len(pool))]
     streams = pool[:min(chunks * B * Hkv, 32)]
     other = cp.zeros(1, dtype=cp.uint64)  # edges are counted per head: those of (0, 0) only
+    # the positions and mask words go to the device on this stream, before `done`: every launch reuses them
+    _device_copy("qpos", qpos, _positions)
+    _device_copy("mask", mask, mask_words)
     done = cp.cuda.get_current_stream().record()
     for n, (c, b, h) in enumerate(np.ndindex(chunks, B, Hkv)):
         a, z, sl = int(bounds[c]), int(bounds[c + 1]), (slice(b, b + 1), slice(h, h + 1))
