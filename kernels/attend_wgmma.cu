@@ -82,6 +82,15 @@ template <typename T> struct WgmmaSS;
 WGSS_DEFINE(__half, "f16.f16")
 WGSS_DEFINE(__nv_bfloat16, "bf16.bf16")
 
+// The tile columns [lo, hi) (empty: lo = hi = 0) a row d columns past the tile's first key
+// reaches through a single window term (row_bits' window and causal cases, in 32 bits at the end).
+__device__ __forceinline__ void window_cols(const MaskDev& mk, bool live, long long d, int nkt, int& lo, int& hi) {
+    const long long a = min(mk.a[0], (1LL << 62) - 1);
+    const long long l = max(d - a, 0LL), h = min(mk.causal ? d + 1 : d + a + 1, (long long)nkt);
+    lo = live && l < h ? (int)l : 0;
+    hi = live && l < h ? (int)h : 0;
+}
+
 // Masks s (the tile's scores of this thread's rows r0, r0 + 8) outside the mask and counts the
 // edges; full: the tile lies wholly inside the mask.
 __device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk, bool full, bool live0, bool live1,
@@ -89,6 +98,21 @@ __device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk
                                         unsigned long long& n_edges) {
     if (full) {
         if (tq == 0) n_edges += (unsigned long long)(live0 + live1) * MK;
+        return;
+    }
+    if (mk.n == 1 && mk.kind[0] == T_WINDOW) {  // one window (maybe causal): a column range per row
+        int lo0, hi0, lo1, hi1;
+        window_cols(mk, live0, pos0 - c0, nkt, lo0, hi0);
+        window_cols(mk, live1, pos1 - c0, nkt, lo1, hi1);
+        if (tq == 0) n_edges += (hi0 - lo0) + (hi1 - lo1);
+#pragma unroll
+        for (int j = 0; j < MK / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int c = 8 * j + 2 * tq + e;  // this lane's column
+                if ((unsigned)(c - lo0) >= (unsigned)(hi0 - lo0)) s[j][e] = -INFINITY;
+                if ((unsigned)(c - lo1) >= (unsigned)(hi1 - lo1)) s[j][2 + e] = -INFINITY;
+            }
         return;
     }
     const unsigned long long b0 = live0 ? row_bits(mk, pos0, c0, nkt) : 0ull;
