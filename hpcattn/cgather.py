@@ -69,10 +69,11 @@ def available(dtype):
 
 
 def band_available(dtype, D):
-    """Whether local._band takes the compiled band kernel: float32 inputs and, unless
-    HPCATTN_GATHER forces a variant (tests), only where its AVX-512 loops run (D a multiple of 16
-    up to 256): its portable loops are slower than the BLAS tiles."""
-    if not available(dtype):
+    """Whether local._band takes the compiled band kernel: float32 or float16 inputs (float16
+    widened a row chunk at a time) and, unless HPCATTN_GATHER forces a variant (tests), only
+    where its AVX-512 loops run (D a multiple of 16 up to 256): its portable loops are slower
+    than the BLAS tiles."""
+    if LIB is None or dtype not in (np.float32, np.float16) or _choice() == "numpy":
         return False
     return _choice() != "auto" or (best() == "avx512" and D % 16 == 0 and 0 < D <= 256)
 

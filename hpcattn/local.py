@@ -5,8 +5,8 @@ Knows nothing of MPI. Layout (head-major, grouped-query):
 
 Work is proportional to the mask's edges and nothing is stored for implicit masks. The edge
 set is cut into three disjoint pieces, one code path per idea (not per mask):
-- band: the union of `window` terms (|i - j| <= W, with causal j <= i). For float32 on an
-  AVX-512 CPU the compiled band kernel (kernels/gather.c: blocks of 16 rows, register-tiled
+- band: the union of `window` terms (|i - j| <= W, with causal j <= i). On an AVX-512 CPU
+  the compiled band kernel (kernels/gather.c: blocks of 16 rows, register-tiled
   FMAs, no BLAS); otherwise query tiles of T rows over spans of T + 2W keys, all interior tiles
   of a group in one batched BLAS call on strided views of K/V, masked by one additive bias
   shared by every tile (the band is shift-invariant).
@@ -179,9 +179,9 @@ def _band_bias(xp, T, W, causal):
 
 
 def _band(xp, q, pos, k, v, k0, band, exclude, scale):
-    """The band piece: the compiled band kernel (float32 where its AVX-512 loops run, see
-    cgather.band_available), else batched interior tiles with a shared bias, ragged tiles via
-    _tiles."""
+    """The band piece: the compiled band kernel where its AVX-512 loops run (see
+    cgather.band_available; float16 rows over contiguous keys widened a chunk at a time), else
+    batched interior tiles with a shared bias, ragged tiles via _tiles."""
     B, Hkv, G, n, D = q.shape
     nk = k.shape[2]
     W, causal = band.terms[0].w, band.causal
@@ -189,8 +189,13 @@ def _band(xp, q, pos, k, v, k0, band, exclude, scale):
         # each row's keys [p - W, p + W] (causal: [p - W, p]) within the block, local indices
         lo = np.clip(pos - W, k0, k0 + nk) - k0
         hi = np.clip(pos + (1 if causal else W + 1), k0, k0 + nk) - k0
-        o, lse, _ = cgather.band_rows(q, k, v, lo, hi, scale)
-        return o, lse, int(np.maximum(hi - lo, 0).sum())
+        a, b = int(np.minimum(lo, hi).min()), int(hi.max())  # the keys the chunk's rows reach
+        if q.dtype == np.float32 or b - a <= 4 * (n + 2 * W + 16):
+            if q.dtype != np.float32:  # float16: only these keys widened, O(chunk) memory
+                k, v = k[:, :, a:b].astype(np.float32), v[:, :, a:b].astype(np.float32)
+                lo, hi = lo - a, hi - a
+            o, lse, _ = cgather.band_rows(q, k, v, lo, hi, scale)
+            return o, lse, int(np.maximum(hi - lo, 0).sum())
     T = int(min(BAND_TILE, max(16, W // 4)))  # tile rows: span T + 2W keeps >= 2/3 of work useful
     L = T + (W if causal else 2 * W)
     o, lse = empty_state(xp, (B, Hkv, G, n), D)

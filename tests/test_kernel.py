@@ -334,3 +334,19 @@ def test_compiled_band_gives_the_same_bits_on_any_thread_count(rng, spec, monkey
     for o, lse, e in got[1:]:
         assert e == got[0][2] and np.array_equal(o, got[0][0]) and np.array_equal(lse, got[0][1])
     assert not np.isnan(got[0][0]).any() and np.isfinite(got[0][1]).all()
+
+
+@pytest.mark.skipif("avx512" not in compiled_variants(), reason="the band kernel's AVX-512 loops do not run here")
+@pytest.mark.parametrize("spec", ["window:40", "causal+window:300", "window:9+global:2"])
+def test_compiled_band_takes_float16_a_chunk_at_a_time(rng, spec, monkeypatch):
+    """float16 inputs (the longest-context runs) go to the compiled band too: the keys a row
+    chunk reaches are widened to float32 for the call (rows of 0..2W+1 edges, a key block)."""
+    calls = []
+    real = cgather.band_rows
+
+    def spy(q, k, v, *a):
+        calls.append((q.dtype, k.dtype, k.shape[2]))
+        return real(q, k, v, *a)
+    monkeypatch.setattr(cgather, "band_rows", spy)
+    run_case(rng, spec, 1001, H=2, D=64, dtype="float16", k0=100, k1=900)
+    assert calls and all(kd == np.float32 and qd == np.float16 and nk <= 800 for qd, kd, nk in calls)
