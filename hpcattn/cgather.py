@@ -90,7 +90,8 @@ def describe():
     choice = _choice()
     if choice == "numpy":
         return "NumPy gathers (HPCATTN_GATHER=numpy)"
-    return f"compiled {best()}" if choice == "auto" else f"compiled, HPCATTN_GATHER={choice}"
+    band = " (and the window band)" if best() == "avx512" else ""
+    return f"compiled {best()}{band}" if choice == "auto" else f"compiled, HPCATTN_GATHER={choice}"
 
 
 def gather_rows(q, k, v, indptr, cols, scale):

@@ -1,5 +1,6 @@
 /* hpcattn's gather kernel: attention of query rows over their listed keys (a CSR edge list),
- * float32 in and out. Plain C, no Python.h: built by setup.py into the hpcattn package as
+ * float32 in and out; and its band kernel (hpcattn_band, at the end): query rows over
+ * contiguous key ranges (the `window` piece), same maths, blocks of 16 rows at once. Plain C, no Python.h: built by setup.py into the hpcattn package as
  * hpcattn/_gather*.so and called through ctypes (hpcattn/cgather.py), which releases the GIL,
  * so the kernel's row-chunk threads (local.attend) run it in parallel.
  *
