@@ -1,8 +1,9 @@
 /* hpcattn's gather kernel: attention of query rows over their listed keys (a CSR edge list),
  * float32 in and out; and its band kernel (hpcattn_band, at the end): query rows over
- * contiguous key ranges (the `window` piece), same maths, blocks of 16 rows at once. Plain C, no Python.h: built by setup.py into the hpcattn package as
- * hpcattn/_gather*.so and called through ctypes (hpcattn/cgather.py), which releases the GIL,
- * so the kernel's row-chunk threads (local.attend) run it in parallel.
+ * contiguous key ranges (the `window` piece), same maths, blocks of 16 rows at once. Plain C,
+ * no Python.h: built by setup.py into the hpcattn package as hpcattn/_gather*.so and called
+ * through ctypes (hpcattn/cgather.py), which releases the GIL, so the kernel's row-chunk
+ * threads (local.attend) run it in parallel.
  *
  * Layout: q (BH, G, n, D), k and v (BH, nk, D), o (BH, G, n, D), lse (BH, G, n), all
  * contiguous; indptr (n + 1) int64 and cols (nnz) int64: the edges of row r are
