@@ -191,9 +191,9 @@ def _band(xp, q, pos, k, v, k0, band, exclude, scale):
         hi = np.clip(pos + (1 if causal else W + 1), k0, k0 + nk) - k0
         a, b = int(np.minimum(lo, hi).min()), int(hi.max())  # the keys the chunk's rows reach
         if q.dtype == np.float32 or b - a <= 4 * (n + 2 * W + 16):
-            if q.dtype != np.float32:  # float16: only these keys widened, O(chunk) memory
-                k, v = k[:, :, a:b].astype(np.float32), v[:, :, a:b].astype(np.float32)
-                lo, hi = lo - a, hi - a
+            k, v, lo, hi = k[:, :, a:b], v[:, :, a:b], lo - a, hi - a  # any copy O(chunk)
+            if q.dtype != np.float32:  # float16: only these keys widened
+                k, v = k.astype(np.float32), v.astype(np.float32)
             o, lse, _ = cgather.band_rows(q, k, v, lo, hi, scale)
             return o, lse, int(np.maximum(hi - lo, 0).sum())
     T = int(min(BAND_TILE, max(16, W // 4)))  # tile rows: span T + 2W keeps >= 2/3 of work useful
