@@ -1,4 +1,4 @@
-"""The compiled gather kernel (kernels/gather.c), loaded with ctypes.
+"""The compiled gather and band kernels (kernels/gather.c), loaded with ctypes.
 
 setup.py builds the C file into the package as hpcattn/_gather*.so (a plain shared library
 shaped like an extension module, so every install builds it; it is never imported as a
@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import HpcattnError
 
-ABI = 2  # hpcattn_gather_abi() of the kernels/gather.c this module calls
+ABI = 3  # hpcattn_gather_abi() of the kernels/gather.c this module calls
 VARIANTS = {"generic": 1, "avx2": 2, "avx512": 3}
 NAMES = {v: k for k, v in VARIANTS.items()}
 
@@ -45,6 +45,8 @@ def _load():
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.hpcattn_gather.argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_float, ctypes.c_int, ptr, ptr]
     lib.hpcattn_gather.restype = ctypes.c_int
+    lib.hpcattn_band.argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_float, ctypes.c_int, ptr, ptr]
+    lib.hpcattn_band.restype = ctypes.c_int
     lib.hpcattn_gather_best.restype = ctypes.c_int
     return lib
 
@@ -66,6 +68,16 @@ def available(dtype):
     return LIB is not None and dtype == np.float32 and _choice() != "numpy"
 
 
+def band_available(dtype, D):
+    """Whether local._band takes the compiled band kernel: float32 or float16 inputs (float16
+    widened a row chunk at a time) and, unless HPCATTN_GATHER forces a variant (tests), only
+    where its AVX-512 loops run (D a multiple of 16 up to 256): its portable loops are slower
+    than the BLAS tiles."""
+    if LIB is None or dtype not in (np.float32, np.float16) or _choice() == "numpy":
+        return False
+    return _choice() != "auto" or (best() == "avx512" and D % 16 == 0 and 0 < D <= 256)
+
+
 def best():
     """Name of the best variant this CPU runs ('avx512', 'avx2', 'generic'), None if unbuilt."""
     return NAMES[LIB.hpcattn_gather_best()] if LIB is not None else None
@@ -78,7 +90,8 @@ def describe():
     choice = _choice()
     if choice == "numpy":
         return "NumPy gathers (HPCATTN_GATHER=numpy)"
-    return f"compiled {best()}" if choice == "auto" else f"compiled, HPCATTN_GATHER={choice}"
+    band = " (and the window band)" if best() == "avx512" else ""
+    return f"compiled {best()}{band}" if choice == "auto" else f"compiled, HPCATTN_GATHER={choice}"
 
 
 def gather_rows(q, k, v, indptr, cols, scale):
@@ -106,4 +119,29 @@ def run(q, k, v, indptr, cols, scale):
                               VARIANTS.get(_choice(), 0), o.ctypes.data, lse.ctypes.data)
     if used < 0:
         raise MemoryError("the compiled gather could not allocate its scratch row")
+    return o, lse, NAMES[used]
+
+
+def band_rows(q, k, v, lo, hi, scale):
+    """(o, lse, variant) of the rows of q (B, Hkv, G, n, D) over the contiguous keys
+    [lo[r], hi[r]) of k, v (B, Hkv, nk, D) float32 (local indices, 0 <= lo, hi <= nk; hi <= lo:
+    no key, o = 0 and lse = -inf). Each row block reads only its keys in place: k and v are
+    not copied when their rows are contiguous and their (B, Hkv) slabs evenly spaced."""
+    B, Hkv, G, n, D = q.shape
+    c = np.ascontiguousarray
+    q = c(q, dtype=np.float32)
+    ok = (k.dtype == np.float32 and v.dtype == np.float32 and k.strides == v.strides
+          and k.strides[3] == 4 and k.strides[2] == 4 * D
+          and (B == 1 or Hkv == 1 or k.strides[0] == Hkv * k.strides[1]))
+    if not ok:
+        k, v = c(k, dtype=np.float32), c(v, dtype=np.float32)
+    ldk = k.strides[1] // 4 if Hkv > 1 else k.strides[0] // 4 if B > 1 else 0
+    lo, hi = c(lo, dtype=np.int64), c(hi, dtype=np.int64)
+    o = np.empty((B, Hkv, G, n, D), dtype=np.float32)
+    lse = np.empty((B, Hkv, G, n), dtype=np.float32)
+    used = LIB.hpcattn_band(q.ctypes.data, k.ctypes.data, v.ctypes.data, lo.ctypes.data,
+                            hi.ctypes.data, B * Hkv, G, n, D, ldk, float(scale),
+                            VARIANTS.get(_choice(), 0), o.ctypes.data, lse.ctypes.data)
+    if used < 0:
+        raise MemoryError("the compiled band kernel could not allocate its scratch rows")
     return o, lse, NAMES[used]

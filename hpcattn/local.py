@@ -5,9 +5,11 @@ Knows nothing of MPI. Layout (head-major, grouped-query):
 
 Work is proportional to the mask's edges and nothing is stored for implicit masks. The edge
 set is cut into three disjoint pieces, one code path per idea (not per mask):
-- band: the union of `window` terms (|i - j| <= W, with causal j <= i). Query tiles of T rows
-  over spans of T + 2W keys, all interior tiles of a group in one batched BLAS call on strided
-  views of K/V, masked by one additive bias shared by every tile (the band is shift-invariant).
+- band: the union of `window` terms (|i - j| <= W, with causal j <= i). On an AVX-512 CPU
+  the compiled band kernel (kernels/gather.c: blocks of 16 rows, register-tiled
+  FMAs, no BLAS); otherwise query tiles of T rows over spans of T + 2W keys, all interior tiles
+  of a group in one batched BLAS call on strided views of K/V, masked by one additive bias
+  shared by every tile (the band is shift-invariant).
 - tiles: `full`, `block`, `global` minus the band: query tiles over the mask's key spans,
   tiles grown until their score block is large (a global-column strip is one BLAS call),
   masked elementwise only where a block is not entirely inside the mask. A tile of few rows
@@ -177,10 +179,23 @@ def _band_bias(xp, T, W, causal):
 
 
 def _band(xp, q, pos, k, v, k0, band, exclude, scale):
-    """The band piece: batched interior tiles with a shared bias; ragged tiles via _tiles."""
+    """The band piece: the compiled band kernel where its AVX-512 loops run (see
+    cgather.band_available; float16 rows over contiguous keys widened a chunk at a time), else
+    batched interior tiles with a shared bias, ragged tiles via _tiles."""
     B, Hkv, G, n, D = q.shape
     nk = k.shape[2]
     W, causal = band.terms[0].w, band.causal
+    if xp is np and k.dtype == v.dtype == q.dtype and cgather.band_available(q.dtype, D):
+        # each row's keys [p - W, p + W] (causal: [p - W, p]) within the block, local indices
+        lo = np.clip(pos - W, k0, k0 + nk) - k0
+        hi = np.clip(pos + (1 if causal else W + 1), k0, k0 + nk) - k0
+        a, b = int(np.minimum(lo, hi).min()), int(hi.max())  # the keys the chunk's rows reach
+        if q.dtype == np.float32 or b - a <= 4 * (n + 2 * W + 16):
+            k, v, lo, hi = k[:, :, a:b], v[:, :, a:b], lo - a, hi - a  # any copy O(chunk)
+            if q.dtype != np.float32:  # float16: only these keys widened
+                k, v = k.astype(np.float32), v.astype(np.float32)
+            o, lse, _ = cgather.band_rows(q, k, v, lo, hi, scale)
+            return o, lse, int(np.maximum(hi - lo, 0).sum())
     T = int(min(BAND_TILE, max(16, W // 4)))  # tile rows: span T + 2W keeps >= 2/3 of work useful
     L = T + (W if causal else 2 * W)
     o, lse = empty_state(xp, (B, Hkv, G, n), D)

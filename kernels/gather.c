@@ -1,7 +1,9 @@
 /* hpcattn's gather kernel: attention of query rows over their listed keys (a CSR edge list),
- * float32 in and out. Plain C, no Python.h: built by setup.py into the hpcattn package as
- * hpcattn/_gather*.so and called through ctypes (hpcattn/cgather.py), which releases the GIL,
- * so the kernel's row-chunk threads (local.attend) run it in parallel.
+ * float32 in and out; and its band kernel (hpcattn_band, at the end): query rows over
+ * contiguous key ranges (the `window` piece), same maths, blocks of 16 rows at once. Plain C,
+ * no Python.h: built by setup.py into the hpcattn package as hpcattn/_gather*.so and called
+ * through ctypes (hpcattn/cgather.py), which releases the GIL, so the kernel's row-chunk
+ * threads (local.attend) run it in parallel.
  *
  * Layout: q (BH, G, n, D), k and v (BH, nk, D), o (BH, G, n, D), lse (BH, G, n), all
  * contiguous; indptr (n + 1) int64 and cols (nnz) int64: the edges of row r are
@@ -97,6 +99,73 @@ static void gather_generic(const float *q, const float *k, const float *v, const
 {
     PORTABLE_BODY
 }
+
+/* ---------------------------------------------------------------- band kernel, portable */
+
+/* One query row over its contiguous keys [lo, hi) (hi > lo): the same maths as the gather's
+ * portable rows (scores, exact row max, exp, weighted V rows), keys read in place. */
+#define BAND_PORTABLE_BODY                                                                      \
+    for (int64_t b = 0; b < bh; b++) {                                                          \
+        const float *K = k + (size_t)b * ldk, *V = v + (size_t)b * ldk;                         \
+        for (int64_t gi = 0; gi < g; gi++) {                                                    \
+            size_t row0 = ((size_t)b * g + gi) * n;                                             \
+            for (int64_t r = 0; r < n; r++) {                                                   \
+                const float *qr = q + (row0 + r) * D;                                           \
+                float *acc = o + (row0 + r) * D;                                                \
+                int64_t a = lo[r], cnt = hi[r] - a;                                             \
+                for (int64_t d = 0; d < D; d++)                                                 \
+                    acc[d] = 0.0f;                                                              \
+                if (cnt <= 0) {                                                                 \
+                    lse[row0 + r] = -INFINITY;                                                  \
+                    continue;                                                                   \
+                }                                                                               \
+                float m = -INFINITY;                                                            \
+                for (int64_t e = 0; e < cnt; e++) {                                             \
+                    const float *kr = K + (size_t)(a + e) * D;                                  \
+                    float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                      \
+                    int64_t d = 0;                                                              \
+                    for (; d + 8 <= D; d += 8)                                                  \
+                        for (int j = 0; j < 8; j++)                                             \
+                            t[j] += qr[d + j] * kr[d + j];                                      \
+                    for (; d < D; d++)                                                          \
+                        t[0] += qr[d] * kr[d];                                                  \
+                    float s = (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))) \
+                              * scale;                                                          \
+                    sc[e] = s;                                                                  \
+                    m = s > m ? s : m;                                                          \
+                }                                                                               \
+                float l = 0.0f;                                                                 \
+                for (int64_t e = 0; e < cnt; e++) {                                             \
+                    float p = expf(sc[e] - m);                                                  \
+                    const float *vr = V + (size_t)(a + e) * D;                                  \
+                    l += p;                                                                     \
+                    for (int64_t d = 0; d < D; d++)                                             \
+                        acc[d] += p * vr[d];                                                    \
+                }                                                                               \
+                float inv = 1.0f / l;                                                           \
+                for (int64_t d = 0; d < D; d++)                                                 \
+                    acc[d] *= inv;                                                              \
+                lse[row0 + r] = m + logf(l);                                                    \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+#define BAND_ARGS const float *q, const float *k, const float *v, const int64_t *lo,             \
+                  const int64_t *hi, int64_t bh, int64_t g, int64_t n, int64_t D, int64_t ldk,  \
+                  float scale, float *sc, float *o, float *lse
+
+static void band_generic(BAND_ARGS)
+{
+    BAND_PORTABLE_BODY
+}
+
+#ifdef HPCATTN_X86
+__attribute__((target("avx2,fma")))
+static void band_avx2(BAND_ARGS)
+{
+    BAND_PORTABLE_BODY
+}
+#endif
 
 #ifdef HPCATTN_X86
 __attribute__((target("avx2,fma")))
@@ -314,6 +383,164 @@ static void gather_avx512(const float *q, const float *k, const float *v, const 
         CASE(9) CASE(10) CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16)
     }
 }
+
+/* ---------------------------------------------------------------- band kernel, AVX-512 */
+
+/* Rows in the block that starts at r0: up to 16, while the union of their key ranges spans at
+ * most `limit` keys (consecutive window rows: all 16; scattered rows: fewer, so a block never
+ * computes far more scores than its edges). */
+static int64_t band_rows16(const int64_t *lo, const int64_t *hi, int64_t r0, int64_t n,
+                           int64_t limit)
+{
+    int64_t kb = INT64_MAX, ke = INT64_MIN, r = r0;
+    for (; r < n && r < r0 + 16; r++) {
+        if (hi[r] <= lo[r])
+            continue;
+        int64_t b = lo[r] < kb ? lo[r] : kb, e = hi[r] > ke ? hi[r] : ke;
+        if (e - b > limit && r > r0)
+            break;
+        kb = b;
+        ke = e;
+    }
+    return r - r0;
+}
+
+/* Blocks of 16 consecutive query rows, one row per lane, over the union of their key ranges
+ * (for a window: 16 + 2W keys, of which 2W + 1 per row are edges). Nothing is packed but the
+ * block's 16 query rows (transposed, scale folded in): both products broadcast the other
+ * operand straight from K's or V's rows, so each FMA does 16 rows at once.
+ * - scores: 16 keys at a time, 16 accumulators (one per key, lanes = rows), D FMAs each;
+ *   stored keys-major (L x 16) with the running row max of the unmasked lanes;
+ * - exp(s - m) with the exact row max m, masked lanes zeroed, row sums lane-wise;
+ * - O^T: 16 dims at a time, 16 accumulators (one per dim, lanes = rows) over the block's keys.
+ * Every element of a row is computed the same way whatever block the row is in (a masked key
+ * adds an exact 0), so results do not depend on the row chunking. */
+V512 void band_block512(const float *qb, int64_t nr, const float *K, const float *V,
+                        const int64_t *lo, const int64_t *hi, const int NV, float scale,
+                        float *qt, float *pt, float *ot, float *out, float *lse)
+{
+    const int64_t D = (int64_t)NV * 16;
+    int64_t kb = INT64_MAX, ke = INT64_MIN;
+    for (int64_t r = 0; r < nr; r++)
+        if (hi[r] > lo[r]) {
+            kb = lo[r] < kb ? lo[r] : kb;
+            ke = hi[r] > ke ? hi[r] : ke;
+        }
+    if (kb >= ke) {  /* no row of the block has an edge */
+        for (int64_t r = 0; r < nr; r++) {
+            for (int64_t d = 0; d < D; d++)
+                out[r * D + d] = 0.0f;
+            lse[r] = -INFINITY;
+        }
+        return;
+    }
+    const int64_t L = ke - kb;
+    int32_t lo32[16], hi32[16];
+    for (int r = 0; r < 16; r++) {  /* rows past nr (and empty rows): no key */
+        int ok = r < nr && hi[r] > lo[r];
+        lo32[r] = ok ? (int32_t)(lo[r] - kb) : 0;
+        hi32[r] = ok ? (int32_t)(hi[r] - kb) : 0;
+    }
+    const __m512i vlo = _mm512_loadu_si512(lo32), vhi = _mm512_loadu_si512(hi32);
+    for (int64_t d = 0; d < D; d++)
+        for (int r = 0; r < 16; r++)
+            qt[d * 16 + r] = r < nr ? qb[r * D + d] * scale : 0.0f;
+    const float *Kb = K + (size_t)kb * D, *Vb = V + (size_t)kb * D;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < L; j0 += 16) {
+        const float *kr = Kb + (size_t)j0 * D;
+        if (L - j0 < 16) {  /* a short last group: its keys copied, the rest zero */
+            float *tmp = ot;
+            for (int64_t i = 0; i < 16 * D; i++)
+                tmp[i] = i < (L - j0) * D ? kr[i] : 0.0f;
+            kr = tmp;
+        }
+        __m512 s[16];
+        UNROLL
+        for (int j = 0; j < 16; j++)
+            s[j] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d++) {
+            __m512 qv = _mm512_load_ps(qt + d * 16);
+            UNROLL
+            for (int j = 0; j < 16; j++)
+                s[j] = _mm512_fmadd_ps(_mm512_set1_ps(kr[j * D + d]), qv, s[j]);
+        }
+        UNROLL
+        for (int j = 0; j < 16; j++) {
+            __m512i jv = _mm512_set1_epi32((int32_t)(j0 + j));
+            __mmask16 ok = _mm512_cmpge_epi32_mask(jv, vlo) & _mm512_cmplt_epi32_mask(jv, vhi);
+            vmax = _mm512_mask_max_ps(vmax, ok, vmax, s[j]);
+            _mm512_store_ps(pt + (j0 + j) * 16, s[j]);
+        }
+    }
+    __m512 lsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < L; j++) {
+        __m512i jv = _mm512_set1_epi32((int32_t)j);
+        __mmask16 ok = _mm512_cmpge_epi32_mask(jv, vlo) & _mm512_cmplt_epi32_mask(jv, vhi);
+        __m512 p = _mm512_maskz_mov_ps(ok, exp16(_mm512_sub_ps(_mm512_load_ps(pt + j * 16), vmax)));
+        lsum = _mm512_add_ps(lsum, p);
+        _mm512_store_ps(pt + j * 16, p);
+    }
+    /* 1 / l, 0 for rows without keys (their o is 0) */
+    __mmask16 has = _mm512_cmp_ps_mask(lsum, _mm512_setzero_ps(), _CMP_GT_OQ);
+    __m512 inv = _mm512_maskz_div_ps(has, _mm512_set1_ps(1.0f), lsum);
+    for (int t = 0; t < NV; t++) {
+        __m512 a[16];
+        UNROLL
+        for (int i = 0; i < 16; i++)
+            a[i] = _mm512_setzero_ps();
+        const float *vr = Vb + 16 * t;
+        for (int64_t j = 0; j < L; j++, vr += D) {
+            __m512 p = _mm512_load_ps(pt + j * 16);
+            UNROLL
+            for (int i = 0; i < 16; i++)
+                a[i] = _mm512_fmadd_ps(_mm512_set1_ps(vr[i]), p, a[i]);
+        }
+        UNROLL
+        for (int i = 0; i < 16; i++)
+            _mm512_store_ps(ot + i * 16, _mm512_mul_ps(a[i], inv));
+        for (int64_t r = 0; r < nr; r++)
+            for (int i = 0; i < 16; i++)
+                out[r * D + 16 * t + i] = ot[i * 16 + r];
+    }
+    float m[16], l[16];
+    _mm512_storeu_ps(m, vmax);
+    _mm512_storeu_ps(l, lsum);
+    for (int64_t r = 0; r < nr; r++)
+        lse[r] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
+}
+
+V512 void band512(BAND_ARGS, int64_t limit, const int NV)
+{
+    const int64_t D16 = (int64_t)NV * 16;
+    (void)D;
+    float *qt = sc, *ot = sc + 16 * D16;  /* 16 x D each; then the block's scores */
+    for (int64_t b = 0; b < bh; b++) {
+        const float *K = k + (size_t)b * ldk, *V = v + (size_t)b * ldk;
+        for (int64_t r0 = 0, nr; r0 < n; r0 += nr) {
+            nr = band_rows16(lo, hi, r0, n, limit);
+            for (int64_t gi = 0; gi < g; gi++) {  /* the G heads of a block share its K and V */
+                size_t row = ((size_t)b * g + gi) * n + r0;
+                band_block512(q + row * D16, nr, K, V, lo + r0, hi + r0, NV, scale, qt,
+                              ot + 16 * D16, ot, o + row * D16, lse + row);
+            }
+        }
+    }
+}
+
+#define BCASE(NV_)                                                                              \
+    case NV_:                                                                                  \
+        band512(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse, limit, NV_);                    \
+        break;
+
+__attribute__((target("avx512f,avx512dq,fma")))
+static void band_avx512(BAND_ARGS, int64_t limit)
+{
+    switch (D / 16) {
+        BCASE(1) BCASE(2) BCASE(3) BCASE(4) BCASE(5) BCASE(6) BCASE(7) BCASE(8)
+        BCASE(9) BCASE(10) BCASE(11) BCASE(12) BCASE(13) BCASE(14) BCASE(15) BCASE(16)
+    }
+}
 #endif
 
 /* ---------------------------------------------------------------- entry points */
@@ -322,7 +549,7 @@ static void gather_avx512(const float *q, const float *k, const float *v, const 
  * (a stale in-place build). Bump it with any change of hpcattn_gather's arguments. */
 EXPORT int hpcattn_gather_abi(void)
 {
-    return 2;
+    return 3;
 }
 
 /* The best variant this CPU runs (3 avx512, 2 avx2, 1 generic). */
@@ -367,6 +594,42 @@ EXPORT int hpcattn_gather(const float *q, const float *k, const float *v, const 
     else
 #endif
         gather_generic(q, k, v, indptr, cols, bh, g, n, nk, D, scale, buf, o, lse);
+    free(mem);
+    return variant;
+}
+
+/* Band attention: row r of q over the contiguous keys [lo[r], hi[r]) of its (b) slab of k and v
+ * (rows of D floats, slabs ldk floats apart; hi <= lo: no key, o = 0, lse = -inf). q (bh, g, n,
+ * D), o (bh, g, n, D), lse (bh, g, n) contiguous. The indices are the caller's to keep in range
+ * (hpcattn/cgather.py: band_rows). variant as for hpcattn_gather. Returns the variant used, or
+ * -1 if scratch memory could not be allocated. */
+EXPORT int hpcattn_band(const float *q, const float *k, const float *v, const int64_t *lo,
+                        const int64_t *hi, int64_t bh, int64_t g, int64_t n, int64_t D, int64_t ldk,
+                        float scale, int variant, float *o, float *lse)
+{
+    int best = hpcattn_gather_best();
+    if (variant <= 0 || variant > best)
+        variant = best;
+    if (variant == AVX512 && (D % 16 != 0 || D > 256 || D == 0))
+        variant = best >= AVX2 ? AVX2 : GENERIC;
+    int64_t widest = 0;  /* the widest row; a block of rows spans at most 64 keys more */
+    for (int64_t r = 0; r < n; r++)
+        if (hi[r] - lo[r] > widest)
+            widest = hi[r] - lo[r];
+    int64_t limit = widest + 64, span = (limit + 15) / 16 * 16;
+    size_t floats = variant == AVX512 ? (size_t)(32 * D + 16 * span) : (size_t)widest;
+    void *mem = malloc(sizeof(float) * floats + 64);
+    if (!mem)
+        return -1;
+    float *sc = (float *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
+#ifdef HPCATTN_X86
+    if (variant == AVX512)
+        band_avx512(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse, limit);
+    else if (variant == AVX2)
+        band_avx2(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse);
+    else
+#endif
+        band_generic(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse);
     free(mem);
     return variant;
 }

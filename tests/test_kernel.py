@@ -237,10 +237,15 @@ def test_gather_variant_names_are_checked(monkeypatch):
 
 @pytest.mark.parametrize("spec", ["window:40", "causal+window:40", "window:300"])
 @pytest.mark.parametrize("mode", ["plain", "large_logits", "large_v", "underflow"])
-def test_band_tiles_every_softmax_path(rng, spec, mode, monkeypatch):
-    """The band's interior tiles take exp(s) unshifted for ordinary inputs, subtract the bound c
-    for large logits or large V, and recompute with exact row maxima when a row's sum underflows
-    under c: each path against float64 (N = 1001: not a multiple of the tile, GQA)."""
+@pytest.mark.parametrize("kernel", ["numpy", "avx512"])
+def test_band_tiles_every_softmax_path(rng, spec, mode, kernel, monkeypatch):
+    """The band's interior tiles (HPCATTN_GATHER=numpy: the BLAS path) take exp(s) unshifted for
+    ordinary inputs, subtract the bound c for large logits or large V, and recompute with exact
+    row maxima when a row's sum underflows under c; the compiled band kernel always takes exact
+    row maxima. Each against float64 (N = 1001: not a multiple of the tile, GQA)."""
+    if kernel != "numpy" and kernel not in compiled_variants():
+        pytest.skip(f"this CPU does not run the {kernel} variant (or hpcattn/_gather is not built)")
+    monkeypatch.setenv("HPCATTN_GATHER", kernel)
     n, H, Hkv, D = 1001, 4, 2, 32
     q = rng.standard_normal((1, n, H, D)).astype("float32")
     k, v = (rng.standard_normal((1, n, Hkv, D)).astype("float32") for _ in range(2))
@@ -279,4 +284,69 @@ def test_band_tiles_every_softmax_path(rng, spec, mode, monkeypatch):
     assert np.isfinite(o).all() and np.isfinite(lse).all() and empty_ok
     tol = 4 * float(np.finfo(np.float32).eps) * 1e3 if mode == "large_logits" else tolerance("float32")[0]
     assert o_err <= tol and lse_err <= 1e-4, (o_err, lse_err)
-    assert calls["band"] > 0 and (calls["exact"] > 0) == (mode == "underflow"), calls
+    if kernel == "numpy":
+        assert calls["band"] > 0 and (calls["exact"] > 0) == (mode == "underflow"), calls
+    else:
+        assert calls["band"] == 0, calls
+
+
+@needs_compiled
+@pytest.mark.parametrize("variant", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("spec", ["window:40", "causal+window:40", "window:300", "causal+window:7+dilated:3:5",
+                                  "global:3+window:20", "block:50+window:9", "window:5+window:40+random:3"])
+@pytest.mark.parametrize("D", [16, 64, 80, 128])
+@pytest.mark.parametrize("kwargs", [dict(B=2, H=6, Hkv=2, k0=100, k1=900),  # GQA, a key block
+                                    dict(qpos=np.r_[150:260, 300, 301, 302, 700:717], k0=500, k1=700,
+                                         H=2)])  # rows without keys, scattered rows
+def test_compiled_band_matches_the_reference(rng, variant, spec, D, kwargs, monkeypatch):
+    """The compiled band kernel (kernels/gather.c, each variant this CPU runs) against float64:
+    N = 1001 (not a multiple of its 16-row blocks), window with and without causal and mixed
+    with the other pieces, D a multiple of 16 or not (80 runs the portable loops), B, Hkv, G > 1,
+    rows with no key in the block (o = 0, lse = -inf) and scattered rows."""
+    if variant not in compiled_variants():
+        pytest.skip(f"this CPU does not run the {variant} variant")
+    calls = []
+    real = cgather.band_rows
+
+    def spy(*a):
+        got = real(*a)
+        calls.append(got[2])  # the variant that ran
+        return got
+    monkeypatch.setattr(cgather, "band_rows", spy)
+    monkeypatch.setenv("HPCATTN_GATHER", variant)
+    run_case(rng, spec, 1001, D=D, **kwargs)
+    want = variant if variant != "avx512" or D % 16 == 0 else "avx2"
+    assert calls and set(calls) == {want}
+
+
+@needs_compiled
+@pytest.mark.parametrize("spec", ["window:100+global:2", "causal+window:33", "window:256+dilated:2:9"])
+def test_compiled_band_gives_the_same_bits_on_any_thread_count(rng, spec, monkeypatch):
+    """A row's result does not depend on which 16-row block (so which chunk) it is in."""
+    n, D = 6000, 64
+    mask = parse(spec, n_keys=n)
+    q = rng.standard_normal((1, 2, 2, n, D)).astype("float32")
+    k, v = (rng.standard_normal((1, 2, n, D)).astype("float32") for _ in range(2))
+    got = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("HPCATTN_THREADS", threads)
+        got.append(local.attend(q, np.arange(n), k, v, 0, mask, 0.125))
+    for o, lse, e in got[1:]:
+        assert e == got[0][2] and np.array_equal(o, got[0][0]) and np.array_equal(lse, got[0][1])
+    assert not np.isnan(got[0][0]).any() and np.isfinite(got[0][1]).all()
+
+
+@pytest.mark.skipif("avx512" not in compiled_variants(), reason="the band kernel's AVX-512 loops do not run here")
+@pytest.mark.parametrize("spec", ["window:40", "causal+window:300", "window:9+global:2"])
+def test_compiled_band_takes_float16_a_chunk_at_a_time(rng, spec, monkeypatch):
+    """float16 inputs (the longest-context runs) go to the compiled band too: the keys a row
+    chunk reaches are widened to float32 for the call (rows of 0..2W+1 edges, a key block)."""
+    calls = []
+    real = cgather.band_rows
+
+    def spy(q, k, v, *a):
+        calls.append((q.dtype, k.dtype, k.shape[2]))
+        return real(q, k, v, *a)
+    monkeypatch.setattr(cgather, "band_rows", spy)
+    run_case(rng, spec, 1001, H=2, D=64, dtype="float16", k0=100, k1=900)
+    assert calls and all(kd == np.float32 and qd == np.float16 and nk <= 800 for qd, kd, nk in calls)
