@@ -46,6 +46,45 @@ enum { GENERIC = 1, AVX2 = 2, AVX512 = 3 };
 
 /* ---------------------------------------------------------------- portable variant */
 
+/* One query row qr (into acc, lse[row0 + r]) over its cnt keys, key e at row COL_E of K and V
+ * (an expression in e): scores, exact row maximum, exp, weighted V rows; no keys: o = 0,
+ * lse = -inf. Shared by the gather's and the band's portable variants (the enclosing loops'
+ * `continue` moves to the next row). */
+#define PORTABLE_ROW(COL_E)                                                                         \
+    for (int64_t d = 0; d < D; d++)                                                                 \
+        acc[d] = 0.0f;                                                                              \
+    if (cnt <= 0) {                                                                                 \
+        lse[row0 + r] = -INFINITY;                                                                  \
+        continue;                                                                                   \
+    }                                                                                               \
+    float m = -INFINITY;                                                                            \
+    for (int64_t e = 0; e < cnt; e++) {                                                             \
+        const float *kr = K + (size_t)(COL_E) * D;                                                  \
+        float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                      \
+        int64_t d = 0;                                                                              \
+        for (; d + 8 <= D; d += 8)                                                                  \
+            for (int j = 0; j < 8; j++)                                                             \
+                t[j] += qr[d + j] * kr[d + j];                                                      \
+        for (; d < D; d++)                                                                          \
+            t[0] += qr[d] * kr[d];                                                                  \
+        float s = (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])))               \
+                  * scale;                                                                          \
+        sc[e] = s;                                                                                  \
+        m = s > m ? s : m;                                                                          \
+    }                                                                                               \
+    float l = 0.0f;                                                                                 \
+    for (int64_t e = 0; e < cnt; e++) {                                                             \
+        float p = expf(sc[e] - m);                                                                  \
+        const float *vr = V + (size_t)(COL_E) * D;                                                  \
+        l += p;                                                                                     \
+        for (int64_t d = 0; d < D; d++)                                                             \
+            acc[d] += p * vr[d];                                                                    \
+    }                                                                                               \
+    float inv = 1.0f / l;                                                                           \
+    for (int64_t d = 0; d < D; d++)                                                                 \
+        acc[d] *= inv;                                                                              \
+    lse[row0 + r] = m + logf(l);
+
 #define PORTABLE_BODY                                                                           \
     for (int64_t b = 0; b < bh; b++) {                                                          \
         const float *K = k + (size_t)b * nk * D, *V = v + (size_t)b * nk * D;                   \
@@ -56,39 +95,7 @@ enum { GENERIC = 1, AVX2 = 2, AVX512 = 3 };
                 float *acc = o + (row0 + r) * D;                                                \
                 int64_t e0 = indptr[r], cnt = indptr[r + 1] - e0;                               \
                 const int64_t *c = cols + e0;                                                  \
-                for (int64_t d = 0; d < D; d++)                                                 \
-                    acc[d] = 0.0f;                                                              \
-                if (cnt == 0) {                                                                 \
-                    lse[row0 + r] = -INFINITY;                                                  \
-                    continue;                                                                   \
-                }                                                                               \
-                float m = -INFINITY;                                                            \
-                for (int64_t e = 0; e < cnt; e++) {                                             \
-                    const float *kr = K + (size_t)c[e] * D;                                     \
-                    float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                      \
-                    int64_t d = 0;                                                              \
-                    for (; d + 8 <= D; d += 8)                                                  \
-                        for (int j = 0; j < 8; j++)                                             \
-                            t[j] += qr[d + j] * kr[d + j];                                      \
-                    for (; d < D; d++)                                                          \
-                        t[0] += qr[d] * kr[d];                                                  \
-                    float s = (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))) \
-                              * scale;                                                          \
-                    sc[e] = s;                                                                  \
-                    m = s > m ? s : m;                                                          \
-                }                                                                               \
-                float l = 0.0f;                                                                 \
-                for (int64_t e = 0; e < cnt; e++) {                                             \
-                    float p = expf(sc[e] - m);                                                  \
-                    const float *vr = V + (size_t)c[e] * D;                                     \
-                    l += p;                                                                     \
-                    for (int64_t d = 0; d < D; d++)                                             \
-                        acc[d] += p * vr[d];                                                    \
-                }                                                                               \
-                float inv = 1.0f / l;                                                           \
-                for (int64_t d = 0; d < D; d++)                                                 \
-                    acc[d] *= inv;                                                              \
-                lse[row0 + r] = m + logf(l);                                                    \
+                PORTABLE_ROW(c[e])                                                              \
             }                                                                                   \
         }                                                                                       \
     }
@@ -113,39 +120,7 @@ static void gather_generic(const float *q, const float *k, const float *v, const
                 const float *qr = q + (row0 + r) * D;                                           \
                 float *acc = o + (row0 + r) * D;                                                \
                 int64_t a = lo[r], cnt = hi[r] - a;                                             \
-                for (int64_t d = 0; d < D; d++)                                                 \
-                    acc[d] = 0.0f;                                                              \
-                if (cnt <= 0) {                                                                 \
-                    lse[row0 + r] = -INFINITY;                                                  \
-                    continue;                                                                   \
-                }                                                                               \
-                float m = -INFINITY;                                                            \
-                for (int64_t e = 0; e < cnt; e++) {                                             \
-                    const float *kr = K + (size_t)(a + e) * D;                                  \
-                    float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                      \
-                    int64_t d = 0;                                                              \
-                    for (; d + 8 <= D; d += 8)                                                  \
-                        for (int j = 0; j < 8; j++)                                             \
-                            t[j] += qr[d + j] * kr[d + j];                                      \
-                    for (; d < D; d++)                                                          \
-                        t[0] += qr[d] * kr[d];                                                  \
-                    float s = (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))) \
-                              * scale;                                                          \
-                    sc[e] = s;                                                                  \
-                    m = s > m ? s : m;                                                          \
-                }                                                                               \
-                float l = 0.0f;                                                                 \
-                for (int64_t e = 0; e < cnt; e++) {                                             \
-                    float p = expf(sc[e] - m);                                                  \
-                    const float *vr = V + (size_t)(a + e) * D;                                  \
-                    l += p;                                                                     \
-                    for (int64_t d = 0; d < D; d++)                                             \
-                        acc[d] += p * vr[d];                                                    \
-                }                                                                               \
-                float inv = 1.0f / l;                                                           \
-                for (int64_t d = 0; d < D; d++)                                                 \
-                    acc[d] *= inv;                                                              \
-                lse[row0 + r] = m + logf(l);                                                    \
+                PORTABLE_ROW(a + e)                                                             \
             }                                                                                   \
         }                                                                                       \
     }
