@@ -540,6 +540,25 @@ EXPORT int hpcattn_gather_best(void)
     return GENERIC;
 }
 
+/* The variant asked for (0: the best) lowered to what this CPU runs and D allows (avx512 needs
+ * D % 16 == 0 and D <= 256). */
+static int variant_for(int variant, int64_t D)
+{
+    int best = hpcattn_gather_best();
+    if (variant <= 0 || variant > best)
+        variant = best;
+    if (variant == AVX512 && (D % 16 != 0 || D > 256 || D == 0))
+        variant = best >= AVX2 ? AVX2 : GENERIC;
+    return variant;
+}
+
+/* n floats on a cache-line boundary; *mem is what to free. NULL if malloc failed. */
+static float *scratch(size_t n, void **mem)
+{
+    *mem = malloc(sizeof(float) * n + 64);
+    return *mem ? (float *)(((uintptr_t)*mem + 63) & ~(uintptr_t)63) : NULL;
+}
+
 /* (o, lse) of every row (see the top of the file). variant: 0 the best this CPU runs for D,
  * else that one (lowered to what the CPU runs; avx512 needs D % 16 == 0 and D <= 256).
  * Returns the variant used, or -1 if scratch memory could not be allocated. */
@@ -547,20 +566,16 @@ EXPORT int hpcattn_gather(const float *q, const float *k, const float *v, const 
                           const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
                           int64_t D, float scale, int variant, float *o, float *lse)
 {
-    int best = hpcattn_gather_best();
-    if (variant <= 0 || variant > best)
-        variant = best;
-    if (variant == AVX512 && (D % 16 != 0 || D > 256 || D == 0))
-        variant = best >= AVX2 ? AVX2 : GENERIC;
+    variant = variant_for(variant, D);
     int64_t longest = 0;  /* scratch: the longest row's scores, rounded up to 16 floats */
     for (int64_t r = 0; r < n; r++)
         if (indptr[r + 1] - indptr[r] > longest)
             longest = indptr[r + 1] - indptr[r];
     longest = (longest + 15) / 16 * 16;
-    void *mem = malloc(sizeof(float) * (size_t)longest + 64);
-    if (!mem)
+    void *mem;
+    float *buf = scratch((size_t)longest, &mem);
+    if (!buf)
         return -1;
-    float *buf = (float *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
 #ifdef HPCATTN_X86
     if (variant == AVX512)
         gather_avx512(q, k, v, indptr, cols, bh, g, n, nk, D, scale, buf, o, lse);
@@ -582,21 +597,17 @@ EXPORT int hpcattn_band(const float *q, const float *k, const float *v, const in
                         const int64_t *hi, int64_t bh, int64_t g, int64_t n, int64_t D, int64_t ldk,
                         float scale, int variant, float *o, float *lse)
 {
-    int best = hpcattn_gather_best();
-    if (variant <= 0 || variant > best)
-        variant = best;
-    if (variant == AVX512 && (D % 16 != 0 || D > 256 || D == 0))
-        variant = best >= AVX2 ? AVX2 : GENERIC;
+    variant = variant_for(variant, D);
     int64_t widest = 0;  /* the widest row; a block of rows spans at most 64 keys more */
     for (int64_t r = 0; r < n; r++)
         if (hi[r] - lo[r] > widest)
             widest = hi[r] - lo[r];
     int64_t limit = widest + 64, span = (limit + 15) / 16 * 16;
     size_t floats = variant == AVX512 ? (size_t)(32 * D + 16 * span) : (size_t)widest;
-    void *mem = malloc(sizeof(float) * floats + 64);
-    if (!mem)
+    void *mem;
+    float *sc = scratch(floats, &mem);
+    if (!sc)
         return -1;
-    float *sc = (float *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
 #ifdef HPCATTN_X86
     if (variant == AVX512)
         band_avx512(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse, limit);
