@@ -112,13 +112,19 @@ def run(q, k, v, indptr, cols, scale):
     q, k, v = c(q, dtype=np.float32), c(k, dtype=np.float32), c(v, dtype=np.float32)
     indptr = c(indptr, dtype=np.int64)
     cols = c(cols, dtype=np.int64)
-    o = np.empty((B, Hkv, G, n, D), dtype=np.float32)
-    lse = np.empty((B, Hkv, G, n), dtype=np.float32)
-    used = LIB.hpcattn_gather(q.ctypes.data, k.ctypes.data, v.ctypes.data, indptr.ctypes.data,
-                              cols.ctypes.data, B * Hkv, G, n, nk, D, float(scale),
-                              VARIANTS.get(_choice(), 0), o.ctypes.data, lse.ctypes.data)
+    return _call(LIB.hpcattn_gather, "gather", q.shape, q, k, v, indptr, cols, B * Hkv, G, n, nk, D,
+                 float(scale))
+
+
+def _call(fn, what, shape, *args):
+    """(o, lse, variant) from one of the library's kernels: arrays go by address, then the
+    variant asked for (HPCATTN_GATHER) and the fresh float32 o (shape) and lse (shape[:-1])."""
+    o = np.empty(shape, dtype=np.float32)
+    lse = np.empty(shape[:-1], dtype=np.float32)
+    used = fn(*(a.ctypes.data if isinstance(a, np.ndarray) else a for a in args),
+              VARIANTS.get(_choice(), 0), o.ctypes.data, lse.ctypes.data)
     if used < 0:
-        raise MemoryError("the compiled gather could not allocate its scratch row")
+        raise MemoryError(f"the compiled {what} could not allocate its scratch memory")
     return o, lse, NAMES[used]
 
 
@@ -137,11 +143,5 @@ def band_rows(q, k, v, lo, hi, scale):
         k, v = c(k, dtype=np.float32), c(v, dtype=np.float32)
     ldk = k.strides[1] // 4 if Hkv > 1 else k.strides[0] // 4 if B > 1 else 0
     lo, hi = c(lo, dtype=np.int64), c(hi, dtype=np.int64)
-    o = np.empty((B, Hkv, G, n, D), dtype=np.float32)
-    lse = np.empty((B, Hkv, G, n), dtype=np.float32)
-    used = LIB.hpcattn_band(q.ctypes.data, k.ctypes.data, v.ctypes.data, lo.ctypes.data,
-                            hi.ctypes.data, B * Hkv, G, n, D, ldk, float(scale),
-                            VARIANTS.get(_choice(), 0), o.ctypes.data, lse.ctypes.data)
-    if used < 0:
-        raise MemoryError("the compiled band kernel could not allocate its scratch rows")
-    return o, lse, NAMES[used]
+    return _call(LIB.hpcattn_band, "band kernel", q.shape, q, k, v, lo, hi, B * Hkv, G, n, D, ldk,
+                 float(scale))
