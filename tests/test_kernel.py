@@ -167,11 +167,14 @@ def test_compiled_gather_runs_the_variant_asked(rng, variant, D, monkeypatch):
 
 
 @needs_compiled
-def test_compiled_gather_gives_the_same_bits_on_any_thread_count(rng, monkeypatch):
+@pytest.mark.parametrize("spec", ["causal+random:40+dilated:3:7",  # the gather
+                                  "window:100+global:2", "causal+window:33", "window:256+dilated:2:9"])  # the band
+def test_compiled_kernels_give_the_same_bits_on_any_thread_count(rng, spec, monkeypatch):
     """Row chunks run the C on the thread pool (ctypes drops the GIL); each row is computed the
-    same way whatever the chunking, so one thread and several agree bit for bit."""
+    same way whatever the chunking (the band: whichever 16-row block it is in), so one thread
+    and several agree bit for bit."""
     n, D = 6000, 64
-    mask = parse("causal+random:40+dilated:3:7", n_keys=n)
+    mask = parse(spec, n_keys=n)
     q = rng.standard_normal((1, 2, 2, n, D)).astype("float32")
     k, v = (rng.standard_normal((1, 2, n, D)).astype("float32") for _ in range(2))
     got = []
@@ -180,6 +183,7 @@ def test_compiled_gather_gives_the_same_bits_on_any_thread_count(rng, monkeypatc
         got.append(local.attend(q, np.arange(n), k, v, 0, mask, 0.125))
     for o, lse, e in got[1:]:
         assert e == got[0][2] and np.array_equal(o, got[0][0]) and np.array_equal(lse, got[0][1])
+    assert not np.isnan(got[0][0]).any() and np.isfinite(got[0][1]).all()
 
 
 @pytest.mark.parametrize("shape, dtype", [((3, 5, 7), "float32"), ((0, 4), "float16"), ((1000, 64), "int64"),
@@ -317,23 +321,6 @@ def test_compiled_band_matches_the_reference(rng, variant, spec, D, kwargs, monk
     run_case(rng, spec, 1001, D=D, **kwargs)
     want = variant if variant != "avx512" or D % 16 == 0 else "avx2"
     assert calls and set(calls) == {want}
-
-
-@needs_compiled
-@pytest.mark.parametrize("spec", ["window:100+global:2", "causal+window:33", "window:256+dilated:2:9"])
-def test_compiled_band_gives_the_same_bits_on_any_thread_count(rng, spec, monkeypatch):
-    """A row's result does not depend on which 16-row block (so which chunk) it is in."""
-    n, D = 6000, 64
-    mask = parse(spec, n_keys=n)
-    q = rng.standard_normal((1, 2, 2, n, D)).astype("float32")
-    k, v = (rng.standard_normal((1, 2, n, D)).astype("float32") for _ in range(2))
-    got = []
-    for threads in ("1", "2", "3"):
-        monkeypatch.setenv("HPCATTN_THREADS", threads)
-        got.append(local.attend(q, np.arange(n), k, v, 0, mask, 0.125))
-    for o, lse, e in got[1:]:
-        assert e == got[0][2] and np.array_equal(o, got[0][0]) and np.array_equal(lse, got[0][1])
-    assert not np.isnan(got[0][0]).any() and np.isfinite(got[0][1]).all()
 
 
 @pytest.mark.skipif("avx512" not in compiled_variants(), reason="the band kernel's AVX-512 loops do not run here")
