@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 
-
 from . import __version__, faults, gpu, h5io, outofcore
 from .api import attention, attention_backward
 from .errors import HpcattnError, collectively
