@@ -377,7 +377,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
         // descriptors of buffer 0's K and V tiles and of q buffer 0's rows of this consumer
         const unsigned long long kdesc = wg_desc_sw(KV, 16, 1024), vdesc = wg_desc_sw(KV + TILE, MK * 128, 1024);
         const unsigned long long qdesc = wg_desc_sw(reinterpret_cast<const char*>(Qbuf) + cw * 64 * 128, 16, 1024);
-        int ntile = 0;  // tiles of earlier items
+        int kb = 0, kph = 0;  // the buffer of this consumer's next tile, and its fill's parity
         // this thread's rows' positions, loaded one item ahead (off the first tile's critical path)
         auto positions = [&](int it, long long& p0, long long& p1) {
             const int head = it / nblk, t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
@@ -416,8 +416,25 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 }
             }
             unsigned long long item_edges = 0;
-            int sp = 0;
-            long long c0 = nsp ? item.lo[0] : 0;
+            // The tiles' plan, lane-parallel: lane l holds tile base + l's first key and its class
+            // (key count | 128 when wholly inside the mask), read by a shuffle at each tile.
+            long long pc0 = 0;
+            int pinfo = 0;
+            auto plan = [&](int base) {
+                int t = base + lane, sp = 0;
+                for (; sp < nsp; ++sp) {
+                    const int n = (int)((item.hi[sp] - item.lo[sp] + MK - 1) / MK);
+                    if (t < n) break;
+                    t -= n;
+                }
+                pc0 = 0;
+                pinfo = 0;
+                if (sp < nsp && base + lane <= last) {
+                    pc0 = item.lo[sp] + (long long)t * MK;
+                    const int nkt = (int)min((long long)MK, item.hi[sp] - pc0);
+                    pinfo = nkt | (nkt == MK && mask_tile_full(mk, qlo, qhi, pc0, pc0 + MK) ? 128 : 0);
+                }
+            };
             // S = Q K^T of the tile in buffer b, committed, not waited for
             auto issue_s = [&](int b) {
                 const unsigned kb = b * 2 * TILE * (unsigned)sizeof(T), qb = slot * BM * D * (unsigned)sizeof(T);
@@ -453,56 +470,64 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                     Wgmma<T, D, 1>::run(oacc, pa[kk], wg_desc_at(vdesc, vb + kk * 16 * 128), 1);
                 wg_commit();
             };
-            // the current tile's scores (complete in s): mask, softmax, weights into s
-            auto softmax = [&]() {
-                const int nkt = (int)min((long long)MK, item.hi[sp] - c0);
-                wg_mask(s, mk, nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK), live0, live1, pos0, pos1, c0, nkt,
-                        tq, item_edges);
+            // tile t's scores (complete in s): mask, softmax, weights into s
+            auto softmax = [&](int t) {
+                const int l = (t - first) & 31;
+                if (l == 0 && t != first) plan(t);
+                const long long c0 = __shfl_sync(0xffffffffu, pc0, l);
+                const int info = __shfl_sync(0xffffffffu, pinfo, l);
+                wg_mask(s, mk, info >> 7, live0, live1, pos0, pos1, c0, info & 127, tq, item_edges);
                 wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
             };
-            // tile n (over all items) is in buffer n % ST, filled for the (n / ST)-th time
-            auto wait_full = [&](int t) { mb_wait(&full_b[(ntile + t) % ST], ((ntile + t) / ST) & 1); };
-            auto release = [&](int t) {  // this warp is done with tile t
+            // the consumer's next tile is in buffer kb, filled for a time of parity kph
+            auto wait_full = [&]() { mb_wait(&full_b[kb], kph); };
+            auto advance = [&]() {
+                if (++kb == ST) {
+                    kb = 0;
+                    kph ^= 1;
+                }
+            };
+            auto release = [&](int b) {  // this warp is done with buffer b
                 __syncwarp();
-                if (lane == 0) mb_arrive(&empty_b[(ntile + t) % ST]);
+                if (lane == 0) mb_arrive(&empty_b[b]);
             };
             int t = 0;
-            for (; t < first && t < ntiles; ++t) {  // tiles before this consumer's rows reach
-                wait_full(t);
-                release(t);
-                next_tile(sp, c0, nsp, item.lo, item.hi);
+            for (; t < first && t < ntiles; ++t, advance()) {  // tiles before this consumer's rows reach
+                wait_full();
+                release(kb);
             }
             if (first <= last) {
-                wait_full(t);
-                issue_s((ntile + t) % ST);
+                plan(first);
+                wait_full();
+                issue_s(kb);
                 wgmma_wait<0>();
                 fence_regs(s);
-                softmax();
+                softmax(t);
                 wg_pack<T>(s, pa);
-                next_tile(sp, c0, nsp, item.lo, item.hi);
-                for (++t; t <= last; ++t) {  // S of tile t and P V of tile t - 1 in flight together
-                    wait_full(t);
-                    issue_s((ntile + t) % ST);
-                    issue_pv((ntile + t - 1) % ST);
+                int pb = kb;  // the buffer of the tile whose P V comes next
+                advance();
+                for (++t; t <= last; ++t, advance()) {  // S of tile t and P V of tile t - 1 in flight together
+                    wait_full();
+                    issue_s(kb);
+                    issue_pv(pb);
                     wgmma_wait<1>();  // S
                     fence_regs(s);
-                    softmax();        // overlaps P V
+                    softmax(t);       // overlaps P V
                     wgmma_wait<0>();  // P V
                     fence_regs(oacc);
-                    release(t - 1);
+                    release(pb);
                     wg_pack<T>(s, pa);
-                    next_tile(sp, c0, nsp, item.lo, item.hi);
+                    pb = kb;
                 }
-                issue_pv((ntile + t - 1) % ST);
+                issue_pv(pb);
                 wgmma_wait<0>();
                 fence_regs(oacc);
-                release(t - 1);
+                release(pb);
             }
-            for (; t < ntiles; ++t) {  // tiles after
-                wait_full(t);
-                release(t);
+            for (; t < ntiles; ++t, advance()) {  // tiles after
+                wait_full();
+                release(kb);
             }
-            ntile += ntiles;
             __syncwarp();
             if (lane == 0) mb_arrive(&qempty_b[slot]);  // done with this item's q rows and set-up
             if (head == 0) n_edges += item_edges;
