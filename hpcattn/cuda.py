@@ -29,7 +29,7 @@ MMA_DIMS = tuple(MMA_SHAPES)
 # attend_fwd_wgmma's shape per head dim (Hopper, sm_90a): (consumer warpgroups of 64 rows,
 # K/V buffers, blocks per SM, q in registers), the fastest of jobs/wgmma_check.py's candidates
 # on an H100 (BENCHMARKS.md, issue 10)
-WG_SHAPES = {64: (3, 4, 1, False), 128: (2, 5, 1, True)}
+WG_SHAPES = {64: (3, 8, 1, False), 128: (2, 5, 1, True)}
 WG_DIMS = tuple(WG_SHAPES)
 WG_CTAS = None  # blocks of the persistent wgmma kernel; None: as many as the SMs hold (tests lower it)
 
