@@ -185,15 +185,25 @@ template <typename T> __device__ __forceinline__ void wg_pack(const float (&s)[M
 }
 
 // rows [0, rows) of a (rows, D) block at src into shared memory in 128-byte swizzle atoms, zeros
-// up to `pad` rows: columns [64h, 64h + 64) of row r at h * pad * 128 + r * 128, their 16-byte
-// chunk c at position c ^ (r % 8). Eight consecutive threads read one 128-byte row segment.
-template <typename T, int D>
-__device__ __forceinline__ void load_tile_sw(const T* __restrict__ src, int rows, int pad, T* dst, int tid, int nthreads) {
-    constexpr int CH = D / 8;
-    for (int e = tid; e < pad * CH; e += nthreads) {
-        const int r = e / CH, c = e % CH;
-        cp16(reinterpret_cast<char*>(dst) + (c >> 3) * pad * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4),
-             src + (size_t)(r < rows ? r : 0) * D + c * 8, r < rows);
+// up to PAD rows, by the loader's 128 threads: columns [64h, 64h + 64) of row r at h * PAD * 128 +
+// r * 128, their 16-byte chunk c at position c ^ (r % 8). A thread copies one chunk column of
+// every (128 / (D / 8))-th row, so its offsets and its swizzle are the same in every row it copies.
+template <typename T, int D, int PAD>
+__device__ __forceinline__ void load_tile_sw(const T* __restrict__ src, int rows, T* dst, int tid) {
+    constexpr int CH = D / 8, STEP = 128 / CH;  // chunks per row; rows between a thread's copies
+    static_assert(PAD % STEP == 0, "every thread copies the same number of rows");
+    const int c = tid % CH, r0 = tid / CH;
+    char* d = reinterpret_cast<char*>(dst) + (c >> 3) * PAD * 128 + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);
+    const T* g = src + (size_t)r0 * D + c * 8;
+    if (rows >= PAD) {  // the common case: constant offsets
+#pragma unroll
+        for (int i = 0; i < PAD / STEP; ++i) cp16(d + i * STEP * 128, g + i * STEP * D, true);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < PAD / STEP; ++i) {
+        const bool in = r0 + i * STEP < rows;
+        cp16(d + i * STEP * 128, in ? g + i * STEP * D : src, in);
     }
 }
 
@@ -210,17 +220,17 @@ __device__ __forceinline__ void mb_arrive(unsigned long long* b) {
 __device__ __forceinline__ void mb_wait(unsigned long long* b, int parity) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(b);
     unsigned long long t0 = 0;
-    for (unsigned n = 1;; ++n) {
-        unsigned done;
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+    for (;;) {
+        unsigned done;  // up to 65,536 polls in a tight loop, then a look at the clock (ns)
+        asm volatile("{\n.reg .pred p;\n.reg .u32 n;\nmov.u32 n, 0;\nW:\n"
+                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n@p bra D;\n"
+                     "add.u32 n, n, 1;\nsetp.lt.u32 p, n, 65536;\n@p bra W;\nD:\nselp.u32 %0, 1, 0, p;\n}\n"
                      : "=r"(done) : "r"(a), "r"(parity) : "memory");
         if (done) return;
-        if ((n & 0xffff) == 0) {  // every 65,536 polls, a look at the clock (ns)
-            unsigned long long now;
-            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-            if (t0 == 0) t0 = now;
-            else if (now - t0 > 600000000000ull) __trap();
-        }
+        unsigned long long now;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        if (t0 == 0) t0 = now;
+        else if (now - t0 > 600000000000ull) __trap();
     }
 }
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
@@ -250,7 +260,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                  unsigned long long* __restrict__ edges, const long long* __restrict__ mask_words,
                  int nq, int nk, int G, long long k0, float scale, long long q0, int heads) {
     constexpr int BM = 64 * NWG, TILE = MK * D;  // TILE in elements
-    constexpr int PREG = 72, CREG0 = ((65536 / MINB - 128 * PREG) / (128 * NWG)) / 8 * 8;
+    constexpr int PREG = 56, CREG0 = ((65536 / MINB - 128 * PREG) / (128 * NWG)) / 8 * 8;
     constexpr int CREG = CREG0 > 240 ? 240 : CREG0;
     static_assert(ST >= 3, "the loader refills tile i's buffer while tiles i + 1, i + 2 are in use");
     extern __shared__ __align__(128) unsigned char smem_wg[];
@@ -299,7 +309,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
             Item<NWG>& item = items[slot];
             if (n >= 2) mb_wait(&qempty_b[slot], (n / 2 - 1) & 1);  // consumers are done with item n - 2
-            load_tile_sw<T, D>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qbuf + slot * BM * D, tid, 128);
+            load_tile_sw<T, D, BM>(q + ((size_t)head * nq + t0) * D, t1 - t0, Qbuf + slot * BM * D, tid);
             cp_commit();
             cp_wait<1>();
             signal();
@@ -359,8 +369,8 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 const int b = ntile % ST;
                 if (ntile >= ST) mb_wait(&empty_b[b], (ntile / ST - 1) & 1);  // consumers are done with tile n - ST
                 const int rows = (int)min((long long)MK, item.hi[sp] - c0);
-                load_tile_sw<T, D>(kh + (size_t)(c0 - k0) * D, rows, MK, KV + 2 * b * TILE, tid, 128);
-                load_tile_sw<T, D>(vh + (size_t)(c0 - k0) * D, rows, MK, KV + (2 * b + 1) * TILE, tid, 128);
+                load_tile_sw<T, D, MK>(kh + (size_t)(c0 - k0) * D, rows, KV + 2 * b * TILE, tid);
+                load_tile_sw<T, D, MK>(vh + (size_t)(c0 - k0) * D, rows, KV + (2 * b + 1) * TILE, tid);
                 cp_commit();
                 cp_wait<1>();
                 signal();
