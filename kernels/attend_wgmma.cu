@@ -7,18 +7,21 @@
 // shared memory in 128-byte swizzle atoms (without the swizzle the MMAs' reads were bank-bound).
 #include "attend_mma.cu"
 
-// Shared-memory matrix descriptor in the 128-byte swizzle (8 rows of 128 bytes whose 16-byte
+// Shared-memory matrix descriptors in the 128-byte swizzle (8 rows of 128 bytes whose 16-byte
 // chunks are permuted by XOR with the row index mod 8: CUTLASS's Swizzle<3,4,3>; atoms
-// 1024-byte aligned): start address, and the byte distances between atoms adjacent in the
-// leading (K) and in the stride (M/N) dimension.
-__device__ __forceinline__ unsigned long long wg_desc_sw(const void* p, unsigned lbo, unsigned sbo) {
-    const unsigned long long a = (unsigned)__cvta_generic_to_shared(p);
-    return ((a & 0x3FFFFull) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32)
-           | (1ull << 62);
+// 1024-byte aligned), kept as their low word: the start address in 16-byte units (14 bits: it
+// never carries, shared memory is below 256 KiB) and the byte distance between atoms adjacent in
+// the leading (K) dimension. The high word is the same for every operand here: 1024 bytes
+// between atoms adjacent in the stride (M/N) dimension, and the swizzle mode.
+__device__ __forceinline__ unsigned wg_desc_lo(const void* p, unsigned lbo) {
+    return (((unsigned)__cvta_generic_to_shared(p) & 0x3FFFFu) >> 4) | ((lbo >> 4) << 16);
 }
-// The descriptor d with its start address moved by `bytes` (a multiple of 16; the address stays
-// in shared memory, so the 14-bit field does not carry): per-tile descriptors from one base.
-__device__ __forceinline__ unsigned long long wg_desc_at(unsigned long long d, unsigned bytes) { return d + (bytes >> 4); }
+// the descriptor of low word lo moved by `bytes` (a multiple of 16)
+__device__ __forceinline__ unsigned long long wg_desc(unsigned lo, unsigned bytes) {
+    unsigned long long d;
+    asm("mov.b64 %0, {%1, %2};" : "=l"(d) : "r"(lo + (bytes >> 4)), "n"((1024 >> 4) | (1u << 30)));
+    return d;
+}
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
@@ -385,8 +388,8 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
         const int cw = wg - 1;  // consumer index
         const float sl2 = scale * MLOG2E;
         // descriptors of buffer 0's K and V tiles and of q buffer 0's rows of this consumer
-        const unsigned long long kdesc = wg_desc_sw(KV, 16, 1024), vdesc = wg_desc_sw(KV + TILE, MK * 128, 1024);
-        const unsigned long long qdesc = wg_desc_sw(reinterpret_cast<const char*>(Qbuf) + cw * 64 * 128, 16, 1024);
+        const unsigned kdesc = wg_desc_lo(KV, 16), vdesc = wg_desc_lo(KV + TILE, MK * 128);
+        const unsigned qdesc = wg_desc_lo(reinterpret_cast<const char*>(Qbuf) + cw * 64 * 128, 16);
         int kb = 0, kph = 0;  // the buffer of this consumer's next tile, and its fill's parity
         // this thread's rows' positions, loaded one item ahead (off the first tile's critical path)
         auto positions = [&](int it, long long& p0, long long& p1) {
@@ -452,11 +455,11 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 wg_fence();
 #pragma unroll
                 for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
-                    const unsigned long long kd = wg_desc_at(kdesc, kb + (kk >> 2) * MK * 128 + (kk & 3) * 32);
+                    const unsigned long long kd = wg_desc(kdesc, kb + (kk >> 2) * MK * 128 + (kk & 3) * 32);
                     if (QREG)
                         Wgmma<T, MK, 0>::run(s, qa[QREG ? kk : 0], kd, kk > 0);
                     else
-                        WgmmaSS<T>::run(s, wg_desc_at(qdesc, qb + (kk >> 2) * BM * 128 + (kk & 3) * 32), kd, kk > 0);
+                        WgmmaSS<T>::run(s, wg_desc(qdesc, qb + (kk >> 2) * BM * 128 + (kk & 3) * 32), kd, kk > 0);
                 }
                 wg_commit();
             };
@@ -477,7 +480,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 wg_fence();
 #pragma unroll
                 for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is 16 keys; V is N-major, atoms of 64 d's
-                    Wgmma<T, D, 1>::run(oacc, pa[kk], wg_desc_at(vdesc, vb + kk * 16 * 128), 1);
+                    Wgmma<T, D, 1>::run(oacc, pa[kk], wg_desc(vdesc, vb + kk * 16 * 128), 1);
                 wg_commit();
             };
             // tile t's scores (complete in s): mask, softmax, weights into s
