@@ -243,7 +243,7 @@ template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setm
 // per consumer, the block's key spans and tiles, and the range of tiles each consumer reaches.
 template <int NWG> struct Item {
     long long qlo[NWG], qhi[NWG], lo[HPCATTN_MAX_SPANS], hi[HPCATTN_MAX_SPANS];
-    int nsp, ntiles, first[NWG], last[NWG];
+    int nsp, ntiles, first[NWG], last[NWG], run[NWG];  // run: consumer w's rows sit at qlo[w] + row - its first row
 };
 
 // Persistent and warp-specialised (FlashAttention-3's layout): each block walks work items (64 *
@@ -318,14 +318,49 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             signal();
             pend = -1 - slot;
             if (warp == 0) {  // the item's positions and key spans
+                // all the item's positions in one round trip (row t0 + 64w + 32j + lane in p[w][j]), and
+                // the next item's into L2 (one 128-byte line per lane)
+                long long p[NWG][2];
+#pragma unroll
+                for (int w = 0; w < NWG; ++w)
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) {
+                        const int r = t0 + 64 * w + 32 * j + lane;
+                        p[w][j] = r >= t1 ? 0 : qpos ? qpos[r] : q0 + r;
+                    }
+                if (qpos && it + (int)gridDim.x < nitems && lane < BM / 16) {
+                    const int nx = it + gridDim.x, nt0 = (nx - nx / nblk * nblk) * BM + 16 * lane;
+                    if (nt0 < nq) asm volatile("prefetch.global.L2 [%0];\n" :: "l"(qpos + nt0));
+                }
                 long long blo = 0x7fffffffffffffffLL, bhi = -0x7fffffffffffffffLL - 1;
+#pragma unroll
                 for (int w = 0; w < NWG; ++w) {
                     const int r0 = t0 + 64 * w, r1 = min(t1, r0 + 64);
-                    long long lo, hi;
-                    row_positions(qpos, q0, r0, r1, lane, lo, hi);
+                    const long long p0 = __shfl_sync(0xffffffffu, p[w][0], 0);
+                    long long lo = 0x7fffffffffffffffLL, hi = -0x7fffffffffffffffLL - 1;
+                    bool run = true;  // row r at p0 + r - r0
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                        if (r0 + 32 * j + lane < r1) {
+                            lo = min(lo, p[w][j]);
+                            hi = max(hi, p[w][j]);
+                            run = run && p[w][j] == p0 + 32 * j + lane;
+                        }
+                    run = __all_sync(0xffffffffu, run);
+                    if (run) {
+                        lo = p0;
+                        hi = p0 + (r1 - r0 - 1);
+                    } else {
+#pragma unroll
+                        for (int s = 16; s > 0; s >>= 1) {
+                            lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
+                            hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
+                        }
+                    }
                     if (lane == 0) {
                         item.qlo[w] = lo;
                         item.qhi[w] = hi;
+                        item.run[w] = run;
                     }
                     if (r0 < r1) {
                         blo = min(blo, lo);
@@ -391,25 +426,18 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
         const unsigned kdesc = wg_desc_lo(KV, 16), vdesc = wg_desc_lo(KV + TILE, MK * 128);
         const unsigned qdesc = wg_desc_lo(reinterpret_cast<const char*>(Qbuf) + cw * 64 * 128, 16);
         int kb = 0, kph = 0;  // the buffer of this consumer's next tile, and its fill's parity
-        // this thread's rows' positions, loaded one item ahead (off the first tile's critical path)
-        auto positions = [&](int it, long long& p0, long long& p1) {
-            const int head = it / nblk, t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
-            const int r0 = t0 + 64 * cw + 16 * wq + g, r1 = r0 + 8;
-            p0 = r0 >= t1 ? 0 : qpos ? qpos[r0] : q0 + r0;
-            p1 = r1 >= t1 ? 0 : qpos ? qpos[r1] : q0 + r1;
-        };
-        long long npos0 = 0, npos1 = 0;
-        if (blockIdx.x < nitems) positions(blockIdx.x, npos0, npos1);
         for (int it = blockIdx.x, n = 0; it < nitems; it += gridDim.x, ++n) {
             const int slot = n & 1, head = it / nblk;
             const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
             const Item<NWG>& item = items[slot];
             const int r0 = t0 + 64 * cw + 16 * wq + g, r1 = r0 + 8;
             const bool live0 = r0 < t1, live1 = r1 < t1;
-            const long long pos0 = npos0, pos1 = npos1;
-            if (it + gridDim.x < nitems) positions(it + gridDim.x, npos0, npos1);
             mb_wait(&qfull_b[slot], (n / 2) & 1);  // q rows landed, set-up written
             const long long qlo = item.qlo[cw], qhi = item.qhi[cw];
+            // this thread's rows' positions: from qlo when the consumer's rows are a run (no memory read)
+            const bool run = item.run[cw];
+            const long long pos0 = !live0 ? 0 : run ? qlo + (r0 - t0 - 64 * cw) : qpos[r0];
+            const long long pos1 = !live1 ? 0 : run ? qlo + (r1 - t0 - 64 * cw) : qpos[r1];
             const int nsp = item.nsp, ntiles = item.ntiles;
             const int first = __shfl_sync(0xffffffffu, item.first[cw], 0), last = __shfl_sync(0xffffffffu, item.last[cw], 0);
             const T* Qs = Qbuf + slot * BM * D;
