@@ -304,6 +304,15 @@ def _positions(qpos):
     return qpos
 
 
+def _sm_count(cp):
+    """The current device's multiprocessors, cached (CuPy's Device.attributes reads every
+    attribute of the device, tens of microseconds on each call)."""
+    key = ("sms", cp.cuda.Device().id)
+    if key not in _cache:
+        _cache[key] = cp.cuda.Device().attributes["MultiProcessorCount"]
+    return _cache[key]
+
+
 def _launch(name, grid, smem, args, threads=THREADS):
     f = kernel(name)
     if smem > 48 * 1024:
@@ -316,7 +325,7 @@ def _launch_wgmma(ctype, D, otype, nq, heads, args):
     cp = _cp()
     nwg, _, minb, _ = WG_SHAPES[D]
     items = (nq + 64 * nwg - 1) // (64 * nwg) * heads
-    ctas = min(items, WG_CTAS or cp.cuda.Device().attributes["MultiProcessorCount"] * minb)
+    ctas = min(items, WG_CTAS or _sm_count(cp) * minb)
     _launch(wg_name(ctype, D, otype), (ctas,), wg_smem(D), args + (np.int32(heads),), threads=128 * (nwg + 1))
 
 
@@ -375,7 +384,7 @@ def _key_chunks(cp, nq, heads, nk):
     """Chunks to split the keys into so that few query rows (decode) still fill the GPU: about
     two blocks of 64 rows x head per SM over all `heads` (batch x query heads), chunks of at
     least SPLIT_KEYS keys; 1 where the rows alone fill it (prefill)."""
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    sms = _sm_count(cp)
     return max(1, min(2 * sms // (-(-nq // 64) * heads), nk // SPLIT_KEYS))
 
 
