@@ -84,6 +84,30 @@ def test_local_kernel_matches_reference_and_counts_edges(rng, spec, B, Hkv, G, n
     assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
 
 
+@pytest.mark.parametrize("spec", ["window:40", "causal+window:100", "global:3+window:20", "block:64+causal"])
+@pytest.mark.parametrize("D,dtype", [(64, "float16"), (128, "bfloat16")])
+def test_wgmma_rows_whose_positions_are_runs_or_not(rng, spec, D, dtype):
+    """The Hopper kernel works a 64-row group's positions out from its lowest one when the group
+    is a run (row r at lo + r): here runs, a run reversed (the same lowest and highest position,
+    not a run), a run with one row moved, sorted samples and an uneven last group, in one call;
+    exact against float64, edges counted."""
+    need("wgmma")
+    mask, nk, k0 = parse(spec), 1500, 0
+    qpos = np.concatenate([np.arange(0, 192), np.arange(700, 636, -1), np.arange(400, 464),
+                           np.r_[np.arange(900, 963), 1200], np.sort(rng.choice(1500, 150, replace=False))])
+    nq = len(qpos)
+    (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, 2, 1, nq, D), (1, 2, nk, D), dtype)
+    scale = 1 / math.sqrt(D)
+    o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind="wgmma")
+    o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
+    o, lse = o.get(), lse.get()
+    empty = np.isneginf(lse_ref)
+    assert np.array_equal(np.isneginf(lse), empty) and (o[empty] == 0).all() and not np.isnan(o).any()
+    assert rel_err(o, o_ref) <= TOL[("wgmma", dtype)], rel_err(o, o_ref)
+    assert np.max(np.abs(lse[~empty] - lse_ref[~empty]) / np.maximum(1, np.abs(lse_ref[~empty])), initial=0) <= 1e-4
+    assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
+
+
 @pytest.mark.parametrize("spec", ["causal", "window:300", "global:3+causal+window:40", "block:128"])
 @pytest.mark.parametrize("B,Hkv,G,nq,D,dtype,kind", [(1, 1, 8, 16, 64, "float16", "wgmma"),
                                                       (2, 2, 3, 5, 128, "bfloat16", "wgmma"),
