@@ -1,7 +1,8 @@
 """Local-kernel benchmark on one GPU (issue 10): hpcattn's CUDA kernel, float16 and bfloat16,
 D = 64 and 128, window masks, N from 64K up; useful TFLOP/s (4*edges*D per head) and achieved
 bandwidth against the device-copy and GEMM ceilings measured in the same run; PyTorch SDPA,
-FlexAttention and FlashAttention's window_size side by side where importable; the longest
+FlexAttention (timed in rounds alternating with hpcattn's kernel) and FlashAttention's
+window_size side by side where importable; the longest
 in-HBM window:256 D=64 context (measured first, with o in the input dtype and positions
 derived on the device, before PyTorch holds any memory). Writes JSON to argv[1] (and prints one line per figure)."""
 import argparse
