@@ -51,6 +51,19 @@ def inputs(rng, shape_q, shape_k, dtype):
     return list(host), list(dev)
 
 
+def assert_matches_reference(o, lse, edges, o_ref, lse_ref, tol, mask, qpos, k0, nk):
+    """cuda.attend's (o, lse) on the device against the float64 reference: float32 of the right
+    shapes, rows without edges (0, -inf), every element finite, relative error within tol, lse
+    within 1e-4, and the edges of keys k0 .. k0 + nk - 1 counted exactly."""
+    o, lse = o.get(), lse.get()
+    assert o.dtype == lse.dtype == np.float32 and o.shape == o_ref.shape and lse.shape == o_ref.shape[:-1]
+    empty = np.isneginf(lse_ref)
+    assert np.array_equal(np.isneginf(lse), empty) and (o[empty] == 0).all() and np.isfinite(o).all()
+    assert rel_err(o, o_ref) <= tol, rel_err(o, o_ref)
+    assert np.max(np.abs(lse[~empty] - lse_ref[~empty]) / np.maximum(1, np.abs(lse_ref[~empty])), initial=0) <= 1e-4
+    assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
+
+
 @pytest.mark.parametrize("spec", MASKS)
 @pytest.mark.parametrize("B,Hkv,G,nq,nk,D,dtype,kind", [(1, 1, 1, 300, 300, 64, "float32", "simt"),
                                                          (2, 2, 2, 130, 257, 48, "float16", "simt"),
@@ -74,14 +87,7 @@ def test_local_kernel_matches_reference_and_counts_edges(rng, spec, B, Hkv, G, n
     scale = 1 / math.sqrt(D)
     o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
     o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
-    o, lse = o.get(), lse.get()
-    assert o.dtype == lse.dtype == np.float32 and o.shape == qh.shape and lse.shape == qh.shape[:-1]
-    empty = np.isneginf(lse_ref)
-    assert np.array_equal(np.isneginf(lse), empty) and (o[empty] == 0).all()
-    assert rel_err(o, o_ref) <= TOL.get(kind, TOL.get((kind, dtype))), rel_err(o, o_ref)
-    fin = ~empty
-    assert np.max(np.abs(lse[fin] - lse_ref[fin]) / np.maximum(1, np.abs(lse_ref[fin])), initial=0) <= 1e-4
-    assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
+    assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL.get(kind, TOL.get((kind, dtype))), mask, qpos, k0, nk)
 
 
 @pytest.mark.parametrize("spec", ["window:40", "causal+window:100", "global:3+window:20", "block:64+causal"])
@@ -100,12 +106,7 @@ def test_wgmma_rows_whose_positions_are_runs_or_not(rng, spec, D, dtype):
     scale = 1 / math.sqrt(D)
     o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind="wgmma")
     o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
-    o, lse = o.get(), lse.get()
-    empty = np.isneginf(lse_ref)
-    assert np.array_equal(np.isneginf(lse), empty) and (o[empty] == 0).all() and not np.isnan(o).any()
-    assert rel_err(o, o_ref) <= TOL[("wgmma", dtype)], rel_err(o, o_ref)
-    assert np.max(np.abs(lse[~empty] - lse_ref[~empty]) / np.maximum(1, np.abs(lse_ref[~empty])), initial=0) <= 1e-4
-    assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
+    assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL[("wgmma", dtype)], mask, qpos, k0, nk)
 
 
 @pytest.mark.parametrize("spec", ["causal", "window:300", "global:3+causal+window:40", "block:128"])
@@ -126,12 +127,7 @@ def test_few_query_rows_split_the_keys_and_merge(rng, monkeypatch, spec, B, Hkv,
     scale = 1 / math.sqrt(D)
     o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
     o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
-    o, lse = o.get(), lse.get()
-    empty = np.isneginf(lse_ref)
-    assert np.array_equal(np.isneginf(lse), empty) and (o[empty] == 0).all() and not np.isnan(o).any()
-    assert rel_err(o, o_ref) <= TOL.get(kind, TOL.get((kind, dtype))), rel_err(o, o_ref)
-    assert np.max(np.abs(lse[~empty] - lse_ref[~empty]) / np.maximum(1, np.abs(lse_ref[~empty])), initial=0) <= 1e-4
-    assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
+    assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL.get(kind, TOL.get((kind, dtype))), mask, qpos, k0, nk)
 
 
 LISTED = hasattr(masks, "random_keys") and hasattr(masks, "check_csr")
@@ -213,12 +209,7 @@ def test_persistent_wgmma_blocks_walk_many_work_items(rng, monkeypatch, ctas, D,
     o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, 1 / math.sqrt(D), bf16=dtype == "bfloat16",
                                 kernel_kind="wgmma")
     o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, 1 / math.sqrt(D))
-    o, lse = o.get(), lse.get()
-    empty = np.isneginf(lse_ref)
-    assert np.array_equal(np.isneginf(lse), empty) and (o[empty] == 0).all() and np.isfinite(o).all()
-    assert rel_err(o, o_ref) <= TOL[("wgmma", dtype)]
-    assert np.max(np.abs(lse[~empty] - lse_ref[~empty]) / np.maximum(1, np.abs(lse_ref[~empty])), initial=0) <= 1e-4
-    assert edges == int(mask.allowed(qpos[:, None], np.arange(k0, k0 + nk)[None, :]).sum())
+    assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL[("wgmma", dtype)], mask, qpos, k0, nk)
 
 
 def test_sm90a_cubin_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
