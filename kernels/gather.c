@@ -552,6 +552,16 @@ static int variant_for(int variant, int64_t D)
     return variant;
 }
 
+/* The longest of the n index ranges [lo[r], hi[r]) (0 when none has an index). */
+static int64_t widest(const int64_t *lo, const int64_t *hi, int64_t n)
+{
+    int64_t w = 0;
+    for (int64_t r = 0; r < n; r++)
+        if (hi[r] - lo[r] > w)
+            w = hi[r] - lo[r];
+    return w;
+}
+
 /* n floats on a cache-line boundary; *mem is what to free. NULL if malloc failed. */
 static float *scratch(size_t n, void **mem)
 {
@@ -567,11 +577,8 @@ EXPORT int hpcattn_gather(const float *q, const float *k, const float *v, const 
                           int64_t D, float scale, int variant, float *o, float *lse)
 {
     variant = variant_for(variant, D);
-    int64_t longest = 0;  /* scratch: the longest row's scores, rounded up to 16 floats */
-    for (int64_t r = 0; r < n; r++)
-        if (indptr[r + 1] - indptr[r] > longest)
-            longest = indptr[r + 1] - indptr[r];
-    longest = (longest + 15) / 16 * 16;
+    /* scratch: the longest row's scores, rounded up to 16 floats */
+    const int64_t longest = (widest(indptr, indptr + 1, n) + 15) / 16 * 16;
     void *mem;
     float *buf = scratch((size_t)longest, &mem);
     if (!buf)
@@ -598,12 +605,9 @@ EXPORT int hpcattn_band(const float *q, const float *k, const float *v, const in
                         float scale, int variant, float *o, float *lse)
 {
     variant = variant_for(variant, D);
-    int64_t widest = 0;  /* the widest row; a block of rows spans at most 64 keys more */
-    for (int64_t r = 0; r < n; r++)
-        if (hi[r] - lo[r] > widest)
-            widest = hi[r] - lo[r];
-    int64_t limit = widest + 64, span = (limit + 15) / 16 * 16;
-    size_t floats = variant == AVX512 ? (size_t)(32 * D + 16 * span) : (size_t)widest;
+    const int64_t w = widest(lo, hi, n);  /* the widest row; a block of rows spans at most 64 keys more */
+    int64_t limit = w + 64, span = (limit + 15) / 16 * 16;
+    size_t floats = variant == AVX512 ? (size_t)(32 * D + 16 * span) : (size_t)w;
     void *mem;
     float *sc = scratch(floats, &mem);
     if (!sc)
