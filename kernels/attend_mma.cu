@@ -112,6 +112,15 @@ __device__ __forceinline__ unsigned long long row_bits(const MaskDev& m, long lo
     return bits & bit_range(0, nkt);
 }
 
+// lo and hi reduced to the lowest and highest over the 32 lanes of the warp
+__device__ __forceinline__ void warp_min_max(long long& lo, long long& hi) {
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) {
+        lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
+        hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
+    }
+}
+
 // The lowest and highest position of rows [r0, r1) (row r sits at q0 + r without qpos),
 // reduced over the 32 lanes of one warp.
 __device__ __forceinline__ void row_positions(const long long* __restrict__ qpos, long long q0, int r0, int r1,
@@ -122,11 +131,7 @@ __device__ __forceinline__ void row_positions(const long long* __restrict__ qpos
         lo = 0x7fffffffffffffffLL;
         hi = -0x7fffffffffffffffLL - 1;
         for (int r = r0 + lane; r < r1; r += 32) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
-#pragma unroll
-        for (int s = 16; s > 0; s >>= 1) {
-            lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
-            hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
-        }
+        warp_min_max(lo, hi);
     }
 }
 

@@ -351,11 +351,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                         lo = p0;
                         hi = p0 + (r1 - r0 - 1);
                     } else {
-#pragma unroll
-                        for (int s = 16; s > 0; s >>= 1) {
-                            lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
-                            hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
-                        }
+                        warp_min_max(lo, hi);
                     }
                     if (lane == 0) {
                         item.qlo[w] = lo;
