@@ -1,7 +1,9 @@
 """The work-optimal local kernel against the float64 dense reference (issue 3)."""
 import numpy as np
 import pytest
+from mpi4py import MPI
 
+import hpcattn
 from hpcattn import cgather, local
 from hpcattn.api import to_heads
 from hpcattn.backend import aligned_copy, aligned_empty
@@ -166,24 +168,34 @@ def test_compiled_gather_runs_the_variant_asked(rng, variant, D, monkeypatch):
         assert abs(lse[0, 0, 0, r] - (s.max() + np.log(p.sum()))) <= 1e-5 * max(1, abs(lse[0, 0, 0, r]))
 
 
-@needs_compiled
-@pytest.mark.parametrize("spec", ["causal+random:40+dilated:3:7",  # the gather
-                                  "window:100+global:2", "causal+window:33", "window:256+dilated:2:9"])  # the band
-def test_compiled_kernels_give_the_same_bits_on_any_thread_count(rng, spec, monkeypatch):
-    """Row chunks run the C on the thread pool (ctypes drops the GIL); each row is computed the
-    same way whatever the chunking (the band: whichever 16-row block it is in), so one thread
-    and several agree bit for bit."""
-    monkeypatch.delenv("HPCATTN_GATHER", raising=False)  # the compiled kernels, whatever the environment forces
-    n, D = 6000, 64
-    mask = parse(spec, n_keys=n)
-    q = rng.standard_normal((1, 2, 2, n, D)).astype("float32")
-    k, v = (rng.standard_normal((1, 2, n, D)).astype("float32") for _ in range(2))
+SAME_BITS_MASKS = ["window:100+global:2", "window:256+dilated:2:9", "full", "block:300+causal",
+                   "causal+window:33", "causal+random:40+dilated:3:7"]
+
+
+@pytest.mark.parametrize("kernel", ["avx512", "avx2", "generic", "numpy"])
+@pytest.mark.parametrize("spec", SAME_BITS_MASKS)
+@pytest.mark.parametrize("shape", ["prefill", "decode"])
+def test_attention_gives_the_same_bits_on_any_thread_count(rng, kernel, spec, shape, monkeypatch):
+    """Through the public API, each CPU path (HPCATTN_GATHER forces the compiled variants, or
+    `numpy`: BLAS tiles and NumPy gathers) gives the same o and lse with 1, 2 or 3 threads: the
+    work is cut by the shape alone (row chunks; a decode's key blocks merged in key order) and
+    every BLAS call runs on one thread. Checked on a call of many rows and on a decode (12
+    queries at the end of 70,000 keys: key blocks)."""
+    if kernel != "numpy" and kernel not in compiled_variants():
+        pytest.skip(f"this CPU does not run the {kernel} variant (or hpcattn/_gather is not built)")
+    monkeypatch.setenv("HPCATTN_GATHER", kernel)
+    n, nq = (6000, 6000) if shape == "prefill" else (70000, 12)
+    if shape == "decode" and spec == "full":
+        spec = "causal"
+    q = rng.standard_normal((1, nq, 4, 64)).astype("float32")
+    k, v = (rng.standard_normal((1, n, 2, 64)).astype("float32") for _ in range(2))
+    qpos = np.arange(n - nq, n)
     got = []
     for threads in ("1", "2", "3"):
         monkeypatch.setenv("HPCATTN_THREADS", threads)
-        got.append(local.attend(q, np.arange(n), k, v, 0, mask, 0.125))
-    for o, lse, e in got[1:]:
-        assert e == got[0][2] and np.array_equal(o, got[0][0]) and np.array_equal(lse, got[0][1])
+        got.append(hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF, q_positions=qpos))
+    for o, lse in got[1:]:
+        assert np.array_equal(o, got[0][0]) and np.array_equal(lse, got[0][1])
     assert not np.isnan(got[0][0]).any() and np.isfinite(got[0][1]).all()
 
 
