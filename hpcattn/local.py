@@ -5,8 +5,8 @@ Knows nothing of MPI. Layout (head-major, grouped-query):
 
 Work is proportional to the mask's edges and nothing is stored for implicit masks. The edge
 set is cut into three disjoint pieces, one code path per idea (not per mask):
-- band: the union of `window` terms (|i - j| <= W, with causal j <= i). On an AVX-512 CPU
-  the compiled band kernel (kernels/gather.c: blocks of 16 rows, register-tiled
+- band: the union of `window` terms (|i - j| <= W, with causal j <= i). On an AVX-512 or
+  AVX2 CPU the compiled band kernel (kernels/gather.c: blocks of 16 rows, register-tiled
   FMAs, no BLAS); otherwise query tiles of T rows over spans of T + 2W keys, all interior tiles
   of a group in one batched BLAS call on strided views of K/V, masked by one additive bias
   shared by every tile (the band is shift-invariant).
@@ -193,7 +193,7 @@ def _band_bias(xp, T, W, causal):
 
 
 def _band(xp, q, pos, k, v, k0, band, exclude, scale):
-    """The band piece: the compiled band kernel where its AVX-512 loops run (see
+    """The band piece: the compiled band kernel where its blocked loops run (see
     cgather.band_available; float16 rows over contiguous keys widened a chunk at a time), else
     batched interior tiles with a shared bias, ragged tiles via _tiles."""
     B, Hkv, G, n, D = q.shape

@@ -1,4 +1,8 @@
 """The work-optimal local kernel against the float64 dense reference (issue 3)."""
+import subprocess
+import sysconfig
+from pathlib import Path
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -199,6 +203,45 @@ def test_attention_gives_the_same_bits_on_any_thread_count(rng, kernel, spec, sh
     assert not np.isnan(got[0][0]).any() and np.isfinite(got[0][1]).all()
 
 
+@pytest.mark.skipif(not {"avx512", "avx2"} <= set(compiled_variants()), reason="this CPU does not run both")
+@pytest.mark.parametrize("spec", ["window:100", "causal+window:33", "window:256+global:2"])
+@pytest.mark.parametrize("D", [16, 64, 128])
+def test_band_gives_the_same_bits_with_avx512_and_avx2(rng, spec, D, monkeypatch):
+    """The band kernel's AVX2 loops do per row the AVX-512 loops' operations in the same order
+    (8 lanes instead of 16), so a window run gives the same bits on either kind of CPU."""
+    n = 3001
+    mask = parse(spec, n_keys=n)
+    q = rng.standard_normal((1, 2, 2, n, D)).astype("float32")
+    k, v = (rng.standard_normal((1, 2, n, D)).astype("float32") for _ in range(2))
+    got = []
+    for variant in ("avx512", "avx2"):
+        monkeypatch.setenv("HPCATTN_GATHER", variant)
+        got.append(local.attend(q, np.arange(n), k, v, 0, mask, 0.125))
+    (o0, l0, e0), (o1, l1, e1) = got
+    assert e0 == e1 and np.array_equal(o0, o1) and np.array_equal(l0, l1) and np.isfinite(l0).all()
+
+
+def test_portable_build_runs_every_piece(rng, tmp_path, monkeypatch):
+    """kernels/gather.c as a CPU other than x86-64 (Arm, ...) builds it (-DHPCATTN_GENERIC_ONLY:
+    no intrinsics), without a warning: its portable loops are its best and run the gather and
+    the band, each against float64 (D not a multiple of 8 too)."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    lib = tmp_path / "generic.so"
+    subprocess.run([cc, "-O3", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared",
+                    "-DHPCATTN_GENERIC_ONLY", str(Path(__file__).parents[1] / "kernels" / "gather.c"),
+                    "-o", str(lib), "-lm"], check=True, timeout=120)
+    monkeypatch.setattr(cgather, "LIB", cgather._load(str(lib)))
+    assert cgather.best() == "generic" and not cgather.band_blocked(64)
+    used = []
+    for name in ("band_rows", "run"):
+        real = getattr(cgather, name)
+        monkeypatch.setattr(cgather, name, lambda *a, real=real: used.append(real(*a)[2]) or real(*a))
+    monkeypatch.setenv("HPCATTN_GATHER", "generic")
+    for spec, D in (("causal+window:30+global:2", 64), ("random:7+dilated:3:4+csr", 20)):
+        run_case(rng, spec, 600, H=4, Hkv=2, D=D)
+    assert used and set(used) == {"generic"}
+
+
 @pytest.mark.parametrize("shape, dtype", [((3, 5, 7), "float32"), ((0, 4), "float16"), ((1000, 64), "int64"),
                                           (17, "float32")])
 def test_aligned_arrays_start_on_a_cache_line(shape, dtype):
@@ -254,7 +297,7 @@ def test_gather_variant_names_are_checked(monkeypatch):
 
 @pytest.mark.parametrize("spec", ["window:40", "causal+window:40", "window:300"])
 @pytest.mark.parametrize("mode", ["plain", "large_logits", "large_v", "underflow"])
-@pytest.mark.parametrize("kernel", ["numpy", "avx512"])
+@pytest.mark.parametrize("kernel", ["numpy", "avx512", "avx2"])
 def test_band_tiles_every_softmax_path(rng, spec, mode, kernel, monkeypatch):
     """The band's interior tiles (HPCATTN_GATHER=numpy: the BLAS path) take exp(s) unshifted for
     ordinary inputs, subtract the bound c for large logits or large V, and recompute with exact
@@ -336,7 +379,7 @@ def test_compiled_band_matches_the_reference(rng, variant, spec, D, kwargs, monk
     assert calls and set(calls) == {want}
 
 
-@pytest.mark.skipif("avx512" not in compiled_variants(), reason="the band kernel's AVX-512 loops do not run here")
+@pytest.mark.skipif(cgather.LIB is None or not cgather.band_blocked(64), reason="the band kernel's blocked loops do not run here")
 @pytest.mark.parametrize("spec", ["window:40", "causal+window:300", "window:9+global:2"])
 def test_compiled_band_takes_float16_a_chunk_at_a_time(rng, spec, monkeypatch):
     """float16 inputs (the longest-context runs) go to the compiled band too: the keys a row
