@@ -658,10 +658,10 @@ V256 void row256(const float *qr, const float *K, const float *V, const int64_t 
     *lse = m + logf(l);
 }
 
-__attribute__((target("avx2,fma")))
-static void gather_avx2(const float *q, const float *k, const float *v, const int64_t *indptr,
-                        const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
-                        int64_t D, float scale, float *buf, float *o, float *lse)
+/* Every row, one after another (rows512 in 8 lanes; a constant D unrolls the inner loops). */
+V256 void rows256(const float *q, const float *k, const float *v, const int64_t *indptr,
+                  const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
+                  const int64_t D, float scale, float *buf, float *o, float *lse)
 {
     for (int64_t b = 0; b < bh; b++) {
         const float *K = k + (size_t)b * nk * D, *V = v + (size_t)b * nk * D;
@@ -683,6 +683,19 @@ static void gather_avx2(const float *q, const float *k, const float *v, const in
             }
         }
     }
+}
+
+__attribute__((target("avx2,fma")))
+static void gather_avx2(const float *q, const float *k, const float *v, const int64_t *indptr,
+                        const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
+                        int64_t D, float scale, float *buf, float *o, float *lse)
+{
+    if (D == 64)
+        rows256(q, k, v, indptr, cols, bh, g, n, nk, 64, scale, buf, o, lse);
+    else if (D == 128)
+        rows256(q, k, v, indptr, cols, bh, g, n, nk, 128, scale, buf, o, lse);
+    else
+        rows256(q, k, v, indptr, cols, bh, g, n, nk, D, scale, buf, o, lse);
 }
 
 /* band_block512 in 8 lanes: the block's 16 rows as two halves of 8 lanes (lane = row), the
