@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from .backend import aligned_copy, array_module
+from .arrays import aligned_copy, array_module
 from .comm import counted
 from .errors import HpcattnError, agree_on
 from .masks import Mask, parse

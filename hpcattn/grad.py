@@ -11,7 +11,7 @@ head's dK, dV sum over its G query heads (the G*tile rows of one matmul).
 
 import numpy as np
 
-from .backend import array_module
+from .arrays import array_module
 
 Q_TILE = 256
 SCORE_ELEMS = 1 << 21  # scores held at once per block (float32, two such buffers): 2 x 8 MiB

@@ -29,7 +29,7 @@ from numpy.lib.stride_tricks import as_strided
 from threadpoolctl import ThreadpoolController
 
 from . import cgather, jit
-from .backend import aligned_copy, array_module
+from .arrays import aligned_copy, array_module
 from .masks import LISTED, Full, Mask, Window
 from .merge import empty_state, merge
 

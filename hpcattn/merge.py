@@ -1,5 +1,5 @@
 """The one (o, lse) merge every variant uses: associative, commutative, -inf safe."""
-from .backend import array_module
+from .arrays import array_module
 
 
 def merge(o_a, lse_a, o_b, lse_b):

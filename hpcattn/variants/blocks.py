@@ -7,7 +7,7 @@ the mask leaves empty cost no compute, and a query tile never straddles two dist
 import numpy as np
 
 from .. import grad, local
-from ..backend import array_module
+from ..arrays import array_module
 from ..merge import empty_state, merge
 from ..profile import phase
 

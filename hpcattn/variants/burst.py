@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from .. import grad
-from ..backend import array_module
+from ..arrays import array_module
 from ..gpu import to_host
 from . import blocks, ring
 from .rings import Relay, RingPlan, circulate

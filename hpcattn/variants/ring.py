@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from .. import faults, grad
-from ..backend import array_module
+from ..arrays import array_module
 from ..profile import phase
 from . import blocks
 from .rings import Relay, RingPlan, circulate

@@ -12,7 +12,7 @@ is deadlock-free.
 """
 import numpy as np
 
-from ..backend import aligned_empty, array_module
+from ..arrays import aligned_empty, array_module
 from ..profile import phase
 
 TAG_INTRA, TAG_INTER, TAG_RELAY = 100, 200, 1000

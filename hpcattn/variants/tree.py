@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .. import faults, grad, local
-from ..backend import array_module
+from ..arrays import array_module
 from ..comm import UserOp
 from ..merge import empty_state, merge
 from ..profile import phase

@@ -1,4 +1,5 @@
-"""The array module (numpy or cupy) of an array, decided from the array itself."""
+"""Array helpers: the array module (numpy or cupy) of an array, decided from the array itself;
+cache-line aligned host buffers."""
 import numpy as np
 
 
