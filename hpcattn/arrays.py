@@ -1,18 +1,24 @@
-"""Array helpers: the array module (numpy or cupy) of an array, decided from the array itself;
-cache-line aligned host buffers."""
+"""Array helpers: the array module (numpy or cupy) of an array, decided from the array
+itself, and cache-line aligned host buffers."""
 import numpy as np
+
+
+def is_device(x):
+    """True for a CuPy (device) array; never imports cupy."""
+    return type(x).__module__.startswith("cupy")
 
 
 def array_module(x):
     """numpy for host arrays, cupy for device arrays (without importing cupy otherwise)."""
-    if type(x).__module__.startswith("cupy"):
+    if is_device(x):
         import cupy
         return cupy
     return np
 
 
-def backend_name(x):
-    return array_module(x).__name__
+def to_host(x):
+    """A NumPy array of x (device arrays are copied back; host arrays pass through)."""
+    return x.get() if is_device(x) else x
 
 
 ALIGN = 64  # bytes: one cache line

@@ -12,7 +12,8 @@ import time
 import numpy as np
 
 from . import profile
-from .transport import Transport, is_device
+from .arrays import is_device
+from .transport import Transport
 
 
 def _mpi():

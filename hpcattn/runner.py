@@ -7,6 +7,7 @@ import numpy as np
 
 from . import __version__, faults, gpu, h5io, outofcore
 from .api import attention, attention_backward
+from .arrays import to_host
 from .errors import HpcattnError, collectively
 from .masks import parse
 from .partition import segments
@@ -63,7 +64,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     if backward:
         back, before = {}, comm.counters()
         dq, dk, dv = attention_backward(q, k, v, o, lse, xp.asarray(shard["do"]), stats=back, **common)
-        dq, dk, dv = gpu.to_host(dq), gpu.to_host(dk), gpu.to_host(dv)
+        dq, dk, dv = to_host(dq), to_host(dk), to_host(dv)
         stats["compute_s"] += back["compute_s"]
         stats["edges_backward"] = back["edges"]
         phase = {f"{key}_backward": comm.counters()[key] - before[key] for key in ("bytes_sent", "bytes_received")}
@@ -72,7 +73,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
                  "dk": (dk, (B, N, Hkv, meta["D"]), 1, kv_range),
                  "dv": (dv, (B, N, Hkv, meta["D"]), 1, kv_range)}
 
-    o, lse = gpu.to_host(o), gpu.to_host(lse)
+    o, lse = to_host(o), to_host(lse)
     t_write = time.perf_counter()
     B, Nq, H, D = meta["B"], meta["Nq"], meta["H"], meta["D"]
     tmp = h5io.temp_name(comm, out_path)

@@ -8,13 +8,10 @@ arrays go by the chosen transport:
 """
 import socket
 
+from .arrays import is_device
 from .errors import HpcattnError
 
 NAMES = ("auto", "mpi", "host", "nccl")
-
-
-def is_device(x):
-    return type(x).__module__.startswith("cupy")
 
 
 def _mpi():

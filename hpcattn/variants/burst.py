@@ -14,8 +14,7 @@ import time
 import numpy as np
 
 from .. import grad
-from ..arrays import array_module
-from ..gpu import to_host
+from ..arrays import array_module, to_host
 from . import blocks, ring
 from .rings import Relay, RingPlan, circulate
 
