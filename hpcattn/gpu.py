@@ -20,7 +20,7 @@ def device_count():
         return 0
 
 
-def backend_name(requested=None):
+def chosen_backend(requested=None):
     """'cupy' or 'numpy': HPCATTN_BACKEND (auto|numpy|cupy), auto = cupy when a GPU is seen."""
     requested = requested or os.environ.get("HPCATTN_BACKEND", "auto")
     if requested not in BACKENDS:

@@ -25,7 +25,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     bytes per rank (default: this node's available memory shared by its ranks), or with
     `resume`, the run streams through memory out of core (hpcattn.outofcore)."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    backend = collectively(comm, gpu.backend_name)
+    backend = collectively(comm, gpu.chosen_backend)
     if backend == "cupy":
         gpu.setup(comm.mpi)
     transport = collectively(comm, comm.use_transport, transport, backend)

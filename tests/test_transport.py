@@ -44,14 +44,14 @@ def test_nccl_is_bootstrapped_over_the_comm(monkeypatch):
     comm.free()
 
 
-def test_backend_names(monkeypatch):
+def test_chosen_backend(monkeypatch):
     monkeypatch.setattr(gpu, "device_count", lambda: 0)
-    assert gpu.backend_name("auto") == "numpy" and gpu.backend_name("numpy") == "numpy"
+    assert gpu.chosen_backend("auto") == "numpy" and gpu.chosen_backend("numpy") == "numpy"
     with pytest.raises(HpcattnError, match="sees no GPU"):
-        gpu.backend_name("cupy")
+        gpu.chosen_backend("cupy")
     monkeypatch.setenv("HPCATTN_BACKEND", "tpu")
     with pytest.raises(HpcattnError, match="HPCATTN_BACKEND"):
-        gpu.backend_name()
+        gpu.chosen_backend()
 
 
 def test_run_records_backend_and_transport_and_refuses_nccl_on_cpu(tmp_path):
