@@ -1,5 +1,4 @@
 """`hpcattn info`: what this installation will use."""
-import ctypes
 import os
 import platform
 
@@ -7,22 +6,7 @@ import h5py
 import numpy as np
 
 from . import __version__, cgather
-
-
-def cuda_aware_mpi():
-    """True/False from Open MPI's MPIX_Query_cuda_support (MPI must be initialised), or None
-    when the library does not say."""
-    from mpi4py import MPI
-    try:
-        lib = ctypes.CDLL(MPI.__file__, mode=ctypes.RTLD_GLOBAL)
-        query = lib.MPIX_Query_cuda_support
-    except (OSError, AttributeError):
-        try:
-            query = ctypes.CDLL(None).MPIX_Query_cuda_support
-        except AttributeError:
-            return None
-    query.restype = ctypes.c_int
-    return bool(query())
+from .transport import cuda_aware
 
 
 def blas_name():
@@ -68,7 +52,7 @@ def auto_transport(n_gpu, aware, nccl):
 def report():
     from mpi4py import MPI
     n_gpu, gpu_names = gpus()
-    aware = cuda_aware_mpi()
+    aware = cuda_aware()
     return {
         "hpcattn": __version__,
         "python": platform.python_version(),

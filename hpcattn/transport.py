@@ -6,6 +6,7 @@ arrays go by the chosen transport:
 - "nccl": cupy.cuda.nccl send/recv on the transport's stream, bootstrapped over MPI;
 - "host": staged through pinned host buffers on the transport's stream.
 """
+import ctypes
 import socket
 
 from .arrays import is_device
@@ -145,8 +146,19 @@ class Transport:
 
 
 def cuda_aware():
-    from .info import cuda_aware_mpi
-    return cuda_aware_mpi()
+    """True/False from Open MPI's MPIX_Query_cuda_support (MPI must be initialised), or None
+    when the library does not say."""
+    from mpi4py import MPI
+    try:
+        lib = ctypes.CDLL(MPI.__file__, mode=ctypes.RTLD_GLOBAL)
+        query = lib.MPIX_Query_cuda_support
+    except (OSError, AttributeError):
+        try:
+            query = ctypes.CDLL(None).MPIX_Query_cuda_support
+        except AttributeError:
+            return None
+    query.restype = ctypes.c_int
+    return bool(query())
 
 
 def choose(comm, requested, backend):
