@@ -30,5 +30,5 @@ setup(
         "bench": ["torch==2.13.0", "matplotlib"],
         "fast": ["numba"],  # only the float16 widening of the dense decode path (jit.widen)
     },
-    entry_points={"console_scripts": ["hpcattn=hpcattn.cli:main"]},
+    entry_points={"console_scripts": ["hpcattn=hpcattn.commands.cli:main"]},
 )

@@ -275,7 +275,7 @@ def _resume_state(comm, partial, ident, nchunks):
 
 
 def run(in_path, out_path, mask, meta, comm, budget, resume=False, compression=None):
-    """Collective out-of-core run; same return as runner.run. Chunks of `rows` query rows
+    """Collective out-of-core run; same return as commands.run.run. Chunks of `rows` query rows
     form one global grid (so resume does not depend on the rank count); rank r takes an even
     contiguous share of the chunks and walks them in lockstep with the others (a rank with
     fewer chunks still takes part in every collective write)."""

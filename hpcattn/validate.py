@@ -1,7 +1,7 @@
 """Checks on untrusted input beyond shapes: declared sizes, memory, values, positions, paths.
 
 Every check returns nothing or raises HpcattnError with one sentence naming the problem; the
-callers (h5io, runner) run them on every rank through `errors.collectively`, so a bad file
+callers (h5io, commands.run) run them on every rank through `errors.collectively`, so a bad file
 ends the job on every rank. Limits are stated in docs/LIMITS.md; keep the two in step.
 """
 import os

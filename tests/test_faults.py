@@ -8,7 +8,7 @@ import pytest
 
 from conftest import mpiexec
 from hpcattn import faults
-from hpcattn.cli import main
+from hpcattn.commands.cli import main
 from hpcattn.variants import VARIANTS
 
 FAULT_TIMEOUT = 90  # seconds; a healthy failing job ends in a few

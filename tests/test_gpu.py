@@ -331,8 +331,8 @@ def test_every_variant_backward_through_the_api_on_cupy(rng, variant, spec):
 def test_run_on_the_gpu_writes_backend_and_transport(tmp_path, monkeypatch):
     import h5py
     from hpcattn import Comm
-    from hpcattn.generate import generate
-    from hpcattn.runner import run
+    from hpcattn.commands.gen import generate
+    from hpcattn.commands.run import run
     monkeypatch.setenv("HPCATTN_BACKEND", "cupy")
     generate(tmp_path / "in.h5", 301, heads=2, kv_heads=1, head_dim=32, dtype="float16", seed=3)
     comm = Comm(MPI.COMM_SELF)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import hpcattn, mpiexec
-from hpcattn.cli import main
+from hpcattn.commands.cli import main
 from hpcattn.h5io import chunks_for
 from hpcattn.outofcore import CRASH_VAR
 
@@ -118,7 +118,7 @@ def test_reference_by_spans_equals_the_dense_reference(inp, spec):
     """verify's sampled-row path (only the keys each row reaches) agrees with the dense one."""
     from hpcattn.masks import parse
     from hpcattn.reference import reference
-    from hpcattn.verify import _reference_by_spans
+    from hpcattn.commands.verify import _reference_by_spans
     idx = np.array([0, 1, 2, 150, 1500, 2999, 3000])
     with h5py.File(inp, "r") as f:
         q = f["q"][:, idx]

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from conftest import BIN
 from hpcattn import h5io, masks, validate
-from hpcattn.cli import main
+from hpcattn.commands.cli import main
 from hpcattn.errors import HpcattnError
-from hpcattn.generate import generate
+from hpcattn.commands.gen import generate
 from hpcattn.masks import parse
 
 EXIT_TAG = "hpcattn-rank-exit"

@@ -12,7 +12,7 @@ from mpi4py import MPI
 from hpcattn import Comm
 from hpcattn.masks import parse
 from hpcattn.reference import errors, reference, tolerance
-from hpcattn.runner import run
+from hpcattn.commands.run import run
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
 EXPECTED = "mpio" if h5py.get_config().mpi else "serial"

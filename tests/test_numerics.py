@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 import hpcattn
 from conftest import mpiexec
-from hpcattn.cli import main
+from hpcattn.commands.cli import main
 from hpcattn.masks import Mask, parse
 from hpcattn.partition import even_shard
 from hpcattn.reference import errors, reference, tolerance

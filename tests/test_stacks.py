@@ -13,7 +13,7 @@ import h5py
 import pytest
 
 from conftest import mpiexec
-from hpcattn.cli import main
+from hpcattn.commands.cli import main
 from hpcattn.outofcore import CRASH_VAR
 
 PHDF5_PYTHON = os.environ.get("HPCATTN_PHDF5_PYTHON")

@@ -6,7 +6,7 @@ from mpi4py import MPI
 from conftest import hpcattn
 from hpcattn import Comm, gpu
 from hpcattn.errors import HpcattnError
-from hpcattn.generate import generate
+from hpcattn.commands.gen import generate
 
 
 def test_numpy_backend_moves_host_arrays_by_mpi():

@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import HpcattnError
+from ..errors import HpcattnError
 
 EXPECT = "HPCATTN_EXPECT_RANKS"
 LAUNCHERS = ("auto", "srun", "mpiexec")

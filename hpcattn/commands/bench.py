@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 
-from . import cgather, local
-from .errors import HpcattnError
+from .. import cgather, local
+from ..errors import HpcattnError
 from .info import blas_name
-from .masks import Block, Dilated, Full, Global, Random, Window, check_csr, parse, random_keys
+from ..masks import Block, Dilated, Full, Global, Random, Window, check_csr, parse, random_keys
 
 SDPA_BYTES = 6 << 30  # dense mask + scores + probabilities SDPA would hold (about 9 N^2 bytes)
 CHECK_ROWS = 64
@@ -57,7 +57,7 @@ def bench_mask(spec, n):
     mask = parse(spec, n_keys=n)
     if "csr" not in mask.needs:
         return mask, None
-    from .generate import csr_source
+    from .gen import csr_source
     other = csr_source(spec, n)
     (indptr, indices), t = _timed(lambda: other.columns(np.arange(n), 0, n))
     return parse("csr", csr=check_csr(indptr, indices, n, 0, n)), t

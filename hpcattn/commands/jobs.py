@@ -28,7 +28,7 @@ import itertools
 import os
 from dataclasses import dataclass
 
-from .errors import HpcattnError
+from ..errors import HpcattnError
 from .launch import LAUNCHERS
 
 try:

@@ -5,8 +5,9 @@ import sys
 import time
 import traceback
 
-from . import __version__, plot, profile, sweep
-from .errors import HpcattnError
+from .. import __version__, profile
+from ..errors import HpcattnError
+from . import plot, sweep
 from .launch import check_world
 
 
@@ -103,15 +104,15 @@ def _bytes(text):
 
 
 def cmd_gen(args, comm):
-    from .generate import generate
+    from .gen import generate
     on_root(comm, generate, args.path, args.seq, args.queries, args.batch, args.heads, args.kv_heads,
             args.head_dim, args.dtype, args.seed, args.backward, args.mask)
     return 0
 
 
 def cmd_run(args, comm):
-    from .runner import run, summary
-    from .variants import VARIANTS
+    from .run import run, summary
+    from ..variants import VARIANTS
     unsupported = [(flag, val) for flag, val, ok in (
         ("--variant", args.variant, args.variant == "auto" or args.variant in VARIANTS),
         ) if not ok]
@@ -199,7 +200,7 @@ def main(argv=None):
         except HpcattnError as e:
             print(f"hpcattn: error: {e}", file=sys.stderr, flush=True)
             return 1
-    from .comm import Comm
+    from ..comm import Comm
     comm = Comm()
     try:
         check_world(comm.size)

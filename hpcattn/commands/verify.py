@@ -2,12 +2,12 @@
 import h5py
 import numpy as np
 
-from . import h5io
-from .errors import HpcattnError
-from .masks import parse
-from .outofcore import bounded
-from .partition import even_offsets
-from .reference import errors, grad_error, grad_tolerance, reference, reference_backward, tolerance
+from .. import h5io
+from ..errors import HpcattnError
+from ..masks import parse
+from ..outofcore import bounded
+from ..partition import even_offsets
+from ..reference import errors, grad_error, grad_tolerance, reference, reference_backward, tolerance
 
 ALL_ROWS_LIMIT = 1 << 30  # Nq * N up to which every row is checked by default
 DEFAULT_SAMPLE = 2048

@@ -17,8 +17,8 @@ import h5py
 import numpy as np
 
 from . import jobs, launch
-from .errors import HpcattnError
-from .masks import parse
+from ..errors import HpcattnError
+from ..masks import parse
 
 FIELDS = ("job", "point", "repeat", "scaling", "ranks", "nodes", "launcher", "seq", "queries",
           "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "variant", "wall_s",
@@ -33,7 +33,7 @@ def _input(spec, seq, workdir):
         return Path(inp["path"])
     path = workdir / f"in-{seq}.h5"
     if not path.exists():
-        from .generate import generate
+        from .gen import generate
         tmp = path.with_suffix(".h5.tmp")
         generate(str(tmp), seq, inp.get("queries"), inp.get("batch", 1), inp.get("heads", 1),
                  inp.get("kv_heads"), inp.get("head_dim", 64), inp.get("dtype", "float32"),

@@ -5,10 +5,10 @@ import shutil
 import h5py
 import numpy as np
 
-from . import __version__
-from .api import DTYPES
-from .errors import HpcattnError
-from .masks import Csr, parse
+from .. import __version__
+from ..api import DTYPES
+from ..errors import HpcattnError
+from ..masks import Csr, parse
 
 CHUNK_ELEMS = 1 << 24
 

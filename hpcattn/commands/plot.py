@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .errors import HpcattnError
+from ..errors import HpcattnError
 
 DPI = 100
 
@@ -186,7 +186,7 @@ def block_density(mask, n, blocks=256, rows_per_block=4, max_cols=1 << 16):
 
 def plot_mask(spec, n, out, width=1000, height=1000, blocks=256):
     """Write a PNG of the mask's block density; returns the density grid."""
-    from .masks import parse
+    from ..masks import parse
     mask = parse(spec)
     if n < 1:
         raise HpcattnError(f"--seq must be at least 1, got {n}")

@@ -5,8 +5,8 @@ import platform
 import h5py
 import numpy as np
 
-from . import __version__, cgather
-from .transport import cuda_aware
+from .. import __version__, cgather
+from ..transport import cuda_aware
 
 
 def blas_name():
