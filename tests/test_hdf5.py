@@ -12,8 +12,8 @@ import pytest
 
 from conftest import hpcattn, mpiexec
 from hpcattn.commands.cli import main
-from hpcattn.h5io import chunks_for
-from hpcattn.outofcore import CRASH_VAR
+from hpcattn.io.h5io import chunks_for
+from hpcattn.io.outofcore import CRASH_VAR
 
 SPEC = "causal+window:70+global:2"
 

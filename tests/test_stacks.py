@@ -14,7 +14,7 @@ import pytest
 
 from conftest import mpiexec
 from hpcattn.commands.cli import main
-from hpcattn.outofcore import CRASH_VAR
+from hpcattn.io.outofcore import CRASH_VAR
 
 PHDF5_PYTHON = os.environ.get("HPCATTN_PHDF5_PYTHON")
 PHDF5_MPIEXEC = os.environ.get("HPCATTN_PHDF5_MPIEXEC", "/usr/bin/mpiexec")

@@ -5,13 +5,14 @@ import time
 
 import numpy as np
 
-from .. import __version__, faults, gpu, h5io, outofcore
+from .. import __version__, faults, gpu
+from ..io import h5io, outofcore
 from ..api import attention, attention_backward
 from ..arrays import to_host
 from ..errors import HpcattnError, collectively
 from ..masks import parse
 from ..partition import segments
-from ..validate import paths
+from ..io.validate import paths
 
 ZIGZAG_VARIANTS = ("auto", "ring", "burst")  # ring-style variants: causal runs use zigzag
 
@@ -23,7 +24,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     backend is cupy when a GPU is seen (HPCATTN_BACKEND overrides); each rank then takes its
     node-local device before allocating anything. When a shard would not fit in `max_memory`
     bytes per rank (default: this node's available memory shared by its ranks), or with
-    `resume`, the run streams through memory out of core (outofcore.py)."""
+    `resume`, the run streams through memory out of core (io/outofcore.py)."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     backend = collectively(comm, gpu.chosen_backend)
     if backend == "cupy":

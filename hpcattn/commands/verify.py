@@ -2,10 +2,10 @@
 import h5py
 import numpy as np
 
-from .. import h5io
+from ..io import h5io
 from ..errors import HpcattnError
 from ..masks import parse
-from ..outofcore import bounded
+from ..io.outofcore import bounded
 from ..partition import even_offsets
 from ..reference import errors, grad_error, grad_tolerance, reference, reference_backward, tolerance
 

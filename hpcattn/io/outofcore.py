@@ -17,13 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import h5py
 import numpy as np
 
-from . import __version__, h5io
-from .api import from_heads, to_heads
-from .errors import HpcattnError, agree, collectively
-from .local import attend
-from .masks import Block, Dilated, Global, Window
-from .merge import empty_state, merge
-from .partition import even_shard
+from .. import __version__
+from ..api import from_heads, to_heads
+from ..errors import HpcattnError, agree, collectively
+from ..local import attend
+from ..masks import Block, Dilated, Global, Window
+from ..merge import empty_state, merge
+from ..partition import even_shard
+from . import h5io
 
 MAX_CHUNK_ROWS = 1 << 22   # upper bound on rows per chunk: progress and resume granularity
 MIN_CHUNK_ROWS = 256

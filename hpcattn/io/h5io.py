@@ -15,9 +15,9 @@ import h5py
 import numpy as np
 
 from . import validate
-from .api import check_shapes
-from .errors import HpcattnError, agree
-from .profile import phase
+from ..api import check_shapes
+from ..errors import HpcattnError, agree
+from ..profile import phase
 
 STATS = ("bytes_sent", "bytes_received", "compute_s", "comm_s", "io_s", "wall_s", "edges",
          "q_rows", "kv_rows")
@@ -117,7 +117,7 @@ def read_shard(path, meta, q_range, kv_range, backward=False):
 def read_csr(path, meta, qpos):
     """The explicit mask's rows min(qpos)..max(qpos): one hyperslab of mask/indptr and the
     matching slice of mask/indices, validated (masks.check_csr) before any index is used."""
-    from .masks import CsrRows, check_csr
+    from ..masks import CsrRows, check_csr
     N = meta["N"]
     with _open(path) as f:
         ptr, idx = _dataset(f, "mask/indptr", path), _dataset(f, "mask/indices", path)

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from .errors import HpcattnError
+from ..errors import HpcattnError
 
 MAX_TOKENS = 2**62     # positions, offsets and spans are int64 with head room for i - j, i + w
 MAX_HEAD_DIM = 2**16   # with MAX_ABS: |scale * q.k| <= sqrt(D) * MAX_ABS**2 < float32 max
