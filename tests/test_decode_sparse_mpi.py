@@ -16,7 +16,7 @@ from hpcattn.masks import parse
 from hpcattn.partition import even_offsets
 from hpcattn.reference import errors, reference, tolerance
 from hpcattn.commands.run import run
-from hpcattn.variants import sparse
+from hpcattn.dist.variants import sparse
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
 
@@ -131,7 +131,7 @@ def node_collective_bytes(P, K, r, nbytes):
 @pytest.mark.parametrize("method", ["packed", "three"])
 @pytest.mark.parametrize("rpn", [None, 2, 3])
 def test_tree_bytes_are_exact_and_independent_of_n(method, rpn):
-    from hpcattn.variants import tree
+    from hpcattn.dist.variants import tree
     P, r = world().size, world().rank
     Nq, H, Hkv, D, B = 5, 4, 2, 8, 2
     results = []

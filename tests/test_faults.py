@@ -9,7 +9,7 @@ import pytest
 from conftest import mpiexec
 from hpcattn import faults
 from hpcattn.commands.cli import main
-from hpcattn.variants import VARIANTS
+from hpcattn.dist.variants import VARIANTS
 
 FAULT_TIMEOUT = 90  # seconds; a healthy failing job ends in a few
 PHASES = ["read", "compute", "write", "finish"]

@@ -17,7 +17,7 @@ from hpcattn import cuda, masks  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from hpcattn.merge import merge  # noqa: E402
 from hpcattn.reference import errors, grad_error, reference, reference_backward, tolerance  # noqa: E402
-from hpcattn.variants import VARIANTS  # noqa: E402
+from hpcattn.dist.variants import VARIANTS  # noqa: E402
 
 MASKS = ["full", "causal", "window:7", "causal+window:33", "dilated:3:5", "causal+dilated:2:4",
          "block:50", "block:16+causal", "global:4+window:2", "causal+global:5", "window:0",

@@ -18,7 +18,7 @@ from hpcattn.errors import HpcattnError  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from hpcattn.partition import even_shard  # noqa: E402
 from hpcattn.reference import errors, grad_error, reference, reference_backward, tolerance  # noqa: E402
-from hpcattn.variants import VARIANTS  # noqa: E402
+from hpcattn.dist.variants import VARIANTS  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
 gpu.setup(MPI.COMM_WORLD)

@@ -18,7 +18,7 @@ from hpcattn.commands.cli import main
 from hpcattn.masks import Mask, parse
 from hpcattn.partition import even_shard
 from hpcattn.reference import errors, reference, tolerance
-from hpcattn.variants import VARIANTS
+from hpcattn.dist.variants import VARIANTS
 
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -29,7 +29,7 @@ def test_nccl_is_bootstrapped_over_the_comm(monkeypatch):
     by the hpcattn Comm and the communicator is built with this rank's place (no GPU needed)."""
     import sys
     import types
-    from hpcattn import transport
+    from hpcattn.dist import transport
     made = []
     nccl = types.SimpleNamespace(available=True, get_unique_id=lambda: b"uid",
                                  NcclCommunicator=lambda *a: made.append(a) or "nc")

@@ -112,7 +112,7 @@ def cmd_gen(args, comm):
 
 def cmd_run(args, comm):
     from .run import run, summary
-    from ..variants import VARIANTS
+    from ..dist.variants import VARIANTS
     unsupported = [(flag, val) for flag, val, ok in (
         ("--variant", args.variant, args.variant == "auto" or args.variant in VARIANTS),
         ) if not ok]
@@ -200,7 +200,7 @@ def main(argv=None):
         except HpcattnError as e:
             print(f"hpcattn: error: {e}", file=sys.stderr, flush=True)
             return 1
-    from ..comm import Comm
+    from ..dist.comm import Comm
     comm = Comm()
     try:
         check_world(comm.size)

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 
 from .. import __version__, cgather
-from ..transport import cuda_aware
+from ..dist.transport import cuda_aware
 
 
 def blas_name():

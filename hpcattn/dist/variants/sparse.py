@@ -18,11 +18,11 @@ import time
 
 import numpy as np
 
-from .. import faults, grad, local
-from ..arrays import array_module
-from ..masks import Full, Global
-from ..merge import empty_state, merge
-from ..profile import phase
+from ... import faults, grad, local
+from ...arrays import array_module
+from ...masks import Full, Global
+from ...merge import empty_state, merge
+from ...profile import phase
 from . import tree
 
 Q_TILE = local.Q_TILE

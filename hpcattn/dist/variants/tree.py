@@ -17,11 +17,11 @@ import time
 
 import numpy as np
 
-from .. import faults, grad, local
-from ..arrays import array_module
+from ... import faults, grad, local
+from ...arrays import array_module
 from ..comm import UserOp
-from ..merge import empty_state, merge
-from ..profile import phase
+from ...merge import empty_state, merge
+from ...profile import phase
 
 METHODS = ("packed", "three")
 DEFAULT_METHOD = "packed"  # faster in jobs/tree_combine_bench.py (BENCHMARKS.md, issue 5)

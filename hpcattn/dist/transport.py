@@ -9,8 +9,8 @@ arrays go by the chosen transport:
 import ctypes
 import socket
 
-from .arrays import is_device
-from .errors import HpcattnError
+from ..arrays import is_device
+from ..errors import HpcattnError
 
 NAMES = ("auto", "mpi", "host", "nccl")
 

@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from . import profile
-from .arrays import is_device
+from .. import profile
+from ..arrays import is_device
 from .transport import Transport
 
 

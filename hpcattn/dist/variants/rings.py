@@ -12,8 +12,8 @@ is deadlock-free.
 """
 import numpy as np
 
-from ..arrays import aligned_empty, array_module
-from ..profile import phase
+from ...arrays import aligned_empty, array_module
+from ...profile import phase
 
 TAG_INTRA, TAG_INTER, TAG_RELAY = 100, 200, 1000
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..masks import Block, Dilated, Global, Window
+from ...masks import Block, Dilated, Global, Window
 from . import burst, ring, sparse, tree
 
 VARIANTS = {"ring": ring, "burst": burst, "tree": tree, "sparse": sparse}

@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 
-from .. import faults, grad
-from ..arrays import array_module
-from ..profile import phase
+from ... import faults, grad
+from ...arrays import array_module
+from ...profile import phase
 from . import blocks
 from .rings import Relay, RingPlan, circulate
 
