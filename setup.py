@@ -3,11 +3,11 @@ import os
 from setuptools import Extension, find_packages, setup
 
 # The CPU gather kernel (kernels/gather.c): plain C with no Python.h, built as an
-# extension-shaped shared library in the package and loaded with ctypes (hpcattn/cgather.py).
+# extension-shaped shared library in the package and loaded with ctypes (hpcattn/cpu/cgather.py).
 # Its AVX-512 and AVX2 variants are chosen at run time (target attributes), never -march=native.
 # Required where the C is GCC/Clang-style (POSIX); elsewhere optional: hpcattn then uses NumPy.
 POSIX = os.name == "posix"
-GATHER = Extension("hpcattn._gather", sources=["kernels/gather.c"], optional=not POSIX,
+GATHER = Extension("hpcattn.cpu._gather", sources=["kernels/gather.c"], optional=not POSIX,
                    extra_compile_args=["-O3", "-std=c11"] if POSIX else [],
                    libraries=["m"] if POSIX else [])
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from hpcattn import cgather, local
+from hpcattn.cpu import cgather, local
 from hpcattn.api import to_heads
 from hpcattn.arrays import aligned_copy, aligned_empty
 from hpcattn.errors import HpcattnError

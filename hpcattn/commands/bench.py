@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from .. import cgather, local
+from ..cpu import cgather, local
 from ..errors import HpcattnError
 from .info import blas_name
 from ..masks import Block, Dilated, Full, Global, Random, Window, check_csr, parse, random_keys

@@ -5,7 +5,8 @@ import platform
 import h5py
 import numpy as np
 
-from .. import __version__, cgather
+from .. import __version__
+from ..cpu import cgather
 from ..dist.transport import cuda_aware
 
 

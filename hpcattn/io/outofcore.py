@@ -20,7 +20,7 @@ import numpy as np
 from .. import __version__
 from ..api import from_heads, to_heads
 from ..errors import HpcattnError, agree, collectively
-from ..local import attend
+from ..cpu.local import attend
 from ..masks import Block, Dilated, Global, Window
 from ..merge import empty_state, merge
 from ..partition import even_shard

@@ -6,7 +6,7 @@ the mask leaves empty cost no compute, and a query tile never straddles two dist
 """
 import numpy as np
 
-from ... import grad, local
+from ...cpu import grad, local
 from ...arrays import array_module
 from ...merge import empty_state, merge
 from ...profile import phase

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ... import grad
+from ...cpu import grad
 from ...arrays import array_module, to_host
 from . import blocks, ring
 from .rings import Relay, RingPlan, circulate

@@ -8,7 +8,8 @@ import time
 
 import numpy as np
 
-from ... import faults, grad
+from ... import faults
+from ...cpu import grad
 from ...arrays import array_module
 from ...profile import phase
 from . import blocks

@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from ... import faults, grad, local
+from ... import faults
+from ...cpu import grad, local
 from ...arrays import array_module
 from ...masks import Full, Global
 from ...merge import empty_state, merge

@@ -29,9 +29,9 @@ from numpy.lib.stride_tricks import as_strided
 from threadpoolctl import ThreadpoolController
 
 from . import cgather, jit
-from .arrays import aligned_copy, array_module
-from .masks import LISTED, Full, Mask, Window
-from .merge import empty_state, merge
+from ..arrays import aligned_copy, array_module
+from ..masks import LISTED, Full, Mask, Window
+from ..merge import empty_state, merge
 
 Q_TILE = 256            # query rows per tile of the tiles piece (before growing)
 SCORE_ELEMS = 1 << 21   # float32 scores held at once per block or tile group: 8 MiB
@@ -62,7 +62,7 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
     """
     xp = array_module(q)
     if xp is not np:  # device arrays: the CUDA kernels in kernels/ (hpcattn/cuda.py)
-        from . import cuda
+        from .. import cuda
         return cuda.attend(q, qpos, k, v, k0, mask, scale)
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]

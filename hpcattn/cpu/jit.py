@@ -1,6 +1,6 @@
 """Optional compiled loop (numba, the `fast` extra): float16 -> float32 widening.
 
-The gather piece's compiled kernel is C (kernels/gather.c, hpcattn/cgather.py), not numba:
+The gather piece's compiled kernel is C (kernels/gather.c, hpcattn/cpu/cgather.py), not numba:
 it replaced numba's two passes here, being faster at every D measured (BENCHMARKS.md, issue 3
 session 3). `HPCATTN_JIT=0` turns this widening off (NumPy's cast instead).
 """

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from .errors import HpcattnError
+from ..errors import HpcattnError
 
 ABI = 3  # hpcattn_gather_abi() of the kernels/gather.c this module calls
 VARIANTS = {"generic": 1, "avx2": 2, "avx512": 3}

@@ -11,7 +11,7 @@ head's dK, dV sum over its G query heads (the G*tile rows of one matmul).
 
 import numpy as np
 
-from .arrays import array_module, to_host
+from ..arrays import array_module, to_host
 
 Q_TILE = 256
 SCORE_ELEMS = 1 << 21  # scores held at once per block (float32, two such buffers): 2 x 8 MiB
@@ -70,7 +70,7 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
 def _on_device(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq, dk, dv):
     """cuda.backward with this function's contract: accumulators may be strided views (a
     variant's row or key runs); the kernel wants contiguous ones, so those go through a copy."""
-    from . import cuda
+    from .. import cuda
     accs = [a if a is None or a.flags.c_contiguous else a.copy() for a in (dq, dk, dv)]
     *out, edges = cuda.backward(q, to_host(qpos), k, v, k0, mask, scale, do.astype(q.dtype, copy=False),
                                 lse, delta, *accs)
