@@ -13,7 +13,8 @@ from gpu_helpers import bf16_bits, cupy_or_skip, full_backward, grad_err, local_
 cp = cupy_or_skip()
 
 import hpcattn  # noqa: E402
-from hpcattn import cuda, masks  # noqa: E402
+from hpcattn import masks  # noqa: E402
+from hpcattn.gpu import cuda  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from hpcattn.merge import merge  # noqa: E402
 from hpcattn.reference import errors, grad_error, reference, reference_backward, tolerance  # noqa: E402

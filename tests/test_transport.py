@@ -4,9 +4,10 @@ import pytest
 from mpi4py import MPI
 
 from conftest import hpcattn
-from hpcattn import Comm, gpu
-from hpcattn.errors import HpcattnError
+from hpcattn import Comm
 from hpcattn.commands.gen import generate
+from hpcattn.errors import HpcattnError
+from hpcattn.gpu import device
 
 
 def test_numpy_backend_moves_host_arrays_by_mpi():
@@ -45,13 +46,13 @@ def test_nccl_is_bootstrapped_over_the_comm(monkeypatch):
 
 
 def test_chosen_backend(monkeypatch):
-    monkeypatch.setattr(gpu, "device_count", lambda: 0)
-    assert gpu.chosen_backend("auto") == "numpy" and gpu.chosen_backend("numpy") == "numpy"
+    monkeypatch.setattr(device, "device_count", lambda: 0)
+    assert device.chosen_backend("auto") == "numpy" and device.chosen_backend("numpy") == "numpy"
     with pytest.raises(HpcattnError, match="sees no GPU"):
-        gpu.chosen_backend("cupy")
+        device.chosen_backend("cupy")
     monkeypatch.setenv("HPCATTN_BACKEND", "tpu")
     with pytest.raises(HpcattnError, match="HPCATTN_BACKEND"):
-        gpu.chosen_backend()
+        device.chosen_backend()
 
 
 def test_run_records_backend_and_transport_and_refuses_nccl_on_cpu(tmp_path):
@@ -62,6 +63,6 @@ def test_run_records_backend_and_transport_and_refuses_nccl_on_cpu(tmp_path):
         expect = {"numpy": "mpi", "cupy": "host"}[f.attrs["backend"]]  # host arrays go by plain MPI
         assert f.attrs["transport"] == expect
     bad = hpcattn("run", tmp_path / "in.h5", tmp_path / "p.h5", "--mask", "window:4", "--transport", "nccl")
-    if gpu.device_count() == 0:
+    if device.device_count() == 0:
         assert bad.returncode == 1 and "--transport nccl needs the GPU backend" in bad.stderr
         assert not (tmp_path / "p.h5").exists()

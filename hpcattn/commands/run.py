@@ -5,11 +5,12 @@ import time
 
 import numpy as np
 
-from .. import __version__, faults, gpu
+from .. import __version__, faults
 from ..io import h5io, outofcore
 from ..api import attention, attention_backward
 from ..arrays import to_host
 from ..errors import HpcattnError, collectively
+from ..gpu import device
 from ..masks import parse
 from ..partition import segments
 from ..io.validate import paths
@@ -26,9 +27,9 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     bytes per rank (default: this node's available memory shared by its ranks), or with
     `resume`, the run streams through memory out of core (io/outofcore.py)."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    backend = collectively(comm, gpu.chosen_backend)
+    backend = collectively(comm, device.chosen_backend)
     if backend == "cupy":
-        gpu.setup(comm.mpi)
+        device.setup(comm.mpi)
     transport = collectively(comm, comm.use_transport, transport, backend)
     collectively(comm, paths, in_path, out_path)
     mask = collectively(comm, parse, mask_spec)
@@ -56,7 +57,7 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     scale = 1 / math.sqrt(meta["D"])
     common = dict(mask=mask, comm=comm, variant=variant, q_positions=shard["q_positions"],
                   scale=scale, layout=layout, ranks_per_node=ranks_per_node)
-    xp = gpu.xp(backend)
+    xp = device.xp(backend)
     q, k, v = (xp.asarray(shard[a]) for a in "qkv")
     t_attn = time.perf_counter()
     o, lse = attention(q, k, v, stats=stats, **common)

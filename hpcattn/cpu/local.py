@@ -62,7 +62,7 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
     """
     xp = array_module(q)
     if xp is not np:  # device arrays: the CUDA kernels in kernels/ (hpcattn/cuda.py)
-        from .. import cuda
+        from ..gpu import cuda
         return cuda.attend(q, qpos, k, v, k0, mask, scale)
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]

@@ -2,11 +2,11 @@
 
 A rank takes device (node-local rank mod devices on the node), found with
 Split_type(COMM_TYPE_SHARED), before it allocates anything; kernels then run on a
-non-blocking compute stream, and transfers on the transport's own stream (transport.py).
+non-blocking compute stream, and transfers on the transport's own stream (dist/transport.py).
 """
 import os
 
-from .errors import HpcattnError
+from ..errors import HpcattnError
 
 BACKENDS = ("auto", "numpy", "cupy")
 

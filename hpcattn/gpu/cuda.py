@@ -2,7 +2,7 @@
 
 Every source is compiled by `cupy.RawModule` with `name_expressions` per dtype and head-dim
 bucket on first use and cached per device; `kernel(name)` is the one lookup helper. Layouts
-are those of hpcattn/local.py. Inputs are checked here, on the host, before any launch.
+are those of hpcattn/cpu/local.py. Inputs are checked here, on the host, before any launch.
 """
 import hashlib
 import json
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import HpcattnError
-from .masks import Block, Dilated, Full, Global, Mask, Window
+from ..errors import HpcattnError
+from ..masks import Block, Dilated, Full, Global, Mask, Window
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
 CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 DMAXES = (64, 128, 256)
 BQ, BK, THREADS = 16, 32, 128  # must match kernels/attend.cu
