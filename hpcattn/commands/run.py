@@ -1,19 +1,18 @@
 """`hpcattn run`: read each rank's hyperslab, compute, write one complete result file."""
 import math
-import resource
 import time
 
 import numpy as np
 
-from .. import __version__, faults
-from ..io import h5io, outofcore
+from .. import faults
 from ..api import attention, attention_backward
 from ..arrays import to_host
 from ..errors import HpcattnError, collectively
 from ..gpu import device
+from ..io import h5io, outofcore, results
+from ..io.validate import paths
 from ..masks import parse
 from ..partition import segments
-from ..io.validate import paths
 
 ZIGZAG_VARIANTS = ("auto", "ring", "burst")  # ring-style variants: causal runs use zigzag
 
@@ -26,7 +25,8 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     node-local device before allocating anything. When a shard would not fit in `max_memory`
     bytes per rank (default: this node's available memory shared by its ranks), or with
     `resume`, the run streams through memory out of core (io/outofcore.py)."""
-    t_start, cpu_start = time.perf_counter(), time.process_time()
+    clock = results.Clock()
+    t_start = clock.wall
     backend = collectively(comm, device.chosen_backend)
     if backend == "cupy":
         device.setup(comm.mpi)
@@ -62,14 +62,13 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     t_attn = time.perf_counter()
     o, lse = attention(q, k, v, stats=stats, **common)
     attn_s = time.perf_counter() - t_attn  # the attention call alone (no I/O): decode latency
-    grads, phase = {}, {}
+    grads, back = {}, None
     if backward:
         back, before = {}, comm.counters()
         dq, dk, dv = attention_backward(q, k, v, o, lse, xp.asarray(shard["do"]), stats=back, **common)
         dq, dk, dv = to_host(dq), to_host(dk), to_host(dv)
         stats["compute_s"] += back["compute_s"]
-        stats["edges_backward"] = back["edges"]
-        phase = {f"{key}_backward": comm.counters()[key] - before[key] for key in ("bytes_sent", "bytes_received")}
+        back.update({key: comm.counters()[key] - before[key] for key in ("bytes_sent", "bytes_received")})
         B, N, Hkv = meta["B"], meta["N"], meta["Hkv"]
         grads = {"dq": (dq, (B, meta["Nq"], meta["H"], meta["D"]), 1),
                  "dk": (dk, (B, N, Hkv, meta["D"]), 1, kv_range),
@@ -86,18 +85,13 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
             "lse": (lse, (B, H, Nq), 2), **grads,
         }, compression=compression)
         io_s += time.perf_counter() - t_write
-        rank_stats = {**comm.counters(), "compute_s": stats["compute_s"], "io_s": io_s, "attn_s": attn_s,
-                      "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - cpu_start,
-                      "edges": stats["edges"],
-                      "edges_backward": stats.get("edges_backward", 0), **phase,
-                      "q_rows": sum(b - a for a, b in q_range), "kv_rows": sum(b - a for a, b in kv_range),
-                      "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-        attrs = {"variant": stats["variant"], "mask": mask_spec, "ranks": P, "nodes": comm.nodes(),
-                 "backend": backend, "transport": transport, "hpcattn_version": __version__,
-                 "scale": scale, "input": str(in_path), "layout": layout, "backward": int(backward),
-                 "ranks_per_node": ranks_per_node or 0,
-                 "ring_levels": list(stats.get("ring_levels", (1, P))), "hdf5": hdf5, "out_of_core": 0,
-                 **({"variant_backward": back["variant"]} if backward else {})}
+        rank_stats = results.rank_stats(
+            comm, clock, compute_s=stats["compute_s"], io_s=io_s, attn_s=attn_s, edges=stats["edges"],
+            q_rows=sum(b - a for a, b in q_range), kv_rows=sum(b - a for a, b in kv_range), backward=back)
+        attrs = results.attributes(
+            comm, variant=stats["variant"], mask=mask.spec, backend=backend, transport=transport,
+            scale=scale, in_path=in_path, hdf5=hdf5, layout=layout, ranks_per_node=ranks_per_node,
+            ring_levels=stats.get("ring_levels"), variant_backward=back["variant"] if backward else None)
         faults.point("finish", r)
         return h5io.finish(comm, tmp, out_path, rank_stats, attrs), attrs
     except BaseException:

@@ -9,7 +9,6 @@ in the dataset `chunks_done`. `run --resume` reopens that partial file and skips
 """
 import math
 import os
-import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 import h5py
 import numpy as np
 
-from .. import __version__
 from ..api import from_heads, to_heads
 from ..errors import HpcattnError, agree, collectively
 from ..cpu.local import attend
 from ..masks import Block, Dilated, Global, Window
 from ..merge import empty_state, merge
 from ..partition import even_shard
-from . import h5io
+from . import h5io, results
 
 MAX_CHUNK_ROWS = 1 << 22   # upper bound on rows per chunk: progress and resume granularity
 MIN_CHUNK_ROWS = 256
@@ -280,7 +278,7 @@ def run(in_path, out_path, mask, meta, comm, budget, resume=False, compression=N
     form one global grid (so resume does not depend on the rank count); rank r takes an even
     contiguous share of the chunks and walks them in lockstep with the others (a rank with
     fewer chunks still takes part in every collective write)."""
-    t_start = time.perf_counter()
+    clock = results.Clock()
     if not bounded(mask):
         raise HpcattnError(f"the shard does not fit in memory ({budget / 2**30:.2f} GiB per rank) and mask "
                            f"{mask.spec!r} has unbounded reach; use more ranks or a window/dilated/block mask",
@@ -353,13 +351,11 @@ def run(in_path, out_path, mask, meta, comm, budget, resume=False, compression=N
         src.close()
     out.close()
     q_rows = sum(min(Nq, (c + 1) * rows) - c * rows for c in mine)
-    rank_stats = {**comm.counters(), "compute_s": st["compute_s"], "io_s": st["io_s"],
-                  "io_wait_s": st["io_wait_s"], "wall_s": time.perf_counter() - t_start,
-                  "edges": st["edges"], "q_rows": q_rows, "kv_rows": st["kv_rows"],
-                  "chunks": len(mine), "chunks_resumed": (c1 - c0) - len(mine),
-                  "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    attrs = {"variant": "outofcore", "mask": mask.spec, "ranks": comm.size, "nodes": comm.nodes(),
-             "backend": "numpy", "transport": "file", "hpcattn_version": __version__, "scale": scale,
-             "input": str(in_path), "hdf5": out.hdf5, "out_of_core": 1, "chunk_rows": rows,
-             "resumed": int(bool(done.any()))}
+    rank_stats = results.rank_stats(
+        comm, clock, compute_s=st["compute_s"], io_s=st["io_s"], attn_s=st["compute_s"], edges=st["edges"],
+        q_rows=q_rows, kv_rows=st["kv_rows"], io_wait_s=st["io_wait_s"], chunks=len(mine),
+        chunks_resumed=(c1 - c0) - len(mine))
+    attrs = results.attributes(
+        comm, variant="outofcore", mask=mask.spec, backend="numpy", transport="file", scale=scale,
+        in_path=in_path, hdf5=out.hdf5, out_of_core=True, chunk_rows=rows, resumed=done.any())
     return h5io.finish(comm, partial, out_path, rank_stats, attrs, drop=("chunks_done",)), attrs
