@@ -17,7 +17,11 @@ setup(
     description="Sparse attention over million- to billion-token sequences sharded across MPI ranks",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["hpcattn", "hpcattn.*"]),
+    # The CUDA sources stay at the top of the repository (kernels/) and travel inside the
+    # package as hpcattn/kernels (gpu/cuda.py's kernel_dir finds either).
+    packages=find_packages(include=["hpcattn", "hpcattn.*"]) + ["hpcattn.kernels"],
+    package_dir={"hpcattn.kernels": "kernels"},
+    package_data={"hpcattn.kernels": ["*.cu", "*.cuh"]},
     ext_modules=[GATHER],
     python_requires=">=3.9",
     install_requires=["numpy>=1.23", "h5py>=3.8", "mpi4py>=4.0", "tqdm", "nvtx", "threadpoolctl",

@@ -15,7 +15,17 @@ import numpy as np
 from ..errors import HpcattnError
 from ..masks import Block, Dilated, Full, Global, Mask, Window
 
-KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+
+def kernel_dir():
+    """The folder of the CUDA sources: hpcattn/kernels in an installed package (setup.py ships
+    the repository's kernels/ there), else kernels/ at the top of the source tree that holds
+    this package (editable installs and PYTHONPATH runs)."""
+    package = Path(__file__).resolve().parents[1]
+    candidates = (package / "kernels", package.parent / "kernels")
+    return next((d for d in candidates if any(d.glob("*.cu"))), candidates[0])
+
+
+KERNEL_DIR = kernel_dir()
 CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 DMAXES = (64, 128, 256)
 BQ, BK, THREADS = 16, 32, 128  # must match kernels/attend.cu
