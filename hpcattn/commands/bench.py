@@ -13,8 +13,8 @@ import numpy as np
 
 from ..cpu import cgather, local
 from ..errors import HpcattnError
-from .info import blas_name
 from ..masks import Block, Dilated, Full, Global, Random, Window, check_csr, parse, random_keys
+from .info import blas_name
 
 SDPA_BYTES = 6 << 30  # dense mask + scores + probabilities SDPA would hold (about 9 N^2 bytes)
 CHECK_ROWS = 64

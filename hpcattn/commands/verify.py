@@ -2,10 +2,10 @@
 import h5py
 import numpy as np
 
-from ..io import h5io
 from ..errors import HpcattnError
-from ..masks import parse
+from ..io import h5io
 from ..io.outofcore import bounded
+from ..masks import parse
 from ..partition import even_offsets
 from ..reference import errors, grad_error, grad_tolerance, reference, reference_backward, tolerance
 

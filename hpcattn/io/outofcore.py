@@ -17,8 +17,8 @@ import h5py
 import numpy as np
 
 from ..api import from_heads, to_heads
-from ..errors import HpcattnError, agree, collectively
 from ..cpu.local import attend
+from ..errors import HpcattnError, agree, collectively
 from ..masks import Block, Dilated, Global, Window
 from ..merge import empty_state, merge
 from ..partition import even_shard

@@ -6,8 +6,8 @@ the mask leaves empty cost no compute, and a query tile never straddles two dist
 """
 import numpy as np
 
-from ...cpu import grad, local
 from ...arrays import array_module
+from ...cpu import grad, local
 from ...merge import empty_state, merge
 from ...profile import phase
 

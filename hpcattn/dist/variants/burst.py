@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from ...cpu import grad
 from ...arrays import array_module, to_host
+from ...cpu import grad
 from . import blocks, ring
 from .rings import Relay, RingPlan, circulate
 

@@ -9,8 +9,8 @@ import time
 import numpy as np
 
 from ... import faults
-from ...cpu import grad
 from ...arrays import array_module
+from ...cpu import grad
 from ...profile import phase
 from . import blocks
 from .rings import Relay, RingPlan, circulate

@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 from ... import faults
-from ...cpu import grad, local
 from ...arrays import array_module
+from ...cpu import grad, local
 from ...masks import Full, Global
 from ...merge import empty_state, merge
 from ...profile import phase

@@ -18,11 +18,11 @@ import time
 import numpy as np
 
 from ... import faults
-from ...cpu import grad, local
 from ...arrays import array_module
-from ..comm import UserOp
+from ...cpu import grad, local
 from ...merge import empty_state, merge
 from ...profile import phase
+from ..comm import UserOp
 
 METHODS = ("packed", "three")
 DEFAULT_METHOD = "packed"  # faster in jobs/tree_combine_bench.py (BENCHMARKS.md, issue 5)
