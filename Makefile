@@ -1,5 +1,6 @@
 # `make demo` and `make test` work on a fresh machine with Python 3.9+, make and a C compiler
-# (pip builds kernels/gather.c into the package; editing it re-runs the install).
+# (pip builds kernels/gather.c into the package; editing it re-runs the install). The Debian
+# packages that test-slurm and test-phdf5 need are listed once, in system-packages.txt.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,8 +17,15 @@ export PRTE_MCA_rmaps_default_mapping_policy := :oversubscribe
 export OMPI_MCA_rmaps_base_oversubscribe := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all demo test test-serial test-mpi test-slurm test-phdf5 clean
+.PHONY: all demo test test-serial test-mpi test-slurm test-phdf5 deps-slurm deps-phdf5 clean
 all: test
+
+# A target's packages from system-packages.txt, apt-installed first when missing (as root; else
+# named, with what the target will do), so no test relies on what an earlier step installed.
+deps-slurm:
+	scripts/system-deps.sh test-slurm
+deps-phdf5:
+	scripts/system-deps.sh test-phdf5
 
 $(VENV)/.installed: setup.py kernels/gather.c
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +39,7 @@ demo: $(VENV)/.installed
 	$(BIN)/mpiexec -n $(RANKS) $(BIN)/python -m hpcattn run $(DEMO_DIR)/in.h5 $(DEMO_DIR)/out.h5 --mask $(DEMO_MASK)
 	$(BIN)/hpcattn verify $(DEMO_DIR)/in.h5 $(DEMO_DIR)/out.h5 --rows 256
 
-test: test-serial test-mpi test-slurm
+test: deps-slurm test-serial test-mpi test-slurm
 
 test-serial: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not mpi" tests
@@ -44,7 +52,7 @@ test-mpi: $(VENV)/.installed
 	done
 
 # a real one-node SLURM (two slurmd) on this machine; skips loudly where SLURM cannot be installed
-test-slurm: $(VENV)/.installed
+test-slurm: deps-slurm $(VENV)/.installed
 	slurm/ci-test.sh $(BIN)/python
 
 # Parallel HDF5 stack (DEVELOPERS.md): Debian's Open MPI 4 + libhdf5-openmpi, mpi4py and h5py
@@ -53,8 +61,8 @@ PVENV ?= .venv-phdf5
 PBIN := $(PVENV)/bin
 PMPIEXEC ?= /usr/bin/mpiexec
 
-$(PVENV)/.installed: setup.py kernels/gather.c
-	@command -v mpicc >/dev/null && pkg-config --exists hdf5-openmpi || { echo "need: apt-get install libhdf5-openmpi-dev openmpi-bin pkg-config"; exit 1; }
+$(PVENV)/.installed: setup.py kernels/gather.c | deps-phdf5
+	@command -v mpicc >/dev/null && pkg-config --exists hdf5-openmpi || { echo "need the test-phdf5 packages of system-packages.txt (as root: scripts/system-deps.sh test-phdf5)"; exit 1; }
 	$(PYTHON) -m venv $(PVENV)
 	$(PBIN)/python -m pip install --quiet --upgrade pip
 	$(PBIN)/python -m pip install --quiet numpy cython pkgconfig "setuptools>=77"
@@ -67,7 +75,7 @@ $(PVENV)/.installed: setup.py kernels/gather.c
 	touch $@
 
 # The same MPI tests on the parallel-HDF5 stack, then both stacks on one input, compared byte for byte.
-test-phdf5: $(PVENV)/.installed $(VENV)/.installed
+test-phdf5: deps-phdf5 $(PVENV)/.installed $(VENV)/.installed
 	for n in 1 2 3 4; do \
 	  echo "== MPI tests on $$n ranks (parallel HDF5)"; \
 	  timeout $(TEST_TIMEOUT) $(PMPIEXEC) -n $$n $(PBIN)/python -m mpi4py -m pytest --with-mpi -m mpi \

@@ -21,9 +21,12 @@
  *   accumulated with FMAs; K and V rows prefetched 32 rows ahead of use in the order they are
  *   read, across phase and row ends (a cursor over the edge list). Fastest with K and V on
  *   64-byte boundaries (4 cache lines per 256-byte row, not 5): local.attend sees to it.
- * - avx2 / generic: the same maths as plain C loops over one row at a time (scores, exact row
- *   max, exp, weighted V rows), compiled for AVX2 + FMA and for baseline x86-64 (or any other
- *   architecture), so every D works everywhere.
+ * - avx2 (D a multiple of 8, at most 256): the AVX-512 designs in 8 lanes (gather: 8 edges at
+ *   a time; band: a block's 16 rows as two halves of 8). The band does per row the AVX-512
+ *   band's operations in the same order, so the two give the same bits.
+ * - generic, and avx2 for other D: the same maths as plain C loops over one row at a time
+ *   (scores, exact row max, exp, weighted V rows), compiled for AVX2 + FMA and for baseline
+ *   x86-64 (or any other architecture), so every D works everywhere.
  */
 #include <math.h>
 #include <stddef.h>
@@ -136,7 +139,7 @@ static void band_generic(BAND_ARGS)
 
 #ifdef HPCATTN_X86
 __attribute__((target("avx2,fma")))
-static void band_avx2(BAND_ARGS)
+static void band_avx2_rows(BAND_ARGS)
 {
     BAND_PORTABLE_BODY
 }
@@ -144,7 +147,7 @@ static void band_avx2(BAND_ARGS)
 
 #ifdef HPCATTN_X86
 __attribute__((target("avx2,fma")))
-static void gather_avx2(const float *q, const float *k, const float *v, const int64_t *indptr,
+static void gather_avx2_rows(const float *q, const float *k, const float *v, const int64_t *indptr,
                         const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
                         int64_t D, float scale, float *sc, float *o, float *lse)
 {
@@ -209,8 +212,9 @@ typedef struct {
     int v;            /* 0: in row r's K rows, 1: in its V rows */
 } Cursor;
 
-/* Prefetch the row at the cursor and step past it (nothing once past the last query row). */
-V512 void prefetch_next(Cursor *p, const int NV)
+/* Prefetch the row (D floats) at the cursor and step past it (nothing once past the last query
+ * row). Shared by the AVX-512 and AVX2 gathers; a constant D unrolls the loop over its lines. */
+static inline __attribute__((always_inline)) void prefetch_next(Cursor *p, const size_t D)
 {
     if (p->r >= p->n)
         return;
@@ -224,9 +228,9 @@ V512 void prefetch_next(Cursor *p, const int NV)
         }
         p->e = p->indptr[p->r];
     }
-    const float *row = (p->v ? p->V : p->K) + (size_t)p->cols[p->e++] * (size_t)(NV * 16);
+    const float *row = (p->v ? p->V : p->K) + (size_t)p->cols[p->e++] * D;
     UNROLL
-    for (int u = 0; u < NV; u++)
+    for (size_t u = 0; u < (D + 15) / 16; u++)
         _mm_prefetch((const char *)(row + 16 * u), _MM_HINT_T0);
 }
 
@@ -249,7 +253,7 @@ V512 void row512(const float *qr, const float *K, const float *V, const int64_t 
         int t = cnt - j0 < 16 ? (int)(cnt - j0) : 16;
         if (pc)
             for (int e = 0; e < t; e++)
-                prefetch_next(pc, NV);
+                prefetch_next(pc, D);
         const float *kr[16];
         UNROLL
         for (int j = 0; j < 16; j++)  /* a short last group repeats its first edge */
@@ -286,8 +290,8 @@ V512 void row512(const float *qr, const float *K, const float *V, const int64_t 
     int64_t j = 0;
     for (; j + 1 < cnt; j += 2) {  /* even edges into a0, odd ones into a1 */
         if (pc) {
-            prefetch_next(pc, NV);
-            prefetch_next(pc, NV);
+            prefetch_next(pc, D);
+            prefetch_next(pc, D);
         }
         const float *v0 = V + (size_t)c[j] * D, *v1 = V + (size_t)c[j + 1] * D;
         __m512 p0 = _mm512_set1_ps(buf[j]), p1 = _mm512_set1_ps(buf[j + 1]);
@@ -301,7 +305,7 @@ V512 void row512(const float *qr, const float *K, const float *V, const int64_t 
         const float *v0 = V + (size_t)c[j] * D;
         __m512 p0 = _mm512_set1_ps(buf[j]);
         if (pc)
-            prefetch_next(pc, NV);
+            prefetch_next(pc, D);
         UNROLL
         for (int u = 0; u < NV; u++)
             a0[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * u), a0[u]);
@@ -325,7 +329,7 @@ V512 void rows512(const float *q, const float *k, const float *v, const int64_t 
         const float *K = k + (size_t)b * nk * D, *V = v + (size_t)b * nk * D;
         Cursor pc = {indptr, cols, K, V, n, 0, indptr[0], 0};
         for (int a = 0; a < AHEAD; a++)
-            prefetch_next(&pc, NV);
+            prefetch_next(&pc, D);
         for (int64_t r = 0; r < n; r++) {
             int64_t e0 = indptr[r], cnt = indptr[r + 1] - e0;
             for (int64_t gi = 0; gi < g; gi++) {
@@ -516,6 +520,342 @@ static void band_avx512(BAND_ARGS, int64_t limit)
         BCASE(9) BCASE(10) BCASE(11) BCASE(12) BCASE(13) BCASE(14) BCASE(15) BCASE(16)
     }
 }
+/* ---------------------------------------------------------------- AVX2 variant */
+
+/* The AVX-512 designs in 8 lanes, for CPUs with AVX2 + FMA only (AMD before Zen 4, older
+ * Intel): D a multiple of 8, up to 256; other D take the portable loops compiled for AVX2. */
+#define V256 static inline __attribute__((always_inline, target("avx2,fma")))
+
+/* exp16 in 8 lanes: the same operations in the same order (2^n built in the exponent field
+ * instead of scalef: n is an integer in [-126, 127], so both round p * 2^n once), so the band
+ * kernel gives the same bits with either. */
+V256 __m256 exp8(__m256 x)
+{
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* r[j] = sum of the 8 lanes of a[j], j = 0..7. */
+V256 __m256 sum8(const __m256 *a)
+{
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+V256 float hsum8(__m256 a)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+V256 float hmax8(__m256 a)
+{
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* Lanes 0 .. t-1 set (t in 0..8). */
+V256 __m256 first_lanes(int t)
+{
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(t),
+                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+/* acc[u] += p * V row's dims d0 + 8u, u < W (W constant: W accumulators in registers). */
+#define PV_ACC(W)                                                                               \
+    do {                                                                                        \
+        __m256 a[W];                                                                            \
+        UNROLL                                                                                  \
+        for (int u = 0; u < W; u++)                                                             \
+            a[u] = _mm256_setzero_ps();                                                         \
+        for (int64_t j = 0; j < cnt; j++) {                                                     \
+            if (pc && d0 == 0)                                                                  \
+                prefetch_next(pc, D);                                                           \
+            const float *vr = V + (size_t)c[j] * D + d0;                                        \
+            __m256 p = _mm256_broadcast_ss(buf + j);                                            \
+            UNROLL                                                                              \
+            for (int u = 0; u < W; u++)                                                         \
+                a[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * u), a[u]);                   \
+        }                                                                                       \
+        UNROLL                                                                                  \
+        for (int u = 0; u < W; u++)                                                             \
+            _mm256_storeu_ps(out + d0 + 8 * u, _mm256_mul_ps(a[u], inv));                       \
+    } while (0)
+
+/* row512 in 8 lanes: scores 8 edges at a time (8 dot products reduced together), the exact
+ * row max, one exp per 8 edges, then V rows weighted into 8 accumulators per 64 dims. */
+V256 void row256(const float *qr, const float *K, const float *V, const int64_t *c, int64_t cnt,
+                 const size_t D, float scale, float *buf, float *out, float *lse, Cursor *pc)
+{
+    const __m256 ninf = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
+    __m256 vmax = ninf;
+    for (int64_t j0 = 0; j0 < cnt; j0 += 8) {
+        int t = cnt - j0 < 8 ? (int)(cnt - j0) : 8;
+        if (pc)
+            for (int e = 0; e < t; e++)
+                prefetch_next(pc, D);
+        const float *kr[8];
+        UNROLL
+        for (int j = 0; j < 8; j++)  /* a short last group repeats its first edge */
+            kr[j] = K + (size_t)c[j0 + (j < t ? j : 0)] * D;
+        __m256 s[8];
+        __m256 q0 = _mm256_loadu_ps(qr);
+        UNROLL
+        for (int j = 0; j < 8; j++)
+            s[j] = _mm256_mul_ps(q0, _mm256_loadu_ps(kr[j]));
+        for (size_t d = 8; d < D; d += 8) {
+            __m256 qd = _mm256_loadu_ps(qr + d);
+            UNROLL
+            for (int j = 0; j < 8; j++)
+                s[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kr[j] + d), s[j]);
+        }
+        __m256 sc = _mm256_mul_ps(sum8(s), vscale);
+        if (t < 8)
+            sc = _mm256_blendv_ps(ninf, sc, first_lanes(t));
+        vmax = _mm256_max_ps(vmax, sc);
+        _mm256_store_ps(buf + j0, sc);
+    }
+    const float m = hmax8(vmax);
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 lsum = _mm256_setzero_ps();
+    for (int64_t j0 = 0; j0 < cnt; j0 += 8) {
+        __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(buf + j0), vm));
+        if (cnt - j0 < 8)
+            p = _mm256_and_ps(p, first_lanes((int)(cnt - j0)));
+        lsum = _mm256_add_ps(lsum, p);
+        _mm256_store_ps(buf + j0, p);
+    }
+    float l = hsum8(lsum);  /* >= 1: the max's own term is exp(0) */
+    const __m256 inv = _mm256_set1_ps(1.0f / l);
+    for (size_t d0 = 0; d0 < D; d0 += 64) {
+        switch ((D - d0) / 8) {
+        case 1: PV_ACC(1); break;
+        case 2: PV_ACC(2); break;
+        case 3: PV_ACC(3); break;
+        case 4: PV_ACC(4); break;
+        case 5: PV_ACC(5); break;
+        case 6: PV_ACC(6); break;
+        case 7: PV_ACC(7); break;
+        default: PV_ACC(8); break;
+        }
+    }
+    *lse = m + logf(l);
+}
+
+/* Every row, one after another (rows512 in 8 lanes; a constant D unrolls the inner loops). */
+V256 void rows256(const float *q, const float *k, const float *v, const int64_t *indptr,
+                  const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
+                  const int64_t D, float scale, float *buf, float *o, float *lse)
+{
+    for (int64_t b = 0; b < bh; b++) {
+        const float *K = k + (size_t)b * nk * D, *V = v + (size_t)b * nk * D;
+        Cursor pc = {indptr, cols, K, V, n, 0, indptr[0], 0};
+        for (int a = 0; a < AHEAD; a++)
+            prefetch_next(&pc, (size_t)D);
+        for (int64_t r = 0; r < n; r++) {
+            int64_t e0 = indptr[r], cnt = indptr[r + 1] - e0;
+            for (int64_t gi = 0; gi < g; gi++) {
+                size_t row = ((size_t)b * g + gi) * n + r;
+                if (cnt == 0) {
+                    for (int64_t d = 0; d < D; d++)
+                        o[row * D + d] = 0.0f;
+                    lse[row] = -INFINITY;
+                } else {
+                    row256(q + row * D, K, V, cols + e0, cnt, (size_t)D, scale, buf, o + row * D,
+                           lse + row, gi == 0 ? &pc : NULL);
+                }
+            }
+        }
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static void gather_avx2(const float *q, const float *k, const float *v, const int64_t *indptr,
+                        const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
+                        int64_t D, float scale, float *buf, float *o, float *lse)
+{
+    if (D == 64)
+        rows256(q, k, v, indptr, cols, bh, g, n, nk, 64, scale, buf, o, lse);
+    else if (D == 128)
+        rows256(q, k, v, indptr, cols, bh, g, n, nk, 128, scale, buf, o, lse);
+    else
+        rows256(q, k, v, indptr, cols, bh, g, n, nk, D, scale, buf, o, lse);
+}
+
+/* band_block512 in 8 lanes: the block's 16 rows as two halves of 8 lanes (lane = row), the
+ * same operations per row in the same order, so every row gets the same bits as there:
+ * - scores: 6 keys at a time, 12 accumulators (a key's two halves), D FMAs each;
+ * - exp(s - m) with the exact row max, masked lanes zeroed, row sums lane-wise;
+ * - O^T: 6 dims at a time (then 4 or 2), 12 accumulators over the block's keys. */
+#define KG 6
+
+/* Lanes (rows) of half h whose key range [lo, hi) holds block key j. */
+V256 __m256 band_ok(const __m256i *vlo, const __m256i *vhi, int h, int64_t j)
+{
+    __m256i jv = _mm256_set1_epi32((int32_t)j);
+    return _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpgt_epi32(vlo[h], jv),
+                                                   _mm256_cmpgt_epi32(vhi[h], jv)));
+}
+
+/* Rows' o^T for dims d0 .. d0 + W: W dims x 2 halves of accumulators over the block's keys. */
+#define BAND_PV(W)                                                                              \
+    do {                                                                                        \
+        __m256 a[W][2];                                                                         \
+        UNROLL                                                                                  \
+        for (int i = 0; i < W; i++)                                                             \
+            a[i][0] = a[i][1] = _mm256_setzero_ps();                                            \
+        const float *vr = Vb + d0;                                                              \
+        for (int64_t j = 0; j < L; j++, vr += D) {                                              \
+            __m256 p0 = _mm256_load_ps(pt + j * 16), p1 = _mm256_load_ps(pt + j * 16 + 8);      \
+            UNROLL                                                                              \
+            for (int i = 0; i < W; i++) {                                                       \
+                __m256 x = _mm256_broadcast_ss(vr + i);                                         \
+                a[i][0] = _mm256_fmadd_ps(x, p0, a[i][0]);                                      \
+                a[i][1] = _mm256_fmadd_ps(x, p1, a[i][1]);                                      \
+            }                                                                                   \
+        }                                                                                       \
+        UNROLL                                                                                  \
+        for (int i = 0; i < W; i++) {                                                           \
+            _mm256_store_ps(ot + i * 16, _mm256_mul_ps(a[i][0], inv[0]));                       \
+            _mm256_store_ps(ot + i * 16 + 8, _mm256_mul_ps(a[i][1], inv[1]));                   \
+        }                                                                                       \
+        for (int64_t r = 0; r < nr; r++)                                                        \
+            for (int i = 0; i < W; i++)                                                         \
+                out[r * D + d0 + i] = ot[i * 16 + r];                                           \
+    } while (0)
+
+V256 void band_block256(const float *qb, int64_t nr, const float *K, const float *V,
+                        const int64_t *lo, const int64_t *hi, const int64_t D, float scale,
+                        float *qt, float *pt, float *ot, float *out, float *lse)
+{
+    int64_t kb = INT64_MAX, ke = INT64_MIN;
+    for (int64_t r = 0; r < nr; r++)
+        if (hi[r] > lo[r]) {
+            kb = lo[r] < kb ? lo[r] : kb;
+            ke = hi[r] > ke ? hi[r] : ke;
+        }
+    if (kb >= ke) {  /* no row of the block has an edge */
+        for (int64_t r = 0; r < nr; r++) {
+            for (int64_t d = 0; d < D; d++)
+                out[r * D + d] = 0.0f;
+            lse[r] = -INFINITY;
+        }
+        return;
+    }
+    const int64_t L = ke - kb;
+    int32_t lo32[16], hi32[16];
+    for (int r = 0; r < 16; r++) {  /* rows past nr (and empty rows): no key */
+        int ok = r < nr && hi[r] > lo[r];
+        lo32[r] = ok ? (int32_t)(lo[r] - kb) : 0;
+        hi32[r] = ok ? (int32_t)(hi[r] - kb) : 0;
+    }
+    const __m256i vlo[2] = {_mm256_loadu_si256((const __m256i *)lo32),
+                            _mm256_loadu_si256((const __m256i *)(lo32 + 8))};
+    const __m256i vhi[2] = {_mm256_loadu_si256((const __m256i *)hi32),
+                            _mm256_loadu_si256((const __m256i *)(hi32 + 8))};
+    for (int64_t d = 0; d < D; d++)
+        for (int r = 0; r < 16; r++)
+            qt[d * 16 + r] = r < nr ? qb[r * D + d] * scale : 0.0f;
+    const float *Kb = K + (size_t)kb * D, *Vb = V + (size_t)kb * D;
+    __m256 vmax[2] = {_mm256_set1_ps(-INFINITY), _mm256_set1_ps(-INFINITY)};
+    for (int64_t j0 = 0; j0 < L; j0 += KG) {
+        int t = L - j0 < KG ? (int)(L - j0) : KG;  /* keys past L: scores unused */
+        const float *kr[KG];
+        UNROLL
+        for (int j = 0; j < KG; j++)  /* a short last group repeats its first key */
+            kr[j] = Kb + (size_t)(j0 + (j < t ? j : 0)) * D;
+        __m256 s[KG][2];
+        UNROLL
+        for (int j = 0; j < KG; j++)
+            s[j][0] = s[j][1] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d++) {
+            __m256 q0 = _mm256_load_ps(qt + d * 16), q1 = _mm256_load_ps(qt + d * 16 + 8);
+            UNROLL
+            for (int j = 0; j < KG; j++) {
+                __m256 x = _mm256_broadcast_ss(kr[j] + d);
+                s[j][0] = _mm256_fmadd_ps(x, q0, s[j][0]);
+                s[j][1] = _mm256_fmadd_ps(x, q1, s[j][1]);
+            }
+        }
+        UNROLL  /* all KG stored (scratch has room): s stays in registers */
+        for (int j = 0; j < KG; j++) {
+            _mm256_store_ps(pt + (j0 + j) * 16, s[j][0]);
+            _mm256_store_ps(pt + (j0 + j) * 16 + 8, s[j][1]);
+        }
+    }
+    /* keys [in0, in1) lie in every lane's range: no mask there (the same bits either way) */
+    int32_t in0 = 0, in1 = INT32_MAX;
+    for (int r = 0; r < 16; r++) {
+        in0 = lo32[r] > in0 ? lo32[r] : in0;
+        in1 = hi32[r] < in1 ? hi32[r] : in1;
+    }
+    for (int64_t j = 0; j < L; j++)
+        for (int h = 0; h < 2; h++) {
+            __m256 x = _mm256_max_ps(vmax[h], _mm256_load_ps(pt + j * 16 + 8 * h));
+            vmax[h] = j >= in0 && j < in1 ? x : _mm256_blendv_ps(vmax[h], x, band_ok(vlo, vhi, h, j));
+        }
+    __m256 lsum[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t j = 0; j < L; j++)
+        for (int h = 0; h < 2; h++) {
+            __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(pt + j * 16 + 8 * h), vmax[h]));
+            if (j < in0 || j >= in1)
+                p = _mm256_and_ps(p, band_ok(vlo, vhi, h, j));
+            lsum[h] = _mm256_add_ps(lsum[h], p);
+            _mm256_store_ps(pt + j * 16 + 8 * h, p);
+        }
+    /* 1 / l, 0 for rows without keys (their o is 0) */
+    __m256 inv[2];
+    for (int h = 0; h < 2; h++)
+        inv[h] = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), lsum[h]),
+                               _mm256_cmp_ps(lsum[h], _mm256_setzero_ps(), _CMP_GT_OQ));
+    int64_t d0 = 0;
+    for (; d0 + KG <= D; d0 += KG)
+        BAND_PV(KG);
+    if (D - d0 == 4)
+        BAND_PV(4);
+    else if (D - d0 == 2)
+        BAND_PV(2);
+    float m[16], l[16];
+    _mm256_storeu_ps(m, vmax[0]);
+    _mm256_storeu_ps(m + 8, vmax[1]);
+    _mm256_storeu_ps(l, lsum[0]);
+    _mm256_storeu_ps(l + 8, lsum[1]);
+    for (int64_t r = 0; r < nr; r++)
+        lse[r] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
+}
+
+__attribute__((target("avx2,fma")))
+static void band_avx2(BAND_ARGS, int64_t limit)
+{
+    float *qt = sc, *ot = sc + 16 * D;  /* 16 x D each; then the block's scores */
+    for (int64_t b = 0; b < bh; b++) {
+        const float *K = k + (size_t)b * ldk, *V = v + (size_t)b * ldk;
+        for (int64_t r0 = 0, nr; r0 < n; r0 += nr) {
+            nr = band_rows16(lo, hi, r0, n, limit);
+            for (int64_t gi = 0; gi < g; gi++) {  /* the G heads of a block share its K and V */
+                size_t row = ((size_t)b * g + gi) * n + r0;
+                band_block256(q + row * D, nr, K, V, lo + r0, hi + r0, D, scale, qt, ot + 16 * D,
+                              ot, o + row * D, lse + row);
+            }
+        }
+    }
+}
 #endif
 
 /* ---------------------------------------------------------------- entry points */
@@ -524,7 +864,7 @@ static void band_avx512(BAND_ARGS, int64_t limit)
  * (a stale in-place build). Bump it with any change of hpcattn_gather's arguments. */
 EXPORT int hpcattn_gather_abi(void)
 {
-    return 3;
+    return 4;
 }
 
 /* The best variant this CPU runs (3 avx512, 2 avx2, 1 generic). */
@@ -542,7 +882,7 @@ EXPORT int hpcattn_gather_best(void)
 
 /* The variant asked for (0: the best) lowered to what this CPU runs and D allows (avx512 needs
  * D % 16 == 0 and D <= 256). */
-static int variant_for(int variant, int64_t D)
+EXPORT int hpcattn_variant_for(int variant, int64_t D)
 {
     int best = hpcattn_gather_best();
     if (variant <= 0 || variant > best)
@@ -550,6 +890,12 @@ static int variant_for(int variant, int64_t D)
     if (variant == AVX512 && (D % 16 != 0 || D > 256 || D == 0))
         variant = best >= AVX2 ? AVX2 : GENERIC;
     return variant;
+}
+
+/* Whether the AVX2 variant's 8-lane loops take this D (else its portable loops run). */
+static int lanes8(int64_t D)
+{
+    return D % 8 == 0 && D > 0 && D <= 256;
 }
 
 /* The longest of the n index ranges [lo[r], hi[r]) (0 when none has an index). */
@@ -576,7 +922,7 @@ EXPORT int hpcattn_gather(const float *q, const float *k, const float *v, const 
                           const int64_t *cols, int64_t bh, int64_t g, int64_t n, int64_t nk,
                           int64_t D, float scale, int variant, float *o, float *lse)
 {
-    variant = variant_for(variant, D);
+    variant = hpcattn_variant_for(variant, D);
     /* scratch: the longest row's scores, rounded up to 16 floats */
     const int64_t longest = (widest(indptr, indptr + 1, n) + 15) / 16 * 16;
     void *mem;
@@ -586,8 +932,10 @@ EXPORT int hpcattn_gather(const float *q, const float *k, const float *v, const 
 #ifdef HPCATTN_X86
     if (variant == AVX512)
         gather_avx512(q, k, v, indptr, cols, bh, g, n, nk, D, scale, buf, o, lse);
-    else if (variant == AVX2)
+    else if (variant == AVX2 && lanes8(D))
         gather_avx2(q, k, v, indptr, cols, bh, g, n, nk, D, scale, buf, o, lse);
+    else if (variant == AVX2)
+        gather_avx2_rows(q, k, v, indptr, cols, bh, g, n, nk, D, scale, buf, o, lse);
     else
 #endif
         gather_generic(q, k, v, indptr, cols, bh, g, n, nk, D, scale, buf, o, lse);
@@ -604,10 +952,11 @@ EXPORT int hpcattn_band(const float *q, const float *k, const float *v, const in
                         const int64_t *hi, int64_t bh, int64_t g, int64_t n, int64_t D, int64_t ldk,
                         float scale, int variant, float *o, float *lse)
 {
-    variant = variant_for(variant, D);
+    variant = hpcattn_variant_for(variant, D);
     const int64_t w = widest(lo, hi, n);  /* the widest row; a block of rows spans at most 64 keys more */
-    int64_t limit = w + 64, span = (limit + 15) / 16 * 16;
-    size_t floats = variant == AVX512 ? (size_t)(32 * D + 16 * span) : (size_t)w;
+    int64_t limit = w + 64, span = (limit + 16 + 15) / 16 * 16;  /* + a last group's padding */
+    int blocked = variant == AVX512 || (variant == AVX2 && lanes8(D));
+    size_t floats = blocked ? (size_t)(32 * D + 16 * span) : (size_t)w;
     void *mem;
     float *sc = scratch(floats, &mem);
     if (!sc)
@@ -615,8 +964,10 @@ EXPORT int hpcattn_band(const float *q, const float *k, const float *v, const in
 #ifdef HPCATTN_X86
     if (variant == AVX512)
         band_avx512(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse, limit);
+    else if (variant == AVX2 && lanes8(D))
+        band_avx2(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse, limit);
     else if (variant == AVX2)
-        band_avx2(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse);
+        band_avx2_rows(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse);
     else
 #endif
         band_generic(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse);

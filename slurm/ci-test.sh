@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make test-slurm`: start a real SLURM cluster on this machine (slurm/local-cluster.sh, which
-# apt-installs slurm-wlm and munge when missing), run tests/test_slurm.py against it with
-# sbatch --wait, stop the cluster. Where SLURM cannot be had, it says so loudly and exits 0.
+# `make test-slurm`: start a real SLURM cluster on this machine (slurm/local-cluster.sh --install,
+# which apt-installs the test-slurm packages of system-packages.txt when missing), run
+# tests/test_slurm.py against it with sbatch --wait, stop the cluster. Where SLURM cannot be had,
+# it says so loudly and exits 0; SLURM without srun's pmix plugin fails (local-cluster exit 4).
 #   slurm/ci-test.sh [PYTHON]        (default .venv/bin/python)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ fi
 [[ $(id -u) == 0 ]] || skip "starting slurmctld/slurmd needs root"
 env_line=$(slurm/local-cluster.sh start --install)
 rc=$?
-(( rc == 3 )) && skip "slurm-wlm/munge are not installed and apt-get could not install them"
+(( rc == 3 )) && skip "SLURM is not installed and apt-get could not install it (system-packages.txt)"
 (( rc != 0 )) && { echo "slurm/ci-test.sh: the local SLURM cluster did not start" >&2; exit 1; }
 eval "$env_line"
 trap 'slurm/local-cluster.sh stop' EXIT

@@ -6,13 +6,16 @@
 #   slurm/local-cluster.sh stop
 #   slurm/local-cluster.sh status
 #
-# Needs root (daemons run as root) and Debian's `slurm-wlm` and `munge` (`--install` apt-installs
-# them when missing). State, logs and the config live in $HPCATTN_SLURM_DIR (default
+# Needs root (daemons run as root) and the test-slurm packages of system-packages.txt (`slurm-wlm`,
+# `munge`, `libpmix-dev`; `--install` runs scripts/system-deps.sh test-slurm, which apt-installs
+# the missing ones). State, logs and the config live in $HPCATTN_SLURM_DIR (default
 # /tmp/hpcattn-slurm); nothing under /etc is changed except munge's key, which the munge package
 # creates. The node advertises $HPCATTN_SLURM_CPUS CPUs (default 8, more than a small CI machine
 # has: SlurmdParameters=config_overrides) so 4-rank jobs fit on a 2-core machine.
 # Exit status: 0 when the node is idle and accepts jobs; 3 when SLURM is not installed (and
-# --install was not given or failed); 1 on any other failure, with the daemon logs printed.
+# --install was not given or failed); 4 when `srun --mpi=pmix` cannot load the PMIx library
+# (libpmix.so, from libpmix-dev; the cluster is stopped again); 1 on any other failure, with the
+# daemon logs printed.
 set -euo pipefail
 DIR=${HPCATTN_SLURM_DIR:-/tmp/hpcattn-slurm}
 CPUS=${HPCATTN_SLURM_CPUS:-8}
@@ -50,11 +53,8 @@ start) ;;
 *) echo "usage: $0 start [--install] | stop | status" >&2; exit 2 ;;
 esac
 
-if ! have_slurm && (( install )); then
-    log "installing slurm-wlm and munge with apt-get"
-    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-        (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge) >&2 || true
-    fi
+if (( install )); then   # the list's test-slurm packages; a failed install ends below (exit 3 or 4)
+    "$(dirname "$0")/../scripts/system-deps.sh" test-slurm >&2 || true
 fi
 if ! have_slurm; then
     log "SLURM (slurmctld, slurmd, sbatch, munged) is not installed"
@@ -136,6 +136,22 @@ for _ in $(seq 60); do
 done
 if [[ ${state:-} != "idle " ]]; then
     log "node did not become idle (state '${state:-none}'); logs follow"
+    tail -n 30 "$DIR"/log/*.log >&2 || true
+    exit 1
+fi
+# srun --mpi=pmix (MpiDefault, and the batch scripts' default) needs Slurm's mpi/pmix plugin, which
+# loads libpmix.so when a step starts: `srun --mpi=list` names pmix even when that fails, so a
+# one-task step checks it
+if ! out=$(timeout 60 srun --mpi=pmix --ntasks=1 true 2>&1); then
+    if grep -q "PMIx library\|Invalid MPI type 'pmix'" <<<"$out"; then
+        log "srun --mpi=pmix fails: Slurm's mpi/pmix plugin loads libpmix.so, which Debian's" \
+            "libpmix-dev installs (libpmix2 alone is not enough): apt-get install libpmix-dev"
+        echo "$out" >&2
+        stop
+        exit 4
+    fi
+    log "a one-task srun step failed; its output and the logs follow"
+    echo "$out" >&2
     tail -n 30 "$DIR"/log/*.log >&2 || true
     exit 1
 fi

@@ -1,7 +1,13 @@
 """The work-optimal local kernel against the float64 dense reference (issue 3)."""
+import subprocess
+import sysconfig
+from pathlib import Path
+
 import numpy as np
 import pytest
+from mpi4py import MPI
 
+import hpcattn
 from hpcattn.cpu import cgather, local
 from hpcattn.api import to_heads
 from hpcattn.arrays import aligned_copy, aligned_empty
@@ -166,25 +172,74 @@ def test_compiled_gather_runs_the_variant_asked(rng, variant, D, monkeypatch):
         assert abs(lse[0, 0, 0, r] - (s.max() + np.log(p.sum()))) <= 1e-5 * max(1, abs(lse[0, 0, 0, r]))
 
 
-@needs_compiled
-@pytest.mark.parametrize("spec", ["causal+random:40+dilated:3:7",  # the gather
-                                  "window:100+global:2", "causal+window:33", "window:256+dilated:2:9"])  # the band
-def test_compiled_kernels_give_the_same_bits_on_any_thread_count(rng, spec, monkeypatch):
-    """Row chunks run the C on the thread pool (ctypes drops the GIL); each row is computed the
-    same way whatever the chunking (the band: whichever 16-row block it is in), so one thread
-    and several agree bit for bit."""
-    monkeypatch.delenv("HPCATTN_GATHER", raising=False)  # the compiled kernels, whatever the environment forces
-    n, D = 6000, 64
+SAME_BITS_MASKS = ["window:100+global:2", "window:256+dilated:2:9", "full", "block:300+causal",
+                   "causal+window:33", "causal+random:40+dilated:3:7"]
+
+
+@pytest.mark.parametrize("kernel", ["avx512", "avx2", "generic", "numpy"])
+@pytest.mark.parametrize("spec", SAME_BITS_MASKS)
+@pytest.mark.parametrize("shape", ["prefill", "decode"])
+def test_attention_gives_the_same_bits_on_any_thread_count(rng, kernel, spec, shape, monkeypatch):
+    """Through the public API, each CPU path (HPCATTN_GATHER forces the compiled variants, or
+    `numpy`: BLAS tiles and NumPy gathers) gives the same o and lse with 1, 2 or 3 threads: the
+    work is cut by the shape alone (row chunks; a decode's key blocks merged in key order) and
+    every BLAS call runs on one thread. Checked on a call of many rows and on a decode (12
+    queries at the end of 70,000 keys: key blocks)."""
+    if kernel != "numpy" and kernel not in compiled_variants():
+        pytest.skip(f"this CPU does not run the {kernel} variant (or hpcattn/_gather is not built)")
+    monkeypatch.setenv("HPCATTN_GATHER", kernel)
+    n, nq = (6000, 6000) if shape == "prefill" else (70000, 12)
+    if shape == "decode" and spec == "full":
+        spec = "causal"
+    q = rng.standard_normal((1, nq, 4, 64)).astype("float32")
+    k, v = (rng.standard_normal((1, n, 2, 64)).astype("float32") for _ in range(2))
+    qpos = np.arange(n - nq, n)
+    got = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("HPCATTN_THREADS", threads)
+        got.append(hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF, q_positions=qpos))
+    for o, lse in got[1:]:
+        assert np.array_equal(o, got[0][0]) and np.array_equal(lse, got[0][1])
+    assert not np.isnan(got[0][0]).any() and np.isfinite(got[0][1]).all()
+
+
+@pytest.mark.skipif(not {"avx512", "avx2"} <= set(compiled_variants()), reason="this CPU does not run both")
+@pytest.mark.parametrize("spec", ["window:100", "causal+window:33", "window:256+global:2"])
+@pytest.mark.parametrize("D", [16, 64, 128])
+def test_band_gives_the_same_bits_with_avx512_and_avx2(rng, spec, D, monkeypatch):
+    """The band kernel's AVX2 loops do per row the AVX-512 loops' operations in the same order
+    (8 lanes instead of 16), so a window run gives the same bits on either kind of CPU."""
+    n = 3001
     mask = parse(spec, n_keys=n)
     q = rng.standard_normal((1, 2, 2, n, D)).astype("float32")
     k, v = (rng.standard_normal((1, 2, n, D)).astype("float32") for _ in range(2))
     got = []
-    for threads in ("1", "2", "3"):
-        monkeypatch.setenv("HPCATTN_THREADS", threads)
+    for variant in ("avx512", "avx2"):
+        monkeypatch.setenv("HPCATTN_GATHER", variant)
         got.append(local.attend(q, np.arange(n), k, v, 0, mask, 0.125))
-    for o, lse, e in got[1:]:
-        assert e == got[0][2] and np.array_equal(o, got[0][0]) and np.array_equal(lse, got[0][1])
-    assert not np.isnan(got[0][0]).any() and np.isfinite(got[0][1]).all()
+    (o0, l0, e0), (o1, l1, e1) = got
+    assert e0 == e1 and np.array_equal(o0, o1) and np.array_equal(l0, l1) and np.isfinite(l0).all()
+
+
+def test_portable_build_runs_every_piece(rng, tmp_path, monkeypatch):
+    """kernels/gather.c as a CPU other than x86-64 (Arm, ...) builds it (-DHPCATTN_GENERIC_ONLY:
+    no intrinsics), without a warning: its portable loops are its best and run the gather and
+    the band, each against float64 (D not a multiple of 8 too)."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    lib = tmp_path / "generic.so"
+    subprocess.run([cc, "-O3", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared",
+                    "-DHPCATTN_GENERIC_ONLY", str(Path(__file__).parents[1] / "kernels" / "gather.c"),
+                    "-o", str(lib), "-lm"], check=True, timeout=120)
+    monkeypatch.setattr(cgather, "LIB", cgather._load(str(lib)))
+    assert cgather.best() == "generic" and not cgather.band_blocked(64)
+    used = []
+    for name in ("band_rows", "run"):
+        real = getattr(cgather, name)
+        monkeypatch.setattr(cgather, name, lambda *a, real=real: used.append(real(*a)[2]) or real(*a))
+    monkeypatch.setenv("HPCATTN_GATHER", "generic")
+    for spec, D in (("causal+window:30+global:2", 64), ("random:7+dilated:3:4+csr", 20)):
+        run_case(rng, spec, 600, H=4, Hkv=2, D=D)
+    assert used and set(used) == {"generic"}
 
 
 @pytest.mark.parametrize("shape, dtype", [((3, 5, 7), "float32"), ((0, 4), "float16"), ((1000, 64), "int64"),
@@ -242,7 +297,7 @@ def test_gather_variant_names_are_checked(monkeypatch):
 
 @pytest.mark.parametrize("spec", ["window:40", "causal+window:40", "window:300"])
 @pytest.mark.parametrize("mode", ["plain", "large_logits", "large_v", "underflow"])
-@pytest.mark.parametrize("kernel", ["numpy", "avx512"])
+@pytest.mark.parametrize("kernel", ["numpy", "avx512", "avx2"])
 def test_band_tiles_every_softmax_path(rng, spec, mode, kernel, monkeypatch):
     """The band's interior tiles (HPCATTN_GATHER=numpy: the BLAS path) take exp(s) unshifted for
     ordinary inputs, subtract the bound c for large logits or large V, and recompute with exact
@@ -324,7 +379,7 @@ def test_compiled_band_matches_the_reference(rng, variant, spec, D, kwargs, monk
     assert calls and set(calls) == {want}
 
 
-@pytest.mark.skipif("avx512" not in compiled_variants(), reason="the band kernel's AVX-512 loops do not run here")
+@pytest.mark.skipif(cgather.LIB is None or not cgather.band_blocked(64), reason="the band kernel's blocked loops do not run here")
 @pytest.mark.parametrize("spec", ["window:40", "causal+window:300", "window:9+global:2"])
 def test_compiled_band_takes_float16_a_chunk_at_a_time(rng, spec, monkeypatch):
     """float16 inputs (the longest-context runs) go to the compiled band too: the keys a row

@@ -185,7 +185,7 @@ def bench(seqs, specs, vs=(), head_dim=64, dtype="float32", repeat=3, sgemm=Fals
                     "gflops": 4 * edges * head_dim / t / 1e9, "ratio": 1.0,
                     "max_err": check_ours(qrows, k, v, mask, scale, o, lse, sample),
                     "peak_rss_gib": peak_rss_gib(), "threads": local.threads(), "dtype": dtype,
-                    "blas": blas_name(), "gather": cgather.describe()}
+                    "blas": blas_name(), "gather": cgather.describe(head_dim)}
             if t_edges is not None:
                 ours["build_s"] = t_edges
             rows.append(ours)

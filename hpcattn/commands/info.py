@@ -61,7 +61,7 @@ def report():
         "blas": blas_name(),
         "gather kernel": cgather.describe(),
         "backend": "cupy" if n_gpu else "numpy",
-        "mpi library": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi library": MPI.Get_library_version().splitlines()[0].strip().strip("\0"),
         "mpi standard": "%d.%d" % MPI.Get_version(),
         "mpi4py": __import__("mpi4py").__version__,
         "cuda-aware mpi": {True: "yes", False: "no", None: "unknown (library does not say)"}[aware],

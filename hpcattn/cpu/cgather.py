@@ -6,9 +6,10 @@ module). ctypes releases the GIL during the call, so local.attend's row-chunk th
 every core. Runs from a source tree where it was not built fall back to NumPy's gathers.
 
 `HPCATTN_GATHER` picks the variant: unset or `auto` the best this CPU runs (AVX-512 for D a
-multiple of 16 up to 256, else the portable loops compiled for AVX2 + FMA, else for baseline
-x86-64), `avx512`, `avx2` or `generic` to force one (lowered to what the CPU runs; tests use it
-to check every variant), `numpy` to turn the compiled kernel off.
+multiple of 16 up to 256, else AVX2 + FMA: 8-lane loops for D a multiple of 8 up to 256,
+portable loops compiled for AVX2 for other D; else the portable loops for baseline x86-64 or
+any other CPU), `avx512`, `avx2` or `generic` to force one (lowered to what the CPU runs; tests
+use it to check every variant), `numpy` to turn the compiled kernel off.
 """
 import ctypes
 import importlib.machinery
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..errors import HpcattnError
 
-ABI = 3  # hpcattn_gather_abi() of the kernels/gather.c this module calls
+ABI = 4  # hpcattn_gather_abi() of the kernels/gather.c this module calls
 VARIANTS = {"generic": 1, "avx2": 2, "avx512": 3}
 NAMES = {v: k for k, v in VARIANTS.items()}
 
@@ -27,11 +28,13 @@ NAMES = {v: k for k, v in VARIANTS.items()}
 _SKIPPED = []  # why a library found beside this file was not used
 
 
-def _load():
-    """The library beside this file (hpcattn/_gather + an extension suffix), None if unbuilt."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    paths = [os.path.join(here, "_gather" + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
-    path = next((p for p in paths if os.path.isfile(p)), None)
+def _load(path=None):
+    """The library at path, else the one beside this file (hpcattn/_gather + an extension
+    suffix); None if unbuilt."""
+    if path is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        paths = [os.path.join(here, "_gather" + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+        path = next((p for p in paths if os.path.isfile(p)), None)
     if path is None:
         return None
     try:
@@ -48,6 +51,8 @@ def _load():
     lib.hpcattn_band.argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_float, ctypes.c_int, ptr, ptr]
     lib.hpcattn_band.restype = ctypes.c_int
     lib.hpcattn_gather_best.restype = ctypes.c_int
+    lib.hpcattn_variant_for.argtypes = [ctypes.c_int, i64]
+    lib.hpcattn_variant_for.restype = ctypes.c_int
     return lib
 
 
@@ -71,11 +76,16 @@ def available(dtype):
 def band_available(dtype, D):
     """Whether local._band takes the compiled band kernel: float32 or float16 inputs (float16
     widened a row chunk at a time) and, unless HPCATTN_GATHER forces a variant (tests), only
-    where its AVX-512 loops run (D a multiple of 16 up to 256): its portable loops are slower
-    than the BLAS tiles."""
+    where its blocked loops run (AVX-512 or AVX2, D a multiple of 8 up to 256): the portable
+    loops are slower than the BLAS tiles."""
     if LIB is None or dtype not in (np.float32, np.float16) or _choice() == "numpy":
         return False
-    return _choice() != "auto" or (best() == "avx512" and D % 16 == 0 and 0 < D <= 256)
+    return _choice() != "auto" or band_blocked(D)
+
+
+def band_blocked(D):
+    """Whether this CPU runs the band kernel's blocked loops at head dim D."""
+    return best() in ("avx512", "avx2") and D % 8 == 0 and 0 < D <= 256
 
 
 def best():
@@ -83,15 +93,18 @@ def best():
     return NAMES[LIB.hpcattn_gather_best()] if LIB is not None else None
 
 
-def describe():
-    """One line for `hpcattn info`: which gather kernel a float32 run uses."""
+def describe(D=64):
+    """One line for `hpcattn info` and `bench`: the CPU kernels a float32 run at head dim D
+    takes (the compiled variant, and whether the window band is compiled or BLAS tiles)."""
     if LIB is None:
-        return f"NumPy gathers ({_SKIPPED[0] if _SKIPPED else 'hpcattn/_gather not built'})"
+        return f"NumPy gathers, BLAS band ({_SKIPPED[0] if _SKIPPED else 'hpcattn/_gather not built'})"
     choice = _choice()
     if choice == "numpy":
-        return "NumPy gathers (HPCATTN_GATHER=numpy)"
-    band = " (and the window band)" if best() == "avx512" else ""
-    return f"compiled {best()}{band}" if choice == "auto" else f"compiled, HPCATTN_GATHER={choice}"
+        return "NumPy gathers, BLAS band (HPCATTN_GATHER=numpy)"
+    used = NAMES[LIB.hpcattn_variant_for(VARIANTS.get(choice, 0), D)]
+    band = "compiled band" if band_available(np.dtype(np.float32), D) else "BLAS band"
+    forced = "" if choice == "auto" else f", HPCATTN_GATHER={choice}"
+    return f"compiled {used}, {band} at D = {D}{forced}"
 
 
 def gather_rows(q, k, v, indptr, cols, scale):

@@ -5,8 +5,8 @@ Knows nothing of MPI. Layout (head-major, grouped-query):
 
 Work is proportional to the mask's edges and nothing is stored for implicit masks. The edge
 set is cut into three disjoint pieces, one code path per idea (not per mask):
-- band: the union of `window` terms (|i - j| <= W, with causal j <= i). On an AVX-512 CPU
-  the compiled band kernel (kernels/gather.c: blocks of 16 rows, register-tiled
+- band: the union of `window` terms (|i - j| <= W, with causal j <= i). On an AVX-512 or
+  AVX2 CPU the compiled band kernel (kernels/gather.c: blocks of 16 rows, register-tiled
   FMAs, no BLAS); otherwise query tiles of T rows over spans of T + 2W keys, all interior tiles
   of a group in one batched BLAS call on strided views of K/V, masked by one additive bias
   shared by every tile (the band is shift-invariant).
@@ -19,7 +19,9 @@ set is cut into three disjoint pieces, one code path per idea (not per mask):
   else K/V rows gathered by NumPy with a segment-wise softmax by ufunc.reduceat.
 The pieces' partials of a row are combined with the shared merge. Rows are processed in
 chunks, so float16 inputs are converted to float32 a chunk at a time (never a whole shard)
-and temporaries stay O(chunk + its edges).
+and temporaries stay O(chunk + its edges). The chunks (and a decode's key blocks) follow from
+the shape alone and every BLAS call runs on one thread, so the bits do not depend on the
+thread count.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,8 @@ BAND_TILE = 128         # most query rows per band tile
 ROW_ELEMS = 1 << 19     # output elements (rows x heads x D) per row chunk: 2 MiB
 EDGE_ELEMS = 1 << 21    # gathered elements (edges x heads x D) per gather chunk
 MIN_ROWS = 512          # fewest query rows per chunk handed to a worker thread
+ROW_CHUNKS = 16         # row chunks a call is cut into when ROW_ELEMS allows more rows
+KEY_BLOCK = 1 << 15     # keys per work item when a call's rows make one chunk (decode)
 DECODE_ROWS = 64        # query rows per tile at most for the dense decode path (_dense)
 DECODE_ELEMS = 1 << 18  # float32 scores per key chunk of that path: 1 MiB, kept in L2
 LAG = float(1 << 24)    # largest chunk row sum that path accepts over its lagging reference
@@ -78,24 +82,41 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
         # fewest lines (20% faster measured); a misaligned block is copied once per call here
         k, v = aligned_copy(k), aligned_copy(v)
     qpos = np.asarray(qpos, dtype=np.int64)
-    workers = threads() if xp is np else 1
-    step = max(1, min(ROW_ELEMS // (B * Hkv * G * D), max(MIN_ROWS, -(-nq // workers))))
+    # The work is cut by the shape alone, never by the thread count, so any number of threads
+    # gives the same bits: row chunks, or, when the rows make one chunk (decode), KEY_BLOCK key
+    # blocks whose partials merge in key order. One BLAS thread per worker: BLAS's own threads
+    # are slow on the kernel's many small products, and their count would change the bits.
+    step = max(1, min(ROW_ELEMS // (B * Hkv * G * D), max(MIN_ROWS, -(-nq // ROW_CHUNKS))))
 
     def chunk(r0):
         r1 = min(nq, r0 + step)
-        po, pl, n = plan.rows(xp, q[:, :, :, r0:r1], qpos[r0:r1], k, v, k0, scale)
+        po, pl, n = plan.rows(np, q[:, :, :, r0:r1], qpos[r0:r1], k, v, k0, scale)
         o[:, :, :, r0:r1], lse[:, :, :, r0:r1] = po, pl
         return n
 
-    starts = range(0, nq, step)
-    if xp is not np or (len(starts) == 1 and workers > 1):  # one chunk (decode): BLAS threads
-        return o, lse, sum(map(chunk, starts))
-    # Row chunks on a thread pool with one BLAS thread each: BLAS's own threads are slow on
-    # the kernel's many small products (and spin against each other on a loaded machine).
+    def block(c0):
+        c1 = min(nk, c0 + KEY_BLOCK)
+        return plan.rows(np, q, qpos, k[:, :, c0:c1], v[:, :, c0:c1], k0 + c0, scale)
+
+    workers = threads()
     with _blas().limit(limits=1, user_api="blas"):
-        if workers == 1:
-            return o, lse, sum(map(chunk, starts))
-        return o, lse, sum(_pool(workers).map(chunk, starts))
+        run = map if workers == 1 else _pool(workers).map
+        if nq > step or nk <= KEY_BLOCK:
+            return o, lse, sum(run(chunk, range(0, nq, step)))
+        o[...], lse[...], edges = _fold(np, run(block, range(0, nk, KEY_BLOCK)), (B, Hkv, G, nq), D)
+        return o, lse, edges
+
+
+def _fold(xp, parts, shape, D):
+    """(o, lse, edges) of partials (o, lse, edges) of the same rows over disjoint keys, merged
+    in order (a part without edges is skipped: its state is the merge identity)."""
+    o = lse = None
+    edges = 0
+    for po, pl, e in parts:
+        if e:
+            o, lse = (po, pl) if o is None else merge(o, lse, po, pl)
+        edges += e
+    return (*(empty_state(xp, shape, D) if o is None else (o, lse)), edges)
 
 
 _SHARED = {}
@@ -132,17 +153,10 @@ class Plan:
     def rows(self, xp, q, pos, k, v, k0, scale):
         """(o, lse, edges) of one chunk of query rows: the pieces, merged."""
         B, Hkv, G, n, D = q.shape
-        o, lse = empty_state(xp, (B, Hkv, G, n), D)
-        edges = 0
-        for piece, fn, exclude in ((self.band, _band, None), (self.tiles, _tiles, self.band),
-                                   (self.gather, _gather, self.implicit)):
-            if piece is None:
-                continue
-            po, pl, e = fn(xp, q, pos, k, v, k0, piece, exclude, scale)
-            if e:
-                o, lse = (po, pl) if edges == 0 else merge(o, lse, po, pl)
-            edges += e
-        return o, lse, edges
+        return _fold(xp, (fn(xp, q, pos, k, v, k0, piece, exclude, scale) for piece, fn, exclude in
+                          ((self.band, _band, None), (self.tiles, _tiles, self.band),
+                           (self.gather, _gather, self.implicit)) if piece is not None),
+                     (B, Hkv, G, n), D)
 
 
 def _softmax_block(xp, s, vb, m_finite):
@@ -179,7 +193,7 @@ def _band_bias(xp, T, W, causal):
 
 
 def _band(xp, q, pos, k, v, k0, band, exclude, scale):
-    """The band piece: the compiled band kernel where its AVX-512 loops run (see
+    """The band piece: the compiled band kernel where its blocked loops run (see
     cgather.band_available; float16 rows over contiguous keys widened a chunk at a time), else
     batched interior tiles with a shared bias, ragged tiles via _tiles."""
     B, Hkv, G, n, D = q.shape
