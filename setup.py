@@ -3,11 +3,11 @@ import os
 from setuptools import Extension, find_packages, setup
 
 # The CPU gather kernel (kernels/gather.c): plain C with no Python.h, built as an
-# extension-shaped shared library in the package and loaded with ctypes (hpcattn/cgather.py).
+# extension-shaped shared library in the package and loaded with ctypes (hpcattn/cpu/cgather.py).
 # Its AVX-512 and AVX2 variants are chosen at run time (target attributes), never -march=native.
 # Required where the C is GCC/Clang-style (POSIX); elsewhere optional: hpcattn then uses NumPy.
 POSIX = os.name == "posix"
-GATHER = Extension("hpcattn._gather", sources=["kernels/gather.c"], optional=not POSIX,
+GATHER = Extension("hpcattn.cpu._gather", sources=["kernels/gather.c"], optional=not POSIX,
                    extra_compile_args=["-O3", "-std=c11"] if POSIX else [],
                    libraries=["m"] if POSIX else [])
 
@@ -17,7 +17,11 @@ setup(
     description="Sparse attention over million- to billion-token sequences sharded across MPI ranks",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["hpcattn", "hpcattn.*"]),
+    # The CUDA sources stay at the top of the repository (kernels/) and travel inside the
+    # package as hpcattn/kernels (gpu/cuda.py's kernel_dir finds either).
+    packages=find_packages(include=["hpcattn", "hpcattn.*"]) + ["hpcattn.kernels"],
+    package_dir={"hpcattn.kernels": "kernels"},
+    package_data={"hpcattn.kernels": ["*.cu", "*.cuh"]},
     ext_modules=[GATHER],
     python_requires=">=3.9",
     install_requires=["numpy>=1.23", "h5py>=3.8", "mpi4py>=4.0", "tqdm", "nvtx", "threadpoolctl",
@@ -30,5 +34,5 @@ setup(
         "bench": ["torch==2.13.0", "matplotlib"],
         "fast": ["numba"],  # only the float16 widening of the dense decode path (jit.widen)
     },
-    entry_points={"console_scripts": ["hpcattn=hpcattn.cli:main"]},
+    entry_points={"console_scripts": ["hpcattn=hpcattn.commands.cli:main"]},
 )

@@ -2,7 +2,7 @@
 __version__ = "0.1.0"
 
 from .api import attention, attention_backward  # noqa: E402
-from .comm import Comm  # noqa: E402
+from .dist.comm import Comm  # noqa: E402
 from .errors import HpcattnError  # noqa: E402
 from .masks import parse as parse_mask  # noqa: E402
 

@@ -3,12 +3,12 @@ import math
 
 import numpy as np
 
-from .backend import aligned_copy, array_module
-from .comm import counted
+from .arrays import aligned_copy, array_module
+from .dist.comm import counted
+from .dist.variants import Shard, choose
 from .errors import HpcattnError, agree_on
 from .masks import Mask, parse
 from .partition import positions, segments
-from .variants import Shard, choose
 
 DTYPES = ("float32", "float16")
 LAYOUTS = ("contiguous", "zigzag")

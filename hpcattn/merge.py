@@ -1,5 +1,5 @@
 """The one (o, lse) merge every variant uses: associative, commutative, -inf safe."""
-from .backend import array_module
+from .arrays import array_module
 
 
 def merge(o_a, lse_a, o_b, lse_b):
@@ -10,7 +10,7 @@ def merge(o_a, lse_a, o_b, lse_b):
     """
     xp = array_module(o_a)
     if xp.__name__ == "cupy" and o_a.shape == o_b.shape and o_a.dtype == o_b.dtype == xp.float32:
-        from .cuda import merge as fused  # the same formula in one kernel (kernels/merge.cu)
+        from .gpu.cuda import merge as fused  # the same formula in one kernel (kernels/merge.cu)
         return fused(o_a, lse_a, o_b, lse_b)
     lse = xp.logaddexp(lse_a, lse_b)
     ref = xp.where(xp.isneginf(lse), 0, lse)

@@ -21,7 +21,7 @@ import hpcattn
 from hpcattn import Comm
 from hpcattn.masks import Global, Window, parse
 from hpcattn.partition import even_offsets
-from hpcattn.variants import sparse
+from hpcattn.dist.variants import sparse
 
 
 def main():

@@ -61,7 +61,7 @@ def measure(P, inp, out, mask, variant, extra=()):
 
 def kernel_times(N, P, a):
     """Seconds of the local kernel for one rank's tree share and its ring shares (P hops)."""
-    from hpcattn import local
+    from hpcattn.cpu import local
     from hpcattn.masks import parse
     rng = np.random.default_rng(1)
     G, n = a.heads // a.kv_heads, N // P

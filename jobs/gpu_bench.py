@@ -15,7 +15,7 @@ import traceback
 import cupy as cp
 import numpy as np
 
-from hpcattn import cuda
+from hpcattn.gpu import cuda
 from hpcattn.masks import parse
 
 

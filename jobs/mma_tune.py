@@ -2,7 +2,7 @@
 (warps per block, 16-row MMA tiles per warp, q fragments in registers, K/V
 buffers, blocks per SM asked of the register allocator) on the same inputs,
 window:W over N tokens, H heads, float16; useful TFLOP/s and the largest difference from the
-first candidate's output. Picks hpcattn.cuda.MMA_SHAPES; prints one JSON line per candidate.
+first candidate's output. Picks hpcattn.gpu.cuda.MMA_SHAPES; prints one JSON line per candidate.
     python3 jobs/mma_tune.py [--seq N] [--heads H] [--window W] [--dims 64,128]"""
 import argparse
 import json
@@ -12,7 +12,7 @@ import cupy as cp
 import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
-from hpcattn import cuda
+from hpcattn.gpu import cuda
 from hpcattn.masks import parse
 
 CANDIDATES = [(2, 2, True, 3, 1), (4, 1, True, 2, 1), (4, 1, True, 3, 1), (4, 1, False, 2, 1), (4, 1, False, 3, 3),

@@ -13,7 +13,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcattn import Comm
-from hpcattn.variants import tree
+from hpcattn.dist.variants import tree
 
 
 def main():

@@ -11,7 +11,7 @@ import cupy as cp
 import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
-from hpcattn import cuda
+from hpcattn.gpu import cuda
 from hpcattn.masks import parse
 
 

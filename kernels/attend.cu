@@ -1,5 +1,5 @@
 // Local sparse attention, CUDA cores, any head dim up to DMAX, float16/bfloat16/float32 input,
-// float32 accumulation. Layout (hpcattn/local.py): q (B,Hkv,G,nq,D), k/v (B,Hkv,nk,D) holding
+// float32 accumulation. Layout (hpcattn/cpu/local.py): q (B,Hkv,G,nq,D), k/v (B,Hkv,nk,D) holding
 // keys k0..k0+nk-1, o (B,Hkv,G,nq,D) float32 normalised, lse (B,Hkv,G,nq) float32.
 // Grid: x = query tiles of BQ rows, y = query heads (b, hkv, g). 4 warps, BQ/4 rows each;
 // each key tile of BK keys is staged once in shared memory for all BQ rows.

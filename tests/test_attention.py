@@ -4,7 +4,7 @@ import pytest
 from mpi4py import MPI
 
 import hpcattn
-from hpcattn import local
+from hpcattn.cpu import local
 from hpcattn.api import to_heads
 from hpcattn.masks import parse
 from hpcattn.reference import errors, reference, tolerance

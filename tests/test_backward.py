@@ -5,11 +5,11 @@ import pytest
 from mpi4py import MPI
 
 import hpcattn
-from hpcattn import grad, local
+from hpcattn.cpu import grad, local
 from hpcattn.api import from_heads, to_heads
 from hpcattn.masks import parse
 from hpcattn.reference import grad_error, grad_tolerance, reference_backward
-from hpcattn.variants.rings import RingPlan
+from hpcattn.dist.variants.rings import RingPlan
 
 from conftest import hpcattn as hpcattn_cli, mpiexec
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import hpcattn, mpiexec
-from hpcattn.cli import main
+from hpcattn.commands.cli import main
 from hpcattn.masks import parse
 from hpcattn.partition import even_offsets
 from hpcattn.reference import errors, reference

@@ -3,7 +3,7 @@ row reaches) and its float16 widening (jit.widen), against the float64 reference
 import numpy as np
 import pytest
 
-from hpcattn import jit, local
+from hpcattn.cpu import jit, local
 from hpcattn.api import to_heads
 from hpcattn.masks import parse
 from hpcattn.reference import errors, reference, tolerance

@@ -15,8 +15,8 @@ from hpcattn import Comm
 from hpcattn.masks import parse
 from hpcattn.partition import even_offsets
 from hpcattn.reference import errors, reference, tolerance
-from hpcattn.runner import run
-from hpcattn.variants import sparse
+from hpcattn.commands.run import run
+from hpcattn.dist.variants import sparse
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
 
@@ -97,7 +97,7 @@ def test_decode_rows_match_reference(spec, variant):
 @pytest.mark.parametrize("spec", ["causal", "causal+window:30", "causal+global:3+block:40"])
 @pytest.mark.parametrize("variant", ["tree", "sparse"])
 def test_zigzag_layout(spec, variant):
-    """The runner gives causal runs the zigzag layout; tree and sparse take any key runs."""
+    """`hpcattn run` gives causal runs the zigzag layout; tree and sparse take any key runs."""
     from hpcattn.partition import positions, segments
     P, r = world().size, world().rank
     N, D = 157, 16
@@ -131,7 +131,7 @@ def node_collective_bytes(P, K, r, nbytes):
 @pytest.mark.parametrize("method", ["packed", "three"])
 @pytest.mark.parametrize("rpn", [None, 2, 3])
 def test_tree_bytes_are_exact_and_independent_of_n(method, rpn):
-    from hpcattn.variants import tree
+    from hpcattn.dist.variants import tree
     P, r = world().size, world().rank
     Nq, H, Hkv, D, B = 5, 4, 2, 8, 2
     results = []
@@ -246,7 +246,7 @@ def test_decode_file_re_read_from_disk(mpi_tmp_path, variant):
     """`hpcattn gen --queries` puts q_positions at the end; the run's file holds every row."""
     inp, out = mpi_tmp_path / "dec.h5", mpi_tmp_path / f"dec_{variant}.h5"
     if world().rank == 0:
-        from hpcattn.generate import generate
+        from hpcattn.commands.gen import generate
         generate(inp, 5000, queries=5, heads=4, kv_heads=2, head_dim=16, dtype="float16", seed=2)
     world().Barrier()
     comm = Comm(world())
@@ -375,7 +375,7 @@ def test_run_backward_file(mpi_tmp_path, spec, queries, variant):
     from hpcattn.reference import grad_error, reference_backward
     inp, out = mpi_tmp_path / "bw.h5", mpi_tmp_path / f"bw_{variant}_{queries}.h5"
     if world().rank == 0:
-        from hpcattn.generate import generate
+        from hpcattn.commands.gen import generate
         generate(inp, 900, queries=queries, heads=2, kv_heads=1, head_dim=16, seed=4, backward=True)
     world().Barrier()
     comm = Comm(world())
@@ -432,7 +432,7 @@ def test_run_backward_records_auto_backward_choice(mpi_tmp_path):
     from hpcattn.reference import grad_error, reference_backward
     inp, out = mpi_tmp_path / "gqa.h5", mpi_tmp_path / "gqa_out.h5"
     if world().rank == 0:
-        from hpcattn.generate import generate
+        from hpcattn.commands.gen import generate
         generate(inp, 300, heads=4, kv_heads=1, head_dim=16, seed=6, backward=True)
     world().Barrier()
     comm = Comm(world())

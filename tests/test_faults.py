@@ -8,8 +8,8 @@ import pytest
 
 from conftest import mpiexec
 from hpcattn import faults
-from hpcattn.cli import main
-from hpcattn.variants import VARIANTS
+from hpcattn.commands.cli import main
+from hpcattn.dist.variants import VARIANTS
 
 FAULT_TIMEOUT = 90  # seconds; a healthy failing job ends in a few
 PHASES = ["read", "compute", "write", "finish"]

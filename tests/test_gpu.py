@@ -13,11 +13,12 @@ from gpu_helpers import bf16_bits, cupy_or_skip, full_backward, grad_err, local_
 cp = cupy_or_skip()
 
 import hpcattn  # noqa: E402
-from hpcattn import cuda, masks  # noqa: E402
+from hpcattn import masks  # noqa: E402
+from hpcattn.gpu import cuda  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from hpcattn.merge import merge  # noqa: E402
 from hpcattn.reference import errors, grad_error, reference, reference_backward, tolerance  # noqa: E402
-from hpcattn.variants import VARIANTS  # noqa: E402
+from hpcattn.dist.variants import VARIANTS  # noqa: E402
 
 MASKS = ["full", "causal", "window:7", "causal+window:33", "dilated:3:5", "causal+dilated:2:4",
          "block:50", "block:16+causal", "global:4+window:2", "causal+global:5", "window:0",
@@ -331,8 +332,8 @@ def test_every_variant_backward_through_the_api_on_cupy(rng, variant, spec):
 def test_run_on_the_gpu_writes_backend_and_transport(tmp_path, monkeypatch):
     import h5py
     from hpcattn import Comm
-    from hpcattn.generate import generate
-    from hpcattn.runner import run
+    from hpcattn.commands.gen import generate
+    from hpcattn.commands.run import run
     monkeypatch.setenv("HPCATTN_BACKEND", "cupy")
     generate(tmp_path / "in.h5", 301, heads=2, kv_heads=1, head_dim=32, dtype="float16", seed=3)
     comm = Comm(MPI.COMM_SELF)

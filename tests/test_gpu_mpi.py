@@ -13,15 +13,16 @@ from gpu_helpers import cupy_or_skip
 cp = cupy_or_skip()
 
 import hpcattn  # noqa: E402
-from hpcattn import Comm, gpu  # noqa: E402
+from hpcattn import Comm  # noqa: E402
+from hpcattn.gpu import device  # noqa: E402
 from hpcattn.errors import HpcattnError  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from hpcattn.partition import even_shard  # noqa: E402
 from hpcattn.reference import errors, grad_error, reference, reference_backward, tolerance  # noqa: E402
-from hpcattn.variants import VARIANTS  # noqa: E402
+from hpcattn.dist.variants import VARIANTS  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
-gpu.setup(MPI.COMM_WORLD)
+device.setup(MPI.COMM_WORLD)
 
 
 def transports():

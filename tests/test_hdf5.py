@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import hpcattn, mpiexec
-from hpcattn.cli import main
-from hpcattn.h5io import chunks_for
-from hpcattn.outofcore import CRASH_VAR
+from hpcattn.commands.cli import main
+from hpcattn.io.h5io import chunks_for
+from hpcattn.io.outofcore import CRASH_VAR
 
 SPEC = "causal+window:70+global:2"
 
@@ -63,6 +63,30 @@ def test_resume_after_a_crash_gives_the_same_bytes(inp, tmp_path, P):
     assert o.tobytes() == o_c.tobytes() and lse.tobytes() == lse_c.tobytes()
     assert leftovers(tmp_path) == []
     assert hpcattn("verify", inp, out).returncode == 0
+
+
+DESIGN_STATS = {"bytes_sent", "bytes_received", "compute_s", "comm_s", "io_s", "wall_s"}
+DESIGN_ATTRS = {"variant", "mask", "ranks", "nodes", "backend", "transport", "hpcattn_version", "scale"}
+
+
+def test_in_memory_and_out_of_core_results_have_the_same_keys(inp, tmp_path):
+    """Both run paths build their stats and attributes with io.results: read back from the
+    files, the same stats keys and attribute names, at least those of DESIGN.md section 2. An
+    out-of-core file also keeps the identity a --resume checks (ooc_*), and nothing else."""
+    mem, ooc = tmp_path / "mem.h5", tmp_path / "ooc.h5"
+    for out, extra in ((mem, []), (ooc, ["--max-memory", "64K"])):
+        res = hpcattn("run", inp, out, "--mask", SPEC, *extra)
+        assert res.returncode == 0, res.stderr
+    *_, attrs_m, stats_m = read(mem)
+    *_, attrs_o, stats_o = read(ooc)
+    assert (attrs_m["out_of_core"], attrs_o["out_of_core"]) == (0, 1)
+    assert attrs_m["mask"] == attrs_o["mask"] == SPEC and attrs_m["scale"] == attrs_o["scale"]
+    assert sorted(stats_m) == sorted(stats_o) and set(stats_m) >= DESIGN_STATS
+    resume_identity = {"ooc_input", "ooc_mask", "ooc_rows", "ooc_shape"}
+    assert sorted(attrs_m) == sorted(set(attrs_o) - resume_identity) and set(attrs_o) >= resume_identity
+    assert set(attrs_m) >= DESIGN_ATTRS | {"complete"}
+    for stats in (stats_m, stats_o):
+        assert all(len(v) == 1 for v in stats.values())  # one entry per rank
 
 
 def test_resume_refuses_a_partial_file_of_another_run(inp, tmp_path):
@@ -118,7 +142,7 @@ def test_reference_by_spans_equals_the_dense_reference(inp, spec):
     """verify's sampled-row path (only the keys each row reaches) agrees with the dense one."""
     from hpcattn.masks import parse
     from hpcattn.reference import reference
-    from hpcattn.verify import _reference_by_spans
+    from hpcattn.commands.verify import _reference_by_spans
     idx = np.array([0, 1, 2, 150, 1500, 2999, 3000])
     with h5py.File(inp, "r") as f:
         q = f["q"][:, idx]

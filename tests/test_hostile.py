@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import BIN
-from hpcattn import h5io, masks, validate
-from hpcattn.cli import main
+from hpcattn import masks
+from hpcattn.io import h5io, validate
+from hpcattn.commands.cli import main
 from hpcattn.errors import HpcattnError
-from hpcattn.generate import generate
+from hpcattn.commands.gen import generate
 from hpcattn.masks import parse
 
 EXIT_TAG = "hpcattn-rank-exit"

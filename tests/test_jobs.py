@@ -9,10 +9,10 @@ import h5py
 import pytest
 
 from conftest import BIN, LAUNCH_TIMEOUT, mpiexec
-from hpcattn import jobs, launch
-from hpcattn.cli import main
+from hpcattn.commands import jobs, launch
+from hpcattn.commands.cli import main
 from hpcattn.errors import HpcattnError
-from hpcattn.sweep import run_sweep
+from hpcattn.commands.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 

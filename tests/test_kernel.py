@@ -8,9 +8,9 @@ import pytest
 from mpi4py import MPI
 
 import hpcattn
-from hpcattn import cgather, local
+from hpcattn.cpu import cgather, local
 from hpcattn.api import to_heads
-from hpcattn.backend import aligned_copy, aligned_empty
+from hpcattn.arrays import aligned_copy, aligned_empty
 from hpcattn.errors import HpcattnError
 from hpcattn.masks import check_csr, parse
 from hpcattn.reference import errors, reference, tolerance

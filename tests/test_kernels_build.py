@@ -1,5 +1,5 @@
 """Every kernel in kernels/ compiles with nvcc for sm_90 (sm_90a: cuda.SM90A) with no warnings (runs in CI; needs
-nvcc, not a GPU), with every name expression hpcattn/cuda.py asks CuPy for instantiated."""
+nvcc, not a GPU), with every name expression hpcattn/gpu/cuda.py asks CuPy for instantiated."""
 import os
 import shutil
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcattn import cuda
+from hpcattn.gpu import cuda
 from hpcattn.masks import parse
 
 
@@ -88,7 +88,7 @@ NVRTC = find_nvrtc()
 @pytest.mark.parametrize("source", sorted(cuda.SOURCES))
 def test_kernel_compiles_with_nvrtc_as_cupy_loads_it(source):
     """The same source and name expressions through NVRTC (what cupy.RawModule does at run
-    time), with the options hpcattn/cuda.py passes plus the CUDA headers' directory."""
+    time), with the options hpcattn/gpu/cuda.py passes plus the CUDA headers' directory."""
     import ctypes
     prog = ctypes.c_void_p()
     code = (cuda.KERNEL_DIR / source).read_bytes()

@@ -15,7 +15,7 @@ from hpcattn import Comm
 from hpcattn.masks import parse
 from hpcattn.partition import even_offsets, even_shard
 from hpcattn.reference import errors, reference, tolerance
-from hpcattn.runner import run
+from hpcattn.commands.run import run
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
 
@@ -75,7 +75,7 @@ def test_user_supplied_uneven_pieces_and_positions():
 def test_run_writes_one_complete_file_re_read_from_disk(mpi_tmp_path):
     inp, out = mpi_tmp_path / "in.h5", mpi_tmp_path / "out.h5"
     if world().rank == 0:
-        from hpcattn.generate import generate
+        from hpcattn.commands.gen import generate
         generate(inp, 301, heads=2, kv_heads=1, head_dim=32, dtype="float16", seed=3)
     world().Barrier()
     comm = Comm(world())

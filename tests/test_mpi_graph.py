@@ -9,7 +9,7 @@ from hpcattn import Comm
 from hpcattn.masks import check_csr, parse
 from hpcattn.partition import even_shard
 from hpcattn.reference import errors, reference, tolerance
-from hpcattn.runner import run
+from hpcattn.commands.run import run
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
 
@@ -41,7 +41,7 @@ def test_random_masks_are_the_same_for_every_rank_count(spec, N, H, Hkv, D, dtyp
 def test_csr_file_runs_on_any_rank_count(mpi_tmp_path, N, gen_spec):
     inp, out = mpi_tmp_path / "in.h5", mpi_tmp_path / "out.h5"
     if MPI.COMM_WORLD.rank == 0:
-        from hpcattn.generate import generate
+        from hpcattn.commands.gen import generate
         generate(inp, N, heads=2, kv_heads=1, head_dim=16, dtype="float32", seed=4, mask=gen_spec)
     MPI.COMM_WORLD.Barrier()
     comm = Comm(MPI.COMM_WORLD)

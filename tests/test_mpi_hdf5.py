@@ -12,7 +12,7 @@ from mpi4py import MPI
 from hpcattn import Comm
 from hpcattn.masks import parse
 from hpcattn.reference import errors, reference, tolerance
-from hpcattn.runner import run
+from hpcattn.commands.run import run
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
 EXPECTED = "mpio" if h5py.get_config().mpi else "serial"
@@ -98,7 +98,7 @@ def test_out_of_core_refuses_unbounded_masks(mpi_tmp_path):
 @pytest.mark.skipif(not h5py.get_config().mpi, reason="needs h5py with parallel HDF5 (make test-phdf5)")
 def test_mpio_and_serial_writes_give_the_same_file_content(mpi_tmp_path):
     """On a parallel build both write paths are available: same rows in, same bytes out."""
-    from hpcattn import h5io
+    from hpcattn.io import h5io
     from hpcattn.partition import even_shard
     N, P, r = 1001, MPI.COMM_WORLD.size, MPI.COMM_WORLD.rank
     a, b = even_shard(N, P, r)

@@ -16,7 +16,7 @@ from hpcattn import Comm
 from hpcattn.masks import parse
 from hpcattn.partition import positions, segments
 from hpcattn.reference import errors, grad_error, grad_tolerance, reference, reference_backward, tolerance
-from hpcattn.runner import run
+from hpcattn.commands.run import run
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
 
@@ -173,7 +173,7 @@ def test_run_backward_writes_gradients_re_read_from_disk(mpi_tmp_path, variant, 
     inp, out = mpi_tmp_path / "in.h5", mpi_tmp_path / "out.h5"
     N = 241
     if world().rank == 0:
-        from hpcattn.generate import generate
+        from hpcattn.commands.gen import generate
         generate(inp, N, heads=4, kv_heads=2, head_dim=16, dtype="float32", seed=9, backward=True)
     world().Barrier()
     comm = Comm(world())
@@ -201,7 +201,7 @@ def test_run_backward_writes_gradients_re_read_from_disk(mpi_tmp_path, variant, 
 def test_run_backward_without_do_fails_on_every_rank(mpi_tmp_path):
     inp = mpi_tmp_path / "nodo.h5"
     if world().rank == 0:
-        from hpcattn.generate import generate
+        from hpcattn.commands.gen import generate
         generate(inp, 20, head_dim=8)
     world().Barrier()
     comm = Comm(world())

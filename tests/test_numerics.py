@@ -14,11 +14,11 @@ from mpi4py import MPI
 
 import hpcattn
 from conftest import mpiexec
-from hpcattn.cli import main
+from hpcattn.commands.cli import main
 from hpcattn.masks import Mask, parse
 from hpcattn.partition import even_shard
 from hpcattn.reference import errors, reference, tolerance
-from hpcattn.variants import VARIANTS
+from hpcattn.dist.variants import VARIANTS
 
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from hpcattn.cli import main
+from hpcattn.commands.cli import main
 from hpcattn.masks import parse
-from hpcattn.plot import block_density, plot_results
+from hpcattn.commands.plot import block_density, plot_results
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import mpiexec
 from hpcattn import profile
-from hpcattn.cli import main
+from hpcattn.commands.cli import main
 
 
 @pytest.fixture(scope="module")

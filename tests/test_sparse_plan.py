@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from hpcattn.masks import parse
-from hpcattn.variants import backward_bytes, pick, reach_width, sparse
+from hpcattn.dist.variants import backward_bytes, pick, reach_width, sparse
 
 
 def test_union_expand_and_requests():

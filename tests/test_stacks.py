@@ -13,8 +13,8 @@ import h5py
 import pytest
 
 from conftest import mpiexec
-from hpcattn.cli import main
-from hpcattn.outofcore import CRASH_VAR
+from hpcattn.commands.cli import main
+from hpcattn.io.outofcore import CRASH_VAR
 
 PHDF5_PYTHON = os.environ.get("HPCATTN_PHDF5_PYTHON")
 PHDF5_MPIEXEC = os.environ.get("HPCATTN_PHDF5_MPIEXEC", "/usr/bin/mpiexec")

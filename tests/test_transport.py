@@ -4,9 +4,10 @@ import pytest
 from mpi4py import MPI
 
 from conftest import hpcattn
-from hpcattn import Comm, gpu
+from hpcattn import Comm
+from hpcattn.commands.gen import generate
 from hpcattn.errors import HpcattnError
-from hpcattn.generate import generate
+from hpcattn.gpu import device
 
 
 def test_numpy_backend_moves_host_arrays_by_mpi():
@@ -29,7 +30,7 @@ def test_nccl_is_bootstrapped_over_the_comm(monkeypatch):
     by the hpcattn Comm and the communicator is built with this rank's place (no GPU needed)."""
     import sys
     import types
-    from hpcattn import transport
+    from hpcattn.dist import transport
     made = []
     nccl = types.SimpleNamespace(available=True, get_unique_id=lambda: b"uid",
                                  NcclCommunicator=lambda *a: made.append(a) or "nc")
@@ -44,14 +45,14 @@ def test_nccl_is_bootstrapped_over_the_comm(monkeypatch):
     comm.free()
 
 
-def test_backend_names(monkeypatch):
-    monkeypatch.setattr(gpu, "device_count", lambda: 0)
-    assert gpu.backend_name("auto") == "numpy" and gpu.backend_name("numpy") == "numpy"
+def test_chosen_backend(monkeypatch):
+    monkeypatch.setattr(device, "device_count", lambda: 0)
+    assert device.chosen_backend("auto") == "numpy" and device.chosen_backend("numpy") == "numpy"
     with pytest.raises(HpcattnError, match="sees no GPU"):
-        gpu.backend_name("cupy")
+        device.chosen_backend("cupy")
     monkeypatch.setenv("HPCATTN_BACKEND", "tpu")
     with pytest.raises(HpcattnError, match="HPCATTN_BACKEND"):
-        gpu.backend_name()
+        device.chosen_backend()
 
 
 def test_run_records_backend_and_transport_and_refuses_nccl_on_cpu(tmp_path):
@@ -62,6 +63,6 @@ def test_run_records_backend_and_transport_and_refuses_nccl_on_cpu(tmp_path):
         expect = {"numpy": "mpi", "cupy": "host"}[f.attrs["backend"]]  # host arrays go by plain MPI
         assert f.attrs["transport"] == expect
     bad = hpcattn("run", tmp_path / "in.h5", tmp_path / "p.h5", "--mask", "window:4", "--transport", "nccl")
-    if gpu.device_count() == 0:
+    if device.device_count() == 0:
         assert bad.returncode == 1 and "--transport nccl needs the GPU backend" in bad.stderr
         assert not (tmp_path / "p.h5").exists()

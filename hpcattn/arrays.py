@@ -1,0 +1,49 @@
+"""Array helpers: the array module (numpy or cupy) of an array, decided from the array
+itself, and cache-line aligned host buffers."""
+import numpy as np
+
+
+def is_device(x):
+    """True for a CuPy (device) array; never imports cupy."""
+    return type(x).__module__.startswith("cupy")
+
+
+def array_module(x):
+    """numpy for host arrays, cupy for device arrays (without importing cupy otherwise)."""
+    if is_device(x):
+        import cupy
+        return cupy
+    return np
+
+
+def to_host(x):
+    """A NumPy array of x (device arrays are copied back; host arrays pass through)."""
+    return x.get() if is_device(x) else x
+
+
+ALIGN = 64  # bytes: one cache line
+
+
+def aligned_empty(xp, shape, dtype):
+    """An uninitialised array of xp whose data starts on a cache-line (64-byte) boundary.
+
+    NumPy's large allocations start 16 bytes past a page, so every 256-byte K or V row then
+    spans five cache lines instead of four; the gather kernel's random row reads measured 20%
+    slower on such arrays (BENCHMARKS.md, issue 3, session 4). CuPy's are aligned already."""
+    if xp is not np:
+        return xp.empty(shape, dtype=dtype)
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    off = -raw.ctypes.data % ALIGN
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_copy(x):
+    """x itself if it is C-contiguous and cache-line aligned, else such a copy of it."""
+    xp = array_module(x)
+    if x.flags.c_contiguous and (xp is not np or x.ctypes.data % ALIGN == 0):
+        return x
+    out = aligned_empty(xp, x.shape, x.dtype)
+    out[...] = x
+    return out

@@ -1,0 +1,93 @@
+"""`hpcattn gen`: reproducible random inputs, written in row chunks so size is bounded by disk."""
+import os
+import shutil
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..api import DTYPES
+from ..errors import HpcattnError
+from ..masks import Csr, parse
+
+CHUNK_ELEMS = 1 << 24
+
+
+def generate(path, seq, queries=None, batch=1, heads=1, kv_heads=None, head_dim=64,
+             dtype="float32", seed=0, backward=False, mask=None):
+    """Write q, k, v (standard normal), q_positions when queries < seq (the last `queries`
+    positions: decoding), and do with backward. Same arguments give the same file."""
+    kv_heads = heads if kv_heads is None else kv_heads
+    queries = seq if queries is None else queries
+    if dtype not in DTYPES:
+        raise HpcattnError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for name, val, lo in (("--seq", seq, 1), ("--queries", queries, 1), ("--batch", batch, 1),
+                          ("--heads", heads, 1), ("--kv-heads", kv_heads, 1), ("--head-dim", head_dim, 1)):
+        if val < lo:
+            raise HpcattnError(f"{name} must be >= {lo}, got {val}")
+    if queries > seq:
+        raise HpcattnError(f"--queries ({queries}) cannot exceed --seq ({seq})")
+    if heads % kv_heads:
+        raise HpcattnError(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads})")
+    edges = None
+    if mask is not None:
+        edges = csr_source(mask, seq)
+    need = np.dtype(dtype).itemsize * batch * head_dim * (queries * heads * (2 if backward else 1)
+                                                          + 2 * seq * kv_heads)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise HpcattnError(f"cannot write {path!r}: folder {folder!r} does not exist")
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise HpcattnError(f"{path!r} would take {need / 2**30:,.1f} GiB but its disk has "
+                           f"{free / 2**30:,.1f} GiB free")
+    with h5py.File(path, "w") as f:
+        shapes = {"q": (batch, queries, heads, head_dim), "k": (batch, seq, kv_heads, head_dim),
+                  "v": (batch, seq, kv_heads, head_dim)}
+        if backward:
+            shapes["do"] = shapes["q"]
+        for i, (name, shape) in enumerate(shapes.items()):
+            rng = np.random.default_rng([seed, i])
+            ds = f.create_dataset(name, shape=shape, dtype=dtype)
+            rows = max(1, CHUNK_ELEMS // (batch * shape[2] * head_dim))
+            for r0 in range(0, shape[1], rows):
+                r1 = min(shape[1], r0 + rows)
+                ds[:, r0:r1] = rng.standard_normal((batch, r1 - r0, *shape[2:]), dtype=np.float32).astype(dtype)
+        if edges is not None:
+            write_csr(f, edges, seq)
+        if queries != seq:
+            f["q_positions"] = np.arange(seq - queries, seq, dtype=np.int64)
+        f.attrs.update({"generator": f"hpcattn gen {__version__}", "seq": seq, "queries": queries,
+                        "batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+                        "dtype": dtype, "seed": seed, "backward": int(backward), "mask": mask or ""})
+
+
+def csr_source(spec, n):
+    """For a spec with a csr term: the Mask whose edges gen writes as mask/ (the spec's other
+    terms, with causal; e.g. random:328+csr is a 1% random density at N = 32768), else None."""
+    m = parse(spec)
+    if "csr" not in m.needs:
+        return None
+    other = m.subset(Csr, exclude=True)
+    if other is None:
+        raise HpcattnError(f"--mask {spec!r}: gen draws the csr edges from the spec's other terms; "
+                           "add some, e.g. random:64+csr or window:8+global:2+csr")
+    return other.bind(n_keys=n)
+
+
+def write_csr(f, mask, n):
+    """Write mask/indptr (n+1,) and mask/indices int64 for query positions 0..n-1, in row chunks."""
+    g = f.create_group("mask")
+    indptr = g.create_dataset("indptr", shape=(n + 1,), dtype=np.int64)
+    indices = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int64,
+                               chunks=(1 << 16,))
+    rows, total = max(1, CHUNK_ELEMS // 64), 0
+    indptr[0] = 0
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        ip, ix = mask.columns(np.arange(r0, r1), 0, n)
+        indices.resize((total + len(ix),))
+        indices[total:] = ix
+        indptr[r0 + 1:r1 + 1] = ip[1:] + total
+        total += len(ix)
+    g.attrs["from"] = mask.spec

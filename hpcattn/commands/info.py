@@ -1,0 +1,74 @@
+"""`hpcattn info`: what this installation will use."""
+import os
+import platform
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..cpu import cgather
+from ..dist.transport import cuda_aware
+
+
+def blas_name():
+    """numpy's BLAS and the kernel set it runs. OpenBLAS picks the set by CPU unless
+    OPENBLAS_CORETYPE forces one (e.g. Haswell's AVX2 kernels on an AVX-512 CPU run at about
+    half the rate: BENCHMARKS.md, issue 3), so a forced set is named as such."""
+    from threadpoolctl import threadpool_info
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas":
+            name = f"{lib.get('internal_api')} {lib.get('version')} {lib.get('architecture') or ''}".strip()
+            forced = os.environ.get("OPENBLAS_CORETYPE") if lib.get("internal_api") == "openblas" else None
+            return f"{name} (forced by OPENBLAS_CORETYPE={forced})" if forced else name
+    return "unknown"
+
+
+def gpus():
+    """(count, names) of CUDA devices seen through CuPy; (0, reason) without them."""
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+        names = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode() for i in range(n)]
+        return n, ", ".join(names)
+    except Exception as e:  # no cupy, no driver, no device: all mean "no GPU here"
+        return 0, f"none ({type(e).__name__})"
+
+
+def nccl_version():
+    """NCCL's version through cupy.cuda.nccl, or None when it is not there."""
+    try:
+        from cupy.cuda import nccl
+        return nccl.get_version() if nccl.available else None
+    except Exception:  # no cupy, no libnccl: NCCL is not available
+        return None
+
+
+def auto_transport(n_gpu, aware, nccl):
+    """What `--transport auto` picks for device arrays (transport.choose decides per job)."""
+    if not n_gpu:
+        return "mpi (host arrays; no GPU)"
+    return "mpi (CUDA-aware)" if aware else "nccl" if nccl else "host (pinned staging)"
+
+
+def report():
+    from mpi4py import MPI
+    n_gpu, gpu_names = gpus()
+    aware = cuda_aware()
+    return {
+        "hpcattn": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "blas": blas_name(),
+        "gather kernel": cgather.describe(),
+        "backend": "cupy" if n_gpu else "numpy",
+        "mpi library": MPI.Get_library_version().splitlines()[0].strip().strip("\0"),
+        "mpi standard": "%d.%d" % MPI.Get_version(),
+        "mpi4py": __import__("mpi4py").__version__,
+        "cuda-aware mpi": {True: "yes", False: "no", None: "unknown (library does not say)"}[aware],
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "parallel hdf5": "yes" if h5py.get_config().mpi else "no",
+        "gpus": f"{n_gpu}: {gpu_names}" if n_gpu else gpu_names,
+        "nccl": nccl_version() or "no",
+        "transport": auto_transport(n_gpu, aware, nccl_version()),
+    }

@@ -1,0 +1,116 @@
+"""`hpcattn run`: read each rank's hyperslab, compute, write one complete result file."""
+import math
+import time
+
+import numpy as np
+
+from .. import faults
+from ..api import attention, attention_backward
+from ..arrays import to_host
+from ..errors import HpcattnError, collectively
+from ..gpu import device
+from ..io import h5io, outofcore, results
+from ..io.validate import paths
+from ..masks import parse
+from ..partition import segments
+
+ZIGZAG_VARIANTS = ("auto", "ring", "burst")  # ring-style variants: causal runs use zigzag
+
+
+def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, ranks_per_node=None,
+        transport="auto", max_memory=None, resume=False, compression=None):
+    """Collective over comm (an hpcattn Comm). Returns (per-rank stats list on rank 0, else
+    None; the output's attributes). backward: also read `do` and write dq, dk, dv. The
+    backend is cupy when a GPU is seen (HPCATTN_BACKEND overrides); each rank then takes its
+    node-local device before allocating anything. When a shard would not fit in `max_memory`
+    bytes per rank (default: this node's available memory shared by its ranks), or with
+    `resume`, the run streams through memory out of core (io/outofcore.py)."""
+    clock = results.Clock()
+    t_start = clock.wall
+    backend = collectively(comm, device.chosen_backend)
+    if backend == "cupy":
+        device.setup(comm.mpi)
+    transport = collectively(comm, comm.use_transport, transport, backend)
+    collectively(comm, paths, in_path, out_path)
+    mask = collectively(comm, parse, mask_spec)
+    meta = collectively(comm, h5io.read_meta, in_path, need_do=backward)
+    P, r = comm.size, comm.rank
+    layout = "zigzag" if mask.causal and variant in ZIGZAG_VARIANTS else "contiguous"
+    q_range, kv_range = segments(meta["Nq"], P, r, layout), segments(meta["N"], P, r, layout)
+    budget = max_memory or int(0.7 * outofcore.available_bytes() * comm.nodes() / P)
+    need = outofcore.in_core_bytes(meta, sum(b - a for a, b in q_range), sum(b - a for a, b in kv_range))
+    # fixed-width (a pickled count's size depends on its magnitude: per-rank bytes would move with N)
+    if resume or int(comm.allreduce(np.array([need], dtype=np.int64), "max")[0]) > budget:
+        if backward:
+            raise HpcattnError("--backward needs the shard in memory: it does not fit in "
+                               f"{budget / 2**30:.2f} GiB per rank (--max-memory); use more ranks",
+                               collective=True)
+        return outofcore.run(in_path, out_path, mask, meta, comm, budget, resume, compression)
+    shard = collectively(comm, h5io.read_shard, in_path, meta, q_range, kv_range, backward)
+    mask = mask.bind(n_keys=meta["N"])
+    if "csr" in mask.needs:  # only this rank's query rows of the explicit mask, validated
+        mask = mask.bind(csr=collectively(comm, h5io.read_csr, in_path, meta, shard["q_positions"]))
+    io_s = time.perf_counter() - t_start
+    faults.point("read", r)
+
+    stats = {}
+    scale = 1 / math.sqrt(meta["D"])
+    common = dict(mask=mask, comm=comm, variant=variant, q_positions=shard["q_positions"],
+                  scale=scale, layout=layout, ranks_per_node=ranks_per_node)
+    xp = device.xp(backend)
+    q, k, v = (xp.asarray(shard[a]) for a in "qkv")
+    t_attn = time.perf_counter()
+    o, lse = attention(q, k, v, stats=stats, **common)
+    attn_s = time.perf_counter() - t_attn  # the attention call alone (no I/O): decode latency
+    grads, back = {}, None
+    if backward:
+        back, before = {}, comm.counters()
+        dq, dk, dv = attention_backward(q, k, v, o, lse, xp.asarray(shard["do"]), stats=back, **common)
+        dq, dk, dv = to_host(dq), to_host(dk), to_host(dv)
+        stats["compute_s"] += back["compute_s"]
+        back.update({key: comm.counters()[key] - before[key] for key in ("bytes_sent", "bytes_received")})
+        B, N, Hkv = meta["B"], meta["N"], meta["Hkv"]
+        grads = {"dq": (dq, (B, meta["Nq"], meta["H"], meta["D"]), 1),
+                 "dk": (dk, (B, N, Hkv, meta["D"]), 1, kv_range),
+                 "dv": (dv, (B, N, Hkv, meta["D"]), 1, kv_range)}
+
+    o, lse = to_host(o), to_host(lse)
+    t_write = time.perf_counter()
+    B, Nq, H, D = meta["B"], meta["Nq"], meta["H"], meta["D"]
+    tmp = h5io.temp_name(comm, out_path)
+    try:
+        faults.point("write", r)
+        hdf5 = h5io.write_rows(comm, tmp, out_path, q_range, {
+            "o": (o, (B, Nq, H, D), 1),
+            "lse": (lse, (B, H, Nq), 2), **grads,
+        }, compression=compression)
+        io_s += time.perf_counter() - t_write
+        rank_stats = results.rank_stats(
+            comm, clock, compute_s=stats["compute_s"], io_s=io_s, attn_s=attn_s, edges=stats["edges"],
+            q_rows=sum(b - a for a, b in q_range), kv_rows=sum(b - a for a, b in kv_range), backward=back)
+        attrs = results.attributes(
+            comm, variant=stats["variant"], mask=mask.spec, backend=backend, transport=transport,
+            scale=scale, in_path=in_path, hdf5=hdf5, layout=layout, ranks_per_node=ranks_per_node,
+            ring_levels=stats.get("ring_levels"), variant_backward=back["variant"] if backward else None)
+        faults.point("finish", r)
+        return h5io.finish(comm, tmp, out_path, rank_stats, attrs), attrs
+    except BaseException:
+        h5io.remove_quietly(tmp)
+        raise
+
+
+def summary(per_rank, attrs):
+    """One line for people: the slowest rank's times and the largest per-rank traffic."""
+    def top(key):
+        return max(s[key] for s in per_rank)
+    return (f"hpcattn run: {attrs['ranks']} rank(s), variant {attrs['variant']}, mask {attrs['mask']}: "
+            f"wall {top('wall_s'):.2f} s (compute {top('compute_s'):.2f} s, comm {top('comm_s'):.2f} s, "
+            f"io {top('io_s'):.2f} s), max bytes sent/rank {top('bytes_sent') / 2**20:.1f} MiB, "
+            f"edges {sum(s['edges'] for s in per_rank):,} (slowest rank {balance(per_rank):.3f}x the mean)")
+
+
+def balance(per_rank):
+    """The compute balance: the busiest rank's edges over the mean (1.0 = perfect)."""
+    edges = [s["edges"] for s in per_rank]
+    mean = sum(edges) / len(edges)
+    return max(edges) / mean if mean else 1.0

@@ -1,0 +1,81 @@
+"""Ring attention: queries stay, K/V shards travel P-1 hops; each hop's partial is merged.
+
+The next hop's transfer is posted before the current block is computed (plan-once double
+buffers), so communication overlaps compute. Blocks the mask leaves empty travel but cost no
+compute. Backward: K, V travel again, and the accumulating dK, dV follow them home.
+"""
+import time
+
+import numpy as np
+
+from ... import faults
+from ...arrays import array_module
+from ...cpu import grad
+from ...profile import phase
+from . import blocks
+from .rings import Relay, RingPlan, circulate
+
+
+def flat_plan(comm):
+    """The one-level ring over all ranks of comm in rank order."""
+    return RingPlan(comm.rank, [0] * comm.size)
+
+
+def forward(comm, shard, plan=None):
+    """(o, lse) of this rank's queries over the whole sequence; collective over comm.
+
+    K and V circulate along `plan` (default: the one-level ring)."""
+    plan = plan or flat_plan(comm)
+    B, Hkv, G, nq, D = shard.q.shape
+    o, lse = blocks.new_state(shard.q)
+    qruns = blocks.runs(nq, shard.q_runs[comm.rank])
+
+    def shapes(owner):
+        return [(B, Hkv, shard.kv_rows(owner), D)] * 2
+
+    xp = array_module(shard.k)
+    kv = [xp.ascontiguousarray(shard.k), xp.ascontiguousarray(shard.v)]
+    for _, owner, (kb, vb) in circulate(comm, plan, kv, shapes):
+        faults.point("compute", comm.rank)
+        t = time.perf_counter()
+        starts, kruns = shard.key_runs(owner)
+        with phase("local"):
+            o, lse, edges = blocks.forward(shard.q, shard.qpos, qruns, kb, vb, starts, kruns,
+                                           shard.mask, shard.scale, o, lse, comm.progress)
+        shard.stats["compute_s"] += time.perf_counter() - t
+        shard.stats["edges"] += edges
+    return o, lse
+
+
+def backward(comm, shard, o, lse, do, plan=None):
+    """(dq, dk, dv) float32 of this rank's rows, given the forward's o (B, Hkv, G, nq, D), its
+    full-row lse (B, Hkv, G, nq) and dO (like q); collective over comm."""
+    plan = plan or flat_plan(comm)
+    B, Hkv, G, nq, D = shard.q.shape
+    nk = shard.k.shape[2]
+    qruns = blocks.runs(nq, shard.q_runs[comm.rank])
+    delta = grad.row_delta(do, o)
+    xp = array_module(shard.k)
+    dq = xp.zeros((B, Hkv, G, nq, D), np.float32)
+    dk, dv = xp.zeros((B, Hkv, nk, D), np.float32), xp.zeros((B, Hkv, nk, D), np.float32)
+
+    def shapes(owner):
+        return [(B, Hkv, shard.kv_rows(owner), D)] * 2
+
+    relay = Relay(comm, plan, shapes, xp)
+    kv = [xp.ascontiguousarray(shard.k), xp.ascontiguousarray(shard.v)]
+    for step, owner, (kb, vb) in circulate(comm, plan, kv, shapes):
+        acc = [dk, dv] if step == 0 else relay.part(step)
+        t = time.perf_counter()
+        starts, kruns = shard.key_runs(owner)
+        edges = blocks.backward(shard.q, shard.qpos, qruns, do, lse, delta, kb, vb, starts, kruns,
+                                shard.mask, shard.scale, dq, *acc, progress=comm.progress)
+        shard.stats["compute_s"] += time.perf_counter() - t
+        shard.stats["edges"] += edges
+        if step:
+            relay.send(step, acc)
+    rest = relay.finish()
+    if rest is not None:
+        dk += rest[0]
+        dv += rest[1]
+    return dq, dk, dv
