@@ -29,7 +29,7 @@ def aligned_empty(xp, shape, dtype):
 
     NumPy's large allocations start 16 bytes past a page, so every 256-byte K or V row then
     spans five cache lines instead of four; the gather kernel's random row reads measured 20%
-    slower on such arrays (BENCHMARKS.md, issue 3, session 4). CuPy's are aligned already."""
+    slower on such arrays (docs/benchmarks-log.md, "Aligned rows, a prefetch cursor"). CuPy's are aligned already."""
     if xp is not np:
         return xp.empty(shape, dtype=dtype)
     dtype = np.dtype(dtype)

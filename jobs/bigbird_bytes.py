@@ -1,6 +1,6 @@
-"""BigBird bytes (issue 5): `sparse` vs ring vs the exact number of key rows reached.
+"""BigBird bytes: `sparse` vs ring vs the exact number of key rows reached.
 
-Needs the `random` mask term (issue 3). In-process under MPI:
+Needs the `random` mask term. In-process under MPI:
 
   OPENBLAS_NUM_THREADS=1 mpiexec -n 4 python jobs/bigbird_bytes.py --seq 32768 \
       --mask window:64+global:8+random:3

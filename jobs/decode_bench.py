@@ -1,4 +1,4 @@
-"""Decode benchmark (issue 5): tree vs ring with few queries at the end of a long sequence.
+"""Decode benchmark: tree vs ring with few queries at the end of a long sequence.
 
 For each N it writes one input with `hpcattn gen --queries NQ` (q_positions at the end), then
 runs `mpiexec -n P hpcattn run --mask causal --variant tree|ring` and reads the per-rank stats

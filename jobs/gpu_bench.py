@@ -1,4 +1,4 @@
-"""Local-kernel benchmark on one GPU (issue 10): hpcattn's CUDA kernel, float16 and bfloat16,
+"""Local-kernel benchmark on one GPU: hpcattn's CUDA kernel, float16 and bfloat16,
 D = 64 and 128, window masks, N from 64K up; useful TFLOP/s (4*edges*D per head) and achieved
 bandwidth against the device-copy and GEMM ceilings measured in the same run; PyTorch SDPA,
 FlexAttention (timed in rounds alternating with hpcattn's kernel) and FlashAttention's

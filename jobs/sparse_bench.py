@@ -1,4 +1,4 @@
-"""Sparse-variant benchmark (issue 5): bytes per rank of `sparse` vs `ring` on bounded masks.
+"""Sparse-variant benchmark: bytes per rank of `sparse` vs `ring` on bounded masks.
 
 Writes one self-attention input (`hpcattn gen --seq N`), runs `hpcattn run --variant
 sparse|ring` for each mask at P ranks, and reads the per-rank stats back from the output. For

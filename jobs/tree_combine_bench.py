@@ -1,4 +1,4 @@
-"""Tree combine micro-benchmark (issue 5): one packed Allreduce with the merge as a user op
+"""Tree combine micro-benchmark: one packed Allreduce with the merge as a user op
 vs three Allreduces (MAX, SUM, SUM), flat and topology-aware (simulated nodes).
 
   OPENBLAS_NUM_THREADS=1 mpiexec -n 4 python jobs/tree_combine_bench.py --queries 16 --heads 8

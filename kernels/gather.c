@@ -1,8 +1,8 @@
 /* hpcattn's gather kernel: attention of query rows over their listed keys (a CSR edge list),
  * float32 in and out; and its band kernel (hpcattn_band, at the end): query rows over
  * contiguous key ranges (the `window` piece), same maths, blocks of 16 rows at once. Plain C,
- * no Python.h: built by setup.py into the hpcattn package as hpcattn/_gather*.so and called
- * through ctypes (hpcattn/cgather.py), which releases the GIL, so the kernel's row-chunk
+ * no Python.h: built by setup.py into the package as hpcattn/cpu/_gather*.so and called
+ * through ctypes (hpcattn/cpu/cgather.py), which releases the GIL, so the kernel's row-chunk
  * threads (local.attend) run it in parallel.
  *
  * Layout: q (BH, G, n, D), k and v (BH, nk, D), o (BH, G, n, D), lse (BH, G, n), all
@@ -869,7 +869,7 @@ static void band_avx2(BAND_ARGS, int64_t limit)
 
 /* ---------------------------------------------------------------- entry points */
 
-/* The calling convention's version: hpcattn/cgather.py ignores a library built from another
+/* The calling convention's version: hpcattn/cpu/cgather.py ignores a library built from another
  * (a stale in-place build). Bump it with any change of hpcattn_gather's arguments. */
 EXPORT int hpcattn_gather_abi(void)
 {
@@ -955,7 +955,7 @@ EXPORT int hpcattn_gather(const float *q, const float *k, const float *v, const 
 /* Band attention: row r of q over the contiguous keys [lo[r], hi[r]) of its (b) slab of k and v
  * (rows of D floats, slabs ldk floats apart; hi <= lo: no key, o = 0, lse = -inf). q (bh, g, n,
  * D), o (bh, g, n, D), lse (bh, g, n) contiguous. The indices are the caller's to keep in range
- * (hpcattn/cgather.py: band_rows). variant as for hpcattn_gather. Returns the variant used, or
+ * (hpcattn/cpu/cgather.py: band_rows). variant as for hpcattn_gather. Returns the variant used, or
  * -1 if scratch memory could not be allocated. */
 EXPORT int hpcattn_band(const float *q, const float *k, const float *v, const int64_t *lo,
                         const int64_t *hi, int64_t bh, int64_t g, int64_t n, int64_t D, int64_t ldk,

@@ -13,7 +13,7 @@ from ..dist.transport import cuda_aware
 def blas_name():
     """numpy's BLAS and the kernel set it runs. OpenBLAS picks the set by CPU unless
     OPENBLAS_CORETYPE forces one (e.g. Haswell's AVX2 kernels on an AVX-512 CPU run at about
-    half the rate: BENCHMARKS.md, issue 3), so a forced set is named as such."""
+    half the rate: docs/benchmarks-log.md, "csr, 1% random density"), so a forced set is named as such."""
     from threadpoolctl import threadpool_info
     for lib in threadpool_info():
         if lib.get("user_api") == "blas":

@@ -29,8 +29,8 @@ _SKIPPED = []  # why a library found beside this file was not used
 
 
 def _load(path=None):
-    """The library at path, else the one beside this file (hpcattn/_gather + an extension
-    suffix); None if unbuilt."""
+    """The library at path, else the one beside this file (hpcattn/cpu/_gather + an
+    extension suffix); None if unbuilt."""
     if path is None:
         here = os.path.dirname(os.path.abspath(__file__))
         paths = [os.path.join(here, "_gather" + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
@@ -97,7 +97,7 @@ def describe(D=64):
     """One line for `hpcattn info` and `bench`: the CPU kernels a float32 run at head dim D
     takes (the compiled variant, and whether the window band is compiled or BLAS tiles)."""
     if LIB is None:
-        return f"NumPy gathers, BLAS band ({_SKIPPED[0] if _SKIPPED else 'hpcattn/_gather not built'})"
+        return f"NumPy gathers, BLAS band ({_SKIPPED[0] if _SKIPPED else 'hpcattn/cpu/_gather not built'})"
     choice = _choice()
     if choice == "numpy":
         return "NumPy gathers, BLAS band (HPCATTN_GATHER=numpy)"

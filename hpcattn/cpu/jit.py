@@ -1,8 +1,8 @@
 """Optional compiled loop (numba, the `fast` extra): float16 -> float32 widening.
 
 The gather piece's compiled kernel is C (kernels/gather.c, hpcattn/cpu/cgather.py), not numba:
-it replaced numba's two passes here, being faster at every D measured (BENCHMARKS.md, issue 3
-session 3). `HPCATTN_JIT=0` turns this widening off (NumPy's cast instead).
+it replaced numba's two passes here, being faster at every D measured (docs/benchmarks-log.md,
+"A hand-written C gather"). `HPCATTN_JIT=0` turns this widening off (NumPy's cast instead).
 """
 import os
 

@@ -15,7 +15,7 @@ set is cut into three disjoint pieces, one code path per idea (not per mask):
   masked elementwise only where a block is not entirely inside the mask. A tile of few rows
   (decode) over keys that every row reaches streams them through `_dense` instead.
 - gather: `dilated`, `random`, `csr` minus the two pieces above: the rows' explicit columns
-  (Mask.columns), then the compiled kernel (hpcattn/cgather.py, kernels/gather.c) for float32,
+  (Mask.columns), then the compiled kernel (cpu/cgather.py, kernels/gather.c) for float32,
   else K/V rows gathered by NumPy with a segment-wise softmax by ufunc.reduceat.
 The pieces' partials of a row are combined with the shared merge. Rows are processed in
 chunks, so float16 inputs are converted to float32 a chunk at a time (never a whole shard)
@@ -65,7 +65,7 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
     The mask must be bound (Mask.bind) when it has random or csr terms.
     """
     xp = array_module(q)
-    if xp is not np:  # device arrays: the CUDA kernels in kernels/ (hpcattn/cuda.py)
+    if xp is not np:  # device arrays: the CUDA kernels in kernels/ (gpu/cuda.py)
         from ..gpu import cuda
         return cuda.attend(q, qpos, k, v, k0, mask, scale)
     B, Hkv, G, nq, D = q.shape

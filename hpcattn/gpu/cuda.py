@@ -33,12 +33,12 @@ MAX_TERMS = 8                  # HPCATTN_MAX_TERMS in kernels/mask.cuh
 MK = 64  # MK in kernels/attend_mma.cu
 # attend_fwd_mma's shape per head dim: (warps per block, 16-row MMA tiles per warp, q kept in
 # registers, K/V buffers, blocks per SM asked of the register allocator): the fastest of
-# jobs/mma_tune.py's candidates on an H100 (BENCHMARKS.md, issue 10)
+# jobs/mma_tune.py's candidates on an H100 (docs/benchmarks-log.md, "GPU local kernel")
 MMA_SHAPES = {32: (2, 2, True, 3, 1), 64: (2, 2, True, 3, 1), 96: (4, 1, True, 2, 1), 128: (4, 1, True, 2, 1)}
 MMA_DIMS = tuple(MMA_SHAPES)
 # attend_fwd_wgmma's shape per head dim (Hopper, sm_90a): (consumer warpgroups of 64 rows,
 # K/V buffers, blocks per SM, q in registers), the fastest of jobs/wgmma_check.py's candidates
-# on an H100 (BENCHMARKS.md, issue 10)
+# on an H100 (docs/benchmarks-log.md, "GPU local kernel")
 WG_SHAPES = {64: (3, 8, 1, False), 128: (2, 5, 1, True)}
 WG_DIMS = tuple(WG_SHAPES)
 WG_CTAS = None  # blocks of the persistent wgmma kernel; None: as many as the SMs hold (tests lower it)

@@ -25,7 +25,7 @@ from ...profile import phase
 from ..comm import UserOp
 
 METHODS = ("packed", "three")
-DEFAULT_METHOD = "packed"  # faster in jobs/tree_combine_bench.py (BENCHMARKS.md, issue 5)
+DEFAULT_METHOD = "packed"  # faster in jobs/tree_combine_bench.py (docs/benchmarks-log.md, "Tree combine")
 
 
 def _merge_rows(a, b):
