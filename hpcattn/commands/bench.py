@@ -118,23 +118,28 @@ def _mask_mod(mask, n, torch):
     return mask_mod
 
 
-def _flex(torch, q, k, v, mask, n, scale, repeat):
+def _flex(torch, q, k, v, mask, n, scale):
+    """(setup, call): Flex's block mask built and its kernel compiled (setup: build_s,
+    first_call_s, o), then `call` runs it once more."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     mod = _mask_mod(mask, n, torch)
     if mod is None:
-        return {"note": "no closed-form mask_mod (csr): skipped"}
+        return {"note": "no closed-form mask_mod (csr): skipped"}, None
     bm, t_build = _timed(lambda: create_block_mask(mod, 1, 1, n, n, device="cpu", _compile=True))
     fn = torch.compile(flex_attention)
-    with torch.no_grad():
-        out, t_first = _timed(lambda: fn(q, k, v, block_mask=bm, scale=scale))
-        times = [_timed(lambda: fn(q, k, v, block_mask=bm, scale=scale))[1] for _ in range(repeat)]
-    return {"time_s": min(times), "build_s": t_build, "first_call_s": t_first, "o": out}
+
+    def call():
+        with torch.no_grad():
+            return fn(q, k, v, block_mask=bm, scale=scale)
+    out, t_first = _timed(call)
+    return {"build_s": t_build, "first_call_s": t_first, "o": out}, call
 
 
-def _sdpa(torch, q, k, v, mask, n, scale, repeat):
+def _sdpa(torch, q, k, v, mask, n, scale):
+    """(setup, call) as for _flex: SDPA with a dense boolean mask."""
     need = 9 * n * n
     if need > SDPA_BYTES:
-        return {"note": f"skipped: a dense mask and scores need ~{need / 2**30:.0f} GiB"}
+        return {"note": f"skipped: a dense mask and scores need ~{need / 2**30:.0f} GiB"}, None
 
     def build():
         dense = torch.empty((n, n), dtype=torch.bool)
@@ -144,16 +149,20 @@ def _sdpa(torch, q, k, v, mask, n, scale, repeat):
             dense[r0:r1] = torch.from_numpy(mask.allowed(np.arange(r0, r1)[:, None], np.arange(n)[None, :]))
         return dense
     dense, t_build = _timed(build)
-    f = torch.nn.functional.scaled_dot_product_attention
-    with torch.no_grad():
-        out, _ = _timed(lambda: f(q, k, v, attn_mask=dense, scale=scale))
-        times = [_timed(lambda: f(q, k, v, attn_mask=dense, scale=scale))[1] for _ in range(repeat)]
-    return {"time_s": min(times), "build_s": t_build, "o": out}
+
+    def call():
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale)
+    return {"build_s": t_build, "o": call()}, call
 
 
 def bench(seqs, specs, vs=(), head_dim=64, dtype="float32", repeat=3, sgemm=False, seed=0,
           in_place=False):
-    """Rows of results (dicts) for every (N, spec): ours first, then each peer in `vs`."""
+    """Rows of results (dicts) for every (N, spec): ours first, then each peer in `vs`.
+
+    After a first (warm-up) call of each, ours and the peers run in `repeat` alternating
+    rounds (ours, then each peer), so every side meets the same load; each row reports its
+    best round, and ratios are peer best / ours best."""
     if in_place and vs:
         raise HpcattnError("--in-place overwrites the inputs: it cannot run with --vs")
     rows = []
@@ -177,43 +186,43 @@ def bench(seqs, specs, vs=(), head_dim=64, dtype="float32", repeat=3, sgemm=Fals
             # in place: o overwrites q (each row chunk is read before it is written), so the
             # inputs are all the memory a run needs; then only the first run can be timed
             out = q if in_place else np.empty_like(q) if q.dtype != np.float32 else None
-            (o, lse, edges), first = _timed(lambda: local.attend(q, pos, k, v, 0, mask, scale, out=out))
-            times = [first] + [_timed(lambda: local.attend(q, pos, k, v, 0, mask, scale, out=out))[1]
-                               for _ in range(0 if in_place else repeat)]
-            t = min(times)
-            ours = {"impl": "hpcattn", "seq": n, "mask": spec, "time_s": t, "edges": int(edges),
-                    "gflops": 4 * edges * head_dim / t / 1e9, "ratio": 1.0,
-                    "max_err": check_ours(qrows, k, v, mask, scale, o, lse, sample),
-                    "peak_rss_gib": peak_rss_gib(), "threads": local.threads(), "dtype": dtype,
-                    "blas": blas_name(), "gather": cgather.describe(head_dim)}
+
+            def ours():
+                return local.attend(q, pos, k, v, 0, mask, scale, out=out)
+            (o, lse, edges), first = _timed(ours)
+            ours_row = {"impl": "hpcattn", "seq": n, "mask": spec, "edges": int(edges), "ratio": 1.0,
+                        "max_err": check_ours(qrows, k, v, mask, scale, o, lse, sample),
+                        "threads": local.threads(), "dtype": dtype, "blas": blas_name(),
+                        "gather": cgather.describe(head_dim)}
             if t_edges is not None:
-                ours["build_s"] = t_edges
-            rows.append(ours)
-            if not vs:
-                continue
-            tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.reshape(1, 1, n, head_dim)).astype(np.float32))
-                          for x in (q, k, v))
-            o_ours = o.reshape(n, head_dim).astype(np.float32)
+                ours_row["build_s"] = t_edges
             peers = []
-            for peer in vs:
-                r = (_flex if peer == "flex" else _sdpa)(torch, tq, tk, tv, mask, n, scale, repeat)
-                # ours again right after each peer: the best of all our runs meets the same load
-                times += [_timed(lambda: local.attend(q, pos, k, v, 0, mask, scale, out=out))[1]
-                          for _ in range(repeat)]
-                row = {"impl": peer, "seq": n, "mask": spec, **{k_: v_ for k_, v_ in r.items() if k_ != "o"}}
-                if "time_s" in r:
-                    po = r["o"].reshape(n, head_dim).numpy()
-                    fin = np.isfinite(po).all(axis=1)
-                    row.update(gflops=4 * edges * head_dim / r["time_s"] / 1e9,
-                               max_err=float(np.abs(po[fin] - o_ours[fin]).max() / np.abs(o_ours).max()))
-                peers.append(row)
+            if vs:
+                tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.reshape(1, 1, n, head_dim)).astype(np.float32))
+                              for x in (q, k, v))
+                for peer in vs:
+                    setup, call = (_flex if peer == "flex" else _sdpa)(torch, tq, tk, tv, mask, n, scale)
+                    peers.append(({"impl": peer, "seq": n, "mask": spec,
+                                   **{k_: v_ for k_, v_ in setup.items() if k_ != "o"}}, setup.get("o"), call, []))
+            times = [first] if in_place or not repeat else []
+            for _ in range(0 if in_place else repeat):
+                times.append(_timed(ours)[1])
+                for _, _, call, peer_times in peers:
+                    if call is not None:
+                        peer_times.append(_timed(call)[1])
             t = min(times)
-            ours.update(time_s=t, gflops=4 * edges * head_dim / t / 1e9, runs=len(times))
-            for row in peers:
-                if "time_s" in row:
+            ours_row.update(time_s=t, gflops=4 * edges * head_dim / t / 1e9, runs=len(times),
+                            peak_rss_gib=peak_rss_gib())
+            rows.append(ours_row)
+            o_ours = o.reshape(n, head_dim).astype(np.float32)
+            for row, po, call, peer_times in peers:
+                if call is not None:
+                    row.update(time_s=min(peer_times), gflops=4 * edges * head_dim / min(peer_times) / 1e9)
                     row.update(ratio=row["time_s"] / t, ratio_with_build=(row["time_s"] + row["build_s"]) / t)
-            rows += peers
-            del tq, tk, tv
+                    po = po.reshape(n, head_dim).numpy()
+                    fin = np.isfinite(po).all(axis=1)
+                    row["max_err"] = float(np.abs(po[fin] - o_ours[fin]).max() / np.abs(o_ours).max())
+                rows.append(row)
     if sgemm:  # measured again after the cases: the best rate meets the same load as ours
         sgemm["gflops"] = max(sgemm["gflops"], sgemm_gflops())
     return rows

@@ -76,8 +76,9 @@ def build_parser():
                    help="peer to time in the same run (repeatable; needs the bench extra)")
     b.add_argument("--head-dim", type=int, default=64)
     b.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    b.add_argument("--repeat", type=int, default=3, help="timed runs per case after the first "
-                   "(the best of all is reported; 0: the first only)")
+    b.add_argument("--repeat", type=int, default=3, help="timed rounds per case after a first "
+                   "call of each (ours and each peer alternate; the best round is reported; 0: "
+                   "the first call only)")
     b.add_argument("--sgemm", action="store_true", help="also measure the SGEMM rate (4096^3)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--in-place", action="store_true", help="write o over q (longest context: "
