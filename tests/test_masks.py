@@ -57,3 +57,49 @@ def test_bad_specs_name_the_problem(bad, words):
 def test_causal_alone_is_lower_triangle_and_dense_only_for_full():
     assert parse("causal").allowed(3, 4) == False  # noqa: E712
     assert parse("full").dense and not parse("causal").dense and not parse("window:3").dense
+
+
+# The term protocol (masks.Term): what each term answers about itself, and the mask's aggregates.
+
+@pytest.mark.parametrize("spec, reach, width, g, listed, gathered, band, dense, words", [
+    ("full", None, None, 0, False, False, None, True, (0, 0, 0)),
+    ("window:5", 5, 11, 0, False, False, 5, False, (1, 5, 0)),
+    ("dilated:4:3", 12, 25, 0, False, True, None, False, (2, 12, 3)),
+    ("block:16", 16, 16, 0, False, False, None, False, (3, 16, 0)),
+    ("global:3", 0, 0, 3, False, False, None, False, (4, 3, 0)),
+    ("random:4:7", None, None, 0, True, True, None, False, None),
+    ("csr", None, None, 0, True, True, None, False, None)])
+def test_each_term_answers_for_itself(spec, reach, width, g, listed, gathered, band, dense, words):
+    (t,) = parse(spec).terms
+    assert (t.reach(), t.width(), t.global_rows()) == (reach, width, g)
+    assert (t.listed, t.gathered, t.band, t.dense) == (listed, gathered, band, dense)
+    assert t.device_words() == words
+    assert t.listed == hasattr(t, "columns")  # listed terms give their columns, the others progressions
+    assert t.listed or hasattr(t, "progressions")
+
+
+def test_terms_name_the_data_they_need_and_bind_it():
+    from hpcattn.masks import check_csr
+    m = parse("window:3+random:2+csr")
+    assert [t.needs() for t in m.terms] == [set(), {"n_keys"}, {"csr"}]
+    csr = check_csr([0, 1], [0], 1)
+    bound = m.bind(n_keys=9, csr=csr)
+    assert bound.needs == set() and bound.terms[1].n == 9 and bound.terms[2].data is csr
+    assert bound.terms[0] is m.terms[0]
+
+
+@pytest.mark.parametrize("spec, reach, g", [
+    ("window:5+global:3", 5, 3), ("causal+dilated:2:3+block:4", 6, 0), ("global:2+global:7", 0, 7),
+    ("causal", None, 0), ("window:3+random:2", None, 0), ("full+global:2", None, 2)])
+def test_mask_aggregates_reach_and_global_rows(spec, reach, g):
+    m = parse(spec)
+    assert (m.reach(), m.global_rows()) == (reach, g)
+    assert m.row_breaks() == sorted({t.global_rows() for t in m.terms} - {0})
+
+
+def test_subset_takes_a_predicate_or_term_classes():
+    from hpcattn.masks import Random
+    m = parse("causal+window:3+random:2+dilated:1:2")
+    assert m.subset(lambda t: t.listed).terms == m.subset(Random).terms == (m.terms[1],)
+    assert m.subset(lambda t: t.gathered, exclude=True).terms == (m.terms[0],)
+    assert m.subset(lambda t: t.dense) is None and m.subset(Random).causal
