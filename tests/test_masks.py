@@ -103,3 +103,7 @@ def test_subset_takes_a_predicate_or_term_classes():
     assert m.subset(lambda t: t.listed).terms == m.subset(Random).terms == (m.terms[1],)
     assert m.subset(lambda t: t.gathered, exclude=True).terms == (m.terms[0],)
     assert m.subset(lambda t: t.dense) is None and m.subset(Random).causal
+
+
+def test_only_random_columns_are_drawn_on_the_device():
+    assert [t.drawn for t in parse("random:2+csr+window:1+dilated:1:2").terms] == [True, False, False, False]
