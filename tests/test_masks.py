@@ -107,3 +107,25 @@ def test_subset_takes_a_predicate_or_term_classes():
 
 def test_only_random_columns_are_drawn_on_the_device():
     assert [t.drawn for t in parse("random:2+csr+window:1+dilated:1:2").terms] == [True, False, False, False]
+
+
+class _Tensor(np.ndarray):
+    def abs(self):
+        return np.abs(self)
+
+
+class _NumpyTorch:
+    """The part of torch that flex_mod uses, on NumPy (torch is not needed for the tests)."""
+    from_numpy = staticmethod(lambda a: np.asarray(a).view(_Tensor))
+
+
+def test_flex_mods_are_the_edges():
+    from hpcattn.commands.bench import _mask_mod
+    n, torch = 24, _NumpyTorch
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    qi, kj = torch.from_numpy(i.reshape(-1)), torch.from_numpy(j.reshape(-1))
+    for spec in ["full", "causal+window:2", "dilated:2:3+block:5", "global:2", "random:3:1", "causal"]:
+        mask = parse(spec, n_keys=n)
+        got = np.asarray(_mask_mod(mask, n, torch)(0, 0, qi, kj)).reshape(n, n)
+        assert (got == mask.allowed(i, j)).all(), spec
+    assert _mask_mod(parse("csr"), n, torch) is None
