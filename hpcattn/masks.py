@@ -438,7 +438,6 @@ _TERMS = {"full": (Full, (0,)), "window": (Window, (1,)), "dilated": (Dilated, (
           "csr": (Csr, (0,))}
 _MINIMUM = {"window": (0,), "dilated": (0, 1), "block": (1,), "global": (1,), "random": (0, 0)}
 KNOWN = ("full", "causal", "window:W", "dilated:W:R", "block:S", "global:G", "random:R[:SEED]", "csr")
-LISTED = (Dilated, Random, Csr)  # terms whose edges a kernel gathers row by row
 
 
 class _Adopted:

@@ -129,3 +129,60 @@ def test_flex_mods_are_the_edges():
         got = np.asarray(_mask_mod(mask, n, torch)(0, 0, qi, kj)).reshape(n, n)
         assert (got == mask.allowed(i, j)).all(), spec
     assert _mask_mod(parse("csr"), n, torch) is None
+
+
+from dataclasses import dataclass  # noqa: E402
+
+from hpcattn.masks import Mask, Term  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Lag(Term):
+    """A toy term defined here only: key i - k for query i (one diagonal below the main one)."""
+    k: int
+
+    def allowed(self, i, j):
+        return j == i - self.k
+
+    def spans(self, qlo, qhi):
+        return [(qlo - self.k, qhi - self.k + 1)]
+
+    def progressions(self, i):
+        return [(i - self.k, i - self.k + 1, 1)]
+
+    def reach(self):
+        return self.k
+
+    def width(self):
+        return 1
+
+
+def test_a_new_term_class_works_without_editing_other_modules(rng):
+    from hpcattn.api import to_heads
+    from hpcattn.commands.bench import _mask_mod
+    from hpcattn.cpu import local
+    from hpcattn.dist.variants import pick, reach_width, sparse
+    from hpcattn.gpu import cuda
+    from hpcattn.io import outofcore
+    from hpcattn.reference import errors, reference
+    mask = Mask("lag:5+global:2", [Lag(5), parse("global:2").terms[0]], False)
+    assert (mask.reach(), mask.global_rows(), mask.row_breaks()) == (5, 2, [2])
+    assert outofcore.bounded(mask) and outofcore.halo(mask) == 5 and outofcore.global_rows(mask) == 2
+    assert reach_width(mask) == 1 and pick(mask, 4000, 4000, 4) == "sparse"
+    assert sparse.wide_rows(mask, np.arange(4)).tolist() == [True, True, False, False]
+    assert sparse.reach(mask, np.arange(100, 110), 1000).tolist() == [[0, 2], [95, 105]]
+    assert _mask_mod(mask, 8, None) is None  # no flex form declared: bench says so
+    with pytest.raises(HpcattnError, match="no GPU kernel"):
+        cuda.mask_words(mask)
+    plan = local.Plan(mask)  # a plain implicit term: the tiles piece
+    assert plan.band is None and plan.gather is None and plan.tiles.terms == mask.terms
+    n, D = 300, 8
+    q, k, v = (rng.standard_normal((1, n, 1, D)).astype(np.float32) for _ in range(3))
+    o, lse, edges = local.attend(to_heads(q, 1), np.arange(n), to_heads(k, 1)[:, :, 0],
+                                 to_heads(v, 1)[:, :, 0], 0, mask, 0.3)
+    o_ref, lse_ref = reference(q, k, v, np.arange(n), mask, 0.3)
+    o_err, lse_err, empty_ok = errors(o.transpose(0, 3, 1, 2, 4).reshape(q.shape), lse.reshape(1, 1, n),
+                                      o_ref, lse_ref)
+    assert empty_ok and o_err < 1e-4 and lse_err < 1e-4
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    assert edges == mask.allowed(i, j).sum()
