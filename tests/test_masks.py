@@ -186,3 +186,32 @@ def test_a_new_term_class_works_without_editing_other_modules(rng):
     assert empty_ok and o_err < 1e-4 and lse_err < 1e-4
     i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
     assert edges == mask.allowed(i, j).sum()
+
+
+def test_a_term_not_deriving_from_term_takes_the_defaults():
+    import pickle
+
+    class Edges:  # only the edge methods
+        def allowed(self, i, j):
+            return i == j
+
+        def spans(self, qlo, qhi):
+            return [(qlo, qhi + 1)]
+
+    class Listed(Edges):
+        def columns(self, qpos, k0, k1):
+            return np.arange(len(qpos) + 1), np.asarray(qpos)
+
+        def reach(self):
+            return 0
+
+    m = Mask("test", [Edges(), Listed()], False)
+    plain, listed = m.terms
+    assert (plain.reach(), plain.global_rows(), plain.listed, plain.gathered, plain.band) == (None, 0, False, False, None)
+    assert (listed.reach(), listed.listed, listed.gathered, listed.device_words()) == (0, True, True, None)
+    assert m.reach() is None and m.global_rows() == 0 and not m.dense and m.needs == set()
+    assert m.allowed(np.arange(3), np.arange(3)).all() and repr(plain).startswith("<")
+    assert m.subset(lambda t: t.listed).terms == (listed,) and Mask("t", m.terms, False).terms == m.terms
+    with pytest.raises(AttributeError):
+        plain.no_such_fact
+    assert pickle.loads(pickle.dumps(Mask("test", [parse("window:2").terms[0]], True))).terms[0].w == 2
