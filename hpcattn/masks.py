@@ -5,6 +5,15 @@ j <= i of that union (alone it means j <= i). Implicit terms store nothing: a ke
 the key spans a tile of queries may reach (`spans`), the exact edges inside them (`allowed`),
 or the explicit columns of some query rows (`columns`, CSR over those rows).
 
+Every term class derives from `Term` and answers for itself what the rest of the package asks
+(the variants, out-of-core runs, the CPU plan, the GPU encoder and bench test no classes):
+`reach()` and `width()` (how far a row's keys lie; None when unbounded), `global_rows()`,
+`listed` (edges given as explicit columns by `columns`: random, csr), `gathered` (the CPU
+kernel gathers the edges row by row: the listed terms and dilated), `band`, `dense`,
+`needs()`/`bind()` (data beyond the spec), `device_words()` (kernels/mask.cuh) and
+`flex_mod(torch, n)` (FlexAttention). `Mask` aggregates them: `dense`, `needs`, `reach()`,
+`global_rows()`, `row_breaks()`, `subset(predicate)`.
+
 Two terms need data beyond the spec; `parse(spec, n_keys=N, csr=...)` or `Mask.bind` gives it:
 - `random:R[:SEED]` needs N, the number of keys (positions are drawn from [0, N)).
 - `csr` needs the explicit edges: a `CsrRows` (rows row0 .. row0+len(indptr)-2 of the file's
@@ -34,8 +43,62 @@ from .errors import HpcattnError
 BIG = 1 << 62  # "no bound" for key ranges
 
 
+class Term:
+    """What a mask term answers about itself; the defaults describe an unbounded implicit term
+    with no GPU encoding and no FlexAttention form. Subclasses are frozen dataclasses.
+
+    Edges: `allowed(i, j)`, `spans(qlo, qhi)`, and either `progressions(i)` (implicit terms) or
+    `columns(qpos, k0, k1)` (listed terms). Facts the rest of the package asks for:
+    """
+    dense = False     # every pair (i, j) is an edge (full)
+    listed = False    # edges are explicit columns per row, from `columns` (random, csr)
+    gathered = False  # the CPU kernel gathers its edges row by row (listed terms and dilated)
+    band = None       # W when the edges are exactly the band |i - j| <= W (the CPU band kernel)
+    drawn = False     # the GPU draws its columns itself (random: kernels/attend_rows.cu)
+
+    def reach(self):
+        """How far from its own position a row's keys can lie (global rows and keys aside, see
+        `global_rows`), or None when unbounded (full, random, csr)."""
+        return None
+
+    def width(self):
+        """Consecutive key positions that hold all of one row's keys (global keys aside), or
+        None when unbounded."""
+        return None
+
+    def global_rows(self):
+        """G when query rows below G reach every key (global:G), else 0."""
+        return 0
+
+    def needs(self):
+        """What `bind` must still supply: a subset of {'n_keys', 'csr'}."""
+        return set()
+
+    def bind(self, n_keys=None, csr=None):
+        """This term with the data it needs (the number of keys, explicit edges) bound."""
+        return self
+
+    def device_words(self):
+        """(kind, a, b): the term's encoding for kernels/mask.cuh, or None when the GPU kernels
+        have no implicit form for it (listed terms go to attend_rows instead)."""
+        return None
+
+    def flex_mod(self, torch, n):
+        """A function (qi, kj) -> bool tensor of this term's edges for FlexAttention's mask_mod
+        over n positions, or None when it has no closed form."""
+        return None
+
+
 @dataclass(frozen=True)
-class Full:
+class Full(Term):
+    dense = True
+
+    def device_words(self):
+        return (0, 0, 0)
+
+    def flex_mod(self, torch, n):
+        return lambda qi, kj: qi >= 0
+
     def allowed(self, i, j):
         return np.ones(np.broadcast_shapes(np.shape(i), np.shape(j)), dtype=bool)
 
@@ -47,8 +110,24 @@ class Full:
 
 
 @dataclass(frozen=True)
-class Window:
+class Window(Term):
     w: int
+
+    @property
+    def band(self):
+        return self.w
+
+    def reach(self):
+        return self.w
+
+    def width(self):
+        return 2 * self.w + 1
+
+    def device_words(self):
+        return (1, self.w, 0)
+
+    def flex_mod(self, torch, n):
+        return lambda qi, kj, w=self.w: (qi - kj).abs() <= w
 
     def allowed(self, i, j):
         return np.abs(i - j) <= self.w
@@ -61,9 +140,22 @@ class Window:
 
 
 @dataclass(frozen=True)
-class Dilated:
+class Dilated(Term):
     w: int
     r: int
+    gathered = True
+
+    def reach(self):
+        return self.w * self.r
+
+    def width(self):
+        return 2 * self.w * self.r + 1
+
+    def device_words(self):
+        return (2, min(self.w * self.r, 2**62), self.r)
+
+    def flex_mod(self, torch, n):
+        return lambda qi, kj, w=self.w * self.r, r=self.r: ((qi - kj).abs() <= w) & ((qi - kj) % r == 0)
 
     def allowed(self, i, j):
         d = i - j
@@ -77,8 +169,20 @@ class Dilated:
 
 
 @dataclass(frozen=True)
-class Block:
+class Block(Term):
     s: int
+
+    def reach(self):
+        return self.s
+
+    def width(self):
+        return self.s
+
+    def device_words(self):
+        return (3, self.s, 0)
+
+    def flex_mod(self, torch, n):
+        return lambda qi, kj, s=self.s: qi // s == kj // s
 
     def allowed(self, i, j):
         return (i // self.s) == (j // self.s)
@@ -92,8 +196,23 @@ class Block:
 
 
 @dataclass(frozen=True)
-class Global:
+class Global(Term):
     g: int
+
+    def reach(self):
+        return 0
+
+    def width(self):
+        return 0
+
+    def global_rows(self):
+        return self.g
+
+    def device_words(self):
+        return (4, self.g, 0)
+
+    def flex_mod(self, torch, n):
+        return lambda qi, kj, g=self.g: (qi < g) | (kj < g)
 
     def allowed(self, i, j):
         return (i < self.g) | (j < self.g)
@@ -145,10 +264,28 @@ def random_keys(seed, i, r, n):
 
 
 @dataclass(frozen=True)
-class Random:
+class Random(Term):
     r: int
     seed: int = 0
     n: int = None  # number of keys, bound by Mask.bind
+    listed = gathered = drawn = True
+
+    def needs(self):
+        return {"n_keys"} if self.n is None else set()
+
+    def bind(self, n_keys=None, csr=None):
+        return Random(self.r, self.seed, n_keys) if n_keys is not None else self
+
+    def flex_mod(self, torch, n):
+        keys = random_keys(self.seed, np.arange(n), self.r, n)
+        cols = [torch.from_numpy(np.ascontiguousarray(keys[:, d])) for d in range(keys.shape[1])]
+
+        def rnd(qi, kj):  # one 1-D lookup per draw (what flex's vmap accepts)
+            hit = cols[0][qi] == kj
+            for c in cols[1:]:
+                hit = hit | (c[qi] == kj)
+            return hit
+        return rnd
 
     def _need(self):
         if self.n is None:
@@ -239,8 +376,15 @@ def check_csr(indptr, indices, n_keys, row0=0, n_rows_total=None, where="mask"):
 
 
 @dataclass(frozen=True, eq=False)
-class Csr:
+class Csr(Term):
     data: CsrRows = None
+    listed = gathered = True
+
+    def needs(self):
+        return {"csr"} if self.data is None else set()
+
+    def bind(self, n_keys=None, csr=None):
+        return Csr(csr) if csr is not None else self
 
     def _rows(self, i):
         if self.data is None:
@@ -294,14 +438,36 @@ _TERMS = {"full": (Full, (0,)), "window": (Window, (1,)), "dilated": (Dilated, (
           "csr": (Csr, (0,))}
 _MINIMUM = {"window": (0,), "dilated": (0, 1), "block": (1,), "global": (1,), "random": (0, 0)}
 KNOWN = ("full", "causal", "window:W", "dilated:W:R", "block:S", "global:G", "random:R[:SEED]", "csr")
-LISTED = (Dilated, Random, Csr)  # terms whose edges a kernel gathers row by row
+
+
+class _Adopted:
+    """A term object that does not derive from Term (only its edge methods, say): its own
+    attributes where it has them, else Term's defaults (listed and gathered: has `columns`)."""
+
+    def __init__(self, term):
+        self.term = term
+
+    def __repr__(self):
+        return repr(self.term)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "term":  # (copy and pickle look before __init__)
+            raise AttributeError(name)
+        if hasattr(self.term, name):
+            return getattr(self.term, name)
+        if name in ("listed", "gathered"):
+            return hasattr(self.term, "columns")
+        default = getattr(Term, name)  # AttributeError for what the protocol does not define
+        return default.__get__(self) if callable(default) else default
 
 
 class Mask:
-    """A parsed mask: the union of `terms`, restricted to j <= i when `causal`."""
+    """A parsed mask: the union of `terms`, restricted to j <= i when `causal`. Terms should
+    derive from Term; other objects with the edge methods are adopted with Term's defaults."""
 
     def __init__(self, spec, terms, causal):
-        self.spec, self.terms, self.causal = spec, tuple(terms), causal
+        self.spec, self.causal = spec, causal
+        self.terms = tuple(t if isinstance(t, (Term, _Adopted)) else _Adopted(t) for t in terms)
 
     def __repr__(self):
         return f"Mask({self.spec!r})"
@@ -309,29 +475,32 @@ class Mask:
     @property
     def dense(self):
         """True when every pair is an edge (no elementwise test needed)."""
-        return not self.causal and any(isinstance(t, Full) for t in self.terms)
+        return not self.causal and any(t.dense for t in self.terms)
 
     @property
     def needs(self):
         """What bind() must supply: a subset of {'n_keys', 'csr'} not yet bound."""
-        need = set()
-        for t in self.terms:
-            if isinstance(t, Random) and t.n is None:
-                need.add("n_keys")
-            if isinstance(t, Csr) and t.data is None:
-                need.add("csr")
-        return need
+        return set().union(*(t.needs() for t in self.terms))
 
     def bind(self, n_keys=None, csr=None):
         """A copy with random terms bound to n_keys and csr terms to `csr` (a CsrRows)."""
-        terms = [Random(t.r, t.seed, n_keys) if isinstance(t, Random) and n_keys is not None
-                 else Csr(csr) if isinstance(t, Csr) and csr is not None else t for t in self.terms]
-        return Mask(self.spec, terms, self.causal)
+        return Mask(self.spec, [t.bind(n_keys, csr) for t in self.terms], self.causal)
 
-    def subset(self, kinds, exclude=False):
-        """A Mask of the terms that are (or, with exclude, are not) instances of `kinds`, with
-        the same causal restriction; None when no term qualifies."""
-        terms = [t for t in self.terms if isinstance(t, kinds) != exclude]
+    def reach(self):
+        """How far from its own position any row's keys can lie (global rows and keys aside),
+        or None when some term is unbounded."""
+        reaches = [t.reach() for t in self.terms]
+        return None if None in reaches else max(reaches)
+
+    def global_rows(self):
+        """G of the widest global term (query rows below it reach every key), else 0."""
+        return max((t.global_rows() for t in self.terms), default=0)
+
+    def subset(self, which, exclude=False):
+        """A Mask of the terms that qualify (or, with exclude, do not), with the same causal
+        restriction; None when none does. `which`: a predicate on terms, or term classes."""
+        test = (lambda t: isinstance(t, which)) if isinstance(which, (type, tuple)) else which
+        terms = [t for t in self.terms if bool(test(t)) != exclude]
         return Mask(self.spec, terms, self.causal) if terms else None
 
     def allowed(self, i, j):
@@ -371,11 +540,11 @@ class Mask:
         Work and memory O(n + edges); for the sparse distribution and the gather kernel."""
         qpos = np.asarray(qpos, dtype=np.int64)
         n = len(qpos)
-        if len(self.terms) == 1 and hasattr(self.terms[0], "columns") and not self.causal:
+        if len(self.terms) == 1 and self.terms[0].listed and not self.causal:
             return self.terms[0].columns(qpos, k0, k1)
         parts = []  # (counts per row, columns): each sorted and unique within a row
         for t in self.terms:
-            if hasattr(t, "columns"):
+            if t.listed:
                 ip, ix = t.columns(qpos, k0, k1)
                 parts.append((np.diff(ip), ix))
                 continue
@@ -402,7 +571,7 @@ class Mask:
     def row_breaks(self):
         """Query positions where some term's key spans change abruptly (global rows end);
         tiles cut there stay narrow."""
-        return sorted({t.g for t in self.terms if isinstance(t, Global)})
+        return sorted({g for g in (t.global_rows() for t in self.terms) if g})
 
 
 def parse(spec, n_keys=None, csr=None):

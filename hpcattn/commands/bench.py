@@ -13,7 +13,7 @@ import numpy as np
 
 from ..cpu import cgather, local
 from ..errors import HpcattnError
-from ..masks import Block, Dilated, Full, Global, Random, Window, check_csr, parse, random_keys
+from ..masks import check_csr, parse
 from .info import blas_name
 
 SDPA_BYTES = 6 << 30  # dense mask + scores + probabilities SDPA would hold (about 9 N^2 bytes)
@@ -85,30 +85,9 @@ def check_ours(qrows, k, v, mask, scale, o, lse, rows):
 
 def _mask_mod(mask, n, torch):
     """A FlexAttention mask_mod for the mask (None if a term has no closed form, i.e. csr)."""
-    parts = []
-    for t in mask.terms:
-        if isinstance(t, Full):
-            parts.append(lambda qi, kj: qi >= 0)
-        elif isinstance(t, Window):
-            parts.append(lambda qi, kj, w=t.w: (qi - kj).abs() <= w)
-        elif isinstance(t, Dilated):
-            parts.append(lambda qi, kj, w=t.w * t.r, r=t.r: ((qi - kj).abs() <= w) & ((qi - kj) % r == 0))
-        elif isinstance(t, Block):
-            parts.append(lambda qi, kj, s=t.s: qi // s == kj // s)
-        elif isinstance(t, Global):
-            parts.append(lambda qi, kj, g=t.g: (qi < g) | (kj < g))
-        elif isinstance(t, Random):
-            keys = random_keys(t.seed, np.arange(n), t.r, n)
-            cols = [torch.from_numpy(np.ascontiguousarray(keys[:, d])) for d in range(keys.shape[1])]
-
-            def rnd(qi, kj, cols=cols):  # one 1-D lookup per draw (what flex's vmap accepts)
-                hit = cols[0][qi] == kj
-                for c in cols[1:]:
-                    hit = hit | (c[qi] == kj)
-                return hit
-            parts.append(rnd)
-        else:
-            return None
+    parts = [t.flex_mod(torch, n) for t in mask.terms]  # each term's edges (masks.Term.flex_mod)
+    if None in parts:
+        return None
 
     def mask_mod(b, h, qi, kj):
         out = parts[0](qi, kj)

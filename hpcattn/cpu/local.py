@@ -32,7 +32,7 @@ from threadpoolctl import ThreadpoolController
 
 from . import cgather, jit
 from ..arrays import aligned_copy, array_module
-from ..masks import LISTED, Full, Mask, Window
+from ..masks import Full, Mask, Window
 from ..merge import empty_state, merge
 
 Q_TILE = 256            # query rows per tile of the tiles piece (before growing)
@@ -140,15 +140,15 @@ class Plan:
     """The mask cut into the kernel's three disjoint pieces (see the module docstring)."""
 
     def __init__(self, mask):
-        if any(isinstance(t, Full) for t in mask.terms):
+        if any(t.dense for t in mask.terms):
             self.band, self.tiles, self.gather = None, Mask(mask.spec, [Full()], mask.causal), None
             self.implicit = self.tiles
             return
-        wins = [t.w for t in mask.terms if isinstance(t, Window)]
+        wins = [t.band for t in mask.terms if t.band is not None]
         self.band = Mask(mask.spec, [Window(max(wins))], mask.causal) if wins else None
-        self.tiles = mask.subset(LISTED + (Window,), exclude=True)
-        self.implicit = mask.subset(LISTED, exclude=True)  # band + tiles
-        self.gather = mask.subset(LISTED)
+        self.tiles = mask.subset(lambda t: t.gathered or t.band is not None, exclude=True)
+        self.implicit = mask.subset(lambda t: t.gathered, exclude=True)  # band + tiles
+        self.gather = mask.subset(lambda t: t.gathered)
 
     def rows(self, xp, q, pos, k, v, k0, scale):
         """(o, lse, edges) of one chunk of query rows: the pieces, merged."""
@@ -315,7 +315,7 @@ def _band_softmax(xp, qb, kb, vb, c, vmax, bias, G, T, L):
 
 
 def _all_full(mask):
-    return all(isinstance(t, Full) for t in mask.terms)
+    return all(t.dense for t in mask.terms)
 
 
 def _tiles(xp, q, pos, k, v, k0, mask, exclude, scale):

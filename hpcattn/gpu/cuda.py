@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import HpcattnError
-from ..masks import Block, Dilated, Full, Global, Mask, Window
+from ..masks import Mask
 
 
 def kernel_dir():
@@ -247,8 +247,8 @@ def _bucket(D):
 
 
 def listed_terms(mask):
-    """The terms whose edges are lists of columns (random, csr: they have `columns`)."""
-    return [t for t in mask.terms if hasattr(t, "columns")]
+    """The terms whose edges are lists of columns (random, csr: `Term.listed`)."""
+    return [t for t in mask.terms if t.listed]
 
 
 def mask_words(mask):
@@ -257,21 +257,13 @@ def mask_words(mask):
     to attend_rows."""
     words, n = [], 0
     for t in mask.terms:
-        if hasattr(t, "columns"):
+        if t.listed:
             continue
         n += 1
-        if isinstance(t, Full):
-            words += [0, 0, 0]
-        elif isinstance(t, Window):
-            words += [1, t.w, 0]
-        elif isinstance(t, Dilated):
-            words += [2, min(t.w * t.r, 2**62), t.r]
-        elif isinstance(t, Block):
-            words += [3, t.s, 0]
-        elif isinstance(t, Global):
-            words += [4, t.g, 0]
-        else:
+        code = t.device_words()
+        if code is None:
             raise HpcattnError(f"mask term {t!r} of {mask.spec!r} has no GPU kernel yet")
+        words += list(code)
     if n > MAX_TERMS:
         raise HpcattnError(f"mask {mask.spec!r} has {n} terms; the GPU kernels take {MAX_TERMS}")
     words += [0] * (3 * MAX_TERMS - len(words))  # fixed length: a warp reads it in one step
@@ -520,7 +512,7 @@ def _host_columns(term, qpos, k0, k1):
 def _listed(cp, q, qpos, k, v, k0, mask, term, scale, ctype, dmax):
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
-    if type(term).__name__ == "Random" and hasattr(term, "seed"):
+    if getattr(term, "drawn", False):  # the device draws the columns (random)
         cols, width = _device_copy(("random", term), qpos, lambda p: _random_columns(term, p)[0]), \
             min(term.r, term.n or 0)
         indptr = cp.zeros(1, dtype=cp.int64)

@@ -19,7 +19,6 @@ import numpy as np
 from ..api import from_heads, to_heads
 from ..cpu.local import attend
 from ..errors import HpcattnError, agree, collectively
-from ..masks import Block, Dilated, Global, Window
 from ..merge import empty_state, merge
 from ..partition import even_shard
 from . import h5io, results
@@ -32,25 +31,18 @@ CRASH_VAR = "HPCATTN_TEST_CRASH_AFTER_CHUNKS"  # test hook: every rank exits aft
 
 def bounded(mask):
     """True when every term reaches a bounded key range (global tokens allowed)."""
-    return all(isinstance(t, (Window, Dilated, Block, Global)) for t in mask.terms)
+    return mask.reach() is not None
 
 
 def global_rows(mask):
     """G of the widest global term: query positions below it reach every key."""
-    return max([t.g for t in mask.terms if isinstance(t, Global)], default=0)
+    return mask.global_rows()
 
 
 def halo(mask):
-    """Keys a query reaches on either side of its own position (global keys aside)."""
-    reach = 0
-    for t in mask.terms:
-        if isinstance(t, Window):
-            reach = max(reach, t.w)
-        elif isinstance(t, Dilated):
-            reach = max(reach, t.w * t.r)
-        elif isinstance(t, Block):
-            reach = max(reach, t.s)
-    return reach
+    """Keys a query reaches on either side of its own position (global keys aside; terms of
+    unbounded reach, which `bounded` rules out, count 0)."""
+    return max((r for r in (t.reach() for t in mask.terms) if r is not None), default=0)
 
 
 def row_bytes(meta):

@@ -9,7 +9,6 @@ from typing import Optional
 
 import numpy as np
 
-from ...masks import Block, Dilated, Global, Window
 from . import burst, ring, sparse, tree
 
 VARIANTS = {"ring": ring, "burst": burst, "tree": tree, "sparse": sparse}
@@ -65,19 +64,15 @@ class Shard:
 def reach_width(mask):
     """Widest key range one query row can reach through the mask's span-bounded terms (listed
     terms such as random or csr add only their own columns), or None when some term is
-    unbounded (full, causal alone, or a term this rule does not know)."""
+    unbounded (full, causal alone: each term answers `width()`)."""
     width = 0
     for t in mask.terms:
-        if isinstance(t, Window):
-            width = max(width, 2 * t.w + 1)
-        elif isinstance(t, Dilated):
-            width = max(width, 2 * t.w * t.r + 1)
-        elif isinstance(t, Block):
-            width = max(width, t.s)
-        elif hasattr(t, "columns"):  # listed columns (random, csr): fetched row by row
+        if t.listed:  # listed columns (random, csr): fetched row by row
             continue
-        elif not isinstance(t, Global):
+        w = t.width()
+        if w is None:
             return None
+        width = max(width, w)
     return width
 
 
@@ -113,7 +108,7 @@ def pick(mask, n_queries, n_keys, ranks, backward=None):
     if n_queries * DECODE_FRACTION <= per_rank:
         return "tree"
     width = reach_width(mask)
-    g = max((t.g for t in mask.terms if isinstance(t, Global)), default=0)
+    g = mask.global_rows()
     if width is not None and width <= per_rank and g <= per_rank:
         return "sparse"
     if backward is not None:

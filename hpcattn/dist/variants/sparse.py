@@ -21,7 +21,6 @@ import numpy as np
 from ... import faults
 from ...arrays import array_module
 from ...cpu import grad, local
-from ...masks import Full, Global
 from ...merge import empty_state, merge
 from ...profile import phase
 from . import tree
@@ -34,9 +33,9 @@ def wide_rows(mask, qpos):
     such term (then no rank has any: the mask alone decides, so every rank agrees)."""
     if mask.causal:
         return None
-    if any(isinstance(t, Full) for t in mask.terms):
+    if mask.dense:
         return np.ones(len(qpos), dtype=bool)
-    g = max((t.g for t in mask.terms if isinstance(t, Global)), default=0)
+    g = mask.global_rows()
     return None if g == 0 else np.asarray(qpos) < g
 
 
@@ -58,7 +57,7 @@ def union(intervals):
 def explicit_terms(mask):
     """The mask's terms that list their columns row by row (random, csr: `columns(qpos, k0,
     k1)`) rather than bounding them by spans."""
-    return [t for t in mask.terms if hasattr(t, "columns")]
+    return [t for t in mask.terms if t.listed]
 
 
 def runs_of(keys):
@@ -80,13 +79,11 @@ def reach(mask, qpos, n):
     csr): their exact columns (Mask.columns), one interval per run of consecutive keys.
     """
     pos = np.sort(np.asarray(qpos, dtype=np.int64))
-    listed = explicit_terms(mask)
     ivs = []
-    if listed:
-        kinds = tuple({type(t) for t in listed})
-        cols = mask.subset(kinds).columns(pos, 0, n)[1]
+    if explicit_terms(mask):
+        cols = mask.subset(lambda t: t.listed).columns(pos, 0, n)[1]
         ivs.extend(runs_of(cols).tolist())
-        mask = mask.subset(kinds, exclude=True)
+        mask = mask.subset(lambda t: t.listed, exclude=True)
     if mask is not None:
         ivs.extend(iv for t0 in range(0, len(pos), Q_TILE)
                    for iv in mask.spans(int(pos[t0]), int(pos[min(len(pos), t0 + Q_TILE) - 1]), 0, n))
