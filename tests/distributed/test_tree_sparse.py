@@ -397,8 +397,8 @@ def test_run_backward_file(mpi_tmp_path, spec, queries, variant):
 def test_auto_backward_picks_the_variant_moving_fewer_bytes(H, Hkv, dtype, want):
     """Backward under auto: ring when the query side (G = H / Hkv heads) outweighs the key side,
     burst otherwise; the choice is in stats, the gradients match float64 on uneven zigzag
-    shards, and the bytes are exactly the chosen variant's (test_mpi_ring_burst's formulas)."""
-    from test_mpi_ring_burst import control, expected_bytes, shard_data
+    shards, and the bytes are exactly the chosen variant's (test_ring_burst's formulas)."""
+    from test_ring_burst import control, expected_bytes, shard_data
 
     from hpcattn.partition import positions
     from hpcattn.reference import grad_error, grad_tolerance, reference_backward

@@ -14,7 +14,7 @@ from hpcattn.commands.cli import main
 from hpcattn.errors import HpcattnError
 from hpcattn.commands.sweep import run_sweep
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, text, name="job.toml"):

@@ -228,7 +228,7 @@ def test_portable_build_runs_every_piece(rng, tmp_path, monkeypatch):
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     lib = tmp_path / "generic.so"
     subprocess.run([cc, "-O3", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared",
-                    "-DHPCATTN_GENERIC_ONLY", str(Path(__file__).parents[1] / "kernels" / "gather.c"),
+                    "-DHPCATTN_GENERIC_ONLY", str(Path(__file__).parents[2] / "kernels" / "gather.c"),
                     "-o", str(lib), "-lm"], check=True, timeout=120)
     monkeypatch.setattr(cgather, "LIB", cgather._load(str(lib)))
     assert cgather.best() == "generic" and not cgather.band_blocked(64)
