@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import hpcattn, mpiexec
+from helpers import hpcattn, mpiexec
 from hpcattn.masks import parse
 
 

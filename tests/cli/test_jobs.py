@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import BIN, LAUNCH_TIMEOUT, mpiexec
+from helpers import BIN, LAUNCH_TIMEOUT, mpiexec
 from hpcattn.commands import jobs, launch
 from hpcattn.commands.cli import main
 from hpcattn.errors import HpcattnError

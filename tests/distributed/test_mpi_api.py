@@ -8,9 +8,9 @@ import pickle
 import h5py
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 import hpcattn
+from helpers import world
 from hpcattn import Comm
 from hpcattn.masks import parse
 from hpcattn.partition import even_offsets, even_shard
@@ -18,10 +18,6 @@ from hpcattn.reference import errors, reference, tolerance
 from hpcattn.commands.run import run
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
-
-
-def world():
-    return MPI.COMM_WORLD
 
 
 @pytest.mark.parametrize("spec", ["full", "causal", "causal+window:40", "dilated:4:3+global:2", "block:33"])

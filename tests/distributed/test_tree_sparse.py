@@ -8,9 +8,9 @@ import pickle
 import h5py
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 import hpcattn
+from helpers import control, expected_bytes, shard_data, world
 from hpcattn import Comm
 from hpcattn.masks import parse
 from hpcattn.partition import even_offsets
@@ -25,23 +25,10 @@ IMPLICIT = ["full", "causal", "window:6", "causal+window:17", "dilated:3:4", "ca
             "window:2+block:16+dilated:1:7"]
 
 
-def world():
-    return MPI.COMM_WORLD
-
-
 def uneven_offsets(n, P, seed):
     """Random contiguous cuts (same on every rank: one seed), empty pieces allowed."""
     cuts = np.sort(np.random.default_rng(seed).integers(0, n + 1, size=P - 1))
     return np.concatenate([[0], cuts, [n]]).astype(np.int64)
-
-
-def control_bytes(pieces, r):
-    """Bytes of the API's shard-size allgather_object for per-rank (nq, nk) pieces."""
-    if len(pieces) == 1:
-        return 0, 0
-    sent = len(pickle.dumps(pieces[r])) * (len(pieces) - 1)
-    recv = sum(len(pickle.dumps(p)) for i, p in enumerate(pieces) if i != r)
-    return sent, recv
 
 
 def problem(N, Nq, H, Hkv, D, dtype, seed):
@@ -191,7 +178,7 @@ def test_sparse_bytes_equal_the_rows_the_mask_reaches(spec):
     o, lse = hpcattn.attention(q[:, a:b], k[:, a:b], v[:, a:b], mask=spec, comm=comm, variant="sparse")
     check(o, lse, q[:, a:b], k, v, np.arange(a, b), spec, D)
     pieces = [(int(off[i + 1] - off[i]),) * 2 for i in range(P)]
-    sent, recv = control_bytes(pieces, r)
+    sent, recv = control(len(pieces), r, pieces)
     if P > 1:
         row = 2 * B * Hkv * D * 4
         rank_rows = [np.arange(off[s], off[s + 1]) for s in range(P)]
@@ -397,9 +384,7 @@ def test_run_backward_file(mpi_tmp_path, spec, queries, variant):
 def test_auto_backward_picks_the_variant_moving_fewer_bytes(H, Hkv, dtype, want):
     """Backward under auto: ring when the query side (G = H / Hkv heads) outweighs the key side,
     burst otherwise; the choice is in stats, the gradients match float64 on uneven zigzag
-    shards, and the bytes are exactly the chosen variant's (test_ring_burst's formulas)."""
-    from test_ring_burst import control, expected_bytes, shard_data
-
+    shards, and the bytes are exactly the chosen variant's (helpers.expected_bytes)."""
     from hpcattn.partition import positions
     from hpcattn.reference import grad_error, grad_tolerance, reference_backward
     P, r = world().size, world().rank
