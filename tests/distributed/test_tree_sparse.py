@@ -1,4 +1,4 @@
-"""Issue 5 under MPI: tree (decode) and sparse (mask-aware) against the float64 reference, with
+"""Under MPI: tree (decode) and sparse (mask-aware) against the float64 reference, with
 exact byte counts computed here from the partition and the mask; auto's choice; decode files.
 
 Run under `mpiexec -n P python -m mpi4py -m pytest --with-mpi -m mpi` for P = 1..4.
@@ -310,15 +310,6 @@ def test_sparse_backward_matches_reference(spec, layout, dtype):
     comm.free()
 
 
-def _listed_masks_available():
-    try:
-        parse("random:2", n_keys=10)
-        return True
-    except Exception:  # before issue 3's random/csr terms land
-        return False
-
-
-@pytest.mark.skipif(not _listed_masks_available(), reason="random/csr mask terms not in this tree yet")
 @pytest.mark.parametrize("spec", ["window:3+global:2+random:3:7", "causal+random:5", "random:2+block:10"])
 def test_sparse_listed_columns(spec):
     """random/csr: each rank fetches exactly the listed columns its rows reach (BigBird)."""
