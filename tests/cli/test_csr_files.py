@@ -1,4 +1,4 @@
-"""gen/run/verify with explicit csr masks, bad csr files, and `hpcattn bench` (issue 3)."""
+"""gen/run/verify with explicit csr masks, bad csr files, and `hpcattn bench`."""
 import json
 
 import h5py

@@ -1,4 +1,4 @@
-"""random and csr masks through the ring variant at any rank count (issue 3). Run under mpiexec."""
+"""random and csr masks through the ring variant at any rank count. Run under mpiexec."""
 import h5py
 import numpy as np
 import pytest

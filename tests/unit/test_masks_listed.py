@@ -1,4 +1,4 @@
-"""Mask terms random and csr, Mask.columns, CSR validation (issue 3)."""
+"""Mask terms random and csr, Mask.columns, CSR validation."""
 import numpy as np
 import pytest
 
