@@ -38,6 +38,12 @@ def hpcattn(*args, timeout=LAUNCH_TIMEOUT):
 
 
 
+def uneven_offsets(n, P, seed):
+    """Random contiguous cuts (same on every rank: one seed), empty pieces allowed."""
+    cuts = np.sort(np.random.default_rng(seed).integers(0, n + 1, size=P - 1))
+    return np.concatenate([[0], cuts, [n]]).astype(np.int64)
+
+
 # Masks written plainly, independent of hpcattn.masks
 
 MASK64 = (1 << 64) - 1

@@ -12,7 +12,7 @@ import hpcattn
 from helpers import control, expected_bytes, shard_data, world
 from hpcattn import Comm
 from hpcattn.masks import parse
-from hpcattn.partition import positions, segments
+from hpcattn.partition import positions
 from hpcattn.reference import errors, grad_error, grad_tolerance, reference, reference_backward, tolerance
 from hpcattn.commands.run import run
 

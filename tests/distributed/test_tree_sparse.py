@@ -1,5 +1,6 @@
 """Under MPI: tree (decode) and sparse (mask-aware) against the float64 reference, with
 exact byte counts computed here from the partition and the mask; auto's choice; decode files.
+Their forward results over every mask and layout are in test_grid.py.
 
 Run under `mpiexec -n P python -m mpi4py -m pytest --with-mpi -m mpi` for P = 1..4.
 """
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import hpcattn
-from helpers import control, expected_bytes, shard_data, world
+from helpers import control, expected_bytes, shard_data, uneven_offsets, world
 from hpcattn import Comm
 from hpcattn.masks import parse
 from hpcattn.partition import even_offsets
@@ -19,16 +20,6 @@ from hpcattn.commands.run import run
 from hpcattn.dist.variants import sparse
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
-
-IMPLICIT = ["full", "causal", "window:6", "causal+window:17", "dilated:3:4", "causal+dilated:2:5",
-            "block:23", "causal+block:31", "global:4", "global:3+window:5", "causal+global:5+window:2",
-            "window:2+block:16+dilated:1:7"]
-
-
-def uneven_offsets(n, P, seed):
-    """Random contiguous cuts (same on every rank: one seed), empty pieces allowed."""
-    cuts = np.sort(np.random.default_rng(seed).integers(0, n + 1, size=P - 1))
-    return np.concatenate([[0], cuts, [n]]).astype(np.int64)
 
 
 def problem(N, Nq, H, Hkv, D, dtype, seed):
@@ -45,25 +36,6 @@ def check(o, lse, q, k, v, qpos, spec, D):
     o_err, lse_err, empty_ok = errors(o, lse, o_ref, lse_ref)
     o_tol, lse_tol = tolerance(q.dtype)
     assert empty_ok and o_err <= o_tol and lse_err <= lse_tol, (o_err, lse_err)
-
-
-@pytest.mark.parametrize("spec", IMPLICIT)
-@pytest.mark.parametrize("variant", ["tree", "sparse"])
-@pytest.mark.parametrize("N, H, Hkv, D, dtype", [(211, 4, 2, 32, "float32"), (96, 2, 1, 16, "float16")])
-def test_self_attention_matches_reference_on_uneven_shards(spec, variant, N, H, Hkv, D, dtype):
-    P, r = world().size, world().rank
-    q, k, v = problem(N, N, H, Hkv, D, dtype, N)
-    off = uneven_offsets(N, P, N + P)
-    a, b = off[r], off[r + 1]
-    comm = Comm(world())
-    stats = {}
-    o, lse = hpcattn.attention(q[:, a:b], k[:, a:b], v[:, a:b], mask=spec, comm=comm, variant=variant,
-                               stats=stats, ranks_per_node=2)
-    check(o, lse, q[:, a:b], k, v, np.arange(a, b), spec, D)
-    edges = world().allreduce(stats["edges"])
-    assert stats["variant"] == variant and edges == parse(spec).allowed(
-        np.arange(N)[:, None], np.arange(N)[None, :]).sum()
-    comm.free()
 
 
 @pytest.mark.parametrize("spec", ["full", "causal", "causal+window:40", "global:3+block:50"])
