@@ -82,7 +82,7 @@ test-phdf5: deps-phdf5 $(PVENV)/.installed $(VENV)/.installed
 	    -p no:cacheprovider -q tests || exit 1; \
 	done
 	HPCATTN_PHDF5_PYTHON=$(abspath $(PBIN)/python) HPCATTN_PHDF5_MPIEXEC=$(PMPIEXEC) \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_stacks.py
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/cli/test_stacks.py
 
 clean:
 	rm -rf $(VENV) $(PVENV) $(DEMO_DIR) *.egg-info

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test-slurm`: start a real SLURM cluster on this machine (slurm/local-cluster.sh --install,
 # which apt-installs the test-slurm packages of system-packages.txt when missing), run
-# tests/test_slurm.py against it with sbatch --wait, stop the cluster. Where SLURM cannot be had,
+# tests/cli/test_slurm.py against it with sbatch --wait, stop the cluster. Where SLURM cannot be had,
 # it says so loudly and exits 0; SLURM without srun's pmix plugin fails (local-cluster exit 4).
 #   slurm/ci-test.sh [PYTHON]        (default .venv/bin/python)
 set -uo pipefail
@@ -26,4 +26,4 @@ rc=$?
 eval "$env_line"
 trap 'slurm/local-cluster.sh stop' EXIT
 echo "== SLURM integration tests on $(sinfo -h -o '%D node(s) %N') ($SLURM_CONF)"
-HPCATTN_SLURM_TESTS=require timeout 1800 "$PY" -m pytest -p no:cacheprovider -q -rs -m slurm tests/test_slurm.py
+HPCATTN_SLURM_TESTS=require timeout 1800 "$PY" -m pytest -p no:cacheprovider -q -rs -m slurm tests/cli/test_slurm.py

@@ -13,7 +13,7 @@ import pytest
 from mpi4py import MPI
 
 import hpcattn
-from conftest import mpiexec
+from helpers import mpiexec
 from hpcattn.commands.cli import main
 from hpcattn.masks import Mask, parse
 from hpcattn.partition import even_shard

@@ -1,11 +1,11 @@
-"""gen/run/verify with explicit csr masks, bad csr files, and `hpcattn bench` (issue 3)."""
+"""gen/run/verify with explicit csr masks, bad csr files, and `hpcattn bench`."""
 import json
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import hpcattn, mpiexec
+from helpers import hpcattn, mpiexec
 from hpcattn.masks import parse
 
 

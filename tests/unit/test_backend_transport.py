@@ -3,7 +3,7 @@ import h5py
 import pytest
 from mpi4py import MPI
 
-from conftest import hpcattn
+from helpers import hpcattn
 from hpcattn import Comm
 from hpcattn.commands.gen import generate
 from hpcattn.errors import HpcattnError

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import BIN
+from helpers import BIN
 from hpcattn import masks
 from hpcattn.io import h5io, validate
 from hpcattn.commands.cli import main

@@ -1,5 +1,6 @@
-"""Issue 5 under MPI: tree (decode) and sparse (mask-aware) against the float64 reference, with
+"""Under MPI: tree (decode) and sparse (mask-aware) against the float64 reference, with
 exact byte counts computed here from the partition and the mask; auto's choice; decode files.
+Their forward results over every mask and layout are in test_grid.py.
 
 Run under `mpiexec -n P python -m mpi4py -m pytest --with-mpi -m mpi` for P = 1..4.
 """
@@ -8,9 +9,9 @@ import pickle
 import h5py
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 import hpcattn
+from helpers import control, expected_bytes, shard_data, uneven_offsets, world
 from hpcattn import Comm
 from hpcattn.masks import parse
 from hpcattn.partition import even_offsets
@@ -19,29 +20,6 @@ from hpcattn.commands.run import run
 from hpcattn.dist.variants import sparse
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
-
-IMPLICIT = ["full", "causal", "window:6", "causal+window:17", "dilated:3:4", "causal+dilated:2:5",
-            "block:23", "causal+block:31", "global:4", "global:3+window:5", "causal+global:5+window:2",
-            "window:2+block:16+dilated:1:7"]
-
-
-def world():
-    return MPI.COMM_WORLD
-
-
-def uneven_offsets(n, P, seed):
-    """Random contiguous cuts (same on every rank: one seed), empty pieces allowed."""
-    cuts = np.sort(np.random.default_rng(seed).integers(0, n + 1, size=P - 1))
-    return np.concatenate([[0], cuts, [n]]).astype(np.int64)
-
-
-def control_bytes(pieces, r):
-    """Bytes of the API's shard-size allgather_object for per-rank (nq, nk) pieces."""
-    if len(pieces) == 1:
-        return 0, 0
-    sent = len(pickle.dumps(pieces[r])) * (len(pieces) - 1)
-    recv = sum(len(pickle.dumps(p)) for i, p in enumerate(pieces) if i != r)
-    return sent, recv
 
 
 def problem(N, Nq, H, Hkv, D, dtype, seed):
@@ -58,25 +36,6 @@ def check(o, lse, q, k, v, qpos, spec, D):
     o_err, lse_err, empty_ok = errors(o, lse, o_ref, lse_ref)
     o_tol, lse_tol = tolerance(q.dtype)
     assert empty_ok and o_err <= o_tol and lse_err <= lse_tol, (o_err, lse_err)
-
-
-@pytest.mark.parametrize("spec", IMPLICIT)
-@pytest.mark.parametrize("variant", ["tree", "sparse"])
-@pytest.mark.parametrize("N, H, Hkv, D, dtype", [(211, 4, 2, 32, "float32"), (96, 2, 1, 16, "float16")])
-def test_self_attention_matches_reference_on_uneven_shards(spec, variant, N, H, Hkv, D, dtype):
-    P, r = world().size, world().rank
-    q, k, v = problem(N, N, H, Hkv, D, dtype, N)
-    off = uneven_offsets(N, P, N + P)
-    a, b = off[r], off[r + 1]
-    comm = Comm(world())
-    stats = {}
-    o, lse = hpcattn.attention(q[:, a:b], k[:, a:b], v[:, a:b], mask=spec, comm=comm, variant=variant,
-                               stats=stats, ranks_per_node=2)
-    check(o, lse, q[:, a:b], k, v, np.arange(a, b), spec, D)
-    edges = world().allreduce(stats["edges"])
-    assert stats["variant"] == variant and edges == parse(spec).allowed(
-        np.arange(N)[:, None], np.arange(N)[None, :]).sum()
-    comm.free()
 
 
 @pytest.mark.parametrize("spec", ["full", "causal", "causal+window:40", "global:3+block:50"])
@@ -191,7 +150,7 @@ def test_sparse_bytes_equal_the_rows_the_mask_reaches(spec):
     o, lse = hpcattn.attention(q[:, a:b], k[:, a:b], v[:, a:b], mask=spec, comm=comm, variant="sparse")
     check(o, lse, q[:, a:b], k, v, np.arange(a, b), spec, D)
     pieces = [(int(off[i + 1] - off[i]),) * 2 for i in range(P)]
-    sent, recv = control_bytes(pieces, r)
+    sent, recv = control(len(pieces), r, pieces)
     if P > 1:
         row = 2 * B * Hkv * D * 4
         rank_rows = [np.arange(off[s], off[s + 1]) for s in range(P)]
@@ -323,15 +282,6 @@ def test_sparse_backward_matches_reference(spec, layout, dtype):
     comm.free()
 
 
-def _listed_masks_available():
-    try:
-        parse("random:2", n_keys=10)
-        return True
-    except Exception:  # before issue 3's random/csr terms land
-        return False
-
-
-@pytest.mark.skipif(not _listed_masks_available(), reason="random/csr mask terms not in this tree yet")
 @pytest.mark.parametrize("spec", ["window:3+global:2+random:3:7", "causal+random:5", "random:2+block:10"])
 def test_sparse_listed_columns(spec):
     """random/csr: each rank fetches exactly the listed columns its rows reach (BigBird)."""
@@ -397,9 +347,7 @@ def test_run_backward_file(mpi_tmp_path, spec, queries, variant):
 def test_auto_backward_picks_the_variant_moving_fewer_bytes(H, Hkv, dtype, want):
     """Backward under auto: ring when the query side (G = H / Hkv heads) outweighs the key side,
     burst otherwise; the choice is in stats, the gradients match float64 on uneven zigzag
-    shards, and the bytes are exactly the chosen variant's (test_mpi_ring_burst's formulas)."""
-    from test_mpi_ring_burst import control, expected_bytes, shard_data
-
+    shards, and the bytes are exactly the chosen variant's (helpers.expected_bytes)."""
     from hpcattn.partition import positions
     from hpcattn.reference import grad_error, grad_tolerance, reference_backward
     P, r = world().size, world().rank

@@ -1,56 +1,14 @@
-"""Mask terms random and csr, Mask.columns, CSR validation (issue 3)."""
+"""Mask terms random and csr, Mask.columns, CSR validation."""
 import numpy as np
 import pytest
 
 from hpcattn.errors import HpcattnError
+from helpers import naive_mask as naive, naive_random
 from hpcattn.masks import check_csr, parse, random_keys
-
-MASK64 = (1 << 64) - 1
-
-
-def splitmix(z):
-    """splitmix64's output function, one Python int at a time (the docstring's algorithm)."""
-    z = (z + 0x9E3779B97F4A7C15) & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
-
-
-def naive_random(seed, i, r, n):
-    """Floyd's sampling with u(seed, i, d) = mix(mix(mix(seed) ^ i) ^ d), written plainly."""
-    r = min(r, n)
-    picked = []
-    for d in range(r):
-        m = n - r + d
-        t = splitmix(splitmix(splitmix(seed) ^ i) ^ d) % (m + 1)
-        picked.append(m if t in picked else t)
-    return sorted(picked)
-
 
 def random_csr(rng, n, density):
     dense = rng.random((n, n)) < density
     return dense, check_csr(np.concatenate([[0], np.cumsum(dense.sum(1))]), np.nonzero(dense)[1], n, 0, n)
-
-
-def naive(spec, i, j, n, dense):
-    union, causal, any_term = False, False, False
-    for term in spec.split("+"):
-        name, *a = term.split(":")
-        a = [int(x) for x in a]
-        if name == "causal":
-            causal = True
-            continue
-        any_term = True
-        union |= {"full": lambda: True,
-                  "window": lambda: abs(i - j) <= a[0],
-                  "dilated": lambda: abs(i - j) <= a[0] * a[1] and (i - j) % a[1] == 0,
-                  "block": lambda: i // a[0] == j // a[0],
-                  "global": lambda: i < a[0] or j < a[0],
-                  "random": lambda: j in naive_random(a[1] if len(a) > 1 else 0, i, a[0], n),
-                  "csr": lambda: bool(dense[i, j])}[name]()
-    if not any_term:
-        union = True
-    return union and (j <= i if causal else True)
 
 
 SPECS = ["random:3", "random:4:99", "random:50:1", "csr", "causal+random:5:2", "causal+csr",

@@ -2,7 +2,7 @@
 the serial fallback) and out-of-core streaming, checked against the float64 reference.
 
 The same file runs on the pip Open MPI stack (serial HDF5) and on the parallel-HDF5 stack
-(`make test-phdf5`); tests/test_stacks.py compares their outputs byte for byte.
+(`make test-phdf5`); tests/cli/test_stacks.py compares their outputs byte for byte.
 """
 import h5py
 import numpy as np

@@ -3,7 +3,7 @@ import pytest
 
 from hpcattn.errors import HpcattnError
 from hpcattn.masks import parse
-from test_graph_masks import naive as naive_graph
+from helpers import naive_mask as naive_graph
 
 
 def naive(spec, i, j):

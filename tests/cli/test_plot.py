@@ -8,7 +8,7 @@ from hpcattn.commands.cli import main
 from hpcattn.masks import parse
 from hpcattn.commands.plot import block_density, plot_results
 
-matplotlib_image = pytest.importorskip("matplotlib.image")
+matplotlib_image = pytest.importorskip("matplotlib.image", reason="matplotlib is not installed (pip install '.[plot]')")
 
 
 def png(path):

@@ -1,4 +1,5 @@
-"""random and csr masks through the ring variant at any rank count (issue 3). Run under mpiexec."""
+"""random and csr masks under the default variant (auto) at any rank count. Run under mpiexec.
+(Every explicit variant with random masks: test_grid.py.)"""
 import h5py
 import numpy as np
 import pytest

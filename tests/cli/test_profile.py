@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import mpiexec
+from helpers import mpiexec
 from hpcattn import profile
 from hpcattn.commands.cli import main
 

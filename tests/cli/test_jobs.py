@@ -8,13 +8,13 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import BIN, LAUNCH_TIMEOUT, mpiexec
+from helpers import BIN, LAUNCH_TIMEOUT, mpiexec
 from hpcattn.commands import jobs, launch
 from hpcattn.commands.cli import main
 from hpcattn.errors import HpcattnError
 from hpcattn.commands.sweep import run_sweep
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, text, name="job.toml"):

@@ -131,11 +131,6 @@ def test_few_query_rows_split_the_keys_and_merge(rng, monkeypatch, spec, B, Hkv,
     assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL.get(kind, TOL.get((kind, dtype))), mask, qpos, k0, nk)
 
 
-LISTED = hasattr(masks, "random_keys") and hasattr(masks, "check_csr")
-NO_LISTED = "hpcattn.masks has no random/csr terms yet (they come with issue 3)"
-
-
-@pytest.mark.skipif(not LISTED, reason=NO_LISTED)
 @pytest.mark.parametrize("r, seed, n", [(5, 7, 5000), (40, 0, 100), (10, 3, 7), (1, 2**62 - 1, 10**12)])
 def test_device_random_columns_are_masks_random_keys(rng, r, seed, n):
     qpos = np.sort(rng.choice(min(n, 5000), size=min(n, 300), replace=False)).astype(np.int64)
@@ -156,7 +151,6 @@ def listed_mask(spec, rng, n):
     return parse(spec, n_keys=n, csr=csr)
 
 
-@pytest.mark.skipif(not LISTED, reason=NO_LISTED)
 @pytest.mark.parametrize("spec", ["random:5:3", "causal+random:9", "window:4+random:6:1", "csr",
                                   "causal+csr+window:2", "global:2+csr", "random:3+csr+block:8"])
 @pytest.mark.parametrize("dtype, kind", [("float32", "simt"), ("float16", "mma"), ("bfloat16", "simt"),

@@ -4,80 +4,19 @@ per-rank byte counts derived independently from the partition (run under mpiexec
 Every rank draws the same data (one seed), takes its rows with the library's partition
 (zigzag for causal masks), and checks o, lse, dq, dk, dv of its rows.
 """
-import pickle
-
 import h5py
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 import hpcattn
+from helpers import control, expected_bytes, shard_data, world
 from hpcattn import Comm
 from hpcattn.masks import parse
-from hpcattn.partition import positions, segments
+from hpcattn.partition import positions
 from hpcattn.reference import errors, grad_error, grad_tolerance, reference, reference_backward, tolerance
 from hpcattn.commands.run import run
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
-
-
-def world():
-    return MPI.COMM_WORLD
-
-
-def lanes(P, K):
-    """(M, L): nodes of K consecutive ranks; unequal nodes fall back to one ring of P."""
-    L = K if P % K == 0 else P
-    return P // L, L
-
-
-def traveller_blocks(P, K, r):
-    """Owners of the blocks rank r sends and receives as travellers in the two-level ring with
-    nodes of K ranks (node n, lane l; at step s*L+t rank (n, l) holds block (n-s, l-t))."""
-    M, L = lanes(P, K)
-    n, l = divmod(r, L)
-
-    def at(a, b):
-        return (a % M) * L + b % L
-    sent = [at(n - s, l - t) for s in range(M) for t in range(L - 1)] + [at(n - s, l) for s in range(M - 1)]
-    recv = [at(n - s, l - t - 1) for s in range(M) for t in range(L - 1)] + [at(n - s - 1, l) for s in range(M - 1)]
-    first = at(n, l - 1) if L > 1 else at(n - 1, l)  # the block held at step 1
-    acc_sent = [q for q in range(P) if q != r]          # every other block's accumulator, once
-    acc_recv = [q for q in range(P) if q != first]      # all but step 1's (it starts there), own last
-    return sent, recv, acc_sent, acc_recv
-
-
-def control(P, r, sizes):
-    """Bytes of one shard-size allgather (pickled (nq, nk) of every rank)."""
-    return (len(pickle.dumps(sizes[r])) * (P - 1),
-            sum(len(pickle.dumps(s)) for i, s in enumerate(sizes) if i != r))
-
-
-def expected_bytes(variant, P, K, r, nq, nk, B, H, Hkv, D, itemsize):
-    """(sent, received) per rank for forward + backward, from the partition alone."""
-    K = P if variant == "ring" else K
-    sent, recv, acc_sent, acc_recv = traveller_blocks(P, K, r)
-    kv = [2 * B * Hkv * nk[q] * D * itemsize for q in range(P)]        # K and V of block q
-    if variant == "ring":
-        travel = kv                                                     # K, V again
-        acc = [2 * B * Hkv * nk[q] * D * 4 for q in range(P)]          # dK, dV float32
-    else:
-        travel = [B * H * nq[q] * (2 * D * itemsize + 2 * 4) + 8 * nq[q] for q in range(P)]  # Q, dO, lse, D, positions
-        acc = [B * H * nq[q] * D * 4 for q in range(P)]                # dQ float32
-    fwd = (sum(kv[q] for q in sent), sum(kv[q] for q in recv))
-    bwd = (sum(travel[q] for q in sent) + sum(acc[q] for q in acc_sent),
-           sum(travel[q] for q in recv) + sum(acc[q] for q in acc_recv))
-    return fwd, bwd
-
-
-def shard_data(N, B, H, Hkv, D, dtype, spec, seed):
-    rng = np.random.default_rng(seed)
-    q, do = (rng.standard_normal((B, N, H, D)).astype(dtype) for _ in range(2))
-    k, v = (rng.standard_normal((B, N, Hkv, D)).astype(dtype) for _ in range(2))
-    P = world().size
-    layout = "zigzag" if parse(spec).causal else "contiguous"
-    segs = [segments(N, P, i, layout) for i in range(P)]
-    return q, k, v, do, layout, segs
 
 
 CASES = [("causal", 203, 2, 4, 2, 32, "float32"), ("causal+window:40", 203, 1, 2, 2, 16, "float32"),

@@ -1,4 +1,4 @@
-"""Issue 5, no MPI: the sparse variant's planning (pure functions) and auto's rule."""
+"""No MPI: the sparse variant's planning (pure functions) and auto's rule."""
 import numpy as np
 import pytest
 
@@ -67,7 +67,7 @@ def test_auto_backward_takes_ring_when_burst_would_move_more():
     assert ring_b == 3 * 4 * n * 64 * 16 and burst_b == 3 * (4 * n * (64 * 12 + 8) + 8 * n)
     assert round(burst_b / ring_b, 3) == 0.760
     ring_b, burst_b = backward_bytes(n, n, 4, *gqa)
-    assert round(burst_b / ring_b, 3) == 3.035                  # the 3.04x of BENCHMARKS issue 4
+    assert round(burst_b / ring_b, 3) == 3.035                  # the 3.035 ratio in BENCHMARKS.md
     assert pick(parse("causal"), n, n, 4, mha) == "burst"
     assert pick(parse("causal"), n, n, 4, gqa) == "ring"
     assert pick(parse("causal"), n, n, 4, (1, 2, 2, 64, 2, 2)) == "ring"    # G = 2: 1.5x

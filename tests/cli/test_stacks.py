@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import mpiexec
+from helpers import mpiexec
 from hpcattn.commands.cli import main
 from hpcattn.io.outofcore import CRASH_VAR
 

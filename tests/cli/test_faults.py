@@ -6,7 +6,7 @@ import subprocess
 import h5py
 import pytest
 
-from conftest import mpiexec
+from helpers import mpiexec
 from hpcattn import faults
 from hpcattn.commands.cli import main
 from hpcattn.dist.variants import VARIANTS

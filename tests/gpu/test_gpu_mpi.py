@@ -1,4 +1,4 @@
-"""GPU backend under MPI (run with mpiexec like tests/test_mpi.py): every variant and every
+"""GPU backend under MPI (run with mpiexec like tests/distributed/): every variant and every
 transport this machine offers, on CuPy shards, against the float64 reference; the GPU run
 counts exactly the bytes the NumPy run counts. Ranks may share one GPU (host/mpi transports).
 Skips, saying why, without CuPy or a CUDA device."""

@@ -1,5 +1,5 @@
 """The local kernel's dense decode path (local._dense: few query rows over many keys that every
-row reaches) and its float16 widening (jit.widen), against the float64 reference (issue 5)."""
+row reaches) and its float16 widening (jit.widen), against the float64 reference."""
 import numpy as np
 import pytest
 

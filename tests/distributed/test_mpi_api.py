@@ -1,56 +1,21 @@
-"""In-process MPI tests: run under `mpiexec -n P python -m mpi4py -m pytest --with-mpi -m mpi`.
+"""The API and `run` at P ranks: run under `mpiexec -n P python -m mpi4py -m pytest --with-mpi -m mpi`.
 
-Every rank draws the same random data (one seed), shards it with the library's own partition,
-and checks its rows against the float64 reference; byte counts are checked exactly.
+User-chosen uneven pieces and decode positions, a run's file re-read from disk, and bad inputs
+raising on every rank. Every variant x mask x layout against the reference: test_grid.py.
 """
-import pickle
-
 import h5py
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 import hpcattn
+from helpers import world
 from hpcattn import Comm
 from hpcattn.masks import parse
 from hpcattn.partition import even_offsets, even_shard
-from hpcattn.reference import errors, reference, tolerance
+from hpcattn.reference import errors, reference
 from hpcattn.commands.run import run
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
-
-
-def world():
-    return MPI.COMM_WORLD
-
-
-@pytest.mark.parametrize("spec", ["full", "causal", "causal+window:40", "dilated:4:3+global:2", "block:33"])
-@pytest.mark.parametrize("N, H, Hkv, D, dtype", [(203, 4, 2, 64, "float32"), (130, 2, 1, 48, "float16"),
-                                                 (3, 1, 1, 8, "float32")])
-def test_sharded_attention_matches_reference(spec, N, H, Hkv, D, dtype):
-    rng = np.random.default_rng(N)
-    q = rng.standard_normal((2, N, H, D)).astype(dtype)
-    k = rng.standard_normal((2, N, Hkv, D)).astype(dtype)
-    v = rng.standard_normal((2, N, Hkv, D)).astype(dtype)
-    P, r = world().size, world().rank
-    a, b = even_shard(N, P, r)
-    comm = Comm(world())
-    o, lse = hpcattn.attention(q[:, a:b], k[:, a:b], v[:, a:b], mask=spec, comm=comm, variant="ring")
-    o_ref, lse_ref = reference(q[:, a:b], k, v, np.arange(a, b), parse(spec), 1 / np.sqrt(D))
-    o_err, lse_err, empty_ok = errors(o, lse, o_ref, lse_ref)
-    o_tol, lse_tol = tolerance(dtype)
-    assert empty_ok and o_err <= o_tol and lse_err <= lse_tol
-    # ring: K and V of every other shard pass through each rank exactly once (P-1 hops)
-    off = even_offsets(N, P)
-    row = 2 * Hkv * D * np.dtype(dtype).itemsize
-    sent = sum(int(off[(r - h) % P + 1] - off[(r - h) % P]) for h in range(P - 1)) * 2 * row
-    recv = sum(int(off[(r - h - 1) % P + 1] - off[(r - h - 1) % P]) for h in range(P - 1)) * 2 * row
-    sizes = [(int(b1 - a1),) * 2 for a1, b1 in zip(off[:-1], off[1:])]  # the shard-size allgather
-    control_sent = len(pickle.dumps(sizes[r])) * (P - 1)
-    control_recv = sum(len(pickle.dumps(s)) for i, s in enumerate(sizes) if i != r)
-    assert comm.bytes_sent == sent + control_sent
-    assert comm.bytes_received == recv + control_recv
-    comm.free()
 
 
 def test_user_supplied_uneven_pieces_and_positions():

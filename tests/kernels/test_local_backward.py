@@ -11,7 +11,7 @@ from hpcattn.masks import parse
 from hpcattn.reference import grad_error, grad_tolerance, reference_backward
 from hpcattn.dist.variants.rings import RingPlan
 
-from conftest import hpcattn as hpcattn_cli, mpiexec
+from helpers import hpcattn as hpcattn_cli, mpiexec
 
 
 def heads(q, k, v, do, hkv):

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import hpcattn, mpiexec
+from helpers import hpcattn, mpiexec
 from hpcattn.commands.cli import main
 from hpcattn.io.h5io import chunks_for
 from hpcattn.io.outofcore import CRASH_VAR

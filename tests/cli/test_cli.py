@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import hpcattn, mpiexec
+from helpers import hpcattn, mpiexec
 from hpcattn.commands.cli import main
 from hpcattn.masks import parse
 from hpcattn.partition import even_offsets

@@ -16,9 +16,9 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import hpcattn
+from helpers import hpcattn
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 SMALL = {"HPCATTN_SEQ": "700", "HPCATTN_GEN_ARGS": "--heads 2 --kv-heads 1 --head-dim 16 --seed 3",
          "HPCATTN_MASK": "causal+window:60+global:3", "HPCATTN_VERIFY_ROWS": "700",

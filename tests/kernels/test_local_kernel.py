@@ -1,4 +1,6 @@
-"""The work-optimal local kernel against the float64 dense reference (issue 3)."""
+"""The work-optimal local kernel against the float64 dense reference, and the compiled gather
+(kernels/gather.c, loaded by hpcattn/cpu/cgather.py from hpcattn/cpu/_gather*.so) in every variant
+this CPU runs."""
 import subprocess
 import sysconfig
 from pathlib import Path
@@ -91,7 +93,7 @@ def test_out_buffer_keeps_the_input_dtype_and_threads_agree(rng, monkeypatch):
 
 
 def compiled_variants():
-    """The compiled gather's variants this CPU runs (none when hpcattn/_gather is not built)."""
+    """The compiled gather's variants this CPU runs (none when hpcattn/cpu/_gather*.so is not built)."""
     if cgather.LIB is None:
         return []
     best = cgather.VARIANTS[cgather.best()]
@@ -99,8 +101,8 @@ def compiled_variants():
 
 
 needs_compiled = pytest.mark.skipif(
-    cgather.LIB is None, reason="hpcattn/_gather NOT BUILT (pip install builds it from "
-    "kernels/gather.c): the compiled gather was NOT tested")
+    cgather.LIB is None, reason="hpcattn/cpu/_gather*.so NOT BUILT (pip install builds it "
+    "from kernels/gather.c): the compiled gather was NOT tested")
 
 
 @needs_compiled
@@ -186,7 +188,7 @@ def test_attention_gives_the_same_bits_on_any_thread_count(rng, kernel, spec, sh
     every BLAS call runs on one thread. Checked on a call of many rows and on a decode (12
     queries at the end of 70,000 keys: key blocks)."""
     if kernel != "numpy" and kernel not in compiled_variants():
-        pytest.skip(f"this CPU does not run the {kernel} variant (or hpcattn/_gather is not built)")
+        pytest.skip(f"this CPU does not run the {kernel} variant (or hpcattn/cpu/_gather*.so is not built)")
     monkeypatch.setenv("HPCATTN_GATHER", kernel)
     n, nq = (6000, 6000) if shape == "prefill" else (70000, 12)
     if shape == "decode" and spec == "full":
@@ -228,7 +230,7 @@ def test_portable_build_runs_every_piece(rng, tmp_path, monkeypatch):
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     lib = tmp_path / "generic.so"
     subprocess.run([cc, "-O3", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared",
-                    "-DHPCATTN_GENERIC_ONLY", str(Path(__file__).parents[1] / "kernels" / "gather.c"),
+                    "-DHPCATTN_GENERIC_ONLY", str(Path(__file__).parents[2] / "kernels" / "gather.c"),
                     "-o", str(lib), "-lm"], check=True, timeout=120)
     monkeypatch.setattr(cgather, "LIB", cgather._load(str(lib)))
     assert cgather.best() == "generic" and not cgather.band_blocked(64)
@@ -304,7 +306,7 @@ def test_band_tiles_every_softmax_path(rng, spec, mode, kernel, monkeypatch):
     row maxima when a row's sum underflows under c; the compiled band kernel always takes exact
     row maxima. Each against float64 (N = 1001: not a multiple of the tile, GQA)."""
     if kernel != "numpy" and kernel not in compiled_variants():
-        pytest.skip(f"this CPU does not run the {kernel} variant (or hpcattn/_gather is not built)")
+        pytest.skip(f"this CPU does not run the {kernel} variant (or hpcattn/cpu/_gather*.so is not built)")
     monkeypatch.setenv("HPCATTN_GATHER", kernel)
     n, H, Hkv, D = 1001, 4, 2, 32
     q = rng.standard_normal((1, n, H, D)).astype("float32")
