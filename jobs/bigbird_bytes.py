@@ -7,7 +7,7 @@ Needs the `random` mask term. In-process under MPI:
 
 Each rank runs `sparse` on its even shard and reports its bytes received (everything the comm
 layer counted); ring's per-rank bytes are its exact formula (K and V of the P-1 other shards,
-as tests/test_mpi.py asserts). Rows reached: the keys outside the rank's shard that its rows
+as tests/distributed/test_tree_sparse.py asserts). Rows reached: the keys outside the rank's shard that its rows
 (those not handled tree-style) have an edge to, from the mask's own definition: the window
 and global spans plus each row's random columns (Mask.columns).
 """
