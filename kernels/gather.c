@@ -159,23 +159,30 @@ static void gather_avx2_rows(const float *q, const float *k, const float *v, con
 #define UNROLL _Pragma("GCC unroll 16")
 #define V512 static inline __attribute__((always_inline, target("avx512f,avx512dq,fma")))
 
-/* exp of 16 lanes (Cephes expf: range reduction by ln 2, degree-6 polynomial, 2^n by scalef;
- * about 1 ulp); inputs below -87 give about 0 (the caller zeroes masked lanes itself). */
+/* Cephes expf in W-bit lanes (W = 512 or 256; ROUND the width's round-to-integer): range
+ * reduction by ln 2 and a degree-6 polynomial, leaving exp(x) = p * 2^n, n an integer in
+ * [-126, 127]; about 1 ulp. Inputs below -87 give about 0 (callers zero masked lanes
+ * themselves). One text for both widths, so the AVX-512 and AVX2 kernels do the same
+ * operations in the same order. */
+#define EXP_POLY(W, ROUND, x, n, p)                                                             \
+    x = _mm##W##_max_ps(x, _mm##W##_set1_ps(-87.0f));                                            \
+    x = _mm##W##_min_ps(x, _mm##W##_set1_ps(88.0f));                                             \
+    __m##W n = ROUND(_mm##W##_mul_ps(x, _mm##W##_set1_ps(1.44269504088896341f)),                 \
+                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                             \
+    __m##W r = _mm##W##_fnmadd_ps(n, _mm##W##_set1_ps(0.693359375f), x);                         \
+    r = _mm##W##_fnmadd_ps(n, _mm##W##_set1_ps(-2.12194440e-4f), r);                            \
+    __m##W p = _mm##W##_set1_ps(1.9875691500e-4f);                                               \
+    p = _mm##W##_fmadd_ps(p, r, _mm##W##_set1_ps(1.3981999507e-3f));                             \
+    p = _mm##W##_fmadd_ps(p, r, _mm##W##_set1_ps(8.3334519073e-3f));                             \
+    p = _mm##W##_fmadd_ps(p, r, _mm##W##_set1_ps(4.1665795894e-2f));                             \
+    p = _mm##W##_fmadd_ps(p, r, _mm##W##_set1_ps(1.6666665459e-1f));                             \
+    p = _mm##W##_fmadd_ps(p, r, _mm##W##_set1_ps(5.0000001201e-1f));                             \
+    p = _mm##W##_fmadd_ps(p, _mm##W##_mul_ps(r, r), _mm##W##_add_ps(r, _mm##W##_set1_ps(1.0f)));
+
+/* exp of 16 lanes, 2^n applied by scalef. */
 V512 __m512 exp16(__m512 x)
 {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    EXP_POLY(512, _mm512_roundscale_ps, x, n, p)
     return _mm512_scalef_ps(p, n);
 }
 
@@ -520,30 +527,18 @@ static void band_avx512(BAND_ARGS, int64_t limit)
         BCASE(9) BCASE(10) BCASE(11) BCASE(12) BCASE(13) BCASE(14) BCASE(15) BCASE(16)
     }
 }
+
 /* ---------------------------------------------------------------- AVX2 variant */
 
 /* The AVX-512 designs in 8 lanes, for CPUs with AVX2 + FMA only (AMD before Zen 4, older
  * Intel): D a multiple of 8, up to 256; other D take the portable loops compiled for AVX2. */
 #define V256 static inline __attribute__((always_inline, target("avx2,fma")))
 
-/* exp16 in 8 lanes: the same operations in the same order (2^n built in the exponent field
- * instead of scalef: n is an integer in [-126, 127], so both round p * 2^n once), so the band
- * kernel gives the same bits with either. */
+/* exp16 in 8 lanes: 2^n built in the exponent field instead of scalef (n is an integer in
+ * [-126, 127], so both round p * 2^n once): the band kernel gives the same bits with either. */
 V256 __m256 exp8(__m256 x)
 {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    EXP_POLY(256, _mm256_round_ps, x, n, p)
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
