@@ -391,6 +391,59 @@ static int64_t band_rows16(const int64_t *lo, const int64_t *hi, int64_t r0, int
     return r - r0;
 }
 
+/* The set-up of a band block of nr <= 16 rows, shared by the AVX-512 and AVX2 loops: returns
+ * the number L of keys in the union [*kb, *kb + L) of the rows' ranges (0: no row has an edge,
+ * and their o = 0, lse = -inf are written); each lane's range relative to *kb in lo32, hi32
+ * (lanes past nr and empty rows: none); the rows of q transposed into qt (D x 16), scale folded
+ * in. */
+static inline __attribute__((always_inline)) int64_t
+band_setup(const float *qb, int64_t nr, const int64_t *lo, const int64_t *hi, int64_t D,
+           float scale, float *qt, int64_t *kb, int32_t *lo32, int32_t *hi32, float *out,
+           float *lse)
+{
+    int64_t b = INT64_MAX, e = INT64_MIN;
+    for (int64_t r = 0; r < nr; r++)
+        if (hi[r] > lo[r]) {
+            b = lo[r] < b ? lo[r] : b;
+            e = hi[r] > e ? hi[r] : e;
+        }
+    if (b >= e) {
+        for (int64_t r = 0; r < nr; r++) {
+            for (int64_t d = 0; d < D; d++)
+                out[r * D + d] = 0.0f;
+            lse[r] = -INFINITY;
+        }
+        return 0;
+    }
+    for (int r = 0; r < 16; r++) {
+        int ok = r < nr && hi[r] > lo[r];
+        lo32[r] = ok ? (int32_t)(lo[r] - b) : 0;
+        hi32[r] = ok ? (int32_t)(hi[r] - b) : 0;
+    }
+    for (int64_t d = 0; d < D; d++)
+        for (int r = 0; r < 16; r++)
+            qt[d * 16 + r] = r < nr ? qb[r * D + d] * scale : 0.0f;
+    *kb = b;
+    return e - b;
+}
+
+/* Every block of rows (band_rows16) over its own keys, read in place; the G heads of a block
+ * share its K and V. DD: the head dim; BLOCK: the width's block kernel, taking WIDTH for it.
+ * Shared by the AVX-512 and AVX2 loops (a BAND_ARGS function with `limit`). */
+#define BAND_BLOCKS(DD, BLOCK, WIDTH)                                                          \
+    float *qt = sc, *ot = sc + 16 * (DD); /* 16 x D each; then the block's scores */           \
+    for (int64_t b = 0; b < bh; b++) {                                                         \
+        const float *K = k + (size_t)b * ldk, *V = v + (size_t)b * ldk;                        \
+        for (int64_t r0 = 0, nr; r0 < n; r0 += nr) {                                           \
+            nr = band_rows16(lo, hi, r0, n, limit);                                            \
+            for (int64_t gi = 0; gi < g; gi++) {                                               \
+                size_t row = ((size_t)b * g + gi) * n + r0;                                    \
+                BLOCK(q + row * (DD), nr, K, V, lo + r0, hi + r0, WIDTH, scale, qt,            \
+                      ot + 16 * (DD), ot, o + row * (DD), lse + row);                          \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
 /* Blocks of 16 consecutive query rows, one row per lane, over the union of their key ranges
  * (for a window: 16 + 2W keys, of which 2W + 1 per row are edges). Nothing is packed but the
  * block's 16 query rows (transposed, scale folded in): both products broadcast the other
@@ -406,31 +459,12 @@ V512 void band_block512(const float *qb, int64_t nr, const float *K, const float
                         float *qt, float *pt, float *ot, float *out, float *lse)
 {
     const int64_t D = (int64_t)NV * 16;
-    int64_t kb = INT64_MAX, ke = INT64_MIN;
-    for (int64_t r = 0; r < nr; r++)
-        if (hi[r] > lo[r]) {
-            kb = lo[r] < kb ? lo[r] : kb;
-            ke = hi[r] > ke ? hi[r] : ke;
-        }
-    if (kb >= ke) {  /* no row of the block has an edge */
-        for (int64_t r = 0; r < nr; r++) {
-            for (int64_t d = 0; d < D; d++)
-                out[r * D + d] = 0.0f;
-            lse[r] = -INFINITY;
-        }
-        return;
-    }
-    const int64_t L = ke - kb;
+    int64_t kb;
     int32_t lo32[16], hi32[16];
-    for (int r = 0; r < 16; r++) {  /* rows past nr (and empty rows): no key */
-        int ok = r < nr && hi[r] > lo[r];
-        lo32[r] = ok ? (int32_t)(lo[r] - kb) : 0;
-        hi32[r] = ok ? (int32_t)(hi[r] - kb) : 0;
-    }
+    const int64_t L = band_setup(qb, nr, lo, hi, D, scale, qt, &kb, lo32, hi32, out, lse);
+    if (L == 0)
+        return;
     const __m512i vlo = _mm512_loadu_si512(lo32), vhi = _mm512_loadu_si512(hi32);
-    for (int64_t d = 0; d < D; d++)
-        for (int r = 0; r < 16; r++)
-            qt[d * 16 + r] = r < nr ? qb[r * D + d] * scale : 0.0f;
     const float *Kb = K + (size_t)kb * D, *Vb = V + (size_t)kb * D;
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     for (int64_t j0 = 0; j0 < L; j0 += 16) {
@@ -500,18 +534,7 @@ V512 void band512(BAND_ARGS, int64_t limit, const int NV)
 {
     const int64_t D16 = (int64_t)NV * 16;
     (void)D;
-    float *qt = sc, *ot = sc + 16 * D16;  /* 16 x D each; then the block's scores */
-    for (int64_t b = 0; b < bh; b++) {
-        const float *K = k + (size_t)b * ldk, *V = v + (size_t)b * ldk;
-        for (int64_t r0 = 0, nr; r0 < n; r0 += nr) {
-            nr = band_rows16(lo, hi, r0, n, limit);
-            for (int64_t gi = 0; gi < g; gi++) {  /* the G heads of a block share its K and V */
-                size_t row = ((size_t)b * g + gi) * n + r0;
-                band_block512(q + row * D16, nr, K, V, lo + r0, hi + r0, NV, scale, qt,
-                              ot + 16 * D16, ot, o + row * D16, lse + row);
-            }
-        }
-    }
+    BAND_BLOCKS(D16, band_block512, NV)
 }
 
 #define BCASE(NV_)                                                                              \
@@ -748,34 +771,15 @@ V256 void band_block256(const float *qb, int64_t nr, const float *K, const float
                         const int64_t *lo, const int64_t *hi, const int64_t D, float scale,
                         float *qt, float *pt, float *ot, float *out, float *lse)
 {
-    int64_t kb = INT64_MAX, ke = INT64_MIN;
-    for (int64_t r = 0; r < nr; r++)
-        if (hi[r] > lo[r]) {
-            kb = lo[r] < kb ? lo[r] : kb;
-            ke = hi[r] > ke ? hi[r] : ke;
-        }
-    if (kb >= ke) {  /* no row of the block has an edge */
-        for (int64_t r = 0; r < nr; r++) {
-            for (int64_t d = 0; d < D; d++)
-                out[r * D + d] = 0.0f;
-            lse[r] = -INFINITY;
-        }
-        return;
-    }
-    const int64_t L = ke - kb;
+    int64_t kb;
     int32_t lo32[16], hi32[16];
-    for (int r = 0; r < 16; r++) {  /* rows past nr (and empty rows): no key */
-        int ok = r < nr && hi[r] > lo[r];
-        lo32[r] = ok ? (int32_t)(lo[r] - kb) : 0;
-        hi32[r] = ok ? (int32_t)(hi[r] - kb) : 0;
-    }
+    const int64_t L = band_setup(qb, nr, lo, hi, D, scale, qt, &kb, lo32, hi32, out, lse);
+    if (L == 0)
+        return;
     const __m256i vlo[2] = {_mm256_loadu_si256((const __m256i *)lo32),
                             _mm256_loadu_si256((const __m256i *)(lo32 + 8))};
     const __m256i vhi[2] = {_mm256_loadu_si256((const __m256i *)hi32),
                             _mm256_loadu_si256((const __m256i *)(hi32 + 8))};
-    for (int64_t d = 0; d < D; d++)
-        for (int r = 0; r < 16; r++)
-            qt[d * 16 + r] = r < nr ? qb[r * D + d] * scale : 0.0f;
     const float *Kb = K + (size_t)kb * D, *Vb = V + (size_t)kb * D;
     __m256 vmax[2] = {_mm256_set1_ps(-INFINITY), _mm256_set1_ps(-INFINITY)};
     for (int64_t j0 = 0; j0 < L; j0 += KG) {
@@ -847,18 +851,7 @@ V256 void band_block256(const float *qb, int64_t nr, const float *K, const float
 __attribute__((target("avx2,fma")))
 static void band_avx2(BAND_ARGS, int64_t limit)
 {
-    float *qt = sc, *ot = sc + 16 * D;  /* 16 x D each; then the block's scores */
-    for (int64_t b = 0; b < bh; b++) {
-        const float *K = k + (size_t)b * ldk, *V = v + (size_t)b * ldk;
-        for (int64_t r0 = 0, nr; r0 < n; r0 += nr) {
-            nr = band_rows16(lo, hi, r0, n, limit);
-            for (int64_t gi = 0; gi < g; gi++) {  /* the G heads of a block share its K and V */
-                size_t row = ((size_t)b * g + gi) * n + r0;
-                band_block256(q + row * D, nr, K, V, lo + r0, hi + r0, D, scale, qt, ot + 16 * D,
-                              ot, o + row * D, lse + row);
-            }
-        }
-    }
+    BAND_BLOCKS(D, band_block256, D)
 }
 #endif
 
@@ -868,7 +861,7 @@ static void band_avx2(BAND_ARGS, int64_t limit)
  * (a stale in-place build). Bump it with any change of hpcattn_gather's arguments. */
 EXPORT int hpcattn_gather_abi(void)
 {
-    return 4;
+    return 5;
 }
 
 /* The best variant this CPU runs (3 avx512, 2 avx2, 1 generic). */
@@ -900,6 +893,14 @@ EXPORT int hpcattn_variant_for(int variant, int64_t D)
 static int lanes8(int64_t D)
 {
     return D % 8 == 0 && D > 0 && D <= 256;
+}
+
+/* Whether hpcattn_band runs its blocked loops for the variant asked (0: the best) at head dim
+ * D: AVX-512, or AVX2 with D a multiple of 8 up to 256 (hpcattn/cpu/cgather.py asks it too). */
+EXPORT int hpcattn_band_blocked(int variant, int64_t D)
+{
+    variant = hpcattn_variant_for(variant, D);
+    return variant == AVX512 || (variant == AVX2 && lanes8(D));
 }
 
 /* The longest of the n index ranges [lo[r], hi[r]) (0 when none has an index). */
@@ -959,7 +960,7 @@ EXPORT int hpcattn_band(const float *q, const float *k, const float *v, const in
     variant = hpcattn_variant_for(variant, D);
     const int64_t w = widest(lo, hi, n);  /* the widest row; a block of rows spans at most 64 keys more */
     int64_t limit = w + 64, span = (limit + 16 + 15) / 16 * 16;  /* + a last group's padding */
-    int blocked = variant == AVX512 || (variant == AVX2 && lanes8(D));
+    int blocked = hpcattn_band_blocked(variant, D);
     size_t floats = blocked ? (size_t)(32 * D + 16 * span) : (size_t)w;
     void *mem;
     float *sc = scratch(floats, &mem);
@@ -968,7 +969,7 @@ EXPORT int hpcattn_band(const float *q, const float *k, const float *v, const in
 #ifdef HPCATTN_X86
     if (variant == AVX512)
         band_avx512(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse, limit);
-    else if (variant == AVX2 && lanes8(D))
+    else if (blocked)
         band_avx2(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse, limit);
     else if (variant == AVX2)
         band_avx2_rows(q, k, v, lo, hi, bh, g, n, D, ldk, scale, sc, o, lse);

@@ -1,6 +1,6 @@
 """The compiled gather and band kernels (kernels/gather.c), loaded with ctypes.
 
-setup.py builds the C file into the package as hpcattn/_gather*.so (a plain shared library
+setup.py builds the C file into the package as hpcattn/cpu/_gather*.so (a plain shared library
 shaped like an extension module, so every install builds it; it is never imported as a
 module). ctypes releases the GIL during the call, so local.attend's row-chunk threads run it on
 every core. Runs from a source tree where it was not built fall back to NumPy's gathers.
@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import HpcattnError
 
-ABI = 4  # hpcattn_gather_abi() of the kernels/gather.c this module calls
+ABI = 5  # hpcattn_gather_abi() of the kernels/gather.c this module calls
 VARIANTS = {"generic": 1, "avx2": 2, "avx512": 3}
 NAMES = {v: k for k, v in VARIANTS.items()}
 
@@ -53,6 +53,8 @@ def _load(path=None):
     lib.hpcattn_gather_best.restype = ctypes.c_int
     lib.hpcattn_variant_for.argtypes = [ctypes.c_int, i64]
     lib.hpcattn_variant_for.restype = ctypes.c_int
+    lib.hpcattn_band_blocked.argtypes = [ctypes.c_int, i64]
+    lib.hpcattn_band_blocked.restype = ctypes.c_int
     return lib
 
 
@@ -84,8 +86,8 @@ def band_available(dtype, D):
 
 
 def band_blocked(D):
-    """Whether this CPU runs the band kernel's blocked loops at head dim D."""
-    return best() in ("avx512", "avx2") and D % 8 == 0 and 0 < D <= 256
+    """Whether this CPU runs the band kernel's blocked loops at head dim D (the library's rule)."""
+    return bool(LIB.hpcattn_band_blocked(0, D))
 
 
 def best():
