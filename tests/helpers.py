@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 from mpi4py import MPI
 
@@ -29,6 +30,12 @@ def mpiexec(n, *args, timeout=LAUNCH_TIMEOUT, env=None):
     cmd = [str(BIN / "mpiexec"), "-n", str(n), sys.executable, "-m", "hpcattn", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def read_result(path):
+    """(o, lse, root attributes, stats by name) of a result file, re-read from disk."""
+    with h5py.File(path, "r") as f:
+        return f["o"][...], f["lse"][...], dict(f.attrs), {k: f["stats"][k][...] for k in f["stats"]}
 
 
 def hpcattn(*args, timeout=LAUNCH_TIMEOUT):

@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import hpcattn, mpiexec
+from helpers import hpcattn, mpiexec, read_result as read
 from hpcattn.commands.cli import main
 from hpcattn.masks import parse
 from hpcattn.partition import even_offsets
@@ -17,11 +17,6 @@ def gqa_f16(tmp_path_factory):
     assert main(["gen", str(path), "--seq", "1001", "--heads", "4", "--kv-heads", "2",
                  "--head-dim", "48", "--dtype", "float16", "--seed", "7"]) == 0
     return path
-
-
-def read(path):
-    with h5py.File(path, "r") as f:
-        return f["o"][...], f["lse"][...], dict(f.attrs), {k: f["stats"][k][...] for k in f["stats"]}
 
 
 def test_gen_is_reproducible_and_records_its_arguments(tmp_path):

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import hpcattn, mpiexec
+from helpers import hpcattn, mpiexec, read_result as read
 from hpcattn.commands.cli import main
 from hpcattn.io.h5io import chunks_for
 from hpcattn.io.outofcore import CRASH_VAR
@@ -24,11 +24,6 @@ def inp(tmp_path_factory):
     assert main(["gen", str(path), "--seq", "3001", "--batch", "2", "--heads", "2", "--kv-heads", "1",
                  "--head-dim", "16", "--dtype", "float16", "--seed", "11"]) == 0
     return path
-
-
-def read(path):
-    with h5py.File(path, "r") as f:
-        return f["o"][...], f["lse"][...], dict(f.attrs), {k: f["stats"][k][...] for k in f["stats"]}
 
 
 def leftovers(directory):
