@@ -1,9 +1,12 @@
 """The public entry point: attention over a sequence sharded across the ranks of a communicator."""
 import math
+import time
+from contextlib import contextmanager
 
 import numpy as np
 
 from .arrays import aligned_copy, array_module
+from .cpu import grad, local
 from .dist.comm import counted
 from .dist.variants import Shard, choose
 from .errors import HpcattnError, agree_on
@@ -33,18 +36,23 @@ def check_shapes(q_shape, k_shape, v_shape, dtypes):
     return None
 
 
-def to_heads(x, hkv):
-    """(B, n, H, D) -> contiguous (B, Hkv, H//Hkv, n, D): x itself where that is already the
-    layout (one head, batch 1), else a cache-line aligned copy (backend.aligned_empty)."""
+def heads(x, hkv):
+    """(B, n, H, D) -> (B, Hkv, H//Hkv, n, D): a view of x in the kernels' head-major order."""
     B, n, H, D = x.shape
-    y = x.reshape(B, n, hkv, H // hkv, D).transpose(0, 2, 3, 1, 4)
+    return x.reshape(B, n, hkv, H // hkv, D).transpose(0, 2, 3, 1, 4)
+
+
+def to_heads(x, hkv):
+    """heads(x, hkv), contiguous: x itself where that is already the layout (one head, batch
+    1), else a cache-line aligned copy (arrays.aligned_empty), for the variants' exchanges."""
+    y = heads(x, hkv)
     return y if y.flags.c_contiguous else aligned_copy(y)
 
 
 def from_heads(x, dtype):
     """(B, Hkv, G, n, D) -> (B, n, Hkv*G, D) in dtype."""
     B, Hkv, G, n, D = x.shape
-    return x.transpose(0, 3, 1, 2, 4).reshape(B, n, Hkv * G, D).astype(dtype)
+    return x.transpose(0, 3, 1, 2, 4).reshape(B, n, Hkv * G, D).astype(dtype, copy=False)
 
 
 def _local_problem(q, k, v, mask, layout):
@@ -94,7 +102,8 @@ def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node, prob
     if not problem and q_positions is not None:
         problem, qmax = _positions_problem(q_positions, q.shape[1])
     nq_nk = () if problem else (q.shape[1], k.shape[1])
-    pieces = comm.allgather_object(problem or (nq_nk if q_positions is None else nq_nk + (qmax,)))
+    mine = problem or (nq_nk if q_positions is None else nq_nk + (qmax,))
+    pieces = comm.allgather_object(mine) if comm.size > 1 else [mine]
     agree_on(pieces)
     B, nq, H, D = q.shape
     Hkv = k.shape[2]
@@ -131,7 +140,8 @@ def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node, prob
     if "csr" in mask.needs:
         raise HpcattnError("the mask has a csr term: pass a Mask bound to this rank's rows "
                            "(masks.parse(spec, csr=masks.check_csr(...)))", collective=True)
-    return Shard(to_heads(q, Hkv), qpos, to_heads(k, Hkv)[:, :, 0], to_heads(v, Hkv)[:, :, 0],
+    layout_of = heads if P == 1 else to_heads  # one rank: the kernel reads the caller's arrays
+    return Shard(layout_of(q, Hkv), qpos, layout_of(k, Hkv)[:, :, 0], layout_of(v, Hkv)[:, :, 0],
                  kv_off, mask, float(scale if scale is not None else 1 / math.sqrt(D)),
                  kv_runs=kv_runs, q_runs=q_runs, ranks_per_node=ranks_per_node, q_offsets=q_off)
 
@@ -150,16 +160,25 @@ def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None,
     1/sqrt(D). ranks_per_node: simulate nodes of that many ranks (burst's two-level ring).
     Returns (o, lse) on every rank: o (B, nq, H, D) in q's dtype, lse (B, H, nq) float32.
     If `stats` is a dict, compute_s, edges and the variant used are added to it.
+    One rank (P = 1) calls the local kernel directly: no exchange, no merge, no collective.
     """
-    with counted(comm) as comm:
+    with _calling(comm) as comm:
         shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node)
-        xp = array_module(q)
-        B, nq, H, D = q.shape
         module, name = choose(variant, shard)
-        o, lse = module.forward(comm, shard)
+        B, nq, H, _ = q.shape
+        xp = array_module(q)
+        if comm.size == 1:  # the kernel alone, writing the caller's o in its layout and dtype
+            o = xp.empty(q.shape, q.dtype)
+            t = time.perf_counter()
+            _, lse, edges = local.attend(shard.q, shard.qpos, shard.k, shard.v, 0, shard.mask,
+                                         shard.scale, out=heads(o, k.shape[2]))
+            _record(stats, shard, t, edges)
+        else:
+            o, lse = module.forward(comm, shard)
+            o = from_heads(o, q.dtype)
         if stats is not None:
             stats.update(shard.stats, variant=name)
-        return from_heads(o, q.dtype), xp.ascontiguousarray(lse.reshape(B, H, nq))
+        return o, xp.ascontiguousarray(lse.reshape(B, H, nq))
 
 
 def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="auto",
@@ -171,7 +190,7 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
     output gradient do (like q). Returns dq like q and dk, dv like k, v, in the input dtype
     (accumulated in float32): this rank's rows of the gradients of sum(o * do).
     """
-    with counted(comm) as comm:
+    with _calling(comm) as comm:
         shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node,
                        problem=_grad_problem(q, o, lse, do))
         B, nq, H, D = q.shape
@@ -179,9 +198,37 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
         module, name = choose(variant, shard, backward=True)
         if not hasattr(module, "backward"):
             raise HpcattnError(f"variant {name!r} has no backward pass")
-        dq, dk, dv = module.backward(comm, shard, to_heads(o, Hkv), lse.reshape(B, Hkv, H // Hkv, nq)
-                                     .astype("float32"), to_heads(do, Hkv))
+        lse = lse.reshape(B, Hkv, H // Hkv, nq).astype("float32", copy=False)
+        if comm.size == 1:  # the backward kernel alone
+            o, do = heads(o, Hkv), heads(do, Hkv)
+            t = time.perf_counter()
+            dq, dk, dv, edges = grad.backward(shard.q, shard.qpos, shard.k, shard.v, 0, shard.mask,
+                                              shard.scale, do, lse, grad.row_delta(do, o))
+            _record(stats, shard, t, edges)
+        else:
+            dq, dk, dv = module.backward(comm, shard, to_heads(o, Hkv), lse, to_heads(do, Hkv))
         if stats is not None:
             stats.update(shard.stats, variant=name)
         return (from_heads(dq, q.dtype), from_heads(dk[:, :, None], k.dtype),
                 from_heads(dv[:, :, None], v.dtype))
+
+
+@contextmanager
+def _calling(comm):
+    """The communicator of one call: comm itself on one rank (nothing to exchange or count),
+    else a counted duplicate (dist.comm.counted). None means COMM_WORLD."""
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    if comm.size == 1:
+        yield comm
+        return
+    with counted(comm) as c:
+        yield c
+
+
+def _record(stats, shard, t0, edges):
+    """The direct path's compute time and edges; a device edge count is read only here, and
+    only when the caller asked for stats."""
+    if stats is not None:
+        shard.stats.update(compute_s=time.perf_counter() - t0, edges=int(edges))

@@ -1,4 +1,6 @@
 """How a sequence is cut over ranks: pure functions, no MPI."""
+import functools
+
 import numpy as np
 
 
@@ -40,10 +42,19 @@ def segments(n, parts, rank, layout="contiguous"):
 
 
 def positions(segs):
-    """The item indices covered by a list of (start, stop) ranges, in order (int64)."""
-    if not segs:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in segs])
+    """The item indices covered by a list of (start, stop) ranges, in order (int64, read-only).
+
+    Cached by the ranges themselves: a caller that passes the same layout again (every call
+    of the public API on the same shapes) gets the same array, built once, and device copies
+    keyed on it are reused."""
+    return _positions(tuple((int(a), int(b)) for a, b in segs))
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(segs):
+    pos = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in segs] or [np.zeros(0, np.int64)])
+    pos.flags.writeable = False
+    return pos
 
 
 def causal_edges(segs):

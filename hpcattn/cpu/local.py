@@ -67,7 +67,10 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
     xp = array_module(q)
     if xp is not np:  # device arrays: the CUDA kernels in kernels/ (gpu/cuda.py)
         from ..gpu import cuda
-        return cuda.attend(q, qpos, k, v, k0, mask, scale)
+        o, lse, edges = cuda.attend(q, qpos, k, v, k0, mask, scale)
+        if out is not None:
+            out[...] = o
+        return (o if out is None else out), lse, edges
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     o = xp.zeros((B, Hkv, G, nq, D), dtype=xp.float32) if out is None else out
@@ -207,7 +210,7 @@ def _band(xp, q, pos, k, v, k0, band, exclude, scale):
         if q.dtype == np.float32 or b - a <= 4 * (n + 2 * W + 16):
             k, v, lo, hi = k[:, :, a:b], v[:, :, a:b], lo - a, hi - a  # any copy O(chunk)
             if q.dtype != np.float32:  # float16: only these keys widened
-                k, v = k.astype(np.float32), v.astype(np.float32)
+                k, v = np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32)
             o, lse, _ = cgather.band_rows(q, k, v, lo, hi, scale)
             return o, lse, int(np.maximum(hi - lo, 0).sum())
     T = int(min(BAND_TILE, max(16, W // 4)))  # tile rows: span T + 2W keeps >= 2/3 of work useful

@@ -73,3 +73,42 @@ def test_mixed_or_unsupported_dtypes_are_refused():
         hpcattn.attention(q, q, q, comm=MPI.COMM_SELF)
     with pytest.raises(hpcattn.HpcattnError, match="dtype"):
         hpcattn.attention(q.astype("float32"), q.astype("float16"), q.astype("float16"), comm=MPI.COMM_SELF)
+
+
+class CountingComm(hpcattn.Comm):
+    """A one-rank hpcattn Comm that records every MPI method the call reaches."""
+
+    def __init__(self):
+        super().__init__(MPI.COMM_SELF)
+        self.touched = []
+        for name in ("allgather_object", "exchange", "allreduce", "split", "bcast", "barrier"):
+            method = getattr(self, name)
+            setattr(self, name, lambda *a, _n=name, _m=method, **kw: (self.touched.append(_n), _m(*a, **kw))[1])
+
+
+@pytest.mark.parametrize("spec", ["window:40", "causal", "full", "dilated:2:5+global:3"])
+def test_one_rank_takes_the_direct_path_without_traffic(rng, spec):
+    """P = 1: the kernel alone, o written in the caller's layout and dtype, and no byte, no
+    collective and no variant exchange on the communicator, forward or backward."""
+    B, N, H, Hkv, D = 2, 301, 4, 2, 32
+    q, k, v, do = (rng.standard_normal(s).astype("float16") for s in ((B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, D),
+                                                                     (B, N, H, D)))
+    comm = CountingComm()
+    stats = {}
+    o, lse = hpcattn.attention(q, k, v, mask=spec, comm=comm, stats=stats)
+    check(o, lse, q, k, v, np.arange(N), spec, 1 / np.sqrt(D))
+    assert o.flags.c_contiguous and lse.flags.c_contiguous
+    grads = hpcattn.attention_backward(q, k, v, o, lse, do, mask=spec, comm=comm)
+    assert [g.dtype for g in grads] == [np.float16] * 3 and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert (comm.bytes_sent, comm.bytes_received, comm.comm_s, comm.touched) == (0, 0, 0.0, [])
+    assert stats["variant"] == "ring" and stats["compute_s"] > 0
+    comm.free()
+
+
+def test_positions_of_a_layout_are_built_once():
+    """The positions of a layout's ranges are cached by the ranges: a second call with the same
+    layout gets the same read-only array (no per-call O(N) work, device copies reused)."""
+    from hpcattn.partition import positions
+    a, b = positions([(0, 5), (9, 12)]), positions([(0, 5), (9, 12)])
+    assert a is b and not a.flags.writeable and a.tolist() == [0, 1, 2, 3, 4, 9, 10, 11]
+    assert positions([]).size == 0

@@ -1,0 +1,118 @@
+"""The public entry points beside the kernels alone and FlexAttention, in one process.
+
+For each N and D, in alternating rounds on the same inputs: the forward kernel alone
+(`local.attend` on head-major arrays: what `hpcattn bench` times), `hpcattn.attention` on the
+caller's (1, N, H, D) arrays with MPI.COMM_SELF (what a user calls), and FlexAttention
+(torch.compile'd, same device, dtype and mask); then the backward kernel alone
+(`grad.backward`) beside `hpcattn.attention_backward`. Medians per side, in ms, and the
+ratios api / kernel. Every side's output is checked against the kernel's.
+
+    python jobs/api_bench.py --device cpu --seqs 4096,65536,262144 --dims 64,128 --heads 2
+    python3 jobs/api_bench.py --device gpu --seqs 4096,65536,262144,1048576 --heads 8
+"""
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import hpcattn
+from hpcattn.cpu import grad, local
+from hpcattn.masks import parse
+
+
+def timer(xp):
+    """A clock that waits for the device first (GPU) so each side is charged its own work."""
+    def now():
+        if xp is not np:
+            xp.cuda.Device().synchronize()
+        return time.perf_counter()
+    return now
+
+
+def flex_call(xp, q, k, v, spec, n, scale):
+    """FlexAttention over the same mask (None where PyTorch is missing or has no mask_mod)."""
+    try:
+        import torch
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    from hpcattn.commands.bench import _mask_mod
+    mod = _mask_mod(parse(spec, n_keys=n), n, torch)
+    dev = "cuda" if xp is not np else "cpu"
+    tq, tk, tv = (torch.as_tensor(x).to(dev).transpose(1, 2).contiguous() for x in (q, k, v))
+    bm = create_block_mask(mod, None, None, n, n, device=dev, _compile=True)
+    fn = torch.compile(flex_attention, dynamic=False)
+
+    def call():
+        with torch.no_grad():
+            return fn(tq, tk, tv, block_mask=bm, scale=scale)
+    return call
+
+
+def case(xp, n, H, D, spec, rounds, backward):
+    rng = np.random.default_rng(0)
+    q, k, v, do = (xp.asarray(rng.standard_normal((1, n, H, D), dtype=np.float32).astype(np.float16))
+                   for _ in range(4))
+    heads = [xp.ascontiguousarray(x.transpose(0, 2, 1, 3))[:, :, None] for x in (q, k, v, do)]
+    qh, kh, vh, doh = heads[0], heads[1][:, :, 0], heads[2][:, :, 0], heads[3]
+    mask, scale, pos = parse(spec, n_keys=n), 1 / math.sqrt(D), np.arange(n)
+    oh = xp.empty_like(qh)
+    sides = {"kernel": lambda: local.attend(qh, pos, kh, vh, 0, mask, scale, out=oh),
+             "attention": lambda: hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF)}
+    flex = flex_call(xp, q, k, v, spec, n, scale)
+    if flex is not None:
+        sides["flex"] = flex
+    o, lse = hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF)
+    if backward:
+        lse_h = lse.reshape(1, H, 1, n)
+        oh2 = xp.ascontiguousarray(o.transpose(0, 2, 1, 3))[:, :, None]
+        delta = grad.row_delta(doh, oh2)
+        sides["bwd kernel"] = lambda: grad.backward(qh, pos, kh, vh, 0, mask, scale, doh, lse_h, delta)
+        sides["attention_backward"] = lambda: hpcattn.attention_backward(q, k, v, o, lse, do, mask=spec,
+                                                                         comm=MPI.COMM_SELF)
+    outs = {name: fn() for name, fn in sides.items()}  # first calls: compilation, caches
+    ref = xp.asarray(outs["kernel"][0])[:, :, 0].transpose(0, 2, 1, 3).astype(np.float32)
+    err = {"attention": float(abs(outs["attention"][0].astype(np.float32) - ref).max())}
+    if "flex" in outs:
+        err["flex"] = float(abs(xp.asarray(outs["flex"].float().transpose(1, 2).contiguous()) - ref).max())
+    now, times = timer(xp), {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, fn in sides.items():
+            t = now()
+            fn()
+            times[name].append(now() - t)
+    med = {name: float(np.median(ts)) * 1e3 for name, ts in times.items()}
+    row = {"N": n, "H": H, "D": D, "mask": spec, "ms": med, "max_abs_diff_vs_kernel": err,
+           "api/kernel": med["attention"] / med["kernel"]}
+    if "flex" in med:
+        row["flex/api"] = med["flex"] / med["attention"]
+        row["flex/kernel"] = med["flex"] / med["kernel"]
+    if backward:
+        row["api_bwd/kernel_bwd"] = med["attention_backward"] / med["bwd kernel"]
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--seqs", default="4096,65536,262144")
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--mask", default="window:256")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--backward", action="store_true")
+    a = ap.parse_args()
+    if a.device == "gpu":
+        import cupy as xp
+    else:
+        xp = np
+    for n in map(int, a.seqs.split(",")):
+        for D in map(int, a.dims.split(",")):
+            print(json.dumps(case(xp, n, a.heads, D, a.mask, a.rounds, a.backward)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
