@@ -1,10 +1,12 @@
 """The public entry point: attention over a sequence sharded across the ranks of a communicator."""
+import functools
 import math
 import time
 from contextlib import contextmanager
 
 import numpy as np
 
+from . import faults
 from .arrays import aligned_copy, array_module
 from .cpu import grad, local
 from .dist.comm import counted
@@ -12,6 +14,7 @@ from .dist.variants import Shard, choose
 from .errors import HpcattnError, agree_on
 from .masks import Mask, parse
 from .partition import positions, segments
+from .profile import phase
 
 DTYPES = ("float32", "float16")
 LAYOUTS = ("contiguous", "zigzag")
@@ -30,8 +33,8 @@ def check_shapes(q_shape, k_shape, v_shape, dtypes):
         return f"head dim must be at least 1; got q {tuple(q_shape)}, k {tuple(k_shape)}"
     if Hkv < 1 or H % Hkv:
         return f"query heads ({H}) must be a positive multiple of kv heads ({Hkv})"
-    names = {np.dtype(d).name for d in dtypes}  # any byte order
-    if len(names) != 1 or not names <= set(DTYPES):
+    kinds = {(np.dtype(d).kind, np.dtype(d).itemsize) for d in dtypes}  # any byte order
+    if len(kinds) != 1 or not kinds <= {("f", 4), ("f", 2)}:
         return f"q, k, v must share one dtype of {', '.join(DTYPES)}; got {', '.join(map(str, dtypes))}"
     return None
 
@@ -55,10 +58,23 @@ def from_heads(x, dtype):
     return x.transpose(0, 3, 1, 2, 4).reshape(B, n, Hkv * G, D).astype(dtype, copy=False)
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(spec):
+    """parse(spec), once per spec: repeated calls pass the same Mask on, so what the kernels
+    derive from it (plans, device words) is made once."""
+    return parse(spec)
+
+
+@functools.lru_cache(maxsize=256)
+def _bound(mask, n):
+    """mask bound to n keys, once per (Mask, n)."""
+    return mask.bind(n_keys=n)
+
+
 def _local_problem(q, k, v, mask, layout):
     """(mask, problem): this rank's own argument errors, found without communicating."""
     try:
-        mask = mask if isinstance(mask, Mask) else parse(mask)
+        mask = mask if isinstance(mask, Mask) else _parsed(mask)
     except HpcattnError as e:
         return None, str(e)
     problem = check_shapes(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype))
@@ -136,7 +152,7 @@ def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node, prob
     else:
         qpos = np.asarray(q_positions, dtype=np.int64)
     if "n_keys" in mask.needs:
-        mask = mask.bind(n_keys=n)
+        mask = _bound(mask, n)
     if "csr" in mask.needs:
         raise HpcattnError("the mask has a csr term: pass a Mask bound to this rank's rows "
                            "(masks.parse(spec, csr=masks.check_csr(...)))", collective=True)
@@ -169,9 +185,11 @@ def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None,
         xp = array_module(q)
         if comm.size == 1:  # the kernel alone, writing the caller's o in its layout and dtype
             o = xp.empty(q.shape, q.dtype)
+            faults.point("compute", 0)
             t = time.perf_counter()
-            _, lse, edges = local.attend(shard.q, shard.qpos, shard.k, shard.v, 0, shard.mask,
-                                         shard.scale, out=heads(o, k.shape[2]))
+            with phase("local"):
+                _, lse, edges = local.attend(shard.q, shard.qpos, shard.k, shard.v, 0, shard.mask,
+                                             shard.scale, out=heads(o, k.shape[2]))
             _record(stats, shard, t, edges)
         else:
             o, lse = module.forward(comm, shard)
@@ -201,9 +219,12 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
         lse = lse.reshape(B, Hkv, H // Hkv, nq).astype("float32", copy=False)
         if comm.size == 1:  # the backward kernel alone
             o, do = heads(o, Hkv), heads(do, Hkv)
+            faults.point("compute", 0)
             t = time.perf_counter()
-            dq, dk, dv, edges = grad.backward(shard.q, shard.qpos, shard.k, shard.v, 0, shard.mask,
-                                              shard.scale, do, lse, grad.row_delta(do, o))
+            with phase("local"):
+                dq, dk, dv, edges = grad.backward(shard.q, shard.qpos, shard.k, shard.v, 0,
+                                                  shard.mask, shard.scale, do, lse,
+                                                  grad.row_delta(do, o))
             _record(stats, shard, t, edges)
         else:
             dq, dk, dv = module.backward(comm, shard, to_heads(o, Hkv), lse, to_heads(do, Hkv))

@@ -50,7 +50,7 @@ def positions(segs):
     return _positions(tuple((int(a), int(b)) for a, b in segs))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # each entry is 8 bytes per row: keep few
 def _positions(segs):
     pos = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in segs] or [np.zeros(0, np.int64)])
     pos.flags.writeable = False

@@ -23,6 +23,7 @@ and temporaries stay O(chunk + its edges). The chunks (and a decode's key blocks
 the shape alone and every BLAS call runs on one thread, so the bits do not depend on the
 thread count.
 """
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -79,7 +80,7 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
     if nq == 0 or nk == 0:
         o[...] = 0
         return o, lse, edges
-    plan = Plan(mask)
+    plan = _plan(mask)
     if plan.gather is not None and cgather.available(q.dtype):
         # the compiled gather reads random K/V rows: on cache-line boundaries each row is the
         # fewest lines (20% faster measured); a misaligned block is copied once per call here
@@ -103,9 +104,10 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
 
     workers = threads()
     with _blas().limit(limits=1, user_api="blas"):
-        run = map if workers == 1 else _pool(workers).map
         if nq > step or nk <= KEY_BLOCK:
+            run = map if workers == 1 or nq <= step else _pool(workers).map
             return o, lse, sum(run(chunk, range(0, nq, step)))
+        run = map if workers == 1 else _pool(workers).map
         o[...], lse[...], edges = _fold(np, run(block, range(0, nk, KEY_BLOCK)), (B, Hkv, G, nq), D)
         return o, lse, edges
 
@@ -137,6 +139,12 @@ def _pool(workers):
     if _SHARED.get("pool", (0,))[0] != workers:
         _SHARED["pool"] = (workers, ThreadPoolExecutor(workers, thread_name_prefix="hpcattn"))
     return _SHARED["pool"][1]
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(mask):
+    """The Plan of a mask, made once per Mask object (a repeated call passes the same one)."""
+    return Plan(mask)
 
 
 class Plan:
