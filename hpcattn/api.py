@@ -16,7 +16,7 @@ from .masks import Mask, parse
 from .partition import positions, segments
 from .profile import phase
 
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")  # bfloat16: ml_dtypes on the host
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -33,8 +33,8 @@ def check_shapes(q_shape, k_shape, v_shape, dtypes):
         return f"head dim must be at least 1; got q {tuple(q_shape)}, k {tuple(k_shape)}"
     if Hkv < 1 or H % Hkv:
         return f"query heads ({H}) must be a positive multiple of kv heads ({Hkv})"
-    kinds = {(np.dtype(d).kind, np.dtype(d).itemsize) for d in dtypes}  # any byte order
-    if len(kinds) != 1 or not kinds <= {("f", 4), ("f", 2)}:
+    names = {np.dtype(d).name for d in dtypes}  # any byte order
+    if len(names) != 1 or not names <= set(DTYPES):
         return f"q, k, v must share one dtype of {', '.join(DTYPES)}; got {', '.join(map(str, dtypes))}"
     return None
 

@@ -153,3 +153,30 @@ def shard_data(N, B, H, Hkv, D, dtype, spec, seed):
     layout = "zigzag" if parse(spec).causal else "contiguous"
     segs = [segments(N, P, i, layout) for i in range(P)]
     return q, k, v, do, layout, segs
+
+
+def sdpa(q, k, v, spec, qpos, n):
+    """PyTorch SDPA over the whole sequence with the mask as a boolean matrix: torch tensors
+    q (B, n, H, D) at positions qpos, k, v (B, N, Hkv, D)."""
+    import torch
+    from hpcattn.masks import parse
+    mask = parse(spec)
+    mask = mask.bind(n_keys=n) if "n_keys" in mask.needs else mask
+    allowed = torch.from_numpy(mask.allowed(np.asarray(qpos)[:, None], np.arange(n)[None, :]))
+    G = q.shape[2] // k.shape[2]
+    heads = lambda x, g: x.transpose(1, 2).repeat_interleave(g, 1)  # noqa: E731
+    o = torch.nn.functional.scaled_dot_product_attention(heads(q, 1), heads(k, G), heads(v, G),
+                                                         attn_mask=allowed)
+    return o.transpose(1, 2)
+
+
+def rel(a, b):
+    """max |a - b| / max |b| of torch tensors, b the float64 reference."""
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+def leaves(shapes, dtype, seed):
+    """Random torch leaf tensors that require grad, the same for a seed on every rank."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]

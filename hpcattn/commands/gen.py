@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from ..api import DTYPES
 from ..errors import HpcattnError
+from ..io.h5io import FILE_DTYPES
 from ..masks import Csr, parse
 
 CHUNK_ELEMS = 1 << 24
@@ -19,8 +19,8 @@ def generate(path, seq, queries=None, batch=1, heads=1, kv_heads=None, head_dim=
     positions: decoding), and do with backward. Same arguments give the same file."""
     kv_heads = heads if kv_heads is None else kv_heads
     queries = seq if queries is None else queries
-    if dtype not in DTYPES:
-        raise HpcattnError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in FILE_DTYPES:
+        raise HpcattnError(f"--dtype must be one of {', '.join(FILE_DTYPES)}, got {dtype!r}")
     for name, val, lo in (("--seq", seq, 1), ("--queries", queries, 1), ("--batch", batch, 1),
                           ("--heads", heads, 1), ("--kv-heads", kv_heads, 1), ("--head-dim", head_dim, 1)):
         if val < lo:

@@ -75,12 +75,15 @@ def available(dtype):
     return LIB is not None and dtype == np.float32 and _choice() != "numpy"
 
 
+HALF_OR_SINGLE = ("float32", "float16", "bfloat16")
+
+
 def band_available(dtype, D):
-    """Whether local._band takes the compiled band kernel: float32 or float16 inputs (float16
+    """Whether local._band takes the compiled band kernel: float32, float16 or bfloat16 inputs (half
     widened a row chunk at a time) and, unless HPCATTN_GATHER forces a variant (tests), only
     where its blocked loops run (AVX-512 or AVX2, D a multiple of 8 up to 256): the portable
     loops are slower than the BLAS tiles."""
-    if LIB is None or dtype not in (np.float32, np.float16) or _choice() == "numpy":
+    if LIB is None or np.dtype(dtype).name not in HALF_OR_SINGLE or _choice() == "numpy":
         return False
     return _choice() != "auto" or band_blocked(D)
 

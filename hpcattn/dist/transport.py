@@ -9,6 +9,8 @@ arrays go by the chosen transport:
 import ctypes
 import socket
 
+import numpy as np
+
 from ..arrays import is_device
 from ..errors import HpcattnError
 
@@ -34,9 +36,10 @@ class _Requests:
 
 
 def _wire(buf):
-    """Point-to-point message spec: float16 travels as raw bytes, since MPI libraries without
-    a half-precision datatype (Debian's Open MPI 4) cannot map it; the bytes are the same."""
-    return [buf, _mpi().BYTE] if buf.dtype.char == "e" else buf
+    """Point-to-point message spec: 16-bit floats travel as raw bytes, since MPI libraries
+    have no bfloat16 and some no half-precision datatype (Debian's Open MPI 4); the bytes are
+    the same."""
+    return [buf.view(np.uint8), _mpi().BYTE] if buf.dtype.name in ("float16", "bfloat16") else buf
 
 
 def _plain(mpi, sends, dest, recvs, source, tag):

@@ -19,6 +19,7 @@ from ..api import check_shapes
 from ..errors import HpcattnError, agree
 from ..profile import phase
 
+FILE_DTYPES = ("float32", "float16")  # what input and output files hold
 STATS = ("bytes_sent", "bytes_received", "compute_s", "comm_s", "io_s", "wall_s", "edges",
          "q_rows", "kv_rows")
 

@@ -23,7 +23,8 @@ def check(o, lse, q, k, v, qpos, spec, scale):
                                   "block:50", "global:4+window:2", "causal+global:5"])
 @pytest.mark.parametrize("B,N,H,Hkv,D,dtype", [(1, 300, 1, 1, 64, "float32"),
                                                (2, 257, 4, 2, 48, "float32"),
-                                               (1, 513, 6, 2, 128, "float16")])
+                                               (1, 513, 6, 2, 128, "float16"),
+                                               (1, 301, 4, 1, 64, "bfloat16")])
 def test_attention_one_rank_matches_reference(rng, spec, B, N, H, Hkv, D, dtype):
     q, k, v = (rng.standard_normal(s).astype(dtype) for s in ((B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, D)))
     stats = {}
@@ -86,20 +87,21 @@ class CountingComm(hpcattn.Comm):
             setattr(self, name, lambda *a, _n=name, _m=method, **kw: (self.touched.append(_n), _m(*a, **kw))[1])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("spec", ["window:40", "causal", "full", "dilated:2:5+global:3"])
-def test_one_rank_takes_the_direct_path_without_traffic(rng, spec):
+def test_one_rank_takes_the_direct_path_without_traffic(rng, spec, dtype):
     """P = 1: the kernel alone, o written in the caller's layout and dtype, and no byte, no
     collective and no variant exchange on the communicator, forward or backward."""
     B, N, H, Hkv, D = 2, 301, 4, 2, 32
-    q, k, v, do = (rng.standard_normal(s).astype("float16") for s in ((B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, D),
-                                                                     (B, N, H, D)))
+    q, k, v, do = (rng.standard_normal(s).astype(dtype) for s in ((B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, D),
+                                                                 (B, N, H, D)))
     comm = CountingComm()
     stats = {}
     o, lse = hpcattn.attention(q, k, v, mask=spec, comm=comm, stats=stats)
     check(o, lse, q, k, v, np.arange(N), spec, 1 / np.sqrt(D))
     assert o.flags.c_contiguous and lse.flags.c_contiguous
     grads = hpcattn.attention_backward(q, k, v, o, lse, do, mask=spec, comm=comm)
-    assert [g.dtype for g in grads] == [np.float16] * 3 and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert [g.dtype for g in grads] == [q.dtype] * 3 and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
     assert (comm.bytes_sent, comm.bytes_received, comm.comm_s, comm.touched) == (0, 0, 0.0, [])
     assert stats["variant"] == "ring" and stats["compute_s"] > 0
     comm.free()

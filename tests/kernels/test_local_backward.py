@@ -21,7 +21,7 @@ def heads(q, k, v, do, hkv):
 @pytest.mark.parametrize("spec", ["full", "causal", "window:7", "causal+window:33", "dilated:3:5",
                                   "block:50", "global:4+window:2", "causal+global:5", "block:10+causal"])
 @pytest.mark.parametrize("B,N,H,Hkv,D,dtype", [(1, 300, 1, 1, 64, "float32"), (2, 257, 4, 2, 48, "float32"),
-                                               (1, 313, 6, 2, 32, "float16")])
+                                               (1, 313, 6, 2, 32, "float16"), (1, 200, 2, 1, 64, "bfloat16")])
 def test_kernel_over_key_blocks_matches_float64_gradients(rng, spec, B, N, H, Hkv, D, dtype):
     """Three uneven key blocks, summed, give the exact dq, dk, dv (GQA: dk, dv sum over G)."""
     q, do = (rng.standard_normal((B, N, H, D)).astype(dtype) for _ in range(2))

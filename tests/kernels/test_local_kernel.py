@@ -382,9 +382,10 @@ def test_compiled_band_matches_the_reference(rng, variant, spec, D, kwargs, monk
 
 
 @pytest.mark.skipif(cgather.LIB is None or not cgather.band_blocked(64), reason="the band kernel's blocked loops do not run here")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("spec", ["window:40", "causal+window:300", "window:9+global:2"])
-def test_compiled_band_takes_float16_a_chunk_at_a_time(rng, spec, monkeypatch):
-    """float16 inputs (the longest-context runs) go to the compiled band too: the keys a row
+def test_compiled_band_takes_half_precision_a_chunk_at_a_time(rng, spec, dtype, monkeypatch):
+    """float16 and bfloat16 inputs (the longest-context runs) go to the compiled band too: the keys a row
     chunk reaches are widened to float32 for the call (rows of 0..2W+1 edges, a key block)."""
     calls = []
     real = cgather.band_rows
@@ -393,5 +394,5 @@ def test_compiled_band_takes_float16_a_chunk_at_a_time(rng, spec, monkeypatch):
         calls.append((q.dtype, k.dtype, k.shape[2]))
         return real(q, k, v, *a)
     monkeypatch.setattr(cgather, "band_rows", spy)
-    run_case(rng, spec, 1001, H=2, D=64, dtype="float16", k0=100, k1=900)
-    assert calls and all(kd == np.float32 and qd == np.float16 and nk <= 800 for qd, kd, nk in calls)
+    run_case(rng, spec, 1001, H=2, D=64, dtype=dtype, k0=100, k1=900)
+    assert calls and all(kd == np.float32 and qd == np.dtype(dtype) and nk <= 800 for qd, kd, nk in calls)
