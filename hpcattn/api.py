@@ -33,10 +33,16 @@ def check_shapes(q_shape, k_shape, v_shape, dtypes):
         return f"head dim must be at least 1; got q {tuple(q_shape)}, k {tuple(k_shape)}"
     if Hkv < 1 or H % Hkv:
         return f"query heads ({H}) must be a positive multiple of kv heads ({Hkv})"
-    names = {np.dtype(d).name for d in dtypes}  # any byte order
+    names = {_dtype_name(d) for d in dtypes}
     if len(names) != 1 or not names <= set(DTYPES):
         return f"q, k, v must share one dtype of {', '.join(DTYPES)}; got {', '.join(map(str, dtypes))}"
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype):
+    """np.dtype(dtype).name, any byte order (NumPy builds the name anew on every read)."""
+    return np.dtype(dtype).name
 
 
 def heads(x, hkv):
@@ -119,10 +125,35 @@ def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node, prob
         problem, qmax = _positions_problem(q_positions, q.shape[1])
     nq_nk = () if problem else (q.shape[1], k.shape[1])
     mine = problem or (nq_nk if q_positions is None else nq_nk + (qmax,))
-    pieces = comm.allgather_object(mine) if comm.size > 1 else [mine]
+    if comm.size == 1:  # nothing to agree on: the sizes are this rank's
+        if problem:
+            raise HpcattnError(problem, collective=True)
+        nq, n = q.shape[1], k.shape[1]
+        kv_off, q_off, kv_runs, q_runs = _one_piece(n), _one_piece(nq), None, [[nq]]
+        if q_positions is None and nq != n:
+            raise HpcattnError(f"{nq} query rows but {n} keys: give q_positions", collective=True)
+        if q_positions is not None and qmax >= n:
+            raise HpcattnError(f"rank 0: q_positions must lie in [0, {n}); got {qmax}", collective=True)
+        qpos = positions(((0, n),)) if q_positions is None else np.asarray(q_positions, dtype=np.int64)
+    else:
+        qpos, n, kv_off, q_off, kv_runs, q_runs = _agree_sizes(comm, mine, q_positions, layout)
+    Hkv, D = k.shape[2], q.shape[3]
+    if "n_keys" in mask.needs:
+        mask = _bound(mask, n)
+    if "csr" in mask.needs:
+        raise HpcattnError("the mask has a csr term: pass a Mask bound to this rank's rows "
+                           "(masks.parse(spec, csr=masks.check_csr(...)))", collective=True)
+    layout_of = heads if comm.size == 1 else to_heads  # one rank: the kernel reads the caller's arrays
+    return Shard(layout_of(q, Hkv), qpos, layout_of(k, Hkv)[:, :, 0], layout_of(v, Hkv)[:, :, 0],
+                 kv_off, mask, float(scale if scale is not None else 1 / math.sqrt(D)),
+                 kv_runs=kv_runs, q_runs=q_runs, ranks_per_node=ranks_per_node, q_offsets=q_off)
+
+
+def _agree_sizes(comm, mine, q_positions, layout):
+    """(qpos, n, kv_off, q_off, kv_runs, q_runs) from every rank's sizes (one allgather of
+    `mine`: this rank's sizes or its problem, raised on every rank)."""
+    pieces = comm.allgather_object(mine)
     agree_on(pieces)
-    B, nq, H, D = q.shape
-    Hkv = k.shape[2]
     P, r = comm.size, comm.rank
     sizes = np.array([p[:2] for p in pieces], dtype=np.int64).reshape(-1, 2)
     q_off = np.concatenate([[0], np.cumsum(sizes[:, 0])])
@@ -151,15 +182,15 @@ def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node, prob
         qpos = positions(q_segs[r])
     else:
         qpos = np.asarray(q_positions, dtype=np.int64)
-    if "n_keys" in mask.needs:
-        mask = _bound(mask, n)
-    if "csr" in mask.needs:
-        raise HpcattnError("the mask has a csr term: pass a Mask bound to this rank's rows "
-                           "(masks.parse(spec, csr=masks.check_csr(...)))", collective=True)
-    layout_of = heads if P == 1 else to_heads  # one rank: the kernel reads the caller's arrays
-    return Shard(layout_of(q, Hkv), qpos, layout_of(k, Hkv)[:, :, 0], layout_of(v, Hkv)[:, :, 0],
-                 kv_off, mask, float(scale if scale is not None else 1 / math.sqrt(D)),
-                 kv_runs=kv_runs, q_runs=q_runs, ranks_per_node=ranks_per_node, q_offsets=q_off)
+    return qpos, n, kv_off, q_off, kv_runs, q_runs
+
+
+@functools.lru_cache(maxsize=64)
+def _one_piece(n):
+    """Offsets (0, n) of one rank holding everything (read-only, cached)."""
+    off = np.array([0, n], dtype=np.int64)
+    off.flags.writeable = False
+    return off
 
 
 def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None, scale=None,
