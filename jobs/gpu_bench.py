@@ -15,7 +15,7 @@ import traceback
 import cupy as cp
 import numpy as np
 
-from hpcattn.gpu import cuda
+from hpcattn.gpu import cuda, loader
 from hpcattn.masks import parse
 
 
@@ -262,7 +262,7 @@ def main(argv=None):
                     continue
                 rival = None  # (kind, go, rate) of the first kernel that runs: timed alternately with Flex
                 for kind in ("wgmma", "mma", "simt"):
-                    if (kind == "simt" and N > 262144) or (kind == "wgmma" and not cuda.wgmma_available()):
+                    if (kind == "simt" and N > 262144) or (kind == "wgmma" and not loader.wgmma_available()):
                         continue
                     try:
                         call = ours(N, args.heads, D, dtype, spec, kind)

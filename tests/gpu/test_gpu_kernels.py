@@ -14,7 +14,7 @@ cp = cupy_or_skip()
 
 import hpcattn  # noqa: E402
 from hpcattn import masks  # noqa: E402
-from hpcattn.gpu import cuda  # noqa: E402
+from hpcattn.gpu import cuda, loader, shapes  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from hpcattn.merge import merge  # noqa: E402
 from hpcattn.reference import errors, grad_error, reference, reference_backward, tolerance  # noqa: E402
@@ -31,9 +31,9 @@ TOL = {"simt": 2e-5, ("mma", "float16"): 4e-3, ("mma", "bfloat16"): 3e-2, ("wgmm
 
 def need(kind):
     """Skips a Hopper-kernel case (saying why) on a device that cannot run it."""
-    if kind == "wgmma" and not cuda.wgmma_available():
+    if kind == "wgmma" and not loader.wgmma_available():
         pytest.skip(f"the wgmma kernel needs compute capability 9.0; this device is "
-                    f"{cp.cuda.Device().compute_capability} ({cuda.COMPILED_BY.get('attend_wgmma.cu', '')})")
+                    f"{cp.cuda.Device().compute_capability} ({loader.COMPILED_BY.get('attend_wgmma.cu', '')})")
 
 
 def one(rng, shape, dtype):
@@ -135,7 +135,7 @@ def test_few_query_rows_split_the_keys_and_merge(rng, monkeypatch, spec, B, Hkv,
 def test_device_random_columns_are_masks_random_keys(rng, r, seed, n):
     qpos = np.sort(rng.choice(min(n, 5000), size=min(n, 300), replace=False)).astype(np.int64)
     term = parse(f"random:{r}:{seed}", n_keys=n).terms[0]
-    cols, width = cuda._random_columns(term, qpos)
+    cols, width = cuda.random_columns(term, qpos)
     got = np.sort(cols.get().reshape(len(qpos), width), axis=1)
     assert np.array_equal(got, masks.random_keys(seed, qpos, r, n))
 
@@ -213,19 +213,19 @@ def test_sm90a_cubin_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
     need("wgmma")
     from cupy.cuda import nvrtc
     monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
-    code, names = (cuda.KERNEL_DIR / "attend_wgmma.cu").read_text(), [cuda.wg_name("__half", 64, "float")]
-    options = cuda.OPTIONS + cuda._cuda_include()
-    first = cuda.Sm90aModule(code, names, options)
+    code, names = (loader.KERNEL_DIR / "attend_wgmma.cu").read_text(), [shapes.wg_name("__half", 64, "float")]
+    options = loader.options()
+    first = loader.Sm90aModule(code, names, options)
     cached = sorted(p.suffix for p in tmp_path.iterdir())
     assert cached == [".cubin", ".json"]
 
     def no_compile(*a):
         raise AssertionError("compiled although cached")
     monkeypatch.setattr(nvrtc, "compileProgram", no_compile)
-    again = cuda.Sm90aModule(code, names, options)
+    again = loader.Sm90aModule(code, names, options)
     assert again._lowered == first._lowered
     with pytest.raises(AssertionError, match="compiled although cached"):
-        cuda.Sm90aModule(code + "\n// another version\n", names, options)
+        loader.Sm90aModule(code + "\n// another version\n", names, options)
 
 
 def test_wgmma_kind_is_refused_clearly_where_it_cannot_run(rng):
