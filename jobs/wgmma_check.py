@@ -11,7 +11,7 @@ import cupy as cp
 import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
-from hpcattn.gpu import cuda, encode, loader
+from hpcattn.gpu import encode, forward, loader
 from hpcattn.gpu.shapes import CTYPES, WG_SHAPES, wg_name, wg_smem
 from hpcattn.masks import parse
 
@@ -78,7 +78,7 @@ def main():
                 mask = parse(spec)
                 qpos = np.sort(np.random.default_rng(N).choice(np.arange(k0 + shift, k0 + nk + shift), N,
                                                                replace=False)).astype(np.int64)
-                ref = cuda.attend(q, qpos, k, v, k0, mask, scale, bf16=bf, kernel_kind="mma")
+                ref = forward.attend(q, qpos, k, v, k0, mask, scale, bf16=bf, kernel_kind="mma")
                 for shape, name in zip(fit, names):
                     f = mod.get_function(name)
                     smem = wg_smem(D, (shape[0], shape[1], shape[2], bool(shape[3])))
@@ -94,13 +94,13 @@ def main():
             N, H = a.seq, a.heads
             q, k, v = inputs(N, H, D, dtype)
             mask, qpos = parse(a.mask), np.arange(N, dtype=np.int64)
-            ref = cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="mma")
-            s_ref = timed(lambda: cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="mma"))
+            ref = forward.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="mma")
+            s_ref = timed(lambda: forward.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="mma"))
             useful = 4 * ref[2] * D * H
             print(json.dumps({"bench": a.mask, "N": N, "H": H, "dtype": dtype, "D": D, "kernel": "mma", "s": s_ref,
                               "TFLOPs": useful / s_ref / 1e12}), flush=True)
             if loader.wgmma_available():  # as hpcattn runs it: shapes.WG_SHAPES, a position array
-                s_wg = timed(lambda: cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="wgmma"))
+                s_wg = timed(lambda: forward.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="wgmma"))
                 print(json.dumps({"bench": a.mask, "N": N, "H": H, "dtype": dtype, "D": D, "kernel": "attend wgmma",
                                   "shape": WG_SHAPES[D], "s": s_wg, "TFLOPs": useful / s_wg / 1e12}), flush=True)
             for shape, name in zip(fit, names):

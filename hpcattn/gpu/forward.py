@@ -1,16 +1,17 @@
-"""GPU local kernels: the launches hpcattn needs, over the loader (gpu/loader.py), the shape
-table (gpu/shapes.py) and the host-side checks and encodings (gpu/encode.py). Layouts are those
-of hpcattn/cpu/local.py. Inputs are checked on the host, before any launch.
+"""The GPU forward: `attend` (the implicit terms on the tensor-core, Hopper or CUDA-core kernel,
+listed terms by attend_rows merged in, key chunks on their own streams when few query rows
+would not fill the device) and `attend_lean` (the least memory per token). Layouts are those
+of hpcattn/cpu/local.py; inputs are checked on the host (gpu/encode.py) before any launch.
 """
 import numpy as np
 
 from ..errors import HpcattnError
 from ..masks import Mask
 from .encode import check, device_copy, listed_terms, mask_words, positions
-from .loader import cupy, kernel, launch, sm_count, wgmma_available
-from .shapes import (BK, BQ, MMA_DIMS, MMA_SHAPES, ROW_WARPS, WG_DIMS, WG_SHAPES, mma_name, mma_smem, wg_name,
-                     wg_smem)
-
+from .listed import attend_listed
+from .loader import cupy, launch, sm_count, wgmma_available
+from .merge import merge
+from .shapes import BK, BQ, MMA_DIMS, MMA_SHAPES, WG_DIMS, WG_SHAPES, mma_name, mma_smem, wg_name, wg_smem
 
 WG_CTAS = None  # blocks of the persistent wgmma kernel; None: as many as the SMs hold (tests lower it)
 SPLIT_KEYS = 4096  # the fewest keys per chunk when few query rows split the keys (flash-decoding)
@@ -172,108 +173,3 @@ def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None, kernel_kind=
         o.fill(0)
         lse.fill(-np.inf)
     return o, lse, int(edges.get()[0])
-
-
-def random_columns(term, qpos):
-    """(device int64 (nq*r) columns, r) of a random term's rows, drawn on the device exactly
-    as masks.random_keys draws them (kernels/attend_rows.cu: random_columns)."""
-    cp = cupy()
-    if getattr(term, "n", None) is None:
-        term.columns(qpos, 0, 0)  # raises the term's own "bind the number of keys" error
-    r, nq = min(term.r, term.n), len(qpos)
-    out = cp.empty(nq * r, dtype=cp.int64)
-    if nq and r:
-        kernel("random_columns")(((nq + 127) // 128,), (128,),
-                                 (np.uint64(term.seed % 2**64), device_copy("qpos", qpos, positions),
-                                  np.int32(nq), np.int64(r), np.int64(term.n), out))
-    return out, r
-
-
-def host_columns(term, qpos, k0, k1):
-    """A listed term's (indptr, columns) for this key block, bounds-checked on the host."""
-    if not hasattr(term, "columns"):
-        raise HpcattnError("this version of hpcattn.masks cannot list the union of several random/csr terms")
-    indptr, cols = (np.asarray(a, dtype=np.int64) for a in term.columns(qpos, k0, k1))
-    nq = len(qpos)
-    if (indptr.shape != (nq + 1,) or indptr[0] != 0 or indptr[-1] != cols.size
-            or (np.diff(indptr) < 0).any() or (cols.size and (cols.min() < k0 or cols.max() >= k1))):
-        raise HpcattnError(f"mask term {type(term).__name__} gave malformed columns for keys [{k0}, {k1})")
-    return indptr, cols
-
-
-def attend_listed(cp, q, qpos, k, v, k0, mask, term, scale, ctype, dmax):
-    """(o, lse, edges) of a listed term's edges (random drawn on the device, csr listed on the
-    host) by attend_rows, the mask's implicit terms and causal flag applied on top."""
-    B, Hkv, G, nq, D = q.shape
-    nk = k.shape[2]
-    if getattr(term, "drawn", False):  # the device draws the columns (random)
-        cols, width = device_copy(("random", term), qpos, lambda p: random_columns(term, p)[0]), \
-            min(term.r, term.n or 0)
-        indptr = cp.zeros(1, dtype=cp.int64)
-        if width == 0:
-            cols = None
-    else:
-        indptr, cols = (cp.asarray(a) for a in host_columns(term, qpos, k0, k0 + nk))
-        width = 0
-    o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)
-    lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
-    if cols is None or cols.size == 0:
-        o.fill(0)
-        lse.fill(-np.inf)
-        return o, lse, 0
-    edges = cp.zeros(1, dtype=cp.uint64)
-    kernel(f"attend_rows<{ctype}, {dmax}>")(
-        ((nq + ROW_WARPS - 1) // ROW_WARPS, B * Hkv * G), (32 * ROW_WARPS,),
-        (cp.ascontiguousarray(q), device_copy("qpos", qpos, positions), cp.ascontiguousarray(k),
-         cp.ascontiguousarray(v), indptr, cols, np.int64(width), o, lse, edges,
-         device_copy("mask", mask, mask_words), np.int32(nq), np.int32(nk), np.int32(D), np.int32(G),
-         np.int64(k0), np.float32(scale)))
-    return o, lse, int(edges.get()[0])
-
-
-def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False):
-    """grad.backward on the GPU: add the key block k0..k0+nk-1's share to the float32
-    accumulators dq (like q), dk, dv (like k), created as zeros when not given, and return
-    (dq, dk, dv, edges). lse (B,Hkv,G,nq) is the forward's full-row log-sum-exp, delta =
-    rowsum(dO * O). Implicit mask terms only (random/csr backward stays on the CPU for now)."""
-    cp = cupy()
-    B, Hkv, G, nq, D = q.shape
-    nk = k.shape[2]
-    ctype, dmax = check(q, qpos, k, v, k0, bf16)
-    if do.shape != q.shape or do.dtype != q.dtype:
-        raise HpcattnError(f"do must match q: {do.shape} {do.dtype} vs {q.shape} {q.dtype}")
-    if listed_terms(mask):
-        raise HpcattnError(f"mask {mask.spec!r}: the GPU backward takes implicit terms only")
-    dq = cp.zeros(q.shape, dtype=cp.float32) if dq is None else dq
-    dk = cp.zeros(k.shape, dtype=cp.float32) if dk is None else dk
-    dv = cp.zeros(k.shape, dtype=cp.float32) if dv is None else dv
-    for name, acc, shape in (("dq", dq, q.shape), ("dk", dk, k.shape), ("dv", dv, k.shape)):
-        if acc.shape != shape or acc.dtype != cp.float32 or not acc.flags.c_contiguous:
-            raise HpcattnError(f"{name} must be a contiguous float32 array of shape {shape}")
-    if nq == 0 or nk == 0 or B * Hkv * G == 0:
-        return dq, dk, dv, 0
-    edges = cp.zeros(1, dtype=cp.uint64)
-    smem = 4 * (2 * BQ * dmax + 2 * BK * (dmax + 1) + 2 * BK * dmax)
-    launch(f"attend_bwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
-           (cp.ascontiguousarray(q), device_copy("qpos", qpos, positions), cp.ascontiguousarray(k),
-            cp.ascontiguousarray(v), cp.ascontiguousarray(do),
-            cp.ascontiguousarray(lse, dtype=cp.float32), cp.ascontiguousarray(delta, dtype=cp.float32),
-            dq, dk, dv, edges, device_copy("mask", mask, mask_words),
-            np.int32(nq), np.int32(nk), np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
-    return dq, dk, dv, int(edges.get()[0])
-
-
-def merge(o_a, lse_a, o_b, lse_b):
-    """merge.merge fused into one kernel for float32 cupy states of equal shapes."""
-    cp = cupy()
-    o_a, o_b = cp.ascontiguousarray(o_a), cp.ascontiguousarray(o_b)
-    lse_a, lse_b = cp.ascontiguousarray(lse_a), cp.ascontiguousarray(lse_b)
-    o, lse = cp.empty_like(o_a), cp.empty_like(lse_a)
-    n = o.size
-    if n:
-        D = o.shape[-1]
-        kernel("merge_states")(((n + 255) // 256,), (256,),
-                               (o_a, lse_a, o_b, lse_b, o, lse, np.int64(lse.size), np.int32(D)))
-    elif lse.size:
-        lse[...] = cp.logaddexp(lse_a, lse_b)
-    return o, lse
