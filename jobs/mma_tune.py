@@ -38,8 +38,7 @@ def main():
     for D in map(int, a.dims.split(",")):
         shapes = [s for s in cands if not (s[2] and 16 * s[0] * s[1] > 2 * MK)]
         names = [mma_name("__half", D, "float", s) for s in shapes]
-        mod = cp.RawModule(code=(loader.KERNEL_DIR / "attend_mma.cu").read_text(),
-                           options=loader.options(), name_expressions=names)
+        mod = loader.build("attend_mma.cu", names)
         q = cp.random.standard_normal((1, H, 1, N, D), dtype=cp.float32).astype(cp.float16)
         k = cp.random.standard_normal((1, H, N, D), dtype=cp.float32).astype(cp.float16)
         v = cp.random.standard_normal((1, H, N, D), dtype=cp.float32).astype(cp.float16)

@@ -37,7 +37,7 @@ def run(f, smem, shape, q, qpos, k, v, mask, N, nk, scale, k0=0, qp=True):
     def go():
         edges.fill(0)
         items = (N + 64 * nwg - 1) // (64 * nwg) * H
-        ctas = min(items, cp.cuda.Device().attributes["MultiProcessorCount"] * shape[2])
+        ctas = min(items, loader.sm_count() * shape[2])
         f((ctas,), (128 * (nwg + 1),),
           (q, qd if qd is not None else np.uintp(0), k, v, o, lse, edges, words, np.int32(N), np.int32(nk),
            np.int32(1), np.int64(k0), np.float32(scale), np.int64(0), np.int32(H)), shared_mem=smem)
@@ -65,8 +65,7 @@ def main():
             for sh in sorted(set(shapes) - set(fit)):
                 print(json.dumps({"skipped": sh, "D": D, "why": f"more shared memory than the {optin} bytes a block may have"}))
             names = [wg_name(ct, D, ct if sh[4] else "float", (sh[0], sh[1], sh[2], bool(sh[3]))) for sh in fit]
-            mod = loader.Sm90aModule((loader.KERNEL_DIR / "attend_wgmma.cu").read_text(), names,
-                                     loader.options()) if names else None
+            mod = loader.build("attend_wgmma.cu", names) if names else None
             scale = 1 / math.sqrt(D)
             bf = dtype == "bfloat16"
             # correctness at a small size: several masks, positions, uneven rows, a key offset
