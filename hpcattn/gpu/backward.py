@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..errors import HpcattnError
-from .encode import check, device_copy, listed_terms, mask_words, positions
+from .encode import check, device_mask, device_positions, listed_terms
 from .loader import cupy, launch
 from .shapes import BK, BQ
 
@@ -31,9 +31,9 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     edges = cp.zeros(1, dtype=cp.uint64)
     smem = 4 * (2 * BQ * dmax + 2 * BK * (dmax + 1) + 2 * BK * dmax)
     launch(f"attend_bwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
-           (cp.ascontiguousarray(q), device_copy("qpos", qpos, positions), cp.ascontiguousarray(k),
+           (cp.ascontiguousarray(q), device_positions(qpos), cp.ascontiguousarray(k),
             cp.ascontiguousarray(v), cp.ascontiguousarray(do),
             cp.ascontiguousarray(lse, dtype=cp.float32), cp.ascontiguousarray(delta, dtype=cp.float32),
-            dq, dk, dv, edges, device_copy("mask", mask, mask_words),
+            dq, dk, dv, edges, device_mask(mask),
             np.int32(nq), np.int32(nk), np.int32(D), np.int32(G), np.int64(k0), np.float32(scale)))
     return dq, dk, dv, int(edges.get()[0])

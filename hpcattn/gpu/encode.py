@@ -56,6 +56,17 @@ def device_copy(tag, host, make=np.asarray):
     return hit[1]
 
 
+def device_positions(qpos):
+    """The query positions on the device (checked on the host once per array); every launcher
+    shares this one copy."""
+    return device_copy("qpos", qpos, positions)
+
+
+def device_mask(mask):
+    """The mask's words on the device; every launcher shares this one copy."""
+    return device_copy("mask", mask, mask_words)
+
+
 def check(q, qpos, k, v, k0, bf16):
     """(C type, head-dim bucket) of q, k, v after checking their dtypes, shapes, positions and
     key offset against what the kernels take."""

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import HpcattnError
 from ..masks import Mask
-from .encode import check, device_copy, listed_terms, mask_words, positions
+from .encode import check, device_mask, device_positions, listed_terms
 from .listed import attend_listed
 from .loader import cupy, launch, sm_count, wgmma_available
 from .merge import merge
@@ -101,8 +101,8 @@ def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
     streams = pool[:min(chunks * B * Hkv, 32)]
     other = cp.zeros(1, dtype=cp.uint64)  # edges are counted per head: those of (0, 0) only
     # the positions and mask words go to the device on this stream, before `done`: every launch reuses them
-    device_copy("qpos", qpos, positions)
-    device_copy("mask", mask, mask_words)
+    device_positions(qpos)
+    device_mask(mask)
     done = cp.cuda.get_current_stream().record()
     for n, (c, b, h) in enumerate(np.ndindex(chunks, B, Hkv)):
         a, z, sl = int(bounds[c]), int(bounds[c + 1]), (slice(b, b + 1), slice(h, h + 1))
@@ -127,8 +127,7 @@ def _launch_implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kin
     o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)  # the kernels write every row
     lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
     tensor = _tensor_kernel(ctype, D, scale, kernel_kind)
-    common = (q, device_copy("qpos", qpos, positions), k, v, o, lse, edges, device_copy("mask", mask, mask_words),
-              np.int32(nq), np.int32(nk))
+    common = (q, device_positions(qpos), k, v, o, lse, edges, device_mask(mask), np.int32(nq), np.int32(nk))
     if tensor:
         launch_tc = _launch_wgmma if tensor == "wgmma" else _launch_mma
         launch_tc(ctype, D, "float", nq, B * Hkv * G,
@@ -167,7 +166,7 @@ def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None, kernel_kind=
     if nq and nk and B * Hkv * G:
         launch_tc(ctype, D, ctype, nq, B * Hkv * G,
                   (q, np.uintp(0), cp.ascontiguousarray(k), cp.ascontiguousarray(v), o, lse, edges,
-                   device_copy("mask", mask, mask_words), np.int32(nq), np.int32(nk), np.int32(G),
+                   device_mask(mask), np.int32(nq), np.int32(nk), np.int32(G),
                    np.int64(k0), np.float32(scale), np.int64(q0)))
     else:
         o.fill(0)

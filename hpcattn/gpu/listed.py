@@ -3,7 +3,7 @@ listed and bounds-checked on the host) and kernels/attend_rows.cu over them."""
 import numpy as np
 
 from ..errors import HpcattnError
-from .encode import device_copy, mask_words, positions
+from .encode import device_copy, device_mask, device_positions
 from .loader import cupy, kernel
 from .shapes import ROW_WARPS
 
@@ -18,7 +18,7 @@ def random_columns(term, qpos):
     out = cp.empty(nq * r, dtype=cp.int64)
     if nq and r:
         kernel("random_columns")(((nq + 127) // 128,), (128,),
-                                 (np.uint64(term.seed % 2**64), device_copy("qpos", qpos, positions),
+                                 (np.uint64(term.seed % 2**64), device_positions(qpos),
                                   np.int32(nq), np.int64(r), np.int64(term.n), out))
     return out, r
 
@@ -58,8 +58,8 @@ def attend_listed(cp, q, qpos, k, v, k0, mask, term, scale, ctype, dmax):
     edges = cp.zeros(1, dtype=cp.uint64)
     kernel(f"attend_rows<{ctype}, {dmax}>")(
         ((nq + ROW_WARPS - 1) // ROW_WARPS, B * Hkv * G), (32 * ROW_WARPS,),
-        (cp.ascontiguousarray(q), device_copy("qpos", qpos, positions), cp.ascontiguousarray(k),
+        (cp.ascontiguousarray(q), device_positions(qpos), cp.ascontiguousarray(k),
          cp.ascontiguousarray(v), indptr, cols, np.int64(width), o, lse, edges,
-         device_copy("mask", mask, mask_words), np.int32(nq), np.int32(nk), np.int32(D), np.int32(G),
+         device_mask(mask), np.int32(nq), np.int32(nk), np.int32(D), np.int32(G),
          np.int64(k0), np.float32(scale)))
     return o, lse, int(edges.get()[0])
