@@ -18,7 +18,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     # The CUDA sources stay at the top of the repository (kernels/) and travel inside the
-    # package as hpcattn/kernels (gpu/cuda.py's kernel_dir finds either).
+    # package as hpcattn/kernels (gpu/loader.py's kernel_dir finds either).
     packages=find_packages(include=["hpcattn", "hpcattn.*"]) + ["hpcattn.kernels"],
     package_dir={"hpcattn.kernels": "kernels"},
     package_data={"hpcattn.kernels": ["*.cu", "*.cuh"]},

@@ -10,7 +10,7 @@ def merge(o_a, lse_a, o_b, lse_b):
     """
     xp = array_module(o_a)
     if xp.__name__ == "cupy" and o_a.shape == o_b.shape and o_a.dtype == o_b.dtype == xp.float32:
-        from .gpu.cuda import merge as fused  # the same formula in one kernel (kernels/merge.cu)
+        from .gpu.merge import merge as fused  # the same formula in one kernel (kernels/merge.cu)
         return fused(o_a, lse_a, o_b, lse_b)
     lse = xp.logaddexp(lse_a, lse_b)
     ref = xp.where(xp.isneginf(lse), 0, lse)

@@ -15,7 +15,7 @@ import traceback
 import cupy as cp
 import numpy as np
 
-from hpcattn.gpu import cuda
+from hpcattn.gpu import forward, loader
 from hpcattn.masks import parse
 
 
@@ -74,12 +74,12 @@ def make(N, H, D, dtype):
 
 
 def ours(N, H, D, dtype, spec, kind="auto"):
-    """(go, rate): one call of cuda.attend (run once here), and the figures of a time for it."""
+    """(go, rate): one call of forward.attend (run once here), and the figures of a time for it."""
     q, k, v = make(N, H, D, dtype)
     mask, qpos, scale = parse(spec), np.arange(N, dtype=np.int64), 1 / math.sqrt(D)
 
     def go():
-        return cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
+        return forward.attend(q, qpos, k, v, 0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
     edges = go()[2]
     nbytes = 3 * N * H * D * 2 + N * H * D * 4 + N * H * 4
 
@@ -184,15 +184,15 @@ def peers(N, H, D, dtype, w, rival=None):
 
 
 def lean(N, D, spec, dtype="float16", in_place=True):
-    """One run of cuda.attend_lean (positions derived, o in the input dtype) at N tokens, one
+    """One run of forward.attend_lean (positions derived, o in the input dtype) at N tokens, one
     head: 2*D*4 + 4 bytes per token (516 at D = 64), 2*D*3 + 4 (388) with o written over q."""
     q, k, v = make(N, 1, D, dtype)
     out = q if in_place else cp.empty_like(q)  # one o for every timed call, not one per call
     res = {}
 
     def go():
-        res["out"] = cuda.attend_lean(q, 0, k, v, 0, parse(spec), 1 / math.sqrt(D), bf16=dtype == "bfloat16",
-                                      out=out)
+        res["out"] = forward.attend_lean(q, 0, k, v, 0, parse(spec), 1 / math.sqrt(D), bf16=dtype == "bfloat16",
+                                         out=out)
     s = timed(go, reps=1)
     edges = res["out"][2]
     return {"s": s, "edges_per_head": edges, "useful_TFLOPs": 4 * edges * D / s / 1e12,
@@ -262,7 +262,7 @@ def main(argv=None):
                     continue
                 rival = None  # (kind, go, rate) of the first kernel that runs: timed alternately with Flex
                 for kind in ("wgmma", "mma", "simt"):
-                    if (kind == "simt" and N > 262144) or (kind == "wgmma" and not cuda.wgmma_available()):
+                    if (kind == "simt" and N > 262144) or (kind == "wgmma" and not loader.wgmma_available()):
                         continue
                     try:
                         call = ours(N, args.heads, D, dtype, spec, kind)

@@ -2,7 +2,7 @@
 (warps per block, 16-row MMA tiles per warp, q fragments in registers, K/V
 buffers, blocks per SM asked of the register allocator) on the same inputs,
 window:W over N tokens, H heads, float16; useful TFLOP/s and the largest difference from the
-first candidate's output. Picks hpcattn.gpu.cuda.MMA_SHAPES; prints one JSON line per candidate.
+first candidate's output. Picks hpcattn.gpu.shapes.MMA_SHAPES; prints one JSON line per candidate.
     python3 jobs/mma_tune.py [--seq N] [--heads H] [--window W] [--dims 64,128]"""
 import argparse
 import json
@@ -12,7 +12,8 @@ import cupy as cp
 import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
-from hpcattn.gpu import cuda
+from hpcattn.gpu import encode, loader
+from hpcattn.gpu.shapes import MK, mma_name, mma_smem
 from hpcattn.masks import parse
 
 CANDIDATES = [(2, 2, True, 3, 1), (4, 1, True, 2, 1), (4, 1, True, 3, 1), (4, 1, False, 2, 1), (4, 1, False, 3, 3),
@@ -32,13 +33,12 @@ def main():
     mask = parse(a.mask or f"window:{a.window}")
     cands = CANDIDATES if not a.shapes else [(int(w), int(r), bool(int(q)), int(st), int(mb)) for w, r, q, st, mb
                                               in (x.split(":") for x in a.shapes.split("/"))]
-    words = cp.asarray(cuda.mask_words(mask))
+    words = cp.asarray(encode.mask_words(mask))
     qpos = cp.arange(N, dtype=cp.int64)
     for D in map(int, a.dims.split(",")):
-        shapes = [s for s in cands if not (s[2] and 16 * s[0] * s[1] > 2 * cuda.MK)]
-        names = [cuda.mma_name("__half", D, "float", s) for s in shapes]
-        mod = cp.RawModule(code=(cuda.KERNEL_DIR / "attend_mma.cu").read_text(),
-                           options=cuda.OPTIONS + cuda._cuda_include(), name_expressions=names)
+        shapes = [s for s in cands if not (s[2] and 16 * s[0] * s[1] > 2 * MK)]
+        names = [mma_name("__half", D, "float", s) for s in shapes]
+        mod = loader.build("attend_mma.cu", names)
         q = cp.random.standard_normal((1, H, 1, N, D), dtype=cp.float32).astype(cp.float16)
         k = cp.random.standard_normal((1, H, N, D), dtype=cp.float32).astype(cp.float16)
         v = cp.random.standard_normal((1, H, N, D), dtype=cp.float32).astype(cp.float16)
@@ -46,7 +46,7 @@ def main():
         for shape, name in zip(shapes, names):
             w, rm = shape[:2]
             f = mod.get_function(name)
-            smem = cuda.mma_smem(D, shape)
+            smem = mma_smem(D, shape)
             if smem > 48 * 1024:
                 f.max_dynamic_shared_size_bytes = smem
             o = cp.empty((1, H, 1, N, D), dtype=cp.float32)

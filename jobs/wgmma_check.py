@@ -1,4 +1,4 @@
-"""Check and time kernels/attend_wgmma.cu's shapes (cuda.WG_SHAPES' fields) against
+"""Check and time kernels/attend_wgmma.cu's shapes (hpcattn.gpu.shapes.WG_SHAPES' fields) against
 attend_fwd_mma on the same inputs: max difference of o and lse, equal edge counts, useful
 TFLOP/s per shape (N tokens, H heads, window:256 by default), after a correctness pass over
 several masks, query positions and uneven row counts at a small size.
@@ -11,7 +11,8 @@ import cupy as cp
 import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
-from hpcattn.gpu import cuda
+from hpcattn.gpu import encode, forward, loader
+from hpcattn.gpu.shapes import CTYPES, WG_SHAPES, wg_name, wg_smem
 from hpcattn.masks import parse
 
 
@@ -30,13 +31,13 @@ def run(f, smem, shape, q, qpos, k, v, mask, N, nk, scale, k0=0, qp=True):
     o = cp.zeros((1, H, 1, N, q.shape[-1]), dtype=q.dtype if shape[4] else cp.float32)
     lse = cp.zeros((1, H, 1, N), dtype=cp.float32)
     edges = cp.zeros(1, dtype=cp.uint64)
-    words = cp.asarray(cuda.mask_words(mask))
+    words = cp.asarray(encode.mask_words(mask))
     qd = cp.asarray(qpos) if qp else None
 
     def go():
         edges.fill(0)
         items = (N + 64 * nwg - 1) // (64 * nwg) * H
-        ctas = min(items, cp.cuda.Device().attributes["MultiProcessorCount"] * shape[2])
+        ctas = min(items, loader.sm_count() * shape[2])
         f((ctas,), (128 * (nwg + 1),),
           (q, qd if qd is not None else np.uintp(0), k, v, o, lse, edges, words, np.int32(N), np.int32(nk),
            np.int32(1), np.int64(k0), np.float32(scale), np.int64(0), np.int32(H)), shared_mem=smem)
@@ -56,16 +57,15 @@ def main():
     shapes = [tuple(int(x) for x in (s + ":0").split(":")[:5]) for s in a.shapes.split(",")]
     optin = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
     for dtype in a.dtypes.split(","):
-        ct = cuda.CTYPES[dtype]
+        ct = CTYPES[dtype]
         for D in map(int, a.dims.split(",")):
             # a shape's shared memory may fit one head dim and not the other (the kernel's own
             # static shared memory is under 1 KiB)
-            fit = [sh for sh in shapes if cuda.wg_smem(D, (sh[0], sh[1], sh[2], bool(sh[3]))) + 1024 <= optin]
+            fit = [sh for sh in shapes if wg_smem(D, (sh[0], sh[1], sh[2], bool(sh[3]))) + 1024 <= optin]
             for sh in sorted(set(shapes) - set(fit)):
                 print(json.dumps({"skipped": sh, "D": D, "why": f"more shared memory than the {optin} bytes a block may have"}))
-            names = [cuda.wg_name(ct, D, ct if sh[4] else "float", (sh[0], sh[1], sh[2], bool(sh[3]))) for sh in fit]
-            mod = cuda.Sm90aModule((cuda.KERNEL_DIR / "attend_wgmma.cu").read_text(), names,
-                                   cuda.OPTIONS + cuda._cuda_include()) if names else None
+            names = [wg_name(ct, D, ct if sh[4] else "float", (sh[0], sh[1], sh[2], bool(sh[3]))) for sh in fit]
+            mod = loader.build("attend_wgmma.cu", names) if names else None
             scale = 1 / math.sqrt(D)
             bf = dtype == "bfloat16"
             # correctness at a small size: several masks, positions, uneven rows, a key offset
@@ -77,10 +77,10 @@ def main():
                 mask = parse(spec)
                 qpos = np.sort(np.random.default_rng(N).choice(np.arange(k0 + shift, k0 + nk + shift), N,
                                                                replace=False)).astype(np.int64)
-                ref = cuda.attend(q, qpos, k, v, k0, mask, scale, bf16=bf, kernel_kind="mma")
+                ref = forward.attend(q, qpos, k, v, k0, mask, scale, bf16=bf, kernel_kind="mma")
                 for shape, name in zip(fit, names):
                     f = mod.get_function(name)
-                    smem = cuda.wg_smem(D, (shape[0], shape[1], shape[2], bool(shape[3])))
+                    smem = wg_smem(D, (shape[0], shape[1], shape[2], bool(shape[3])))
                     f.max_dynamic_shared_size_bytes = smem
                     go, o, lse, edges = run(f, smem, shape, q, qpos, k, v, mask, N, nk, scale, k0)
                     go()
@@ -93,18 +93,18 @@ def main():
             N, H = a.seq, a.heads
             q, k, v = inputs(N, H, D, dtype)
             mask, qpos = parse(a.mask), np.arange(N, dtype=np.int64)
-            ref = cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="mma")
-            s_ref = timed(lambda: cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="mma"))
+            ref = forward.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="mma")
+            s_ref = timed(lambda: forward.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="mma"))
             useful = 4 * ref[2] * D * H
             print(json.dumps({"bench": a.mask, "N": N, "H": H, "dtype": dtype, "D": D, "kernel": "mma", "s": s_ref,
                               "TFLOPs": useful / s_ref / 1e12}), flush=True)
-            if cuda.wgmma_available():  # as hpcattn runs it: cuda.WG_SHAPES, a position array
-                s_wg = timed(lambda: cuda.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="wgmma"))
+            if loader.wgmma_available():  # as hpcattn runs it: shapes.WG_SHAPES, a position array
+                s_wg = timed(lambda: forward.attend(q, qpos, k, v, 0, mask, scale, bf16=bf, kernel_kind="wgmma"))
                 print(json.dumps({"bench": a.mask, "N": N, "H": H, "dtype": dtype, "D": D, "kernel": "attend wgmma",
-                                  "shape": cuda.WG_SHAPES[D], "s": s_wg, "TFLOPs": useful / s_wg / 1e12}), flush=True)
+                                  "shape": WG_SHAPES[D], "s": s_wg, "TFLOPs": useful / s_wg / 1e12}), flush=True)
             for shape, name in zip(fit, names):
                 f = mod.get_function(name)
-                smem = cuda.wg_smem(D, (shape[0], shape[1], shape[2], bool(shape[3])))
+                smem = wg_smem(D, (shape[0], shape[1], shape[2], bool(shape[3])))
                 f.max_dynamic_shared_size_bytes = smem
                 go, o, lse, edges = run(f, smem, shape, q, qpos, k, v, mask, N, N, scale, qp=False)
                 s = timed(go)

@@ -8,32 +8,7 @@
 // Issuing the next tile's S before this tile's softmax (FlashAttention-3's overlap) was
 // measured slower here: it costs registers, hence resident blocks (jobs/mma_tune.py). Tiles wholly inside the mask take no per-pair test; the others build one
 // 64-bit row mask per query row from the mask terms' intervals.
-#include "mask.cuh"
-
-#define MK 64
-#define MLOG2E 1.4426950408889634f
-#define MLN2 0.6931471805599453f
-
-template <typename T> __device__ __forceinline__ unsigned pack2(float a, float b);
-template <> __device__ __forceinline__ unsigned pack2<__half>(float a, float b) {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<unsigned*>(&h);
-}
-template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float a, float b) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<unsigned*>(&h);
-}
-
-template <typename T> __device__ __forceinline__ void store2(T* p, float a, float b);
-template <> __device__ __forceinline__ void store2<float>(float* p, float a, float b) {
-    *reinterpret_cast<float2*>(p) = make_float2(a, b);
-}
-template <> __device__ __forceinline__ void store2<__half>(__half* p, float a, float b) {
-    *reinterpret_cast<unsigned*>(p) = pack2<__half>(a, b);
-}
-template <> __device__ __forceinline__ void store2<__nv_bfloat16>(__nv_bfloat16* p, float a, float b) {
-    *reinterpret_cast<unsigned*>(p) = pack2<__nv_bfloat16>(a, b);
-}
+#include "tiles.cuh"
 
 // c (16x8 f32) += a (16x16, row) * b (16x8, col)
 template <typename T> __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1);
@@ -48,24 +23,11 @@ template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, co
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void ldsm4(unsigned* r, const void* p) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
 __device__ __forceinline__ void ldsm4t(unsigned* r, const void* p) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
 }
-
-// 16 bytes global -> shared, zero-filled when !pred (src must still be a valid address)
-__device__ __forceinline__ void cp16(void* dst, const void* src, bool pred) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(s), "l"(src), "r"(pred ? 16 : 0));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
 
 // rows [0, rows) of a (rows, D) block at src into shared memory with row stride LD, zeros up to
 // `pad` rows: asynchronous, completes with the caller's next cp_commit group.
@@ -75,49 +37,6 @@ __device__ __forceinline__ void load_tile(const T* __restrict__ src, int rows, i
     for (int e = tid; e < pad * CH; e += nthreads) {
         const int r = e / CH, c = (e - r * CH) * 8;
         cp16(dst + r * LD + c, src + (size_t)(r < rows ? r : 0) * D + c, r < rows);
-    }
-}
-
-// Local columns [lo, hi) clipped to [0, 64) as bits.
-__device__ __forceinline__ unsigned long long bit_range(long long lo, long long hi) {
-    lo = max(lo, 0LL);
-    hi = min(hi, 64LL);
-    if (lo >= hi) return 0ull;
-    const unsigned long long upper = hi >= 64 ? ~0ull : (1ull << hi) - 1ull;
-    return upper & ~((1ull << lo) - 1ull);
-}
-
-// Bit c set when key c0 + c (c < nkt <= 64) is an edge of the query at position i: mask_allows
-// for a whole tile row at once (window, block, global and causal are intervals).
-__device__ __forceinline__ unsigned long long row_bits(const MaskDev& m, long long i, long long c0, int nkt) {
-    const long long d = i - c0;  // the query's position in tile-local columns
-    unsigned long long bits = 0ull;
-    for (int t = 0; t < m.n; ++t) {
-        const long long a = min(m.a[t], (1LL << 62) - 1);
-        switch (m.kind[t]) {
-        case T_FULL: bits = ~0ull; break;
-        case T_WINDOW: bits |= bit_range(d - a, d + a + 1); break;
-        case T_DILATED: {
-            const long long r = m.b[t];
-            if (r == 1) { bits |= bit_range(d - a, d + a + 1); break; }
-            const long long lo = max(d - a, 0LL), hi = min(d + a + 1, 64LL);
-            for (long long c = lo + (((d - lo) % r) + r) % r; c < hi; c += r) bits |= 1ull << c;
-            break;
-        }
-        case T_BLOCK: bits |= bit_range(i / a * a - c0, (i / a + 1) * a - c0); break;
-        case T_GLOBAL: bits |= i < a ? ~0ull : bit_range(-c0, a - c0); break;
-        }
-    }
-    if (m.causal) bits &= bit_range(0, d + 1);
-    return bits & bit_range(0, nkt);
-}
-
-// lo and hi reduced to the lowest and highest over the 32 lanes of the warp
-__device__ __forceinline__ void warp_min_max(long long& lo, long long& hi) {
-#pragma unroll
-    for (int s = 16; s > 0; s >>= 1) {
-        lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, s));
-        hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, s));
     }
 }
 
@@ -132,15 +51,6 @@ __device__ __forceinline__ void row_positions(const long long* __restrict__ qpos
         hi = -0x7fffffffffffffffLL - 1;
         for (int r = r0 + lane; r < r1; r += 32) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
         warp_min_max(lo, hi);
-    }
-}
-
-// Tile cursor over the spans [lo[sp], hi[sp]): the next MK-key tile after c0.
-__device__ __forceinline__ void next_tile(int& sp, long long& c0, int nsp, const long long* lo, const long long* hi) {
-    c0 += MK;
-    if (c0 >= hi[sp]) {
-        ++sp;
-        c0 = sp < nsp ? lo[sp] : 0;
     }
 }
 

@@ -1,11 +1,12 @@
 // Local sparse attention forward on Hopper's warpgroup MMA (wgmma, sm_90a) for float16/bfloat16
-// with head dim D in {64, 128}: same contract, mask handling and helpers as attend_fwd_mma in
-// attend_mma.cu; the structure (persistent, a loader warpgroup and consumer warpgroups) is
-// described above the kernel. S = Q K^T is wgmma m64n64k16 with Q in registers or shared memory
-// and the K tile in shared memory; O += P V is wgmma m64nDk16 with P re-packed from S's
-// accumulators in registers and the V tile read N-major from shared memory. q, K and V sit in
-// shared memory in 128-byte swizzle atoms (without the swizzle the MMAs' reads were bank-bound).
-#include "attend_mma.cu"
+// with head dim D in {64, 128}: same contract and mask handling as attend_fwd_mma in
+// attend_mma.cu, whose helpers it shares (tiles.cuh); the structure (persistent, a loader
+// warpgroup and consumer warpgroups) is described above the kernel. S = Q K^T is wgmma m64n64k16
+// with Q in registers or shared memory and the K tile in shared memory; O += P V is wgmma m64nDk16
+// with P re-packed from S's accumulators in registers and the V tile read N-major from shared
+// memory. q, K and V sit in shared memory in 128-byte swizzle atoms (without the swizzle the MMAs'
+// reads were bank-bound).
+#include "tiles.cuh"
 
 // Shared-memory matrix descriptors in the 128-byte swizzle (8 rows of 128 bytes whose 16-byte
 // chunks are permuted by XOR with the row index mod 8: CUTLASS's Swizzle<3,4,3>; atoms

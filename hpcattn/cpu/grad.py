@@ -34,7 +34,7 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     given, is called after every query tile (the comm layer's hook to advance transfers).
     """
     xp = array_module(q)
-    if xp is not np:  # device arrays: kernels/attend.cu (hpcattn/gpu/cuda.py)
+    if xp is not np:  # device arrays: kernels/attend.cu (hpcattn/gpu/backward.py)
         return _on_device(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq, dk, dv)
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
@@ -68,12 +68,13 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
 
 
 def _on_device(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq, dk, dv):
-    """cuda.backward with this function's contract: accumulators may be strided views (a
-    variant's row or key runs); the kernel wants contiguous ones, so those go through a copy."""
-    from ..gpu import cuda
+    """The GPU backward (gpu/backward.py) with this function's contract: accumulators may be
+    strided views (a variant's row or key runs); the kernel wants contiguous ones, so those go
+    through a copy."""
+    from ..gpu.backward import backward as on_device
     accs = [a if a is None or a.flags.c_contiguous else a.copy() for a in (dq, dk, dv)]
-    *out, edges = cuda.backward(q, to_host(qpos), k, v, k0, mask, scale, do.astype(q.dtype, copy=False),
-                                lse, delta, *accs)
+    *out, edges = on_device(q, to_host(qpos), k, v, k0, mask, scale, do.astype(q.dtype, copy=False),
+                            lse, delta, *accs)
     for view, got in zip((dq, dk, dv), out):
         if view is not None and view is not got:
             view[...] = got

@@ -66,9 +66,9 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
     The mask must be bound (Mask.bind) when it has random or csr terms.
     """
     xp = array_module(q)
-    if xp is not np:  # device arrays: the CUDA kernels in kernels/ (gpu/cuda.py)
-        from ..gpu import cuda
-        o, lse, edges = cuda.attend(q, qpos, k, v, k0, mask, scale)
+    if xp is not np:  # device arrays: the CUDA kernels in kernels/ (gpu/forward.py)
+        from ..gpu import forward
+        o, lse, edges = forward.attend(q, qpos, k, v, k0, mask, scale)
         if out is not None:
             out[...] = o
         return (o if out is None else out), lse, edges

@@ -1,5 +1,5 @@
-"""Every kernel in kernels/ compiles with nvcc for sm_90 (sm_90a: cuda.SM90A) with no warnings (runs in CI; needs
-nvcc, not a GPU), with every name expression hpcattn/gpu/cuda.py asks CuPy for instantiated."""
+"""Every kernel in kernels/ compiles with nvcc for sm_90 (sm_90a: loader.SM90A) with no warnings (runs in CI; needs
+nvcc, not a GPU), with every name expression hpcattn/gpu/loader.py asks CuPy for instantiated."""
 import os
 import shutil
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcattn.gpu import cuda
+from hpcattn.gpu import encode, loader, shapes
 from hpcattn.masks import parse
 
 
@@ -23,20 +23,20 @@ NVCC = find_nvcc()
 
 
 def test_every_source_in_kernels_is_loaded():
-    on_disk = {p.name for p in cuda.KERNEL_DIR.glob("*.cu")}
-    assert on_disk and on_disk == set(cuda.SOURCES)
+    on_disk = {p.name for p in loader.KERNEL_DIR.glob("*.cu")}
+    assert on_disk and on_disk == set(loader.SOURCES)
 
 
 @pytest.mark.skipif(NVCC is None, reason="NVCC NOT FOUND: kernels/*.cu were NOT compiled "
                     "(install the CUDA toolkit or set CUDA_HOME)")
-@pytest.mark.parametrize("source", sorted(cuda.SOURCES))
+@pytest.mark.parametrize("source", sorted(loader.SOURCES))
 def test_kernel_compiles_for_sm90_without_warnings(source, tmp_path):
-    refs = ", ".join(f"(void*)&{name}" for name in cuda.SOURCES[source])
+    refs = ", ".join(f"(void*)&{name}" for name in loader.SOURCES[source])
     unit = tmp_path / f"check_{source}"
-    unit.write_text(f'#include "{cuda.KERNEL_DIR / source}"\n'
+    unit.write_text(f'#include "{loader.KERNEL_DIR / source}"\n'
                     f"void* hpcattn_kernels[] = {{{refs}}};\n")
-    arch = "-gencode=arch=compute_90a,code=sm_90a" if source in cuda.SM90A else "-arch=sm_90"
-    cmd = [NVCC, arch, "-std=c++17", "-Werror", "all-warnings", f"-I{cuda.KERNEL_DIR}",
+    arch = "-gencode=arch=compute_90a,code=sm_90a" if source in loader.SM90A else "-arch=sm_90"
+    cmd = [NVCC, arch, "-std=c++17", "-Werror", "all-warnings", f"-I{loader.KERNEL_DIR}",
            "-c", str(unit), "-o", str(tmp_path / "k.o")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
@@ -51,15 +51,15 @@ def test_kernel_compiles_for_sm90_without_warnings(source, tmp_path):
     ("dilated:4611686018427387903:4", [1, 0, 2, 2**62, 4])])
 def test_mask_words_encode_every_term(spec, words):
     """The words, then zeros to a fixed length (a warp reads them in one step)."""
-    got = cuda.mask_words(parse(spec)).tolist()
-    assert len(got) == 2 + 3 * cuda.MAX_TERMS
+    got = encode.mask_words(parse(spec)).tolist()
+    assert len(got) == 2 + 3 * encode.MAX_TERMS
     assert got == words + [0] * (len(got) - len(words))
 
 
 def test_head_dim_buckets_and_limits():
-    assert [cuda._bucket(d) for d in (8, 64, 65, 128, 256)] == [64, 64, 128, 128, 256]
+    assert [shapes.bucket(d) for d in (8, 64, 65, 128, 256)] == [64, 64, 128, 128, 256]
     with pytest.raises(Exception, match="head dim 257"):
-        cuda._bucket(257)
+        shapes.bucket(257)
 
 
 def find_nvrtc():
@@ -85,19 +85,19 @@ NVRTC = find_nvrtc()
 
 @pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found: the runtime (CuPy/NVRTC) compile of "
                     "kernels/*.cu was NOT checked (pip install nvidia-cuda-nvrtc to check it here)")
-@pytest.mark.parametrize("source", sorted(cuda.SOURCES))
+@pytest.mark.parametrize("source", sorted(loader.SOURCES))
 def test_kernel_compiles_with_nvrtc_as_cupy_loads_it(source):
     """The same source and name expressions through NVRTC (what cupy.RawModule does at run
-    time), with the options hpcattn/gpu/cuda.py passes plus the CUDA headers' directory."""
+    time), with the options hpcattn/gpu/loader.py passes plus the CUDA headers' directory."""
     import ctypes
     prog = ctypes.c_void_p()
-    code = (cuda.KERNEL_DIR / source).read_bytes()
+    code = (loader.KERNEL_DIR / source).read_bytes()
     assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), code, source.encode(), 0, None, None) == 0
-    for name in cuda.SOURCES[source]:
+    for name in loader.SOURCES[source]:
         assert NVRTC.nvrtcAddNameExpression(prog, name.encode()) == 0
     cuda_inc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
-    arch = "-arch=sm_90a" if source in cuda.SM90A else "-arch=sm_90"
-    opts = [o.encode() for o in (*cuda.OPTIONS, f"-I{cuda_inc}", arch)]
+    arch = "-arch=sm_90a" if source in loader.SM90A else "-arch=sm_90"
+    opts = [o.encode() for o in (*loader.OPTIONS, f"-I{cuda_inc}", arch)]
     rc = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))

@@ -14,7 +14,8 @@ cp = cupy_or_skip()
 
 import hpcattn  # noqa: E402
 from hpcattn import masks  # noqa: E402
-from hpcattn.gpu import cuda  # noqa: E402
+from hpcattn.gpu import forward, listed, loader, shapes  # noqa: E402
+from hpcattn.gpu.backward import backward as gpu_backward  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from hpcattn.merge import merge  # noqa: E402
 from hpcattn.reference import errors, grad_error, reference, reference_backward, tolerance  # noqa: E402
@@ -31,9 +32,9 @@ TOL = {"simt": 2e-5, ("mma", "float16"): 4e-3, ("mma", "bfloat16"): 3e-2, ("wgmm
 
 def need(kind):
     """Skips a Hopper-kernel case (saying why) on a device that cannot run it."""
-    if kind == "wgmma" and not cuda.wgmma_available():
+    if kind == "wgmma" and not loader.wgmma_available():
         pytest.skip(f"the wgmma kernel needs compute capability 9.0; this device is "
-                    f"{cp.cuda.Device().compute_capability} ({cuda.COMPILED_BY.get('attend_wgmma.cu', '')})")
+                    f"{cp.cuda.Device().compute_capability} ({loader.COMPILED_BY.get('attend_wgmma.cu', '')})")
 
 
 def one(rng, shape, dtype):
@@ -53,7 +54,7 @@ def inputs(rng, shape_q, shape_k, dtype):
 
 
 def assert_matches_reference(o, lse, edges, o_ref, lse_ref, tol, mask, qpos, k0, nk):
-    """cuda.attend's (o, lse) on the device against the float64 reference: float32 of the right
+    """forward.attend's (o, lse) on the device against the float64 reference: float32 of the right
     shapes, rows without edges (0, -inf), every element finite, relative error within tol, lse
     within 1e-4, and the edges of keys k0 .. k0 + nk - 1 counted exactly."""
     o, lse = o.get(), lse.get()
@@ -86,7 +87,7 @@ def test_local_kernel_matches_reference_and_counts_edges(rng, spec, B, Hkv, G, n
     k0 = 37  # a key block that does not start at 0, queries spread around and past it
     qpos = np.sort(rng.choice(np.arange(0, k0 + nk + 20), size=nq, replace=False)).astype(np.int64)
     scale = 1 / math.sqrt(D)
-    o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
+    o, lse, edges = forward.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
     o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
     assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL.get(kind, TOL.get((kind, dtype))), mask, qpos, k0, nk)
 
@@ -105,7 +106,7 @@ def test_wgmma_rows_whose_positions_are_runs_or_not(rng, spec, D, dtype):
     nq = len(qpos)
     (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, 2, 1, nq, D), (1, 2, nk, D), dtype)
     scale = 1 / math.sqrt(D)
-    o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind="wgmma")
+    o, lse, edges = forward.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind="wgmma")
     o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
     assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL[("wgmma", dtype)], mask, qpos, k0, nk)
 
@@ -120,13 +121,13 @@ def test_few_query_rows_split_the_keys_and_merge(rng, monkeypatch, spec, B, Hkv,
     on its own stream, partials folded by the one merge; exact, every chunk's edges counted,
     rows without edges (0, -inf)."""
     need(kind)
-    monkeypatch.setattr(cuda, "SPLIT_KEYS", 50)
+    monkeypatch.setattr(forward, "SPLIT_KEYS", 50)
     mask, nk, k0 = parse(spec), 1000, 10
-    assert cuda._key_chunks(cp, nq, B * Hkv * G, nk) > 1
+    assert forward._key_chunks(cp, nq, B * Hkv * G, nk) > 1
     (qh, kh, vh), (qd, kd, vd) = inputs(rng, (B, Hkv, G, nq, D), (B, Hkv, nk, D), dtype)
     qpos = np.concatenate([[3], np.sort(rng.choice(np.arange(k0, k0 + nk + 5), nq - 1, replace=False))]).astype(np.int64)
     scale = 1 / math.sqrt(D)
-    o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
+    o, lse, edges = forward.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=dtype == "bfloat16", kernel_kind=kind)
     o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
     assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL.get(kind, TOL.get((kind, dtype))), mask, qpos, k0, nk)
 
@@ -135,7 +136,7 @@ def test_few_query_rows_split_the_keys_and_merge(rng, monkeypatch, spec, B, Hkv,
 def test_device_random_columns_are_masks_random_keys(rng, r, seed, n):
     qpos = np.sort(rng.choice(min(n, 5000), size=min(n, 300), replace=False)).astype(np.int64)
     term = parse(f"random:{r}:{seed}", n_keys=n).terms[0]
-    cols, width = cuda._random_columns(term, qpos)
+    cols, width = listed.random_columns(term, qpos)
     got = np.sort(cols.get().reshape(len(qpos), width), axis=1)
     assert np.array_equal(got, masks.random_keys(seed, qpos, r, n))
 
@@ -161,7 +162,7 @@ def test_listed_terms_match_reference(rng, spec, dtype, kind):
     mask = listed_mask(spec, rng, n)
     (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, 2, 2, n, D), (1, 2, nk, D), dtype)
     qpos = np.arange(n, dtype=np.int64)
-    o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, 0.125, bf16=dtype == "bfloat16", kernel_kind=kind)
+    o, lse, edges = forward.attend(qd, qpos, kd, vd, k0, mask, 0.125, bf16=dtype == "bfloat16", kernel_kind=kind)
     o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, 0.125)
     o, lse = o.get(), lse.get()
     assert np.array_equal(np.isneginf(lse), np.isneginf(lse_ref))
@@ -180,13 +181,13 @@ def test_lean_forward_is_the_tensor_core_forward_rounded(rng, dtype, spec, kind)
     mask, nq, nk, q0 = parse(spec), 300, 400, 37
     _, (qd, kd, vd) = inputs(rng, (1, 2, 2, nq, 64), (1, 2, nk, 64), dtype)
     bf = dtype == "bfloat16"
-    o, lse, edges = cuda.attend(qd, np.arange(q0, q0 + nq, dtype=np.int64), kd, vd, 0, mask, 0.125, bf16=bf,
-                                kernel_kind=kind)
-    lo, ll, le = cuda.attend_lean(qd, q0, kd, vd, 0, mask, 0.125, bf16=bf, kernel_kind=kind)
+    o, lse, edges = forward.attend(qd, np.arange(q0, q0 + nq, dtype=np.int64), kd, vd, 0, mask, 0.125, bf16=bf,
+                                   kernel_kind=kind)
+    lo, ll, le = forward.attend_lean(qd, q0, kd, vd, 0, mask, 0.125, bf16=bf, kernel_kind=kind)
     assert lo.dtype == qd.dtype and le == edges and np.array_equal(ll.get(), lse.get())
     want = bf16_bits(o.get())[0] if bf else o.get().astype(np.float16)
     assert np.array_equal(lo.get(), want)
-    lo, ll, le = cuda.attend_lean(qd, q0, kd, vd, 0, mask, 0.125, bf16=bf, out=qd, kernel_kind=kind)  # o over q
+    lo, ll, le = forward.attend_lean(qd, q0, kd, vd, 0, mask, 0.125, bf16=bf, out=qd, kernel_kind=kind)  # o over q
     assert lo is qd and le == edges and np.array_equal(qd.get(), want)
 
 
@@ -197,12 +198,12 @@ def test_persistent_wgmma_blocks_walk_many_work_items(rng, monkeypatch, ctas, D,
     """Few blocks, many (rows, head) items each: the loader's double-buffered set-up, the ring's
     phases across items and items without keys (q positions past the keys) all stay exact."""
     need("wgmma")
-    monkeypatch.setattr(cuda, "WG_CTAS", ctas)
+    monkeypatch.setattr(forward, "WG_CTAS", ctas)
     mask, k0, nq, nk = parse(spec), 20, 900, 700
     (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, 2, 2, nq, D), (1, 2, nk, D), dtype)
     qpos = np.sort(rng.choice(np.arange(0, k0 + nk + 400), size=nq, replace=False)).astype(np.int64)
-    o, lse, edges = cuda.attend(qd, qpos, kd, vd, k0, mask, 1 / math.sqrt(D), bf16=dtype == "bfloat16",
-                                kernel_kind="wgmma")
+    o, lse, edges = forward.attend(qd, qpos, kd, vd, k0, mask, 1 / math.sqrt(D), bf16=dtype == "bfloat16",
+                                   kernel_kind="wgmma")
     o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, 1 / math.sqrt(D))
     assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL[("wgmma", dtype)], mask, qpos, k0, nk)
 
@@ -213,41 +214,41 @@ def test_sm90a_cubin_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
     need("wgmma")
     from cupy.cuda import nvrtc
     monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
-    code, names = (cuda.KERNEL_DIR / "attend_wgmma.cu").read_text(), [cuda.wg_name("__half", 64, "float")]
-    options = cuda.OPTIONS + cuda._cuda_include()
-    first = cuda.Sm90aModule(code, names, options)
+    code, names = (loader.KERNEL_DIR / "attend_wgmma.cu").read_text(), [shapes.wg_name("__half", 64, "float")]
+    options = loader.options()
+    first = loader.Sm90aModule(code, names, options)
     cached = sorted(p.suffix for p in tmp_path.iterdir())
     assert cached == [".cubin", ".json"]
 
     def no_compile(*a):
         raise AssertionError("compiled although cached")
     monkeypatch.setattr(nvrtc, "compileProgram", no_compile)
-    again = cuda.Sm90aModule(code, names, options)
+    again = loader.Sm90aModule(code, names, options)
     assert again._lowered == first._lowered
     with pytest.raises(AssertionError, match="compiled although cached"):
-        cuda.Sm90aModule(code + "\n// another version\n", names, options)
+        loader.Sm90aModule(code + "\n// another version\n", names, options)
 
 
 def test_wgmma_kind_is_refused_clearly_where_it_cannot_run(rng):
     _, (qd, kd, vd) = inputs(rng, (1, 1, 1, 10, 32), (1, 1, 10, 32), "float16")  # D = 32: not a Hopper shape
     with pytest.raises(hpcattn.HpcattnError, match="Hopper kernel takes"):
-        cuda.attend(qd, np.arange(10), kd, vd, 0, parse("full"), 0.1, kernel_kind="wgmma")
+        forward.attend(qd, np.arange(10), kd, vd, 0, parse("full"), 0.1, kernel_kind="wgmma")
 
 
 def test_decode_rows_without_edges_and_empty_blocks(rng):
     mask = parse("window:0")
     q = cp.asarray(rng.standard_normal((1, 1, 1, 5, 32)).astype(np.float32))
     k = cp.asarray(rng.standard_normal((1, 1, 100, 32)).astype(np.float32))
-    o, lse, edges = cuda.attend(q, np.array([5, 100, 150, 199, 200]), k, k, 100, mask, 0.1)
+    o, lse, edges = forward.attend(q, np.array([5, 100, 150, 199, 200]), k, k, 100, mask, 0.1)
     lse = lse.get()
     assert edges == 3 and np.isneginf(lse[..., [0, 4]]).all() and (o.get()[..., [0, 4], :] == 0).all()
-    o, lse, edges = cuda.attend(q, np.arange(5), k[:, :, :0], k[:, :, :0], 0, mask, 0.1)
+    o, lse, edges = forward.attend(q, np.arange(5), k[:, :, :0], k[:, :, :0], 0, mask, 0.1)
     assert edges == 0 and np.isneginf(lse.get()).all() and not o.get().any()
 
 
 def test_large_logits_stay_finite(rng):
     q = cp.asarray((rng.standard_normal((1, 1, 1, 200, 16)) * 30).astype(np.float32))
-    o, lse, _ = cuda.attend(q, np.arange(200), q[:, :, 0], q[:, :, 0], 0, parse("causal"), 0.25)
+    o, lse, _ = forward.attend(q, np.arange(200), q[:, :, 0], q[:, :, 0], 0, parse("causal"), 0.25)
     assert cp.isfinite(o).all() and cp.isfinite(lse).all()
 
 
@@ -266,10 +267,10 @@ def test_backward_matches_float64_gradients(rng, spec, Hkv, G, n, D, dtype):
     gq, edges = cp.zeros(qh.shape, cp.float32), 0
     gk, gv = cp.zeros(kh.shape, cp.float32), cp.zeros(kh.shape, cp.float32)
     for a, b in ((0, cut), (cut, n)):
-        _, dk_b, dv_b, e = cuda.backward(qd, qpos, cp.ascontiguousarray(kd[:, :, a:b]),
-                                         cp.ascontiguousarray(vd[:, :, a:b]), a, mask, scale, dod,
-                                         cp.asarray(lse, dtype=cp.float32), cp.asarray(delta, dtype=cp.float32),
-                                         dq=gq, bf16=dtype == "bfloat16")
+        _, dk_b, dv_b, e = gpu_backward(qd, qpos, cp.ascontiguousarray(kd[:, :, a:b]),
+                                        cp.ascontiguousarray(vd[:, :, a:b]), a, mask, scale, dod,
+                                        cp.asarray(lse, dtype=cp.float32), cp.asarray(delta, dtype=cp.float32),
+                                        dq=gq, bf16=dtype == "bfloat16")
         gk[:, :, a:b], gv[:, :, a:b], edges = dk_b, dv_b, edges + e
     # dv = P^T dO has no cancellation: its own size is the scale
     for name, g, ref, mag in zip(("dq", "dk", "dv"), (gq, gk, gv), (dq, dk, dv), (mag_q, mag_k, abs(dv))):

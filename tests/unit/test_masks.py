@@ -162,7 +162,7 @@ def test_a_new_term_class_works_without_editing_other_modules(rng):
     from hpcattn.commands.bench import _mask_mod
     from hpcattn.cpu import local
     from hpcattn.dist.variants import pick, reach_width, sparse
-    from hpcattn.gpu import cuda
+    from hpcattn.gpu import encode
     from hpcattn.io import outofcore
     from hpcattn.reference import errors, reference
     mask = Mask("lag:5+global:2", [Lag(5), parse("global:2").terms[0]], False)
@@ -173,7 +173,7 @@ def test_a_new_term_class_works_without_editing_other_modules(rng):
     assert sparse.reach(mask, np.arange(100, 110), 1000).tolist() == [[0, 2], [95, 105]]
     assert _mask_mod(mask, 8, None) is None  # no flex form declared: bench says so
     with pytest.raises(HpcattnError, match="no GPU kernel"):
-        cuda.mask_words(mask)
+        encode.mask_words(mask)
     plan = local.Plan(mask)  # a plain implicit term: the tiles piece
     assert plan.band is None and plan.gather is None and plan.tiles.terms == mask.terms
     n, D = 300, 8

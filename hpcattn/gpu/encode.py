@@ -1,0 +1,94 @@
+"""What the GPU kernels are given, checked on the host before any launch: the inputs' dtypes
+and shapes, a mask's implicit terms as device words (kernels/mask.cuh), its listed terms (left to
+attend_rows), query positions, and device copies of those reused while the same host object is
+passed again."""
+import numpy as np
+
+from ..errors import HpcattnError
+from .loader import cupy
+from .shapes import BQ, CTYPES, bucket
+
+MAX_TERMS = 8  # HPCATTN_MAX_TERMS in kernels/mask.cuh
+_copies = {}
+
+
+def dtype_name(x, bf16=False):
+    """'float32' | 'float16' | 'bfloat16' for an array. CuPy has no bfloat16 dtype: bfloat16
+    data travels as uint16 bit patterns (e.g. a torch tensor's memory) with bf16=True."""
+    name = str(x.dtype)
+    if bf16 and name == "uint16":
+        return "bfloat16"
+    return name
+
+
+def listed_terms(mask):
+    """The terms whose edges are lists of columns (random, csr: `Term.listed`)."""
+    return [t for t in mask.terms if t.listed]
+
+
+def mask_words(mask):
+    """The device encoding of a mask's implicit terms and causal flag (kernels/mask.cuh):
+    int64 [n, causal, (kind, a, b)*n, zeros to MAX_TERMS]. Listed terms (random, csr) are left
+    to attend_rows."""
+    words, n = [], 0
+    for t in mask.terms:
+        if t.listed:
+            continue
+        n += 1
+        code = t.device_words()
+        if code is None:
+            raise HpcattnError(f"mask term {t!r} of {mask.spec!r} has no GPU kernel yet")
+        words += list(code)
+    if n > MAX_TERMS:
+        raise HpcattnError(f"mask {mask.spec!r} has {n} terms; the GPU kernels take {MAX_TERMS}")
+    words += [0] * (3 * MAX_TERMS - len(words))  # fixed length: a warp reads it in one step
+    return np.array([n, int(mask.causal), *words], dtype=np.int64)
+
+
+def device_copy(tag, host, make=np.asarray):
+    """A device copy of make(host), reused while the same object is passed again (the ring
+    passes the same positions and mask every hop)."""
+    cp = cupy()
+    key = (tag, cp.cuda.Device().id)
+    hit = _copies.get(key)
+    if hit is None or hit[0] is not host:
+        hit = _copies[key] = (host, cp.asarray(make(host)))
+    return hit[1]
+
+
+def device_positions(qpos):
+    """The query positions on the device (checked on the host once per array); every launcher
+    shares this one copy."""
+    return device_copy("qpos", qpos, positions)
+
+
+def device_mask(mask):
+    """The mask's words on the device; every launcher shares this one copy."""
+    return device_copy("mask", mask, mask_words)
+
+
+def check(q, qpos, k, v, k0, bf16):
+    """(C type, head-dim bucket) of q, k, v after checking their dtypes, shapes, positions and
+    key offset against what the kernels take."""
+    B, Hkv, G, nq, D = q.shape
+    names = {dtype_name(x, bf16) for x in (q, k, v)}
+    if len(names) != 1 or not names <= set(CTYPES):
+        raise HpcattnError(f"GPU kernels take one dtype of {', '.join(CTYPES)}; got {', '.join(sorted(names))}")
+    if k.shape != v.shape or k.shape[:2] != (B, Hkv) or k.shape[3] != D:
+        raise HpcattnError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
+    if B * Hkv * G > 65535 or nq >= 2**31 - BQ or k.shape[2] >= 2**31:
+        raise HpcattnError(f"shape {q.shape} x {k.shape} exceeds the GPU kernels' grid")
+    qpos = np.asarray(qpos) if qpos is not None else np.zeros(nq, dtype=np.int64)  # None: derived
+    if qpos.shape != (nq,) or qpos.dtype != np.int64:
+        raise HpcattnError(f"qpos must be int64 of shape ({nq},), got {qpos.dtype} {qpos.shape}")
+    if not 0 <= k0 < 2**62:
+        raise HpcattnError(f"key offset {k0} outside [0, 2**62)")
+    return CTYPES[names.pop()], bucket(D)
+
+
+def positions(qpos):
+    """Query positions checked (once per array, on the host) and copied to the device."""
+    qpos = np.asarray(qpos)
+    if qpos.size and (qpos.min() < 0 or qpos.max() >= 2**62):
+        raise HpcattnError(f"query positions must lie in [0, 2**62); got [{qpos.min()}, {qpos.max()}]")
+    return qpos

@@ -1,0 +1,51 @@
+"""The GPU kernels' shape table: dtypes, head-dim buckets, tile sizes, the tensor-core kernels'
+shapes per head dim, and the name expressions and shared memory those shapes give. Every
+constant here mirrors a #define or template argument of kernels/*.cu."""
+from ..errors import HpcattnError
+
+CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+DMAXES = (64, 128, 256)
+BQ, BK, THREADS = 16, 32, 128  # must match kernels/attend.cu
+MK = 64  # MK in kernels/tiles.cuh
+ROW_WARPS = 4  # RWARPS in kernels/attend_rows.cu
+# attend_fwd_mma's shape per head dim: (warps per block, 16-row MMA tiles per warp, q kept in
+# registers, K/V buffers, blocks per SM asked of the register allocator): the fastest of
+# jobs/mma_tune.py's candidates on an H100 (docs/benchmarks-log.md, "GPU local kernel")
+MMA_SHAPES = {32: (2, 2, True, 3, 1), 64: (2, 2, True, 3, 1), 96: (4, 1, True, 2, 1), 128: (4, 1, True, 2, 1)}
+MMA_DIMS = tuple(MMA_SHAPES)
+# attend_fwd_wgmma's shape per head dim (Hopper, sm_90a): (consumer warpgroups of 64 rows,
+# K/V buffers, blocks per SM, q in registers), the fastest of jobs/wgmma_check.py's candidates
+# on an H100 (docs/benchmarks-log.md, "GPU local kernel")
+WG_SHAPES = {64: (3, 8, 1, False), 128: (2, 5, 1, True)}
+WG_DIMS = tuple(WG_SHAPES)
+
+
+def mma_name(ctype, D, otype, shape=None):
+    w, rm, qreg, st, minb = shape or MMA_SHAPES[D]
+    return f"attend_fwd_mma<{ctype}, {D}, {otype}, {w}, {rm}, {str(qreg).lower()}, {st}, {minb}>"
+
+
+def mma_smem(D, shape=None):
+    """Shared bytes of attend_fwd_mma: its K and V tile buffers (half precision, rows padded by
+    8), plus the q rows unless they stay in registers (then they pass through a K/V buffer)."""
+    w, rm, qreg, st, _ = shape or MMA_SHAPES[D]
+    return (2 * st * MK + (0 if qreg else 16 * rm * w)) * (D + 8) * 2
+
+
+def wg_name(ctype, D, otype, shape=None):
+    nwg, st, minb, qreg = shape or WG_SHAPES[D]
+    return f"attend_fwd_wgmma<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(qreg).lower()}>"
+
+
+def wg_smem(D, shape=None):
+    """Shared bytes of attend_fwd_wgmma: ST K/V tile buffers, two q buffers, 1024 for alignment."""
+    nwg, st, _, _ = shape or WG_SHAPES[D]
+    return (2 * st * MK + 2 * 64 * nwg) * D * 2 + 1024
+
+
+def bucket(D):
+    """The smallest of DMAXES that holds head dim D (the CUDA-core kernels' template argument)."""
+    for m in DMAXES:
+        if D <= m:
+            return m
+    raise HpcattnError(f"head dim {D} is above the GPU kernels' limit {DMAXES[-1]}")
