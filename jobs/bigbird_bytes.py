@@ -23,6 +23,8 @@ from hpcattn.masks import Global, Window, parse
 from hpcattn.partition import even_offsets
 from hpcattn.dist.variants import sparse
 
+import tables  # jobs/tables.py (jobs/ is on sys.path when this runs)
+
 
 def main():
     p = argparse.ArgumentParser()
@@ -58,10 +60,11 @@ def main():
     got = world.gather((comm.bytes_received, ring, int(need.sum()), int(wide.sum()) if wide is not None else 0))
     if r == 0:
         print(f"`{a.mask}`, N = {N:,}, P = {P}, D = {D}, float32, one kv head\n")
-        print("| rank | sparse bytes recv | ring bytes recv | sparse / ring | rows reached outside shard | their bytes | sparse / that | rows done tree-style |")
-        print("|---|---|---|---|---|---|---|---|")
+        tables.header("rank", "sparse bytes recv", "ring bytes recv", "sparse / ring", "rows reached outside shard",
+               "their bytes", "sparse / that", "rows done tree-style")
         for i, (s, rg, n, t) in enumerate(got):
-            print(f"| {i} | {s:,} | {rg:,} | {100 * s / rg:.2f}% | {n:,} | {n * row:,} | {s / (n * row):.3f} | {t} |")
+            tables.row(i, f"{s:,}", f"{rg:,}", f"{100 * s / rg:.2f}%", f"{n:,}", f"{n * row:,}",
+                       f"{s / (n * row):.3f}", t)
     comm.free()
 
 

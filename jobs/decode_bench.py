@@ -30,6 +30,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+import tables  # noqa: E402
+
 BIN = Path(sys.executable).parent
 MPIEXEC = os.environ.get("MPIEXEC") or (str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else "mpiexec")
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
@@ -105,12 +108,11 @@ def main(argv=None):
         from threadpoolctl import threadpool_limits
         threadpool_limits(1)
         os.environ["HPCATTN_THREADS"] = "1"
-        print("| N | P | tree kernel s / rank | ring kernel s / rank (P hops) | ring / tree |")
-        print("|---|---|---|---|---|")
+        tables.header("N", "P", "tree kernel s / rank", "ring kernel s / rank (P hops)", "ring / tree")
         for N in map(int, a.seqs.split(",")):
             for P in map(int, a.ranks.split(",")):
                 tree, ring = kernel_times(N, P, a)
-                print(f"| {N:,} | {P} | {tree:.3f} | {ring:.3f} | {ring / tree:.2f} |", flush=True)
+                tables.row(f"{N:,}", P, f"{tree:.3f}", f"{ring:.3f}", f"{ring / tree:.2f}")
         return
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -151,15 +153,13 @@ def main(argv=None):
                 if r["N"] == N and r["ranks"] == P:
                     r["ring_over_this"] = ring["attn_s"] / r["attn_s"]
                     r["ring_over_this_min"] = ring["attn_s_min"] / r["attn_s_min"]
-    print("| N | P | variant | latency s (median) | fastest | ring / this (median) | (fastest) "
-          "| compute s | comm s | max bytes sent/rank | max bytes recv/rank | load before |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    tables.header("N", "P", "variant", "latency s (median)", "fastest", "ring / this (median)", "(fastest)",
+           "compute s", "comm s", "max bytes sent/rank", "max bytes recv/rank", "load before")
     for r in rows:
-        print(f"| {r['N']:,} | {r['ranks']} | {r['label']} | {r['attn_s']:.3f} | {r['attn_s_min']:.3f} "
-              f"| {r['ring_over_this']:.1f}x | {r['ring_over_this_min']:.1f}x | {r['compute_s']:.2f} "
-              f"| {r['comm_s']:.2f} | {r['bytes_sent']:,} | {r['bytes_received']:,} | {r['load_before']:.1f} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        tables.row(f"{r['N']:,}", r["ranks"], r["label"], f"{r['attn_s']:.3f}", f"{r['attn_s_min']:.3f}",
+            f"{r['ring_over_this']:.1f}x", f"{r['ring_over_this_min']:.1f}x", f"{r['compute_s']:.2f}",
+            f"{r['comm_s']:.2f}", f"{r['bytes_sent']:,}", f"{r['bytes_received']:,}", f"{r['load_before']:.1f}")
+    tables.save_json(a.json, rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ cores than ranks. Only ratios taken in one invocation are comparable; byte count
   python jobs/ring_vs_burst.py --seq 8192 --heads 4 --mask causal --backward --ranks 1 2 4
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import h5py
+
+import tables  # jobs/tables.py (jobs/ is on sys.path when this runs)
 
 BIN = Path(sys.executable).parent
 ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
@@ -96,18 +97,17 @@ def main(argv=None):
             r[f"{phase}_vs_ring"] = r[key] / ring[key] if ring and ring[key] else None
     print(f"\nN={args.seq} H={args.heads} Hkv={args.kv_heads or args.heads} D={args.head_dim} {args.dtype} "
           f"mask={args.mask} backward={args.backward} ranks-per-node={args.ranks_per_node}")
-    print("| ranks | variant | wall s | compute s | comm s | fwd MiB sent/rank | vs ring | bwd MiB sent/rank "
-          "| vs ring | efficiency | cpu s | cpu efficiency | edge balance |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    tables.header("ranks", "variant", "wall s", "compute s", "comm s", "fwd MiB sent/rank", "vs ring",
+           "bwd MiB sent/rank", "vs ring", "efficiency", "cpu s", "cpu efficiency", "edge balance")
 
     def ratio(x):
         return f"{x:.3f}" if x is not None else "-"
     for r in rows:
-        print(f"| {r['ranks']} | {r['variant']} | {r['wall_s']:.2f} | {r['compute_s']:.2f} | {r['comm_s']:.2f} | "
-              f"{r['bytes_sent_forward_max'] / 2**20:.2f} | {ratio(r['forward_vs_ring'])} | "
-              f"{r['bytes_sent_backward_max'] / 2**20:.2f} | {ratio(r['backward_vs_ring'])} | "
-              f"{r['efficiency']:.2f} | {r['cpu_s']:.2f} | {r['cpu_efficiency']:.2f} | {r['edge_balance']:.3f} |")
-    (work / "results.json").write_text(json.dumps({"args": vars(args), "runs": rows}, indent=1))
+        tables.row(r["ranks"], r["variant"], f"{r['wall_s']:.2f}", f"{r['compute_s']:.2f}", f"{r['comm_s']:.2f}",
+            f"{r['bytes_sent_forward_max'] / 2**20:.2f}", ratio(r["forward_vs_ring"]),
+            f"{r['bytes_sent_backward_max'] / 2**20:.2f}", ratio(r["backward_vs_ring"]),
+            f"{r['efficiency']:.2f}", f"{r['cpu_s']:.2f}", f"{r['cpu_efficiency']:.2f}", f"{r['edge_balance']:.3f}")
+    tables.save_json(work / "results.json", {"args": vars(args), "runs": rows})
     os.remove(inp)
 
 

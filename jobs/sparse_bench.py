@@ -11,7 +11,6 @@ rows that rank's query rows reach outside its own shard: the least any exchange 
 Only ratios measured in the same run mean anything on a shared, oversubscribed machine.
 """
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_bench import hpcattn  # noqa: E402
+import tables  # noqa: E402
 
 from hpcattn.masks import Global, Window, parse  # noqa: E402
 from hpcattn.partition import even_offsets  # noqa: E402
@@ -82,15 +82,14 @@ def main(argv=None):
               f"{sp['bytes_received'].max():,} vs ring {ring['bytes_received'].max():,} "
               f"({100 * sp['bytes_received'].max() / ring['bytes_received'].max():.3f}%); "
               f"slowest rank's attn_s sparse {sp['attn_s'].max():.2f} s, ring {ring['attn_s'].max():.2f} s\n")
-        print("| rank | sparse bytes recv | sparse bytes sent | ring bytes recv | sparse / ring | rows reached outside shard (exact) | their bytes | sparse recv / that |")
-        print("|---|---|---|---|---|---|---|---|")
+        tables.header("rank", "sparse bytes recv", "sparse bytes sent", "ring bytes recv", "sparse / ring",
+               "rows reached outside shard (exact)", "their bytes", "sparse recv / that")
         for r in range(a.ranks):
             need = reached[r] * row_bytes
-            print(f"| {r} | {sp['bytes_received'][r]:,} | {sp['bytes_sent'][r]:,} | {ring['bytes_received'][r]:,} "
-                  f"| {100 * sp['bytes_received'][r] / ring['bytes_received'][r]:.3f}% | {reached[r]:,} | {need:,} "
-                  f"| {sp['bytes_received'][r] / need if need else float('nan'):.3f} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
+            tables.row(r, f"{sp['bytes_received'][r]:,}", f"{sp['bytes_sent'][r]:,}", f"{ring['bytes_received'][r]:,}",
+                f"{100 * sp['bytes_received'][r] / ring['bytes_received'][r]:.3f}%", f"{reached[r]:,}", f"{need:,}",
+                f"{sp['bytes_received'][r] / need if need else float('nan'):.3f}")
+    tables.save_json(a.json, results)
 
 
 if __name__ == "__main__":

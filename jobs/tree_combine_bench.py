@@ -15,6 +15,8 @@ from mpi4py import MPI
 from hpcattn import Comm
 from hpcattn.dist.variants import tree
 
+import tables  # jobs/tables.py (jobs/ is on sys.path when this runs)
+
 
 def main():
     p = argparse.ArgumentParser()
@@ -52,10 +54,10 @@ def main():
         comm.free()
     if world.rank == 0:
         print(f"P={world.size}, rows {a.queries} x heads {a.heads} x D {a.head_dim}, median of {a.repeat}")
-        print("| P | combine | form | median us (slowest rank) | best us (slowest rank) | max bytes sent/rank per call |")
-        print("|---|---|---|---|---|---|")
+        tables.header("P", "combine", "form", "median us (slowest rank)", "best us (slowest rank)",
+               "max bytes sent/rank per call")
         for method, form, med, best, sent in rows:
-            print(f"| {world.size} | {method} | {form} | {med * 1e6:.0f} | {best * 1e6:.0f} | {sent:,} |")
+            tables.row(world.size, method, form, f"{med * 1e6:.0f}", f"{best * 1e6:.0f}", f"{sent:,}")
 
 
 if __name__ == "__main__":

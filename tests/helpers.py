@@ -98,7 +98,7 @@ def naive_mask(spec, i, j, n, dense):
     return union and (j <= i if causal else True)
 
 
-# Byte counts of the ring and burst variants, derived from the partition alone
+# Byte counts of the ring, burst and tree variants, derived from the partition alone
 
 def lanes(P, K):
     """(M, L): nodes of K consecutive ranks; unequal nodes fall back to one ring of P."""
@@ -143,6 +143,72 @@ def expected_bytes(variant, P, K, r, nq, nk, B, H, Hkv, D, itemsize):
     bwd = (sum(travel[q] for q in sent) + sum(acc[q] for q in acc_sent),
            sum(travel[q] for q in recv) + sum(acc[q] for q in acc_recv))
     return fwd, bwd
+
+
+def node_collective_bytes(P, K, r, nbytes):
+    """(sent, received) of one topology-aware allreduce of nbytes: node reduce, leaders'
+    allreduce, node broadcast, with nodes of K consecutive ranks (counts of comm.py)."""
+    node, lr = r // K, r % K
+    L = min(K, P - node * K)
+    nodes = -(-P // K)
+    sent = recv = 0
+    if L > 1:
+        if lr == 0:
+            recv += nbytes * (L - 1)
+            sent += nbytes * (L - 1)
+        else:
+            sent += nbytes
+            recv += nbytes
+    if lr == 0 and nodes > 1:
+        sent += nbytes
+        recv += nbytes
+    return sent, recv
+
+
+def allreduce_bytes(P, K, r, nbytes):
+    """(sent, received) of tree's allreduce of nbytes: flat (one send, one receive), or
+    topology-aware when nodes of K ranks make more than one node and fewer than P (K None:
+    one machine, one node)."""
+    if P == 1:
+        return 0, 0
+    nodes = -(-P // K) if K else 1
+    return node_collective_bytes(P, K, r, nbytes) if 1 < nodes < P else (nbytes, nbytes)
+
+
+def tree_bytes(P, K, r, nq, B, H, D, itemsize, method="packed"):
+    """((sent, received) forward, (sent, received) backward) of tree for rank r; nq: every
+    rank's query rows. Forward: every rank's query rows (dtype) and positions gathered, the
+    partial (o, lse) combined ("packed": one allreduce of [lse, o]; "three": lse, o, weights).
+    Backward: q, dO, lse, D gathered as float32 with the positions, dQ summed by one flat
+    allreduce."""
+    if P == 1:
+        return (0, 0), (0, 0)
+    Nq, mine = sum(nq), nq[r]
+
+    def gather(row):
+        return [mine * row * (P - 1), (Nq - mine) * row]
+    fwd = gather(B * H * D * itemsize + 8)
+    reduced = [B * H * Nq * 4 * (D + 1)] if method == "packed" else [B * H * Nq * 4 * x for x in (1, D, 1)]
+    for nbytes in reduced:
+        s, rv = allreduce_bytes(P, K, r, nbytes)
+        fwd = [fwd[0] + s, fwd[1] + rv]
+    bwd = gather(B * H * (2 * D + 2) * 4 + 8)
+    dq = B * H * Nq * D * 4
+    return tuple(fwd), (bwd[0] + dq, bwd[1] + dq)
+
+
+def call_bytes(variant, P, K, r, rows, B, H, Hkv, D, itemsize):
+    """(forward, backward) (sent, received) of one attention and one attention_backward call
+    of ring, burst or tree through the API (each with its shard-size allgather) on self-attention
+    shards of rows[i] rows; None for other variants."""
+    if variant == "tree":
+        fwd, bwd = tree_bytes(P, K, r, rows, B, H, D, itemsize)
+    elif variant in ("ring", "burst"):
+        fwd, bwd = expected_bytes(variant, P, K, r, rows, rows, B, H, Hkv, D, itemsize)
+    else:
+        return None
+    c = control(P, r, [(n, n) for n in rows])
+    return tuple(a + b for a, b in zip(fwd, c)), tuple(a + b for a, b in zip(bwd, c))
 
 
 def shard_data(N, B, H, Hkv, D, dtype, spec, seed):

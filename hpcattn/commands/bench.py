@@ -5,6 +5,7 @@ mask from `create_block_mask(..., _compile=True)`) and SDPA with a dense boolean
 result is checked against float64 on sampled rows (ours) or against ours (peers). Useful
 FLOPs = 4 * edges * D; only ratios measured in one run mean anything on a shared machine.
 """
+import json
 import math
 import resource
 import time
@@ -15,6 +16,7 @@ from ..cpu import cgather, local
 from ..errors import HpcattnError
 from ..masks import check_csr, parse
 from .info import blas_name
+from .launch import on_root
 
 SDPA_BYTES = 6 << 30  # dense mask + scores + probabilities SDPA would hold (about 9 N^2 bytes)
 CHECK_ROWS = 64
@@ -231,3 +233,34 @@ def table(rows):
                 lines.append(f"{r['mask']} N={r['seq']:,}: {100 * r['gflops'] / sg[0]:.0f}% of SGEMM "
                              f"({sg[0]:.1f} GFLOP/s measured in this run)")
     return "\n".join(lines)
+
+
+def add_parser(sub):
+    b = sub.add_parser("bench", help="time the local kernel (and peers) on generated data")
+    b.add_argument("--seq", type=int, nargs="+", default=[65536], help="sequence lengths N")
+    b.add_argument("--mask", nargs="+", default=["window:256"], help="mask specs (csr: edges of "
+                   "the other terms, e.g. random:328+csr)")
+    b.add_argument("--vs", action="append", choices=["flex", "sdpa"], default=[],
+                   help="peer to time in the same run (repeatable; needs the bench extra)")
+    b.add_argument("--head-dim", type=int, default=64)
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    b.add_argument("--repeat", type=int, default=3, help="timed rounds per case after a first "
+                   "call of each (ours and each peer alternate; the best round is reported; 0: "
+                   "the first call only)")
+    b.add_argument("--sgemm", action="store_true", help="also measure the SGEMM rate (4096^3)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--in-place", action="store_true", help="write o over q (longest context: "
+                   "inputs are all the memory; one timed run)")
+    b.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    return b
+
+
+def cmd_bench(args, comm):
+    for n in args.seq:
+        if n < 1:
+            raise HpcattnError(f"--seq must be >= 1, got {n}", collective=True)
+    rows = on_root(comm, bench, args.seq, args.mask, args.vs, args.head_dim, args.dtype,
+                   args.repeat, args.sgemm, args.seed, args.in_place)
+    if comm.rank == 0:
+        print(json.dumps(rows, indent=1) if args.json else table(rows))
+    return 0

@@ -9,6 +9,7 @@ from .. import __version__
 from ..errors import HpcattnError
 from ..io.h5io import FILE_DTYPES
 from ..masks import Csr, parse
+from .launch import on_root
 
 CHUNK_ELEMS = 1 << 24
 
@@ -91,3 +92,25 @@ def write_csr(f, mask, n):
         indptr[r0 + 1:r1 + 1] = ip[1:] + total
         total += len(ix)
     g.attrs["from"] = mask.spec
+
+
+def add_parser(sub):
+    g = sub.add_parser("gen", help="write a random input file")
+    g.add_argument("path")
+    g.add_argument("--seq", type=int, required=True, help="keys N")
+    g.add_argument("--queries", type=int, help="query rows (default N; fewer = decode at the end)")
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--heads", type=int, default=1)
+    g.add_argument("--kv-heads", type=int, help="default: --heads")
+    g.add_argument("--head-dim", type=int, default=64)
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--backward", action="store_true", help="also write do")
+    g.add_argument("--mask", help="mask spec (recorded; csr terms write an explicit mask)")
+    return g
+
+
+def cmd_gen(args, comm):
+    on_root(comm, generate, args.path, args.seq, args.queries, args.batch, args.heads, args.kv_heads,
+            args.head_dim, args.dtype, args.seed, args.backward, args.mask)
+    return 0

@@ -72,3 +72,16 @@ def report():
         "nccl": nccl_version() or "no",
         "transport": auto_transport(n_gpu, aware, nccl_version()),
     }
+
+
+def add_parser(sub):
+    return sub.add_parser("info", help="backend, MPI, CUDA-awareness, parallel HDF5, GPUs")
+
+
+def cmd_info(args, comm):
+    rep = report()
+    if comm.rank == 0:
+        for key, val in rep.items():
+            print(f"{key:>15}: {val}")
+        print(f"{'ranks':>15}: {comm.size}")
+    return 0

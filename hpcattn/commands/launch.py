@@ -68,3 +68,19 @@ def command(launcher, ranks, args):
     else:
         raise HpcattnError(f"unknown launcher {launcher!r}; use one of {', '.join(LAUNCHERS)}")
     return [*pre, sys.executable, "-m", "hpcattn", *map(str, args)]
+
+
+def on_root(comm, fn, *args):
+    """Run a serial command on rank 0 only; every rank gets its result or its error."""
+    result, problem = None, None
+    if comm.rank == 0:
+        try:
+            result = fn(*args)
+        except HpcattnError as e:
+            problem = str(e)
+        except (OSError, KeyError, ValueError) as e:
+            problem = f"{type(e).__name__}: {e}"
+    result, problem = comm.bcast_object((result, problem))
+    if problem:
+        raise HpcattnError(problem, collective=True)
+    return result

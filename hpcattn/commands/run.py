@@ -1,10 +1,11 @@
 """`hpcattn run`: read each rank's hyperslab, compute, write one complete result file."""
+import argparse
 import math
 import time
 
 import numpy as np
 
-from .. import faults
+from .. import __version__, faults, profile
 from ..api import attention, attention_backward
 from ..arrays import to_host
 from ..errors import HpcattnError, collectively
@@ -114,3 +115,55 @@ def balance(per_rank):
     edges = [s["edges"] for s in per_rank]
     mean = sum(edges) / len(edges)
     return max(edges) / mean if mean else 1.0
+
+
+def add_parser(sub):
+    r = sub.add_parser("run", help="compute attention (run under mpiexec/srun for P ranks)")
+    r.add_argument("input")
+    r.add_argument("output")
+    r.add_argument("--mask", required=True, help="mask spec, e.g. causal+window:256")
+    r.add_argument("--variant", default="auto", choices=["auto", "ring", "burst", "tree", "sparse"])
+    r.add_argument("--backward", action="store_true")
+    r.add_argument("--ranks-per-node", type=int)
+    r.add_argument("--transport", default="auto", choices=["auto", "mpi", "host", "nccl"])
+    r.add_argument("--profile", metavar="TRACE.json")
+    r.add_argument("--max-memory", metavar="BYTES", type=_bytes,
+                   help="memory per rank (e.g. 8G); a shard larger than this streams out of core")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted out-of-core run from OUT.h5.partial")
+    r.add_argument("--compress", choices=["gzip", "lzf"], help="compress o and lse chunks")
+    return r
+
+
+def _bytes(text):
+    """'8G', '512M', '1000000' -> bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().rstrip("IB") or "0"
+    try:
+        val = float(t[:-1]) * units[t[-1]] if t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 8G, 512M)") from None
+    if val <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return int(val)
+
+
+def cmd_run(args, comm):
+    from ..dist.variants import VARIANTS
+    unsupported = [(flag, val) for flag, val, ok in (
+        ("--variant", args.variant, args.variant == "auto" or args.variant in VARIANTS),
+        ) if not ok]
+    if unsupported:
+        flag, val = unsupported[0]
+        raise HpcattnError(f"{flag} {val} is not available in hpcattn {__version__} yet", collective=True)
+    profile.enable(bool(args.profile))
+    if args.ranks_per_node is not None and args.ranks_per_node < 1:
+        raise HpcattnError(f"--ranks-per-node must be >= 1, got {args.ranks_per_node}", collective=True)
+    per_rank, attrs = run(args.input, args.output, args.mask, comm, args.variant, args.backward,
+                          args.ranks_per_node, args.transport, args.max_memory,
+                          args.resume, args.compress)
+    if comm.rank == 0:
+        print(summary(per_rank, attrs))
+    if args.profile:
+        profile.write_trace(comm, args.profile)
+    return 0

@@ -8,6 +8,7 @@ from ..io.outofcore import bounded
 from ..masks import parse
 from ..partition import even_offsets
 from ..reference import errors, grad_error, grad_tolerance, reference, reference_backward, tolerance
+from .launch import on_root
 
 ALL_ROWS_LIMIT = 1 << 30  # Nq * N up to which every row is checked by default
 DEFAULT_SAMPLE = 2048
@@ -94,3 +95,25 @@ def _verify_grads(in_path, out_path, meta, mask, scale, all_rows):
         qpos = f["q_positions"][...].astype(np.int64) if meta["positions"] else np.arange(meta["Nq"])
         want = reference_backward(f["q"][...], f["k"][...], f["v"][...], f["do"][...], qpos, mask, scale)
     return {"grad_err": max(grad_error(g, w) for g, w in zip(got, want)), "grad_tol": grad_tolerance(meta["dtype"])}
+
+
+def add_parser(sub):
+    v = sub.add_parser("verify", help="compare a result with the float64 reference")
+    v.add_argument("input")
+    v.add_argument("output")
+    v.add_argument("--rows", type=int, help="check K sampled rows (default: all rows when "
+                   "Nq*N <= 2^30, else 2048 sampled)")
+    return v
+
+
+def cmd_verify(args, comm):
+    rep = on_root(comm, verify, args.input, args.output, args.rows)
+    if comm.rank == 0:
+        print(f"hpcattn verify: {rep['rows']} of {rep['of']} rows against float64: "
+              f"o max rel err {rep['o_err']:.2e} (tol {rep['o_tol']:.0e}), "
+              f"lse max rel err {rep['lse_err']:.2e} (tol {rep['lse_tol']:.0e}), "
+              f"empty rows {'ok' if rep['empty_rows_ok'] else 'WRONG'}"
+              + (f", dq/dk/dv max rel err {rep['grad_err']:.2e} (tol {rep['grad_tol']:.0e})"
+                 if "grad_err" in rep else "")
+              + f": {'PASS' if rep['passed'] else 'FAIL'}")
+    return 0 if rep["passed"] else 1

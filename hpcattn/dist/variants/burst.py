@@ -16,7 +16,7 @@ import numpy as np
 from ...arrays import array_module, to_host
 from ...cpu import grad
 from . import blocks, ring
-from .rings import Relay, RingPlan, circulate
+from .rings import RingPlan, circulate_accumulating
 
 
 def plan(comm, shard):
@@ -50,22 +50,16 @@ def backward(comm, shard, o, lse, do):
     def acc_shapes(owner):
         return [(B, Hkv, G, nq_of[owner], D)]
 
-    relay = Relay(comm, p, acc_shapes, xp)
     # the positions travel with the rows, as device arrays on the GPU (one transport per hop)
     mine = [xp.ascontiguousarray(a) for a in (shard.q, do, lse.astype(np.float32, copy=False),
                                               delta.astype(np.float32, copy=False), xp.asarray(shard.qpos))]
-    for step, owner, (qb, dob, lseb, deltab, qposb) in circulate(comm, p, mine, shapes):
+    for _, owner, (qb, dob, lseb, deltab, qposb), acc in circulate_accumulating(comm, p, mine, shapes,
+                                                                               [dq], acc_shapes):
         qposb = to_host(qposb)
-        acc = [dq] if step == 0 else relay.part(step)
         t = time.perf_counter()
         edges = blocks.backward(qb, qposb, blocks.runs(nq_of[owner], shard.q_runs[owner]), dob, lseb,
                                 deltab, shard.k, shard.v, starts, kruns, shard.mask, shard.scale,
                                 acc[0], dk, dv, comm.progress)
         shard.stats["compute_s"] += time.perf_counter() - t
         shard.stats["edges"] += edges
-        if step:
-            relay.send(step, acc)
-    rest = relay.finish()
-    if rest is not None:
-        dq += rest[0]
     return dq, dk, dv

@@ -13,7 +13,7 @@ from ...arrays import array_module
 from ...cpu import grad
 from ...profile import phase
 from . import blocks
-from .rings import Relay, RingPlan, circulate
+from .rings import RingPlan, circulate, circulate_accumulating
 
 
 def flat_plan(comm):
@@ -62,20 +62,12 @@ def backward(comm, shard, o, lse, do, plan=None):
     def shapes(owner):
         return [(B, Hkv, shard.kv_rows(owner), D)] * 2
 
-    relay = Relay(comm, plan, shapes, xp)
     kv = [xp.ascontiguousarray(shard.k), xp.ascontiguousarray(shard.v)]
-    for step, owner, (kb, vb) in circulate(comm, plan, kv, shapes):
-        acc = [dk, dv] if step == 0 else relay.part(step)
+    for _, owner, (kb, vb), acc in circulate_accumulating(comm, plan, kv, shapes, [dk, dv], shapes):
         t = time.perf_counter()
         starts, kruns = shard.key_runs(owner)
         edges = blocks.backward(shard.q, shard.qpos, qruns, do, lse, delta, kb, vb, starts, kruns,
                                 shard.mask, shard.scale, dq, *acc, progress=comm.progress)
         shard.stats["compute_s"] += time.perf_counter() - t
         shard.stats["edges"] += edges
-        if step:
-            relay.send(step, acc)
-    rest = relay.finish()
-    if rest is not None:
-        dk += rest[0]
-        dv += rest[1]
     return dq, dk, dv

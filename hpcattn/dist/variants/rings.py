@@ -117,6 +117,24 @@ def circulate(comm, plan, mine, shapes_of):
                 cur = outer.wait()
 
 
+def circulate_accumulating(comm, plan, mine, shapes_of, own, acc_shapes_of):
+    """Yield (step, owner, arrays, acc) like `circulate`, with acc the float32 gradient
+    accumulators of the held block: `own` (this rank's, shaped acc_shapes_of(rank)) at step 0,
+    else zeroed ones that a Relay passes on to the next holder after the caller adds its part.
+    When the loop ends, what every other rank added for this rank's block is summed into `own`.
+    The caller must run the loop to its end (every rank takes part in every transfer)."""
+    relay = Relay(comm, plan, acc_shapes_of, array_module(own[0]))
+    for step, owner, arrays in circulate(comm, plan, mine, shapes_of):
+        acc = own if step == 0 else relay.part(step)
+        yield step, owner, arrays, acc
+        if step:
+            relay.send(step, acc)
+    rest = relay.finish()
+    if rest is not None:
+        for a, got in zip(own, rest):
+            a += got
+
+
 class Relay:
     """Carries float32 gradient accumulators behind travelling blocks: the holder at step k
     adds its part to what the holder at step k-1 sent and passes it to the holder at step
