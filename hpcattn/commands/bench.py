@@ -13,6 +13,7 @@ import numpy as np
 
 from ..cpu import cgather, local
 from ..errors import HpcattnError
+from ..io.h5io import file_dtype
 from ..masks import check_csr, parse
 from .info import blas_name
 
@@ -41,7 +42,7 @@ def _timed(fn):
 def make_inputs(n, d, dtype, seed):
     """q, k, v in the kernel's head-major layout (1, 1, 1, n, d) / (1, 1, n, d), filled in chunks."""
     rng = np.random.default_rng(seed)
-    arrays = [np.empty((1, 1, 1, n, d), dtype=dtype) for _ in range(3)]
+    arrays = [np.empty((1, 1, 1, n, d), dtype=file_dtype(dtype)) for _ in range(3)]
     step = max(1, (1 << 22) // d)
     for a in arrays:
         for r0 in range(0, n, step):

@@ -7,6 +7,7 @@ import traceback
 
 from .. import __version__, profile
 from ..errors import HpcattnError
+from ..io.h5io import FILE_DTYPES
 from . import plot, sweep
 from .launch import check_world
 
@@ -42,7 +43,7 @@ def build_parser():
     g.add_argument("--heads", type=int, default=1)
     g.add_argument("--kv-heads", type=int, help="default: --heads")
     g.add_argument("--head-dim", type=int, default=64)
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    g.add_argument("--dtype", default="float32", choices=FILE_DTYPES)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--backward", action="store_true", help="also write do")
     g.add_argument("--mask", help="mask spec (recorded; csr terms write an explicit mask)")
@@ -75,7 +76,7 @@ def build_parser():
     b.add_argument("--vs", action="append", choices=["flex", "sdpa"], default=[],
                    help="peer to time in the same run (repeatable; needs the bench extra)")
     b.add_argument("--head-dim", type=int, default=64)
-    b.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    b.add_argument("--dtype", default="float32", choices=FILE_DTYPES)
     b.add_argument("--repeat", type=int, default=3, help="timed rounds per case after a first "
                    "call of each (ours and each peer alternate; the best round is reported; 0: "
                    "the first call only)")
