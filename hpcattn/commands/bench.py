@@ -14,6 +14,7 @@ import numpy as np
 
 from ..cpu import cgather, local
 from ..errors import HpcattnError
+from ..io.h5io import FILE_DTYPES, file_dtype
 from ..masks import check_csr, parse
 from .info import blas_name
 from .launch import on_root
@@ -43,7 +44,7 @@ def _timed(fn):
 def make_inputs(n, d, dtype, seed):
     """q, k, v in the kernel's head-major layout (1, 1, 1, n, d) / (1, 1, n, d), filled in chunks."""
     rng = np.random.default_rng(seed)
-    arrays = [np.empty((1, 1, 1, n, d), dtype=dtype) for _ in range(3)]
+    arrays = [np.empty((1, 1, 1, n, d), dtype=file_dtype(dtype)) for _ in range(3)]
     step = max(1, (1 << 22) // d)
     for a in arrays:
         for r0 in range(0, n, step):
@@ -243,7 +244,7 @@ def add_parser(sub):
     b.add_argument("--vs", action="append", choices=["flex", "sdpa"], default=[],
                    help="peer to time in the same run (repeatable; needs the bench extra)")
     b.add_argument("--head-dim", type=int, default=64)
-    b.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    b.add_argument("--dtype", default="float32", choices=FILE_DTYPES)
     b.add_argument("--repeat", type=int, default=3, help="timed rounds per case after a first "
                    "call of each (ours and each peer alternate; the best round is reported; 0: "
                    "the first call only)")

@@ -7,6 +7,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import HpcattnError
+from ..io import h5io
 from ..io.h5io import FILE_DTYPES
 from ..masks import Csr, parse
 from .launch import on_root
@@ -33,8 +34,9 @@ def generate(path, seq, queries=None, batch=1, heads=1, kv_heads=None, head_dim=
     edges = None
     if mask is not None:
         edges = csr_source(mask, seq)
-    need = np.dtype(dtype).itemsize * batch * head_dim * (queries * heads * (2 if backward else 1)
-                                                          + 2 * seq * kv_heads)
+    dtype = h5io.file_dtype(dtype)
+    need = dtype.itemsize * batch * head_dim * (queries * heads * (2 if backward else 1)
+                                                + 2 * seq * kv_heads)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise HpcattnError(f"cannot write {path!r}: folder {folder!r} does not exist")
@@ -49,18 +51,19 @@ def generate(path, seq, queries=None, batch=1, heads=1, kv_heads=None, head_dim=
             shapes["do"] = shapes["q"]
         for i, (name, shape) in enumerate(shapes.items()):
             rng = np.random.default_rng([seed, i])
-            ds = f.create_dataset(name, shape=shape, dtype=dtype)
+            ds = h5io.create(f, name, shape, dtype)
             rows = max(1, CHUNK_ELEMS // (batch * shape[2] * head_dim))
             for r0 in range(0, shape[1], rows):
                 r1 = min(shape[1], r0 + rows)
-                ds[:, r0:r1] = rng.standard_normal((batch, r1 - r0, *shape[2:]), dtype=np.float32).astype(dtype)
+                x = rng.standard_normal((batch, r1 - r0, *shape[2:]), dtype=np.float32)
+                h5io.write(ds, np.s_[:, r0:r1], x.astype(dtype))
         if edges is not None:
             write_csr(f, edges, seq)
         if queries != seq:
             f["q_positions"] = np.arange(seq - queries, seq, dtype=np.int64)
         f.attrs.update({"generator": f"hpcattn gen {__version__}", "seq": seq, "queries": queries,
                         "batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-                        "dtype": dtype, "seed": seed, "backward": int(backward), "mask": mask or ""})
+                        "dtype": dtype.name, "seed": seed, "backward": int(backward), "mask": mask or ""})
 
 
 def csr_source(spec, n):
@@ -103,7 +106,7 @@ def add_parser(sub):
     g.add_argument("--heads", type=int, default=1)
     g.add_argument("--kv-heads", type=int, help="default: --heads")
     g.add_argument("--head-dim", type=int, default=64)
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    g.add_argument("--dtype", default="float32", choices=FILE_DTYPES)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--backward", action="store_true", help="also write do")
     g.add_argument("--mask", help="mask spec (recorded; csr terms write an explicit mask)")

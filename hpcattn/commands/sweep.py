@@ -18,6 +18,7 @@ import numpy as np
 
 from . import jobs, launch
 from ..errors import HpcattnError
+from ..io import h5io
 from ..masks import parse
 
 FIELDS = ("job", "point", "repeat", "scaling", "ranks", "nodes", "launcher", "seq", "queries",
@@ -48,7 +49,7 @@ def record(spec, point, out_path, launcher, elapsed, trace=None):
         st = {k: np.asarray(f["stats"][k]) for k in f["stats"]}
         attrs = dict(f.attrs)
         B, Nq, H, D = f["o"].shape
-        dtype = str(f["o"].dtype)
+        dtype = h5io.stored_dtype(f["o"]).name
     with h5py.File(attrs.get("input", spec["input"].get("path", "")), "r") as f:
         N, Hkv = f["k"].shape[1:3]
     edges = int(st["edges"].sum()) if "edges" in st else 0

@@ -40,8 +40,8 @@ def _reference_by_spans(f, q, qpos, mask, scale):
         if not spans:
             continue
         keys = np.concatenate([np.arange(a, b) for a, b in spans])
-        k = np.concatenate([f["k"][:, a:b] for a, b in spans], axis=1)
-        v = np.concatenate([f["v"][:, a:b] for a, b in spans], axis=1)
+        k = np.concatenate([h5io.read(f["k"], np.s_[:, a:b]) for a, b in spans], axis=1)
+        v = np.concatenate([h5io.read(f["v"], np.s_[:, a:b]) for a, b in spans], axis=1)
         o[:, i:i + 1], lse[:, :, i:i + 1] = reference(q[:, i:i + 1], k, v, qpos[i:i + 1], mask, scale, keys)
     return o, lse
 
@@ -60,9 +60,9 @@ def verify(in_path, out_path, rows=None):
         if rows is None and meta["Nq"] * meta["N"] > ALL_ROWS_LIMIT:
             rows = DEFAULT_SAMPLE
         idx = pick_rows(meta["Nq"], rows, ranks)
-        o, lse = f["o"][:, idx], f["lse"][:, :, idx]
+        o, lse = h5io.read(f["o"], np.s_[:, idx]), f["lse"][:, :, idx]
     with h5py.File(in_path, "r") as f:
-        q = f["q"][:, idx]
+        q = h5io.read(f["q"], np.s_[:, idx])
         qpos = f["q_positions"][idx].astype(np.int64) if meta["positions"] else idx.astype(np.int64)
     mask = mask.bind(n_keys=meta["N"])
     if "csr" in mask.needs:
@@ -71,7 +71,7 @@ def verify(in_path, out_path, rows=None):
         if meta["N"] > LOCAL_KEYS_FROM or (len(idx) < meta["Nq"] and bounded(mask)):
             o_ref, lse_ref = _reference_by_spans(f, q, qpos, mask, scale)
         else:
-            o_ref, lse_ref = reference(q, f["k"], f["v"], qpos, mask, scale)
+            o_ref, lse_ref = reference(q, h5io.Lazy(f["k"]), h5io.Lazy(f["v"]), qpos, mask, scale)
     o_err, lse_err, empty_ok = errors(o, lse, o_ref, lse_ref)
     o_tol, lse_tol = tolerance(meta["dtype"])
     rep = {"rows": len(idx), "of": meta["Nq"], "o_err": o_err, "lse_err": lse_err,
@@ -90,10 +90,10 @@ def _verify_grads(in_path, out_path, meta, mask, scale, all_rows):
             return {}
         if not all_rows or not meta["do"]:
             return {"grads": "not checked (needs all rows and do)"}
-        got = [f[n][...] for n in ("dq", "dk", "dv")]
+        got = [h5io.read(f[n]) for n in ("dq", "dk", "dv")]
     with h5py.File(in_path, "r") as f:
         qpos = f["q_positions"][...].astype(np.int64) if meta["positions"] else np.arange(meta["Nq"])
-        want = reference_backward(f["q"][...], f["k"][...], f["v"][...], f["do"][...], qpos, mask, scale)
+        want = reference_backward(*(h5io.read(f[n]) for n in ("q", "k", "v", "do")), qpos, mask, scale)
     return {"grad_err": max(grad_error(g, w) for g, w in zip(got, want)), "grad_tol": grad_tolerance(meta["dtype"])}
 
 

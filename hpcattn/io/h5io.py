@@ -9,9 +9,11 @@ This module knows nothing of the attention maths.
 import contextlib
 import os
 import shutil
+import sys
 import uuid
 
 import h5py
+import ml_dtypes
 import numpy as np
 
 from . import validate
@@ -19,7 +21,10 @@ from ..api import check_shapes
 from ..errors import HpcattnError, agree
 from ..profile import phase
 
-FILE_DTYPES = ("float32", "float16")  # what input and output files hold
+FILE_DTYPES = ("float32", "float16", "bfloat16")  # what input and output files hold
+BF16 = np.dtype(ml_dtypes.bfloat16)
+BF16_FIELDS = (15, 7, 8, 0, 7)  # HDF5 float fields: sign bit, exponent (pos, size), mantissa (pos, size)
+BF16_EBIAS = 127
 STATS = ("bytes_sent", "bytes_received", "compute_s", "comm_s", "io_s", "wall_s", "edges",
          "q_rows", "kv_rows")
 
@@ -44,6 +49,99 @@ def _open(path, mode="r"):
             raise HpcattnError(f"cannot read {path!r}, the file is damaged ({e})") from None
 
 
+def file_dtype(name):
+    """The NumPy dtype of a FILE_DTYPES name ("bfloat16": ml_dtypes.bfloat16)."""
+    return BF16 if str(name) == "bfloat16" else np.dtype(name)
+
+
+def _bf16_type():
+    """The HDF5 type of bfloat16 in files: an IEEE-style little-endian 16-bit float, sign bit 15,
+    exponent bits 7..14 (bias 127), mantissa bits 0..6 (HDF5 2.0's H5T_FLOAT_BFLOAT16LE
+    layout), which h5py and other HDF5 tools read as a float."""
+    t = h5py.h5t.IEEE_F32LE.copy()
+    t.set_fields(*BF16_FIELDS)
+    t.set_offset(0)
+    t.set_precision(16)
+    t.set_size(2)
+    t.set_ebias(BF16_EBIAS)
+    return t
+
+
+BF16_TYPE = _bf16_type()
+
+
+def _is_bf16(tid):
+    """True when the HDF5 type `tid` has the bfloat16 layout (either byte order)."""
+    return (isinstance(tid, h5py.h5t.TypeFloatID) and tid.get_size() == 2
+            and tid.get_fields() == BF16_FIELDS and tid.get_ebias() == BF16_EBIAS)
+
+
+def stored_dtype(ds):
+    """The NumPy dtype a dataset holds: ml_dtypes.bfloat16 for the bfloat16 layout (h5py alone
+    would report float32), else the dataset's own dtype."""
+    return BF16 if _is_bf16(ds.id.get_type()) else ds.dtype
+
+
+def native_bytes(ds):
+    """The dtype whose native-order bytes the dataset stores as they are (so they may be read
+    straight from the file), else None (another byte order)."""
+    tid = ds.id.get_type()
+    if _is_bf16(tid):
+        little = tid.get_order() == h5py.h5t.ORDER_LE
+        return BF16 if little == (sys.byteorder == "little") else None
+    return ds.dtype if ds.dtype.isnative else None
+
+
+def _select(ds, selection):
+    """h5py's own parse of ds[selection]: file space `.id`, memory shape `.mshape`, `.array_shape`."""
+    from h5py._hl.selections import select
+    return select(ds.shape, selection if isinstance(selection, tuple) else (selection,), ds)
+
+
+def read(ds, selection=Ellipsis):
+    """ds[selection] in the stored dtype (bfloat16 read bit for bit, through its HDF5 type)."""
+    if not _is_bf16(ds.id.get_type()):
+        return ds[selection]
+    sel = _select(ds, selection)
+    out = np.zeros(sel.array_shape, np.uint16)
+    if sel.nselect:
+        ds.id.read(h5py.h5s.create_simple(sel.mshape), sel.id, out, mtype=BF16_TYPE)
+    return out.view(BF16)
+
+
+def write(ds, selection, arr, dxpl=None):
+    """ds[selection] = arr, converted to the stored dtype (bfloat16 written bit for bit)."""
+    sel = _select(ds, selection)
+    if sel.nselect:
+        buf, mtype = _buffer(ds, np.broadcast_to(arr, sel.array_shape))
+        ds.id.write(h5py.h5s.create_simple(sel.mshape), sel.id, buf, mtype=mtype, dxpl=dxpl)
+
+
+def _buffer(ds, arr):
+    """(contiguous buffer, HDF5 memory type or None) that write arr's values into ds: bfloat16
+    as its uint16 bit patterns under the bfloat16 type."""
+    if _is_bf16(ds.id.get_type()):
+        return np.ascontiguousarray(np.asarray(arr).astype(BF16, copy=False)).view(np.uint16), BF16_TYPE
+    return np.ascontiguousarray(arr, dtype=ds.dtype), None
+
+
+def create(f, name, shape, dtype, **kwargs):
+    """f.create_dataset(name, shape, dtype, **kwargs), bfloat16 stored in its HDF5 layout."""
+    if np.dtype(dtype) == BF16:
+        dtype = h5py.Datatype(BF16_TYPE.copy())
+    return f.create_dataset(name, shape=shape, dtype=dtype, **kwargs)
+
+
+class Lazy:
+    """A dataset read on indexing in its stored dtype (for code that slices arrays)."""
+
+    def __init__(self, ds):
+        self.ds, self.shape, self.dtype = ds, ds.shape, stored_dtype(ds)
+
+    def __getitem__(self, selection):
+        return read(self.ds, selection)
+
+
 def _dataset(f, name, path):
     if name not in f or not isinstance(f[name], h5py.Dataset):
         raise HpcattnError(f"input {path!r} has no dataset {name!r}")
@@ -54,12 +152,13 @@ def read_meta(path, need_do=False):
     """Shapes and dtype of an input file, validated; HpcattnError names what is wrong."""
     with _open(path) as f:
         q, k, v = (_dataset(f, n, path) for n in ("q", "k", "v"))
-        problem = check_shapes(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype))
+        dtype = stored_dtype(q)
+        problem = check_shapes(q.shape, k.shape, v.shape, (dtype, stored_dtype(k), stored_dtype(v)))
         if problem:
             raise HpcattnError(f"input {path!r}: {problem}")
         B, Nq, H, D = q.shape
         N, Hkv = k.shape[1], k.shape[2]
-        meta = dict(B=B, Nq=Nq, N=N, H=H, Hkv=Hkv, D=D, dtype=q.dtype.newbyteorder("="),
+        meta = dict(B=B, Nq=Nq, N=N, H=H, Hkv=Hkv, D=D, dtype=dtype.newbyteorder("="),
                     positions="q_positions" in f, do="do" in f)
         validate.dims(path, meta)
         if meta["positions"]:
@@ -72,9 +171,9 @@ def read_meta(path, need_do=False):
                                "q_positions is needed when they differ")
         if need_do:
             do = _dataset(f, "do", path)
-            if do.shape != q.shape or do.dtype != q.dtype:
-                raise HpcattnError(f"input {path!r}: do must match q {q.shape} {q.dtype}, "
-                                   f"got {do.shape} {do.dtype}")
+            if do.shape != q.shape or stored_dtype(do) != dtype:
+                raise HpcattnError(f"input {path!r}: do must match q {q.shape} {dtype}, "
+                                   f"got {do.shape} {stored_dtype(do)}")
     return meta
 
 
@@ -85,7 +184,7 @@ def _ranges(r):
 
 def _rows(ds, ranges, axis=1):
     """The rows of ds in the given ranges along axis, concatenated (one hyperslab each)."""
-    parts = [ds[(slice(None),) * axis + (slice(a, b),)] for a, b in ranges]
+    parts = [read(ds, (slice(None),) * axis + (slice(a, b),)) for a, b in ranges]
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
@@ -234,8 +333,8 @@ class Output:
     @staticmethod
     def _create(f, datasets, compression):
         for name, (shape, dtype, axis) in sorted(datasets.items()):
-            f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks_for(shape, axis, dtype),
-                             compression=compression, fillvalue=0)
+            create(f, name, shape, dtype, chunks=chunks_for(shape, axis, dtype),
+                   compression=compression, fillvalue=0)
 
     def write(self, items):
         """Collective: write this rank's items, a list of (name, (start, stop) of the sequence
@@ -290,7 +389,7 @@ class Output:
             fspace.select_none()
             mspace = h5s.create_simple((1,))
             mspace.select_none()
-            buf = np.zeros(1, ds.dtype)
+            buf, mtype = _buffer(ds, np.zeros(1, stored_dtype(ds)))
         else:
             start = [0] * ds.ndim
             start[axis] = rows[0]
@@ -298,9 +397,9 @@ class Output:
                     or arr.shape[axis] != rows[1] - rows[0]:
                 raise ValueError(f"slab {arr.shape} does not fit rows {rows} of {ds.name} {ds.shape}")
             fspace.select_hyperslab(tuple(start), tuple(arr.shape))
-            buf = np.ascontiguousarray(arr, dtype=ds.dtype)
+            buf, mtype = _buffer(ds, arr)
             mspace = h5s.create_simple(buf.shape)
-        ds.id.write(mspace, fspace, buf, dxpl=self.dxpl)
+        ds.id.write(mspace, fspace, buf, mtype=mtype, dxpl=self.dxpl)
 
     def set_attrs(self, attrs):
         """Collective: set root attributes (same values on every rank)."""

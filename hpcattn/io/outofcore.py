@@ -94,19 +94,20 @@ class Source:
         for name in ("q", "k", "v"):
             ds = self.file[name]
             offset = ds.id.get_offset() if ds.chunks is None else None
-            if offset is not None and ds.dtype.isnative and not ds.compression:
-                self.raw[name] = (offset, ds.shape, ds.dtype)
+            native = h5io.native_bytes(ds)
+            if offset is not None and native is not None and not ds.compression:
+                self.raw[name] = (offset, ds.shape, native)
 
     def rows(self, name, a, b):
         """(B, b-a, ...) rows a..b-1 of dataset `name` along the sequence axis."""
         if name not in self.raw:
-            return self.file[name][:, a:b]
+            return h5io.read(self.file[name], np.s_[:, a:b])
         offset, shape, dtype = self.raw[name]
         B, N = shape[:2]
         row = int(np.prod(shape[2:])) * dtype.itemsize
         out = np.empty((B, b - a, *shape[2:]), dtype)
         for i in range(B):
-            view = memoryview(out[i]).cast("B")
+            view = memoryview(out[i].reshape(-1).view(np.uint8))  # bytes (bfloat16 has no buffer format)
             pos, done = offset + (i * N + a) * row, 0
             while done < len(view):
                 n = os.preadv(self.fd, [view[done:done + (1 << 30)]], pos + done)

@@ -49,7 +49,7 @@ def assert_refused(tmp_path, n, inp, words, *extra, mask="causal", out=None):
 
 
 # ---------------------------------------------------------------- hand-made bad files
-F32, F16 = "float32", "float16"
+F32, F16, BF16 = "float32", "float16", h5io.BF16
 
 
 def ones(shape, dtype=F32):
@@ -113,6 +113,14 @@ BAD_FILES = {
     "positions_scalar": ({"q_positions": np.int64(3)}, "q_positions must be (10,)"),
     "positions_is_a_group": ({"q_positions": "group"}, "no dataset 'q_positions'"),
     "rows_without_positions": ({"q": ones((1, 4, 2, 8))}, "q_positions is needed"),
+    "nan_q_bf16": ({n: ones(s, BF16) for n, s in (("k", K), ("v", K))} | {
+        "q": np.where(np.arange(10)[None, :, None, None] == 3, np.nan, 1).astype(BF16) * ones(Q, BF16)},
+        "q holds NaN or Inf (first at row 3)"),
+    "inf_k_bf16": ({n: ones(s, BF16) for n, s in (("q", Q), ("v", K))} | {"k": np.full(K, np.inf, BF16)},
+                   "k holds NaN or Inf"),
+    "huge_v_bf16": ({n: ones(s, BF16) for n, s in (("q", Q), ("k", K))} | {"v": np.full(K, 1e30, BF16)},
+                    "values beyond"),
+    "mixed_bf16_float16": ({"q": ones(Q, BF16), "k": ones(K, F16), "v": ones(K, F16)}, "dtype"),
 }
 
 
@@ -128,6 +136,8 @@ def make_file(path, overrides):
             elif isinstance(arr, tuple):
                 shape, dtype = arr[1], arr[2]
                 f.create_dataset(name, shape=shape, dtype=dtype, chunks=(1, 1, 1, min(shape[-1], 64)))
+            elif np.asarray(arr).dtype == BF16:
+                h5io.write(h5io.create(f, name, arr.shape, BF16), Ellipsis, arr)
             else:
                 f[name] = arr
     return path
@@ -162,6 +172,20 @@ BAD_PATHS = {
 def test_bad_file_is_refused_on_every_rank(tmp_path, P, case):
     overrides, words = BAD_FILES[case]
     assert_refused(tmp_path, P, make_file(tmp_path / "bad.h5", overrides), words)
+
+
+@pytest.mark.parametrize("P", [1, 3])
+def test_nan_in_a_bf16_file_is_refused_out_of_core(tmp_path, P):
+    """The out-of-core path checks each chunk it streams: a NaN in bfloat16 q ends the run on
+    every rank, and the partial output it leaves is not complete-looking."""
+    nan_q, _ = BAD_FILES["nan_q_bf16"]
+    out = tmp_path / "out.h5"
+    assert_refused(tmp_path, P, make_file(tmp_path / "bad.h5", nan_q), "q holds NaN or Inf",
+                   "--max-memory", "64K", mask="window:2", out=out)
+    partial = Path(f"{out}.partial")
+    if partial.exists():
+        with h5py.File(partial, "r") as f:
+            assert "complete" not in f.attrs
 
 
 @pytest.mark.parametrize("P", [1, 3])
