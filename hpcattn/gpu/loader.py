@@ -68,12 +68,19 @@ def options():
     return OPTIONS + cuda_include()
 
 
+def _stamped(path):
+    """The source text with a first line naming the digest of the headers it may include:
+    CuPy's compile cache is keyed by the text alone, so an edited header must change it."""
+    headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(KERNEL_DIR.glob("*.cuh")))).hexdigest()
+    return f"// kernels/*.cuh {headers[:16]}\n" + path.read_text()
+
+
 def build(source, names=None):
     """kernels/`source` compiled on the current device with the name expressions `names`
     (default: SOURCES[source]): a module whose get_function(name) gives a kernel. NVRTC, else
     NVCC; SM90A sources as an sm_90a cubin (Sm90aModule). COMPILED_BY records which."""
     cp = cupy()
-    code, names = (KERNEL_DIR / source).read_text(), list(SOURCES[source] if names is None else names)
+    code, names = _stamped(KERNEL_DIR / source), list(SOURCES[source] if names is None else names)
     opts = options()
     if source in SM90A:
         mod = Sm90aModule(code, names, opts)
