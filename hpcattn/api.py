@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import faults
-from .arrays import aligned_copy, array_module
+from .arrays import aligned_copy, array_module, is_device, to_host
 from .cpu import grad, local
 from .dist.comm import counted
 from .dist.variants import Shard, choose
@@ -91,7 +91,7 @@ def _local_problem(q, k, v, mask, layout):
 
 def _positions_problem(q_positions, nq):
     """(problem, largest position): q_positions' own errors; the upper bound needs every rank."""
-    qpos = np.asarray(q_positions)
+    qpos = q_positions if is_device(q_positions) else np.asarray(q_positions)  # device: kept there
     if qpos.size and qpos.dtype.kind not in "iu":
         return f"q_positions must be integers, got {qpos.dtype}", -1
     if qpos.shape != (nq,):
@@ -134,7 +134,7 @@ def _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node, prob
             raise HpcattnError(f"{nq} query rows but {n} keys: give q_positions", collective=True)
         if q_positions is not None and qmax >= n:
             raise HpcattnError(f"rank 0: q_positions must lie in [0, {n}); got {qmax}", collective=True)
-        qpos = positions(((0, n),)) if q_positions is None else np.asarray(q_positions, dtype=np.int64)
+        qpos = positions(((0, n),)) if q_positions is None else _as_int64(q_positions)
     else:
         qpos, n, kv_off, q_off, kv_runs, q_runs = _agree_sizes(comm, mine, q_positions, layout)
     Hkv, D = k.shape[2], q.shape[3]
@@ -180,9 +180,18 @@ def _agree_sizes(comm, mine, q_positions, layout):
         if n_q != n:
             raise HpcattnError(f"{n_q} query rows but {n} keys: give q_positions", collective=True)
         qpos = positions(q_segs[r])
-    else:
-        qpos = np.asarray(q_positions, dtype=np.int64)
+    else:  # the variants plan on the host
+        qpos = to_host(_as_int64(q_positions))
     return qpos, n, kv_off, q_off, kv_runs, q_runs
+
+
+def _as_int64(q_positions):
+    """q_positions as int64: a device array stays on the device (the GPU reads it there); a host
+    array is copied, so a caller who refills it between calls never meets a stale device copy
+    (the device copies are keyed by the array object)."""
+    if is_device(q_positions):
+        return q_positions.astype("int64", copy=False)
+    return np.array(q_positions, dtype=np.int64)
 
 
 @functools.lru_cache(maxsize=64)
@@ -217,9 +226,11 @@ def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None,
         if comm.size == 1:  # the kernel alone, writing the caller's o in its layout and dtype
             o = xp.empty(q.shape, q.dtype)
             faults.point("compute", 0)
+            # on the GPU, positions 0..n-1 are derived on the device: no copy of them
+            qpos = None if xp is not np and q_positions is None else shard.qpos
             t = time.perf_counter()
             with phase("local"):
-                _, lse, edges = local.attend(shard.q, shard.qpos, shard.k, shard.v, 0, shard.mask,
+                _, lse, edges = local.attend(shard.q, qpos, shard.k, shard.v, 0, shard.mask,
                                              shard.scale, out=heads(o, k.shape[2]))
             _record(stats, shard, t, edges)
         else:
@@ -283,4 +294,5 @@ def _record(stats, shard, t0, edges):
     """The direct path's compute time and edges; a device edge count is read only here, and
     only when the caller asked for stats."""
     if stats is not None:
-        shard.stats.update(compute_s=time.perf_counter() - t0, edges=int(edges))
+        edges = int(edges)  # waits for a device kernel: compute_s then spans it
+        shard.stats.update(compute_s=time.perf_counter() - t0, edges=edges)

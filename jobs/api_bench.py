@@ -5,7 +5,8 @@ For each N and D, in alternating rounds on the same inputs: the forward kernel a
 caller's (1, N, H, D) arrays with MPI.COMM_SELF (what a user calls), and FlexAttention
 (torch.compile'd, same device, dtype and mask); then the backward kernel alone
 (`grad.backward`) beside `hpcattn.attention_backward`. Medians per side, in ms, and the
-ratios api / kernel. Every side's output is checked against the kernel's.
+ratios api / kernel. A sample is as many calls back to back as fill 20 ms (a loop's cost per
+call, launch overhead included). Every side's output is checked against the kernel's.
 
     python jobs/api_bench.py --device cpu --seqs 4096,65536,262144 --dims 64,128 --heads 2
     python3 jobs/api_bench.py --device gpu --seqs 4096,65536,262144,1048576 --heads 8
@@ -79,20 +80,60 @@ def case(xp, n, H, D, spec, rounds, backward):
     if "flex" in outs:
         err["flex"] = float(abs(xp.asarray(outs["flex"].float().transpose(1, 2).contiguous()) - ref).max())
     now, times = timer(xp), {name: [] for name in sides}
+    reps = {}  # calls per sample, back to back as a loop calls them: >= 20 ms a sample
+    for name, fn in sides.items():
+        t = now()
+        fn()
+        reps[name] = max(1, min(1000, int(0.02 / max(now() - t, 1e-6))))
     for _ in range(rounds):
         for name, fn in sides.items():
             t = now()
-            fn()
-            times[name].append(now() - t)
+            for _ in range(reps[name]):
+                fn()
+            times[name].append((now() - t) / reps[name])
     med = {name: float(np.median(ts)) * 1e3 for name, ts in times.items()}
+    if xp is not np:  # the kernel's device time alone: the stream is kept busy before it, so no
+        # host time shows between the events; the API's cost per call less this is its fixed cost
+        blocker, dev = xp.empty(1 << 28, dtype=xp.float32), []
+        for _ in range(rounds):
+            blocker.fill(0)
+            start, end = xp.cuda.Event(), xp.cuda.Event()
+            start.record()
+            sides["kernel"]()
+            end.record()
+            end.synchronize()
+            dev.append(xp.cuda.get_elapsed_time(start, end))
+        med["kernel on device"] = float(np.median(dev))
     row = {"N": n, "H": H, "D": D, "mask": spec, "ms": med, "max_abs_diff_vs_kernel": err,
            "api/kernel": med["attention"] / med["kernel"]}
+    if "kernel on device" in med:
+        row["api fixed cost us"] = (med["attention"] - med["kernel on device"]) * 1e3
     if "flex" in med:
         row["flex/api"] = med["flex"] / med["attention"]
         row["flex/kernel"] = med["flex"] / med["kernel"]
     if backward:
         row["api_bwd/kernel_bwd"] = med["attention_backward"] / med["bwd kernel"]
     return row
+
+
+def profile_calls(xp, n, H, D, spec, calls):
+    """cProfile of `calls` back-to-back hpcattn.attention calls (after warm-up), by own time."""
+    import cProfile
+    import pstats
+    rng = np.random.default_rng(0)
+    q, k, v = (xp.asarray(rng.standard_normal((1, n, H, D), dtype=np.float32).astype(np.float16))
+               for _ in range(3))
+    for _ in range(20):
+        hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF)
+    now = timer(xp)
+    t = now()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF)
+    prof.disable()
+    print(f"# {calls} calls at N = {n}: {(now() - t) / calls * 1e6:.1f} us each under cProfile", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 def main():
@@ -104,11 +145,16 @@ def main():
     ap.add_argument("--mask", default="window:256")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                    help="first: cProfile CALLS calls of hpcattn.attention at the first N and D (where "
+                         "the fixed cost goes), top 25 functions by own time")
     a = ap.parse_args()
     if a.device == "gpu":
         import cupy as xp
     else:
         xp = np
+    if a.profile:
+        profile_calls(xp, int(a.seqs.split(",")[0]), a.heads, int(a.dims.split(",")[0]), a.mask, a.profile)
     for n in map(int, a.seqs.split(",")):
         for D in map(int, a.dims.split(",")):
             print(json.dumps(case(xp, n, a.heads, D, a.mask, a.rounds, a.backward)), flush=True)

@@ -194,7 +194,7 @@ def lean(N, D, spec, dtype="float16", in_place=True):
         res["out"] = forward.attend_lean(q, 0, k, v, 0, parse(spec), 1 / math.sqrt(D), bf16=dtype == "bfloat16",
                                          out=out)
     s = timed(go, reps=1)
-    edges = res["out"][2]
+    edges = int(res["out"][2])  # a device count
     return {"s": s, "edges_per_head": edges, "useful_TFLOPs": 4 * edges * D / s / 1e12,
             "in_place": in_place, "bytes_per_token": 2 * D * (3 if in_place else 4) + 4, "device_bytes_used": cp.get_default_memory_pool().used_bytes()}
 

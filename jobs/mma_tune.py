@@ -12,7 +12,7 @@ import cupy as cp
 import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
-from hpcattn.gpu import encode, loader
+from hpcattn.gpu import encode, forward, loader
 from hpcattn.gpu.shapes import MK, mma_name, mma_smem
 from hpcattn.masks import parse
 
@@ -58,7 +58,8 @@ def main():
                 edges.fill(0)
                 f(((N + rows - 1) // rows, H), (32 * w,),
                   (q, qpos, k, v, o, lse, edges, words, np.int32(N), np.int32(N), np.int32(1), np.int64(0),
-                   np.float32(1 / math.sqrt(D)), np.int64(0)), shared_mem=smem)
+                   np.float32(1 / math.sqrt(D)), np.int64(0)) + forward.stride_args(q, k, o, H),
+                  shared_mem=smem)
             s = timed(go)
             ne = int(edges.get()[0])
             diff = 0.0 if first is None else float(cp.abs(o - first).max())

@@ -40,7 +40,8 @@ def run(f, smem, shape, q, qpos, k, v, mask, N, nk, scale, k0=0, qp=True):
         ctas = min(items, loader.sm_count() * shape[2])
         f((ctas,), (128 * (nwg + 1),),
           (q, qd if qd is not None else np.uintp(0), k, v, o, lse, edges, words, np.int32(N), np.int32(nk),
-           np.int32(1), np.int64(k0), np.float32(scale), np.int64(0), np.int32(H)), shared_mem=smem)
+           np.int32(1), np.int64(k0), np.float32(scale), np.int64(0)) + forward.stride_args(q, k, o, H)
+          + (np.int32(H),), shared_mem=smem)
     return go, o, lse, edges
 
 

@@ -29,14 +29,15 @@ __device__ __forceinline__ void ldsm4t(unsigned* r, const void* p) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
 }
 
-// rows [0, rows) of a (rows, D) block at src into shared memory with row stride LD, zeros up to
-// `pad` rows: asynchronous, completes with the caller's next cp_commit group.
+// rows [0, rows) of a (rows, D) block at src (rows ld elements apart) into shared memory with row
+// stride LD, zeros up to `pad` rows: asynchronous, completes with the caller's next cp_commit group.
 template <typename T, int D, int LD>
-__device__ __forceinline__ void load_tile(const T* __restrict__ src, int rows, int pad, T* dst, int tid, int nthreads) {
+__device__ __forceinline__ void load_tile(const T* __restrict__ src, long long ld, int rows, int pad, T* dst, int tid,
+                                          int nthreads) {
     constexpr int CH = D / 8;
     for (int e = tid; e < pad * CH; e += nthreads) {
         const int r = e / CH, c = (e - r * CH) * 8;
-        cp16(dst + r * LD + c, src + (size_t)(r < rows ? r : 0) * D + c, r < rows);
+        cp16(dst + r * LD + c, src + (size_t)(r < rows ? r : 0) * ld + c, r < rows);
     }
 }
 
@@ -102,7 +103,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
 attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
                const T* __restrict__ v, TO* o, float* __restrict__ lse,
                unsigned long long* __restrict__ edges, const long long* __restrict__ mask_words,
-               int nq, int nk, int G, long long k0, float scale, long long q0) {
+               int nq, int nk, int G, long long k0, float scale, long long q0, STRIDE_ARGS) {
     constexpr int BM = 16 * RM * W, LD = D + 8, NT = W * 32, TILE = MK * LD;
     static_assert(ST >= 2 && (!QREG || BM <= 2 * MK), "q rows must fit in one K/V buffer");
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -113,13 +114,14 @@ attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restri
     __shared__ int nsp_s;
     __shared__ unsigned long long edges_s;
 
+    const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs}, os{obs, ohs, ors};
     const int head = blockIdx.y, kvh = head / G;
     const int t0 = blockIdx.x * BM, t1 = min(nq, t0 + BM);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    const T* kh = k + (size_t)kvh * nk * D;
-    const T* vh = v + (size_t)kvh * nk * D;
+    const T* kh = k + ks.head(kvh, H / G);
+    const T* vh = v + ks.head(kvh, H / G);
 
-    load_tile<T, D, LD>(q + ((size_t)head * nq + t0) * D, t1 - t0, BM, Qs, tid, NT);
+    load_tile<T, D, LD>(q + qs.head(head, H) + (size_t)t0 * qs.rs, qs.rs, t1 - t0, BM, Qs, tid, NT);
     cp_commit();
     if (warp == 0) {  // positions and mask in one round trip, then the block's key spans
         load_mask_warp(mask_words, mk, lane);
@@ -141,8 +143,8 @@ attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restri
     for (int b = 0; b < ST - 1; ++b) {  // tiles 0 .. ST - 2, one commit group each
         if (fsp < nsp) {
             const int n = (int)min((long long)MK, hi_s[fsp] - fc0);
-            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * D, n, MK, KV + 2 * b * TILE, tid, NT);
-            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * D, n, MK, KV + (2 * b + 1) * TILE, tid, NT);
+            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * ks.rs, ks.rs, n, MK, KV + 2 * b * TILE, tid, NT);
+            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * ks.rs, ks.rs, n, MK, KV + (2 * b + 1) * TILE, tid, NT);
             next_tile(fsp, fc0, nsp, lo_s, hi_s);
         }
         cp_commit();
@@ -186,8 +188,8 @@ attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restri
         const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
         if (fsp < nsp) {  // prefetch tile i + ST - 1 into the buffer tile i - 1 used
             const int n = (int)min((long long)MK, hi_s[fsp] - fc0), fb = buf == 0 ? ST - 1 : buf - 1;
-            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * D, n, MK, KV + 2 * fb * TILE, tid, NT);
-            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * D, n, MK, KV + (2 * fb + 1) * TILE, tid, NT);
+            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * ks.rs, ks.rs, n, MK, KV + 2 * fb * TILE, tid, NT);
+            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * ks.rs, ks.rs, n, MK, KV + (2 * fb + 1) * TILE, tid, NT);
             next_tile(fsp, fc0, nsp, lo_s, hi_s);
         }
         cp_commit();
@@ -281,7 +283,7 @@ attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restri
             const int r = rows[mi][h];
             if (r >= t1) continue;
             const float inv = lt > 0.f ? 1.f / lt : 0.f;
-            TO* orow = o + ((size_t)head * nq + r) * D + 2 * tq;
+            TO* orow = o + os.head(head, H) + (size_t)r * os.rs + 2 * tq;
 #pragma unroll
             for (int j = 0; j < D / 8; ++j) store2<TO>(orow + 8 * j, oacc[mi][j][2 * h] * inv, oacc[mi][j][2 * h + 1] * inv);
             if (tq == 0) lse[(size_t)head * nq + r] = lt > 0.f ? (m[mi][h] + log2f(lt)) * MLN2 : -INFINITY;

@@ -193,21 +193,22 @@ template <typename T> __device__ __forceinline__ void wg_pack(const float (&s)[M
 // r * 128, their 16-byte chunk c at position c ^ (r % 8). A thread copies one chunk column of
 // every (128 / (D / 8))-th row, so its offsets and its swizzle are the same in every row it copies.
 template <typename T, int D, int PAD>
-__device__ __forceinline__ void load_tile_sw(const T* __restrict__ src, int rows, T* dst, int tid) {
+__device__ __forceinline__ void load_tile_sw(const T* __restrict__ src, long long ld, int rows, T* dst, int tid) {
     constexpr int CH = D / 8, STEP = 128 / CH;  // chunks per row; rows between a thread's copies
     static_assert(PAD % STEP == 0, "every thread copies the same number of rows");
     const int c = tid % CH, r0 = tid / CH;
     char* d = reinterpret_cast<char*>(dst) + (c >> 3) * PAD * 128 + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);
-    const T* g = src + (size_t)r0 * D + c * 8;
-    if (rows >= PAD) {  // the common case: constant offsets
+    const T* g = src + (size_t)r0 * ld + c * 8;
+    const size_t step = (size_t)STEP * ld;
+    if (rows >= PAD) {  // the common case: no bounds
 #pragma unroll
-        for (int i = 0; i < PAD / STEP; ++i) cp16(d + i * STEP * 128, g + i * STEP * D, true);
+        for (int i = 0; i < PAD / STEP; ++i) cp16(d + i * STEP * 128, g + i * step, true);
         return;
     }
 #pragma unroll
     for (int i = 0; i < PAD / STEP; ++i) {
         const bool in = r0 + i * STEP < rows;
-        cp16(d + i * STEP * 128, in ? g + i * STEP * D : src, in);
+        cp16(d + i * STEP * 128, in ? g + i * step : src, in);
     }
 }
 
@@ -262,7 +263,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
                  const T* __restrict__ v, TO* o, float* __restrict__ lse,
                  unsigned long long* __restrict__ edges, const long long* __restrict__ mask_words,
-                 int nq, int nk, int G, long long k0, float scale, long long q0, int heads) {
+                 int nq, int nk, int G, long long k0, float scale, long long q0, STRIDE_ARGS, int heads) {
     constexpr int BM = 64 * NWG, TILE = MK * D;  // TILE in elements
     constexpr int PREG = 56, CREG0 = ((65536 / MINB - 128 * PREG) / (128 * NWG)) / 8 * 8;
     constexpr int CREG = CREG0 > 240 ? 240 : CREG0;
@@ -277,6 +278,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
     __shared__ __align__(8) unsigned long long full_b[ST], empty_b[ST], qfull_b[2], qempty_b[2];
     __shared__ unsigned long long edges_s;
 
+    const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs}, os{obs, ohs, ors};
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3;  // warp-uniform to the compiler
     const int nblk = (nq + BM - 1) / BM, nitems = nblk * heads;
@@ -313,7 +315,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
             Item<NWG>& item = items[slot];
             if (n >= 2) mb_wait(&qempty_b[slot], (n / 2 - 1) & 1);  // consumers are done with item n - 2
-            load_tile_sw<T, D, BM>(q + ((size_t)head * nq + t0) * D, t1 - t0, Qbuf + slot * BM * D, tid);
+            load_tile_sw<T, D, BM>(q + qs.head(head, H) + (size_t)t0 * qs.rs, qs.rs, t1 - t0, Qbuf + slot * BM * D, tid);
             cp_commit();
             cp_wait<1>();
             signal();
@@ -395,8 +397,8 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 }
             }
             asm volatile("bar.sync 1, 128;\n" ::: "memory");  // the loader's warps see the spans
-            const T* kh = k + (size_t)kvh * nk * D;
-            const T* vh = v + (size_t)kvh * nk * D;
+            const T* kh = k + ks.head(kvh, H / G);
+            const T* vh = v + ks.head(kvh, H / G);
             const int nsp = item.nsp, nt = item.ntiles;
             int sp = 0;
             long long c0 = nsp ? item.lo[0] : 0;
@@ -404,8 +406,8 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 const int b = ntile % ST;
                 if (ntile >= ST) mb_wait(&empty_b[b], (ntile / ST - 1) & 1);  // consumers are done with tile n - ST
                 const int rows = (int)min((long long)MK, item.hi[sp] - c0);
-                load_tile_sw<T, D, MK>(kh + (size_t)(c0 - k0) * D, rows, KV + 2 * b * TILE, tid);
-                load_tile_sw<T, D, MK>(vh + (size_t)(c0 - k0) * D, rows, KV + (2 * b + 1) * TILE, tid);
+                load_tile_sw<T, D, MK>(kh + (size_t)(c0 - k0) * ks.rs, ks.rs, rows, KV + 2 * b * TILE, tid);
+                load_tile_sw<T, D, MK>(vh + (size_t)(c0 - k0) * ks.rs, ks.rs, rows, KV + (2 * b + 1) * TILE, tid);
                 cp_commit();
                 cp_wait<1>();
                 signal();
@@ -575,10 +577,11 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
             l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
             const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+            const size_t ohead = os.head(head, H);
 #pragma unroll
             for (int j = 0; j < D / 8; ++j) {
-                if (live0) store2<TO>(o + ((size_t)head * nq + r0) * D + 8 * j + 2 * tq, oacc[j][0] * i0, oacc[j][1] * i0);
-                if (live1) store2<TO>(o + ((size_t)head * nq + r1) * D + 8 * j + 2 * tq, oacc[j][2] * i1, oacc[j][3] * i1);
+                if (live0) store2<TO>(o + ohead + (size_t)r0 * os.rs + 8 * j + 2 * tq, oacc[j][0] * i0, oacc[j][1] * i0);
+                if (live1) store2<TO>(o + ohead + (size_t)r1 * os.rs + 8 * j + 2 * tq, oacc[j][2] * i1, oacc[j][3] * i1);
             }
             if (tq == 0 && live0) lse[(size_t)head * nq + r0] = l0 > 0.f ? (m0 + log2f(l0)) * MLN2 : -INFINITY;
             if (tq == 0 && live1) lse[(size_t)head * nq + r1] = l1 > 0.f ? (m1 + log2f(l1)) * MLN2 : -INFINITY;

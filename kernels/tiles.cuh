@@ -28,6 +28,21 @@ template <> __device__ __forceinline__ void store2<__nv_bfloat16>(__nv_bfloat16*
     *reinterpret_cast<unsigned*>(p) = pack2<__nv_bfloat16>(a, b);
 }
 
+// How an array's rows lie, in elements: head `head` = b * H + h (batch b, head h of H) starts at
+// b * bs + h * hs and its rows are rs apart. The tensor-core forwards read q, k, v and write o in
+// any such layout: head-major (B, H, n, D) has bs = H n D, hs = n D, rs = D; the caller's
+// (B, n, H, D) has bs = n H D, hs = D, rs = H D. Rows start on 16 bytes (the host checks).
+struct Strides {
+    long long bs, hs, rs;
+    __device__ __forceinline__ size_t head(int head, int H) const {
+        return (size_t)((long long)(head / H) * bs + (long long)(head % H) * hs);
+    }
+};
+// The kernels' arguments for the Strides of q, of k and v, and of o (scalars: what every
+// launcher passes), and H, the query heads per batch entry.
+#define STRIDE_ARGS long long qbs, long long qhs, long long qrs, long long kbs, long long khs, long long krs, \
+                    long long obs, long long ohs, long long ors, int H
+
 __device__ __forceinline__ void ldsm4(unsigned* r, const void* p) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"

@@ -68,10 +68,9 @@ def attend(q, qpos, k, v, k0, mask, scale, out=None):
     xp = array_module(q)
     if xp is not np:  # device arrays: the CUDA kernels in kernels/ (gpu/forward.py)
         from ..gpu import forward
-        o, lse, edges = forward.attend(q, qpos, k, v, k0, mask, scale)
-        if out is not None:
-            out[...] = o
-        return (o if out is None else out), lse, edges
+        if out is not None:  # qpos None: row r at position r; edges a device count
+            return forward.attend_out(q, qpos, k, v, k0, mask, scale, out)
+        return forward.attend(q, qpos, k, v, k0, mask, scale)
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     o = xp.zeros((B, Hkv, G, nq, D), dtype=xp.float32) if out is None else out

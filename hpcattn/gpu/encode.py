@@ -2,8 +2,11 @@
 and shapes, a mask's implicit terms as device words (kernels/mask.cuh), its listed terms (left to
 attend_rows), query positions, and device copies of those reused while the same host object is
 passed again."""
+import functools
+
 import numpy as np
 
+from ..arrays import is_device
 from ..errors import HpcattnError
 from .loader import cupy
 from .shapes import BQ, CTYPES, bucket
@@ -15,10 +18,15 @@ _copies = {}
 def dtype_name(x, bf16=False):
     """'float32' | 'float16' | 'bfloat16' for an array. CuPy has no bfloat16 dtype: bfloat16
     data travels as uint16 bit patterns (e.g. a torch tensor's memory) with bf16=True."""
-    name = str(x.dtype)
+    name = _name(x.dtype)
     if bf16 and name == "uint16":
         return "bfloat16"
     return name
+
+
+@functools.lru_cache(maxsize=32)
+def _name(dtype):
+    return dtype.name  # NumPy builds it anew on every read
 
 
 def listed_terms(mask):
@@ -78,8 +86,8 @@ def check(q, qpos, k, v, k0, bf16):
         raise HpcattnError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
     if B * Hkv * G > 65535 or nq >= 2**31 - BQ or k.shape[2] >= 2**31:
         raise HpcattnError(f"shape {q.shape} x {k.shape} exceeds the GPU kernels' grid")
-    qpos = np.asarray(qpos) if qpos is not None else np.zeros(nq, dtype=np.int64)  # None: derived
-    if qpos.shape != (nq,) or qpos.dtype != np.int64:
+    qpos = np.zeros(nq, dtype=np.int64) if qpos is None else qpos if is_device(qpos) else np.asarray(qpos)
+    if qpos.shape != (nq,) or qpos.dtype != np.int64:  # None: derived on the device
         raise HpcattnError(f"qpos must be int64 of shape ({nq},), got {qpos.dtype} {qpos.shape}")
     if not 0 <= k0 < 2**62:
         raise HpcattnError(f"key offset {k0} outside [0, 2**62)")
@@ -87,8 +95,9 @@ def check(q, qpos, k, v, k0, bf16):
 
 
 def positions(qpos):
-    """Query positions checked (once per array, on the host) and copied to the device."""
-    qpos = np.asarray(qpos)
+    """Query positions checked (once per array) for the device: host arrays are copied there,
+    device arrays (a caller's CuPy q_positions) used as they are."""
+    qpos = qpos if is_device(qpos) else np.asarray(qpos)
     if qpos.size and (qpos.min() < 0 or qpos.max() >= 2**62):
         raise HpcattnError(f"query positions must lie in [0, 2**62); got [{qpos.min()}, {qpos.max()}]")
     return qpos

@@ -18,6 +18,46 @@ SPLIT_KEYS = 4096  # the fewest keys per chunk when few query rows split the key
 _streams = {}  # device -> the streams of the key chunks, made once, reused by every call
 
 
+def row_strides(x):
+    """(bs, hs, rs), in elements, of a (B, Hkv, G, n, D) or (B, Hkv, n, D) array whose heads
+    (Hkv x G flattened) are evenly spaced and whose rows start on 16 bytes with D contiguous:
+    kernels/tiles.cuh's Strides, so the tensor-core kernels read and write it in place. None
+    for any other layout (the caller copies)."""
+    item, shape = x.itemsize, x.shape
+    st = [s // item for s in x.strides]
+    if x.ndim == 5:
+        if shape[1] > 1 and shape[2] > 1 and st[1] != shape[2] * st[2]:
+            return None
+        st = [st[0], st[2] if shape[2] > 1 else st[1], st[3], st[4]]
+        shape = (shape[0], shape[1] * shape[2], shape[3], shape[4])
+    bs, hs, rs, ds = (s if n > 1 else 0 for s, n in zip(st, shape))
+    if ds not in (0, 1) or x.data.ptr % 16 or any(s * item % 16 for s in (bs, hs, rs)):
+        return None
+    return bs, hs, rs
+
+
+def _readable(cp, q, k, v, strided=True):
+    """(q, k, v, q's row_strides, k's and v's) as a kernel reads them: in place where it takes
+    their strides (`strided`: the tensor-core kernels; k and v alike), else C-contiguous copies."""
+    sq, sk = (row_strides(q), row_strides(k)) if strided else (None, None)
+    if sq is None:
+        q = cp.ascontiguousarray(q)
+        sq = row_strides(q)
+    if sk is None or k.strides != v.strides:
+        k, v = cp.ascontiguousarray(k), cp.ascontiguousarray(v)
+        sk = row_strides(k)
+    return q, k, v, sq, sk
+
+
+def stride_args(q, k, o, H):
+    """The kernels' STRIDE_ARGS (kernels/tiles.cuh) for q, k and v (one layout), o."""
+    return _stride_args(row_strides(q), row_strides(k), row_strides(o), H)
+
+
+def _stride_args(sq, sk, so, H):
+    return tuple(np.int64(x) for x in (*sq, *sk, *so)) + (np.int32(H),)
+
+
 def _launch_wgmma(ctype, D, otype, nq, heads, args):
     """The persistent Hopper kernel: each block walks work items (rows x head) gridDim apart."""
     nwg, _, minb, _ = WG_SHAPES[D]
@@ -85,7 +125,7 @@ def _key_chunks(cp, nq, heads, nk):
 def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
-    q, k, v = cp.ascontiguousarray(q), cp.ascontiguousarray(k), cp.ascontiguousarray(v)
+    q, k, v, _, _ = _readable(cp, q, k, v, _tensor_kernel(ctype, D, scale, kernel_kind) is not None)
     edges = cp.zeros(1, dtype=cp.uint64)
     chunks = _key_chunks(cp, nq, B * Hkv * G, nk)
     if chunks == 1:
@@ -120,8 +160,8 @@ def _implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind):
 
 
 def _launch_implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kind, edges):
-    """One launch of the implicit-term kernel over C-contiguous q, k, v; (o, lse) float32,
-    edges added into `edges`."""
+    """One launch of the implicit-term kernel over q, k, v as _readable gives them; (o, lse)
+    float32, edges added into `edges`."""
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)  # the kernels write every row
@@ -131,7 +171,8 @@ def _launch_implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kin
     if tensor:
         launch_tc = _launch_wgmma if tensor == "wgmma" else _launch_mma
         launch_tc(ctype, D, "float", nq, B * Hkv * G,
-                  common + (np.int32(G), np.int64(k0), np.float32(scale), np.int64(0)))
+                  common + (np.int32(G), np.int64(k0), np.float32(scale), np.int64(0))
+                  + stride_args(q, k, o, Hkv * G))
     else:
         smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
         launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
@@ -139,36 +180,65 @@ def _launch_implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kin
     return o, lse
 
 
-def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None, kernel_kind="auto"):
+def attend_lean(q, q0, k, v, k0, mask, scale, bf16=False, out=None, kernel_kind="auto", qpos=None):
     """The tensor-core forward with the least memory per token, for self-attention over very
     long sequences (jobs/gpu_bench.py's longest context): query row r sits at position q0 + r
     (no position array) and o comes in the input dtype (bfloat16 as uint16 bits), lse float32:
     2*D*4 + 4 bytes per token and head with q, k, v. out: where o goes (like q; q itself is
     allowed, each kernel block reads its q rows before writing those rows of o), saving 2*D
     more. Implicit mask terms, D in MMA_DIMS; kernel_kind "auto", "wgmma" or "mma" as in
-    `attend`. Returns (o, lse, edges); o is the normalised output, not a float32 partial for merge."""
+    `attend`. q, k, v and out may be views in any layout row_strides takes (the caller's
+    (B, N, H, D) arrays as heads() views): no copy. qpos, when given, replaces q0 + r. Returns
+    (o, lse, edges) with edges a 0-d device count (int() it when needed: no wait here); o is the
+    normalised output, not a float32 partial for merge."""
     cp = cupy()
     B, Hkv, G, nq, D = q.shape
-    nk = k.shape[2]
-    ctype, _ = check(q, None, k, v, k0, bf16)
+    ctype, _ = check(q, qpos, k, v, k0, bf16)
     if ctype == "float" or D not in MMA_DIMS or listed_terms(mask) or not scale > 0 or kernel_kind == "simt":
         raise HpcattnError(f"attend_lean takes float16/bfloat16, D in {MMA_DIMS}, implicit mask terms, scale > 0 "
                            "and a tensor-core kernel")
-    launch_tc = _launch_wgmma if _tensor_kernel(ctype, D, scale, kernel_kind) == "wgmma" else _launch_mma
     if not 0 <= q0 <= 2**62 - nq:
         raise HpcattnError(f"query offset {q0} with {nq} rows leaves [0, 2**62)")
-    q = cp.ascontiguousarray(q)
     o = cp.empty(q.shape, dtype=q.dtype) if out is None else out
-    if o.shape != q.shape or o.dtype != q.dtype or not o.flags.c_contiguous:
-        raise HpcattnError(f"out must be a contiguous {q.dtype} array of shape {q.shape}")
+    so = row_strides(o)
+    if o.shape != q.shape or o.dtype != q.dtype or so is None:
+        raise HpcattnError(f"out must be a {q.dtype} array of shape {q.shape} with 16-byte aligned rows")
+    return _lean(cp, q, qpos, q0, k, v, k0, mask, scale, ctype, o, so, _tensor_kernel(ctype, D, scale, kernel_kind))
+
+
+def _lean(cp, q, qpos, q0, k, v, k0, mask, scale, ctype, o, so, tensor):
+    """attend_lean's launch on checked arguments (o's row strides so)."""
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    q, k, v, sq, sk = _readable(cp, q, k, v)
     lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
     edges = cp.zeros(1, dtype=cp.uint64)
     if nq and nk and B * Hkv * G:
+        launch_tc = _launch_wgmma if tensor == "wgmma" else _launch_mma
         launch_tc(ctype, D, ctype, nq, B * Hkv * G,
-                  (q, np.uintp(0), cp.ascontiguousarray(k), cp.ascontiguousarray(v), o, lse, edges,
-                   device_mask(mask), np.int32(nq), np.int32(nk), np.int32(G),
-                   np.int64(k0), np.float32(scale), np.int64(q0)))
+                  (q, np.uintp(0) if qpos is None else device_positions(qpos), k, v, o, lse, edges,
+                   device_mask(mask), np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0),
+                   np.float32(scale), np.int64(q0)) + _stride_args(sq, sk, so, Hkv * G))
     else:
         o.fill(0)
         lse.fill(-np.inf)
-    return o, lse, int(edges.get()[0])
+    return o, lse, edges[0]
+
+
+def attend_out(q, qpos, k, v, k0, mask, scale, out):
+    """local.attend's device side writing o into `out` (any float dtype, any layout): the
+    tensor-core kernel writes out in place where it applies (out in q's half-precision dtype,
+    implicit terms, D in MMA_DIMS, rows that fill the device), else `attend` and a cast into
+    out. qpos None: query r at position r. Returns (out, lse, edges), edges a device count."""
+    cp = cupy()
+    B, Hkv, G, nq, D = q.shape
+    if out.dtype == q.dtype and q.dtype.itemsize == 2 and D in MMA_DIMS and scale > 0 and not listed_terms(mask):
+        so = row_strides(out)
+        if so is not None and _key_chunks(cp, nq, B * Hkv * G, k.shape[2]) == 1:
+            ctype, _ = check(q, qpos, k, v, k0, False)
+            return _lean(cp, q, qpos, 0, k, v, k0, mask, scale, ctype, out, so, _tensor_kernel(ctype, D, scale, "auto"))
+    if qpos is None:
+        qpos = np.arange(nq, dtype=np.int64)
+    o, lse, edges = attend(q, qpos, k, v, k0, mask, scale)
+    out[...] = o
+    return out, lse, edges

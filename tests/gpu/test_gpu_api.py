@@ -1,0 +1,90 @@
+"""The public API on CuPy arrays at one rank: the direct path (the tensor-core kernel reads the
+caller's (B, N, H, D) arrays and writes o in their dtype), float16/bfloat16/float32, positions
+derived on the device (no copy per call), and hpcattn.torch on CUDA tensors. Skips (saying why)
+without CuPy or a CUDA device."""
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from gpu_helpers import cupy_or_skip
+
+cp = cupy_or_skip()
+
+import hpcattn  # noqa: E402
+from hpcattn.gpu import encode  # noqa: E402
+from hpcattn.masks import parse  # noqa: E402
+from hpcattn.reference import errors, grad_error, grad_tolerance, reference, reference_backward, tolerance  # noqa: E402
+
+import ml_dtypes  # noqa: E402,F401 (NumPy then knows "bfloat16")
+
+
+def arrays(rng, shapes, dtype):
+    host = [rng.standard_normal(s).astype(np.float32).astype(dtype) for s in shapes]
+    return host, [cp.asarray(h) for h in host]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("spec", ["window:256", "causal", "dilated:3:5+global:2", "block:64+causal", "full",
+                                  "window:20+random:8"])
+def test_attention_on_device_arrays_matches_float64(rng, spec, D, dtype):
+    B, N, H, Hkv = 2, 1000, 4, 2
+    (q, k, v), (qd, kd, vd) = arrays(rng, [(B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, D)], dtype)
+    stats = {}
+    o, lse = hpcattn.attention(qd, kd, vd, mask=spec, comm=MPI.COMM_SELF, stats=stats)
+    assert isinstance(o, cp.ndarray) and o.dtype == qd.dtype and o.shape == q.shape and o.flags.c_contiguous
+    assert lse.shape == (B, H, N) and lse.dtype == cp.float32
+    mask = parse(spec).bind(n_keys=N) if "random" in spec else parse(spec)
+    o_ref, lse_ref = reference(q, k, v, np.arange(N), mask, 1 / np.sqrt(D))
+    o_err, lse_err, empty_ok = errors(o.get().astype(np.float32), lse.get(), o_ref, lse_ref)
+    assert empty_ok and o_err <= tolerance(dtype)[0] and lse_err <= 1e-4, (o_err, lse_err)
+    assert stats["edges"] == mask.allowed(np.arange(N)[:, None], np.arange(N)[None, :]).sum()
+
+
+def test_positions_are_not_copied_to_the_device_per_call(rng, monkeypatch):
+    """Default positions are derived on the device (never copied); a device q_positions array
+    is checked and used in place once, then reused."""
+    made = []
+    real = encode.positions
+    monkeypatch.setattr(encode, "positions", lambda p: (made.append(len(p)), real(p))[1])
+    (_, k, v), (qd, kd, vd) = arrays(rng, [(1, 4096, 8, 64), (1, 4096, 8, 64), (1, 4096, 8, 64)], "float16")
+    for _ in range(2):
+        hpcattn.attention(qd, kd, vd, mask="window:256", comm=MPI.COMM_SELF)
+    assert made == []
+    qpos = cp.arange(4080, 4096, dtype=cp.int64)
+    for _ in range(2):
+        hpcattn.attention(qd[:, :16], kd, vd, mask="causal", comm=MPI.COMM_SELF, q_positions=qpos)
+    assert made == [16]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_backward_on_device_arrays(rng, dtype):
+    B, N, H, Hkv, D = 1, 500, 4, 2, 64
+    (q, k, v, do), dev = arrays(rng, [(B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, D), (B, N, H, D)], dtype)
+    o, lse = hpcattn.attention(*dev[:3], mask="causal+window:64", comm=MPI.COMM_SELF)
+    grads = hpcattn.attention_backward(*dev[:3], o, lse, dev[3], mask="causal+window:64", comm=MPI.COMM_SELF)
+    want = reference_backward(q, k, v, do, np.arange(N), parse("causal+window:64"), 1 / np.sqrt(D))
+    for g, w in zip(grads, want):
+        assert g.dtype == dev[0].dtype and grad_error(g.get().astype(np.float32), w) <= grad_tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_torch_cuda_tensors_train_through_hpcattn(dtype):
+    torch = pytest.importorskip("torch")
+    import hpcattn.torch as ht
+    from helpers import rel, sdpa
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(3)
+    B, N, H, Hkv, D = 1, 700, 4, 2, 64
+    q, k, v = (torch.randn(s, generator=g).to(dt).cuda().requires_grad_()
+               for s in ((B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, D)))
+    o = ht.attention(q, k, v, mask="causal+window:100", comm=MPI.COMM_SELF)
+    assert o.is_cuda and o.dtype == dt
+    do = torch.randn(o.shape, generator=g).to(dt).cuda()
+    (o.float() * do.float()).sum().backward()
+    ref = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    o_ref = sdpa(*ref, "causal+window:100", np.arange(N), N)
+    (o_ref * do.cpu().double()).sum().backward()
+    assert rel(o.cpu(), o_ref) <= tolerance(dtype)[0]
+    for x, x_ref in zip((q, k, v), ref):
+        assert x.grad.is_cuda and x.grad.dtype == dt and rel(x.grad.cpu(), x_ref.grad) <= grad_tolerance(dtype)
