@@ -13,6 +13,7 @@ on P):
   forward and of the backward of ring, burst and tree. Nodes of 2 ranks (the two-level ring at
   P = 4) except on uneven pieces: nodes of 1 rank (every hop of burst's ring between nodes).
 """
+import ml_dtypes  # noqa: F401 (NumPy then knows "bfloat16")
 import numpy as np
 import pytest
 
@@ -31,10 +32,10 @@ MASKS = ["full", "causal", "window:6", "causal+window:17", "causal+window:40", "
          "global:4", "global:3+window:5", "causal+global:5+window:2", "window:2+block:16+dilated:1:7",
          "random:7:5", "causal+random:4", "window:9+global:3+random:5:1", "dilated:3:4+random:2+causal"]
 LAYOUTS = ["even", "uneven", "zigzag"]
-# (B, N, H, Hkv, D, dtype): GQA with D a multiple of 16 or not, float16, fewer tokens than ranks
+# (B, N, H, Hkv, D, dtype): GQA with D a multiple of 16 or not, float16, bfloat16, fewer tokens than ranks
 SHAPES = [(2, 203, 4, 2, 64, "float32"), (2, 211, 4, 2, 32, "float32"), (2, 130, 2, 1, 48, "float16"),
-          (2, 96, 2, 1, 16, "float16"), (2, 3, 1, 1, 8, "float32")]
-BACKWARD_SHAPES = [(2, 97, 4, 2, 24, "float32"), (1, 64, 2, 1, 16, "float16"), (2, 3, 2, 1, 8, "float32")]
+          (2, 96, 2, 1, 16, "bfloat16"), (2, 3, 1, 1, 8, "float32")]
+BACKWARD_SHAPES = [(2, 97, 4, 2, 24, "float32"), (1, 64, 2, 1, 16, "bfloat16"), (2, 3, 2, 1, 8, "float32")]
 
 
 def rows_of(layout, N, P, r):
