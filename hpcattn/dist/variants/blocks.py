@@ -29,14 +29,21 @@ def _pairs(qpos, qruns, kstarts, kruns, mask):
 
 def forward(q, qpos, qruns, k, v, kstarts, kruns, mask, scale, o, lse, progress=None):
     """Merge the block partial of q's rows over the keys k, v (runs starting at global
-    positions kstarts) into (o, lse); returns (o, lse, edges). progress() is called between
-    kernel calls, so posted transfers advance."""
+    positions kstarts) into (o, lse); returns (o, lse, edges). o = lse = None means no partial
+    yet: the first one that covers every row becomes the state as it is (a merge with the
+    identity gives the same bits), else the state starts as the identity. progress() is called
+    between kernel calls, so posted transfers advance."""
     edges = 0
     for qs, k0, ks in _pairs(qpos, qruns, kstarts, kruns, mask):
         po, pl, n = local.attend(q[:, :, :, qs], qpos[qs], k[:, :, ks], v[:, :, ks], k0, mask, scale)
-        with phase("merge"):
-            o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], po, pl)
-        edges += n
+        if o is None and qs == slice(0, q.shape[3]):
+            o, lse = po, pl
+        else:
+            if o is None:
+                o, lse = new_state(q)
+            with phase("merge"):
+                o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], po, pl)
+        edges += int(n)
         if progress is not None:
             progress()
     return o, lse, edges
