@@ -25,7 +25,8 @@ def flex_step(spec, n, dev):
     """f(q, k, v) -> o by FlexAttention over the mask (tensors (1, N, H, D))."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from hpcattn.commands.bench import _mask_mod
-    bm = create_block_mask(_mask_mod(parse(spec, n_keys=n), n, torch), None, None, n, n, device=dev)
+    bm = create_block_mask(_mask_mod(parse(spec, n_keys=n), n, torch), None, None, n, n, device=dev,
+                           _compile=True)  # uncompiled, it builds the dense N x N mask first
     fn = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                               block_mask=bm).transpose(1, 2)
