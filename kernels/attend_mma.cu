@@ -8,86 +8,7 @@
 // Issuing the next tile's S before this tile's softmax (FlashAttention-3's overlap) was
 // measured slower here: it costs registers, hence resident blocks (jobs/mma_tune.py). Tiles wholly inside the mask take no per-pair test; the others build one
 // 64-bit row mask per query row from the mask terms' intervals.
-#include "tiles.cuh"
-
-// c (16x8 f32) += a (16x16, row) * b (16x8, col)
-template <typename T> __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1);
-template <> __device__ __forceinline__ void mma16816<__half>(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldsm4t(unsigned* r, const void* p) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
-
-// rows [0, rows) of a (rows, D) block at src (rows ld elements apart) into shared memory with row
-// stride LD, zeros up to `pad` rows: asynchronous, completes with the caller's next cp_commit group.
-template <typename T, int D, int LD>
-__device__ __forceinline__ void load_tile(const T* __restrict__ src, long long ld, int rows, int pad, T* dst, int tid,
-                                          int nthreads) {
-    constexpr int CH = D / 8;
-    for (int e = tid; e < pad * CH; e += nthreads) {
-        const int r = e / CH, c = (e - r * CH) * 8;
-        cp16(dst + r * LD + c, src + (size_t)(r < rows ? r : 0) * ld + c, r < rows);
-    }
-}
-
-// The lowest and highest position of rows [r0, r1) (row r sits at q0 + r without qpos),
-// reduced over the 32 lanes of one warp.
-__device__ __forceinline__ void row_positions(const long long* __restrict__ qpos, long long q0, int r0, int r1,
-                                              int lane, long long& lo, long long& hi) {
-    lo = q0 + r0;
-    hi = q0 + r1 - 1;
-    if (qpos) {
-        lo = 0x7fffffffffffffffLL;
-        hi = -0x7fffffffffffffffLL - 1;
-        for (int r = r0 + lane; r < r1; r += 32) { lo = min(lo, qpos[r]); hi = max(hi, qpos[r]); }
-        warp_min_max(lo, hi);
-    }
-}
-
-// s = Q K^T for one key tile: RM 16 x MK blocks per warp, n-tile j holds keys 8j .. 8j+7. Q comes
-// from registers (qa) or from shared rows (Qw: this lane's ldmatrix address).
-template <typename T, int D, int RM, bool QREG, int LD>
-__device__ __forceinline__ void tile_scores(float (&s)[RM][MK / 8][4], const unsigned (&qa)[QREG ? RM : 1][QREG ? D / 16 : 1][4],
-                                            const T* Qw, const T* Kb, int lane) {
-#pragma unroll
-    for (int mi = 0; mi < RM; ++mi)
-#pragma unroll
-        for (int j = 0; j < MK / 8; ++j) s[mi][j][0] = s[mi][j][1] = s[mi][j][2] = s[mi][j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        unsigned a[RM][4];
-#pragma unroll
-        for (int mi = 0; mi < RM; ++mi) {
-            if (QREG) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) a[mi][e] = qa[QREG ? mi : 0][QREG ? kk : 0][e];
-            } else {
-                ldsm4(a[mi], Qw + mi * 16 * LD + kk * 16);
-            }
-        }
-#pragma unroll
-        for (int np = 0; np < MK / 16; ++np) {
-            unsigned b[4];
-            ldsm4(b, Kb + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
-#pragma unroll
-            for (int mi = 0; mi < RM; ++mi) {
-                mma16816<T>(s[mi][2 * np], a[mi], b[0], b[1]);
-                mma16816<T>(s[mi][2 * np + 1], a[mi], b[2], b[3]);
-            }
-        }
-    }
-}
+#include "mma.cuh"
 
 // TO: the type o is written in (float for the merge contract; T halves o's memory where a
 // caller keeps the output as is). qpos == nullptr: query r sits at position q0 + r (no
@@ -151,6 +72,7 @@ attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restri
     }
 
     int rows[RM][2];
+    bool live[RM][2];
     long long pos[RM][2];
     float m[RM][2], l[RM][2], oacc[RM][D / 8][4];
 #pragma unroll
@@ -159,6 +81,7 @@ attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restri
         for (int h = 0; h < 2; ++h) {
             const int r = t0 + (warp * RM + mi) * 16 + g + 8 * h;
             rows[mi][h] = r;
+            live[mi][h] = r < t1;
             pos[mi][h] = r >= t1 ? 0 : qpos ? qpos[r] : q0 + r;
             m[mi][h] = -INFINITY;
             l[mi][h] = 0.f;
@@ -199,26 +122,7 @@ attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restri
         tile_scores<T, D, RM, QREG, LD>(s, qa, Qw, KV + 2 * buf * TILE, lane);
 
         const bool full = nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK);
-#pragma unroll
-        for (int mi = 0; mi < RM; ++mi) {
-            if (full) {
-                if (tq == 0) n_edges += (unsigned long long)((rows[mi][0] < t1) + (rows[mi][1] < t1)) * MK;
-            } else {
-                const unsigned long long b0 = rows[mi][0] < t1 ? row_bits(mk, pos[mi][0], c0, nkt) : 0ull;
-                const unsigned long long b1 = rows[mi][1] < t1 ? row_bits(mk, pos[mi][1], c0, nkt) : 0ull;
-                if (tq == 0) n_edges += __popcll(b0) + __popcll(b1);
-                // this lane's columns 8j + 2tq + e are bits 8j + e after one shift
-                const unsigned long long c0b = b0 >> (2 * tq), c1b = b1 >> (2 * tq);
-#pragma unroll
-                for (int j = 0; j < MK / 8; ++j) {
-                    const unsigned w0 = (unsigned)(c0b >> (8 * j)), w1 = (unsigned)(c1b >> (8 * j));
-                    if (!(w0 & 1u)) s[mi][j][0] = -INFINITY;
-                    if (!(w0 & 2u)) s[mi][j][1] = -INFINITY;
-                    if (!(w1 & 1u)) s[mi][j][2] = -INFINITY;
-                    if (!(w1 & 2u)) s[mi][j][3] = -INFINITY;
-                }
-            }
-        }
+        mask_scores<RM>(s, mk, live, pos, c0, nkt, full, tq, n_edges);
         // online softmax, log2 units; the 4 lanes of a quad share rows g and g + 8
         unsigned pa[RM][MK / 16][4];
 #pragma unroll
@@ -252,21 +156,7 @@ attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restri
                 pa[mi][j >> 1][(j & 1) * 2 + 1] = pack2<T>(p2, p3);
             }
         }
-        // O += P V
-        const T* Vb = KV + (2 * buf + 1) * TILE;
-#pragma unroll
-        for (int kk = 0; kk < MK / 16; ++kk) {
-#pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                unsigned b[4];
-                ldsm4t(b, Vb + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + dp * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int mi = 0; mi < RM; ++mi) {
-                    mma16816<T>(oacc[mi][2 * dp], pa[mi][kk], b[0], b[1]);
-                    mma16816<T>(oacc[mi][2 * dp + 1], pa[mi][kk], b[2], b[3]);
-                }
-            }
-        }
+        pv_accumulate<T, D, RM, LD>(oacc, pa, KV + (2 * buf + 1) * TILE, lane);  // O += P V
         __syncthreads();  // every warp is done with this buffer before it is refilled
         buf = buf + 1 == ST ? 0 : buf + 1;
         next_tile(sp, c0, nsp, lo_s, hi_s);

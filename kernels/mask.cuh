@@ -90,10 +90,13 @@ __device__ __forceinline__ bool mask_tile_full(const MaskDev& m, long long qlo, 
 
 // Sorted disjoint key intervals [lo, hi) within [k0, k1) holding every edge of the query
 // positions [qlo, qhi] (the device twin of Mask.spans). Returns how many were written.
+// transposed: the query intervals within [k0, k1) holding every edge of the keys [qlo, qhi]
+// (every term is symmetric; causal bounds them below instead of above).
 __device__ __forceinline__ int mask_spans(const MaskDev& m, long long qlo, long long qhi,
                                           long long k0, long long k1,
-                                          long long* lo, long long* hi) {
-    const long long cap = m.causal ? min(k1, qhi + 1) : k1;
+                                          long long* lo, long long* hi, bool transposed = false) {
+    const long long cap = m.causal && !transposed ? min(k1, qhi + 1) : k1;
+    if (m.causal && transposed) k0 = max(k0, qlo);
     int n = 0;
     for (int t = 0; t < m.n; ++t) {
         long long a = k0, b = cap, w = m.a[t];

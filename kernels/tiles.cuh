@@ -67,9 +67,11 @@ __device__ __forceinline__ unsigned long long bit_range(long long lo, long long 
 }
 
 // Bit c set when key c0 + c (c < nkt <= 64) is an edge of the query at position i: mask_allows
-// for a whole tile row at once (window, block, global and causal are intervals).
+// for a whole tile row at once (window, block, global and causal are intervals). TR: the
+// transpose, i a key's position and c0 + c the queries' (every term is symmetric but causal).
+template <bool TR = false>
 __device__ __forceinline__ unsigned long long row_bits(const MaskDev& m, long long i, long long c0, int nkt) {
-    const long long d = i - c0;  // the query's position in tile-local columns
+    const long long d = i - c0;  // the row's position in tile-local columns
     unsigned long long bits = 0ull;
     for (int t = 0; t < m.n; ++t) {
         const long long a = min(m.a[t], (1LL << 62) - 1);
@@ -87,7 +89,7 @@ __device__ __forceinline__ unsigned long long row_bits(const MaskDev& m, long lo
         case T_GLOBAL: bits |= i < a ? ~0ull : bit_range(-c0, a - c0); break;
         }
     }
-    if (m.causal) bits &= bit_range(0, d + 1);
+    if (m.causal) bits &= TR ? bit_range(d, 64) : bit_range(0, d + 1);
     return bits & bit_range(0, nkt);
 }
 

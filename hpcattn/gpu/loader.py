@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .shapes import CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS, mma_name, wg_name
+from .shapes import BWD_DIMS, CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS, bwd_names, mma_name, wg_name
 
 
 def kernel_dir():
@@ -31,6 +31,8 @@ SOURCES = {
                        for m in DMAXES),
     "attend_mma.cu": tuple(mma_name(t, d, o) for t in ("__half", "__nv_bfloat16")
                            for d in MMA_DIMS for o in ("float", t)),
+    "attend_bwd_mma.cu": ("rows_unsorted",) + tuple(n for t in ("__half", "__nv_bfloat16") for d in BWD_DIMS
+                                                     for n in bwd_names(t, d)),
     "attend_wgmma.cu": tuple(wg_name(t, d, o) for t in ("__half", "__nv_bfloat16") for d in WG_DIMS
                              for o in ("float", t)),
     "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()

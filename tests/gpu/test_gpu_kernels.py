@@ -252,30 +252,77 @@ def test_large_logits_stay_finite(rng):
     assert cp.isfinite(o).all() and cp.isfinite(lse).all()
 
 
-@pytest.mark.parametrize("spec", MASKS)
-@pytest.mark.parametrize("Hkv,G,n,D,dtype", [(1, 1, 150, 64, "float32"), (2, 2, 97, 48, "float16"),
-                                             (1, 3, 70, 128, "bfloat16")])
-def test_backward_matches_float64_gradients(rng, spec, Hkv, G, n, D, dtype):
-    mask = parse(spec)
-    (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, Hkv, G, n, D), (1, Hkv, n, D), dtype)
-    doh, dod = one(rng, (1, Hkv, G, n, D), dtype)
-    qpos, scale = np.arange(n, dtype=np.int64), 1 / math.sqrt(D)
-    o, lse, delta, dq, dk, dv, (mag_q, mag_k) = full_backward(qh, kh, vh, doh, qpos, mask, scale)
-    tol = 2e-4
-    # two key blocks, dq accumulated across them as a ring's hops do
-    cut = n // 3
-    gq, edges = cp.zeros(qh.shape, cp.float32), 0
-    gk, gv = cp.zeros(kh.shape, cp.float32), cp.zeros(kh.shape, cp.float32)
-    for a, b in ((0, cut), (cut, n)):
+BWD_TOL = {"simt": 2e-4, ("mma", "float16"): 4e-3, ("mma", "bfloat16"): 3e-2}
+
+
+def two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, scale, dtype, kind, cut):
+    """gpu_backward over the key blocks [0, cut) and [cut, nk), dq accumulated across them as a
+    ring's hops do: (dq, dk, dv) on the host and the edges counted."""
+    gq, edges = cp.zeros(qd.shape, cp.float32), 0
+    gk, gv = cp.zeros(kd.shape, cp.float32), cp.zeros(kd.shape, cp.float32)
+    for a, b in ((0, cut), (cut, kd.shape[2])):
         _, dk_b, dv_b, e = gpu_backward(qd, qpos, cp.ascontiguousarray(kd[:, :, a:b]),
                                         cp.ascontiguousarray(vd[:, :, a:b]), a, mask, scale, dod,
                                         cp.asarray(lse, dtype=cp.float32), cp.asarray(delta, dtype=cp.float32),
-                                        dq=gq, bf16=dtype == "bfloat16")
+                                        dq=gq, bf16=dtype == "bfloat16", kernel_kind=kind)
         gk[:, :, a:b], gv[:, :, a:b], edges = dk_b, dv_b, edges + e
+    return gq.get(), gk.get(), gv.get(), edges
+
+
+@pytest.mark.parametrize("spec", MASKS)
+@pytest.mark.parametrize("Hkv,G,nq,nk,D,dtype,kind", [(1, 1, 150, 150, 64, "float32", "simt"),
+                                                      (2, 2, 97, 97, 48, "float16", "simt"),
+                                                      (1, 3, 70, 70, 128, "bfloat16", "simt"),
+                                                      (2, 2, 97, 97, 64, "float16", "mma"),
+                                                      (1, 3, 70, 70, 128, "bfloat16", "mma"),
+                                                      (1, 2, 300, 300, 64, "bfloat16", "mma"),
+                                                      (1, 1, 260, 333, 32, "float16", "mma"),
+                                                      (2, 1, 150, 200, 96, "float16", "mma"),
+                                                      (1, 4, 130, 130, 128, "float16", "mma")])
+def test_backward_matches_float64_gradients(rng, spec, Hkv, G, nq, nk, D, dtype, kind):
+    """Both backward kernels against float64 over two key blocks; queries at 0 .. nq - 1 of nk keys."""
+    mask = parse(spec)
+    (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, Hkv, G, nq, D), (1, Hkv, nk, D), dtype)
+    doh, dod = one(rng, (1, Hkv, G, nq, D), dtype)
+    qpos, scale = np.arange(nq, dtype=np.int64), 1 / math.sqrt(D)
+    o, lse, delta, dq, dk, dv, (mag_q, mag_k) = full_backward(qh, kh, vh, doh, qpos, mask, scale)
+    got = two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, scale, dtype, kind, nk // 3)
+    tol = BWD_TOL.get(kind, BWD_TOL.get((kind, dtype)))
     # dv = P^T dO has no cancellation: its own size is the scale
-    for name, g, ref, mag in zip(("dq", "dk", "dv"), (gq, gk, gv), (dq, dk, dv), (mag_q, mag_k, abs(dv))):
-        assert grad_err(g.get(), ref, mag) <= tol, (name, grad_err(g.get(), ref, mag))
-    assert edges == int(mask.allowed(qpos[:, None], qpos[None, :]).sum())
+    for name, g, ref, mag in zip(("dq", "dk", "dv"), got, (dq, dk, dv), (mag_q, mag_k, abs(dv))):
+        assert np.isfinite(g).all() and grad_err(g, ref, mag) <= tol, (name, grad_err(g, ref, mag))
+    assert got[3] == int(mask.allowed(qpos[:, None], np.arange(nk)[None, :]).sum())
+
+
+@pytest.mark.parametrize("spec", ["causal+window:40", "global:3+block:20+window:5+causal", "dilated:3:5", "full"])
+@pytest.mark.parametrize("order", ["sorted", "runs", "shuffled"])
+def test_tensor_core_backward_rows_at_any_positions(rng, spec, order):
+    """Query rows at positions that are no run: sorted with gaps (searched by position), two
+    runs (zigzag), shuffled (every query tile walked); against float64 and rerun bit for bit."""
+    nk, nq, D, dtype = 700, 230, 64, "float16"
+    if order == "runs":
+        qpos = np.concatenate([np.arange(20, 135), np.arange(500, 615)]).astype(np.int64)
+    else:
+        qpos = np.sort(rng.choice(nk, nq, replace=False)).astype(np.int64)
+        if order == "shuffled":
+            qpos = rng.permutation(qpos)
+    mask = parse(spec)
+    (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, 2, 2, nq, D), (1, 2, nk, D), dtype)
+    doh, dod = one(rng, (1, 2, 2, nq, D), dtype)
+    o, lse, delta, dq, dk, dv, (mag_q, mag_k) = full_backward(qh, kh, vh, doh, qpos, mask, 0.125)
+    got = two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, 0.125, dtype, "mma", 333)
+    for name, g, ref, mag in zip(("dq", "dk", "dv"), got, (dq, dk, dv), (mag_q, mag_k, abs(dv))):
+        assert grad_err(g, ref, mag) <= BWD_TOL["mma", dtype], (name, grad_err(g, ref, mag))
+    assert got[3] == int(mask.allowed(qpos[:, None], np.arange(nk)[None, :]).sum())
+    again = two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, 0.125, dtype, "mma", 333)
+    assert all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(got[:3], again[:3]))
+
+
+def test_tensor_core_backward_is_refused_where_it_cannot_run(rng):
+    q = cp.zeros((1, 1, 1, 8, 48), cp.float16)
+    with pytest.raises(hpcattn.HpcattnError, match="tensor-core backward"):
+        gpu_backward(q, np.arange(8), q[:, :, 0], q[:, :, 0], 0, parse("full"), 1.0, q,
+                     cp.zeros((1, 1, 1, 8), cp.float32), cp.zeros((1, 1, 1, 8), cp.float32), kernel_kind="mma")
 
 
 def test_fused_merge_matches_the_numpy_merge(rng):

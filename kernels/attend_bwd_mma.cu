@@ -1,0 +1,394 @@
+// Local sparse attention backward on tensor cores for float16/bfloat16, D in {32, 64, 96, 128},
+// implicit mask terms: attend_bwd's contract (attend.cu) with P and dS rounded to the input
+// dtype for the MMAs, as FlashAttention does. FlashAttention-2's backward in two kernels so that
+// no sum is reduced atomically and reruns give the same bits: every row of dq, dk and dv is
+// owned by one block, which adds its share in a fixed order.
+// - attend_bwd_kv: a block owns 16 W keys of one kv head (K, V and dK, dV per warp) and walks the
+//   64-row query tiles that reach them, for all G query heads of the group: S^T = K Q^T,
+//   dP^T = V dO^T, P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - delta), dV += P^T dO,
+//   dK += scale dS^T Q.
+// - attend_bwd_q: a block owns 16 W query rows of one head and walks the MK-key tiles they
+//   reach, as the forward does: S, dP, P and dS again, dQ += scale dS K; counts the edges.
+// Layouts as attend_bwd's: q, do (B,Hkv,G,nq,D), k, v (B,Hkv,nk,D), lse and delta (B,Hkv,G,nq)
+// float32, dq like q and dk, dv like k in float32. qpos == nullptr: row r sits at q0 + r.
+#include "mma.cuh"
+
+constexpr int BM = 64;  // query rows per tile of attend_bwd_kv
+
+__device__ __forceinline__ void cp4(void* dst, const void* src, bool pred) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(s), "l"(src), "r"(pred ? 4 : 0));
+}
+__device__ __forceinline__ void cp8(void* dst, const void* src, bool pred) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" :: "r"(s), "l"(src), "r"(pred ? 8 : 0));
+}
+
+// Sets *unsorted when the positions are not in ascending order: attend_bwd_kv then cannot find
+// the rows of a position interval by search and walks every query tile instead.
+__global__ void rows_unsorted(const long long* __restrict__ qpos, int nq, int* __restrict__ unsorted) {
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x + 1; r < nq; r += gridDim.x * blockDim.x)
+        if (qpos[r] < qpos[r - 1]) *unsorted = 1;
+}
+
+// The first row whose position is >= x (nq if none), rows in ascending order of position; the
+// 32 lanes of a warp probe 32 rows at once (a 32-ary search) and all return the answer.
+__device__ __forceinline__ int first_row(const long long* __restrict__ qpos, long long q0, int nq, long long x,
+                                         int lane) {
+    if (!qpos) return (int)min(max(x - q0, 0LL), (long long)nq);
+    int lo = 0, hi = nq;  // the answer lies in [lo, hi]
+    while (hi - lo > 32) {
+        const int step = (hi - lo + 31) / 32, p = lo + lane * step;
+        const int below = __popc(__ballot_sync(0xffffffffu, p < hi && qpos[p] < x));  // a prefix of lanes
+        if (below == 0) return lo;
+        hi = min(hi, lo + below * step);
+        lo += (below - 1) * step + 1;
+    }
+    return lo + __popc(__ballot_sync(0xffffffffu, lo + lane < hi && qpos[lo + lane] < x));
+}
+
+// This lane's query columns 8j + 2tq + e of a tile: L = lse log2(e) (+inf where the row is not
+// real or has no edge, so that P = 0 there) and delta.
+__device__ __forceinline__ void column_stats(const float* Ls, const float* Ds, int rows, int tq, float (&L)[MK / 8][2],
+                                             float (&dl)[MK / 8][2]) {
+#pragma unroll
+    for (int j = 0; j < MK / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int c = 8 * j + 2 * tq + e;
+            const float x = Ls[c];
+            L[j][e] = c < rows && x != -INFINITY ? x * MLOG2E : INFINITY;
+            dl[j][e] = Ds[c];
+        }
+}
+
+// P = exp2(sl2 s - L) and dS = P (dP - delta) of one 16-row block packed as MMA A fragments;
+// per-row statistics (Lr, dr: rows g, g + 8) or per-column ones (Lc, dc), as COLS says.
+template <typename T, bool COLS>
+__device__ __forceinline__ void probabilities(const float (&s)[MK / 8][4], const float (&dp)[MK / 8][4], float sl2,
+                                              const float* Lr, const float* dr, const float (&Lc)[MK / 8][2],
+                                              const float (&dc)[MK / 8][2], unsigned (&pa)[MK / 16][4],
+                                              unsigned (&da)[MK / 16][4]) {
+#pragma unroll
+    for (int j = 0; j < MK / 8; ++j) {
+        float p[4], d[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float L = COLS ? Lc[j][e & 1] : Lr[e >> 1], dd = COLS ? dc[j][e & 1] : dr[e >> 1];
+            p[e] = exp2f(fmaf(s[j][e], sl2, -L));
+            d[e] = p[e] * (dp[j][e] - dd);
+        }
+        pa[j >> 1][(j & 1) * 2] = pack2<T>(p[0], p[1]);
+        pa[j >> 1][(j & 1) * 2 + 1] = pack2<T>(p[2], p[3]);
+        da[j >> 1][(j & 1) * 2] = pack2<T>(d[0], d[1]);
+        da[j >> 1][(j & 1) * 2 + 1] = pack2<T>(d[2], d[3]);
+    }
+}
+
+// out[row, 2tq + 8j + e] += mul * acc for this lane's rows g (h = 0) and g + 8 (h = 1) of a
+// 16-row block whose rows start at `base` (D floats apart); rows for which live[h] is false are
+// left alone.
+template <int D>
+__device__ __forceinline__ void add_rows(float* base, const float (&acc)[D / 8][4], const bool (&live)[2], float mul,
+                                         int g, int tq) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (!live[h]) continue;
+        float* row = base + (size_t)(g + 8 * h) * D + 2 * tq;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            float2 x = *reinterpret_cast<float2*>(row + 8 * j);
+            x.x += mul * acc[j][2 * h];
+            x.y += mul * acc[j][2 * h + 1];
+            *reinterpret_cast<float2*>(row + 8 * j) = x;
+        }
+    }
+}
+
+// Shape: W warps of 16 keys each; KREG: K and V fragments stay in registers (else re-read from
+// shared memory every tile). Shared memory: two stages of (Q, dO) tiles, the block's K and V
+// rows, two stages of (lse, delta, positions).
+template <typename T, int D, int W, bool KREG>
+__global__ void __launch_bounds__(W * 32)
+attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
+              const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
+              const float* __restrict__ delta, float* __restrict__ dk, float* __restrict__ dv,
+              const long long* __restrict__ mask_words, const int* __restrict__ unsorted, int nq, int nk, int G,
+              long long k0, float scale, long long q0) {
+    constexpr int BN = 16 * W, LD = D + 8, NT = W * 32, TILE = BM * LD;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* QO = reinterpret_cast<T*>(smem_raw);  // stage s: Q at QO + 2s TILE, dO at QO + (2s + 1) TILE
+    T* Ks = QO + 4 * TILE;
+    T* Vs = Ks + BN * LD;
+    float* Ls = reinterpret_cast<float*>(Vs + BN * LD);  // stage s at Ls + s BM; delta likewise
+    float* Dls = Ls + 2 * BM;
+    long long* Ps = reinterpret_cast<long long*>(Dls + 2 * BM);
+    __shared__ MaskDev mk;
+    __shared__ int nr_s, tlo_s[HPCATTN_MAX_SPANS], thi_s[HPCATTN_MAX_SPANS];
+
+    const int hk = blockIdx.y, kc0 = blockIdx.x * BN, kc1 = min(nk, kc0 + BN);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    load_tile<T, D, LD>(k + ((size_t)hk * nk + kc0) * D, D, kc1 - kc0, BN, Ks, tid, NT);
+    load_tile<T, D, LD>(v + ((size_t)hk * nk + kc0) * D, D, kc1 - kc0, BN, Vs, tid, NT);
+    cp_commit();
+    if (warp == 0) {  // the query tiles [tlo, thi) whose rows reach these keys, in order, disjoint
+        load_mask_warp(mask_words, mk, lane);
+        long long lo[HPCATTN_MAX_SPANS], hi[HPCATTN_MAX_SPANS];
+        const int ns = mask_spans(mk, k0 + kc0, k0 + kc1 - 1, 0, 1LL << 62, lo, hi, true);
+        int n = 0, done = 0;
+        if (qpos && *unsorted) {
+            if (lane == 0 && nq > 0) { tlo_s[0] = 0; thi_s[0] = (nq + BM - 1) / BM; }
+            n = nq > 0;
+        } else {
+            for (int s = 0; s < ns; ++s) {
+                const int r0 = first_row(qpos, q0, nq, lo[s], lane), r1 = first_row(qpos, q0, nq, hi[s], lane);
+                const int a = max(r0 / BM, done), b = r1 > r0 ? (r1 - 1) / BM + 1 : 0;
+                if (a < b) {
+                    if (lane == 0) { tlo_s[n] = a; thi_s[n] = b; }
+                    ++n;
+                    done = b;
+                }
+            }
+        }
+        if (lane == 0) nr_s = n;
+    }
+    __syncthreads();
+    const int nr = nr_s;
+    if (nr == 0) return;  // no query reaches these keys: dk, dv keep their values
+
+    // work items (query head gq of the group, query tile t), fetched one ahead of compute
+    int fg = 0, fr = 0, ft = tlo_s[0];
+    auto fetch = [&](int s) {
+        if (fg < G) {
+            const size_t hq = (size_t)hk * G + fg;
+            const int r0 = ft * BM, rows = min(BM, nq - r0);
+            load_tile<T, D, LD>(q + (hq * nq + r0) * D, D, rows, BM, QO + 2 * s * TILE, tid, NT);
+            load_tile<T, D, LD>(dout + (hq * nq + r0) * D, D, rows, BM, QO + (2 * s + 1) * TILE, tid, NT);
+            for (int e = tid; e < BM; e += NT) {
+                const bool ok = e < rows;
+                const size_t i = hq * nq + r0 + (ok ? e : 0);
+                cp4(Ls + s * BM + e, lse + i, ok);
+                cp4(Dls + s * BM + e, delta + i, ok);
+                if (qpos) cp8(Ps + s * BM + e, qpos + r0 + (ok ? e : 0), ok);
+            }
+            if (++ft == thi_s[fr]) {
+                if (++fr == nr) { fr = 0; ++fg; }
+                ft = tlo_s[fr];
+            }
+        }
+        cp_commit();
+    };
+    fetch(0);
+    cp_wait<1>();  // K and V
+    __syncthreads();
+
+    const T* Kw = Ks + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8;  // this lane's ldmatrix rows
+    const T* Vw = Vs + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
+    unsigned kf[1][KREG ? D / 16 : 1][4], vf[1][KREG ? D / 16 : 1][4];
+    if (KREG) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            ldsm4(kf[0][KREG ? kk : 0], Kw + kk * 16);
+            ldsm4(vf[0][KREG ? kk : 0], Vw + kk * 16);
+        }
+    }
+    float dka[1][D / 8][4], dva[1][D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[0][j][e] = dva[0][j][e] = 0.f;
+    const int kw0 = kc0 + warp * 16;  // this warp's first key row
+    const bool live[1][2] = {{kw0 + g < kc1, kw0 + g + 8 < kc1}};
+    const long long jpos[1][2] = {{k0 + kw0 + g, k0 + kw0 + g + 8}};
+    const bool warp_live = kw0 < kc1;
+    const float sl2 = scale * MLOG2E;
+    unsigned long long unused = 0;
+
+    for (int buf = 0, cg = 0, cr = 0, ct = tlo_s[0]; cg < G; buf ^= 1) {
+        fetch(buf ^ 1);
+        cp_wait<1>();
+        __syncthreads();
+        const T* Qb = QO + 2 * buf * TILE;
+        const T* Ob = Qb + TILE;
+        const float* Lb = Ls + buf * BM;
+        const long long* Pb = Ps + buf * BM;
+        const int rows = min(BM, nq - ct * BM);
+        if (warp_live) {
+            long long plo = q0 + (long long)ct * BM, phi = plo + rows - 1;
+            bool run = true;
+            if (qpos) {
+                const long long p0 = Pb[0];
+                plo = 0x7fffffffffffffffLL;
+                phi = -0x7fffffffffffffffLL - 1;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = lane + 32 * h;
+                    if (r < rows) {
+                        plo = min(plo, Pb[r]);
+                        phi = max(phi, Pb[r]);
+                    }
+                    run &= r >= rows || Pb[r] == p0 + r;
+                }
+                warp_min_max(plo, phi);
+                run = __all_sync(0xffffffffu, run);
+            }
+            float s[1][MK / 8][4], dp[1][MK / 8][4];
+            tile_scores<T, D, 1, KREG, LD>(s, kf, Kw, Qb, lane);
+            tile_scores<T, D, 1, KREG, LD>(dp, vf, Vw, Ob, lane);
+            const bool full = rows == BM && mask_tile_full(mk, plo, phi, k0 + kw0, k0 + min(kw0 + 16, kc1));
+            if (run) {
+                mask_scores<1, true>(s, mk, live, jpos, plo, rows, full, tq, unused);
+            } else if (!full) {  // positions that are no run: each pair of this lane tested
+                unsigned long long b[2] = {0ull, 0ull};
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int j = 0; j < MK / 8; ++j)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int c = 8 * j + 2 * tq + e;
+                            if (live[0][h] && c < rows && mask_allows(mk, Pb[c], jpos[0][h]))
+                                b[h] |= 1ull << (8 * j + e);
+                        }
+                mask_bits(s[0], b[0], b[1]);
+            }
+            float L[MK / 8][2], dl[MK / 8][2];
+            column_stats(Lb, Dls + buf * BM, rows, tq, L, dl);
+            unsigned pa[1][MK / 16][4], da[1][MK / 16][4];
+            probabilities<T, true>(s[0], dp[0], sl2, nullptr, nullptr, L, dl, pa[0], da[0]);
+            pv_accumulate<T, D, 1, LD>(dva, pa, Ob, lane);  // dV += P^T dO
+            pv_accumulate<T, D, 1, LD>(dka, da, Qb, lane);  // dK += dS^T Q
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+        if (++ct == thi_s[cr]) {
+            if (++cr == nr) { cr = 0; ++cg; }
+            ct = tlo_s[cr];
+        }
+    }
+    cp_wait<0>();
+    if (warp_live) {
+        const size_t base = ((size_t)hk * nk + kw0) * D;
+        add_rows<D>(dk + base, dka[0], live[0], scale, g, tq);
+        add_rows<D>(dv + base, dva[0], live[0], 1.f, g, tq);
+    }
+}
+
+// Shape: W warps of 16 query rows each; QREG: the q and dO fragments stay in registers (else
+// re-read from shared memory every tile); ST K/V tile buffers as in the forward.
+template <typename T, int D, int W, bool QREG, int ST>
+__global__ void __launch_bounds__(W * 32)
+attend_bwd_q(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
+             const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
+             const float* __restrict__ delta, float* __restrict__ dq, unsigned long long* __restrict__ edges,
+             const long long* __restrict__ mask_words, int nq, int nk, int G, long long k0, float scale,
+             long long q0) {
+    constexpr int BR = 16 * W, LD = D + 8, NT = W * 32, TILE = MK * LD;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* KV = reinterpret_cast<T*>(smem_raw);  // buffer b: K at KV + 2b TILE, V at KV + (2b + 1) TILE
+    T* Qs = KV + 2 * ST * TILE;              // BR x LD, then dO
+    T* Os = Qs + BR * LD;
+    __shared__ MaskDev mk;
+    __shared__ long long qlo_s, qhi_s, lo_s[HPCATTN_MAX_SPANS], hi_s[HPCATTN_MAX_SPANS];
+    __shared__ int nsp_s;
+    __shared__ unsigned long long edges_s;
+
+    const int head = blockIdx.y, kvh = head / G;
+    const int t0 = blockIdx.x * BR, t1 = min(nq, t0 + BR);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    const T* kh = k + (size_t)kvh * nk * D;
+    const T* vh = v + (size_t)kvh * nk * D;
+    load_tile<T, D, LD>(q + ((size_t)head * nq + t0) * D, D, t1 - t0, BR, Qs, tid, NT);
+    load_tile<T, D, LD>(dout + ((size_t)head * nq + t0) * D, D, t1 - t0, BR, Os, tid, NT);
+    cp_commit();
+    if (warp == 0) {
+        load_mask_warp(mask_words, mk, lane);
+        long long lo, hi;
+        row_positions(qpos, q0, t0, t1, lane, lo, hi);
+        if (lane == 0) {
+            qlo_s = lo;
+            qhi_s = hi;
+            nsp_s = mask_spans(mk, lo, hi, k0, k0 + nk, lo_s, hi_s);
+            edges_s = 0ull;
+        }
+    }
+    __syncthreads();
+    const int nsp = nsp_s;
+    const long long qlo = qlo_s, qhi = qhi_s;
+    int sp = 0, fsp = 0;
+    long long c0 = nsp ? lo_s[0] : 0, fc0 = c0;
+#pragma unroll
+    for (int b = 0; b < ST - 1; ++b) {
+        if (fsp < nsp) {
+            const int n = (int)min((long long)MK, hi_s[fsp] - fc0);
+            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * D, D, n, MK, KV + 2 * b * TILE, tid, NT);
+            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * D, D, n, MK, KV + (2 * b + 1) * TILE, tid, NT);
+            next_tile(fsp, fc0, nsp, lo_s, hi_s);
+        }
+        cp_commit();
+    }
+
+    bool live[1][2];
+    long long pos[1][2];
+    float Lr[2], dr[2], dqa[1][D / 8][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = t0 + warp * 16 + g + 8 * h;
+        live[0][h] = r < t1;
+        pos[0][h] = r >= t1 ? 0 : qpos ? qpos[r] : q0 + r;
+        const float x = r < t1 ? lse[(size_t)head * nq + r] : -INFINITY;
+        Lr[h] = x == -INFINITY ? INFINITY : x * MLOG2E;
+        dr[h] = r < t1 ? delta[(size_t)head * nq + r] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) dqa[0][j][0] = dqa[0][j][1] = dqa[0][j][2] = dqa[0][j][3] = 0.f;
+    const float sl2 = scale * MLOG2E;
+    unsigned long long n_edges = 0;
+    const T* Qw = Qs + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
+    const T* Ow = Os + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
+    unsigned qa[1][QREG ? D / 16 : 1][4], oa[1][QREG ? D / 16 : 1][4];
+    cp_wait<ST - 1>();  // the q and dO rows
+    __syncthreads();
+    if (QREG) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            ldsm4(qa[0][QREG ? kk : 0], Qw + kk * 16);
+            ldsm4(oa[0][QREG ? kk : 0], Ow + kk * 16);
+        }
+    }
+    const float dummy[MK / 8][2] = {};
+
+    int buf = 0;
+    while (sp < nsp) {
+        const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
+        if (fsp < nsp) {
+            const int n = (int)min((long long)MK, hi_s[fsp] - fc0), fb = buf == 0 ? ST - 1 : buf - 1;
+            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * D, D, n, MK, KV + 2 * fb * TILE, tid, NT);
+            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * D, D, n, MK, KV + (2 * fb + 1) * TILE, tid, NT);
+            next_tile(fsp, fc0, nsp, lo_s, hi_s);
+        }
+        cp_commit();
+        cp_wait<ST - 1>();
+        __syncthreads();
+        const T* Kb = KV + 2 * buf * TILE;
+        const T* Vb = Kb + TILE;
+        float s[1][MK / 8][4], dp[1][MK / 8][4];
+        tile_scores<T, D, 1, QREG, LD>(s, qa, Qw, Kb, lane);
+        tile_scores<T, D, 1, QREG, LD>(dp, oa, Ow, Vb, lane);
+        const bool full = nkt == MK && mask_tile_full(mk, qlo, qhi, c0, c0 + MK);
+        mask_scores<1>(s, mk, live, pos, c0, nkt, full, tq, n_edges);
+        unsigned pa[1][MK / 16][4], da[1][MK / 16][4];
+        probabilities<T, false>(s[0], dp[0], sl2, Lr, dr, dummy, dummy, pa[0], da[0]);
+        pv_accumulate<T, D, 1, LD>(dqa, da, Kb, lane);  // dQ += dS K
+        __syncthreads();
+        buf = buf + 1 == ST ? 0 : buf + 1;
+        next_tile(sp, c0, nsp, lo_s, hi_s);
+    }
+    cp_wait<0>();
+    add_rows<D>(dq + ((size_t)head * nq + t0 + warp * 16) * D, dqa[0], live[0], scale, g, tq);
+
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) n_edges += __shfl_xor_sync(0xffffffffu, n_edges, s);
+    if (lane == 0 && n_edges) atomicAdd(&edges_s, n_edges);
+    __syncthreads();
+    if (tid == 0 && head == 0 && edges_s) atomicAdd(edges, edges_s);
+}
