@@ -259,21 +259,24 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
         if not hasattr(module, "backward"):
             raise HpcattnError(f"variant {name!r} has no backward pass")
         lse = lse.reshape(B, Hkv, H // Hkv, nq).astype("float32", copy=False)
-        if comm.size == 1:  # the backward kernel alone
-            o, do = heads(o, Hkv), heads(do, Hkv)
+        if comm.size == 1:  # the backward kernels alone, writing the caller's layout and dtypes
+            xp = array_module(q)
+            grads = tuple(xp.empty(x.shape, x.dtype) for x in (q, k, v))
+            out = (heads(grads[0], Hkv),) + tuple(heads(g, Hkv)[:, :, 0] for g in grads[1:])
+            qpos = None if xp is not np and q_positions is None else shard.qpos
             faults.point("compute", 0)
             t = time.perf_counter()
             with phase("local"):
-                dq, dk, dv, edges = grad.backward(shard.q, shard.qpos, shard.k, shard.v, 0,
-                                                  shard.mask, shard.scale, do, lse,
-                                                  grad.row_delta(do, o))
+                edges = grad.backward_out(shard.q, qpos, shard.k, shard.v, shard.mask, shard.scale,
+                                          heads(o, Hkv), lse, heads(do, Hkv), out)
             _record(stats, shard, t, edges)
         else:
             dq, dk, dv = module.backward(comm, shard, to_heads(o, Hkv), lse, to_heads(do, Hkv))
+            grads = (from_heads(dq, q.dtype), from_heads(dk[:, :, None], k.dtype),
+                     from_heads(dv[:, :, None], v.dtype))
         if stats is not None:
             stats.update(shard.stats, variant=name)
-        return (from_heads(dq, q.dtype), from_heads(dk[:, :, None], k.dtype),
-                from_heads(dv[:, :, None], v.dtype))
+        return grads
 
 
 @contextmanager

@@ -9,8 +9,11 @@
 //   dK += scale dS^T Q.
 // - attend_bwd_q: a block owns 16 W query rows of one head and walks the MK-key tiles they
 //   reach, as the forward does: S, dP, P and dS again, dQ += scale dS K; counts the edges.
-// Layouts as attend_bwd's: q, do (B,Hkv,G,nq,D), k, v (B,Hkv,nk,D), lse and delta (B,Hkv,G,nq)
-// float32, dq like q and dk, dv like k in float32. qpos == nullptr: row r sits at q0 + r.
+// q, do and dq lie alike, k, v, dk and dv alike, in any layout that kernels/tiles.cuh's Strides
+// describe (head-major, or the caller's (B, n, H, D)); lse and delta (B,Hkv,G,nq) float32.
+// TO = float: dq, dk, dv are float32 accumulators the kernels add into (a variant's key blocks);
+// TO = T: they are written, in the input dtype (the whole backward at once). qpos == nullptr:
+// row r sits at position q0 + r.
 #include "mma.cuh"
 
 constexpr int BM = 64;  // query rows per tile of attend_bwd_kv
@@ -85,36 +88,68 @@ __device__ __forceinline__ void probabilities(const float (&s)[MK / 8][4], const
     }
 }
 
-// out[row, 2tq + 8j + e] += mul * acc for this lane's rows g (h = 0) and g + 8 (h = 1) of a
-// 16-row block whose rows start at `base` (D floats apart); rows for which live[h] is false are
-// left alone.
-template <int D>
-__device__ __forceinline__ void add_rows(float* base, const float (&acc)[D / 8][4], const bool (&live)[2], float mul,
-                                         int g, int tq) {
+// Row g (h = 0) and g + 8 (h = 1) of a 16-row block starting at `base` (rows rs apart), columns
+// 2tq + 8j + e: mul * acc added into float32 accumulators (TO = float) or stored (TO = T, the
+// input dtype). Rows for which live[h] is false are left alone.
+template <int D, typename TO>
+__device__ __forceinline__ void put_rows(TO* base, long long rs, const float (&acc)[D / 8][4], const bool (&live)[2],
+                                         float mul, int g, int tq) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         if (!live[h]) continue;
-        float* row = base + (size_t)(g + 8 * h) * D + 2 * tq;
+        TO* row = base + (size_t)(g + 8 * h) * rs + 2 * tq;
 #pragma unroll
         for (int j = 0; j < D / 8; ++j) {
-            float2 x = *reinterpret_cast<float2*>(row + 8 * j);
-            x.x += mul * acc[j][2 * h];
-            x.y += mul * acc[j][2 * h + 1];
-            *reinterpret_cast<float2*>(row + 8 * j) = x;
+            float a = mul * acc[j][2 * h], b = mul * acc[j][2 * h + 1];
+            if (sizeof(TO) == 4) {
+                const float2 x = *reinterpret_cast<const float2*>(row + 8 * j);
+                a += x.x;
+                b += x.y;
+            }
+            store2<TO>(row + 8 * j, a, b);
         }
     }
 }
 
+// delta = rowsum(dO * O) in float32, (B, H, nq) head-major, for dO and O in any Strides layout
+// (H query heads per batch entry): D / 8 lanes per row, 8 elements each.
+template <typename T, int D>
+__global__ void row_delta(const T* __restrict__ dout, const T* __restrict__ o, float* __restrict__ delta, int nq,
+                          long long rows, long long dbs, long long dhs, long long drs, long long obs, long long ohs,
+                          long long ors, int H) {
+    constexpr int L = D / 8 <= 4 ? 4 : D / 8 <= 8 ? 8 : 16;  // lanes per row, a power of two
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / L;
+    const int part = threadIdx.x % L;
+    float sum = 0.f;
+    if (i < rows && part < D / 8) {
+        const int head = (int)(i / nq), r = (int)(i % nq);
+        const Strides ds{dbs, dhs, drs}, os{obs, ohs, ors};
+        const uint4 a = *reinterpret_cast<const uint4*>(dout + ds.head(head, H) + (size_t)r * drs + 8 * part);
+        const uint4 b = *reinterpret_cast<const uint4*>(o + os.head(head, H) + (size_t)r * ors + 8 * part);
+        const T* x = reinterpret_cast<const T*>(&a);
+        const T* y = reinterpret_cast<const T*>(&b);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum = fmaf(to_f<T>(x[e]), to_f<T>(y[e]), sum);
+    }
+#pragma unroll
+    for (int s = L / 2; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
+    if (i < rows && part == 0) delta[i] = sum;
+}
+
+// The backward kernels' layout arguments: the Strides of q (do, dq) and of k (v, dk, dv), and H,
+// the query heads per batch entry.
+#define BWD_STRIDES long long qbs, long long qhs, long long qrs, long long kbs, long long khs, long long krs, int H
+
 // Shape: W warps of 16 keys each; KREG: K and V fragments stay in registers (else re-read from
 // shared memory every tile). Shared memory: two stages of (Q, dO) tiles, the block's K and V
 // rows, two stages of (lse, delta, positions).
-template <typename T, int D, int W, bool KREG>
-__global__ void __launch_bounds__(W * 32)
+template <typename T, int D, typename TO, int W, bool KREG, int MINB>
+__global__ void __launch_bounds__(W * 32, MINB)
 attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
               const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
-              const float* __restrict__ delta, float* __restrict__ dk, float* __restrict__ dv,
+              const float* __restrict__ delta, TO* __restrict__ dk, TO* __restrict__ dv,
               const long long* __restrict__ mask_words, const int* __restrict__ unsorted, int nq, int nk, int G,
-              long long k0, float scale, long long q0) {
+              long long k0, float scale, long long q0, BWD_STRIDES) {
     constexpr int BN = 16 * W, LD = D + 8, NT = W * 32, TILE = BM * LD;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     T* QO = reinterpret_cast<T*>(smem_raw);  // stage s: Q at QO + 2s TILE, dO at QO + (2s + 1) TILE
@@ -126,10 +161,12 @@ attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const
     __shared__ MaskDev mk;
     __shared__ int nr_s, tlo_s[HPCATTN_MAX_SPANS], thi_s[HPCATTN_MAX_SPANS];
 
+    const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs};
     const int hk = blockIdx.y, kc0 = blockIdx.x * BN, kc1 = min(nk, kc0 + BN);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    load_tile<T, D, LD>(k + ((size_t)hk * nk + kc0) * D, D, kc1 - kc0, BN, Ks, tid, NT);
-    load_tile<T, D, LD>(v + ((size_t)hk * nk + kc0) * D, D, kc1 - kc0, BN, Vs, tid, NT);
+    const size_t krow0 = ks.head(hk, H / G) + (size_t)kc0 * krs;  // the block's first key row
+    load_tile<T, D, LD>(k + krow0, krs, kc1 - kc0, BN, Ks, tid, NT);
+    load_tile<T, D, LD>(v + krow0, krs, kc1 - kc0, BN, Vs, tid, NT);
     cp_commit();
     if (warp == 0) {  // the query tiles [tlo, thi) whose rows reach these keys, in order, disjoint
         load_mask_warp(mask_words, mk, lane);
@@ -154,19 +191,21 @@ attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const
     }
     __syncthreads();
     const int nr = nr_s;
-    if (nr == 0) return;  // no query reaches these keys: dk, dv keep their values
+    if (nr == 0 && sizeof(TO) == 4) return;  // no query reaches these keys: the sums are unchanged
 
-    // work items (query head gq of the group, query tile t), fetched one ahead of compute
-    int fg = 0, fr = 0, ft = tlo_s[0];
+    // work items (query head gq of the group, query tile t), fetched one ahead of compute; none
+    // when no query reaches these keys (dk, dv are then written as zeros)
+    const int g_first = nr ? 0 : G, t_first = nr ? tlo_s[0] : 0;
+    int fg = g_first, fr = 0, ft = t_first;
     auto fetch = [&](int s) {
         if (fg < G) {
-            const size_t hq = (size_t)hk * G + fg;
-            const int r0 = ft * BM, rows = min(BM, nq - r0);
-            load_tile<T, D, LD>(q + (hq * nq + r0) * D, D, rows, BM, QO + 2 * s * TILE, tid, NT);
-            load_tile<T, D, LD>(dout + (hq * nq + r0) * D, D, rows, BM, QO + (2 * s + 1) * TILE, tid, NT);
+            const int hq = hk * G + fg, r0 = ft * BM, rows = min(BM, nq - r0);
+            const size_t qrow0 = qs.head(hq, H) + (size_t)r0 * qrs;
+            load_tile<T, D, LD>(q + qrow0, qrs, rows, BM, QO + 2 * s * TILE, tid, NT);
+            load_tile<T, D, LD>(dout + qrow0, qrs, rows, BM, QO + (2 * s + 1) * TILE, tid, NT);
             for (int e = tid; e < BM; e += NT) {
                 const bool ok = e < rows;
-                const size_t i = hq * nq + r0 + (ok ? e : 0);
+                const size_t i = (size_t)hq * nq + r0 + (ok ? e : 0);
                 cp4(Ls + s * BM + e, lse + i, ok);
                 cp4(Dls + s * BM + e, delta + i, ok);
                 if (qpos) cp8(Ps + s * BM + e, qpos + r0 + (ok ? e : 0), ok);
@@ -204,7 +243,7 @@ attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const
     const float sl2 = scale * MLOG2E;
     unsigned long long unused = 0;
 
-    for (int buf = 0, cg = 0, cr = 0, ct = tlo_s[0]; cg < G; buf ^= 1) {
+    for (int buf = 0, cg = g_first, cr = 0, ct = t_first; cg < G; buf ^= 1) {
         fetch(buf ^ 1);
         cp_wait<1>();
         __syncthreads();
@@ -267,21 +306,21 @@ attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const
     }
     cp_wait<0>();
     if (warp_live) {
-        const size_t base = ((size_t)hk * nk + kw0) * D;
-        add_rows<D>(dk + base, dka[0], live[0], scale, g, tq);
-        add_rows<D>(dv + base, dva[0], live[0], 1.f, g, tq);
+        const size_t base = krow0 + (size_t)warp * 16 * krs;
+        put_rows<D, TO>(dk + base, krs, dka[0], live[0], scale, g, tq);
+        put_rows<D, TO>(dv + base, krs, dva[0], live[0], 1.f, g, tq);
     }
 }
 
 // Shape: W warps of 16 query rows each; QREG: the q and dO fragments stay in registers (else
 // re-read from shared memory every tile); ST K/V tile buffers as in the forward.
-template <typename T, int D, int W, bool QREG, int ST>
-__global__ void __launch_bounds__(W * 32)
+template <typename T, int D, typename TO, int W, bool QREG, int ST, int MINB>
+__global__ void __launch_bounds__(W * 32, MINB)
 attend_bwd_q(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
              const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
-             const float* __restrict__ delta, float* __restrict__ dq, unsigned long long* __restrict__ edges,
+             const float* __restrict__ delta, TO* __restrict__ dq, unsigned long long* __restrict__ edges,
              const long long* __restrict__ mask_words, int nq, int nk, int G, long long k0, float scale,
-             long long q0) {
+             long long q0, BWD_STRIDES) {
     constexpr int BR = 16 * W, LD = D + 8, NT = W * 32, TILE = MK * LD;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     T* KV = reinterpret_cast<T*>(smem_raw);  // buffer b: K at KV + 2b TILE, V at KV + (2b + 1) TILE
@@ -292,13 +331,15 @@ attend_bwd_q(const T* __restrict__ q, const long long* __restrict__ qpos, const 
     __shared__ int nsp_s;
     __shared__ unsigned long long edges_s;
 
+    const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs};
     const int head = blockIdx.y, kvh = head / G;
     const int t0 = blockIdx.x * BR, t1 = min(nq, t0 + BR);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    const T* kh = k + (size_t)kvh * nk * D;
-    const T* vh = v + (size_t)kvh * nk * D;
-    load_tile<T, D, LD>(q + ((size_t)head * nq + t0) * D, D, t1 - t0, BR, Qs, tid, NT);
-    load_tile<T, D, LD>(dout + ((size_t)head * nq + t0) * D, D, t1 - t0, BR, Os, tid, NT);
+    const T* kh = k + ks.head(kvh, H / G);
+    const T* vh = v + ks.head(kvh, H / G);
+    const size_t qrow0 = qs.head(head, H) + (size_t)t0 * qrs;
+    load_tile<T, D, LD>(q + qrow0, qrs, t1 - t0, BR, Qs, tid, NT);
+    load_tile<T, D, LD>(dout + qrow0, qrs, t1 - t0, BR, Os, tid, NT);
     cp_commit();
     if (warp == 0) {
         load_mask_warp(mask_words, mk, lane);
@@ -320,8 +361,8 @@ attend_bwd_q(const T* __restrict__ q, const long long* __restrict__ qpos, const 
     for (int b = 0; b < ST - 1; ++b) {
         if (fsp < nsp) {
             const int n = (int)min((long long)MK, hi_s[fsp] - fc0);
-            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * D, D, n, MK, KV + 2 * b * TILE, tid, NT);
-            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * D, D, n, MK, KV + (2 * b + 1) * TILE, tid, NT);
+            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * krs, krs, n, MK, KV + 2 * b * TILE, tid, NT);
+            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * krs, krs, n, MK, KV + (2 * b + 1) * TILE, tid, NT);
             next_tile(fsp, fc0, nsp, lo_s, hi_s);
         }
         cp_commit();
@@ -362,8 +403,8 @@ attend_bwd_q(const T* __restrict__ q, const long long* __restrict__ qpos, const 
         const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
         if (fsp < nsp) {
             const int n = (int)min((long long)MK, hi_s[fsp] - fc0), fb = buf == 0 ? ST - 1 : buf - 1;
-            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * D, D, n, MK, KV + 2 * fb * TILE, tid, NT);
-            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * D, D, n, MK, KV + (2 * fb + 1) * TILE, tid, NT);
+            load_tile<T, D, LD>(kh + (size_t)(fc0 - k0) * krs, krs, n, MK, KV + 2 * fb * TILE, tid, NT);
+            load_tile<T, D, LD>(vh + (size_t)(fc0 - k0) * krs, krs, n, MK, KV + (2 * fb + 1) * TILE, tid, NT);
             next_tile(fsp, fc0, nsp, lo_s, hi_s);
         }
         cp_commit();
@@ -384,7 +425,7 @@ attend_bwd_q(const T* __restrict__ q, const long long* __restrict__ qpos, const 
         next_tile(sp, c0, nsp, lo_s, hi_s);
     }
     cp_wait<0>();
-    add_rows<D>(dq + ((size_t)head * nq + t0 + warp * 16) * D, dqa[0], live[0], scale, g, tq);
+    put_rows<D, TO>(dq + qrow0 + (size_t)warp * 16 * qrs, qrs, dqa[0], live[0], scale, g, tq);
 
 #pragma unroll
     for (int s = 16; s > 0; s >>= 1) n_edges += __shfl_xor_sync(0xffffffffu, n_edges, s);

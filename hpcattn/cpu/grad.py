@@ -67,6 +67,21 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     return dq, dk, dv, edges
 
 
+def backward_out(q, qpos, k, v, mask, scale, o, lse, do, out):
+    """The whole backward of q's rows over all keys k, v (positions 0 .. nk-1) written into
+    out = (dq, dk, dv), arrays like q, k, v of any dtype and layout (e.g. views of the caller's
+    arrays): one rank's gradients with no exchange. Returns the edges (on the GPU a device
+    count, read only when needed). qpos None: query r sits at position r."""
+    if array_module(q) is not np:  # the tensor-core kernels write out in place (gpu/backward.py)
+        from ..gpu.backward import backward_out as on_device
+        return on_device(q, qpos, k, v, mask, scale, o, lse, do, out)
+    qpos = np.arange(q.shape[3], dtype=np.int64) if qpos is None else qpos
+    *grads, edges = backward(q, qpos, k, v, 0, mask, scale, do, lse, row_delta(do, o))
+    for dst, src in zip(out, grads):
+        dst[...] = src
+    return edges
+
+
 def _on_device(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq, dk, dv):
     """The GPU backward (gpu/backward.py) with this function's contract: accumulators may be
     strided views (a variant's row or key runs); the kernel wants contiguous ones, so those go

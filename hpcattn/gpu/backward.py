@@ -1,12 +1,14 @@
-"""The GPU backward of one key block, implicit mask terms: the tensor-core kernels
-(kernels/attend_bwd_mma.cu: float16/bfloat16, D in BWD_DIMS) or the CUDA-core one (kernels/attend.cu:
-attend_bwd, any dtype and head dim)."""
+"""The GPU backward, implicit mask terms: the tensor-core kernels (kernels/attend_bwd_mma.cu:
+float16/bfloat16, D in BWD_DIMS) or the CUDA-core one (kernels/attend.cu: attend_bwd, any dtype
+and head dim). `backward` adds one key block's share into float32 accumulators (the variants'
+contract); `backward_out` writes a whole rank's gradients in the caller's dtype and layout."""
 import numpy as np
 
 from ..errors import HpcattnError
 from .encode import check, device_mask, device_positions, listed_terms
+from .forward import row_strides
 from .loader import cupy, launch
-from .shapes import BK, BQ, BWD_DIMS, BWD_ROWS, BWD_SHAPES, bwd_names, bwd_smem
+from .shapes import BK, BQ, BWD_DIMS, BWD_SHAPES, bwd_names, bwd_smem
 
 
 def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False,
@@ -25,7 +27,7 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
         raise HpcattnError(f"do must match q: {do.shape} {do.dtype} vs {q.shape} {q.dtype}")
     if listed_terms(mask):
         raise HpcattnError(f"mask {mask.spec!r}: the GPU backward takes implicit terms only")
-    tensor = ctype != "float" and D in BWD_DIMS and scale > 0
+    tensor = _tensor_fits(ctype, D, scale)
     if kernel_kind == "mma" and not tensor:
         raise HpcattnError(f"the tensor-core backward takes float16/bfloat16 with D in {BWD_DIMS} and scale > 0")
     dq = cp.zeros(q.shape, dtype=cp.float32) if dq is None else dq
@@ -41,7 +43,7 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
             cp.ascontiguousarray(do), cp.ascontiguousarray(lse, dtype=cp.float32),
             cp.ascontiguousarray(delta, dtype=cp.float32))
     if tensor and kernel_kind != "simt":
-        _tensor(cp, args, dq, dk, dv, edges, mask, nq, nk, G, B * Hkv, ctype, D, k0, scale)
+        _tensor(cp, args, (dq, dk, dv), edges, mask, G, k0, scale, ctype, "float", args[1])
     else:
         smem = 4 * (2 * BQ * dmax + 2 * BK * (dmax + 1) + 2 * BK * dmax)
         launch(f"attend_bwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
@@ -50,17 +52,68 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     return dq, dk, dv, int(edges.get()[0])
 
 
-def _tensor(cp, args, dq, dk, dv, edges, mask, nq, nk, G, kv_heads, ctype, D, k0, scale):
+def backward_out(q, qpos, k, v, mask, scale, o, lse, do, out):
+    """The whole backward of q's rows over all keys k, v (positions 0 .. nk-1), written into
+    out = (dq, dk, dv) (like q, k, v: any dtype, any layout); returns the edges (a device count
+    where the tensor-core kernels ran: read it only when needed). q, o, do (B,Hkv,G,nq,D) and k,
+    v (B,Hkv,nk,D) may be views of the caller's arrays: the tensor-core kernels read them and
+    write out in place, and delta = rowsum(dO * O) is made on the device (no float32 copy of o
+    or do). qpos None: query r sits at position r."""
+    cp = cupy()
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    ctype, _ = check(q, qpos, k, v, 0, False)
+    sq, sk = row_strides(q), row_strides(k)
+    direct = (_tensor_fits(ctype, D, scale) and not listed_terms(mask) and nq and nk and B * Hkv * G
+              and sq is not None and sk is not None and row_strides(o) is not None
+              and all(x.dtype == q.dtype for x in (o, do, *out))
+              and row_strides(do) == row_strides(out[0]) == sq and row_strides(v) == sk
+              and row_strides(out[1]) == row_strides(out[2]) == sk)
+    if not direct:
+        from ..cpu.grad import row_delta
+        qpos = np.arange(nq, dtype=np.int64) if qpos is None else qpos
+        *grads, edges = backward(q, qpos, k, v, 0, mask, scale, do.astype(q.dtype, copy=False), lse,
+                                 row_delta(do, o))
+        for dst, src in zip(out, grads):
+            dst[...] = src
+        return edges
+    lse = cp.ascontiguousarray(lse, dtype=cp.float32)
+    delta = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
+    lanes = 4 if D <= 32 else 8 if D <= 64 else 16  # row_delta's L
+    rows = B * Hkv * G * nq
+    launch(f"row_delta<{ctype}, {D}>", (-(-rows * lanes // 256),), 0,
+           (do, o, delta, np.int32(nq), np.int64(rows)) + tuple(np.int64(x) for x in (*sq, *row_strides(o)))
+           + (np.int32(Hkv * G),), threads=256)
+    edges = cp.zeros(1, dtype=cp.uint64)
+    pos = np.uintp(0) if qpos is None else device_positions(qpos)
+    _tensor(cp, (q, pos, k, v, do, lse, delta), out, edges, mask, G, 0, scale, ctype, ctype, pos, sq, sk)
+    return edges[0]
+
+
+def _tensor_fits(ctype, D, scale):
+    return ctype != "float" and D in BWD_DIMS and scale > 0
+
+
+def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=None, sk=None):
     """attend_bwd_kv (dk, dv: a block per 16 W keys of a kv head) then attend_bwd_q (dq and the
-    edges: a block per 16 W query rows of a head); rows_unsorted first tells attend_bwd_kv
-    whether it may search the positions."""
-    wk, _, wq, _, _ = BWD_SHAPES[D]
-    kv_name, q_name = bwd_names(ctype, D)
+    edges: a block per 16 W query rows of a head) on args = (q, qpos, k, v, do, lse, delta);
+    rows_unsorted first tells attend_bwd_kv whether it may search the positions (none to search
+    when qpos is the null pointer: row r at position r). sq, sk: the row strides of q (do, dq)
+    and k (v, dk, dv), head-major contiguous when not given."""
+    q, k = args[0], args[2]
+    B, Hkv, _, nq, D = q.shape
+    nk = k.shape[2]
+    wk, _, _, wq, _, _, _ = BWD_SHAPES[D]
+    kv_name, q_name = bwd_names(ctype, D, otype)
     kv_smem, q_smem = bwd_smem(D)
-    unsorted = cp.zeros(1, dtype=cp.int32)
-    launch("rows_unsorted", (min(1024, -(-nq // 256)),), 0, (args[1], np.int32(nq), unsorted), threads=256)
+    unsorted = np.uintp(0)
+    if not isinstance(qpos, np.uintp):
+        unsorted = cp.zeros(1, dtype=cp.int32)
+        launch("rows_unsorted", (min(1024, -(-nq // 256)),), 0, (qpos, np.int32(nq), unsorted), threads=256)
     tail = (np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale), np.int64(0))
+    tail += tuple(np.int64(x) for x in (*(sq or row_strides(q)), *(sk or row_strides(k)))) + (np.int32(Hkv * G),)
     words = device_mask(mask)
-    launch(kv_name, (-(-nk // (16 * wk)), kv_heads), kv_smem, args + (dk, dv, words, unsorted) + tail,
+    dq, dk, dv = grads
+    launch(kv_name, (-(-nk // (16 * wk)), B * Hkv), kv_smem, args + (dk, dv, words, unsorted) + tail,
            threads=32 * wk)
-    launch(q_name, (-(-nq // (16 * wq)), kv_heads * G), q_smem, args + (dq, edges, words) + tail, threads=32 * wq)
+    launch(q_name, (-(-nq // (16 * wq)), B * Hkv * G), q_smem, args + (dq, edges, words) + tail, threads=32 * wq)

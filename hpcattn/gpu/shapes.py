@@ -21,26 +21,28 @@ WG_DIMS = tuple(WG_SHAPES)
 
 
 # the tensor-core backward's shape per head dim (kernels/attend_bwd_mma.cu): (attend_bwd_kv's
-# warps of 16 keys, its K and V kept in registers; attend_bwd_q's warps of 16 query rows, its q
-# and dO kept in registers, its K/V buffers)
-BWD_SHAPES = {32: (4, True, 4, True, 2), 64: (4, True, 4, True, 2), 96: (4, False, 4, True, 2),
-              128: (4, False, 4, True, 2)}
+# warps of 16 keys, its K and V kept in registers, blocks per SM asked of the register
+# allocator; attend_bwd_q's warps of 16 query rows, its q and dO kept in registers, its K/V
+# buffers, blocks per SM)
+BWD_SHAPES = {32: (4, True, 1, 4, True, 2, 1), 64: (4, True, 1, 4, True, 2, 1), 96: (4, False, 1, 4, True, 2, 1),
+              128: (4, False, 1, 4, True, 2, 1)}
 BWD_DIMS = tuple(BWD_SHAPES)
 BWD_ROWS = 64  # BM in kernels/attend_bwd_mma.cu: query rows per tile of attend_bwd_kv
 
 
-def bwd_names(ctype, D, shape=None):
-    """The name expressions of the tensor-core backward's two kernels: (attend_bwd_kv, attend_bwd_q)."""
-    wk, kreg, wq, qreg, st = shape or BWD_SHAPES[D]
-    return (f"attend_bwd_kv<{ctype}, {D}, {wk}, {str(kreg).lower()}>",
-            f"attend_bwd_q<{ctype}, {D}, {wq}, {str(qreg).lower()}, {st}>")
+def bwd_names(ctype, D, otype, shape=None):
+    """The name expressions of the tensor-core backward's two kernels, (attend_bwd_kv,
+    attend_bwd_q), writing dq, dk, dv as otype ("float": added into float32 accumulators)."""
+    wk, kreg, kminb, wq, qreg, st, qminb = shape or BWD_SHAPES[D]
+    return (f"attend_bwd_kv<{ctype}, {D}, {otype}, {wk}, {str(kreg).lower()}, {kminb}>",
+            f"attend_bwd_q<{ctype}, {D}, {otype}, {wq}, {str(qreg).lower()}, {st}, {qminb}>")
 
 
 def bwd_smem(D, shape=None):
     """Shared bytes of (attend_bwd_kv, attend_bwd_q): two stages of q and dO tiles, the block's K
     and V rows, two stages of lse, delta (float32) and positions (int64); ST K/V tile buffers and
     the block's q and dO rows."""
-    wk, _, wq, _, st = shape or BWD_SHAPES[D]
+    wk, _, _, wq, _, st, _ = shape or BWD_SHAPES[D]
     ld = D + 8
     return (4 * BWD_ROWS + 2 * 16 * wk) * ld * 2 + 2 * BWD_ROWS * (4 + 4 + 8), (2 * st * MK + 2 * 16 * wq) * ld * 2
 

@@ -57,15 +57,40 @@ def test_positions_are_not_copied_to_the_device_per_call(rng, monkeypatch):
     assert made == [16]
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_backward_on_device_arrays(rng, dtype):
-    B, N, H, Hkv, D = 1, 500, 4, 2, 64
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("D", [64, 128, 48])
+@pytest.mark.parametrize("spec", ["causal+window:64", "full", "dilated:3:5+global:2", "block:64+causal"])
+def test_backward_on_device_arrays(rng, spec, D, dtype):
+    """attention_backward on the caller's (B, N, H, D) CuPy arrays: half precision with D in
+    BWD_DIMS runs the tensor-core kernels, which read the arrays in place and write the
+    gradients in their dtype; the rest goes through float32 accumulators and a cast."""
+    B, N, H, Hkv = 2, 500, 4, 2
     (q, k, v, do), dev = arrays(rng, [(B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, D), (B, N, H, D)], dtype)
-    o, lse = hpcattn.attention(*dev[:3], mask="causal+window:64", comm=MPI.COMM_SELF)
-    grads = hpcattn.attention_backward(*dev[:3], o, lse, dev[3], mask="causal+window:64", comm=MPI.COMM_SELF)
-    want = reference_backward(q, k, v, do, np.arange(N), parse("causal+window:64"), 1 / np.sqrt(D))
+    o, lse = hpcattn.attention(*dev[:3], mask=spec, comm=MPI.COMM_SELF)
+    stats = {}
+    grads = hpcattn.attention_backward(*dev[:3], o, lse, dev[3], mask=spec, comm=MPI.COMM_SELF, stats=stats)
+    want = reference_backward(q, k, v, do, np.arange(N), parse(spec), 1 / np.sqrt(D))
+    for g, w, x in zip(grads, want, dev):
+        assert g.dtype == x.dtype and g.shape == x.shape and g.flags.c_contiguous
+        assert grad_error(g.get().astype(np.float32), w) <= grad_tolerance(dtype), grad_error(g.get(), w)
+    assert stats["edges"] == parse(spec).allowed(np.arange(N)[:, None], np.arange(N)[None, :]).sum()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_backward_keys_no_query_reaches_get_zero_gradients(rng, dtype):
+    """Queries at positions 600 .. 699 of 1000 keys under causal+window:50: keys 0 .. 549 and
+    700 .. 999 have no edge, and their dk, dv (written, not added, at one rank) must be zeros."""
+    B, N, nq, H, D = 1, 1000, 100, 2, 64
+    (q, k, v, do), dev = arrays(rng, [(B, nq, H, D), (B, N, H, D), (B, N, H, D), (B, nq, H, D)], dtype)
+    qpos = np.arange(600, 700)
+    o, lse = hpcattn.attention(*dev[:3], mask="causal+window:50", comm=MPI.COMM_SELF, q_positions=qpos)
+    grads = hpcattn.attention_backward(*dev[:3], o, lse, dev[3], mask="causal+window:50", comm=MPI.COMM_SELF,
+                                       q_positions=qpos)
+    want = reference_backward(q, k, v, do, qpos, parse("causal+window:50"), 1 / np.sqrt(D))
     for g, w in zip(grads, want):
-        assert g.dtype == dev[0].dtype and grad_error(g.get().astype(np.float32), w) <= grad_tolerance(dtype)
+        assert grad_error(g.get().astype(np.float32), w) <= grad_tolerance(dtype)
+    for g in grads[1:]:
+        assert not g.get()[:, :550].astype(np.float32).any() and not g.get()[:, 700:].astype(np.float32).any()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
