@@ -23,8 +23,9 @@ WG_DIMS = tuple(WG_SHAPES)
 # the tensor-core backward's shape per head dim (kernels/attend_bwd_mma.cu): (attend_bwd_kv's
 # warps of 16 keys, its K and V kept in registers, blocks per SM asked of the register
 # allocator; attend_bwd_q's warps of 16 query rows, its q and dO kept in registers, its K/V
-# buffers, blocks per SM)
-BWD_SHAPES = {32: (4, True, 1, 4, True, 2, 1), 64: (4, True, 1, 4, True, 2, 1), 96: (4, False, 1, 4, True, 2, 1),
+# buffers, blocks per SM): the fastest of jobs/bwd_tune.py's candidates on an H200
+# (docs/benchmarks-log.md, "GPU backward")
+BWD_SHAPES = {32: (4, False, 3, 4, True, 2, 3), 64: (4, False, 3, 4, True, 2, 3), 96: (4, False, 1, 4, True, 2, 1),
               128: (4, False, 1, 4, True, 2, 1)}
 BWD_DIMS = tuple(BWD_SHAPES)
 BWD_ROWS = 64  # BM in kernels/attend_bwd_mma.cu: query rows per tile of attend_bwd_kv
