@@ -22,7 +22,7 @@ import torch
 from mpi4py import MPI
 
 import hpcattn
-from hpcattn.cpu import grad, local
+from hpcattn.cpu import local
 from hpcattn.gpu.backward import backward as gpu_backward
 from hpcattn.masks import parse
 from hpcattn.torch import _array, _tensor

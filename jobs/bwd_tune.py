@@ -1,7 +1,7 @@
 """Shape sweep of the tensor-core backward (kernels/attend_bwd_mma.cu) on one GPU: each kernel
 alone (attend_bwd_kv: warps, K/V in registers, blocks per SM; attend_bwd_q: warps, q/dO in
 registers, K/V buffers, blocks per SM) on the same head-major float16 inputs; ms per launch
-(CUDA events, median of 5) and useful TFLOP/s of the whole backward if the other kernel took
+(CUDA events, median of 5 after a warm-up) and useful TFLOP/s of the whole backward if the other kernel took
 no time. Picks hpcattn.gpu.shapes.BWD_SHAPES; one JSON line per candidate.
     python3 jobs/bwd_tune.py --cases window:256:262144:64,window:256:262144:128,causal:16384:128"""
 import argparse
@@ -11,6 +11,7 @@ import math
 import cupy as cp
 import numpy as np
 
+from gpu_bench import timed  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import encode, loader
 from hpcattn.gpu.shapes import BWD_SHAPES, bwd_names, bwd_smem
 from hpcattn.masks import parse
@@ -19,18 +20,6 @@ KV = {64: [(4, True, 1), (8, True, 1), (4, False, 3), (4, True, 3), (8, False, 1
       128: [(4, False, 1), (8, False, 1), (2, False, 2), (4, False, 3)]}
 Q = [(4, True, 2, 1), (4, True, 3, 1), (8, True, 2, 1), (4, False, 2, 3), (4, True, 2, 3), (2, True, 2, 4),
      (4, False, 3, 3)]
-
-
-def timed(fn, reps=5):
-    out = []
-    for _ in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(out))
 
 
 def main():
@@ -77,8 +66,7 @@ def main():
                     dq = cp.zeros_like(q, cp.float32)
                     call = lambda: f((-(-n // (16 * w)), H), (32 * w,), args + (dq, edges, words) + tail,
                                      shared_mem=smem)
-                call()
-                ms = timed(call)
+                ms = timed(call) * 1e3
                 print(json.dumps({"case": c, "kernel": kind, "shape": shape, "ms": ms,
                                   "TFLOP/s if alone": flop / ms * 1e-9}), flush=True)
 

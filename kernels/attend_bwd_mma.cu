@@ -342,15 +342,8 @@ attend_bwd_q(const T* __restrict__ q, const long long* __restrict__ qpos, const 
     load_tile<T, D, LD>(dout + qrow0, qrs, t1 - t0, BR, Os, tid, NT);
     cp_commit();
     if (warp == 0) {
-        load_mask_warp(mask_words, mk, lane);
-        long long lo, hi;
-        row_positions(qpos, q0, t0, t1, lane, lo, hi);
-        if (lane == 0) {
-            qlo_s = lo;
-            qhi_s = hi;
-            nsp_s = mask_spans(mk, lo, hi, k0, k0 + nk, lo_s, hi_s);
-            edges_s = 0ull;
-        }
+        row_block_spans(mask_words, mk, qpos, q0, t0, t1, k0, nk, lane, qlo_s, qhi_s, lo_s, hi_s, nsp_s);
+        if (lane == 0) edges_s = 0ull;
     }
     __syncthreads();
     const int nsp = nsp_s;

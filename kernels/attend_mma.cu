@@ -45,15 +45,8 @@ attend_fwd_mma(const T* q, const long long* __restrict__ qpos, const T* __restri
     load_tile<T, D, LD>(q + qs.head(head, H) + (size_t)t0 * qs.rs, qs.rs, t1 - t0, BM, Qs, tid, NT);
     cp_commit();
     if (warp == 0) {  // positions and mask in one round trip, then the block's key spans
-        load_mask_warp(mask_words, mk, lane);
-        long long lo, hi;
-        row_positions(qpos, q0, t0, t1, lane, lo, hi);
-        if (lane == 0) {
-            qlo_s = lo;
-            qhi_s = hi;
-            nsp_s = mask_spans(mk, lo, hi, k0, k0 + nk, lo_s, hi_s);
-            edges_s = 0ull;
-        }
+        row_block_spans(mask_words, mk, qpos, q0, t0, t1, k0, nk, lane, qlo_s, qhi_s, lo_s, hi_s, nsp_s);
+        if (lane == 0) edges_s = 0ull;
     }
     __syncthreads();
     const int nsp = nsp_s;

@@ -122,15 +122,7 @@ __device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk
     const unsigned long long b0 = live0 ? row_bits(mk, pos0, c0, nkt) : 0ull;
     const unsigned long long b1 = live1 ? row_bits(mk, pos1, c0, nkt) : 0ull;
     if (tq == 0) n_edges += __popcll(b0) + __popcll(b1);
-    const unsigned long long c0b = b0 >> (2 * tq), c1b = b1 >> (2 * tq);  // this lane's columns 8j + 2tq + e
-#pragma unroll
-    for (int j = 0; j < MK / 8; ++j) {
-        const unsigned w0 = (unsigned)(c0b >> (8 * j)), w1 = (unsigned)(c1b >> (8 * j));
-        if (!(w0 & 1u)) s[j][0] = -INFINITY;
-        if (!(w0 & 2u)) s[j][1] = -INFINITY;
-        if (!(w1 & 1u)) s[j][2] = -INFINITY;
-        if (!(w1 & 2u)) s[j][3] = -INFINITY;
-    }
+    mask_bits(s, b0 >> (2 * tq), b1 >> (2 * tq));
 }
 
 // 2^x by the MUFU alone (exp2f adds a denormal-input fix-up around it): the inputs here are

@@ -83,6 +83,22 @@ __device__ __forceinline__ void tile_scores(float (&s)[RM][MK / 8][4], const uns
     }
 }
 
+// Warp 0's part of a query-major block's set-up, in one memory round trip: the mask words, the
+// lowest and highest position of rows [t0, t1) and the key spans they reach, into shared memory.
+__device__ __forceinline__ void row_block_spans(const long long* __restrict__ mask_words, MaskDev& mk,
+                                                const long long* __restrict__ qpos, long long q0, int t0, int t1,
+                                                long long k0, int nk, int lane, long long& qlo_s, long long& qhi_s,
+                                                long long* lo_s, long long* hi_s, int& nsp_s) {
+    load_mask_warp(mask_words, mk, lane);
+    long long lo, hi;
+    row_positions(qpos, q0, t0, t1, lane, lo, hi);
+    if (lane == 0) {
+        qlo_s = lo;
+        qhi_s = hi;
+        nsp_s = mask_spans(mk, lo, hi, k0, k0 + nk, lo_s, hi_s);
+    }
+}
+
 // acc (RM 16 x D blocks) += A (RM 16 x MK, packed half pairs as mma A fragments) * B, where B is
 // an MK x D tile of shared rows (LD apart): O += P V in the forward, dV += P^T dO, dK += dS^T Q
 // and dQ += dS K in the backward.
@@ -109,19 +125,6 @@ __device__ __forceinline__ void pv_accumulate(float (&acc)[RM][D / 8][4], const 
 // lane's columns are 8j + 2tq + e. `full`: every pair of the tile is an edge (no test). The
 // tile's edges are added to n_edges by the lanes with tq == 0. TR: rows are keys and columns
 // queries (row_bits<true>), the backward's key-major pass.
-// One 16-row block's scores of this lane: -inf where the row's bit word (shifted by 2 tq, so
-// that column 8j + 2tq + e is bit 8j + e) has no bit.
-__device__ __forceinline__ void mask_bits(float (&s)[MK / 8][4], unsigned long long c0b, unsigned long long c1b) {
-#pragma unroll
-    for (int j = 0; j < MK / 8; ++j) {
-        const unsigned w0 = (unsigned)(c0b >> (8 * j)), w1 = (unsigned)(c1b >> (8 * j));
-        if (!(w0 & 1u)) s[j][0] = -INFINITY;
-        if (!(w0 & 2u)) s[j][1] = -INFINITY;
-        if (!(w1 & 1u)) s[j][2] = -INFINITY;
-        if (!(w1 & 2u)) s[j][3] = -INFINITY;
-    }
-}
-
 template <int RM, bool TR = false>
 __device__ __forceinline__ void mask_scores(float (&s)[RM][MK / 8][4], const MaskDev& mk, const bool (&live)[RM][2],
                                             const long long (&pos)[RM][2], long long c0, int nkt, bool full,

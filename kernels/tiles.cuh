@@ -1,4 +1,4 @@
-// Device helpers shared by the tensor-core forwards attend_mma.cu and attend_wgmma.cu: packing and
+// Device helpers shared by the tensor-core kernels (attend_mma.cu, attend_wgmma.cu, attend_bwd_mma.cu): packing and
 // stores of half-precision pairs, ldmatrix, cp.async, and the mask's row bits over one MK-key tile.
 #pragma once
 #include "mask.cuh"
@@ -91,6 +91,19 @@ __device__ __forceinline__ unsigned long long row_bits(const MaskDev& m, long lo
     }
     if (m.causal) bits &= TR ? bit_range(d, 64) : bit_range(0, d + 1);
     return bits & bit_range(0, nkt);
+}
+
+// One 16-row block's scores of this lane: -inf where the row's bit word (shifted by 2 tq, so
+// that column 8j + 2tq + e is bit 8j + e) has no bit.
+__device__ __forceinline__ void mask_bits(float (&s)[MK / 8][4], unsigned long long c0b, unsigned long long c1b) {
+#pragma unroll
+    for (int j = 0; j < MK / 8; ++j) {
+        const unsigned w0 = (unsigned)(c0b >> (8 * j)), w1 = (unsigned)(c1b >> (8 * j));
+        if (!(w0 & 1u)) s[j][0] = -INFINITY;
+        if (!(w0 & 2u)) s[j][1] = -INFINITY;
+        if (!(w1 & 1u)) s[j][2] = -INFINITY;
+        if (!(w1 & 2u)) s[j][3] = -INFINITY;
+    }
 }
 
 // lo and hi reduced to the lowest and highest over the 32 lanes of the warp
