@@ -151,7 +151,7 @@ def test_tree_combine_of_device_states(transport, method, topo):
     got = tree.combine(comm, cp.asarray(o), cp.asarray(lse), method, ranks_per_node=2, topo=topo)
     for g, w in zip(got, want):
         assert isinstance(g, cp.ndarray)
-        assert np.allclose(g.get(), w, rtol=1e-6, atol=1e-6, equal_nan=False)
+        assert np.allclose(g.get(), w, rtol=1e-5, atol=1e-5)  # "three": CuPy exp, log vs NumPy
     for key in ("bytes_sent", "bytes_received"):
         assert comm.counters()[key] - before[key] == cpu.counters()[key], key
     comm.free()
