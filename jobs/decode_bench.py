@@ -16,6 +16,9 @@ CPUs it does not know, e.g. AMD family 26; SkylakeX are its AVX-512 ones).
 --kernel instead times, in this one process, the local kernel on one rank's share of each
 variant (tree: all queries over N/P keys; ring: Nq/P queries over N/P keys, P times), best
 of three: the compute both variants must do per rank, without MPI.
+--transports mpi,host,nccl runs every variant once per transport (`run --transport`; with a GPU,
+how device arrays travel): a transport the machine refuses (nccl where ranks share a GPU, mpi
+without a CUDA-aware MPI) is reported as such, and the bytes of every transport must agree.
 Only ratios measured in the same run mean anything on a shared, oversubscribed machine.
 """
 import argparse
@@ -40,12 +43,22 @@ ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONF
        "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per rank
 
 
+class Failed(SystemExit):
+    """A launched command failed; the message ends with its standard error."""
+
+
 def hpcattn(P, *args):
     cmd = ([MPIEXEC, "-n", str(P)] if P else []) + [sys.executable, "-m", "hpcattn", *map(str, args)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1800)
     if res.returncode:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
+        raise Failed(f"failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
     return res.stdout
+
+
+def refusal(err):
+    """The line of a failed run's output that says why (hpcattn's own error, else the last)."""
+    lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
+    return next((ln for ln in lines if "hpcattn: error" in ln), lines[-1] if lines else "?")[:300]
 
 
 def measure(P, inp, out, mask, variant, extra=()):
@@ -54,12 +67,20 @@ def measure(P, inp, out, mask, variant, extra=()):
     hpcattn(P, "run", inp, out, "--mask", mask, "--variant", variant, *extra)
     with h5py.File(out, "r") as f:
         s = {k: f["stats"][k][...] for k in f["stats"]}
-        row = {"variant": str(f.attrs["variant"]), "ranks": P, "attn_s": float(s["attn_s"].max()),
+        row = {"variant": str(f.attrs["variant"]), "transport": str(f.attrs["transport"]),
+               "backend": str(f.attrs["backend"]), "ranks": P, "attn_s": float(s["attn_s"].max()),
                "compute_s": float(s["compute_s"].max()), "comm_s": float(s["comm_s"].max()),
                "bytes_sent": int(s["bytes_sent"].max()), "bytes_received": int(s["bytes_received"].max()),
                "load_before": load}
     os.remove(out)
     return row
+
+
+def label_of(variant, extra):
+    """A run's name in the table: the variant, its simulated node size, its transport."""
+    opts = dict(zip(extra[::2], extra[1::2]))
+    return " ".join([variant, *([f"rpn={opts['--ranks-per-node']}"] if "--ranks-per-node" in opts else []),
+                     *([opts["--transport"]] if "--transport" in opts else [])])
 
 
 def kernel_times(N, P, a):
@@ -100,6 +121,8 @@ def main(argv=None):
     p.add_argument("--blas-core", help="OPENBLAS_CORETYPE for every launched run (default: OpenBLAS's choice; "
                    "for --kernel set it in the environment)")
     p.add_argument("--kernel", action="store_true", help="time the per-rank kernel work only (no MPI)")
+    p.add_argument("--transports", help="comma-separated run --transport values, each run for every "
+                   "variant (default: none passed, i.e. auto)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     if a.blas_core:
@@ -121,7 +144,7 @@ def main(argv=None):
             a.head_dim, "--dtype", a.dtype, "--seed", 1)
     for variant in ("tree", "ring"):
         measure(2, warm, d / "out.h5", "causal", variant)
-    rows = []
+    rows, refused = [], {}
     for N in map(int, a.seqs.split(",")):
         inp = d / f"decode_{N}.h5"
         if not inp.exists():
@@ -131,11 +154,23 @@ def main(argv=None):
             runs = [("tree", ()), ("ring", ())]
             if a.ranks_per_node and 1 < a.ranks_per_node < P:
                 runs.insert(1, ("tree", ("--ranks-per-node", a.ranks_per_node)))
+            if a.transports:
+                runs = [(v, (*extra, "--transport", t)) for t in a.transports.split(",") for v, extra in runs]
             got = {}
             for rep in range(a.repeat):
                 for variant, extra in runs:
-                    r = measure(P, inp, d / "out.h5", "causal", variant, extra)
-                    label = variant + (f" rpn={extra[1]}" if extra else "")
+                    label = label_of(variant, extra)
+                    if (label, P) in refused:
+                        continue
+                    try:
+                        r = measure(P, inp, d / "out.h5", "causal", variant, extra)
+                    except Failed as e:
+                        if "--transport" not in extra:
+                            raise
+                        refused[label, P] = refusal(e)
+                        print(f"{label} at P={P}: refused: {refused[label, P]}", file=sys.stderr, flush=True)
+                        continue
+                    r["requested"] = dict(zip(extra[::2], extra[1::2])).get("--transport", "auto")
                     print(json.dumps({**r, "N": N, "label": label}), file=sys.stderr, flush=True)
                     got.setdefault(label, []).append(r)
             for label, rs in got.items():
@@ -148,18 +183,24 @@ def main(argv=None):
                 assert all((r["bytes_sent"], r["bytes_received"]) == (row["bytes_sent"], row["bytes_received"])
                            for r in rs)  # bytes are exact: equal in every repeat
                 rows.append(row)
-            ring = next(r for r in rows[::-1] if r["N"] == N and r["ranks"] == P and r["label"] == "ring")
-            for r in rows:
-                if r["N"] == N and r["ranks"] == P:
-                    r["ring_over_this"] = ring["attn_s"] / r["attn_s"]
-                    r["ring_over_this_min"] = ring["attn_s_min"] / r["attn_s_min"]
+            here = [r for r in rows if r["N"] == N and r["ranks"] == P]
+            for r in here:
+                ring = next((x for x in here if x["variant"] == "ring" and x["requested"] == r["requested"]), None)
+                r["ring_over_this"] = ring["attn_s"] / r["attn_s"] if ring else float("nan")
+                r["ring_over_this_min"] = ring["attn_s_min"] / r["attn_s_min"] if ring else float("nan")
+            for v in ("tree", "ring"):  # bytes are the algorithm's: the same by every transport
+                sizes = {(r["bytes_sent"], r["bytes_received"]) for r in here if r["label"].split()[0] == v
+                         and "rpn=" not in r["label"]}
+                assert len(sizes) <= 1, (N, P, v, sizes)
     tables.header("N", "P", "variant", "latency s (median)", "fastest", "ring / this (median)", "(fastest)",
            "compute s", "comm s", "max bytes sent/rank", "max bytes recv/rank", "load before")
     for r in rows:
         tables.row(f"{r['N']:,}", r["ranks"], r["label"], f"{r['attn_s']:.3f}", f"{r['attn_s_min']:.3f}",
             f"{r['ring_over_this']:.1f}x", f"{r['ring_over_this_min']:.1f}x", f"{r['compute_s']:.2f}",
             f"{r['comm_s']:.2f}", f"{r['bytes_sent']:,}", f"{r['bytes_received']:,}", f"{r['load_before']:.1f}")
-    tables.save_json(a.json, rows)
+    for (label, P), why in refused.items():
+        print(f"{label} at P={P}: refused: {why}")
+    tables.save_json(a.json, rows + [{"label": k, "ranks": P, "refused": v} for (k, P), v in refused.items()])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import numpy as np
 
 from .. import __version__
 from ..cpu import cgather
-from ..dist.transport import cuda_aware
+from ..dist.transport import cuda_aware, cuda_aware_word
 
 
 def blas_name():
@@ -64,7 +64,7 @@ def report():
         "mpi library": MPI.Get_library_version().splitlines()[0].strip().strip("\0"),
         "mpi standard": "%d.%d" % MPI.Get_version(),
         "mpi4py": __import__("mpi4py").__version__,
-        "cuda-aware mpi": {True: "yes", False: "no", None: "unknown (library does not say)"}[aware],
+        "cuda-aware mpi": "unknown (library does not say)" if aware is None else cuda_aware_word(),
         "h5py": h5py.__version__,
         "hdf5": h5py.version.hdf5_version,
         "parallel hdf5": "yes" if h5py.get_config().mpi else "no",

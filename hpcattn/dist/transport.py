@@ -164,6 +164,11 @@ def cuda_aware():
     return bool(query())
 
 
+def cuda_aware_word():
+    """cuda_aware() as the word `hpcattn info` and the output's `cuda_aware_mpi` attribute use."""
+    return {True: "yes", False: "no", None: "unknown"}[cuda_aware()]
+
+
 def choose(comm, requested, backend):
     """The Transport for `requested` (auto|mpi|host|nccl) on this backend (collective over the
     hpcattn Comm `comm`, whose counted collectives carry the agreement; every rank gets the

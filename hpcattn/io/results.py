@@ -13,7 +13,9 @@ path (in memory: commands/run.py; out of core: io/outofcore.py), so both write t
 
 Attributes: variant, mask, ranks, nodes, backend (numpy|cupy), transport, hpcattn_version,
 scale, input, layout, backward, ranks_per_node, ring_levels, hdf5, out_of_core, chunk_rows (0 in
-memory), resumed; with a backward pass also variant_backward. h5io.finish writes both and sets
+memory), resumed, cuda_aware_mpi (yes|no|unknown: what the MPI library says of itself; with
+backend cupy, transport mpi means device buffers went to it directly); with a backward pass
+also variant_backward. h5io.finish writes both and sets
 `complete` last. An out-of-core file also keeps the identity that --resume checks (ooc_input,
 ooc_mask, ooc_rows, ooc_shape: io/outofcore.py).
 """
@@ -21,6 +23,7 @@ import resource
 import time
 
 from .. import __version__
+from ..dist.transport import cuda_aware_word
 
 
 class Clock:
@@ -56,7 +59,8 @@ def attributes(comm, *, variant, mask, backend, transport, scale, in_path, hdf5,
              "scale": scale, "input": str(in_path), "layout": layout,
              "backward": int(variant_backward is not None), "ranks_per_node": ranks_per_node or 0,
              "ring_levels": list(ring_levels or (1, comm.size)), "hdf5": hdf5,
-             "out_of_core": int(out_of_core), "chunk_rows": chunk_rows, "resumed": int(resumed)}
+             "out_of_core": int(out_of_core), "chunk_rows": chunk_rows, "resumed": int(resumed),
+             "cuda_aware_mpi": cuda_aware_word()}
     if variant_backward is not None:
         attrs["variant_backward"] = variant_backward
     return attrs

@@ -3,6 +3,7 @@ transport this machine offers, on CuPy shards, against the float64 reference; th
 counts exactly the bytes the NumPy run counts. Ranks may share one GPU (host/mpi transports).
 Skips, saying why, without CuPy or a CUDA device."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -25,9 +26,27 @@ pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
 device.setup(MPI.COMM_WORLD)
 
 
+REQUIRED = os.environ.get("HPCATTN_TEST_TRANSPORTS")
+
+
 def transports():
-    """The transports to try here; nccl only where every rank has its own GPU."""
-    return ["host", "mpi", "nccl"]
+    """The transports to try here. By default each test skips one this machine refuses (mpi
+    without a CUDA-aware MPI, nccl where ranks share a GPU); HPCATTN_TEST_TRANSPORTS=mpi,host
+    names the ones to run, and a refusal of those fails."""
+    return REQUIRED.split(",") if REQUIRED else ["host", "mpi", "nccl"]
+
+
+def use_or_skip(comm, transport, *others):
+    """comm.use_transport(transport, "cupy"), or free comm and others and skip (collective:
+    every rank skips together) unless the transport was named in HPCATTN_TEST_TRANSPORTS."""
+    try:
+        comm.use_transport(transport, "cupy")
+    except HpcattnError as e:
+        for c in (comm, *others):
+            c.free()
+        if REQUIRED:
+            raise
+        pytest.skip(f"transport {transport} not available here: {e}")
 
 
 @pytest.mark.parametrize("transport", transports())
@@ -40,11 +59,7 @@ def test_sharded_gpu_attention_matches_reference_and_cpu_bytes(transport, varian
     q, k, v = (rng.standard_normal((2, N, h, D)).astype(dtype) for h in (H, Hkv, Hkv))
     a, b = even_shard(N, world.size, world.rank)
     comm = Comm(world)
-    try:
-        comm.use_transport(transport, "cupy")
-    except HpcattnError as e:  # collective: every rank skips together
-        comm.free()
-        pytest.skip(f"transport {transport} not available here: {e}")
+    use_or_skip(comm, transport)
     assert comm.transport.name == transport
     before = comm.counters()
     o, lse = hpcattn.attention(*(cp.asarray(x[:, a:b]) for x in (q, k, v)), mask=spec, comm=comm,
@@ -80,12 +95,7 @@ def test_sharded_gpu_backward_matches_float64(transport, variant, spec, dtype):
     a, b = ((N * cuts[world.rank]) // cuts[-1], (N * cuts[world.rank + 1]) // cuts[-1]) if cuts is not None \
         else even_shard(N, world.size, world.rank)
     comm, cpu = Comm(world), Comm(world)
-    try:
-        comm.use_transport(transport, "cupy")
-    except HpcattnError as e:
-        comm.free()
-        cpu.free()
-        pytest.skip(f"transport {transport} not available here: {e}")
+    use_or_skip(comm, transport, cpu)
     mine = [x[:, a:b] for x in (q, k, v)]
     o, lse = hpcattn.attention(*mine, mask=spec, comm=cpu, variant=variant)
     cpu_before = cpu.counters()
@@ -109,11 +119,7 @@ def test_sharded_gpu_backward_matches_float64(transport, variant, spec, dtype):
 def test_allreduce_of_device_arrays(transport):
     world = MPI.COMM_WORLD
     comm = Comm(world)
-    try:
-        comm.use_transport(transport, "cupy")
-    except HpcattnError as e:
-        comm.free()
-        pytest.skip(f"transport {transport} not available here: {e}")
+    use_or_skip(comm, transport)
     x = cp.arange(10, dtype=cp.float32) + world.rank
     before = comm.bytes_sent
     out = comm.allreduce(x, "sum")
@@ -124,3 +130,33 @@ def test_allreduce_of_device_arrays(transport):
     assert comm.allreduce(x, "max").get()[0] == world.size - 1
     assert comm.bytes_sent - before == (2 * x.nbytes if world.size > 1 else 0)
     comm.free()
+
+
+@pytest.mark.parametrize("transport", transports())
+@pytest.mark.parametrize("method", ["packed", "three"])
+@pytest.mark.parametrize("topo", [False, True], ids=["flat", "node-leaders"])
+def test_tree_combine_of_device_states(transport, method, topo):
+    """The tree's Allreduce of device (o, lse) states: "packed" is a user-defined op, which MPI
+    runs on the host and cannot give device memory (comm.py stages it), "three" uses built-in
+    ops on the transport; flat, and as node reduce -> leaders' allreduce -> node broadcast
+    (simulated nodes of 2 ranks). The NumPy combine's result and bytes."""
+    from hpcattn.dist.variants import tree
+    world = MPI.COMM_WORLD
+    rng = np.random.default_rng(world.rank)
+    o = rng.standard_normal((2, 3, 5, 16)).astype(np.float32)
+    lse = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    o[0, 0, 0], lse[0, 0, 0] = 0, -np.inf  # a row this rank has no keys for
+    if world.rank == 0:
+        o[1, 2], lse[1, 2] = 0, -np.inf
+    comm, cpu = Comm(world), Comm(world)
+    use_or_skip(comm, transport, cpu)
+    want = tree.combine(cpu, o, lse, method, ranks_per_node=2, topo=topo)
+    before = comm.counters()
+    got = tree.combine(comm, cp.asarray(o), cp.asarray(lse), method, ranks_per_node=2, topo=topo)
+    for g, w in zip(got, want):
+        assert isinstance(g, cp.ndarray)
+        assert np.allclose(g.get(), w, rtol=1e-5, atol=1e-5)  # "three": CuPy exp, log vs NumPy
+    for key in ("bytes_sent", "bytes_received"):
+        assert comm.counters()[key] - before[key] == cpu.counters()[key], key
+    comm.free()
+    cpu.free()
