@@ -191,7 +191,10 @@ attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const
     }
     __syncthreads();
     const int nr = nr_s;
-    if (nr == 0 && sizeof(TO) == 4) return;  // no query reaches these keys: the sums are unchanged
+    if (nr == 0 && sizeof(TO) == 4) {  // no query reaches these keys: the sums are unchanged
+        cp_wait<0>();
+        return;
+    }
 
     // work items (query head gq of the group, query tile t), fetched one ahead of compute; none
     // when no query reaches these keys (dk, dv are then written as zeros)
