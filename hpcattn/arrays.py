@@ -47,3 +47,14 @@ def aligned_copy(x):
     out = aligned_empty(xp, x.shape, x.dtype)
     out[...] = x
     return out
+
+
+def as_float32(x):
+    """x as a C-contiguous float32 NumPy array. A strided float16/bfloat16 view (the caller's
+    (B, N, H, D) rows seen head-major) is first made contiguous in its own dtype: NumPy's
+    widening cast runs several times slower on strided input (on 2 cores, 33M float16 values:
+    0.51 s strided, 0.18 s as two passes)."""
+    if x.dtype != np.float32 and not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+

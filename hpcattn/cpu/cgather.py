@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 
+from ..arrays import as_float32
 from ..errors import HpcattnError
 
 ABI = 5  # hpcattn_gather_abi() of the kernels/gather.c this module calls
@@ -127,7 +128,7 @@ def run(q, k, v, indptr, cols, scale):
     B, Hkv, G, n, D = q.shape
     nk = k.shape[2]
     c = np.ascontiguousarray
-    q, k, v = c(q, dtype=np.float32), c(k, dtype=np.float32), c(v, dtype=np.float32)
+    q, k, v = as_float32(q), as_float32(k), as_float32(v)
     indptr = c(indptr, dtype=np.int64)
     cols = c(cols, dtype=np.int64)
     return _call(LIB.hpcattn_gather, "gather", q.shape, q, k, v, indptr, cols, B * Hkv, G, n, nk, D,
@@ -153,12 +154,12 @@ def band_rows(q, k, v, lo, hi, scale):
     not copied when their rows are contiguous and their (B, Hkv) slabs evenly spaced."""
     B, Hkv, G, n, D = q.shape
     c = np.ascontiguousarray
-    q = c(q, dtype=np.float32)
+    q = as_float32(q)
     ok = (k.dtype == np.float32 and v.dtype == np.float32 and k.strides == v.strides
           and k.strides[3] == 4 and k.strides[2] == 4 * D
           and (B == 1 or Hkv == 1 or k.strides[0] == Hkv * k.strides[1]))
     if not ok:
-        k, v = c(k, dtype=np.float32), c(v, dtype=np.float32)
+        k, v = as_float32(k), as_float32(v)
     ldk = k.strides[1] // 4 if Hkv > 1 else k.strides[0] // 4 if B > 1 else 0
     lo, hi = c(lo, dtype=np.int64), c(hi, dtype=np.int64)
     return _call(LIB.hpcattn_band, "band kernel", q.shape, q, k, v, lo, hi, B * Hkv, G, n, D, ldk,

@@ -11,7 +11,7 @@ head's dK, dV sum over its G query heads (the G*tile rows of one matmul).
 
 import numpy as np
 
-from ..arrays import array_module, to_host
+from ..arrays import array_module, as_float32, to_host
 
 Q_TILE = 256
 SCORE_ELEMS = 1 << 21  # scores held at once per block (float32, two such buffers): 2 x 8 MiB
@@ -20,8 +20,13 @@ SCORE_ELEMS = 1 << 21  # scores held at once per block (float32, two such buffer
 def row_delta(do, o):
     """D = rowsum(dO * O) in float32: (..., n, D) -> (..., n)."""
     xp = array_module(do)
-    return xp.einsum("...d,...d->...", do.astype(xp.float32, copy=False),
-                     o.astype(xp.float32, copy=False))
+    return xp.einsum("...d,...d->...", _f32(xp, do), _f32(xp, o))
+
+
+def _f32(xp, x):
+    """x in float32, C-contiguous on the host (arrays.as_float32: strided half-precision views
+    widen faster in two passes)."""
+    return as_float32(x) if xp is np and x.dtype != np.float32 else x.astype(xp.float32, copy=False)
 
 
 def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, progress=None):
@@ -102,8 +107,8 @@ class _Tile:
     def __init__(self, xp, q, do, lse, delta, pos, scale):
         B, Hkv, G, tq, D = q.shape
         self.xp, self.pos, self.scale, self.shape = xp, pos, scale, (B, Hkv, G, tq)
-        self.q = q.astype(xp.float32, copy=False).reshape(B, Hkv, G * tq, D)
-        self.do = do.astype(xp.float32, copy=False).reshape(B, Hkv, G * tq, D)
+        self.q = _f32(xp, q).reshape(B, Hkv, G * tq, D)
+        self.do = _f32(xp, do).reshape(B, Hkv, G * tq, D)
         self.lse = lse.reshape(B, Hkv, G * tq, 1)
         self.delta = delta.reshape(B, Hkv, G * tq, 1)
 
@@ -112,8 +117,7 @@ class _Tile:
         xp = self.xp
         B, Hkv, G, tq = self.shape
         nb = kb.shape[2]
-        kb = kb.astype(xp.float32, copy=False)
-        vb = vb.astype(xp.float32, copy=False)
+        kb, vb = _f32(xp, kb), _f32(xp, vb)
         s = xp.matmul(self.q, kb.swapaxes(-1, -2))
         s *= self.scale
         if mask.dense:

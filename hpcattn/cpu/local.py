@@ -32,7 +32,7 @@ from numpy.lib.stride_tricks import as_strided
 from threadpoolctl import ThreadpoolController
 
 from . import cgather, jit
-from ..arrays import aligned_copy, array_module
+from ..arrays import aligned_copy, array_module, as_float32
 from ..masks import Full, Mask, Window
 from ..merge import empty_state, merge
 
@@ -217,7 +217,7 @@ def _band(xp, q, pos, k, v, k0, band, exclude, scale):
         if q.dtype == np.float32 or b - a <= 4 * (n + 2 * W + 16):
             k, v, lo, hi = k[:, :, a:b], v[:, :, a:b], lo - a, hi - a  # any copy O(chunk)
             if q.dtype != np.float32:  # float16: only these keys widened
-                k, v = np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32)
+                k, v = as_float32(k), as_float32(v)
             o, lse, _ = cgather.band_rows(q, k, v, lo, hi, scale)
             return o, lse, int(np.maximum(hi - lo, 0).sum())
     T = int(min(BAND_TILE, max(16, W // 4)))  # tile rows: span T + 2W keeps >= 2/3 of work useful
