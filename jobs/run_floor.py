@@ -1,8 +1,8 @@
 """`hpcattn run` against its floor: the same work done by hand, in the same script.
 
 The floor of one rank's run is a plain h5py read of q, k and v, the attention call on those
-arrays in memory (hpcattn.attention on one rank: the local kernel alone) and a plain h5py
-write of o and lse, one after the other, timed inside a fresh process (imports excluded, as
+arrays in memory (hpcattn.attention on one rank: the local kernel alone; on a GPU with the
+copies to and from the device) and a plain h5py write of o and lse, one after the other, timed inside a fresh process (imports excluded, as
 the run's own wall_s excludes them). The script writes one input with `hpcattn gen`, then
 runs in alternating rounds: the floor, `hpcattn run` of this checkout and, with --old DIR,
 `hpcattn run` of another checkout (PYTHONPATH=DIR, e.g. main before a change), each in its own
@@ -32,12 +32,17 @@ FLOOR = r"""
 import sys, time, json, h5py, numpy as np
 from mpi4py import MPI
 import hpcattn
+from hpcattn.gpu import device
 inp, out, mask = sys.argv[1:4]
+xp = device.xp(device.chosen_backend())
+if xp is not np:
+    device.setup(MPI.COMM_SELF)
 t0 = time.perf_counter()
 with h5py.File(inp, "r") as f:
     q, k, v = (f[n][...] for n in "qkv")
 t1 = time.perf_counter()
-o, lse = hpcattn.attention(q, k, v, mask, MPI.COMM_SELF)
+o, lse = hpcattn.attention(*(xp.asarray(x) for x in (q, k, v)), mask, MPI.COMM_SELF)
+o, lse = (x.get() if xp is not np else x for x in (o, lse))
 t2 = time.perf_counter()
 with h5py.File(out, "w") as f:
     f["o"], f["lse"] = o, lse

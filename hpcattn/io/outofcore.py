@@ -44,6 +44,7 @@ from . import h5io, results, validate
 MAX_CHUNK_ROWS = 1 << 22   # upper bound on rows per chunk: progress and resume granularity
 MIN_CHUNK_ROWS = 256
 CHUNK_BYTES = 16 << 20     # q bytes per chunk where memory allows: enough chunks to overlap stages
+PIECE_BYTES = 1 << 19      # reads are checked a piece of this size at a time, still in cache
 LOG_EVERY_S = 10.0  # plain progress lines (not a terminal): at most one per this many seconds
 CRASH_VAR = "HPCATTN_TEST_CRASH_AFTER_CHUNKS"  # test hook: every rank exits after k chunks
 READ_TRACK, WRITE_TRACK = 2, 3  # profile tracks of the read and write threads
@@ -135,28 +136,35 @@ class Source:
             if offset is not None and native is not None and not ds.compression:
                 self.raw[name] = (offset, ds.shape, native)
 
-    def rows(self, name, a, b, out=None):
+    def rows(self, name, a, b, out=None, check=None):
         """(B, b-a, ...) rows a..b-1 of dataset `name` along the sequence axis, into `out`
-        (contiguous, that shape) when given."""
+        (contiguous, that shape) when given. check(rows, row0), when given, sees every piece
+        of about PIECE_BYTES right after its read, while it is still in cache."""
         if name not in self.raw:
             got = h5io.read(self.file[name], np.s_[:, a:b])
-            if out is None:
-                return got
-            out[...] = got
-            return out
+            if out is not None:
+                out[...] = got
+            if check is not None:
+                check(got, a)
+            return got if out is None else out
         offset, shape, dtype = self.raw[name]
         B, N = shape[:2]
         row = int(np.prod(shape[2:])) * dtype.itemsize
         if out is None:
             out = np.empty((B, b - a, *shape[2:]), dtype)
+        step = max(1, PIECE_BYTES // row)
         for i in range(B):
             view = memoryview(out[i].reshape(-1).view(np.uint8))  # bytes (bfloat16 has no buffer format)
-            pos, done = offset + (i * N + a) * row, 0
-            while done < len(view):
-                n = os.preadv(self.fd, [view[done:done + (1 << 30)]], pos + done)
-                if n <= 0:
-                    raise HpcattnError(f"input {self.path!r}: short read of {name!r} (truncated file?)")
-                done += n
+            for r0 in range(0, b - a, step):
+                r1 = min(b - a, r0 + step)
+                pos, done, piece = offset + (i * N + a + r0) * row, 0, view[r0 * row:r1 * row]
+                while done < len(piece):
+                    n = os.preadv(self.fd, [piece[done:]], pos + done)
+                    if n <= 0:
+                        raise HpcattnError(f"input {self.path!r}: short read of {name!r} (truncated file?)")
+                    done += n
+                if check is not None:
+                    check(out[i:i + 1, r0:r1], a + r0)
         return out
 
     def positions(self, a, b):
@@ -221,7 +229,8 @@ def read_chunk(src, mask, index, a, b, key_limit, buf):
     t = time.perf_counter()
     try:
         with phase("read", READ_TRACK):
-            c.q, c.pos = src.rows("q", a, b, _shaped(buf.q, (B, b - a, H, D))), src.positions(a, b)
+            c.q = src.rows("q", a, b, _shaped(buf.q, (B, b - a, H, D)), _checker(path, "q", buf.scratch, c))
+            c.pos = src.positions(a, b)
             validate.positions(path, c.pos, N)
             local = c.pos[c.pos >= global_rows(mask)]
             if local.size:
@@ -229,23 +238,27 @@ def read_chunk(src, mask, index, a, b, key_limit, buf):
             if sum(s1 - s0 for s0, s1 in c.spans) <= key_limit:
                 c.keys, at = [], 0
                 for s0, s1 in c.spans:
-                    k, v = (src.rows(x, s0, s1, _shaped(flat[B * at * Hkv * D:], (B, s1 - s0, Hkv, D)))
-                            for x, flat in (("k", buf.k), ("v", buf.v)))
+                    k, v = (src.rows(x, s0, s1, _shaped(flat[B * at * Hkv * D:], (B, s1 - s0, Hkv, D)),
+                                     _checker(path, x, buf.scratch, c)) for x, flat in (("k", buf.k), ("v", buf.v)))
                     c.keys.append((s0, k, v))
                     at += s1 - s0
-        c.read_s = time.perf_counter() - t
-        t = time.perf_counter()
-        with phase("check", READ_TRACK):
-            validate.values(path, "q", c.q, a, buf.scratch)
-            for s0, k, v in c.keys or ():
-                validate.values(path, "k", k, s0, buf.scratch)
-                validate.values(path, "v", v, s0, buf.scratch)
-        c.check_s = time.perf_counter() - t
+        c.read_s = time.perf_counter() - t - c.check_s
     except HpcattnError as e:
         c.problem = str(e)
     except OSError as e:
         c.problem = f"cannot read input {path!r}: {e}"
     return c
+
+
+def _checker(path, name, scratch, c):
+    """check(rows, row0) for Source.rows: validate.values on bit patterns, timed into c.check_s."""
+    def check(rows, row0):
+        t = time.perf_counter()
+        try:
+            validate.values(path, name, rows, row0, scratch)
+        finally:
+            c.check_s += time.perf_counter() - t
+    return check
 
 
 def _key_blocks(src, spans, key_limit, st):
