@@ -2,8 +2,8 @@
 
 The floor of one rank's run is a plain h5py read of q, k and v, the attention call on those
 arrays in memory (hpcattn.attention on one rank: the local kernel alone; on a GPU with the
-copies to and from the device) and a plain h5py write of o and lse, one after the other, timed inside a fresh process (imports excluded, as
-the run's own wall_s excludes them). The script writes one input with `hpcattn gen`, then
+copies to and from the device) and a plain h5py write of o and lse, one after the other,
+timed inside a fresh process (imports excluded, as the run's own wall_s excludes them). The script writes one input with `hpcattn gen`, then
 runs in alternating rounds: the floor, `hpcattn run` of this checkout and, with --old DIR,
 `hpcattn run` of another checkout (PYTHONPATH=DIR, e.g. main before a change), each in its own
 process on a warm page cache. It prints a Markdown table of medians (and JSON): wall_s of
@@ -63,7 +63,8 @@ def python(code_dir, *args, cwd):
 
 
 def floor(d, mask):
-    return json.loads(python(HERE, "-c", FLOOR, d / "in.h5", d / "floor.h5", mask, cwd=d).strip().splitlines()[-1])
+    got = python(HERE, "-c", FLOOR, d / "in.h5", d / "floor.h5", mask, cwd=d)
+    return json.loads(got.strip().splitlines()[-1])
 
 
 def run(code_dir, d, mask):

@@ -123,13 +123,15 @@ def summary(per_rank, attrs):
     per-rank traffic."""
     def top(key):
         return max(s[key] for s in per_rank)
+
     def each(*keys):
         return ", ".join(f"{key[:-2].replace('startup', 'start-up').replace('wait', 'waiting')} {top(key):.2f}"
                          for key in keys)
     return (f"hpcattn run: {attrs['ranks']} rank(s), variant {attrs['variant']}, mask {attrs['mask']}: "
             f"wall {top('wall_s'):.2f} s (compute {top('compute_s'):.2f} s, comm {top('comm_s'):.2f} s, "
             f"io {top('io_s'):.2f} s: {each('read_s', 'check_s', 'write_s')}; "
-            f"{each('startup_s', 'upload_s', 'download_s', 'wait_s')} s), max bytes sent/rank {top('bytes_sent') / 2**20:.1f} MiB, "
+            f"{each('startup_s', 'upload_s', 'download_s', 'wait_s')} s), "
+            f"max bytes sent/rank {top('bytes_sent') / 2**20:.1f} MiB, "
             f"edges {sum(s['edges'] for s in per_rank):,} (slowest rank {balance(per_rank):.3f}x the mean)")
 
 

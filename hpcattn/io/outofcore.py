@@ -36,6 +36,7 @@ from ..arrays import aligned_empty
 from ..cpu.local import attend
 from ..dist.variants import pick
 from ..errors import HpcattnError, agree, collectively
+from ..gpu import device
 from ..merge import empty_state, merge
 from ..partition import even_shard
 from ..profile import phase
@@ -262,14 +263,19 @@ def _checker(path, name, scratch, c):
 
 
 def _key_blocks(src, spans, key_limit, st):
-    """Key blocks of at most key_limit rows over `spans`, read now (the rare wide case, and the
-    global rows' pass over every key; those keys are checked as part of their own chunks)."""
+    """Key blocks of at most key_limit rows over `spans`, read and checked now (the rare wide
+    case, and the global rows' pass over every key); a bad value raises HpcattnError here, on
+    this rank only (the compute stage turns it into a problem the ranks agree on)."""
     for s0, s1 in spans:
         for b0 in range(s0, s1, key_limit):
             b1 = min(s1, b0 + key_limit)
             t = time.perf_counter()
             k, v = src.rows("k", b0, b1), src.rows("v", b0, b1)
             st["read_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            validate.values(src.path, "k", k, b0)
+            validate.values(src.path, "v", v, b0)
+            st["check_s"] += time.perf_counter() - t
             st["kv_rows"] += b1 - b0
             yield b0, k, v
 
@@ -488,48 +494,50 @@ def run(in_path, out_path, mask, meta, comm, budget, resume=False, compression=N
     datasets = {"o": ((B, Nq, H, D), meta["dtype"], 1), "lse": ((B, H, Nq), np.float32, 2)}
     if resumable:
         datasets["chunks_done"] = ((nchunks,), np.uint8, 0)
-    if resume and have:
-        done = _resume_state(comm, partial, ident, nchunks)
-        out = h5io.Output(comm, partial, out_path, datasets, mode="r+")
-    else:
-        done = np.zeros(nchunks, dtype=bool)
-        out = h5io.Output(comm, partial, out_path, datasets, mode="w", compression=compression)
-        if resumable:  # no flag set yet: written, not left to the file's never-filled chunks
-            out.write([("chunks_done", (0, nchunks), np.zeros(nchunks, np.uint8))] if comm.rank == 0 else [])
-            out.set_attrs(ident)
+    out = None
     try:
+        if resume and have:
+            done = _resume_state(comm, partial, ident, nchunks)
+            out = h5io.Output(comm, partial, out_path, datasets, mode="r+")
+        else:
+            done = np.zeros(nchunks, dtype=bool)
+            out = h5io.Output(comm, partial, out_path, datasets, mode="w", compression=compression)
+            if resumable:  # no flag set yet: written, not left to the file's never-filled chunks
+                out.write([("chunks_done", (0, nchunks), np.zeros(nchunks, np.uint8))] if comm.rank == 0 else [])
+                out.set_attrs(ident)
         out.keep_open()
         c0, c1 = even_shard(nchunks, comm.size, comm.rank)
         mine = [c for c in range(c0, c1) if not done[c]]
         st = _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, c1 - c0, resumable, backend, clock)
         out.close()
-    except BaseException:
-        out.release()
-        if not resumable:
-            h5io.remove_quietly(partial)
-        raise
-    q_rows = sum(min(Nq, (c + 1) * rows) - c * rows for c in mine)
-    rank_stats = results.rank_stats(
-        comm, clock, compute_s=st["compute_s"], io_s=st["read_s"] + st["check_s"] + st["write_s"],
-        attn_s=st["compute_s"], edges=st["edges"], q_rows=q_rows, kv_rows=st["kv_rows"],
-        io_wait_s=st["io_wait_s"], chunks=len(mine), chunks_resumed=(c1 - c0) - len(mine),
-        phases={key: st[key] for key in results.PHASES}, buffer_bytes=st["buffer_bytes"])
-    attrs = results.attributes(
-        comm, variant=variant, mask=mask.spec, backend=backend, transport=transport, scale=1 / math.sqrt(D),
-        in_path=in_path, hdf5=out.hdf5, out_of_core=out_of_core, chunk_rows=rows, resumed=done.any())
-    try:
+        q_rows = sum(min(Nq, (c + 1) * rows) - c * rows for c in mine)
+        rank_stats = results.rank_stats(
+            comm, clock, compute_s=st["compute_s"], io_s=st["read_s"] + st["check_s"] + st["write_s"],
+            attn_s=st["compute_s"], edges=st["edges"], q_rows=q_rows, kv_rows=st["kv_rows"],
+            io_wait_s=st["io_wait_s"], chunks=len(mine), chunks_resumed=(c1 - c0) - len(mine),
+            phases={key: st[key] for key in results.PHASES}, buffer_bytes=st["buffer_bytes"])
+        attrs = results.attributes(
+            comm, variant=variant, mask=mask.spec, backend=backend, transport=transport,
+            scale=1 / math.sqrt(D), in_path=in_path, hdf5=out.hdf5, out_of_core=out_of_core,
+            chunk_rows=rows, resumed=done.any())
         return h5io.finish(comm, partial, out_path, rank_stats, attrs,
                            drop=("chunks_done",) if resumable else ()), attrs
     except BaseException:
-        if not resumable:
+        if out is not None:
+            out.release()
+        if not resumable:  # an out-of-core run keeps OUT.partial for --resume
             h5io.remove_quietly(partial)
         raise
+
+
+def _aside(st):
+    """Seconds inside the compute stage that are not kernels: key-block reads and checks, copies."""
+    return st["read_s"] + st["check_s"] + st["upload_s"] + st["download_s"]
 
 
 def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, share, resumable, backend, clock):
     """The pipeline over this rank's chunks `mine` (of `share` in its part of the grid);
     returns its timings and counts."""
-    from ..gpu import device
     Nq, scale = meta["Nq"], 1 / math.sqrt(meta["D"])
     st = {key: 0.0 for key in results.PHASES + ("compute_s", "io_wait_s")}
     st.update(edges=0, kv_rows=0)
@@ -551,6 +559,7 @@ def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, share, resumabl
         c = mine[i]
         return reader.submit(read_chunk, src, mask, c, c * rows, min(Nq, (c + 1) * rows), key_limit, ins[i % 2])
 
+    late = None  # a problem found while computing, agreed on at the next step
     try:
         pending = fetch(0)
         st["startup_s"] = time.perf_counter() - clock.wall
@@ -559,7 +568,7 @@ def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, share, resumabl
             chunk = pending.result() if pending is not None else None
             st["io_wait_s"] += time.perf_counter() - t
             pending = fetch(step + 1)  # chunk i+1 is read while chunk i computes
-            problem = chunk.problem if chunk else None
+            problem = late or (chunk.problem if chunk else None)
             problem = writer.settle(1) or problem  # chunk i-2's buffers are free again
             t = time.perf_counter()
             agree(comm, problem)
@@ -569,11 +578,14 @@ def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, share, resumabl
                 st["read_s"] += chunk.read_s
                 st["check_s"] += chunk.check_s
                 st["kv_rows"] += sum(k.shape[1] for _, k, _ in chunk.keys or ())
-                t, other = time.perf_counter(), st["read_s"] + st["upload_s"] + st["download_s"]
-                with phase("local"):
-                    o, lse = compute_chunk(src, chunk, mask, scale, meta, key_limit, st, dev, outs[step % 2])
-                # the kernels alone: reads (wide key spans) and copies inside are counted apart
-                st["compute_s"] += time.perf_counter() - t - (st["read_s"] + st["upload_s"] + st["download_s"] - other)
+                t, other = time.perf_counter(), _aside(st)
+                try:
+                    with phase("local"):
+                        o, lse = compute_chunk(src, chunk, mask, scale, meta, key_limit, st, dev, outs[step % 2])
+                except HpcattnError as e:  # a bad key met in a pass over key blocks: agreed next step
+                    late, chunk = str(e), None
+                # the kernels alone: reads and checks of key blocks and copies inside are counted apart
+                st["compute_s"] += time.perf_counter() - t - (_aside(st) - other)
             writer.submit(chunk, o, lse)  # chunk i is written while chunk i+1 computes
             if chunk is not None:
                 progress.step(chunk.b - chunk.a, st)
@@ -581,7 +593,7 @@ def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, share, resumabl
                 writer.settle(0)
                 comm.barrier()
                 os._exit(75)
-        problem = writer.settle(0)
+        problem = late or writer.settle(0)
         t = time.perf_counter()
         agree(comm, problem)
         st["wait_s"] += time.perf_counter() - t

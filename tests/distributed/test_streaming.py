@@ -123,3 +123,17 @@ def test_phases_account_for_the_wall_time(mpi_tmp_path):
     assert np.allclose(stats["io_s"], stats["read_s"] + stats["check_s"] + stats["write_s"])
     assert (stats["startup_s"] + stats["compute_s"] + stats["wait_s"] <= stats["wall_s"]).all()
     comm.free()
+
+
+def test_nan_in_a_key_only_global_rows_reach_is_refused(mpi_tmp_path):
+    """Every row global (N <= G): the keys come through the pass over key blocks, checked there;
+    the refusal still reaches every rank (some own no chunk)."""
+    inp, out = mpi_tmp_path / "in.h5", mpi_tmp_path / "out.h5"
+    make_input(inp, 3, np.float32, nan_at=("k", 2))
+    comm = Comm(MPI.COMM_WORLD)
+    with pytest.raises(HpcattnError, match="k holds NaN or Inf \\(first at row 2\\)") as e:
+        run(str(inp), str(out), "window:1+global:5", comm)
+    assert e.value.collective
+    MPI.COMM_WORLD.Barrier()
+    assert not out.exists() and not list(mpi_tmp_path.glob("out.h5.tmp-*"))
+    comm.free()
