@@ -60,7 +60,7 @@ def now():
     return _now_us() if _enabled else None
 
 
-THREADS = {0: "phases", 1: "transfers in flight"}
+THREADS = {0: "phases", 1: "transfers in flight", 2: "reads", 3: "writes"}  # 2, 3: streaming runs
 
 
 def chrome_trace(per_rank):

@@ -13,6 +13,7 @@ from ..gpu import device
 from ..io import h5io, outofcore, results
 from ..io.validate import paths
 from ..masks import parse
+from ..dist.variants import pick
 from ..partition import segments
 
 ZIGZAG_VARIANTS = ("auto", "ring", "burst")  # ring-style variants: causal runs use zigzag
@@ -23,11 +24,12 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     """Collective over comm (an hpcattn Comm). Returns (per-rank stats list on rank 0, else
     None; the output's attributes). backward: also read `do` and write dq, dk, dv. The
     backend is cupy when a GPU is seen (HPCATTN_BACKEND overrides); each rank then takes its
-    node-local device before allocating anything. When a shard would not fit in `max_memory`
-    bytes per rank (default: this node's available memory shared by its ranks), or with
-    `resume`, the run streams through memory out of core (io/outofcore.py)."""
+    node-local device before allocating anything. Forward runs of bounded-reach masks stream
+    query-row chunks through read, compute and write stages (io/outofcore.py: `streams` says
+    which); so does a run whose shard would not fit in `max_memory` bytes per rank (default:
+    this node's available memory shared by its ranks), or with `resume`, out of core. Other
+    runs read the shard, call the distributed attention and write the result."""
     clock = results.Clock()
-    t_start = clock.wall
     backend = collectively(comm, device.chosen_backend)
     if backend == "cupy":
         device.setup(comm.mpi)
@@ -41,17 +43,21 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     budget = max_memory or int(0.7 * outofcore.available_bytes() * comm.nodes() / P)
     need = outofcore.in_core_bytes(meta, sum(b - a for a, b in q_range), sum(b - a for a, b in kv_range))
     # fixed-width (a pickled count's size depends on its magnitude: per-rank bytes would move with N)
-    if resume or int(comm.allreduce(np.array([need], dtype=np.int64), "max")[0]) > budget:
-        if backward:
-            raise HpcattnError("--backward needs the shard in memory: it does not fit in "
-                               f"{budget / 2**30:.2f} GiB per rank (--max-memory); use more ranks",
-                               collective=True)
-        return outofcore.run(in_path, out_path, mask, meta, comm, budget, resume, compression)
-    shard = collectively(comm, h5io.read_shard, in_path, meta, q_range, kv_range, backward)
+    over = resume or int(comm.allreduce(np.array([need], dtype=np.int64), "max")[0]) > budget
+    if over and backward:
+        raise HpcattnError("--backward needs the shard in memory: it does not fit in "
+                           f"{budget / 2**30:.2f} GiB per rank (--max-memory); use more ranks",
+                           collective=True)
+    if over or outofcore.streams(mask, meta, P, variant, backward):
+        name = "outofcore" if over else pick(mask, meta["Nq"], meta["N"], P)
+        return outofcore.run(in_path, out_path, mask, meta, comm, budget, resume, compression,
+                             out_of_core=over, variant=name, backend=backend,
+                             transport="file" if over else transport, clock=clock)
+    phases = {"startup_s": time.perf_counter() - clock.wall}
+    shard = collectively(comm, h5io.read_shard, in_path, meta, q_range, kv_range, backward, phases)
     mask = mask.bind(n_keys=meta["N"])
     if "csr" in mask.needs:  # only this rank's query rows of the explicit mask, validated
         mask = mask.bind(csr=collectively(comm, h5io.read_csr, in_path, meta, shard["q_positions"]))
-    io_s = time.perf_counter() - t_start
     faults.point("read", r)
 
     stats = {}
@@ -59,15 +65,22 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     common = dict(mask=mask, comm=comm, variant=variant, q_positions=shard["q_positions"],
                   scale=scale, layout=layout, ranks_per_node=ranks_per_node)
     xp = device.xp(backend)
+    t = time.perf_counter()
     q, k, v = (xp.asarray(shard[a]) for a in "qkv")
+    phases["upload_s"] = time.perf_counter() - t
     t_attn = time.perf_counter()
     o, lse = attention(q, k, v, stats=stats, **common)
     attn_s = time.perf_counter() - t_attn  # the attention call alone (no I/O): decode latency
     grads, back = {}, None
     if backward:
         back, before = {}, comm.counters()
-        dq, dk, dv = attention_backward(q, k, v, o, lse, xp.asarray(shard["do"]), stats=back, **common)
+        t = time.perf_counter()
+        do = xp.asarray(shard["do"])
+        phases["upload_s"] += time.perf_counter() - t
+        dq, dk, dv = attention_backward(q, k, v, o, lse, do, stats=back, **common)
+        t = time.perf_counter()
         dq, dk, dv = to_host(dq), to_host(dk), to_host(dv)
+        phases["download_s"] = time.perf_counter() - t
         stats["compute_s"] += back["compute_s"]
         back.update({key: comm.counters()[key] - before[key] for key in ("bytes_sent", "bytes_received")})
         B, N, Hkv = meta["B"], meta["N"], meta["Hkv"]
@@ -75,7 +88,9 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
                  "dk": (dk, (B, N, Hkv, meta["D"]), 1, kv_range),
                  "dv": (dv, (B, N, Hkv, meta["D"]), 1, kv_range)}
 
+    t = time.perf_counter()
     o, lse = to_host(o), to_host(lse)
+    phases["download_s"] = phases.get("download_s", 0.0) + time.perf_counter() - t
     t_write = time.perf_counter()
     B, Nq, H, D = meta["B"], meta["Nq"], meta["H"], meta["D"]
     tmp = h5io.temp_name(comm, out_path)
@@ -85,10 +100,13 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
             "o": (o, (B, Nq, H, D), 1),
             "lse": (lse, (B, H, Nq), 2), **grads,
         }, compression=compression)
-        io_s += time.perf_counter() - t_write
+        phases["write_s"] = time.perf_counter() - t_write
+        held = [x for x in (*shard.values(), o, lse, *(g[0] for g in grads.values())) if hasattr(x, "nbytes")]
         rank_stats = results.rank_stats(
-            comm, clock, compute_s=stats["compute_s"], io_s=io_s, attn_s=attn_s, edges=stats["edges"],
-            q_rows=sum(b - a for a, b in q_range), kv_rows=sum(b - a for a, b in kv_range), backward=back)
+            comm, clock, compute_s=stats["compute_s"], attn_s=attn_s, edges=stats["edges"],
+            io_s=phases["read_s"] + phases["check_s"] + phases["write_s"],
+            q_rows=sum(b - a for a, b in q_range), kv_rows=sum(b - a for a, b in kv_range), backward=back,
+            phases=phases, buffer_bytes=sum(x.nbytes for x in held))
         attrs = results.attributes(
             comm, variant=stats["variant"], mask=mask.spec, backend=backend, transport=transport,
             scale=scale, in_path=in_path, hdf5=hdf5, layout=layout, ranks_per_node=ranks_per_node,
@@ -101,12 +119,19 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
 
 
 def summary(per_rank, attrs):
-    """One line for people: the slowest rank's times and the largest per-rank traffic."""
+    """One line for people: the slowest rank's times, where they went, and the largest
+    per-rank traffic."""
     def top(key):
         return max(s[key] for s in per_rank)
+
+    def each(*keys):
+        return ", ".join(f"{key[:-2].replace('startup', 'start-up').replace('wait', 'waiting')} {top(key):.2f}"
+                         for key in keys)
     return (f"hpcattn run: {attrs['ranks']} rank(s), variant {attrs['variant']}, mask {attrs['mask']}: "
             f"wall {top('wall_s'):.2f} s (compute {top('compute_s'):.2f} s, comm {top('comm_s'):.2f} s, "
-            f"io {top('io_s'):.2f} s), max bytes sent/rank {top('bytes_sent') / 2**20:.1f} MiB, "
+            f"io {top('io_s'):.2f} s: {each('read_s', 'check_s', 'write_s')}; "
+            f"{each('startup_s', 'upload_s', 'download_s', 'wait_s')} s), "
+            f"max bytes sent/rank {top('bytes_sent') / 2**20:.1f} MiB, "
             f"edges {sum(s['edges'] for s in per_rank):,} (slowest rank {balance(per_rank):.3f}x the mean)")
 
 

@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import sys
+import time
 import uuid
 
 import h5py
@@ -188,11 +189,12 @@ def _rows(ds, ranges, axis=1):
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
-def read_shard(path, meta, q_range, kv_range, backward=False):
+def read_shard(path, meta, q_range, kv_range, backward=False, times=None):
     """This rank's rows: q (and do with backward), q positions, k, v in native byte order;
     refused before reading when they cannot fit in memory, after reading when they hold
     NaN/Inf, huge values or bad positions. q_range, kv_range: a (start, stop) pair or a list
-    of them (zigzag layout)."""
+    of them (zigzag layout). times: a dict that gets read_s and check_s."""
+    t = time.perf_counter()
     q_ranges, kv_ranges = _ranges(q_range), _ranges(kv_range)
     validate.fits(path, meta, q_ranges, kv_ranges)
     with phase("read"), _open(path) as f:
@@ -206,11 +208,15 @@ def read_shard(path, meta, q_range, kv_range, backward=False):
             out["q_positions"] = raw.astype(np.int64)
         else:
             out["q_positions"] = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in q_ranges])
-    for name in [n for n in ("q", "k", "v", "do") if n in out]:
-        at = 0
-        for a, b in (kv_ranges if name in ("k", "v") else q_ranges):
-            validate.values(path, name, out[name][:, at:at + b - a], a)
-            at += b - a
+    read_s, t = time.perf_counter() - t, time.perf_counter()
+    with phase("check"):
+        for name in [n for n in ("q", "k", "v", "do") if n in out]:
+            at = 0
+            for a, b in (kv_ranges if name in ("k", "v") else q_ranges):
+                validate.values(path, name, out[name][:, at:at + b - a], a)
+                at += b - a
+    if times is not None:
+        times.update(read_s=read_s, check_s=time.perf_counter() - t)
     return out
 
 
@@ -329,16 +335,46 @@ class Output:
             elif comm.rank == 0 and not os.access(tmp, os.R_OK | os.W_OK):
                 problem = f"cannot open {tmp!r} for writing"
         agree(comm, problem)
+        self.rows, self.fd = None, None
+        if not self.mpio and compression is None:
+            try:
+                self.rows = Rows.of_file(tmp, self.axes)
+                self.fd = os.open(tmp, os.O_WRONLY) if self.rows else None
+            except OSError as e:
+                problem = f"cannot open output {final!r}: {e}"
+            agree(comm, problem)
 
-    @staticmethod
-    def _create(f, datasets, compression):
+    def _create(self, f, datasets, compression):
+        """The datasets, chunked along the sequence axis. Serial and uncompressed: every chunk
+        allocated now and never filled, so that ranks write their rows' bytes in place (Rows)."""
+        dcpl = None
+        if not self.mpio and compression is None:
+            from h5py import h5d, h5p
+            dcpl = h5p.create(h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
         for name, (shape, dtype, axis) in sorted(datasets.items()):
-            create(f, name, shape, dtype, chunks=chunks_for(shape, axis, dtype),
-                   compression=compression, fillvalue=0)
+            create(f, name, shape, dtype, chunks=chunks_for(shape, axis, dtype), compression=compression,
+                   fillvalue=0, **({"dcpl": dcpl.copy(), "fill_time": "never"} if dcpl else {}))
+
+    def put(self, items):
+        """Not collective: write this rank's items (as for `write`) straight into the file's
+        preallocated chunks (serial h5py, no compression: `self.rows`), beside other ranks
+        doing the same on other rows, any thread; returns a problem message or None."""
+        try:
+            for name, rows, arr in items:
+                self.rows[name].put(self.fd, rows, arr)
+        except OSError as e:
+            return f"cannot write output {self.final!r}: {e}"
+        return None
 
     def write(self, items):
         """Collective: write this rank's items, a list of (name, (start, stop) of the sequence
-        axis, array); a rank may pass none (empty list) and still takes part."""
+        axis, array); a rank may pass none (empty list) and still takes part. Without parallel
+        HDF5, ranks write their bytes in place at once (`put`), or, where the chunks are
+        compressed, open the file in rank order."""
+        if self.rows is not None:
+            agree(self.comm, self.put(items))
+            return
         by_name = {}
         for name, rows, arr in items:
             by_name.setdefault(name, []).append((rows, arr))
@@ -377,7 +413,7 @@ class Output:
 
     def keep_open(self):
         """Serial path on one rank: keep the file open between writes (no reopen per chunk)."""
-        if not self.mpio and self.comm.size == 1 and self.file is None:
+        if not self.mpio and self.rows is None and self.comm.size == 1 and self.file is None:
             self.file = h5py.File(self.tmp, "r+")
 
     def _put(self, ds, axis, rows, arr):
@@ -419,12 +455,74 @@ class Output:
                 problem = f"cannot write output {self.final!r}: {e}"
         agree(self.comm, problem)
 
-    def close(self):
-        """Collective: close the file (every rank's data is on disk afterwards)."""
+    def release(self):
+        """Not collective: let go of this rank's handles (a failed run)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.file is not None:
             self.file.close()
             self.file = None
+
+    def close(self):
+        """Collective: close the file (every rank's data is on disk afterwards)."""
+        self.release()
         self.comm.barrier()
+
+
+class Rows:
+    """Where the rows of one dataset lie in its file: the byte offset of every storage chunk
+    (chunks span whole rows of the axes after the sequence axis, one index of those before it,
+    as `chunks_for` makes them), so that `put` writes rows with os.pwrite, no HDF5 call: ranks
+    and threads write disjoint bytes of the closed file at once, and pwrite releases the GIL."""
+
+    def __init__(self, ds, axis):
+        self.axis, self.dtype = axis, stored_dtype(ds)
+        self.step = ds.chunks[axis]
+        self.row = int(np.prod(ds.shape[axis + 1:], dtype=np.int64)) * self.dtype.itemsize
+        self.at = {}
+
+        def found(info):
+            self.at[info.chunk_offset[:axis + 1]] = info.byte_offset
+        ds.id.chunk_iter(found)
+
+    @classmethod
+    def of_file(cls, path, axes):
+        """{name: Rows} of a file's datasets (name -> sequence axis), or None when one is not
+        chunked that way, filtered, stored in a foreign byte order or not fully allocated."""
+        with h5py.File(path, "r") as f:
+            out = {}
+            for name, axis in axes.items():
+                ds = f[name]
+                ok = (ds.chunks is not None and not ds.compression and native_bytes(ds) is not None
+                      and ds.chunks[:axis] == (1,) * axis and ds.chunks[axis + 1:] == ds.shape[axis + 1:])
+                if not ok:
+                    return None
+                out[name] = cls(ds, axis)
+                outer = int(np.prod(ds.shape[:axis], dtype=np.int64))
+                if len(out[name].at) != outer * -(-ds.shape[axis] // ds.chunks[axis]):
+                    return None
+            return out
+
+    def put(self, fd, rows, arr):
+        """Write arr (rows[1] - rows[0] along the sequence axis) into those rows."""
+        a, b = rows
+        arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        for outer in np.ndindex(*arr.shape[:self.axis]):
+            data = memoryview(arr[outer].reshape(-1).view(np.uint8))
+            r = a
+            while r < b:
+                c0 = r - r % self.step
+                r1 = min(b, c0 + self.step)
+                _pwrite(fd, data[(r - a) * self.row:(r1 - a) * self.row],
+                        self.at[outer + (c0,)] + (r - c0) * self.row)
+                r = r1
+
+
+def _pwrite(fd, data, pos):
+    while len(data):
+        n = os.pwrite(fd, data, pos)
+        data, pos = data[n:], pos + n
 
 
 def write_rows(comm, tmp, final, q_range, arrays, compression=None, mpio=None):

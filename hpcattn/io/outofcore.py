@@ -1,11 +1,26 @@
-"""Out-of-core runs: stream a rank's rows through memory in query chunks with key halos.
+"""Streaming runs: a rank's query rows go through memory in chunks, read - compute - write.
 
-For masks of bounded reach (window, dilated, block, causal, plus global tokens) a chunk of
-query rows needs only the keys that `Mask.spans` names, so memory is bounded by the chunk
-size, not the shard. Each rank reads its chunks' rows and key halos straight from the input
-file (no MPI traffic), reading chunk k+1 in a background thread while chunk k computes, and
-writes `o`/`lse` of each finished chunk into the partial output, then marks the chunk done
-in the dataset `chunks_done`. `run --resume` reopens that partial file and skips done chunks.
+One path serves every forward run whose mask has bounded reach (window, dilated, block, causal,
+plus global tokens), in memory or out of core (`streams` says which runs that fit in memory
+take it). A chunk of query rows needs only the keys that `Mask.spans` names, which each rank
+reads straight from the input file (no MPI traffic), so host memory is bounded by the chunk
+size, not the shard: two sets of reusable buffers (aligned; pinned on the GPU backend) for the
+chunks being read and computed, two for those being computed and written.
+
+Per rank, three stages overlap (threads: os.preadv and os.pwrite release the GIL, h5py only
+partly):
+- read (a thread): chunk i+1's q rows, positions and key spans into a free buffer set, then
+  their value check (validate.values: bit patterns, a cache-sized block at a time);
+- compute (the calling thread): chunk i, on the GPU as upload, kernel, download;
+- write (a thread): chunk i-1's o and lse in place into the output's preallocated chunks
+  (h5io.Output.put, no rank waits for another), then its done flag. Under parallel HDF5 (or
+  with compression) the writes are collective (or rank-ordered) and stay in the calling thread.
+Ranks agree once per step on any rank's problem (a bad value, a failed read or write), so a
+bad input ends the run on every rank before any result-looking file exists.
+
+Chunks of `rows` query rows form one global grid, rank r taking an even contiguous share. A
+resumable run (out of core, or `--resume`) writes OUT.partial with the dataset `chunks_done`;
+`run --resume` reopens it and skips done chunks. Other runs write under a temporary name.
 """
 import math
 import os
@@ -16,17 +31,24 @@ from concurrent.futures import ThreadPoolExecutor
 import h5py
 import numpy as np
 
-from ..api import from_heads, to_heads
+from ..api import from_heads, heads
+from ..arrays import aligned_empty
 from ..cpu.local import attend
+from ..dist.variants import pick
 from ..errors import HpcattnError, agree, collectively
+from ..gpu import device
 from ..merge import empty_state, merge
 from ..partition import even_shard
-from . import h5io, results
+from ..profile import phase
+from . import h5io, results, validate
 
 MAX_CHUNK_ROWS = 1 << 22   # upper bound on rows per chunk: progress and resume granularity
 MIN_CHUNK_ROWS = 256
+CHUNK_BYTES = 16 << 20     # q bytes per chunk where memory allows: enough chunks to overlap stages
+PIECE_BYTES = 1 << 19      # reads are checked a piece of this size at a time, still in cache
 LOG_EVERY_S = 10.0  # plain progress lines (not a terminal): at most one per this many seconds
 CRASH_VAR = "HPCATTN_TEST_CRASH_AFTER_CHUNKS"  # test hook: every rank exits after k chunks
+READ_TRACK, WRITE_TRACK = 2, 3  # profile tracks of the read and write threads
 
 
 def bounded(mask):
@@ -45,12 +67,22 @@ def halo(mask):
     return max((r for r in (t.reach() for t in mask.terms) if r is not None), default=0)
 
 
+def streams(mask, meta, ranks, variant, backward):
+    """True when a run that fits in memory streams too: forward, variant auto, a bounded mask,
+    self-attention (every key is some query's own, so the chunks' key spans read and check
+    every key), and one rank or a shape where `auto` picks sparse (the halos then come from
+    the file instead of the neighbours)."""
+    if backward or variant != "auto" or not bounded(mask) or meta["positions"]:
+        return False
+    return ranks == 1 or pick(mask, meta["Nq"], meta["N"], ranks) == "sparse"
+
+
 def row_bytes(meta):
-    """Bytes of memory one query row costs while streaming: its q and k/v rows in the file
-    dtype (read, prefetched, head-major copy) and the float32 o/lse with merge temporaries."""
+    """Host bytes one query row costs while streaming: its q, k and v rows in two input buffer
+    sets, its o (file dtype) and lse (float32) in two output sets."""
     isz = np.dtype(meta["dtype"]).itemsize
     B, H, Hkv, D = meta["B"], meta["H"], meta["Hkv"], meta["D"]
-    return B * ((H + 2 * Hkv) * D * isz * 3 + H * (D + 1) * 4 * 4 + H * D * isz)
+    return B * 2 * ((H + 2 * Hkv) * D * isz + H * (D * isz + 4))
 
 
 def in_core_bytes(meta, nq, nkv):
@@ -73,18 +105,25 @@ def available_bytes():
     return 4 << 30
 
 
-def chunk_rows(meta, mask, budget):
-    """Rows per chunk so that two chunks in flight (plus key halos) fit in `budget` bytes."""
+def chunk_rows(meta, mask, budget, ranks=1):
+    """Rows per chunk: what the chunks in flight (plus key halos and the kernel's working set)
+    leave of `budget` bytes, at most about CHUNK_BYTES of q, cut so that every rank gets the
+    same number of chunks of nearly the same size."""
     per_row = row_bytes(meta)
     extra = (2 * halo(mask) + global_rows(mask)) * per_row
-    rows = (budget // 2 - extra - (64 << 20)) // per_row
-    return int(max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, rows)))
+    fit = (budget - extra - (64 << 20)) // per_row
+    B, H, D, Nq = meta["B"], meta["H"], meta["D"], meta["Nq"]
+    want = max(1, CHUNK_BYTES // (B * H * D * np.dtype(meta["dtype"]).itemsize))
+    per_rank = -(-Nq // ranks)
+    even = -(-per_rank // -(-per_rank // want))
+    return int(max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, fit, even)))
 
 
 class Source:
     """Row ranges of q, k, v (and q_positions) from the input file. Contiguous unfiltered
-    datasets are read with os.preadv at their byte offset, which releases the GIL so a
-    background read overlaps compute; other layouts go through h5py."""
+    datasets are read with os.preadv at their byte offset straight into the caller's buffer,
+    which releases the GIL so a background read overlaps compute; other layouts go through
+    h5py."""
 
     def __init__(self, path, meta):
         self.path, self.meta = path, meta
@@ -98,22 +137,35 @@ class Source:
             if offset is not None and native is not None and not ds.compression:
                 self.raw[name] = (offset, ds.shape, native)
 
-    def rows(self, name, a, b):
-        """(B, b-a, ...) rows a..b-1 of dataset `name` along the sequence axis."""
+    def rows(self, name, a, b, out=None, check=None):
+        """(B, b-a, ...) rows a..b-1 of dataset `name` along the sequence axis, into `out`
+        (contiguous, that shape) when given. check(rows, row0), when given, sees every piece
+        of about PIECE_BYTES right after its read, while it is still in cache."""
         if name not in self.raw:
-            return h5io.read(self.file[name], np.s_[:, a:b])
+            got = h5io.read(self.file[name], np.s_[:, a:b])
+            if out is not None:
+                out[...] = got
+            if check is not None:
+                check(got, a)
+            return got if out is None else out
         offset, shape, dtype = self.raw[name]
         B, N = shape[:2]
         row = int(np.prod(shape[2:])) * dtype.itemsize
-        out = np.empty((B, b - a, *shape[2:]), dtype)
+        if out is None:
+            out = np.empty((B, b - a, *shape[2:]), dtype)
+        step = max(1, PIECE_BYTES // row)
         for i in range(B):
             view = memoryview(out[i].reshape(-1).view(np.uint8))  # bytes (bfloat16 has no buffer format)
-            pos, done = offset + (i * N + a) * row, 0
-            while done < len(view):
-                n = os.preadv(self.fd, [view[done:done + (1 << 30)]], pos + done)
-                if n <= 0:
-                    raise HpcattnError(f"input {self.path!r}: short read of {name!r} (truncated file?)")
-                done += n
+            for r0 in range(0, b - a, step):
+                r1 = min(b - a, r0 + step)
+                pos, done, piece = offset + (i * N + a + r0) * row, 0, view[r0 * row:r1 * row]
+                while done < len(piece):
+                    n = os.preadv(self.fd, [piece[done:]], pos + done)
+                    if n <= 0:
+                        raise HpcattnError(f"input {self.path!r}: short read of {name!r} (truncated file?)")
+                    done += n
+                if check is not None:
+                    check(out[i:i + 1, r0:r1], a + r0)
         return out
 
     def positions(self, a, b):
@@ -126,96 +178,190 @@ class Source:
         self.file.close()
 
 
+def _host_empty(xp, n, dtype):
+    """n items of reusable host memory: aligned, and pinned on the GPU backend (fast, async
+    copies), as bytes viewed in dtype (bfloat16 has no CuPy type)."""
+    dtype = np.dtype(dtype)
+    if xp is np:
+        return aligned_empty(np, (n,), dtype)
+    import cupyx
+    return cupyx.empty_pinned(n * dtype.itemsize, np.uint8).view(dtype)
+
+
+def _shaped(flat, shape):
+    """The first prod(shape) items of a flat buffer as a contiguous array of that shape."""
+    return flat[:int(np.prod(shape, dtype=np.int64))].reshape(shape)
+
+
+class Buffers:
+    """One chunk's reusable host arrays: input (q rows, key rows, check scratch) or output (o, lse)."""
+
+    def __init__(self, xp, meta, rows, key_rows, side):
+        B, H, Hkv, D, dt = meta["B"], meta["H"], meta["Hkv"], meta["D"], meta["dtype"]
+        if side == "in":
+            self.q = _host_empty(xp, B * rows * H * D, dt)
+            self.k, self.v = (_host_empty(xp, B * key_rows * Hkv * D, dt) for _ in "kv")
+            most = max(rows * H, key_rows * Hkv) * D  # elements of one batch index
+            self.scratch = np.empty(min(validate.CHECK_ELEMS, most), f"u{np.dtype(dt).itemsize}")
+        else:
+            self.o = _host_empty(xp, B * rows * H * D, dt)
+            self.lse = _host_empty(xp, B * H * rows, np.float32)
+
+    def nbytes(self):
+        return sum(x.nbytes for x in vars(self).values())
+
+
 class Chunk:
-    """One chunk of query rows with the keys it needs, as read (possibly in a thread)."""
+    """One chunk of query rows with the keys it needs, as read (in the read thread)."""
 
     def __init__(self, index, a, b):
         self.index, self.a, self.b = index, a, b
         self.q = self.pos = self.keys = None
-        self.spans, self.read_s, self.problem = [], 0.0, None
+        self.spans, self.read_s, self.check_s, self.problem = [], 0.0, 0.0, None
 
 
-def read_chunk(src, mask, index, a, b, key_limit):
-    """Read query rows [a, b), their positions, and (when they fit in key_limit rows) the key
-    spans the non-global rows reach. Input problems are recorded, not raised (agreed later)."""
-    t = time.perf_counter()
+def read_chunk(src, mask, index, a, b, key_limit, buf):
+    """Read query rows [a, b), their positions and (when they fit in key_limit rows) the key
+    spans the non-global rows reach into `buf`, and check them. Input problems are recorded,
+    not raised (the ranks agree on them)."""
     c = Chunk(index, a, b)
+    meta, path = src.meta, src.path
+    B, H, Hkv, D, N = meta["B"], meta["H"], meta["Hkv"], meta["D"], meta["N"]
+    t = time.perf_counter()
     try:
-        c.q, c.pos = src.rows("q", a, b), src.positions(a, b)
-        N = src.meta["N"]
-        if c.pos.size and (c.pos.min() < 0 or c.pos.max() >= N):
-            c.problem = (f"input {src.path!r}: q_positions must lie in [0, {N}), got values in "
-                         f"[{c.pos.min()}, {c.pos.max()}]")
-        elif not np.isfinite(c.q).all():
-            c.problem = f"input {src.path!r}: q holds NaN or Inf (rows {a}..{b - 1})"
-        else:
+        with phase("read", READ_TRACK):
+            c.q = src.rows("q", a, b, _shaped(buf.q, (B, b - a, H, D)), _checker(path, "q", buf.scratch, c))
+            c.pos = src.positions(a, b)
+            validate.positions(path, c.pos, N)
             local = c.pos[c.pos >= global_rows(mask)]
             if local.size:
                 c.spans = mask.spans(int(local.min()), int(local.max()), 0, N)
             if sum(s1 - s0 for s0, s1 in c.spans) <= key_limit:
-                c.keys = [(s0, src.rows("k", s0, s1), src.rows("v", s0, s1)) for s0, s1 in c.spans]
-                for s0, k, v in c.keys:
-                    if not (np.isfinite(k).all() and np.isfinite(v).all()):
-                        c.problem = f"input {src.path!r}: k or v holds NaN or Inf (rows {s0}..{s0 + k.shape[1] - 1})"
+                c.keys, at = [], 0
+                for s0, s1 in c.spans:
+                    k, v = (src.rows(x, s0, s1, _shaped(flat[B * at * Hkv * D:], (B, s1 - s0, Hkv, D)),
+                                     _checker(path, x, buf.scratch, c)) for x, flat in (("k", buf.k), ("v", buf.v)))
+                    c.keys.append((s0, k, v))
+                    at += s1 - s0
+        c.read_s = time.perf_counter() - t - c.check_s
+    except HpcattnError as e:
+        c.problem = str(e)
     except OSError as e:
-        c.problem = f"cannot read input {src.path!r}: {e}"
-    c.read_s = time.perf_counter() - t
+        c.problem = f"cannot read input {path!r}: {e}"
     return c
 
 
+def _checker(path, name, scratch, c):
+    """check(rows, row0) for Source.rows: validate.values on bit patterns, timed into c.check_s."""
+    def check(rows, row0):
+        t = time.perf_counter()
+        try:
+            validate.values(path, name, rows, row0, scratch)
+        finally:
+            c.check_s += time.perf_counter() - t
+    return check
+
+
 def _key_blocks(src, spans, key_limit, st):
-    """Key blocks of at most key_limit rows over `spans`, read now (the rare wide case)."""
+    """Key blocks of at most key_limit rows over `spans`, read and checked now (the rare wide
+    case, and the global rows' pass over every key); a bad value raises HpcattnError here, on
+    this rank only (the compute stage turns it into a problem the ranks agree on)."""
     for s0, s1 in spans:
         for b0 in range(s0, s1, key_limit):
             b1 = min(s1, b0 + key_limit)
             t = time.perf_counter()
             k, v = src.rows("k", b0, b1), src.rows("v", b0, b1)
-            st["io_s"] += time.perf_counter() - t
+            st["read_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            validate.values(src.path, "k", k, b0)
+            validate.values(src.path, "v", v, b0)
+            st["check_s"] += time.perf_counter() - t
             st["kv_rows"] += b1 - b0
             yield b0, k, v
 
 
-def _attend_blocks(qh, pos, blocks, mask, scale, hkv, st):
-    """Merge the local kernel's partials of head-major queries qh over key blocks."""
+class Device:
+    """The compute stage's array module and its host <-> device copies (timed). On the host the
+    copies are the arrays themselves; on the GPU, uploads of the (pinned) chunk buffers and
+    downloads into them, synchronous, so a buffer is free again when its chunk is done."""
+
+    def __init__(self, xp, st):
+        self.xp, self.st = xp, st
+
+    def up(self, x):
+        if self.xp is np:
+            return x
+        t = time.perf_counter()
+        y = self.xp.asarray(x)
+        self.st["upload_s"] += time.perf_counter() - t
+        return y
+
+    def down(self, x, out):
+        t = time.perf_counter()
+        if self.xp is np:
+            if x is not out:
+                out[...] = x
+            return
+        x.get(out=out)
+        self.st["download_s"] += time.perf_counter() - t
+
+
+def _attend_blocks(dev, qh, pos, blocks, mask, scale, hkv, st):
+    """Merged partials (float32) of head-major queries qh over key blocks."""
     o = lse = None
     for k0, k, v in blocks:
-        kh, vh = to_heads(k, hkv)[:, :, 0], to_heads(v, hkv)[:, :, 0]
+        kh, vh = heads(dev.up(k), hkv)[:, :, 0], heads(dev.up(v), hkv)[:, :, 0]
         po, pl, edges = attend(qh, pos, kh, vh, k0, mask, scale)
-        st["edges"] += edges
+        st["edges"] += int(edges)
         o, lse = (po, pl) if o is None else merge(o, lse, po, pl)
     if o is None:
-        o, lse = empty_state(np, qh.shape[:-1], qh.shape[-1])
+        o, lse = empty_state(dev.xp, qh.shape[:-1], qh.shape[-1])
     return o, lse
 
 
-def compute_chunk(src, c, mask, scale, meta, key_limit, st):
-    """(o (B, n, H, D) in the input dtype, lse (B, H, n) float32) of one chunk."""
+def compute_chunk(src, c, mask, scale, meta, key_limit, st, dev, buf):
+    """o (B, n, H, D) in the input dtype and lse (B, H, n) float32 of one chunk, in `buf`. One
+    key block (a window's span): the kernel writes o in place, as the in-memory call does, so
+    the bits do not depend on the chunk size; several blocks merge in float32."""
     B, H, Hkv, D, N = meta["B"], meta["H"], meta["Hkv"], meta["D"], meta["N"]
-    qh = to_heads(c.q, Hkv)
+    n, xp = c.b - c.a, dev.xp
+    o_host, lse_host = _shaped(buf.o, (B, n, H, D)), _shaped(buf.lse, (B, H, n))
+    q = dev.up(c.q)
+    qh = heads(q, Hkv)
     G = global_rows(mask)
     glob = c.pos < G
+    if not glob.any() and c.keys is not None and len(c.keys) == 1:
+        (k0, k, v), = c.keys
+        o = o_host if xp is np else xp.empty((B, n, H, D), q.dtype)
+        _, lse, edges = attend(qh, c.pos, heads(dev.up(k), Hkv)[:, :, 0], heads(dev.up(v), Hkv)[:, :, 0],
+                               k0, mask, scale, out=heads(o, Hkv))
+        st["edges"] += int(edges)
+        dev.down(o, o_host)
+        dev.down(xp.ascontiguousarray(lse.reshape(B, H, n)), lse_host)
+        return o_host, lse_host
     local = ~glob
-    o, lse = empty_state(np, qh.shape[:-1], D)
+    o, lse = empty_state(xp, qh.shape[:-1], D)
     if local.any():
-        qs = qh if glob.sum() == 0 else qh[:, :, :, local]
         blocks = c.keys if c.keys is not None else _key_blocks(src, c.spans, key_limit, st)
-        lo, ll = _attend_blocks(qs, c.pos[local], blocks, mask, scale, Hkv, st)
-        if glob.any():
-            o[:, :, :, local], lse[:, :, :, local] = lo, ll
-        else:
-            o, lse = lo, ll
+        sel = slice(None) if glob.sum() == 0 else xp.asarray(np.flatnonzero(local))
+        lo, ll = _attend_blocks(dev, qh[:, :, :, sel], c.pos[local], blocks, mask, scale, Hkv, st)
+        o[:, :, :, sel], lse[:, :, :, sel] = lo, ll
     if glob.any():  # global query rows reach every key: stream the whole sequence
-        go, gl = _attend_blocks(qh[:, :, :, glob], c.pos[glob], _key_blocks(src, [(0, N)], key_limit, st),
+        sel = xp.asarray(np.flatnonzero(glob))
+        go, gl = _attend_blocks(dev, qh[:, :, :, sel], c.pos[glob], _key_blocks(src, [(0, N)], key_limit, st),
                                 mask, scale, Hkv, st)
-        o[:, :, :, glob], lse[:, :, :, glob] = go, gl
-    return from_heads(o, meta["dtype"]), np.ascontiguousarray(lse.reshape(B, H, -1))
+        o[:, :, :, sel], lse[:, :, :, sel] = go, gl
+    dev.down(from_heads(o, meta["dtype"]), o_host)
+    dev.down(xp.ascontiguousarray(lse.reshape(B, H, n)), lse_host)
+    return o_host, lse_host
 
 
 class Progress:
-    """tqdm bar on rank 0 when stderr is a terminal, else one plain log line per chunk."""
+    """tqdm bar on rank 0 when stderr is a terminal, else one plain log line per chunk (when
+    `on`: out-of-core runs, which take long)."""
 
-    def __init__(self, comm, total, done):
-        self.on = comm.rank == 0
+    def __init__(self, comm, total, done, on=True):
+        self.on = on and comm.rank == 0
         self.total, self.count, self.t0 = total, done, time.perf_counter()
         self.last = -1e9
         self.bar = None
@@ -231,8 +377,8 @@ class Progress:
             self.last = time.perf_counter()
             dt = self.last - self.t0
             print(f"hpcattn run: rank 0 chunk {self.count}/{self.total} done ({rows} rows, {dt:.1f} s; "
-                  f"compute {st['compute_s']:.1f} s, io {st['io_s']:.1f} s, waited on reads "
-                  f"{st['io_wait_s']:.1f} s)", file=sys.stderr, flush=True)
+                  f"compute {st['compute_s']:.1f} s, read {st['read_s']:.1f} s, write {st['write_s']:.1f} s, "
+                  f"waited {st['wait_s']:.1f} s)", file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:
@@ -266,89 +412,195 @@ def _resume_state(comm, partial, ident, nchunks):
     return comm.bcast_object(done)
 
 
-def run(in_path, out_path, mask, meta, comm, budget, resume=False, compression=None):
-    """Collective out-of-core run; same return as commands.run.run. Chunks of `rows` query rows
-    form one global grid (so resume does not depend on the rank count); rank r takes an even
-    contiguous share of the chunks and walks them in lockstep with the others (a rank with
-    fewer chunks still takes part in every collective write)."""
-    clock = results.Clock()
+class Writer:
+    """The write stage: each chunk's o and lse, then (resumable runs) its done flag. With
+    in-place writes (Output.rows) a thread writes while the next chunks compute, at most two
+    chunks in flight (the two output buffer sets); otherwise the collective or rank-ordered
+    Output.write runs here, in the calling thread."""
+
+    def __init__(self, out, resumable, st):
+        self.out, self.resumable, self.st = out, resumable, st
+        self.pool = ThreadPoolExecutor(1, "hpcattn-write") if out.rows is not None else None
+        self.flight = []  # futures of the chunks being written, oldest first
+
+    def _items(self, chunk, o, lse):
+        if chunk is None:
+            return [], []
+        rows = (chunk.a, chunk.b)
+        flag = [("chunks_done", (chunk.index, chunk.index + 1), np.ones(1, np.uint8))] if self.resumable else []
+        return [("o", rows, o), ("lse", rows, lse)], flag
+
+    def _put(self, data, flag):
+        t = time.perf_counter()
+        with phase("write", WRITE_TRACK):
+            problem = self.out.put(data) or self.out.put(flag)  # data first: a crash never flags unwritten rows
+        self.st["write_s"] += time.perf_counter() - t
+        return problem
+
+    def submit(self, chunk, o, lse):
+        """Write a computed chunk (None: take part in the collective writes only)."""
+        data, flag = self._items(chunk, o, lse)
+        if self.pool is not None:
+            if data:
+                self.flight.append(self.pool.submit(self._put, data, flag))
+            return
+        t = time.perf_counter()
+        with phase("write"):
+            self.out.write(data)
+            if self.resumable:
+                self.out.write(flag)
+        self.st["write_s"] += time.perf_counter() - t
+
+    def settle(self, keep):
+        """Wait until at most `keep` chunks are in flight; the first problem of those done."""
+        problem = None
+        while len(self.flight) > keep:
+            t = time.perf_counter()
+            p = self.flight.pop(0).result()
+            self.st["wait_s"] += time.perf_counter() - t
+            problem = problem or p
+        return problem
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run(in_path, out_path, mask, meta, comm, budget, resume=False, compression=None, *,
+        out_of_core=True, variant="outofcore", backend="numpy", transport="file", clock=None):
+    """Collective streaming run; same return as commands.run.run. out_of_core: the shard did
+    not fit in `budget` (or --resume): the output is resumable. variant, backend, transport:
+    recorded in the attributes (the name `auto` gave, when in memory). Each rank walks its
+    chunks in lockstep with the others (a rank with fewer chunks still takes part in every
+    agreement and collective write)."""
+    clock = clock or results.Clock()
     if not bounded(mask):
         raise HpcattnError(f"the shard does not fit in memory ({budget / 2**30:.2f} GiB per rank) and mask "
                            f"{mask.spec!r} has unbounded reach; use more ranks or a window/dilated/block mask",
                            collective=True)
     B, Nq, H, D, N = meta["B"], meta["Nq"], meta["H"], meta["D"], meta["N"]
-    partial = partial_name(out_path)
-    rows = chunk_rows(meta, mask, budget)
-    have = comm.bcast_object(os.path.exists(partial) if comm.rank == 0 else None)
+    resumable = out_of_core or resume
+    partial = partial_name(out_path) if resumable else h5io.temp_name(comm, out_path)
+    rows = chunk_rows(meta, mask, budget, comm.size)
+    have = resumable and comm.bcast_object(os.path.exists(partial) if comm.rank == 0 else None)
     if resume and have and comm.rank == 0:
         with h5py.File(partial, "r") as f:
             rows = int(f.attrs.get("ooc_rows", rows))
-    rows = comm.bcast_object(rows)
+    rows = comm.bcast_object(rows) if resumable else rows
     nchunks = max(1, math.ceil(Nq / rows))
-    key_limit = max(rows + 2 * halo(mask) + 1, 2 * rows)
+    key_limit = rows + 2 * (halo(mask) + 1) + global_rows(mask)  # a chunk's spans: its rows, halos, global keys
     ident = {"ooc_input": os.path.abspath(in_path), "ooc_mask": mask.spec, "ooc_rows": rows,
              "ooc_shape": f"{B},{Nq},{H},{D},{N},{np.dtype(meta['dtype']).name}"}
-    datasets = {"o": ((B, Nq, H, D), meta["dtype"], 1), "lse": ((B, H, Nq), np.float32, 2),
-                "chunks_done": ((nchunks,), np.uint8, 0)}
-    if resume and have:
-        done = _resume_state(comm, partial, ident, nchunks)
-        out = h5io.Output(comm, partial, out_path, datasets, mode="r+")
-    else:
-        done = np.zeros(nchunks, dtype=bool)
-        out = h5io.Output(comm, partial, out_path, datasets, mode="w", compression=compression)
-        out.set_attrs(ident)
-    out.keep_open()
-    c0, c1 = even_shard(nchunks, comm.size, comm.rank)
-    mine = [c for c in range(c0, c1) if not done[c]]
-    steps = max(comm.allgather_object(len(mine)))
-    st = {"compute_s": 0.0, "io_s": 0.0, "io_wait_s": 0.0, "edges": 0, "kv_rows": 0}
-    crash_after = int(os.environ.get(CRASH_VAR, "0") or 0)
-    scale = 1 / math.sqrt(D)
-    src = collectively(comm, Source, in_path, meta)
-    progress = Progress(comm, c1 - c0, (c1 - c0) - len(mine))
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcattn-read")
+    datasets = {"o": ((B, Nq, H, D), meta["dtype"], 1), "lse": ((B, H, Nq), np.float32, 2)}
+    if resumable:
+        datasets["chunks_done"] = ((nchunks,), np.uint8, 0)
+    out = None
     try:
-        def fetch(i):
-            if i >= len(mine):
-                return None
-            c = mine[i]
-            return pool.submit(read_chunk, src, mask, c, c * rows, min(Nq, (c + 1) * rows), key_limit)
+        if resume and have:
+            done = _resume_state(comm, partial, ident, nchunks)
+            out = h5io.Output(comm, partial, out_path, datasets, mode="r+")
+        else:
+            done = np.zeros(nchunks, dtype=bool)
+            out = h5io.Output(comm, partial, out_path, datasets, mode="w", compression=compression)
+            if resumable:  # no flag set yet: written, not left to the file's never-filled chunks
+                out.write([("chunks_done", (0, nchunks), np.zeros(nchunks, np.uint8))] if comm.rank == 0 else [])
+                out.set_attrs(ident)
+        out.keep_open()
+        c0, c1 = even_shard(nchunks, comm.size, comm.rank)
+        mine = [c for c in range(c0, c1) if not done[c]]
+        st = _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, c1 - c0, resumable, backend, clock)
+        out.close()
+        q_rows = sum(min(Nq, (c + 1) * rows) - c * rows for c in mine)
+        rank_stats = results.rank_stats(
+            comm, clock, compute_s=st["compute_s"], io_s=st["read_s"] + st["check_s"] + st["write_s"],
+            attn_s=st["compute_s"], edges=st["edges"], q_rows=q_rows, kv_rows=st["kv_rows"],
+            io_wait_s=st["io_wait_s"], chunks=len(mine), chunks_resumed=(c1 - c0) - len(mine),
+            phases={key: st[key] for key in results.PHASES}, buffer_bytes=st["buffer_bytes"])
+        attrs = results.attributes(
+            comm, variant=variant, mask=mask.spec, backend=backend, transport=transport,
+            scale=1 / math.sqrt(D), in_path=in_path, hdf5=out.hdf5, out_of_core=out_of_core,
+            chunk_rows=rows, resumed=done.any())
+        return h5io.finish(comm, partial, out_path, rank_stats, attrs,
+                           drop=("chunks_done",) if resumable else ()), attrs
+    except BaseException:
+        if out is not None:
+            out.release()
+        if not resumable:  # an out-of-core run keeps OUT.partial for --resume
+            h5io.remove_quietly(partial)
+        raise
 
+
+def _aside(st):
+    """Seconds inside the compute stage that are not kernels: key-block reads and checks, copies."""
+    return st["read_s"] + st["check_s"] + st["upload_s"] + st["download_s"]
+
+
+def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, share, resumable, backend, clock):
+    """The pipeline over this rank's chunks `mine` (of `share` in its part of the grid);
+    returns its timings and counts."""
+    Nq, scale = meta["Nq"], 1 / math.sqrt(meta["D"])
+    st = {key: 0.0 for key in results.PHASES + ("compute_s", "io_wait_s")}
+    st.update(edges=0, kv_rows=0)
+    steps = max(comm.allgather_object(len(mine)))
+    crash_after = int(os.environ.get(CRASH_VAR, "0") or 0)
+    dev = Device(device.xp(backend), st)
+    n_in, n_out = min(2, len(mine)), min(2, len(mine))
+    ins = [Buffers(dev.xp, meta, rows, key_limit, "in") for _ in range(n_in)]
+    outs = [Buffers(dev.xp, meta, rows, key_limit, "out") for _ in range(n_out)]
+    st["buffer_bytes"] = sum(b.nbytes() for b in ins + outs)
+    src = collectively(comm, Source, in_path, meta)
+    progress = Progress(comm, share, share - len(mine), on=resumable)
+    reader = ThreadPoolExecutor(1, "hpcattn-read")
+    writer = Writer(out, resumable, st)
+
+    def fetch(i):
+        if i >= len(mine):
+            return None
+        c = mine[i]
+        return reader.submit(read_chunk, src, mask, c, c * rows, min(Nq, (c + 1) * rows), key_limit, ins[i % 2])
+
+    late = None  # a problem found while computing, agreed on at the next step
+    try:
         pending = fetch(0)
+        st["startup_s"] = time.perf_counter() - clock.wall
         for step in range(steps):
             t = time.perf_counter()
             chunk = pending.result() if pending is not None else None
             st["io_wait_s"] += time.perf_counter() - t
-            pending = fetch(step + 1)  # read chunk k+1 while chunk k computes
-            agree(comm, chunk.problem if chunk else None)
-            items = []
-            if chunk is not None:
-                st["io_s"] += chunk.read_s
-                st["kv_rows"] += sum(k.shape[1] for _, k, _ in chunk.keys or ())
-                t = time.perf_counter()
-                o, lse = compute_chunk(src, chunk, mask, scale, meta, key_limit, st)
-                st["compute_s"] += time.perf_counter() - t
-                items = [("o", (chunk.a, chunk.b), o), ("lse", (chunk.a, chunk.b), lse)]
+            pending = fetch(step + 1)  # chunk i+1 is read while chunk i computes
+            problem = late or (chunk.problem if chunk else None)
+            problem = writer.settle(1) or problem  # chunk i-2's buffers are free again
             t = time.perf_counter()
-            out.write(items)  # data first, then its done flag: a crash never marks unwritten rows
-            out.write([("chunks_done", (chunk.index, chunk.index + 1), np.ones(1, np.uint8))] if chunk else [])
-            st["io_s"] += time.perf_counter() - t
+            agree(comm, problem)
+            st["wait_s"] += time.perf_counter() - t
+            o = lse = None
+            if chunk is not None:
+                st["read_s"] += chunk.read_s
+                st["check_s"] += chunk.check_s
+                st["kv_rows"] += sum(k.shape[1] for _, k, _ in chunk.keys or ())
+                t, other = time.perf_counter(), _aside(st)
+                try:
+                    with phase("local"):
+                        o, lse = compute_chunk(src, chunk, mask, scale, meta, key_limit, st, dev, outs[step % 2])
+                except HpcattnError as e:  # a bad key met in a pass over key blocks: agreed next step
+                    late, chunk = str(e), None
+                # the kernels alone: reads and checks of key blocks and copies inside are counted apart
+                st["compute_s"] += time.perf_counter() - t - (_aside(st) - other)
+            writer.submit(chunk, o, lse)  # chunk i is written while chunk i+1 computes
             if chunk is not None:
                 progress.step(chunk.b - chunk.a, st)
             if crash_after and step + 1 >= crash_after:
+                writer.settle(0)
                 comm.barrier()
                 os._exit(75)
+        problem = late or writer.settle(0)
+        t = time.perf_counter()
+        agree(comm, problem)
+        st["wait_s"] += time.perf_counter() - t
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.close()
         progress.close()
         src.close()
-    out.close()
-    q_rows = sum(min(Nq, (c + 1) * rows) - c * rows for c in mine)
-    rank_stats = results.rank_stats(
-        comm, clock, compute_s=st["compute_s"], io_s=st["io_s"], attn_s=st["compute_s"], edges=st["edges"],
-        q_rows=q_rows, kv_rows=st["kv_rows"], io_wait_s=st["io_wait_s"], chunks=len(mine),
-        chunks_resumed=(c1 - c0) - len(mine))
-    attrs = results.attributes(
-        comm, variant="outofcore", mask=mask.spec, backend="numpy", transport="file", scale=scale,
-        in_path=in_path, hdf5=out.hdf5, out_of_core=True, chunk_rows=rows, resumed=done.any())
-    return h5io.finish(comm, partial, out_path, rank_stats, attrs, drop=("chunks_done",)), attrs
+    st["wait_s"] += st["io_wait_s"]
+    return st
