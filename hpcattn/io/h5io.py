@@ -484,7 +484,11 @@ class Rows:
 
         def found(info):
             self.at[info.chunk_offset[:axis + 1]] = info.byte_offset
-        ds.id.chunk_iter(found)
+        if hasattr(ds.id, "chunk_iter"):
+            ds.id.chunk_iter(found)
+        else:  # HDF5 before 1.12.3 (Debian 12's 1.10): one query per chunk
+            for i in range(ds.id.get_num_chunks()):
+                found(ds.id.get_chunk_info(i))
 
     @classmethod
     def of_file(cls, path, axes):
