@@ -95,11 +95,14 @@ def main(argv=None):
         h = np.empty(n, np.float32)
         stream.synchronize()
 
-        def device():
+        def send_recv(buf):
             if r == 0:
-                comm.Send(d, dest=1)
+                comm.Send(buf, dest=1)
             else:
-                comm.Recv(d, source=0)
+                comm.Recv(buf, source=0)
+
+        def device():
+            send_recv(d)
 
         def staged():
             if r == 0:
@@ -112,10 +115,7 @@ def main(argv=None):
                 stream.synchronize()
 
         def plain():
-            if r == 0:
-                comm.Send(h, dest=1)
-            else:
-                comm.Recv(h, source=0)
+            send_recv(h)
         device()  # first use: CUDA IPC handles, registrations
         row = [mib] + [n * 4 / timed(fn, a.repeat) / 1e9 for fn in (device, staged, plain)]
         if r == 0:
