@@ -202,6 +202,37 @@ def _one_piece(n):
     return off
 
 
+_launches = {}  # a one-rank device call's signature -> (gpu.forward.Launch, variant name)
+MAX_LAUNCHES = 256  # shapes kept (a decode loop with a growing key count makes one per step)
+_NO_POSITIONS = np.uintp(0)  # the kernel derives row r's position r
+
+
+def _signature(q, k, v, args):
+    """What a one-rank device call's launch depends on (shapes, strides, dtypes, the other
+    arguments, the device), or None when it is not cached (a mask given as neither spec nor
+    Mask, rows not 16-byte aligned)."""
+    if not isinstance(args[0], (str, Mask)) or (q.data.ptr | k.data.ptr | v.data.ptr) % 16:
+        return None
+    from cupy.cuda import runtime
+    return (q.shape, q.strides, q.dtype, k.shape, k.strides, k.dtype, v.shape, v.strides, v.dtype,
+            runtime.getDevice()) + args
+
+
+def _direct(run, name, q, k, v, stats, o=None):
+    """A one-rank device call through its Launch: o allocated (unless given), one launch; the
+    launch reads the caller's (B, N, H, D) arrays at the head-major strides it was made for."""
+    if o is None:
+        o = array_module(q).empty(q.shape, q.dtype)
+    faults.point("compute", 0)
+    t = time.perf_counter()
+    with phase("local"):
+        lse, edges = run(q, _NO_POSITIONS, k, v, o)
+    if stats is not None:  # reading the device count waits for the kernel
+        edges = int(edges)
+        stats.update(compute_s=time.perf_counter() - t, edges=edges, variant=name)
+    return o, lse
+
+
 def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None, scale=None,
               stats=None, layout="contiguous", ranks_per_node=None):
     """Attention of this rank's query rows over the whole sharded sequence (collective).
@@ -219,12 +250,25 @@ def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None,
     One rank (P = 1) calls the local kernel directly: no exchange, no merge, no collective.
     """
     with _calling(comm) as comm:
+        key = None
+        if comm.size == 1 and q_positions is None and is_device(q):
+            key = _signature(q, k, v, (mask, scale, layout, variant, ranks_per_node))
+            if key in _launches:  # the same shapes as an earlier call: its launch, no checks again
+                return _direct(*_launches[key], q, k, v, stats)
         shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node)
         module, name = choose(variant, shard)
         B, nq, H, _ = q.shape
         xp = array_module(q)
         if comm.size == 1:  # the kernel alone, writing the caller's o in its layout and dtype
             o = xp.empty(q.shape, q.dtype)
+            if key is not None:
+                from .gpu.forward import launch_for
+                run = launch_for(shard.q, shard.k, shard.v, heads(o, k.shape[2]), shard.mask, shard.scale)
+                if run is not None:
+                    if len(_launches) >= MAX_LAUNCHES:
+                        _launches.clear()
+                    _launches[key] = run, name
+                    return _direct(run, name, q, k, v, stats, o)
             faults.point("compute", 0)
             # on the GPU, positions 0..n-1 are derived on the device: no copy of them
             qpos = None if xp is not np and q_positions is None else shard.qpos

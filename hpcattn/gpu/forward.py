@@ -9,13 +9,14 @@ from ..errors import HpcattnError
 from ..masks import Mask
 from .encode import check, device_mask, device_positions, listed_terms
 from .listed import attend_listed
-from .loader import cupy, launch, sm_count, wgmma_available
+from .loader import cupy, kernel_with_smem, launch, sm_count, wgmma_available
 from .merge import merge
 from .shapes import BK, BQ, MMA_DIMS, MMA_SHAPES, WG_DIMS, WG_SHAPES, mma_name, mma_smem, wg_name, wg_smem
 
 WG_CTAS = None  # blocks of the persistent wgmma kernel; None: as many as the SMs hold (tests lower it)
 SPLIT_KEYS = 4096  # the fewest keys per chunk when few query rows split the keys (flash-decoding)
 _streams = {}  # device -> the streams of the key chunks, made once, reused by every call
+NULL = np.uintp(0)  # no positions array: the kernels derive row r's position q0 + r
 
 
 def row_strides(x):
@@ -58,12 +59,13 @@ def _stride_args(sq, sk, so, H):
     return tuple(np.int64(x) for x in (*sq, *sk, *so)) + (np.int32(H),)
 
 
-def _launch_wgmma(ctype, D, otype, nq, heads, args):
-    """The persistent Hopper kernel: each block walks work items (rows x head) gridDim apart."""
+def _wgmma_spec(ctype, D, otype, nq, heads):
+    """(name, grid, shared bytes, threads, arguments after the strides) of the persistent Hopper
+    kernel: each block walks work items (rows x head) gridDim apart."""
     nwg, _, minb, _ = WG_SHAPES[D]
     items = (nq + 64 * nwg - 1) // (64 * nwg) * heads
     ctas = min(items, WG_CTAS or sm_count() * minb)
-    launch(wg_name(ctype, D, otype), (ctas,), wg_smem(D), args + (np.int32(heads),), threads=128 * (nwg + 1))
+    return wg_name(ctype, D, otype), (ctas,), wg_smem(D), 128 * (nwg + 1), (np.int32(heads),)
 
 
 def _tensor_kernel(ctype, D, scale, kernel_kind):
@@ -81,10 +83,35 @@ def _tensor_kernel(ctype, D, scale, kernel_kind):
     return "wgmma" if kernel_kind == "wgmma" or (kernel_kind == "auto" and hopper) else "mma"
 
 
-def _launch_mma(ctype, D, otype, nq, heads, args):
+def _mma_spec(ctype, D, otype, nq, heads):
+    """As _wgmma_spec, for attend_fwd_mma: a block per 16 * rm * w rows of a head."""
     w, rm = MMA_SHAPES[D][:2]
     rows = 16 * rm * w
-    launch(mma_name(ctype, D, otype), ((nq + rows - 1) // rows, heads), mma_smem(D), args, threads=32 * w)
+    return mma_name(ctype, D, otype), ((nq + rows - 1) // rows, heads), mma_smem(D), 32 * w, ()
+
+
+class Launch:
+    """One tensor-core forward launch with everything but its arrays fixed: the kernel (its
+    shared-memory limit set), grid, sizes, offsets, scale and strides. Made once per shape, it
+    leaves a repeated call (a decode step, a training loop) only its arrays to pass."""
+
+    def __init__(self, tensor, ctype, D, otype, q_shape, nk, k0, q0, scale, mask, strides):
+        B, Hkv, G, nq, _ = q_shape
+        spec = _wgmma_spec if tensor == "wgmma" else _mma_spec
+        name, self.grid, self.smem, threads, extra = spec(ctype, D, otype, nq, B * Hkv * G)
+        self.fn, self.block = kernel_with_smem(name, self.smem), (threads,)
+        self.lse_shape, self.words = (B, Hkv * G, nq), device_mask(mask)
+        self.tail = (np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale),
+                     np.int64(q0)) + _stride_args(*strides, Hkv * G) + extra
+
+    def __call__(self, q, pos, k, v, o):
+        """(lse (B, H, nq) float32, edges as a 0-d device count) of o written in place; pos: the
+        device positions or np.uintp(0) (row r at position q0 + r)."""
+        cp = cupy()
+        lse = cp.empty(self.lse_shape, dtype=cp.float32)
+        edges = cp.zeros(1, dtype=cp.uint64)
+        self.fn(self.grid, self.block, (q, pos, k, v, o, lse, edges, self.words) + self.tail, shared_mem=self.smem)
+        return lse, edges[0]
 
 
 def attend(q, qpos, k, v, k0, mask, scale, bf16=False, kernel_kind="auto"):
@@ -169,10 +196,10 @@ def _launch_implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kin
     tensor = _tensor_kernel(ctype, D, scale, kernel_kind)
     common = (q, device_positions(qpos), k, v, o, lse, edges, device_mask(mask), np.int32(nq), np.int32(nk))
     if tensor:
-        launch_tc = _launch_wgmma if tensor == "wgmma" else _launch_mma
-        launch_tc(ctype, D, "float", nq, B * Hkv * G,
-                  common + (np.int32(G), np.int64(k0), np.float32(scale), np.int64(0))
-                  + stride_args(q, k, o, Hkv * G))
+        name, grid, smem, threads, extra = (_wgmma_spec if tensor == "wgmma" else _mma_spec)(
+            ctype, D, "float", nq, B * Hkv * G)
+        launch(name, grid, smem, common + (np.int32(G), np.int64(k0), np.float32(scale), np.int64(0))
+               + stride_args(q, k, o, Hkv * G) + extra, threads)
     else:
         smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)
         launch(f"attend_fwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
@@ -211,18 +238,29 @@ def _lean(cp, q, qpos, q0, k, v, k0, mask, scale, ctype, o, so, tensor):
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
     q, k, v, sq, sk = _readable(cp, q, k, v)
-    lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
-    edges = cp.zeros(1, dtype=cp.uint64)
     if nq and nk and B * Hkv * G:
-        launch_tc = _launch_wgmma if tensor == "wgmma" else _launch_mma
-        launch_tc(ctype, D, ctype, nq, B * Hkv * G,
-                  (q, np.uintp(0) if qpos is None else device_positions(qpos), k, v, o, lse, edges,
-                   device_mask(mask), np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0),
-                   np.float32(scale), np.int64(q0)) + _stride_args(sq, sk, so, Hkv * G))
-    else:
-        o.fill(0)
-        lse.fill(-np.inf)
-    return o, lse, edges[0]
+        run = Launch(tensor, ctype, D, ctype, q.shape, nk, k0, q0, scale, mask, (sq, sk, so))
+        lse, edges = run(q, NULL if qpos is None else device_positions(qpos), k, v, o)
+        return o, lse.reshape(B, Hkv, G, nq), edges
+    o.fill(0)
+    return o, cp.full((B, Hkv, G, nq), -np.inf, dtype=cp.float32), cp.zeros((), dtype=cp.uint64)
+
+
+def launch_for(q, k, v, out, mask, scale):
+    """attend_out's one-launch case for rows at positions 0 .. nq-1 over keys from 0 as a
+    Launch on arrays shaped and laid out like these (callers cache it by shape), or None where
+    attend_out takes another path."""
+    cp = cupy()
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    if (out.dtype != q.dtype or q.dtype.itemsize != 2 or D not in MMA_DIMS or not scale > 0 or listed_terms(mask)
+            or not nq * nk * B * Hkv * G or k.strides != v.strides or _key_chunks(cp, nq, B * Hkv * G, nk) != 1):
+        return None
+    strides = (row_strides(q), row_strides(k), row_strides(out))
+    if None in strides:
+        return None
+    ctype, _ = check(q, None, k, v, 0, False)
+    return Launch(_tensor_kernel(ctype, D, scale, "auto"), ctype, D, ctype, q.shape, nk, 0, 0, scale, mask, strides)
 
 
 def attend_out(q, qpos, k, v, k0, mask, scale, out):

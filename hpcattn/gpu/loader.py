@@ -112,12 +112,17 @@ def kernel(name):
     return _modules[key].get_function(name)
 
 
-def launch(name, grid, smem, args, threads=THREADS):
-    """kernel(name) on `grid` blocks of `threads`, with `smem` bytes of dynamic shared memory."""
+def kernel_with_smem(name, smem):
+    """kernel(name), allowed `smem` bytes of dynamic shared memory."""
     f = kernel(name)
     if smem > 48 * 1024:
         f.max_dynamic_shared_size_bytes = smem
-    f(grid, (threads,), args, shared_mem=smem)
+    return f
+
+
+def launch(name, grid, smem, args, threads=THREADS):
+    """kernel(name) on `grid` blocks of `threads`, with `smem` bytes of dynamic shared memory."""
+    kernel_with_smem(name, smem)(grid, (threads,), args, shared_mem=smem)
 
 
 class Sm90aModule:

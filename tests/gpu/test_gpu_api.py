@@ -57,6 +57,33 @@ def test_positions_are_not_copied_to_the_device_per_call(rng, monkeypatch):
     assert made == [16]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_repeated_calls_reuse_one_launch(rng, monkeypatch, dtype):
+    """A call with the shapes, strides and arguments of an earlier one takes that call's cached
+    launch (no argument checks, no positions): the same bits as the first, and new values of
+    the same shapes (or strided q of another shape, their own entry) still match float64."""
+    from hpcattn import api
+    (q, k, v), (qd, kd, vd) = arrays(rng, [(1, 2048, 8, 64), (1, 2048, 4, 64), (1, 2048, 4, 64)], dtype)
+    api._launches.clear()
+    first, again = {}, {}
+    o1, lse1 = hpcattn.attention(qd, kd, vd, mask="window:100", comm=MPI.COMM_SELF, stats=first)
+    assert len(api._launches) == 1
+    checked, real = [], api._shard
+    monkeypatch.setattr(api, "_shard", lambda *a, **kw: (checked.append(1), real(*a, **kw))[1])
+    o2, lse2 = hpcattn.attention(qd, kd, vd, mask="window:100", comm=MPI.COMM_SELF, stats=again)
+    assert checked == [] and len(api._launches) == 1
+    assert (o1 == o2).all() and (lse1 == lse2).all() and o2.flags.c_contiguous and lse2.shape == (1, 8, 2048)
+    assert again["edges"] == first["edges"] and again["variant"] == first["variant"]
+    mask = parse("window:100")
+    (q2, wide), (q2d, wided) = arrays(rng, [(1, 2048, 8, 64), (1, 2048, 16, 64)], dtype)
+    for qh, qx in ((q2, q2d), (wide[:, :, 4:12], wided[:, :, 4:12])):  # new values; a strided view
+        o, lse = hpcattn.attention(qx, kd, vd, mask="window:100", comm=MPI.COMM_SELF)
+        o_ref, lse_ref = reference(qh, k, v, np.arange(2048), mask, 1 / 8)
+        o_err, lse_err, empty_ok = errors(o.get().astype(np.float32), lse.get(), o_ref, lse_ref)
+        assert empty_ok and o_err <= tolerance(dtype)[0] and lse_err <= 1e-4, (o_err, lse_err)
+    assert checked == [1] and len(api._launches) == 2
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("D", [64, 128, 48])
 @pytest.mark.parametrize("spec", ["causal+window:64", "full", "dilated:3:5+global:2", "block:64+causal"])
