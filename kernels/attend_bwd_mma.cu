@@ -14,101 +14,13 @@
 // TO = float: dq, dk, dv are float32 accumulators the kernels add into (a variant's key blocks);
 // TO = T: they are written, in the input dtype (the whole backward at once). qpos == nullptr:
 // row r sits at position q0 + r.
-#include "mma.cuh"
-
-constexpr int BM = 64;  // query rows per tile of attend_bwd_kv
-
-__device__ __forceinline__ void cp4(void* dst, const void* src, bool pred) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(s), "l"(src), "r"(pred ? 4 : 0));
-}
-__device__ __forceinline__ void cp8(void* dst, const void* src, bool pred) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" :: "r"(s), "l"(src), "r"(pred ? 8 : 0));
-}
+#include "bwd.cuh"
 
 // Sets *unsorted when the positions are not in ascending order: attend_bwd_kv then cannot find
 // the rows of a position interval by search and walks every query tile instead.
 __global__ void rows_unsorted(const long long* __restrict__ qpos, int nq, int* __restrict__ unsorted) {
     for (int r = blockIdx.x * blockDim.x + threadIdx.x + 1; r < nq; r += gridDim.x * blockDim.x)
         if (qpos[r] < qpos[r - 1]) *unsorted = 1;
-}
-
-// The first row whose position is >= x (nq if none), rows in ascending order of position; the
-// 32 lanes of a warp probe 32 rows at once (a 32-ary search) and all return the answer.
-__device__ __forceinline__ int first_row(const long long* __restrict__ qpos, long long q0, int nq, long long x,
-                                         int lane) {
-    if (!qpos) return (int)min(max(x - q0, 0LL), (long long)nq);
-    int lo = 0, hi = nq;  // the answer lies in [lo, hi]
-    while (hi - lo > 32) {
-        const int step = (hi - lo + 31) / 32, p = lo + lane * step;
-        const int below = __popc(__ballot_sync(0xffffffffu, p < hi && qpos[p] < x));  // a prefix of lanes
-        if (below == 0) return lo;
-        hi = min(hi, lo + below * step);
-        lo += (below - 1) * step + 1;
-    }
-    return lo + __popc(__ballot_sync(0xffffffffu, lo + lane < hi && qpos[lo + lane] < x));
-}
-
-// This lane's query columns 8j + 2tq + e of a tile: L = lse log2(e) (+inf where the row is not
-// real or has no edge, so that P = 0 there) and delta.
-__device__ __forceinline__ void column_stats(const float* Ls, const float* Ds, int rows, int tq, float (&L)[MK / 8][2],
-                                             float (&dl)[MK / 8][2]) {
-#pragma unroll
-    for (int j = 0; j < MK / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int c = 8 * j + 2 * tq + e;
-            const float x = Ls[c];
-            L[j][e] = c < rows && x != -INFINITY ? x * MLOG2E : INFINITY;
-            dl[j][e] = Ds[c];
-        }
-}
-
-// P = exp2(sl2 s - L) and dS = P (dP - delta) of one 16-row block packed as MMA A fragments;
-// per-row statistics (Lr, dr: rows g, g + 8) or per-column ones (Lc, dc), as COLS says.
-template <typename T, bool COLS>
-__device__ __forceinline__ void probabilities(const float (&s)[MK / 8][4], const float (&dp)[MK / 8][4], float sl2,
-                                              const float* Lr, const float* dr, const float (&Lc)[MK / 8][2],
-                                              const float (&dc)[MK / 8][2], unsigned (&pa)[MK / 16][4],
-                                              unsigned (&da)[MK / 16][4]) {
-#pragma unroll
-    for (int j = 0; j < MK / 8; ++j) {
-        float p[4], d[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float L = COLS ? Lc[j][e & 1] : Lr[e >> 1], dd = COLS ? dc[j][e & 1] : dr[e >> 1];
-            p[e] = exp2f(fmaf(s[j][e], sl2, -L));
-            d[e] = p[e] * (dp[j][e] - dd);
-        }
-        pa[j >> 1][(j & 1) * 2] = pack2<T>(p[0], p[1]);
-        pa[j >> 1][(j & 1) * 2 + 1] = pack2<T>(p[2], p[3]);
-        da[j >> 1][(j & 1) * 2] = pack2<T>(d[0], d[1]);
-        da[j >> 1][(j & 1) * 2 + 1] = pack2<T>(d[2], d[3]);
-    }
-}
-
-// Row g (h = 0) and g + 8 (h = 1) of a 16-row block starting at `base` (rows rs apart), columns
-// 2tq + 8j + e: mul * acc added into float32 accumulators (TO = float) or stored (TO = T, the
-// input dtype). Rows for which live[h] is false are left alone.
-template <int D, typename TO>
-__device__ __forceinline__ void put_rows(TO* base, long long rs, const float (&acc)[D / 8][4], const bool (&live)[2],
-                                         float mul, int g, int tq) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        if (!live[h]) continue;
-        TO* row = base + (size_t)(g + 8 * h) * rs + 2 * tq;
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            float a = mul * acc[j][2 * h], b = mul * acc[j][2 * h + 1];
-            if (sizeof(TO) == 4) {
-                const float2 x = *reinterpret_cast<const float2*>(row + 8 * j);
-                a += x.x;
-                b += x.y;
-            }
-            store2<TO>(row + 8 * j, a, b);
-        }
-    }
 }
 
 // delta = rowsum(dO * O) in float32, (B, H, nq) head-major, for dO and O in any Strides layout
@@ -135,10 +47,6 @@ __global__ void row_delta(const T* __restrict__ dout, const T* __restrict__ o, f
     for (int s = L / 2; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
     if (i < rows && part == 0) delta[i] = sum;
 }
-
-// The backward kernels' layout arguments: the Strides of q (do, dq) and of k (v, dk, dv), and H,
-// the query heads per batch entry.
-#define BWD_STRIDES long long qbs, long long qhs, long long qrs, long long kbs, long long khs, long long krs, int H
 
 // Shape: W warps of 16 keys each; KREG: K and V fragments stay in registers (else re-read from
 // shared memory every tile). Shared memory: two stages of (Q, dO) tiles, the block's K and V
@@ -168,27 +76,8 @@ attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const
     load_tile<T, D, LD>(k + krow0, krs, kc1 - kc0, BN, Ks, tid, NT);
     load_tile<T, D, LD>(v + krow0, krs, kc1 - kc0, BN, Vs, tid, NT);
     cp_commit();
-    if (warp == 0) {  // the query tiles [tlo, thi) whose rows reach these keys, in order, disjoint
-        load_mask_warp(mask_words, mk, lane);
-        long long lo[HPCATTN_MAX_SPANS], hi[HPCATTN_MAX_SPANS];
-        const int ns = mask_spans(mk, k0 + kc0, k0 + kc1 - 1, 0, 1LL << 62, lo, hi, true);
-        int n = 0, done = 0;
-        if (qpos && *unsorted) {
-            if (lane == 0 && nq > 0) { tlo_s[0] = 0; thi_s[0] = (nq + BM - 1) / BM; }
-            n = nq > 0;
-        } else {
-            for (int s = 0; s < ns; ++s) {
-                const int r0 = first_row(qpos, q0, nq, lo[s], lane), r1 = first_row(qpos, q0, nq, hi[s], lane);
-                const int a = max(r0 / BM, done), b = r1 > r0 ? (r1 - 1) / BM + 1 : 0;
-                if (a < b) {
-                    if (lane == 0) { tlo_s[n] = a; thi_s[n] = b; }
-                    ++n;
-                    done = b;
-                }
-            }
-        }
-        if (lane == 0) nr_s = n;
-    }
+    if (warp == 0)
+        key_block_tiles(mask_words, mk, qpos, unsorted, q0, nq, k0 + kc0, k0 + kc1 - 1, lane, tlo_s, thi_s, nr_s);
     __syncthreads();
     const int nr = nr_s;
     if (nr == 0 && sizeof(TO) == 4) {  // no query reaches these keys: the sums are unchanged
@@ -206,17 +95,8 @@ attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const
             const size_t qrow0 = qs.head(hq, H) + (size_t)r0 * qrs;
             load_tile<T, D, LD>(q + qrow0, qrs, rows, BM, QO + 2 * s * TILE, tid, NT);
             load_tile<T, D, LD>(dout + qrow0, qrs, rows, BM, QO + (2 * s + 1) * TILE, tid, NT);
-            for (int e = tid; e < BM; e += NT) {
-                const bool ok = e < rows;
-                const size_t i = (size_t)hq * nq + r0 + (ok ? e : 0);
-                cp4(Ls + s * BM + e, lse + i, ok);
-                cp4(Dls + s * BM + e, delta + i, ok);
-                if (qpos) cp8(Ps + s * BM + e, qpos + r0 + (ok ? e : 0), ok);
-            }
-            if (++ft == thi_s[fr]) {
-                if (++fr == nr) { fr = 0; ++fg; }
-                ft = tlo_s[fr];
-            }
+            load_stats(lse, delta, qpos, hq, nq, r0, rows, Ls + s * BM, Dls + s * BM, Ps + s * BM, tid, NT);
+            next_item(fg, fr, ft, nr, tlo_s, thi_s);
         }
         cp_commit();
     };
@@ -244,7 +124,6 @@ attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const
     const long long jpos[1][2] = {{k0 + kw0 + g, k0 + kw0 + g + 8}};
     const bool warp_live = kw0 < kc1;
     const float sl2 = scale * MLOG2E;
-    unsigned long long unused = 0;
 
     for (int buf = 0, cg = g_first, cr = 0, ct = t_first; cg < G; buf ^= 1) {
         fetch(buf ^ 1);
@@ -256,44 +135,11 @@ attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const
         const long long* Pb = Ps + buf * BM;
         const int rows = min(BM, nq - ct * BM);
         if (warp_live) {
-            long long plo = q0 + (long long)ct * BM, phi = plo + rows - 1;
-            bool run = true;
-            if (qpos) {
-                const long long p0 = Pb[0];
-                plo = 0x7fffffffffffffffLL;
-                phi = -0x7fffffffffffffffLL - 1;
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int r = lane + 32 * h;
-                    if (r < rows) {
-                        plo = min(plo, Pb[r]);
-                        phi = max(phi, Pb[r]);
-                    }
-                    run &= r >= rows || Pb[r] == p0 + r;
-                }
-                warp_min_max(plo, phi);
-                run = __all_sync(0xffffffffu, run);
-            }
+            const TileRows tr = tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane);
             float s[1][MK / 8][4], dp[1][MK / 8][4];
             tile_scores<T, D, 1, KREG, LD>(s, kf, Kw, Qb, lane);
             tile_scores<T, D, 1, KREG, LD>(dp, vf, Vw, Ob, lane);
-            const bool full = rows == BM && mask_tile_full(mk, plo, phi, k0 + kw0, k0 + min(kw0 + 16, kc1));
-            if (run) {
-                mask_scores<1, true>(s, mk, live, jpos, plo, rows, full, tq, unused);
-            } else if (!full) {  // positions that are no run: each pair of this lane tested
-                unsigned long long b[2] = {0ull, 0ull};
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-#pragma unroll
-                    for (int j = 0; j < MK / 8; ++j)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int c = 8 * j + 2 * tq + e;
-                            if (live[0][h] && c < rows && mask_allows(mk, Pb[c], jpos[0][h]))
-                                b[h] |= 1ull << (8 * j + e);
-                        }
-                mask_bits(s[0], b[0], b[1]);
-            }
+            kv_tile_mask(s, mk, tr, Pb, rows, k0 + kw0, k0 + min(kw0 + 16, kc1), live, jpos, tq);
             float L[MK / 8][2], dl[MK / 8][2];
             column_stats(Lb, Dls + buf * BM, rows, tq, L, dl);
             unsigned pa[1][MK / 16][4], da[1][MK / 16][4];
@@ -302,10 +148,7 @@ attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const
             pv_accumulate<T, D, 1, LD>(dka, da, Qb, lane);  // dK += dS^T Q
         }
         __syncthreads();  // every warp is done with this stage before it is refilled
-        if (++ct == thi_s[cr]) {
-            if (++cr == nr) { cr = 0; ++cg; }
-            ct = tlo_s[cr];
-        }
+        next_item(cg, cr, ct, nr, tlo_s, thi_s);
     }
     cp_wait<0>();
     if (warp_live) {

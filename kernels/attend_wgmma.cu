@@ -6,85 +6,7 @@
 // with P re-packed from S's accumulators in registers and the V tile read N-major from shared
 // memory. q, K and V sit in shared memory in 128-byte swizzle atoms (without the swizzle the MMAs'
 // reads were bank-bound).
-#include "tiles.cuh"
-
-// Shared-memory matrix descriptors in the 128-byte swizzle (8 rows of 128 bytes whose 16-byte
-// chunks are permuted by XOR with the row index mod 8: CUTLASS's Swizzle<3,4,3>; atoms
-// 1024-byte aligned), kept as their low word: the start address in 16-byte units (14 bits: it
-// never carries, shared memory is below 256 KiB) and the byte distance between atoms adjacent in
-// the leading (K) dimension. The high word is the same for every operand here: 1024 bytes
-// between atoms adjacent in the stride (M/N) dimension, and the swizzle mode.
-__device__ __forceinline__ unsigned wg_desc_lo(const void* p, unsigned lbo) {
-    return (((unsigned)__cvta_generic_to_shared(p) & 0x3FFFFu) >> 4) | ((lbo >> 4) << 16);
-}
-// the descriptor of low word lo moved by `bytes` (a multiple of 16)
-__device__ __forceinline__ unsigned long long wg_desc(unsigned lo, unsigned bytes) {
-    unsigned long long d;
-    asm("mov.b64 %0, {%1, %2};" : "=l"(d) : "r"(lo + (bytes >> 4)), "n"((1024 >> 4) | (1u << 30)));
-    return d;
-}
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
-// Keeps the compiler from moving accesses to wgmma accumulators across a fence or wait
-// (CUTLASS's warpgroup_fence_operand): the asm "redefines" every register of the array.
-template <int N> __device__ __forceinline__ void fence_regs(float (&d)[N][4]) {
-#pragma unroll
-    for (int j = 0; j < N; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
-}
-// cp.async and ordinary stores write through the generic proxy; wgmma reads through the async one
-__device__ __forceinline__ void proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-#define WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
-    "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define WG_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
-    "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, " \
-    "%39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, " \
-    "%59, %60, %61, %62, %63}"
-#define WG_F4(a, j) "+f"(a[j][0]), "+f"(a[j][1]), "+f"(a[j][2]), "+f"(a[j][3])
-#define WG_OUT8(a) WG_F4(a, 0), WG_F4(a, 1), WG_F4(a, 2), WG_F4(a, 3), WG_F4(a, 4), WG_F4(a, 5), WG_F4(a, 6), WG_F4(a, 7)
-#define WG_OUT16(a) WG_OUT8(a), WG_F4(a, 8), WG_F4(a, 9), WG_F4(a, 10), WG_F4(a, 11), WG_F4(a, 12), \
-    WG_F4(a, 13), WG_F4(a, 14), WG_F4(a, 15)
-
-// d (64 x N per warpgroup; this thread's share as [N/8][4]) (+)= a (registers) * B (descriptor).
-// TNSP: B is stored N-major (its N index contiguous) rather than K-major.
-template <typename T, int N, int TNSP> struct Wgmma;
-#define WG_DEFINE(TY, N, OUT, OPS)                                                                   \
-    template <int TNSP> struct Wgmma<TY, N, TNSP> {                                                  \
-        static __device__ __forceinline__ void run(float (&d)[N / 8][4], const unsigned (&a)[4],     \
-                                                   unsigned long long b, int accumulate) {           \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " OPS ";\n}\n"                            \
-                         : OUT(d)                                                                    \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(TNSP)); \
-        }                                                                                            \
-    };
-// operands: the accumulators %0.., then a (4 registers), b, accumulate, TNSP
-#define WG_OPS64(PTXTY) "%37, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32." PTXTY " " WG_ACC32 \
-    ", {%32, %33, %34, %35}, %36, p, 1, 1, %38"
-#define WG_OPS128(PTXTY) "%69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32." PTXTY " " WG_ACC64 \
-    ", {%64, %65, %66, %67}, %68, p, 1, 1, %70"
-WG_DEFINE(__half, 64, WG_OUT8, WG_OPS64("f16.f16"))
-WG_DEFINE(__half, 128, WG_OUT16, WG_OPS128("f16.f16"))
-WG_DEFINE(__nv_bfloat16, 64, WG_OUT8, WG_OPS64("bf16.bf16"))
-WG_DEFINE(__nv_bfloat16, 128, WG_OUT16, WG_OPS128("bf16.bf16"))
-
-// d (64 x 64) (+)= A * B, both K-major in shared memory (descriptors)
-template <typename T> struct WgmmaSS;
-#define WGSS_DEFINE(TY, PTXTY)                                                                       \
-    template <> struct WgmmaSS<TY> {                                                                 \
-        static __device__ __forceinline__ void run(float (&d)[8][4], unsigned long long a,           \
-                                                   unsigned long long b, int accumulate) {           \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                               \
-                         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTXTY " " WG_ACC32            \
-                         ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                           \
-                         : WG_OUT8(d)                                                                \
-                         : "l"(a), "l"(b), "r"(accumulate));                                         \
-        }                                                                                            \
-    };
-WGSS_DEFINE(__half, "f16.f16")
-WGSS_DEFINE(__nv_bfloat16, "bf16.bf16")
+#include "wgmma.cuh"
 
 // The tile columns [lo, hi) (empty: lo = hi = 0) a row d columns past the tile's first key
 // reaches through a single window term (row_bits' window and causal cases, in 32 bits at the end).
@@ -177,30 +99,6 @@ template <typename T> __device__ __forceinline__ void wg_pack(const float (&s)[M
     for (int j = 0; j < MK / 8; ++j) {
         pa[j >> 1][(j & 1) * 2] = pack2<T>(s[j][0], s[j][1]);
         pa[j >> 1][(j & 1) * 2 + 1] = pack2<T>(s[j][2], s[j][3]);
-    }
-}
-
-// rows [0, rows) of a (rows, D) block at src into shared memory in 128-byte swizzle atoms, zeros
-// up to PAD rows, by the loader's 128 threads: columns [64h, 64h + 64) of row r at h * PAD * 128 +
-// r * 128, their 16-byte chunk c at position c ^ (r % 8). A thread copies one chunk column of
-// every (128 / (D / 8))-th row, so its offsets and its swizzle are the same in every row it copies.
-template <typename T, int D, int PAD>
-__device__ __forceinline__ void load_tile_sw(const T* __restrict__ src, long long ld, int rows, T* dst, int tid) {
-    constexpr int CH = D / 8, STEP = 128 / CH;  // chunks per row; rows between a thread's copies
-    static_assert(PAD % STEP == 0, "every thread copies the same number of rows");
-    const int c = tid % CH, r0 = tid / CH;
-    char* d = reinterpret_cast<char*>(dst) + (c >> 3) * PAD * 128 + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);
-    const T* g = src + (size_t)r0 * ld + c * 8;
-    const size_t step = (size_t)STEP * ld;
-    if (rows >= PAD) {  // the common case: no bounds
-#pragma unroll
-        for (int i = 0; i < PAD / STEP; ++i) cp16(d + i * STEP * 128, g + i * step, true);
-        return;
-    }
-#pragma unroll
-    for (int i = 0; i < PAD / STEP; ++i) {
-        const bool in = r0 + i * STEP < rows;
-        cp16(d + i * STEP * 128, in ? g + i * step : src, in);
     }
 }
 

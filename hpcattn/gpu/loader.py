@@ -1,6 +1,6 @@
 """The one loader over kernels/*.cu: where the sources are, which name expressions each is
 compiled with, how (NVRTC through `cupy.RawModule`, NVCC where NVRTC fails, NVRTC straight to an
-sm_90a cubin for the Hopper kernel, cached on disk), and the launch helpers.
+sm_90a cubin for the Hopper kernels, cached on disk), and the launch helpers.
 
 Every source is compiled with `name_expressions` per dtype and head-dim bucket on first use and
 cached per device; `kernel(name)` is the one lookup helper, `build(source, names)` compiles a
@@ -13,7 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .shapes import BWD_DIMS, CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS, bwd_names, mma_name, wg_name
+from .shapes import (BWD_DIMS, BWD_WG_DIMS, CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS, bwd_names, bwd_wg_name,
+                     mma_name, wg_name)
 
 
 def kernel_dir():
@@ -36,11 +37,13 @@ SOURCES = {
                                                      + bwd_names(t, d, "float") + bwd_names(t, d, t)),
     "attend_wgmma.cu": tuple(wg_name(t, d, o) for t in ("__half", "__nv_bfloat16") for d in WG_DIMS
                              for o in ("float", t)),
+    "attend_bwd_wgmma.cu": tuple(bwd_wg_name(t, d, o) for t in ("__half", "__nv_bfloat16") for d in BWD_WG_DIMS
+                                 for o in ("float", t)),
     "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()
                                                   for m in DMAXES),
     "merge.cu": ("merge_states",),
 }
-SM90A = ("attend_wgmma.cu",)  # sources built for sm_90a only
+SM90A = ("attend_wgmma.cu", "attend_bwd_wgmma.cu")  # sources built for sm_90a only
 OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
 _modules = {}
 _cache = {}

@@ -28,7 +28,14 @@ WG_DIMS = tuple(WG_SHAPES)
 BWD_SHAPES = {32: (4, False, 3, 4, True, 2, 3), 64: (4, False, 3, 4, True, 2, 3), 96: (4, False, 1, 4, True, 2, 1),
               128: (4, False, 1, 4, True, 2, 1)}
 BWD_DIMS = tuple(BWD_SHAPES)
-BWD_ROWS = 64  # BM in kernels/attend_bwd_mma.cu: query rows per tile of attend_bwd_kv
+BWD_ROWS = 64  # BM in kernels/bwd.cuh: query rows per tile of attend_bwd_kv (and attend_bwd_kv_wg)
+
+
+# attend_bwd_kv_wg's shape per head dim (kernels/attend_bwd_wgmma.cu, Hopper sm_90a): (warpgroups
+# of 64 keys, blocks per SM asked of the register allocator); jobs/wgmma_bwd_check.py times it
+# against attend_bwd_kv
+BWD_WG_SHAPES = {64: (2, 1), 128: (2, 1)}
+BWD_WG_DIMS = tuple(BWD_WG_SHAPES)
 
 
 def bwd_names(ctype, D, otype, shape=None):
@@ -46,6 +53,19 @@ def bwd_smem(D, shape=None):
     wk, _, _, wq, _, st, _ = shape or BWD_SHAPES[D]
     ld = D + 8
     return (4 * BWD_ROWS + 2 * 16 * wk) * ld * 2 + 2 * BWD_ROWS * (4 + 4 + 8), (2 * st * MK + 2 * 16 * wq) * ld * 2
+
+
+def bwd_wg_name(ctype, D, otype, shape=None):
+    """attend_bwd_kv_wg's name expression: attend_bwd_kv's drop-in on Hopper."""
+    nwg, minb = shape or BWD_WG_SHAPES[D]
+    return f"attend_bwd_kv_wg<{ctype}, {D}, {otype}, {nwg}, {minb}>"
+
+
+def bwd_wg_smem(D, shape=None):
+    """Shared bytes of attend_bwd_kv_wg: two stages of q and dO tiles, the block's K and V rows
+    (unpadded: swizzle atoms), two stages of lse, delta and positions, 1024 for alignment."""
+    nwg, _ = shape or BWD_WG_SHAPES[D]
+    return (4 * BWD_ROWS + 2 * 64 * nwg) * D * 2 + 2 * BWD_ROWS * (4 + 4 + 8) + 1024
 
 
 def mma_name(ctype, D, otype, shape=None):
