@@ -24,11 +24,12 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     """Collective over comm (an hpcattn Comm). Returns (per-rank stats list on rank 0, else
     None; the output's attributes). backward: also read `do` and write dq, dk, dv. The
     backend is cupy when a GPU is seen (HPCATTN_BACKEND overrides); each rank then takes its
-    node-local device before allocating anything. Forward runs of bounded-reach masks stream
+    node-local device before allocating anything. Runs of bounded-reach masks stream
     query-row chunks through read, compute and write stages (io/outofcore.py: `streams` says
     which); so does a run whose shard would not fit in `max_memory` bytes per rank (default:
-    this node's available memory shared by its ranks), or with `resume`, out of core. Other
-    runs read the shard, call the distributed attention and write the result."""
+    this node's available memory shared by its ranks), or with `resume`, out of core; with
+    `backward` too, where the mask has no global rows (outofcore.streams). Other runs read the
+    shard, call the distributed attention and write the result."""
     clock = results.Clock()
     backend = collectively(comm, device.chosen_backend)
     if backend == "cupy":
@@ -44,15 +45,11 @@ def run(in_path, out_path, mask_spec, comm, variant="auto", backward=False, rank
     need = outofcore.in_core_bytes(meta, sum(b - a for a, b in q_range), sum(b - a for a, b in kv_range))
     # fixed-width (a pickled count's size depends on its magnitude: per-rank bytes would move with N)
     over = resume or int(comm.allreduce(np.array([need], dtype=np.int64), "max")[0]) > budget
-    if over and backward:
-        raise HpcattnError("--backward needs the shard in memory: it does not fit in "
-                           f"{budget / 2**30:.2f} GiB per rank (--max-memory); use more ranks",
-                           collective=True)
     if over or outofcore.streams(mask, meta, P, variant, backward):
         name = "outofcore" if over else pick(mask, meta["Nq"], meta["N"], P)
         return outofcore.run(in_path, out_path, mask, meta, comm, budget, resume, compression,
                              out_of_core=over, variant=name, backend=backend,
-                             transport="file" if over else transport, clock=clock)
+                             transport="file" if over else transport, clock=clock, backward=backward)
     phases = {"startup_s": time.perf_counter() - clock.wall}
     shard = collectively(comm, h5io.read_shard, in_path, meta, q_range, kv_range, backward, phases)
     mask = mask.bind(n_keys=meta["N"])

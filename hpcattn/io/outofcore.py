@@ -33,6 +33,7 @@ import numpy as np
 
 from ..api import from_heads, heads
 from ..arrays import aligned_empty
+from ..cpu import grad
 from ..cpu.local import attend
 from ..dist.variants import pick
 from ..errors import HpcattnError, agree, collectively
@@ -68,21 +69,24 @@ def halo(mask):
 
 
 def streams(mask, meta, ranks, variant, backward):
-    """True when a run that fits in memory streams too: forward, variant auto, a bounded mask,
+    """True when a run that fits in memory streams too: variant auto, a bounded mask,
     self-attention (every key is some query's own, so the chunks' key spans read and check
     every key), and one rank or a shape where `auto` picks sparse (the halos then come from
-    the file instead of the neighbours)."""
-    if backward or variant != "auto" or not bounded(mask) or meta["positions"]:
+    the file instead of the neighbours); with the backward, no global rows (they reach, and
+    are reached by, every key)."""
+    if variant != "auto" or not bounded(mask) or meta["positions"] or (backward and global_rows(mask)):
         return False
     return ranks == 1 or pick(mask, meta["Nq"], meta["N"], ranks) == "sparse"
 
 
-def row_bytes(meta):
+def row_bytes(meta, backward=False):
     """Host bytes one query row costs while streaming: its q, k and v rows in two input buffer
-    sets, its o (file dtype) and lse (float32) in two output sets."""
+    sets, its o (file dtype) and lse (float32) in two output sets; with the backward also its
+    do rows in the input sets, dq, dk and dv rows in the output sets and float32 dk, dv sums."""
     isz = np.dtype(meta["dtype"]).itemsize
     B, H, Hkv, D = meta["B"], meta["H"], meta["Hkv"], meta["D"]
-    return B * 2 * ((H + 2 * Hkv) * D * isz + H * (D * isz + 4))
+    grads = (H * D * isz * 2 + (H + 2 * Hkv) * D * isz * 2 + 2 * Hkv * D * 8) if backward else 0
+    return B * (2 * ((H + 2 * Hkv) * D * isz + H * (D * isz + 4)) + grads)
 
 
 def in_core_bytes(meta, nq, nkv):
@@ -105,11 +109,11 @@ def available_bytes():
     return 4 << 30
 
 
-def chunk_rows(meta, mask, budget, ranks=1):
+def chunk_rows(meta, mask, budget, ranks=1, backward=False):
     """Rows per chunk: what the chunks in flight (plus key halos and the kernel's working set)
     leave of `budget` bytes, at most about CHUNK_BYTES of q, cut so that every rank gets the
     same number of chunks of nearly the same size."""
-    per_row = row_bytes(meta)
+    per_row = row_bytes(meta, backward)
     extra = (2 * halo(mask) + global_rows(mask)) * per_row
     fit = (budget - extra - (64 << 20)) // per_row
     B, H, D, Nq = meta["B"], meta["H"], meta["D"], meta["Nq"]
@@ -130,7 +134,7 @@ class Source:
         self.file = h5py.File(path, "r")
         self.fd = os.open(path, os.O_RDONLY)
         self.raw = {}
-        for name in ("q", "k", "v"):
+        for name in ("q", "k", "v", "do")[:4 if meta["do"] else 3]:
             ds = self.file[name]
             offset = ds.id.get_offset() if ds.chunks is None else None
             native = h5io.native_bytes(ds)
@@ -196,10 +200,12 @@ def _shaped(flat, shape):
 class Buffers:
     """One chunk's reusable host arrays: input (q rows, key rows, check scratch) or output (o, lse)."""
 
-    def __init__(self, xp, meta, rows, key_rows, side):
+    def __init__(self, xp, meta, rows, key_rows, side, backward=False):
         B, H, Hkv, D, dt = meta["B"], meta["H"], meta["Hkv"], meta["D"], meta["dtype"]
         if side == "in":
             self.q = _host_empty(xp, B * rows * H * D, dt)
+            if backward:
+                self.do = _host_empty(xp, B * rows * H * D, dt)
             self.k, self.v = (_host_empty(xp, B * key_rows * Hkv * D, dt) for _ in "kv")
             most = max(rows * H, key_rows * Hkv) * D  # elements of one batch index
             self.scratch = np.empty(min(validate.CHECK_ELEMS, most), f"u{np.dtype(dt).itemsize}")
@@ -212,25 +218,30 @@ class Buffers:
 
 
 class Chunk:
-    """One chunk of query rows with the keys it needs, as read (in the read thread)."""
+    """One chunk of query rows with the keys it needs, as read (in the read thread). `own`:
+    its rows are this rank's (else rows next to them whose gradients reach this rank's keys)."""
 
-    def __init__(self, index, a, b):
-        self.index, self.a, self.b = index, a, b
-        self.q = self.pos = self.keys = None
+    def __init__(self, index, a, b, own=True):
+        self.index, self.a, self.b, self.own = index, a, b, own
+        self.q = self.do = self.pos = self.keys = None
         self.spans, self.read_s, self.check_s, self.problem = [], 0.0, 0.0, None
 
 
-def read_chunk(src, mask, index, a, b, key_limit, buf):
-    """Read query rows [a, b), their positions and (when they fit in key_limit rows) the key
-    spans the non-global rows reach into `buf`, and check them. Input problems are recorded,
-    not raised (the ranks agree on them)."""
-    c = Chunk(index, a, b)
+def read_chunk(src, mask, item, key_limit, buf):
+    """Read item (index, a, b, own)'s query rows [a, b) (and their do rows when `buf` has room
+    for them), their positions and (when they fit in key_limit rows) the key spans the
+    non-global rows reach into `buf`, and check them. Input problems are recorded, not raised
+    (the ranks agree on them)."""
+    c = Chunk(*item)
+    a, b = c.a, c.b
     meta, path = src.meta, src.path
     B, H, Hkv, D, N = meta["B"], meta["H"], meta["Hkv"], meta["D"], meta["N"]
     t = time.perf_counter()
     try:
         with phase("read", READ_TRACK):
             c.q = src.rows("q", a, b, _shaped(buf.q, (B, b - a, H, D)), _checker(path, "q", buf.scratch, c))
+            if hasattr(buf, "do"):
+                c.do = src.rows("do", a, b, _shaped(buf.do, (B, b - a, H, D)), _checker(path, "do", buf.scratch, c))
             c.pos = src.positions(a, b)
             validate.positions(path, c.pos, N)
             local = c.pos[c.pos >= global_rows(mask)]
@@ -305,6 +316,15 @@ class Device:
         x.get(out=out)
         self.st["download_s"] += time.perf_counter() - t
 
+    def host(self, x):
+        """x on the host (a new array on the GPU backend)."""
+        if self.xp is np:
+            return x
+        t = time.perf_counter()
+        y = x.get()
+        self.st["download_s"] += time.perf_counter() - t
+        return y
+
 
 def _attend_blocks(dev, qh, pos, blocks, mask, scale, hkv, st):
     """Merged partials (float32) of head-major queries qh over key blocks."""
@@ -354,6 +374,82 @@ def compute_chunk(src, c, mask, scale, meta, key_limit, st, dev, buf):
     dev.down(from_heads(o, meta["dtype"]), o_host)
     dev.down(xp.ascontiguousarray(lse.reshape(B, H, n)), lse_host)
     return o_host, lse_host
+
+
+class KeyGrads:
+    """dk and dv of this rank's keys [lo, end): float32 sums over the query chunks that reach
+    them, added in chunk order (so the same chunk grid gives the same bits), handed out in the
+    file's layout and dtype once no later chunk can reach them. Partial sums for other ranks'
+    keys are dropped: those ranks compute them from the same rows."""
+
+    def __init__(self, dev, meta, lo, end):
+        B, Hkv, D = meta["B"], meta["Hkv"], meta["D"]
+        self.dev, self.dtype, self.lo, self.end = dev, meta["dtype"], lo, end
+        self.sums = [dev.xp.zeros((B, Hkv, 0, D), np.float32) for _ in "kv"]
+
+    def add(self, k0, dk, dv):
+        """Add the partial sums (B, Hkv, n, D) of keys k0 .. k0+n-1."""
+        a, b = max(k0, self.lo), min(k0 + dk.shape[2], self.end)
+        if a < b:
+            self._cover(b)
+            for acc, part in zip(self.sums, (dk, dv)):
+                acc[:, :, a - self.lo:b - self.lo] += part[:, :, a - k0:b - k0]
+
+    def _cover(self, b):
+        """Extend the sums with zeros to key b (keys no query reaches keep zero gradients)."""
+        have = self.lo + self.sums[0].shape[2]
+        if b > have:
+            B, Hkv, _, D = self.sums[0].shape
+            zeros = self.dev.xp.zeros((B, Hkv, b - have, D), np.float32)
+            self.sums = [self.dev.xp.concatenate([acc, zeros], axis=2) for acc in self.sums]
+
+    def final(self, upto):
+        """Output items ("dk"/"dv", (lo, upto), rows (B, n, Hkv, D)) of the keys before `upto`."""
+        upto = min(upto, self.end)
+        if upto <= self.lo:
+            return []
+        self._cover(upto)
+        n, rows = upto - self.lo, (self.lo, upto)
+        items = [(name, rows, self.dev.host(from_heads(acc[:, :, None, :n], self.dtype)))
+                 for name, acc in zip(("dk", "dv"), self.sums)]
+        self.sums = [acc[:, :, n:] for acc in self.sums]
+        self.lo = upto
+        return items
+
+
+def backward_chunk(src, c, o, lse, mask, scale, meta, key_limit, st, dev, grads):
+    """The gradients of one chunk's rows, given its forward (o, lse host buffers): dq (file
+    rows, file dtype; None for rows that are not this rank's) and its share of dk and dv, added
+    into `grads` (KeyGrads)."""
+    B, H, Hkv, D = meta["B"], meta["H"], meta["Hkv"], meta["D"]
+    n = c.b - c.a
+    qh, doh, oh = (heads(dev.up(x), Hkv) for x in (c.q, c.do, o))
+    lse = dev.up(lse).reshape(B, Hkv, H // Hkv, n)
+    delta = grad.row_delta(doh, oh)
+    dq = None
+    for k0, k, v in (c.keys if c.keys is not None else _key_blocks(src, c.spans, key_limit, st)):
+        kh, vh = heads(dev.up(k), Hkv)[:, :, 0], heads(dev.up(v), Hkv)[:, :, 0]
+        dq, dk, dv, edges = grad.backward(qh, c.pos, kh, vh, k0, mask, scale, doh, lse, delta, dq)
+        st["edges_backward"] += int(edges)
+        grads.add(k0, dk, dv)
+    if not c.own:
+        return None
+    if dq is None:  # rows that reach no key
+        return np.zeros((B, n, H, D), meta["dtype"])
+    return dev.host(from_heads(dq, meta["dtype"]))
+
+
+def work_items(mine, rows, Nq, share, h, backward):
+    """(index, a, b, own) of the chunks this rank computes, in row order: its own chunks `mine`
+    (grid indices) and, with the backward, pieces of at most `rows` rows within h of its share
+    (`share`: its first and last row), whose gradients reach its keys."""
+    def near(a, b):
+        return [(-1, x, min(x + rows, b), False) for x in range(a, b, rows)]
+    own = [(c, c * rows, min(Nq, (c + 1) * rows), True) for c in mine]
+    A, Z = share
+    if not backward or A >= Z:
+        return own
+    return near(max(0, A - h), A) + own + near(Z, min(Nq, Z + h))
 
 
 class Progress:
@@ -423,13 +519,6 @@ class Writer:
         self.pool = ThreadPoolExecutor(1, "hpcattn-write") if out.rows is not None else None
         self.flight = []  # futures of the chunks being written, oldest first
 
-    def _items(self, chunk, o, lse):
-        if chunk is None:
-            return [], []
-        rows = (chunk.a, chunk.b)
-        flag = [("chunks_done", (chunk.index, chunk.index + 1), np.ones(1, np.uint8))] if self.resumable else []
-        return [("o", rows, o), ("lse", rows, lse)], flag
-
     def _put(self, data, flag):
         t = time.perf_counter()
         with phase("write", WRITE_TRACK):
@@ -437,9 +526,9 @@ class Writer:
         self.st["write_s"] += time.perf_counter() - t
         return problem
 
-    def submit(self, chunk, o, lse):
-        """Write a computed chunk (None: take part in the collective writes only)."""
-        data, flag = self._items(chunk, o, lse)
+    def submit(self, data, flag):
+        """Write a step's output items (name, rows, array), then its done flags (none: take
+        part in the collective writes only)."""
         if self.pool is not None:
             if data:
                 self.flight.append(self.pool.submit(self._put, data, flag))
@@ -467,21 +556,31 @@ class Writer:
 
 
 def run(in_path, out_path, mask, meta, comm, budget, resume=False, compression=None, *,
-        out_of_core=True, variant="outofcore", backend="numpy", transport="file", clock=None):
+        out_of_core=True, variant="outofcore", backend="numpy", transport="file", clock=None,
+        backward=False):
     """Collective streaming run; same return as commands.run.run. out_of_core: the shard did
-    not fit in `budget` (or --resume): the output is resumable. variant, backend, transport:
-    recorded in the attributes (the name `auto` gave, when in memory). Each rank walks its
-    chunks in lockstep with the others (a rank with fewer chunks still takes part in every
-    agreement and collective write)."""
+    not fit in `budget` (or --resume): the output is resumable (a forward run). variant,
+    backend, transport: recorded in the attributes (the name `auto` gave, when in memory).
+    Each rank walks its chunks in lockstep with the others (a rank with fewer chunks still
+    takes part in every agreement and collective write). backward: also dq, dk and dv; a rank
+    computes its keys' dk and dv from its own rows and the rows within the mask's reach of them
+    (no exchange)."""
     clock = clock or results.Clock()
     if not bounded(mask):
         raise HpcattnError(f"the shard does not fit in memory ({budget / 2**30:.2f} GiB per rank) and mask "
                            f"{mask.spec!r} has unbounded reach; use more ranks or a window/dilated/block mask",
                            collective=True)
+    why = backward and ("--resume applies to forward runs" if resume else
+                        f"mask {mask.spec!r} has global rows" if global_rows(mask) else
+                        "the input has q_positions" if meta["positions"] else None)
+    if why:
+        raise HpcattnError(f"--backward streams only self-attention without global rows, and this run "
+                           f"does not fit in memory ({budget / 2**30:.2f} GiB per rank): {why}; use more ranks",
+                           collective=True)
     B, Nq, H, D, N = meta["B"], meta["Nq"], meta["H"], meta["D"], meta["N"]
-    resumable = out_of_core or resume
+    resumable = (out_of_core or resume) and not backward
     partial = partial_name(out_path) if resumable else h5io.temp_name(comm, out_path)
-    rows = chunk_rows(meta, mask, budget, comm.size)
+    rows = chunk_rows(meta, mask, budget, comm.size, backward)
     have = resumable and comm.bcast_object(os.path.exists(partial) if comm.rank == 0 else None)
     if resume and have and comm.rank == 0:
         with h5py.File(partial, "r") as f:
@@ -492,6 +591,10 @@ def run(in_path, out_path, mask, meta, comm, budget, resume=False, compression=N
     ident = {"ooc_input": os.path.abspath(in_path), "ooc_mask": mask.spec, "ooc_rows": rows,
              "ooc_shape": f"{B},{Nq},{H},{D},{N},{np.dtype(meta['dtype']).name}"}
     datasets = {"o": ((B, Nq, H, D), meta["dtype"], 1), "lse": ((B, H, Nq), np.float32, 2)}
+    if backward:
+        Hkv = meta["Hkv"]
+        datasets.update(dq=((B, Nq, H, D), meta["dtype"], 1), dk=((B, N, Hkv, D), meta["dtype"], 1),
+                        dv=((B, N, Hkv, D), meta["dtype"], 1))
     if resumable:
         datasets["chunks_done"] = ((nchunks,), np.uint8, 0)
     out = None
@@ -508,18 +611,20 @@ def run(in_path, out_path, mask, meta, comm, budget, resume=False, compression=N
         out.keep_open()
         c0, c1 = even_shard(nchunks, comm.size, comm.rank)
         mine = [c for c in range(c0, c1) if not done[c]]
-        st = _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, c1 - c0, resumable, backend, clock)
+        st = _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, (c0, c1), resumable, backend, clock,
+                   backward)
         out.close()
         q_rows = sum(min(Nq, (c + 1) * rows) - c * rows for c in mine)
         rank_stats = results.rank_stats(
             comm, clock, compute_s=st["compute_s"], io_s=st["read_s"] + st["check_s"] + st["write_s"],
             attn_s=st["compute_s"], edges=st["edges"], q_rows=q_rows, kv_rows=st["kv_rows"],
             io_wait_s=st["io_wait_s"], chunks=len(mine), chunks_resumed=(c1 - c0) - len(mine),
-            phases={key: st[key] for key in results.PHASES}, buffer_bytes=st["buffer_bytes"])
+            phases={key: st[key] for key in results.PHASES}, buffer_bytes=st["buffer_bytes"],
+            backward={"edges": st["edges_backward"], "bytes_sent": 0, "bytes_received": 0} if backward else None)
         attrs = results.attributes(
             comm, variant=variant, mask=mask.spec, backend=backend, transport=transport,
             scale=1 / math.sqrt(D), in_path=in_path, hdf5=out.hdf5, out_of_core=out_of_core,
-            chunk_rows=rows, resumed=done.any())
+            chunk_rows=rows, resumed=done.any(), variant_backward=variant if backward else None)
         return h5io.finish(comm, partial, out_path, rank_stats, attrs,
                            drop=("chunks_done",) if resumable else ()), attrs
     except BaseException:
@@ -535,29 +640,32 @@ def _aside(st):
     return st["read_s"] + st["check_s"] + st["upload_s"] + st["download_s"]
 
 
-def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, share, resumable, backend, clock):
-    """The pipeline over this rank's chunks `mine` (of `share` in its part of the grid);
-    returns its timings and counts."""
+def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, grid, resumable, backend, clock, backward):
+    """The pipeline over this rank's chunks `mine` (of grid[0] .. grid[1]-1, its part of the
+    grid) and, with the backward, the rows next to them; returns its timings and counts."""
     Nq, scale = meta["Nq"], 1 / math.sqrt(meta["D"])
     st = {key: 0.0 for key in results.PHASES + ("compute_s", "io_wait_s")}
-    st.update(edges=0, kv_rows=0)
-    steps = max(comm.allgather_object(len(mine)))
+    st.update(edges=0, edges_backward=0, kv_rows=0)
+    share = (grid[0] * rows, min(Nq, grid[1] * rows))
+    h = halo(mask)
+    items = work_items(mine, rows, Nq, share, h, backward)
+    steps = max(comm.allgather_object(len(items)))
     crash_after = int(os.environ.get(CRASH_VAR, "0") or 0)
     dev = Device(device.xp(backend), st)
-    n_in, n_out = min(2, len(mine)), min(2, len(mine))
-    ins = [Buffers(dev.xp, meta, rows, key_limit, "in") for _ in range(n_in)]
+    grads = KeyGrads(dev, meta, *share) if backward else None
+    n_in, n_out = min(2, len(items)), min(2, len(items))
+    ins = [Buffers(dev.xp, meta, rows, key_limit, "in", backward) for _ in range(n_in)]
     outs = [Buffers(dev.xp, meta, rows, key_limit, "out") for _ in range(n_out)]
     st["buffer_bytes"] = sum(b.nbytes() for b in ins + outs)
     src = collectively(comm, Source, in_path, meta)
-    progress = Progress(comm, share, share - len(mine), on=resumable)
+    progress = Progress(comm, grid[1] - grid[0], grid[1] - grid[0] - len(mine), on=resumable)
     reader = ThreadPoolExecutor(1, "hpcattn-read")
     writer = Writer(out, resumable, st)
 
     def fetch(i):
-        if i >= len(mine):
+        if i >= len(items):
             return None
-        c = mine[i]
-        return reader.submit(read_chunk, src, mask, c, c * rows, min(Nq, (c + 1) * rows), key_limit, ins[i % 2])
+        return reader.submit(read_chunk, src, mask, items[i], key_limit, ins[i % 2])
 
     late = None  # a problem found while computing, agreed on at the next step
     try:
@@ -573,7 +681,7 @@ def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, share, resumabl
             t = time.perf_counter()
             agree(comm, problem)
             st["wait_s"] += time.perf_counter() - t
-            o = lse = None
+            data, flag = [], []
             if chunk is not None:
                 st["read_s"] += chunk.read_s
                 st["check_s"] += chunk.check_s
@@ -582,12 +690,22 @@ def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, share, resumabl
                 try:
                     with phase("local"):
                         o, lse = compute_chunk(src, chunk, mask, scale, meta, key_limit, st, dev, outs[step % 2])
+                        rows_ab = (chunk.a, chunk.b)
+                        if chunk.own:
+                            data = [("o", rows_ab, o), ("lse", rows_ab, lse)]
+                        if resumable and chunk.own:
+                            flag = [("chunks_done", (chunk.index, chunk.index + 1), np.ones(1, np.uint8))]
+                        if backward:
+                            dq = backward_chunk(src, chunk, o, lse, mask, scale, meta, key_limit, st, dev, grads)
+                            data += [("dq", rows_ab, dq)] if chunk.own else []
+                            # keys no later chunk reaches are done
+                            data += grads.final(items[step + 1][1] - h if step + 1 < len(items) else share[1])
                 except HpcattnError as e:  # a bad key met in a pass over key blocks: agreed next step
-                    late, chunk = str(e), None
+                    late, chunk, data, flag = str(e), None, [], []
                 # the kernels alone: reads and checks of key blocks and copies inside are counted apart
                 st["compute_s"] += time.perf_counter() - t - (_aside(st) - other)
-            writer.submit(chunk, o, lse)  # chunk i is written while chunk i+1 computes
-            if chunk is not None:
+            writer.submit(data, flag)  # chunk i is written while chunk i+1 computes
+            if chunk is not None and chunk.own:
                 progress.step(chunk.b - chunk.a, st)
             if crash_after and step + 1 >= crash_after:
                 writer.settle(0)
