@@ -7,8 +7,8 @@ import numpy as np
 from ..errors import HpcattnError
 from .encode import check, device_mask, device_positions, listed_terms
 from .forward import row_strides
-from .loader import cupy, launch
-from .shapes import BK, BQ, BWD_DIMS, BWD_SHAPES, bwd_names, bwd_smem
+from .loader import cupy, launch, wgmma_available
+from .shapes import BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_SHAPES, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_smem
 
 
 def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False,
@@ -17,8 +17,10 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     accumulators dq (like q), dk, dv (like k), created as zeros when not given, and return
     (dq, dk, dv, edges). lse (B,Hkv,G,nq) is the forward's full-row log-sum-exp, delta =
     rowsum(dO * O). Implicit mask terms only (random/csr backward stays on the CPU for now).
-    kernel_kind: "mma" (tensor cores: float16/bfloat16, D in BWD_DIMS, scale > 0), "simt" (any
-    dtype, D <= 256) or "auto" (the first that applies). Both give the same bits on every rerun."""
+    kernel_kind: "mma" (tensor cores: float16/bfloat16, D in BWD_DIMS, scale > 0), "wgmma" (the
+    same with Hopper's warpgroup MMA for dk and dv: D in BWD_WG_DIMS, compute capability 9.0),
+    "simt" (any dtype, D <= 256) or "auto" (mma where it applies, else simt). Each gives the same
+    bits on every rerun."""
     cp = cupy()
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
@@ -28,8 +30,9 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     if listed_terms(mask):
         raise HpcattnError(f"mask {mask.spec!r}: the GPU backward takes implicit terms only")
     tensor = _tensor_fits(ctype, D, scale)
-    if kernel_kind == "mma" and not tensor:
+    if kernel_kind in ("mma", "wgmma") and not tensor:
         raise HpcattnError(f"the tensor-core backward takes float16/bfloat16 with D in {BWD_DIMS} and scale > 0")
+    hopper = _hopper(kernel_kind, D)
     dq = cp.zeros(q.shape, dtype=cp.float32) if dq is None else dq
     dk = cp.zeros(k.shape, dtype=cp.float32) if dk is None else dk
     dv = cp.zeros(k.shape, dtype=cp.float32) if dv is None else dv
@@ -43,7 +46,7 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
             cp.ascontiguousarray(do), cp.ascontiguousarray(lse, dtype=cp.float32),
             cp.ascontiguousarray(delta, dtype=cp.float32))
     if tensor and kernel_kind != "simt":
-        _tensor(cp, args, (dq, dk, dv), edges, mask, G, k0, scale, ctype, "float", args[1])
+        _tensor(cp, args, (dq, dk, dv), edges, mask, G, k0, scale, ctype, "float", args[1], hopper=hopper)
     else:
         smem = 4 * (2 * BQ * dmax + 2 * BK * (dmax + 1) + 2 * BK * dmax)
         launch(f"attend_bwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
@@ -52,13 +55,13 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     return dq, dk, dv, int(edges.get()[0])
 
 
-def backward_out(q, qpos, k, v, mask, scale, o, lse, do, out):
+def backward_out(q, qpos, k, v, mask, scale, o, lse, do, out, kernel_kind="auto"):
     """The whole backward of q's rows over all keys k, v (positions 0 .. nk-1), written into
     out = (dq, dk, dv) (like q, k, v: any dtype, any layout); returns the edges (a device count
     where the tensor-core kernels ran: read it only when needed). q, o, do (B,Hkv,G,nq,D) and k,
     v (B,Hkv,nk,D) may be views of the caller's arrays: the tensor-core kernels read them and
     write out in place, and delta = rowsum(dO * O) is made on the device (no float32 copy of o
-    or do). qpos None: query r sits at position r."""
+    or do). qpos None: query r sits at position r. kernel_kind as for `backward`."""
     cp = cupy()
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
@@ -73,7 +76,7 @@ def backward_out(q, qpos, k, v, mask, scale, o, lse, do, out):
         from ..cpu.grad import row_delta
         qpos = np.arange(nq, dtype=np.int64) if qpos is None else qpos
         *grads, edges = backward(q, qpos, k, v, 0, mask, scale, do.astype(q.dtype, copy=False), lse,
-                                 row_delta(do, o))
+                                 row_delta(do, o), kernel_kind=kernel_kind)
         for dst, src in zip(out, grads):
             dst[...] = src
         return edges
@@ -86,7 +89,8 @@ def backward_out(q, qpos, k, v, mask, scale, o, lse, do, out):
            + (np.int32(Hkv * G),), threads=256)
     edges = cp.zeros(1, dtype=cp.uint64)
     pos = np.uintp(0) if qpos is None else device_positions(qpos)
-    _tensor(cp, (q, pos, k, v, do, lse, delta), out, edges, mask, G, 0, scale, ctype, ctype, pos, sq, sk)
+    _tensor(cp, (q, pos, k, v, do, lse, delta), out, edges, mask, G, 0, scale, ctype, ctype, pos, sq, sk,
+            hopper=_hopper(kernel_kind, D))
     return edges[0]
 
 
@@ -94,9 +98,19 @@ def _tensor_fits(ctype, D, scale):
     return ctype != "float" and D in BWD_DIMS and scale > 0
 
 
-def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=None, sk=None):
-    """attend_bwd_kv (dk, dv: a block per 16 W keys of a kv head) then attend_bwd_q (dq and the
-    edges: a block per 16 W query rows of a head) on args = (q, qpos, k, v, do, lse, delta);
+def _hopper(kernel_kind, D):
+    """Whether dk and dv go to attend_bwd_kv_wg (kernel_kind "wgmma"; refused where it cannot run)."""
+    if kernel_kind != "wgmma":
+        return False
+    if D not in BWD_WG_DIMS or not wgmma_available():
+        raise HpcattnError(f"the Hopper backward takes D in {BWD_WG_DIMS} on a compute capability 9.0 device")
+    return True
+
+
+def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=None, sk=None, hopper=False):
+    """attend_bwd_kv (dk, dv: a block per 16 W keys of a kv head; `hopper`: attend_bwd_kv_wg, a
+    block per 64 NWG keys) then attend_bwd_q (dq and the edges: a block per 16 W query rows of a
+    head) on args = (q, qpos, k, v, do, lse, delta);
     rows_unsorted first tells attend_bwd_kv whether it may search the positions (none to search
     when qpos is the null pointer: row r at position r). sq, sk: the row strides of q (do, dq)
     and k (v, dk, dv), head-major contiguous when not given."""
@@ -114,6 +128,11 @@ def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=N
     tail += tuple(np.int64(x) for x in (*(sq or row_strides(q)), *(sk or row_strides(k)))) + (np.int32(Hkv * G),)
     words = device_mask(mask)
     dq, dk, dv = grads
-    launch(kv_name, (-(-nk // (16 * wk)), B * Hkv), kv_smem, args + (dk, dv, words, unsorted) + tail,
-           threads=32 * wk)
+    if hopper:
+        nwg = BWD_WG_SHAPES[D][0]
+        launch(bwd_wg_name(ctype, D, otype), (-(-nk // (64 * nwg)), B * Hkv), bwd_wg_smem(D),
+               args + (dk, dv, words, unsorted) + tail, threads=128 * nwg)
+    else:
+        launch(kv_name, (-(-nk // (16 * wk)), B * Hkv), kv_smem, args + (dk, dv, words, unsorted) + tail,
+               threads=32 * wk)
     launch(q_name, (-(-nq // (16 * wq)), B * Hkv * G), q_smem, args + (dq, edges, words) + tail, threads=32 * wq)

@@ -252,7 +252,8 @@ def test_large_logits_stay_finite(rng):
     assert cp.isfinite(o).all() and cp.isfinite(lse).all()
 
 
-BWD_TOL = {"simt": 2e-4, ("mma", "float16"): 4e-3, ("mma", "bfloat16"): 3e-2}
+BWD_TOL = {"simt": 2e-4, ("mma", "float16"): 4e-3, ("mma", "bfloat16"): 3e-2, ("wgmma", "float16"): 4e-3,
+           ("wgmma", "bfloat16"): 3e-2}
 
 
 def two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, scale, dtype, kind, cut):
@@ -278,9 +279,13 @@ def two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, scale, dtype, ki
                                                       (1, 2, 300, 300, 64, "bfloat16", "mma"),
                                                       (1, 1, 260, 333, 32, "float16", "mma"),
                                                       (2, 1, 150, 200, 96, "float16", "mma"),
-                                                      (1, 4, 130, 130, 128, "float16", "mma")])
+                                                      (1, 4, 130, 130, 128, "float16", "mma"),
+                                                      (2, 2, 97, 97, 64, "float16", "wgmma"),
+                                                      (1, 3, 200, 170, 128, "bfloat16", "wgmma"),
+                                                      (1, 1, 260, 333, 128, "float16", "wgmma")])
 def test_backward_matches_float64_gradients(rng, spec, Hkv, G, nq, nk, D, dtype, kind):
-    """Both backward kernels against float64 over two key blocks; queries at 0 .. nq - 1 of nk keys."""
+    """The backward kernels against float64 over two key blocks; queries at 0 .. nq - 1 of nk keys."""
+    need(kind)
     mask = parse(spec)
     (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, Hkv, G, nq, D), (1, Hkv, nk, D), dtype)
     doh, dod = one(rng, (1, Hkv, G, nq, D), dtype)
@@ -296,9 +301,11 @@ def test_backward_matches_float64_gradients(rng, spec, Hkv, G, nq, nk, D, dtype,
 
 @pytest.mark.parametrize("spec", ["causal+window:40", "global:3+block:20+window:5+causal", "dilated:3:5", "full"])
 @pytest.mark.parametrize("order", ["sorted", "runs", "shuffled"])
-def test_tensor_core_backward_rows_at_any_positions(rng, spec, order):
+@pytest.mark.parametrize("kind", ["mma", "wgmma"])
+def test_tensor_core_backward_rows_at_any_positions(rng, spec, order, kind):
     """Query rows at positions that are no run: sorted with gaps (searched by position), two
     runs (zigzag), shuffled (every query tile walked); against float64 and rerun bit for bit."""
+    need(kind)
     nk, nq, D, dtype = 700, 230, 64, "float16"
     if order == "runs":
         qpos = np.concatenate([np.arange(20, 135), np.arange(500, 615)]).astype(np.int64)
@@ -310,11 +317,11 @@ def test_tensor_core_backward_rows_at_any_positions(rng, spec, order):
     (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, 2, 2, nq, D), (1, 2, nk, D), dtype)
     doh, dod = one(rng, (1, 2, 2, nq, D), dtype)
     o, lse, delta, dq, dk, dv, (mag_q, mag_k) = full_backward(qh, kh, vh, doh, qpos, mask, 0.125)
-    got = two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, 0.125, dtype, "mma", 333)
+    got = two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, 0.125, dtype, kind, 333)
     for name, g, ref, mag in zip(("dq", "dk", "dv"), got, (dq, dk, dv), (mag_q, mag_k, abs(dv))):
-        assert grad_err(g, ref, mag) <= BWD_TOL["mma", dtype], (name, grad_err(g, ref, mag))
+        assert grad_err(g, ref, mag) <= BWD_TOL[kind, dtype], (name, grad_err(g, ref, mag))
     assert got[3] == int(mask.allowed(qpos[:, None], np.arange(nk)[None, :]).sum())
-    again = two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, 0.125, dtype, "mma", 333)
+    again = two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, 0.125, dtype, kind, 333)
     assert all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(got[:3], again[:3]))
 
 
