@@ -4,6 +4,7 @@ import pytest
 
 from hpcattn.masks import parse
 from hpcattn.dist.variants import backward_bytes, pick, reach_width, sparse
+from hpcattn.dist.variants.rings import Relay, RingPlan
 
 
 def test_union_expand_and_requests():
@@ -75,3 +76,12 @@ def test_auto_backward_takes_ring_when_burst_would_move_more():
     assert pick(parse("causal"), 16, n, 4, gqa) == "tree"      # unchanged: decode, sparse, one rank
     assert pick(parse("window:256"), n, n, 4, gqa) == "sparse"
     assert pick(parse("causal"), n, n, 1, gqa) == "ring"
+
+
+@pytest.mark.parametrize("P, parts, incoming", [(1, 0, 0), (2, 1, 0), (3, 2, 1), (5, 2, 1)])
+def test_relay_allocates_only_the_buffers_its_hops_use(P, parts, incoming):
+    """P - 1 relay steps: two parts alternate (one when there is one step); the receive of the
+    previous holder's sum exists from three ranks on (steps 2 .. P-1) and takes the home
+    receive too."""
+    relay = Relay(None, RingPlan(0, [0] * P), lambda owner: [(1, 2, 8 + owner, 4)] * 2)
+    assert (relay._parts.copies, relay._incoming.copies) == (parts, incoming)

@@ -19,22 +19,28 @@ def runs(n_rows, lengths):
     return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def _pairs(qpos, qruns, kstarts, kruns, mask):
-    for qs in qruns:
-        lo, hi = int(qpos[qs].min()), int(qpos[qs].max())
+def query_runs(qpos, lengths):
+    """The plan of a block of query rows at host positions qpos: (row slice, lowest position,
+    highest position) of each run (lengths as in `runs`). Made once per block of rows (a
+    rank's own rows: once per call), not once per key block they meet."""
+    return [(qs, int(qpos[qs].min()), int(qpos[qs].max())) for qs in runs(len(qpos), lengths)]
+
+
+def _pairs(qplan, kstarts, kruns, mask):
+    for qs, lo, hi in qplan:
         for k0, ks in zip(kstarts, kruns):
             if mask.spans(lo, hi, k0, k0 + ks.stop - ks.start):
                 yield qs, k0, ks
 
 
-def forward(q, qpos, qruns, k, v, kstarts, kruns, mask, scale, o, lse, progress=None):
+def forward(q, qpos, qplan, k, v, kstarts, kruns, mask, scale, o, lse, progress=None):
     """Merge the block partial of q's rows over the keys k, v (runs starting at global
-    positions kstarts) into (o, lse); returns (o, lse, edges). o = lse = None means no partial
-    yet: the first one that covers every row becomes the state as it is (a merge with the
+    positions kstarts) into (o, lse); returns (o, lse, edges). qplan: query_runs of qpos.
+    o = lse = None means no partial yet: the first one that covers every row becomes the state as it is (a merge with the
     identity gives the same bits), else the state starts as the identity. progress() is called
     between kernel calls, so posted transfers advance."""
     edges = 0
-    for qs, k0, ks in _pairs(qpos, qruns, kstarts, kruns, mask):
+    for qs, k0, ks in _pairs(qplan, kstarts, kruns, mask):
         po, pl, n = local.attend(q[:, :, :, qs], qpos[qs], k[:, :, ks], v[:, :, ks], k0, mask, scale)
         if o is None and qs == slice(0, q.shape[3]):
             o, lse = po, pl
@@ -49,12 +55,13 @@ def forward(q, qpos, qruns, k, v, kstarts, kruns, mask, scale, o, lse, progress=
     return o, lse, edges
 
 
-def backward(q, qpos, qruns, do, lse, delta, k, v, kstarts, kruns, mask, scale, dq, dk, dv,
+def backward(q, qpos, qplan, do, lse, delta, k, v, kstarts, kruns, mask, scale, dq, dk, dv,
              progress=None):
     """Add the block's gradient contributions into the float32 accumulators dq (q's rows) and
-    dk, dv (the block's keys); returns the edges visited. progress() runs after every tile."""
+    dk, dv (the block's keys); returns the edges visited. qplan: query_runs of qpos.
+    progress() runs after every tile."""
     edges = 0
-    for qs, k0, ks in _pairs(qpos, qruns, kstarts, kruns, mask):
+    for qs, k0, ks in _pairs(qplan, kstarts, kruns, mask):
         sub_dq = dq[:, :, :, qs]
         _, sub_dk, sub_dv, n = grad.backward(q[:, :, :, qs], qpos[qs], k[:, :, ks], v[:, :, ks], k0,
                                              mask, scale, do[:, :, :, qs], lse[:, :, :, qs],

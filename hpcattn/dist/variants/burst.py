@@ -55,9 +55,9 @@ def backward(comm, shard, o, lse, do):
                                               delta.astype(np.float32, copy=False), xp.asarray(shard.qpos))]
     for _, owner, (qb, dob, lseb, deltab, qposb), acc in circulate_accumulating(comm, p, mine, shapes,
                                                                                [dq], acc_shapes):
-        qposb = to_host(qposb)
+        qposb = to_host(qposb)  # the arriving rows' positions: their plan is made per hop
         t = time.perf_counter()
-        edges = blocks.backward(qb, qposb, blocks.runs(nq_of[owner], shard.q_runs[owner]), dob, lseb,
+        edges = blocks.backward(qb, qposb, blocks.query_runs(qposb, shard.q_runs[owner]), dob, lseb,
                                 deltab, shard.k, shard.v, starts, kruns, shard.mask, shard.scale,
                                 acc[0], dk, dv, comm.progress)
         shard.stats["compute_s"] += time.perf_counter() - t

@@ -28,7 +28,8 @@ def forward(comm, shard, plan=None):
     plan = plan or flat_plan(comm)
     B, Hkv, G, nq, D = shard.q.shape
     o = lse = None  # the first partial becomes the state
-    qruns = blocks.runs(nq, shard.q_runs[comm.rank])
+    qplan = blocks.query_runs(shard.qpos, shard.q_runs[comm.rank])
+    keys = [shard.key_runs(q) for q in range(plan.P)]  # (starts, slices) of every owner's block
 
     def shapes(owner):
         return [(B, Hkv, shard.kv_rows(owner), D)] * 2
@@ -38,9 +39,9 @@ def forward(comm, shard, plan=None):
     for _, owner, (kb, vb) in circulate(comm, plan, kv, shapes):
         faults.point("compute", comm.rank)
         t = time.perf_counter()
-        starts, kruns = shard.key_runs(owner)
+        starts, kruns = keys[owner]
         with phase("local"):
-            o, lse, edges = blocks.forward(shard.q, shard.qpos, qruns, kb, vb, starts, kruns,
+            o, lse, edges = blocks.forward(shard.q, shard.qpos, qplan, kb, vb, starts, kruns,
                                            shard.mask, shard.scale, o, lse, comm.progress)
         shard.stats["compute_s"] += time.perf_counter() - t
         shard.stats["edges"] += edges
@@ -53,7 +54,8 @@ def backward(comm, shard, o, lse, do, plan=None):
     plan = plan or flat_plan(comm)
     B, Hkv, G, nq, D = shard.q.shape
     nk = shard.k.shape[2]
-    qruns = blocks.runs(nq, shard.q_runs[comm.rank])
+    qplan = blocks.query_runs(shard.qpos, shard.q_runs[comm.rank])
+    keys = [shard.key_runs(q) for q in range(plan.P)]
     delta = grad.row_delta(do, o)
     xp = array_module(shard.k)
     dq = xp.zeros((B, Hkv, G, nq, D), np.float32)
@@ -65,8 +67,8 @@ def backward(comm, shard, o, lse, do, plan=None):
     kv = [xp.ascontiguousarray(shard.k), xp.ascontiguousarray(shard.v)]
     for _, owner, (kb, vb), acc in circulate_accumulating(comm, plan, kv, shapes, [dk, dv], shapes):
         t = time.perf_counter()
-        starts, kruns = shard.key_runs(owner)
-        edges = blocks.backward(shard.q, shard.qpos, qruns, do, lse, delta, kb, vb, starts, kruns,
+        starts, kruns = keys[owner]
+        edges = blocks.backward(shard.q, shard.qpos, qplan, do, lse, delta, kb, vb, starts, kruns,
                                 shard.mask, shard.scale, dq, *acc, progress=comm.progress)
         shard.stats["compute_s"] += time.perf_counter() - t
         shard.stats["edges"] += edges

@@ -66,11 +66,16 @@ class RingPlan:
 
 
 class Buffers:
-    """Plan-once receive buffers: flat arrays as large as the largest block, handed out as
-    contiguous views of the shape a block needs."""
+    """Plan-once receive buffers: `copies` sets of flat arrays as large as the largest block,
+    handed out as contiguous views of the shape a block needs. Callers ask for as many copies
+    as they use (two alternate; one transfer needs one; none is allowed)."""
 
     def __init__(self, sizes_dtypes, copies, xp=np):
         self._flat = [[aligned_empty(xp, n, dt) for n, dt in sizes_dtypes] for _ in range(copies)]
+
+    @property
+    def copies(self):
+        return len(self._flat)
 
     def views(self, i, shapes):
         return [flat[:int(np.prod(s))].reshape(s) for flat, s in zip(self._flat[i], shapes)]
@@ -88,8 +93,10 @@ def circulate(comm, plan, mine, shapes_of):
     largest = [max(int(np.prod(shapes_of(q)[i])) for q in range(P)) for i in range(len(mine))]
     spec = list(zip(largest, dtypes))
     xp = array_module(mine[0])
-    intra = Buffers(spec, 2, xp) if L > 1 else None
-    inter = Buffers(spec, 2, xp) if M > 1 else None
+    # M * (L - 1) intra-node and M - 1 inter-node receives alternate between two copies each;
+    # a level with one receive (P = 2, or two nodes) needs one copy, a level with none none
+    intra = Buffers(spec, min(2, M * (L - 1)), xp)
+    inter = Buffers(spec, min(2, M - 1), xp)
     cur, n_intra, n_inter = list(mine), 0, 0
     for s in range(M):
         outer = None
@@ -147,7 +154,12 @@ class Relay:
         largest = [max(int(np.prod(s)) for s in (shapes_of(q)[i] for q in range(plan.P)))
                    for i in range(len(shapes_of(plan.rank)))]
         spec = [(n, np.float32) for n in largest]
-        self._parts, self._incoming = Buffers(spec, 2, xp), Buffers(spec, 1, xp)
+        hops = plan.P - 1
+        # steps 1 .. P-1 fill a part each (two alternate: one may still be in flight); steps
+        # 2 .. P-1 receive the previous holder's sum into `incoming`, which then takes the home
+        # receive too. P = 2: one part and a home buffer; P = 1: nothing.
+        self._parts = Buffers(spec, min(2, hops), xp)
+        self._incoming = Buffers(spec, 1 if hops >= 2 else 0, xp)
         self._recv = self._send = None
 
     def part(self, k):
@@ -157,7 +169,7 @@ class Relay:
         if k >= 2:
             self._recv = self.comm.exchange([], None, self._incoming.views(0, self.shapes_of(owner)),
                                             self.plan.prev_holder[k], tag=TAG_RELAY + 8 * k)
-        bufs = self._parts.views(k % 2, self.shapes_of(owner))
+        bufs = self._parts.views((k - 1) % 2, self.shapes_of(owner))
         for b in bufs:
             b.fill(0)
         return bufs
@@ -177,8 +189,11 @@ class Relay:
         """This rank's own accumulators as summed by every other rank (None when P == 1)."""
         if self.plan.P == 1:
             return None
-        home = self.comm.exchange([], None, [self.xp.empty(s, np.float32) for s in self.shapes_of(self.plan.rank)],
-                                  self.plan.last_holder, tag=TAG_RELAY + 8 * self.plan.P)
+        mine = self.shapes_of(self.plan.rank)
+        # the last relay receive was added in send(P-1): `incoming` is free (none at P = 2)
+        bufs = (self._incoming.views(0, mine) if self.plan.P > 2
+                else [self.xp.empty(s, np.float32) for s in mine])
+        home = self.comm.exchange([], None, bufs, self.plan.last_holder, tag=TAG_RELAY + 8 * self.plan.P)
         got = home.wait()
         if self._send is not None:
             self._send.wait()

@@ -176,7 +176,7 @@ class Halo:
     def scatter_add(self, dk_far, dv_far, dk, dv):
         """Send dK, dV of the received rows to their owners; add what comes back into dk, dv
         (this rank's own rows; several requesters may send the same row)."""
-        every = np.arange(len(self.positions))
+        every = slice(None)  # all received rows, in order: views, not a gathered copy
         back_k, back_v = self._swap([dk_far, dv_far], every, self.recv_rows, self.serve_rows)
         at = (slice(None), slice(None), self.serve)
         if array_module(dk) is np:
@@ -206,10 +206,11 @@ def forward(comm, shard):
     n = shard.n_keys
     mask, stats = shard.mask, shard.stats
     xp = array_module(shard.q)
-    o, lse = empty_state(xp, (B, Hkv, G, nq), D)
 
     wide = wide_rows(mask, shard.qpos)
-    near = np.ones(nq, dtype=bool) if wide is None else ~wide
+    near = _near(wide)
+    mixed = not isinstance(near, slice)  # this rank has wide rows: o, lse are assembled
+    o, lse = empty_state(xp, (B, Hkv, G, nq), D) if mixed else (None, None)
     if wide is not None:  # every rank takes this branch (it depends on the mask only)
         rows = np.array(comm.allgather_object(int(wide.sum())), dtype=np.int64)
         if rows.sum():
@@ -219,9 +220,10 @@ def forward(comm, shard):
             stats["compute_s"] += time.perf_counter() - t
             stats["edges"] += edges
             wo, wl = tree.combine(comm, wo, wl, ranks_per_node=shard.ranks_per_node)
-            a = int(rows[:r].sum())
-            n_r = int(rows[r])
-            o[:, :, :, wide], lse[:, :, :, wide] = wo[..., a:a + n_r, :], wl[..., a:a + n_r]
+            if mixed:
+                a = int(rows[:r].sum())
+                n_r = int(rows[r])
+                o[:, :, :, wide], lse[:, :, :, wide] = wo[..., a:a + n_r, :], wl[..., a:a + n_r]
 
     q, qpos = shard.q[:, :, :, near], shard.qpos[near]
     blocks = [(start, shard.k[:, :, rows], shard.v[:, :, rows]) for start, rows in zip(*shard.key_runs(r))]
@@ -232,16 +234,26 @@ def forward(comm, shard):
         blocks += [(int(pos[a]), kr[:, :, a:b], vr[:, :, a:b]) for a, b in segments(pos)]
     faults.point("compute", r)
     t = time.perf_counter()
-    no, nl = empty_state(xp, (B, Hkv, G, len(qpos)), D)
+    no = nl = None  # the first segment's partial becomes the state (the identity's merge is a no-op)
     for start, kb, vb in blocks:
         with phase("local"):
             po, pl, edges = local.attend(q, qpos, kb, vb, start, mask, shard.scale)
         with phase("merge"):
-            no, nl = merge(no, nl, po, pl)
+            no, nl = (po, pl) if no is None else merge(no, nl, po, pl)
         stats["edges"] += edges
-    o[:, :, :, near], lse[:, :, :, near] = no, nl
+    if no is None:
+        no, nl = empty_state(xp, (B, Hkv, G, len(qpos)), D)
     stats["compute_s"] += time.perf_counter() - t
+    if not mixed:
+        return no, nl
+    o[:, :, :, near], lse[:, :, :, near] = no, nl
     return o, lse
+
+
+def _near(wide):
+    """The index of the rows that are not wide: every row as a slice (views, no copies) when
+    this rank has no wide row, else the boolean mask."""
+    return slice(None) if wide is None or not wide.any() else ~wide
 
 
 def backward(comm, shard, o, lse, do):
@@ -264,8 +276,8 @@ def backward(comm, shard, o, lse, do):
     own = list(zip(*shard.key_runs(r)))
 
     wide = wide_rows(mask, shard.qpos)
-    near = np.ones(nq, dtype=bool) if wide is None else ~wide
-    if wide is not None:
+    near = _near(wide)
+    if wide is not None:  # collective on every rank, with wide rows or none
         rows = np.array(comm.allgather_object(int(wide.sum())), dtype=np.int64)
         if rows.sum():
             dq[:, :, :, wide] = tree.backward_rows(comm, shard, shard.q[:, :, :, wide], shard.qpos[wide],
@@ -274,7 +286,7 @@ def backward(comm, shard, o, lse, do):
 
     q, qpos, do_n = shard.q[:, :, :, near], shard.qpos[near], do[:, :, :, near]
     lse_n, delta_n = lse[..., near], delta[..., near]
-    dq_n = xp.zeros(q.shape, np.float32)
+    dq_n = dq if isinstance(near, slice) else xp.zeros(q.shape, np.float32)
     blocks = [(start, shard.k[:, :, sl], shard.v[:, :, sl], dk[:, :, sl], dv[:, :, sl]) for start, sl in own]
     if P > 1:
         halo = Halo(comm, pieces(shard.kv_runs), reach(mask, qpos, shard.n_keys))
@@ -290,5 +302,6 @@ def backward(comm, shard, o, lse, do):
     stats["compute_s"] += time.perf_counter() - t
     if P > 1:
         halo.scatter_add(dk_far, dv_far, dk, dv)
-    dq[:, :, :, near] = dq_n
+    if dq_n is not dq:
+        dq[:, :, :, near] = dq_n
     return dq, dk, dv
