@@ -76,6 +76,8 @@ def values(path, name, arr, row0, scratch=None):
     at again as floats."""
     if arr.size == 0:
         return
+    if not arr.dtype.isnative:  # bit patterns order like magnitudes in the machine's byte order only
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     uint, absmask, top = _limit_bits(np.dtype(arr.dtype))
     if scratch is None:
         scratch = np.empty(min(CHECK_ELEMS, arr[0].size), uint)

@@ -26,6 +26,17 @@ def test_a_bad_value_is_found_at_its_row(monkeypatch, dtype, value, words, block
         validate.values("in.h5", "k", x, 100)
 
 
+@pytest.mark.parametrize("dtype", [">f2", ">f4", ">f8"])
+def test_big_endian_values_are_checked_as_numbers(dtype):
+    """Files may store big-endian floats (h5py reads them so): ordinary values pass, a bad
+    one is found at its row (bit patterns compare only in the machine's byte order)."""
+    x = np.random.default_rng(0).standard_normal((1, 30, 2, 4)).astype(dtype)
+    validate.values("in.h5", "k", x, 0)
+    x[0, 17, 1, 2] = np.nan
+    with pytest.raises(HpcattnError, match="k holds NaN or Inf.*first at row 17"):
+        validate.values("in.h5", "k", x, 0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float16", "bfloat16", "float32"])
 def test_the_largest_allowed_magnitudes_pass(dtype):
     top = min(validate.MAX_ABS, float(np.finfo(dtype).max))
