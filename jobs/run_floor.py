@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tables  # noqa: E402
 
 HERE = Path(__file__).resolve().parent.parent
-PHASES = ("startup_s", "read_s", "check_s", "compute_s", "write_s", "wait_s")
+PHASES = ("startup_s", "read_s", "check_s", "upload_s", "compute_s", "download_s", "write_s", "wait_s")
 
 FLOOR = r"""
 import sys, time, json, h5py, numpy as np
@@ -63,7 +63,7 @@ print(json.dumps({"read_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2, "
 def python(code_dir, *args, cwd, launch=()):
     """Run python ARGS with code_dir's hpcattn (from cwd, the data folder: `-m` and `-c` put the
     working folder first on sys.path), under the `launch` prefix (mpiexec -n P) when given."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code_dir), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]).rstrip(os.pathsep)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code_dir), os.environ.get("PYTHONPATH")]))}
     res = subprocess.run([*launch, sys.executable, *map(str, args)], capture_output=True, text=True, env=env,
                          cwd=cwd, timeout=3600)
     if res.returncode:
@@ -123,10 +123,11 @@ def main():
             got[name].append(row)
             print(r, name, json.dumps(row), file=sys.stderr, flush=True)
     ratios = {name: [x["wall_s"] / f["wall_s"] for x, f in zip(got[name], got["floor"])] for name in got}
-    print(f"N = {a.seq:,}, H = {a.heads}, D = {a.head_dim}, {a.dtype}, mask {a.mask}{', with the backward' if a.backward else ''}, "
-          f"{a.ranks} rank(s) (the floor: one process), {a.rounds} alternating rounds, medians (ratio: of the same round's floor)\n")
-    tables.header("what", "wall s", "x floor", "read s", "check s", "compute s", "write s", "start-up s",
-                  "waiting s", "max RSS GiB")
+    print(f"N = {a.seq:,}, H = {a.heads}, D = {a.head_dim}, {a.dtype}, mask {a.mask}"
+          f"{', with the backward' if a.backward else ''}, {a.ranks} rank(s) (the floor: one process), "
+          f"{a.rounds} alternating rounds, medians (ratio: of the same round's floor)\n")
+    tables.header("what", "wall s", "x floor", "read s", "check s", "upload s", "compute s", "download s",
+                  "write s", "start-up s", "waiting s", "max RSS GiB")
     for name, rows in got.items():
         def med(key):
             vals = [x[key] for x in rows if key in x]
@@ -134,7 +135,7 @@ def main():
         rss = [x["max_rss"] for x in rows if "max_rss" in x]
         tables.row(name, med("wall_s"), f"{statistics.median(ratios[name]):.2f} "
                    f"({min(ratios[name]):.2f}-{max(ratios[name]):.2f})", med("read_s"), med("check_s"),
-                   med("compute_s"), med("write_s"), med("startup_s"), med("wait_s"),
+                   med("upload_s"), med("compute_s"), med("download_s"), med("write_s"), med("startup_s"), med("wait_s"),
                    f"{statistics.median(rss) / 2**30:.2f}" if rss else "-")
     print(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rounds": got, "ratios": ratios}))
 

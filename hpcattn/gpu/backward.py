@@ -8,7 +8,8 @@ from ..errors import HpcattnError
 from .encode import check, device_mask, device_positions, listed_terms
 from .forward import row_strides
 from .loader import cupy, launch, wgmma_available
-from .shapes import BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_SHAPES, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_smem
+from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_SHAPES, bwd_names, bwd_smem, bwd_wg_name,
+                     bwd_wg_smem)
 
 
 def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False,

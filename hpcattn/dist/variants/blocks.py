@@ -36,9 +36,9 @@ def _pairs(qplan, kstarts, kruns, mask):
 def forward(q, qpos, qplan, k, v, kstarts, kruns, mask, scale, o, lse, progress=None):
     """Merge the block partial of q's rows over the keys k, v (runs starting at global
     positions kstarts) into (o, lse); returns (o, lse, edges). qplan: query_runs of qpos.
-    o = lse = None means no partial yet: the first one that covers every row becomes the state as it is (a merge with the
-    identity gives the same bits), else the state starts as the identity. progress() is called
-    between kernel calls, so posted transfers advance."""
+    o = lse = None means no partial yet: the first one that covers every row becomes the
+    state as it is (a merge with the identity gives the same bits), else the state starts as
+    the identity. progress() is called between kernel calls, so posted transfers advance."""
     edges = 0
     for qs, k0, ks in _pairs(qplan, kstarts, kruns, mask):
         po, pl, n = local.attend(q[:, :, :, qs], qpos[qs], k[:, :, ks], v[:, :, ks], k0, mask, scale)
