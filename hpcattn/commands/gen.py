@@ -1,6 +1,7 @@
 """`hpcattn gen`: reproducible random inputs, written in row chunks so size is bounded by disk."""
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -18,7 +19,8 @@ CHUNK_ELEMS = 1 << 24
 def generate(path, seq, queries=None, batch=1, heads=1, kv_heads=None, head_dim=64,
              dtype="float32", seed=0, backward=False, mask=None):
     """Write q, k, v (standard normal), q_positions when queries < seq (the last `queries`
-    positions: decoding), and do with backward. Same arguments give the same file."""
+    positions: decoding), and do with backward. Same arguments give the same file, whatever the
+    thread count: each row chunk draws from its own stream."""
     kv_heads = heads if kv_heads is None else kv_heads
     queries = seq if queries is None else queries
     if dtype not in FILE_DTYPES:
@@ -49,14 +51,26 @@ def generate(path, seq, queries=None, batch=1, heads=1, kv_heads=None, head_dim=
                   "v": (batch, seq, kv_heads, head_dim)}
         if backward:
             shapes["do"] = shapes["q"]
-        for i, (name, shape) in enumerate(shapes.items()):
-            rng = np.random.default_rng([seed, i])
-            ds = h5io.create(f, name, shape, dtype)
-            rows = max(1, CHUNK_ELEMS // (batch * shape[2] * head_dim))
-            for r0 in range(0, shape[1], rows):
-                r1 = min(shape[1], r0 + rows)
-                x = rng.standard_normal((batch, r1 - r0, *shape[2:]), dtype=np.float32)
-                h5io.write(ds, np.s_[:, r0:r1], x.astype(dtype))
+        workers = len(os.sched_getaffinity(0))
+        with ThreadPoolExecutor(workers) as pool:
+            for i, (name, shape) in enumerate(shapes.items()):
+                ds = h5io.create(f, name, shape, dtype)
+                rows = max(1, CHUNK_ELEMS // (batch * shape[2] * head_dim))
+                starts = range(0, shape[1], rows)
+
+                def chunk(c, i=i, shape=shape, rows=rows):
+                    rng = np.random.default_rng([seed, i, c])
+                    n = min(shape[1] - c * rows, rows)
+                    return rng.standard_normal((batch, n, *shape[2:]), dtype=np.float32).astype(dtype)
+                # chunks drawn in parallel from their own streams, written in order: a few in flight
+                ahead = 2 * workers
+                futures = [pool.submit(chunk, c) for c in range(min(ahead, len(starts)))]
+                for c, r0 in enumerate(starts):
+                    x = futures[c].result()
+                    futures[c] = None
+                    if c + ahead < len(starts):
+                        futures.append(pool.submit(chunk, c + ahead))
+                    h5io.write(ds, np.s_[:, r0:r0 + x.shape[1]], x)
         if edges is not None:
             write_csr(f, edges, seq)
         if queries != seq:

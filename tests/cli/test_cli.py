@@ -19,8 +19,12 @@ def gqa_f16(tmp_path_factory):
     return path
 
 
-def test_gen_is_reproducible_and_records_its_arguments(tmp_path):
-    for name in ("a.h5", "b.h5"):
+def test_gen_is_reproducible_and_records_its_arguments(tmp_path, monkeypatch):
+    """The same file from one thread or four, over many row chunks."""
+    from hpcattn.commands import gen
+    monkeypatch.setattr(gen, "CHUNK_ELEMS", 300)
+    for name, threads in (("a.h5", 1), ("b.h5", 4)):
+        monkeypatch.setattr(gen.os, "sched_getaffinity", lambda pid, n=threads: set(range(n)))
         assert main(["gen", str(tmp_path / name), "--seq", "50", "--queries", "3", "--batch", "2",
                      "--heads", "2", "--seed", "5", "--backward"]) == 0
     with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
