@@ -1,7 +1,8 @@
 """The GPU backward beside PyTorch's, in one process, in alternating rounds on the same inputs.
 
 Sides, for each (mask, N, D, dtype) on (1, N, H, D) tensors:
-  kernel       gpu.backward on head-major arrays (kernels/attend_bwd_mma.cu; a component figure)
+  kernel       gpu.backward on head-major arrays (its "auto" kernels; a component figure);
+               --kinds adds "kernel KIND" for each kernel_kind named (mma, wgmma)
   api          hpcattn.attention_backward on the caller's arrays (MPI.COMM_SELF): what a user calls
   flex / sdpa  FlexAttention's backward (torch.compile'd, same block mask) or, for dense causal,
                PyTorch SDPA's (its default backend): torch.autograd.grad of a kept forward graph
@@ -58,7 +59,7 @@ def peer_grad(spec, n, q, k, v, do):
     return name, fwd_only, bwd
 
 
-def case(spec, n, H, D, dtype, rounds, forward):
+def case(spec, n, H, D, dtype, rounds, forward, kinds):
     g = torch.Generator(device="cpu").manual_seed(0)
     tdt = getattr(torch, dtype)
     q, k, v, do = (torch.randn((1, n, H, D), generator=g).to(tdt).cuda() for _ in range(4))
@@ -78,6 +79,9 @@ def case(spec, n, H, D, dtype, rounds, forward):
     sides = {"kernel": lambda: gpu_backward(qh, pos, kh, vh, 0, mask, scale, doh, lse_h, delta, bf16=bf16),
              "api": lambda: hpcattn.attention_backward(aq, ak, av, o, lse, ado, mask=spec, comm=MPI.COMM_SELF),
              peer: peer_bwd}
+    for kind in kinds:
+        sides[f"kernel {kind}"] = lambda kind=kind: gpu_backward(qh, pos, kh, vh, 0, mask, scale, doh, lse_h, delta,
+                                                                 bf16=bf16, kernel_kind=kind)
     if forward:
         sides["fwd kernel"] = lambda: local.attend(qh, pos, kh, vh, 0, mask, scale, out=cp.empty_like(qh))
         sides[f"{peer} fwd"] = peer_fwd
@@ -85,9 +89,9 @@ def case(spec, n, H, D, dtype, rounds, forward):
     edges = first["kernel"][3]
     ref = [x.float() for x in first[peer]]
     diff = {}
-    for name in ("kernel", "api"):
+    for name in ("kernel", "api", *(f"kernel {kind}" for kind in kinds)):
         got = [_tensor(x).float() for x in first[name][:3]]
-        if name == "kernel":
+        if name != "api":
             got = [got[0][:, :, 0].transpose(1, 2), got[1].transpose(1, 2), got[2].transpose(1, 2)]
         diff[name] = {w: float((a - b).abs().max() / b.abs().max()) for w, a, b in zip(("dq", "dk", "dv"), got, ref)}
     times = {name: [] for name in sides}
@@ -101,7 +105,7 @@ def case(spec, n, H, D, dtype, rounds, forward):
     med = {name: float(np.median(ts)) * 1e3 for name, ts in times.items()}
     flop = 2.5 * 4 * edges * D * H
     row = {"mask": spec, "N": n, "H": H, "D": D, "dtype": dtype, "ms": med, "edges_per_head": edges,
-           "bwd TFLOP/s": {s: flop / med[s] * 1e-9 for s in ("kernel", "api", peer)},
+           "bwd TFLOP/s": {s: flop / med[s] * 1e-9 for s in sides if "fwd" not in s},
            f"{peer}/kernel": med[peer] / med["kernel"], f"{peer}/api": med[peer] / med["api"],
            "max rel diff vs peer": diff}
     if forward:
@@ -117,11 +121,13 @@ def main():
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--forward", action="store_true")
+    ap.add_argument("--kinds", default="", help="comma-separated kernel_kinds timed beside auto, e.g. mma,wgmma")
     a = ap.parse_args()
     for c in a.cases.split(","):
         spec, n, D = c.rsplit(":", 2)
         for dtype in a.dtypes.split(","):
-            print(json.dumps(case(spec, int(n), a.heads, int(D), dtype, a.rounds, a.forward)), flush=True)
+            print(json.dumps(case(spec, int(n), a.heads, int(D), dtype, a.rounds, a.forward,
+                                  [k for k in a.kinds.split(",") if k])), flush=True)
 
 
 if __name__ == "__main__":

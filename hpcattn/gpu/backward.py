@@ -20,8 +20,8 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     rowsum(dO * O). Implicit mask terms only (random/csr backward stays on the CPU for now).
     kernel_kind: "mma" (tensor cores: float16/bfloat16, D in BWD_DIMS, scale > 0), "wgmma" (the
     same with Hopper's warpgroup MMA for dk and dv: D in BWD_WG_DIMS, compute capability 9.0),
-    "simt" (any dtype, D <= 256) or "auto" (mma where it applies, else simt). Each gives the same
-    bits on every rerun."""
+    "simt" (any dtype, D <= 256) or "auto" (wgmma, else mma, where it applies, else simt). Each
+    gives the same bits on every rerun."""
     cp = cupy()
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
@@ -33,7 +33,7 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     tensor = _tensor_fits(ctype, D, scale)
     if kernel_kind in ("mma", "wgmma") and not tensor:
         raise HpcattnError(f"the tensor-core backward takes float16/bfloat16 with D in {BWD_DIMS} and scale > 0")
-    hopper = _hopper(kernel_kind, D)
+    hopper = tensor and _hopper(kernel_kind, D)
     dq = cp.zeros(q.shape, dtype=cp.float32) if dq is None else dq
     dk = cp.zeros(k.shape, dtype=cp.float32) if dk is None else dk
     dv = cp.zeros(k.shape, dtype=cp.float32) if dv is None else dv
@@ -100,7 +100,10 @@ def _tensor_fits(ctype, D, scale):
 
 
 def _hopper(kernel_kind, D):
-    """Whether dk and dv go to attend_bwd_kv_wg (kernel_kind "wgmma"; refused where it cannot run)."""
+    """Whether dk and dv go to attend_bwd_kv_wg: kernel_kind "wgmma" (refused where it cannot
+    run), or "auto" on a compute capability 9.0 device with D in BWD_WG_DIMS."""
+    if kernel_kind == "auto":
+        return D in BWD_WG_DIMS and wgmma_available()
     if kernel_kind != "wgmma":
         return False
     if D not in BWD_WG_DIMS or not wgmma_available():
