@@ -8,8 +8,8 @@ from ..errors import HpcattnError
 from .encode import check, device_mask, device_positions, listed_terms
 from .forward import row_strides
 from .loader import cupy, launch, wgmma_available
-from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_SHAPES, bwd_names, bwd_smem, bwd_wg_name,
-                     bwd_wg_smem)
+from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_AUTO, BWD_WG_DIMS, BWD_WG_SHAPES, bwd_names, bwd_smem,
+                     bwd_wg_name, bwd_wg_smem)
 
 
 def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False,
@@ -101,9 +101,9 @@ def _tensor_fits(ctype, D, scale):
 
 def _hopper(kernel_kind, D):
     """Whether dk and dv go to attend_bwd_kv_wg: kernel_kind "wgmma" (refused where it cannot
-    run), or "auto" on a compute capability 9.0 device with D in BWD_WG_DIMS."""
+    run), or "auto" on a compute capability 9.0 device with D in BWD_WG_AUTO."""
     if kernel_kind == "auto":
-        return D in BWD_WG_DIMS and wgmma_available()
+        return D in BWD_WG_AUTO and wgmma_available()
     if kernel_kind != "wgmma":
         return False
     if D not in BWD_WG_DIMS or not wgmma_available():

@@ -36,6 +36,7 @@ BWD_ROWS = 64  # BM in kernels/bwd.cuh: query rows per tile of attend_bwd_kv (an
 # against attend_bwd_kv
 BWD_WG_SHAPES = {64: (2, 1), 128: (2, 1)}
 BWD_WG_DIMS = tuple(BWD_WG_SHAPES)
+BWD_WG_AUTO = (128,)  # where kernel_kind "auto" takes it: 1.07-1.23x attend_bwd_kv at D = 128, 0.95-1.00x at 64
 
 
 def bwd_names(ctype, D, otype, shape=None):
