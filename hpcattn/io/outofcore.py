@@ -198,7 +198,8 @@ def _shaped(flat, shape):
 
 
 class Buffers:
-    """One chunk's reusable host arrays: input (q rows, key rows, check scratch) or output (o, lse)."""
+    """One chunk's reusable host arrays: input (q and do rows, key rows, check scratch) or
+    output (o, lse, dq)."""
 
     def __init__(self, xp, meta, rows, key_rows, side, backward=False):
         B, H, Hkv, D, dt = meta["B"], meta["H"], meta["Hkv"], meta["D"], meta["dtype"]
@@ -212,6 +213,8 @@ class Buffers:
         else:
             self.o = _host_empty(xp, B * rows * H * D, dt)
             self.lse = _host_empty(xp, B * H * rows, np.float32)
+            if backward:
+                self.dq = _host_empty(xp, B * rows * H * D, dt)
 
     def nbytes(self):
         return sum(x.nbytes for x in vars(self).values())
@@ -224,7 +227,7 @@ class Chunk:
     def __init__(self, index, a, b, own=True):
         self.index, self.a, self.b, self.own = index, a, b, own
         self.q = self.do = self.pos = self.keys = None
-        self.spans, self.read_s, self.check_s, self.problem = [], 0.0, 0.0, None
+        self.spans, self.read_s, self.check_s, self.upload_s, self.problem = [], 0.0, 0.0, 0.0, None
 
 
 def read_chunk(src, mask, item, key_limit, buf):
@@ -292,15 +295,56 @@ def _key_blocks(src, spans, key_limit, st):
 
 
 class Device:
-    """The compute stage's array module and its host <-> device copies (timed). On the host the
-    copies are the arrays themselves; on the GPU, uploads of the (pinned) chunk buffers and
-    downloads into them, synchronous, so a buffer is free again when its chunk is done."""
+    """The compute stage's array module and its host <-> device copies. On the host the copies
+    are the arrays themselves. On the GPU each copy has its own stream, so copies overlap the
+    kernels of the chunks before and after: `stage` (read thread) puts a chunk's rows into one
+    of two reusable device buffer sets, once the kernels that read that set last are done;
+    `down` starts a result's copy into a pinned buffer, which the write stage waits for
+    (`take` hands it the copies started). `up` and `host` stay synchronous (the rare key-block
+    pass, the dk and dv rows)."""
 
     def __init__(self, xp, st):
-        self.xp, self.st = xp, st
+        self.xp, self.st, self.gpu = xp, st, xp is not np
+        self.started, self.landed_s = [], []  # downloads not yet handed out; seconds of those landed
+        if self.gpu:
+            self.device = xp.cuda.Device()
+            self.up_stream, self.down_stream = (xp.cuda.Stream(non_blocking=True) for _ in "ud")
+            self.twins, self.free = {}, {}  # slot -> {buffer name: device twin}, slot -> event
+
+    def stage(self, c, buf, slot):
+        """(read thread) Chunk c's q, do and key rows, read into host buffer set `buf`, on the
+        device in slot's buffers; c is returned with device arrays in their place."""
+        if not self.gpu or c.problem:
+            return c
+        t = time.perf_counter()
+        with phase("upload", READ_TRACK), self.device, self.up_stream as s:
+            if slot in self.free:
+                s.wait_event(self.free[slot])
+            twins = self.twins.setdefault(slot, {})
+
+            def up(x, name):
+                flat = getattr(buf, name)
+                if name not in twins:
+                    twins[name] = self.xp.empty(flat.size, flat.dtype)
+                at = (x.ctypes.data - flat.ctypes.data) // x.itemsize  # x is a view of flat
+                y = twins[name][at:at + x.size].reshape(x.shape)
+                y.set(x, stream=s)
+                return y
+            c.q = up(c.q, "q")
+            c.do = None if c.do is None else up(c.do, "do")
+            c.keys = None if c.keys is None else [(k0, up(k, "k"), up(v, "v")) for k0, k, v in c.keys]
+            s.synchronize()
+        c.upload_s = time.perf_counter() - t
+        return c
+
+    def done(self, slot):
+        """(compute thread) The kernels queued so far are the last to read slot's buffers."""
+        if self.gpu:
+            self.free[slot] = self.xp.cuda.Event(disable_timing=True)
+            self.free[slot].record()
 
     def up(self, x):
-        if self.xp is np:
+        if not self.gpu:
             return x
         t = time.perf_counter()
         y = self.xp.asarray(x)
@@ -308,17 +352,41 @@ class Device:
         return y
 
     def down(self, x, out):
-        t = time.perf_counter()
-        if self.xp is np:
+        """Copy x into the host buffer out: at once on the host, started on the GPU."""
+        if not self.gpu:
             if x is not out:
                 out[...] = x
             return
-        x.get(out=out)
-        self.st["download_s"] += time.perf_counter() - t
+        x = self.xp.ascontiguousarray(x)
+        ev = [self.xp.cuda.Event() for _ in range(3)]
+        ev[0].record()  # x is complete on the compute stream
+        self.down_stream.wait_event(ev[0])
+        ev[1].record(self.down_stream)
+        x.get(out=out, stream=self.down_stream, blocking=False)
+        ev[2].record(self.down_stream)
+        self.started.append((x, ev[1], ev[2]))  # x is kept alive until its copy has landed
+
+    def take(self):
+        """A wait() for the downloads started since the last take (the write stage calls it
+        before it reads their buffers)."""
+        started, self.started = self.started, []
+
+        def wait():
+            for _, start, end in started:
+                with phase("download", WRITE_TRACK):
+                    end.synchronize()
+                self.landed_s.append(self.xp.cuda.get_elapsed_time(start, end) / 1e3)
+            started.clear()
+        return wait
+
+    def fold(self):
+        """(compute thread, outside the compute stage) Count the landed downloads' seconds."""
+        while self.landed_s:
+            self.st["download_s"] += self.landed_s.pop()
 
     def host(self, x):
         """x on the host (a new array on the GPU backend)."""
-        if self.xp is np:
+        if not self.gpu:
             return x
         t = time.perf_counter()
         y = x.get()
@@ -340,9 +408,10 @@ def _attend_blocks(dev, qh, pos, blocks, mask, scale, hkv, st):
 
 
 def compute_chunk(src, c, mask, scale, meta, key_limit, st, dev, buf):
-    """o (B, n, H, D) in the input dtype and lse (B, H, n) float32 of one chunk, in `buf`. One
-    key block (a window's span): the kernel writes o in place, as the in-memory call does, so
-    the bits do not depend on the chunk size; several blocks merge in float32."""
+    """o (B, n, H, D) in the input dtype and lse (B, H, n) float32 of one chunk, as arrays of
+    the compute stage, and (own rows) their copies started into `buf`. One key block (a
+    window's span): the kernel writes o in place, as the in-memory call does, so the bits do
+    not depend on the chunk size; several blocks merge in float32."""
     B, H, Hkv, D, N = meta["B"], meta["H"], meta["Hkv"], meta["D"], meta["N"]
     n, xp = c.b - c.a, dev.xp
     o_host, lse_host = _shaped(buf.o, (B, n, H, D)), _shaped(buf.lse, (B, H, n))
@@ -356,24 +425,25 @@ def compute_chunk(src, c, mask, scale, meta, key_limit, st, dev, buf):
         _, lse, edges = attend(qh, c.pos, heads(dev.up(k), Hkv)[:, :, 0], heads(dev.up(v), Hkv)[:, :, 0],
                                k0, mask, scale, out=heads(o, Hkv))
         st["edges"] += int(edges)
+    else:
+        local = ~glob
+        oh, lse = empty_state(xp, qh.shape[:-1], D)
+        if local.any():
+            blocks = c.keys if c.keys is not None else _key_blocks(src, c.spans, key_limit, st)
+            sel = slice(None) if glob.sum() == 0 else xp.asarray(np.flatnonzero(local))
+            lo, ll = _attend_blocks(dev, qh[:, :, :, sel], c.pos[local], blocks, mask, scale, Hkv, st)
+            oh[:, :, :, sel], lse[:, :, :, sel] = lo, ll
+        if glob.any():  # global query rows reach every key: stream the whole sequence
+            sel = xp.asarray(np.flatnonzero(glob))
+            go, gl = _attend_blocks(dev, qh[:, :, :, sel], c.pos[glob], _key_blocks(src, [(0, N)], key_limit, st),
+                                    mask, scale, Hkv, st)
+            oh[:, :, :, sel], lse[:, :, :, sel] = go, gl
+        o = from_heads(oh, meta["dtype"])
+    lse = lse.reshape(B, H, n)
+    if c.own:
         dev.down(o, o_host)
-        dev.down(xp.ascontiguousarray(lse.reshape(B, H, n)), lse_host)
-        return o_host, lse_host
-    local = ~glob
-    o, lse = empty_state(xp, qh.shape[:-1], D)
-    if local.any():
-        blocks = c.keys if c.keys is not None else _key_blocks(src, c.spans, key_limit, st)
-        sel = slice(None) if glob.sum() == 0 else xp.asarray(np.flatnonzero(local))
-        lo, ll = _attend_blocks(dev, qh[:, :, :, sel], c.pos[local], blocks, mask, scale, Hkv, st)
-        o[:, :, :, sel], lse[:, :, :, sel] = lo, ll
-    if glob.any():  # global query rows reach every key: stream the whole sequence
-        sel = xp.asarray(np.flatnonzero(glob))
-        go, gl = _attend_blocks(dev, qh[:, :, :, sel], c.pos[glob], _key_blocks(src, [(0, N)], key_limit, st),
-                                mask, scale, Hkv, st)
-        o[:, :, :, sel], lse[:, :, :, sel] = go, gl
-    dev.down(from_heads(o, meta["dtype"]), o_host)
-    dev.down(xp.ascontiguousarray(lse.reshape(B, H, n)), lse_host)
-    return o_host, lse_host
+        dev.down(lse, lse_host)
+    return o, lse
 
 
 class KeyGrads:
@@ -417,14 +487,14 @@ class KeyGrads:
         return items
 
 
-def backward_chunk(src, c, o, lse, mask, scale, meta, key_limit, st, dev, grads):
-    """The gradients of one chunk's rows, given its forward (o, lse host buffers): dq (file
-    rows, file dtype; None for rows that are not this rank's) and its share of dk and dv, added
-    into `grads` (KeyGrads)."""
+def backward_chunk(src, c, o, lse, mask, scale, meta, key_limit, st, dev, grads, buf):
+    """The gradients of one chunk's rows, given its forward (o, lse from compute_chunk): dq
+    (rows, file dtype; its copy started into `buf`; None for rows that are not this rank's)
+    and its share of dk and dv, added into `grads` (KeyGrads)."""
     B, H, Hkv, D = meta["B"], meta["H"], meta["Hkv"], meta["D"]
     n = c.b - c.a
     qh, doh, oh = (heads(dev.up(x), Hkv) for x in (c.q, c.do, o))
-    lse = dev.up(lse).reshape(B, Hkv, H // Hkv, n)
+    lse = lse.reshape(B, Hkv, H // Hkv, n)
     delta = grad.row_delta(doh, oh)
     dq = None
     for k0, k, v in (c.keys if c.keys is not None else _key_blocks(src, c.spans, key_limit, st)):
@@ -434,9 +504,12 @@ def backward_chunk(src, c, o, lse, mask, scale, meta, key_limit, st, dev, grads)
         grads.add(k0, dk, dv)
     if not c.own:
         return None
+    out = _shaped(buf.dq, (B, n, H, D))
     if dq is None:  # rows that reach no key
-        return np.zeros((B, n, H, D), meta["dtype"])
-    return dev.host(from_heads(dq, meta["dtype"]))
+        out[...] = 0
+    else:
+        dev.down(from_heads(dq, meta["dtype"]), out)
+    return out
 
 
 def work_items(mine, rows, Nq, share, h, backward):
@@ -519,20 +592,24 @@ class Writer:
         self.pool = ThreadPoolExecutor(1, "hpcattn-write") if out.rows is not None else None
         self.flight = []  # futures of the chunks being written, oldest first
 
-    def _put(self, data, flag):
+    def _put(self, data, flag, landed):
+        landed()
         t = time.perf_counter()
         with phase("write", WRITE_TRACK):
             problem = self.out.put(data) or self.out.put(flag)  # data first: a crash never flags unwritten rows
         self.st["write_s"] += time.perf_counter() - t
         return problem
 
-    def submit(self, data, flag):
+    def submit(self, data, flag, landed):
         """Write a step's output items (name, rows, array), then its done flags (none: take
-        part in the collective writes only)."""
+        part in the collective writes only), once landed() says their copies are in."""
         if self.pool is not None:
             if data:
-                self.flight.append(self.pool.submit(self._put, data, flag))
+                self.flight.append(self.pool.submit(self._put, data, flag, landed))
+            else:
+                landed()
             return
+        landed()
         t = time.perf_counter()
         with phase("write"):
             self.out.write(data)
@@ -655,7 +732,7 @@ def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, grid, resumable
     grads = KeyGrads(dev, meta, *share) if backward else None
     n_in, n_out = min(2, len(items)), min(2, len(items))
     ins = [Buffers(dev.xp, meta, rows, key_limit, "in", backward) for _ in range(n_in)]
-    outs = [Buffers(dev.xp, meta, rows, key_limit, "out") for _ in range(n_out)]
+    outs = [Buffers(dev.xp, meta, rows, key_limit, "out", backward) for _ in range(n_out)]
     st["buffer_bytes"] = sum(b.nbytes() for b in ins + outs)
     src = collectively(comm, Source, in_path, meta)
     progress = Progress(comm, grid[1] - grid[0], grid[1] - grid[0] - len(mine), on=resumable)
@@ -665,7 +742,8 @@ def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, grid, resumable
     def fetch(i):
         if i >= len(items):
             return None
-        return reader.submit(read_chunk, src, mask, items[i], key_limit, ins[i % 2])
+        return reader.submit(lambda: dev.stage(read_chunk(src, mask, items[i], key_limit, ins[i % 2]), ins[i % 2],
+                                               i % 2))
 
     late = None  # a problem found while computing, agreed on at the next step
     try:
@@ -682,29 +760,34 @@ def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, grid, resumable
             agree(comm, problem)
             st["wait_s"] += time.perf_counter() - t
             data, flag = [], []
+            dev.fold()
             if chunk is not None:
                 st["read_s"] += chunk.read_s
                 st["check_s"] += chunk.check_s
+                st["upload_s"] += chunk.upload_s
                 st["kv_rows"] += sum(k.shape[1] for _, k, _ in chunk.keys or ())
                 t, other = time.perf_counter(), _aside(st)
                 try:
                     with phase("local"):
-                        o, lse = compute_chunk(src, chunk, mask, scale, meta, key_limit, st, dev, outs[step % 2])
+                        buf = outs[step % 2]
+                        o, lse = compute_chunk(src, chunk, mask, scale, meta, key_limit, st, dev, buf)
                         rows_ab = (chunk.a, chunk.b)
                         if chunk.own:
-                            data = [("o", rows_ab, o), ("lse", rows_ab, lse)]
+                            data = [("o", rows_ab, _shaped(buf.o, o.shape)),
+                                    ("lse", rows_ab, _shaped(buf.lse, lse.shape))]
                         if resumable and chunk.own:
                             flag = [("chunks_done", (chunk.index, chunk.index + 1), np.ones(1, np.uint8))]
                         if backward:
-                            dq = backward_chunk(src, chunk, o, lse, mask, scale, meta, key_limit, st, dev, grads)
+                            dq = backward_chunk(src, chunk, o, lse, mask, scale, meta, key_limit, st, dev, grads, buf)
                             data += [("dq", rows_ab, dq)] if chunk.own else []
                             # keys no later chunk reaches are done
                             data += grads.final(items[step + 1][1] - h if step + 1 < len(items) else share[1])
                 except HpcattnError as e:  # a bad key met in a pass over key blocks: agreed next step
                     late, chunk, data, flag = str(e), None, [], []
+                dev.done(step % 2)
                 # the kernels alone: reads and checks of key blocks and copies inside are counted apart
                 st["compute_s"] += time.perf_counter() - t - (_aside(st) - other)
-            writer.submit(data, flag)  # chunk i is written while chunk i+1 computes
+            writer.submit(data, flag, dev.take())  # chunk i is written while chunk i+1 computes
             if chunk is not None and chunk.own:
                 progress.step(chunk.b - chunk.a, st)
             if crash_after and step + 1 >= crash_after:
