@@ -180,9 +180,9 @@ __device__ __forceinline__ void q_block_spans(const long long* __restrict__ mask
 // The query-major pass on Hopper: attend_bwd_q's drop-in (its arguments, contract, mask handling,
 // edge count and rounding of P and dS to the input dtype). A block owns 64 NWG query rows of one
 // query head, a warpgroup per 64 rows, keeps their q and dO rows in shared memory and walks the
-// 64-key tiles the block's rows reach, K and V in a ring of ST buffers filled with cp.async one
-// tile ahead per buffer, as attend_bwd_q does; a warpgroup computes only the tiles its own rows'
-// key spans reach. Per tile, each warpgroup runs S = Q K^T and dP = dO V^T as wgmma m64n64k16 with both
+// 64-key tiles the block's rows reach, K and V in a ring of ST buffers filled with cp.async
+// ST - 1 tiles ahead, as attend_bwd_q does (with one barrier per tile); a warpgroup computes only
+// the tiles its own rows' key spans reach. Per tile, each warpgroup runs S = Q K^T and dP = dO V^T as wgmma m64n64k16 with both
 // operands K-major in shared memory, then dQ += dS K as wgmma m64nDk16 with dS packed from the
 // accumulators in registers and K read N-major from the same tile (FlashAttention-3's dQ
 // without its producer warpgroup and atomics: each block owns its rows' dq). dq stays in
@@ -232,7 +232,8 @@ attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, con
         cp_wait<0>();
         return;
     }
-    // K/V tiles [c0, c0 + 64) of the spans in order, fetched ST - 1 ahead of compute
+    // K/V tiles [c0, c0 + 64) of the spans in order, tile i + ST - 1 fetched once tile i - 1's
+    // buffer is free (one barrier per tile)
     int sp = 0, fsp = 0;
     long long c0 = nsp ? lo_s[0] : 0, fc0 = c0;
     auto fetch = [&](int b) {
@@ -283,10 +284,10 @@ attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, con
 
     for (int buf = 0; sp < nsp; buf = buf + 1 == ST ? 0 : buf + 1) {
         const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
-        fetch(buf == 0 ? ST - 1 : buf - 1);  // the buffer of the tile before, free since the last barrier
-        cp_wait<ST - 1>();
-        proxy_fence();  // the landed copies, before wgmma reads them through the async proxy
-        __syncthreads();
+        cp_wait<ST - 2>();  // this tile (the ST - 2 newer groups may be in flight)
+        proxy_fence();      // the landed copies, before wgmma reads them through the async proxy
+        __syncthreads();    // ... for every thread; and every warpgroup is done with the tile before
+        fetch(buf == 0 ? ST - 1 : buf - 1);  // so its buffer takes the tile ST - 1 ahead
         while (ws < wn && whi[ws] <= c0) ++ws;
         if (ws < wn && wlo[ws] < c0 + nkt) {  // uniform over the warpgroup, as wgmma needs
             const unsigned kb = buf * 2 * TILE * (unsigned)sizeof(T);  // the buffer's byte offset
@@ -318,10 +319,9 @@ attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, con
             for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is 16 keys; K is N-major, atoms of 64 d's
                 Wgmma<T, D, 1>::run(dqa, da[kk], wg_desc(kn, kb + kk * 16 * 128), 1);  // dQ += dS K
             wg_commit();
-            wgmma_wait<0>();  // before the buffer is refilled and da is overwritten
+            wgmma_wait<0>();  // before the next barrier (the buffer is then refilled) and da is overwritten
             fence_regs(dqa);
         }
-        __syncthreads();  // every warpgroup is done with this buffer before it is refilled
         next_tile(sp, c0, nsp, lo_s, hi_s);
     }
     cp_wait<0>();
