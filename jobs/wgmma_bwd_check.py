@@ -1,13 +1,16 @@
-"""Check and time kernels/attend_bwd_wgmma.cu's attend_bwd_kv_wg (Hopper, sm_90a) against
-attend_bwd_kv (kernels/attend_bwd_mma.cu) on the same inputs, both launched as
-hpcattn.gpu.backward._tensor launches attend_bwd_kv. Correctness at small sizes: several masks,
-G = 1 and 2, uneven row counts, positions none (row r at r), sorted with gaps (and a key offset)
-or shuffled (rows_unsorted's fallback), float16 and bfloat16, D = 64 and 128, dk and dv added
-into float32 sums and written in the input dtype: max absolute and relative difference of dk and
-dv, and the same bits on a rerun. Then ms per launch of each kernel alone (CUDA events, median
-of 5) on large head-major float16 inputs and the speed-up. A FAIL line and exit status 1 on
-any mismatch; one JSON line per figure.
-    PYTHONPATH=$PWD python3 jobs/wgmma_bwd_check.py [--shapes 2:1,1:2] [--cases window:256:262144:64]"""
+"""Check and time kernels/attend_bwd_wgmma.cu's Hopper (sm_90a) kernels against
+kernels/attend_bwd_mma.cu's on the same inputs: attend_bwd_kv_wg against attend_bwd_kv (dk, dv)
+and attend_bwd_q_wg against attend_bwd_q (dq and the edge count), each launched as
+hpcattn.gpu.backward._tensor launches it. Correctness at small sizes: several masks, G = 1 and
+2, uneven row counts, positions none (row r at r), sorted with gaps (and a key offset) or
+shuffled (rows_unsorted's fallback), float16 and bfloat16, D = 64 and 128, gradients added into
+float32 sums and written in the input dtype: max absolute and relative difference of dk, dv and
+dq, the same bits on a rerun, and the edge count exactly attend_bwd_q's (and the mask's). Then
+ms per launch of each kernel alone (CUDA events, median of 5) on large head-major float16
+inputs and the speed-up. A FAIL line and exit status 1 on any mismatch; one JSON line per
+figure.
+    PYTHONPATH=$PWD python3 jobs/wgmma_bwd_check.py [--shapes 2:1,1:2] [--qshapes 2:2:1,3:2:1]
+        [--cases window:256:262144:64]"""
 import argparse
 import json
 import math
@@ -18,7 +21,8 @@ import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import encode, forward, loader
-from hpcattn.gpu.shapes import BWD_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_smem
+from hpcattn.gpu.shapes import (BWD_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_names, bwd_smem, bwd_wg_name,
+                                bwd_wg_q_name, bwd_wg_q_smem, bwd_wg_smem)
 from hpcattn.masks import parse
 
 MASKS = ("window:256", "causal", "causal+window:512", "block:128", "global:3+window:64", "dilated:32:4")
@@ -56,6 +60,28 @@ class Kv:
                shared_mem=self.smem)
 
 
+class Qm:
+    """One query-major kernel (name, blocks of `rows` query rows, `threads` threads, smem bytes),
+    launched as _tensor launches attend_bwd_q: grid (ceil(nq / rows), B Hkv G)."""
+
+    def __init__(self, f, rows, threads, smem):
+        self.f, self.rows, self.threads, self.smem = f, rows, threads, smem
+        if smem > 48 * 1024:
+            f.max_dynamic_shared_size_bytes = smem
+
+    def __call__(self, args, dq, edges, words, tail, nq, heads):
+        self.f((-(-nq // self.rows), heads), (self.threads,), args + (dq, edges, words) + tail, shared_mem=self.smem)
+
+
+def q_kernels(mod, ct, D, otype, qshapes):
+    """(reference attend_bwd_q, [(shape, attend_bwd_q_wg from mod)]) for one dtype, head dim and
+    output type."""
+    wq = BWD_SHAPES[D][3]
+    ref = Qm(loader.kernel(bwd_names(ct, D, otype)[1]), 16 * wq, 32 * wq, bwd_smem(D)[1])
+    return ref, [(s, Qm(mod.get_function(bwd_wg_q_name(ct, D, otype, s)), 64 * s[0], 128 * s[0],
+                        bwd_wg_q_smem(D, s))) for s in qshapes]
+
+
 def kernels(mod, ct, D, otype, shapes):
     """(reference attend_bwd_kv, [(shape, attend_bwd_kv_wg from mod)]) for one dtype, head dim
     and output type."""
@@ -70,12 +96,29 @@ def tail_args(nq, nk, G, k0, scale, q, k, heads):
             + tuple(np.int64(x) for x in (*forward.row_strides(q), *forward.row_strides(k))) + (np.int32(heads),))
 
 
-def check(mod, dtype, D, shapes, failures):
+def compare(row, names, got, want, again, init, otype, dtype):
+    """Adds name_diff, _rel, _rerun_same, _finite to row for each gradient; whether all pass."""
+    ok = True
+    for i, name in enumerate(names):
+        a, b, c = got[i], want[i], again[i]
+        a32, b32 = as_f32(a), as_f32(b)
+        diff = float(cp.abs(a32 - b32).max())
+        grad = b32 - init[i] if otype == "float" else b32  # this launch's share
+        rel = diff / max(float(cp.abs(grad).max()), 1e-30)
+        same = bool((a.view(cp.uint8) == c.view(cp.uint8)).all())
+        finite = bool(cp.isfinite(a32).all())
+        row.update({f"{name}_diff": diff, f"{name}_rel": rel, f"{name}_rerun_same": same, f"{name}_finite": finite})
+        ok = ok and rel <= TOL[dtype] and same and finite
+    return ok
+
+
+def check(mod, dtype, D, shapes, qshapes, failures):
     ct = CTYPES[dtype]
     bf = dtype == "bfloat16"
     scale = 1 / math.sqrt(D)
     for otype in ("float", ct):
         ref, news = kernels(mod, ct, D, otype, shapes)
+        qref, qnews = q_kernels(mod, ct, D, otype, qshapes)
         for spec in MASKS:
             mask = parse(spec)
             words = cp.asarray(encode.mask_words(mask))
@@ -102,6 +145,7 @@ def check(mod, dtype, D, shapes, failures):
                     args = (q, dpos, k, v, do, lse, delta)
                     tail = tail_args(nq, nk, G, k0, scale, q, k, Hkv * G)
                     init = r.standard_normal((2,) + k.shape, dtype=cp.float32)  # what TO = float adds into
+                    qinit = r.standard_normal((1,) + q.shape, dtype=cp.float32)
 
                     def run(kv):
                         if otype == "float":
@@ -111,30 +155,43 @@ def check(mod, dtype, D, shapes, failures):
                         kv(args, dk, dv, words, unsorted, tail, nk, Hkv)
                         return dk, dv
 
+                    def run_q(qk):
+                        if otype == "float":
+                            dq = qinit[0].copy()
+                        else:
+                            dq = cp.full(q.shape, 0xFFFF, cp.uint16).view(q.dtype)  # NaN
+                        edges = cp.zeros(1, dtype=cp.uint64)
+                        qk(args, dq, edges, words, tail, nq, Hkv * G)
+                        return (dq,), int(edges.get()[0])
+
                     want = run(ref)
                     for shape, kv in news:
                         got, again = run(kv), run(kv)
-                        row = {"check": spec, "dtype": dtype, "D": D, "TO": otype, "G": G, "positions": pos,
-                               "shape": shape}
-                        ok = True
-                        for i, name in enumerate(("dk", "dv")):
-                            a, b, c = got[i], want[i], again[i]
-                            a32, b32 = as_f32(a), as_f32(b)
-                            diff = float(cp.abs(a32 - b32).max())
-                            grad = b32 - init[i] if otype == "float" else b32  # this launch's share
-                            rel = diff / max(float(cp.abs(grad).max()), 1e-30)
-                            same = bool((a.view(cp.uint8) == c.view(cp.uint8)).all())
-                            finite = bool(cp.isfinite(a32).all())
-                            row.update({f"{name}_diff": diff, f"{name}_rel": rel, f"{name}_rerun_same": same,
-                                        f"{name}_finite": finite})
-                            ok = ok and rel <= TOL[dtype] and same and finite
+                        row = {"check": spec, "kernel": "attend_bwd_kv_wg", "dtype": dtype, "D": D, "TO": otype,
+                               "G": G, "positions": pos, "shape": shape}
+                        ok = compare(row, ("dk", "dv"), got, want, again, init, otype, dtype)
+                        print(json.dumps(row), flush=True)
+                        if not ok:
+                            failures.append(row)
+                            print(f"FAIL {json.dumps(row)}", flush=True)
+
+                    qwant, ewant = run_q(qref)
+                    # one head's edges (the kernels count head 0's): the mask's pairs
+                    emask = int(mask.allowed(qpos[:, None], k0 + np.arange(nk)[None, :]).sum())
+                    for shape, qk in qnews:
+                        (got, egot), (again, eagain) = run_q(qk), run_q(qk)
+                        row = {"check": spec, "kernel": "attend_bwd_q_wg", "dtype": dtype, "D": D, "TO": otype,
+                               "G": G, "positions": pos, "shape": shape, "edges": egot, "edges_ref": ewant,
+                               "edges_mask": emask}
+                        ok = compare(row, ("dq",), got, qwant, again, qinit, otype, dtype)
+                        ok = ok and egot == ewant == eagain == emask
                         print(json.dumps(row), flush=True)
                         if not ok:
                             failures.append(row)
                             print(f"FAIL {json.dumps(row)}", flush=True)
 
 
-def bench(mod, case, shapes):
+def bench(mod, case, shapes, qshapes):
     spec, n, D = case.rsplit(":", 2)
     n, D = int(n), int(D)
     H, scale = 8, 1 / math.sqrt(D)
@@ -163,6 +220,19 @@ def bench(mod, case, shapes):
                               "ms": ms, "TFLOP/s": flop / ms * 1e-9, "speedup": ms_ref / ms}), flush=True)
             print(f"{case} TO={otype} wg{shape}: {ms:.3f} ms vs attend_bwd_kv {ms_ref:.3f} ms, "
                   f"speed-up {ms_ref / ms:.2f}x", flush=True)
+        qref, qnews = q_kernels(mod, "__half", D, otype, qshapes)
+        qflop = 3 * 2 * edges * D * H  # S, dP, dQ
+        dq = cp.zeros(q.shape, cp.float32 if otype == "float" else cp.float16)
+        count = cp.zeros(1, dtype=cp.uint64)
+        ms_ref = timed(lambda: qref(args, dq, count, words, tail, n, H)) * 1e3
+        print(json.dumps({"bench": case, "H": H, "TO": otype, "kernel": "attend_bwd_q", "shape": BWD_SHAPES[D][3:],
+                          "ms": ms_ref, "TFLOP/s": qflop / ms_ref * 1e-9}), flush=True)
+        for shape, qk in qnews:
+            ms = timed(lambda: qk(args, dq, count, words, tail, n, H)) * 1e3
+            print(json.dumps({"bench": case, "H": H, "TO": otype, "kernel": "attend_bwd_q_wg", "shape": shape,
+                              "ms": ms, "TFLOP/s": qflop / ms * 1e-9, "speedup": ms_ref / ms}), flush=True)
+            print(f"{case} TO={otype} q_wg{shape}: {ms:.3f} ms vs attend_bwd_q {ms_ref:.3f} ms, "
+                  f"speed-up {ms_ref / ms:.2f}x", flush=True)
 
 
 def main():
@@ -171,26 +241,33 @@ def main():
     p.add_argument("--dtypes", default="float16,bfloat16")
     p.add_argument("--shapes", default="", help="NWG:MINB of attend_bwd_kv_wg, comma-separated "
                    "(default: shapes.BWD_WG_SHAPES)")
+    p.add_argument("--qshapes", default="", help="NWG:ST:MINB of attend_bwd_q_wg, comma-separated "
+                   "(default: shapes.BWD_WG_Q_SHAPES)")
     p.add_argument("--cases", default="window:256:262144:64,window:256:262144:128,causal:16384:128",
                    help="timed MASK:N:D, comma-separated (empty: none)")
     a = p.parse_args()
     if cp.cuda.Device().compute_capability != "90":
-        print(f"FAIL attend_bwd_kv_wg needs compute capability 9.0, not {cp.cuda.Device().compute_capability}")
+        print(f"FAIL the Hopper kernels need compute capability 9.0, not {cp.cuda.Device().compute_capability}")
         sys.exit(1)
     custom = [tuple(int(x) for x in s.split(":")) for s in a.shapes.split(",") if s]
+    qcustom = [tuple(int(x) for x in s.split(":")) for s in a.qshapes.split(",") if s]
     dims, cases = [int(d) for d in a.dims.split(",")], [c for c in a.cases.split(",") if c]
     shapes = {D: custom or [BWD_WG_SHAPES[D]] for D in set(dims) | {int(c.rsplit(":", 1)[1]) for c in cases}}
+    qshapes = {D: qcustom or [BWD_WG_Q_SHAPES[D]] for D in shapes}
     ctypes = {CTYPES[d] for d in a.dtypes.split(",")} | {"__half"}
     names = sorted({bwd_wg_name(ct, D, o, s) for ct in ctypes for D in shapes for o in ("float", ct)
-                    for s in shapes[D]})
+                    for s in shapes[D]}
+                   | {bwd_wg_q_name(ct, D, o, s) for ct in ctypes for D in shapes for o in ("float", ct)
+                      for s in qshapes[D]})
     mod = loader.build("attend_bwd_wgmma.cu", names)  # one NVRTC run for every kernel below
     failures = []
     for dtype in a.dtypes.split(","):
         for D in dims:
-            check(mod, dtype, D, shapes[D], failures)
+            check(mod, dtype, D, shapes[D], qshapes[D], failures)
     print(f"{'FAIL' if failures else 'OK'}: {len(failures)} mismatching checks", flush=True)
     for case in cases:
-        bench(mod, case, shapes[int(case.rsplit(":", 1)[1])])
+        D = int(case.rsplit(":", 1)[1])
+        bench(mod, case, shapes[D], qshapes[D])
     sys.exit(1 if failures else 0)
 
 

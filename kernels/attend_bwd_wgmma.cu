@@ -1,14 +1,16 @@
-// The tensor-core backward's key-major pass on Hopper's warpgroup MMA (wgmma, sm_90a) for
-// float16/bfloat16 with D in {64, 128}: attend_bwd_kv_wg takes attend_bwd_kv's arguments and
-// keeps its contract (attend_bwd_mma.cu), its mask handling and its rounding of P and dS to the
-// input dtype (bwd.cuh), so that either can be launched. A block owns 64 NWG keys of one kv
-// head, a warpgroup per 64 keys, and walks the 64-row query tiles that reach them for all G
-// query heads of the group; all its threads double-buffer the (Q, dO) tiles and the rows'
-// statistics with cp.async, as attend_bwd_kv does. Per tile, each warpgroup runs
-// S^T = K Q^T and dP^T = V dO^T as wgmma m64n64k16 with both operands K-major in shared memory,
-// then dV += P^T dO and dK += dS^T Q as wgmma m64nDk16 with P^T and dS^T re-packed from the
-// accumulators in registers and dO and Q read N-major from the same tiles (FlashAttention-3's
-// backward without its producer warpgroup). K, V, Q and dO sit in 128-byte swizzle atoms.
+// The tensor-core backward's two passes on Hopper's warpgroup MMA (wgmma, sm_90a) for
+// float16/bfloat16 with D in {64, 128}, drop-ins for attend_bwd_mma.cu's: attend_bwd_kv_wg (dk,
+// dv) here, attend_bwd_q_wg (dq and the edges) at the end, described above it.
+// attend_bwd_kv_wg takes attend_bwd_kv's arguments and keeps its contract (attend_bwd_mma.cu),
+// its mask handling and its rounding of P and dS to the input dtype (bwd.cuh), so that either
+// can be launched. A block owns 64 NWG keys of one kv head, a warpgroup per 64 keys, and walks
+// the 64-row query tiles that reach them for all G query heads of the group; all its threads
+// double-buffer the (Q, dO) tiles and the rows' statistics with cp.async, as attend_bwd_kv does.
+// Per tile, each warpgroup runs S^T = K Q^T and dP^T = V dO^T as wgmma m64n64k16 with both
+// operands K-major in shared memory, then dV += P^T dO and dK += dS^T Q as wgmma m64nDk16 with
+// P^T and dS^T re-packed from the accumulators in registers and dO and Q read N-major from the
+// same tiles (FlashAttention-3's backward without its producer warpgroup). K, V, Q and dO sit in
+// 128-byte swizzle atoms.
 #include "bwd.cuh"
 #include "wgmma.cuh"
 
@@ -141,4 +143,193 @@ attend_bwd_kv_wg(const T* __restrict__ q, const long long* __restrict__ qpos, co
         put_rows<D, TO>(dk + base, krs, dka, live[0], scale, g, tq);
         put_rows<D, TO>(dv + base, krs, dva, live[0], 1.f, g, tq);
     }
+}
+
+// Warp 0's part of attend_bwd_q_wg's set-up: the mask words; the key spans of the block's rows
+// [t0, t1) (lo_s, hi_s, nsp_s: the tiles the block walks); for warpgroup w, the lowest and
+// highest position of its rows [t0 + 64 w, t0 + 64 w + 64) (qlo_s[w], qhi_s[w]) and their key
+// spans (wlo_s[w], whi_s[w], wn_s[w]: the tiles it computes, within the block's; none when it
+// has no row).
+template <int NWG>
+__device__ __forceinline__ void q_block_spans(const long long* __restrict__ mask_words, MaskDev& mk,
+                                              const long long* __restrict__ qpos, long long q0, int t0, int t1,
+                                              long long k0, int nk, int lane, long long* qlo_s, long long* qhi_s,
+                                              long long (*wlo_s)[HPCATTN_MAX_SPANS],
+                                              long long (*whi_s)[HPCATTN_MAX_SPANS], int* wn_s, long long* lo_s,
+                                              long long* hi_s, int& nsp_s) {
+    load_mask_warp(mask_words, mk, lane);
+    long long blo = 0x7fffffffffffffffLL, bhi = -0x7fffffffffffffffLL - 1;
+#pragma unroll
+    for (int w = 0; w < NWG; ++w) {
+        const int r0 = min(t1, t0 + 64 * w), r1 = min(t1, r0 + 64);
+        long long lo, hi;
+        row_positions(qpos, q0, r0, r1, lane, lo, hi);
+        if (r0 < r1) {
+            blo = min(blo, lo);
+            bhi = max(bhi, hi);
+        }
+        if (lane == w) {
+            qlo_s[w] = lo;
+            qhi_s[w] = hi;
+            wn_s[w] = r0 < r1 ? mask_spans(mk, lo, hi, k0, k0 + nk, wlo_s[w], whi_s[w]) : 0;
+        }
+    }
+    if (lane == 0) nsp_s = mask_spans(mk, blo, bhi, k0, k0 + nk, lo_s, hi_s);
+}
+
+// The query-major pass on Hopper: attend_bwd_q's drop-in (its arguments, contract, mask handling,
+// edge count and rounding of P and dS to the input dtype). A block owns 64 NWG query rows of one
+// query head, a warpgroup per 64 rows, keeps their q and dO rows in shared memory and walks the
+// 64-key tiles the block's rows reach, K and V in a ring of ST buffers filled with cp.async
+// ST - 1 tiles ahead, as attend_bwd_q does (with one barrier per tile); a warpgroup computes only
+// the tiles its own rows' key spans reach. Per tile, each warpgroup runs S = Q K^T and dP = dO V^T as wgmma m64n64k16 with both
+// operands K-major in shared memory, then dQ += dS K as wgmma m64nDk16 with dS packed from the
+// accumulators in registers and K read N-major from the same tile (FlashAttention-3's dQ
+// without its producer warpgroup and atomics: each block owns its rows' dq). dq stays in
+// float32 registers until the end. Q, dO, K and V sit in 128-byte swizzle atoms.
+// Shape: NWG warpgroups of 64 query rows, ST K/V buffers, MINB blocks per SM asked of the
+// register allocator. Shared memory (1024-byte aligned: the host adds 1024 bytes): ST stages of
+// (K, V) tiles, then the block's q and dO rows.
+template <typename T, int D, typename TO, int NWG, int ST, int MINB>
+__global__ void __launch_bounds__(128 * NWG, MINB)
+attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
+                const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
+                const float* __restrict__ delta, TO* __restrict__ dq, unsigned long long* __restrict__ edges,
+                const long long* __restrict__ mask_words, int nq, int nk, int G, long long k0, float scale,
+                long long q0, BWD_STRIDES) {
+    constexpr int BR = 64 * NWG, TILE = MK * D;  // TILE in elements
+    constexpr int WV = NWG > 1 ? 1 : 0;  // the warpgroup that loads V and dO (K and q: warpgroup 0)
+    static_assert(ST >= 2, "a K/V tile is prefetched while the one before is computed");
+    extern __shared__ __align__(128) unsigned char smem_wg[];
+    T* KV = reinterpret_cast<T*>(smem_wg + ((1024 - ((unsigned)__cvta_generic_to_shared(smem_wg) & 1023)) & 1023));
+    T* Qs = KV + 2 * ST * TILE;  // buffer b: K at KV + 2b TILE, V at KV + (2b + 1) TILE; then q, dO rows
+    T* Os = Qs + BR * D;
+    __shared__ MaskDev mk;
+    __shared__ long long lo_s[HPCATTN_MAX_SPANS], hi_s[HPCATTN_MAX_SPANS];
+    __shared__ long long wqlo_s[NWG], wqhi_s[NWG], wlo_s[NWG][HPCATTN_MAX_SPANS], whi_s[NWG][HPCATTN_MAX_SPANS];
+    __shared__ int nsp_s, wn_s[NWG];
+    __shared__ unsigned long long edges_s;
+
+    const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs};
+    const int head = blockIdx.y, kvh = head / G;
+    const int t0 = blockIdx.x * BR, t1 = min(nq, t0 + BR);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3, wt = tid & 127;  // wg warp-uniform
+    const T* kh = k + ks.head(kvh, H / G);
+    const T* vh = v + ks.head(kvh, H / G);
+    const size_t qrow0 = qs.head(head, H) + (size_t)t0 * qrs;
+    if (wg == 0) load_tile_sw<T, D, BR>(q + qrow0, qrs, t1 - t0, Qs, wt);
+    if (wg == WV) load_tile_sw<T, D, BR>(dout + qrow0, qrs, t1 - t0, Os, wt);
+    cp_commit();
+    if (warp == 0) {
+        q_block_spans<NWG>(mask_words, mk, qpos, q0, t0, t1, k0, nk, lane, wqlo_s, wqhi_s, wlo_s, whi_s, wn_s, lo_s,
+                           hi_s, nsp_s);
+        if (lane == 0) edges_s = 0ull;
+    }
+    __syncthreads();
+    const int nsp = nsp_s;
+    if (nsp == 0 && sizeof(TO) == 4) {  // the rows reach no key here: their sums are unchanged, no edge
+        cp_wait<0>();
+        return;
+    }
+    // K/V tiles [c0, c0 + 64) of the spans in order, tile i + ST - 1 fetched once tile i - 1's
+    // buffer is free (one barrier per tile)
+    int sp = 0, fsp = 0;
+    long long c0 = nsp ? lo_s[0] : 0, fc0 = c0;
+    auto fetch = [&](int b) {
+        if (fsp < nsp) {
+            const int n = (int)min((long long)MK, hi_s[fsp] - fc0);
+            const size_t off = (size_t)(fc0 - k0) * krs;
+            if (wg == 0) load_tile_sw<T, D, MK>(kh + off, krs, n, KV + 2 * b * TILE, wt);
+            if (wg == WV) load_tile_sw<T, D, MK>(vh + off, krs, n, KV + (2 * b + 1) * TILE, wt);
+            next_tile(fsp, fc0, nsp, lo_s, hi_s);
+        }
+        cp_commit();
+    };
+#pragma unroll
+    for (int b = 0; b < ST - 1; ++b) fetch(b);
+
+    // this thread's rows r0 + 8h of the warpgroup's 64 (the accumulators' rows)
+    const int rw0 = t0 + 64 * wg + 16 * wq;  // this warp's first row
+    bool live[1][2];
+    long long pos[1][2];
+    float Lr[2], dr[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = rw0 + g + 8 * h;
+        live[0][h] = r < t1;
+        pos[0][h] = r >= t1 ? 0 : qpos ? qpos[r] : q0 + r;
+        const float x = r < t1 ? lse[(size_t)head * nq + r] : -INFINITY;
+        Lr[h] = x == -INFINITY ? INFINITY : x * MLOG2E;
+        dr[h] = r < t1 ? delta[(size_t)head * nq + r] : 0.f;
+    }
+    const int wn = wn_s[wg];
+    const long long wqlo = wqlo_s[wg], wqhi = wqhi_s[wg];
+    const long long* wlo = wlo_s[wg];
+    const long long* whi = whi_s[wg];
+    int ws = 0;  // the first of the warpgroup's spans that ends past the current tile's first key
+    float dqa[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
+    const float sl2 = scale * MLOG2E;
+    const float dummy[MK / 8][2] = {};
+    unsigned long long n_edges = 0;
+
+    // descriptors: this warpgroup's q and dO rows (A, K-major: atoms of 64 d's BR rows apart),
+    // buffer 0's K and V tiles as K-major B operands of S and dP, and K as the N-major B of dQ
+    const unsigned qdesc = wg_desc_lo(reinterpret_cast<const char*>(Qs) + wg * 64 * 128, 16);
+    const unsigned odesc = wg_desc_lo(reinterpret_cast<const char*>(Os) + wg * 64 * 128, 16);
+    const unsigned kdesc = wg_desc_lo(KV, 16), vdesc = wg_desc_lo(KV + TILE, 16);
+    const unsigned kn = wg_desc_lo(KV, MK * 128);
+
+    for (int buf = 0; sp < nsp; buf = buf + 1 == ST ? 0 : buf + 1) {
+        const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
+        cp_wait<ST - 2>();  // this tile (the ST - 2 newer groups may be in flight)
+        proxy_fence();      // the landed copies, before wgmma reads them through the async proxy
+        __syncthreads();    // ... for every thread; and every warpgroup is done with the tile before
+        fetch(buf == 0 ? ST - 1 : buf - 1);  // so its buffer takes the tile ST - 1 ahead
+        while (ws < wn && whi[ws] <= c0) ++ws;
+        if (ws < wn && wlo[ws] < c0 + nkt) {  // uniform over the warpgroup, as wgmma needs
+            const unsigned kb = buf * 2 * TILE * (unsigned)sizeof(T);  // the buffer's byte offset
+            float s[1][MK / 8][4], dp[1][MK / 8][4];
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
+                const unsigned a = (kk >> 2) * BR * 128 + (kk & 3) * 32, b = kb + (kk >> 2) * MK * 128 + (kk & 3) * 32;
+                WgmmaSS<T>::run(s[0], wg_desc(qdesc, a), wg_desc(kdesc, b), kk > 0);
+            }
+            wg_commit();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const unsigned a = (kk >> 2) * BR * 128 + (kk & 3) * 32, b = kb + (kk >> 2) * MK * 128 + (kk & 3) * 32;
+                WgmmaSS<T>::run(dp[0], wg_desc(odesc, a), wg_desc(vdesc, b), kk > 0);
+            }
+            wg_commit();
+            const bool full = nkt == MK && mask_tile_full(mk, wqlo, wqhi, c0, c0 + MK);  // the MMAs run
+            wgmma_wait<1>();  // S
+            fence_regs(s[0]);
+            mask_scores<1>(s, mk, live, pos, c0, nkt, full, tq, n_edges);
+            wgmma_wait<0>();  // dP
+            fence_regs(dp[0]);
+            unsigned pa[MK / 16][4], da[MK / 16][4];
+            probabilities<T, false>(s[0], dp[0], sl2, Lr, dr, dummy, dummy, pa, da);
+            fence_regs(dqa);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is 16 keys; K is N-major, atoms of 64 d's
+                Wgmma<T, D, 1>::run(dqa, da[kk], wg_desc(kn, kb + kk * 16 * 128), 1);  // dQ += dS K
+            wg_commit();
+            wgmma_wait<0>();  // before the next barrier (the buffer is then refilled) and da is overwritten
+            fence_regs(dqa);
+        }
+        next_tile(sp, c0, nsp, lo_s, hi_s);
+    }
+    cp_wait<0>();
+    put_rows<D, TO>(dq + qrow0 + (size_t)(rw0 - t0) * qrs, qrs, dqa, live[0], scale, g, tq);
+
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) n_edges += __shfl_xor_sync(0xffffffffu, n_edges, s);
+    if (lane == 0 && n_edges) atomicAdd(&edges_s, n_edges);
+    __syncthreads();
+    if (tid == 0 && head == 0 && edges_s) atomicAdd(edges, edges_s);
 }

@@ -8,8 +8,8 @@ from ..errors import HpcattnError
 from .encode import check, device_mask, device_positions, listed_terms
 from .forward import row_strides
 from .loader import cupy, launch, wgmma_available
-from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_AUTO, BWD_WG_DIMS, BWD_WG_SHAPES, bwd_names, bwd_smem,
-                     bwd_wg_name, bwd_wg_smem)
+from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_AUTO, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES,
+                     bwd_names, bwd_smem, bwd_wg_name, bwd_wg_q_name, bwd_wg_q_smem, bwd_wg_smem)
 
 
 def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False,
@@ -19,7 +19,7 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     (dq, dk, dv, edges). lse (B,Hkv,G,nq) is the forward's full-row log-sum-exp, delta =
     rowsum(dO * O). Implicit mask terms only (random/csr backward stays on the CPU for now).
     kernel_kind: "mma" (tensor cores: float16/bfloat16, D in BWD_DIMS, scale > 0), "wgmma" (the
-    same with Hopper's warpgroup MMA for dk and dv: D in BWD_WG_DIMS, compute capability 9.0),
+    same on Hopper's warpgroup MMA: D in BWD_WG_DIMS, compute capability 9.0),
     "simt" (any dtype, D <= 256) or "auto" (wgmma, else mma, where it applies, else simt). Each
     gives the same bits on every rerun."""
     cp = cupy()
@@ -100,8 +100,9 @@ def _tensor_fits(ctype, D, scale):
 
 
 def _hopper(kernel_kind, D):
-    """Whether dk and dv go to attend_bwd_kv_wg: kernel_kind "wgmma" (refused where it cannot
-    run), or "auto" on a compute capability 9.0 device with D in BWD_WG_AUTO."""
+    """Whether the Hopper kernels run (attend_bwd_kv_wg for dk and dv, attend_bwd_q_wg for dq):
+    kernel_kind "wgmma" (refused where they cannot run), or "auto" on a compute capability 9.0
+    device with D in BWD_WG_AUTO."""
     if kernel_kind == "auto":
         return D in BWD_WG_AUTO and wgmma_available()
     if kernel_kind != "wgmma":
@@ -114,7 +115,8 @@ def _hopper(kernel_kind, D):
 def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=None, sk=None, hopper=False):
     """attend_bwd_kv (dk, dv: a block per 16 W keys of a kv head; `hopper`: attend_bwd_kv_wg, a
     block per 64 NWG keys) then attend_bwd_q (dq and the edges: a block per 16 W query rows of a
-    head) on args = (q, qpos, k, v, do, lse, delta);
+    head; `hopper`: attend_bwd_q_wg, a block per 64 NWG query rows) on args = (q, qpos, k, v, do,
+    lse, delta);
     rows_unsorted first tells attend_bwd_kv whether it may search the positions (none to search
     when qpos is the null pointer: row r at position r). sq, sk: the row strides of q (do, dq)
     and k (v, dk, dv), head-major contiguous when not given."""
@@ -139,4 +141,10 @@ def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=N
     else:
         launch(kv_name, (-(-nk // (16 * wk)), B * Hkv), kv_smem, args + (dk, dv, words, unsorted) + tail,
                threads=32 * wk)
-    launch(q_name, (-(-nq // (16 * wq)), B * Hkv * G), q_smem, args + (dq, edges, words) + tail, threads=32 * wq)
+    if hopper:
+        nwg = BWD_WG_Q_SHAPES[D][0]
+        launch(bwd_wg_q_name(ctype, D, otype), (-(-nq // (64 * nwg)), B * Hkv * G), bwd_wg_q_smem(D),
+               args + (dq, edges, words) + tail, threads=128 * nwg)
+    else:
+        launch(q_name, (-(-nq // (16 * wq)), B * Hkv * G), q_smem, args + (dq, edges, words) + tail,
+               threads=32 * wq)

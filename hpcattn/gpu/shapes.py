@@ -37,6 +37,10 @@ BWD_ROWS = 64  # BM in kernels/bwd.cuh: query rows per tile of attend_bwd_kv (an
 BWD_WG_SHAPES = {64: (2, 1), 128: (2, 1)}
 BWD_WG_DIMS = tuple(BWD_WG_SHAPES)
 BWD_WG_AUTO = (128,)  # where kernel_kind "auto" takes it: 1.07-1.23x attend_bwd_kv at D = 128, 0.95-1.00x at 64
+# attend_bwd_q_wg's shape per head dim (kernels/attend_bwd_wgmma.cu, Hopper sm_90a): (warpgroups
+# of 64 query rows, K/V buffers, blocks per SM asked of the register allocator); the same head
+# dims as BWD_WG_SHAPES; jobs/wgmma_bwd_check.py times it against attend_bwd_q
+BWD_WG_Q_SHAPES = {64: (3, 2, 1), 128: (2, 2, 1)}
 
 
 def bwd_names(ctype, D, otype, shape=None):
@@ -67,6 +71,19 @@ def bwd_wg_smem(D, shape=None):
     (unpadded: swizzle atoms), two stages of lse, delta and positions, 1024 for alignment."""
     nwg, _ = shape or BWD_WG_SHAPES[D]
     return (4 * BWD_ROWS + 2 * 64 * nwg) * D * 2 + 2 * BWD_ROWS * (4 + 4 + 8) + 1024
+
+
+def bwd_wg_q_name(ctype, D, otype, shape=None):
+    """attend_bwd_q_wg's name expression: attend_bwd_q's drop-in on Hopper."""
+    nwg, st, minb = shape or BWD_WG_Q_SHAPES[D]
+    return f"attend_bwd_q_wg<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}>"
+
+
+def bwd_wg_q_smem(D, shape=None):
+    """Shared bytes of attend_bwd_q_wg: ST K/V tile buffers, the block's q and dO rows
+    (unpadded: swizzle atoms), 1024 for alignment."""
+    nwg, st, _ = shape or BWD_WG_Q_SHAPES[D]
+    return (2 * st * MK + 2 * 64 * nwg) * D * 2 + 1024
 
 
 def mma_name(ctype, D, otype, shape=None):
