@@ -303,7 +303,7 @@ class Output:
         self.hdf5 = "mpio" if self.mpio else "serial"
         self.names = sorted(datasets)
         self.axes = {name: axis for name, (_, _, axis) in datasets.items()}
-        self.file = None
+        self.file = self.own_comm = None
         problem = None
         if self.mpio:
             from h5py import h5fd, h5p
@@ -411,6 +411,20 @@ class Output:
             if self.comm.size > 1 or problem:
                 agree(self.comm, problem)
 
+    def collective_thread(self):
+        """Collective: whether this output's collective writes (`write` under mpio) may run in a
+        thread beside the caller's own collectives: with MPI_THREAD_MULTIPLE on every rank, they
+        then agree on a communicator of their own."""
+        if not self.mpio:
+            return False
+        from mpi4py import MPI
+        from ..dist.comm import Comm
+        if not min(self.comm.allgather_object(MPI.Query_thread() == MPI.THREAD_MULTIPLE)):
+            return False
+        if self.own_comm is None:
+            self.own_comm = self.comm = Comm(self.comm.mpi, parent=self.comm)
+        return True
+
     def keep_open(self):
         """Serial path on one rank: keep the file open between writes (no reopen per chunk)."""
         if not self.mpio and self.rows is None and self.comm.size == 1 and self.file is None:
@@ -468,6 +482,10 @@ class Output:
         """Collective: close the file (every rank's data is on disk afterwards)."""
         self.release()
         self.comm.barrier()
+        if self.own_comm is not None:
+            self.comm = self.own_comm.parent
+            self.own_comm.free()
+            self.own_comm = None
 
 
 class Rows:

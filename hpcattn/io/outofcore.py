@@ -582,29 +582,46 @@ def _resume_state(comm, partial, ident, nchunks):
 
 
 class Writer:
-    """The write stage: each chunk's o and lse, then (resumable runs) its done flag. With
-    in-place writes (Output.rows) a thread writes while the next chunks compute, at most two
-    chunks in flight (the two output buffer sets); otherwise the collective or rank-ordered
-    Output.write runs here, in the calling thread."""
+    """The write stage: each chunk's o and lse (and gradients), then (resumable runs) its done
+    flag, in a thread while the next chunks compute, at most two chunks in flight (the two
+    output buffer sets): in-place writes (Output.put, no rank waits for another), or under
+    parallel HDF5 the collective writes (Output.write, every rank every step, on the output's
+    own communicator). Where neither can run in a thread (compression; an MPI without
+    MPI_THREAD_MULTIPLE), the collective or rank-ordered writes run in the calling thread."""
 
     def __init__(self, out, resumable, st):
         self.out, self.resumable, self.st = out, resumable, st
-        self.pool = ThreadPoolExecutor(1, "hpcattn-write") if out.rows is not None else None
+        self.collective = out.rows is None and out.collective_thread()
+        threaded = out.rows is not None or self.collective
+        self.pool = ThreadPoolExecutor(1, "hpcattn-write") if threaded else None
         self.flight = []  # futures of the chunks being written, oldest first
 
     def _put(self, data, flag, landed):
         landed()
         t = time.perf_counter()
         with phase("write", WRITE_TRACK):
-            problem = self.out.put(data) or self.out.put(flag)  # data first: a crash never flags unwritten rows
+            if self.collective:
+                problem = self._write(data, flag)
+            else:  # data first: a crash never flags unwritten rows
+                problem = self.out.put(data) or self.out.put(flag)
         self.st["write_s"] += time.perf_counter() - t
         return problem
+
+    def _write(self, data, flag):
+        """The collective writes of one step (every rank takes part); a problem message or None."""
+        try:
+            self.out.write(data)
+            if self.resumable:
+                self.out.write(flag)
+        except HpcattnError as e:  # agreed among the ranks' writers: each sees it at the same step
+            return str(e)
+        return None
 
     def submit(self, data, flag, landed):
         """Write a step's output items (name, rows, array), then its done flags (none: take
         part in the collective writes only), once landed() says their copies are in."""
         if self.pool is not None:
-            if data:
+            if data or self.collective:
                 self.flight.append(self.pool.submit(self._put, data, flag, landed))
             else:
                 landed()
@@ -627,9 +644,11 @@ class Writer:
             problem = problem or p
         return problem
 
-    def close(self):
+    def close(self, wait=True):
+        """Stop the thread. wait=False: do not wait for a collective write the other ranks may
+        never join (this rank failed alone)."""
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(wait=wait or not self.collective, cancel_futures=True)
 
 
 def run(in_path, out_path, mask, meta, comm, budget, resume=False, compression=None, *,
@@ -746,6 +765,7 @@ def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, grid, resumable
                                                i % 2))
 
     late = None  # a problem found while computing, agreed on at the next step
+    alone = False  # this rank fails where the others may not: no waiting for collectives
     try:
         pending = fetch(0)
         st["startup_s"] = time.perf_counter() - clock.wall
@@ -795,12 +815,16 @@ def _loop(comm, in_path, out, mask, meta, rows, key_limit, mine, grid, resumable
                 comm.barrier()
                 os._exit(75)
         problem = late or writer.settle(0)
+        dev.fold()
         t = time.perf_counter()
         agree(comm, problem)
         st["wait_s"] += time.perf_counter() - t
+    except BaseException as e:
+        alone = not (isinstance(e, HpcattnError) and e.collective)
+        raise
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
-        writer.close()
+        writer.close(wait=not alone)
         progress.close()
         src.close()
     st["wait_s"] += st["io_wait_s"]
