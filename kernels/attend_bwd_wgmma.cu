@@ -14,6 +14,27 @@
 #include "bwd.cuh"
 #include "wgmma.cuh"
 
+// Both passes' two score products, as wgmma m64n64k16 from shared memory with both operands
+// K-major in 128-byte swizzle atoms of 64 columns: s = A1 B1^T, then dp = A2 B2^T, each
+// committed as its own group. A1, A2: descriptors of tiles of RA rows; B1, B2: of tiles of RB
+// rows, at byte offset b0 (the stage or buffer).
+template <typename T, int D, int RA, int RB>
+__device__ __forceinline__ void score_products(float (&s)[MK / 8][4], float (&dp)[MK / 8][4], unsigned a1,
+                                               unsigned b1, unsigned a2, unsigned b2, unsigned b0) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
+        const unsigned a = (kk >> 2) * RA * 128 + (kk & 3) * 32, b = b0 + (kk >> 2) * RB * 128 + (kk & 3) * 32;
+        WgmmaSS<T>::run(s, wg_desc(a1, a), wg_desc(b1, b), kk > 0);
+    }
+    wg_commit();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const unsigned a = (kk >> 2) * RA * 128 + (kk & 3) * 32, b = b0 + (kk >> 2) * RB * 128 + (kk & 3) * 32;
+        WgmmaSS<T>::run(dp, wg_desc(a2, a), wg_desc(b2, b), kk > 0);
+    }
+    wg_commit();
+}
+
 // Shape: NWG warpgroups of 64 keys, MINB blocks per SM asked of the register allocator. Shared
 // memory (1024-byte aligned: the host adds 1024 bytes): two stages of (Q, dO) tiles, the
 // block's K and V rows, two stages of (lse, delta, positions).
@@ -98,18 +119,7 @@ attend_bwd_kv_wg(const T* __restrict__ q, const long long* __restrict__ qpos, co
             const unsigned sb = buf * 2 * TILE * (unsigned)sizeof(T);  // the stage's byte offset
             float s[1][MK / 8][4], dp[1][MK / 8][4];
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
-                const unsigned a = (kk >> 2) * BN * 128 + (kk & 3) * 32, b = sb + (kk >> 2) * BM * 128 + (kk & 3) * 32;
-                WgmmaSS<T>::run(s[0], wg_desc(kdesc, a), wg_desc(qk, b), kk > 0);
-            }
-            wg_commit();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const unsigned a = (kk >> 2) * BN * 128 + (kk & 3) * 32, b = sb + (kk >> 2) * BM * 128 + (kk & 3) * 32;
-                WgmmaSS<T>::run(dp[0], wg_desc(vdesc, a), wg_desc(ok, b), kk > 0);
-            }
-            wg_commit();
+            score_products<T, D, BN, BM>(s[0], dp[0], kdesc, qk, vdesc, ok, sb);
             const TileRows tr = tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane);  // MMAs run
             wgmma_wait<1>();  // S^T
             fence_regs(s[0]);
@@ -293,18 +303,7 @@ attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, con
             const unsigned kb = buf * 2 * TILE * (unsigned)sizeof(T);  // the buffer's byte offset
             float s[1][MK / 8][4], dp[1][MK / 8][4];
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
-                const unsigned a = (kk >> 2) * BR * 128 + (kk & 3) * 32, b = kb + (kk >> 2) * MK * 128 + (kk & 3) * 32;
-                WgmmaSS<T>::run(s[0], wg_desc(qdesc, a), wg_desc(kdesc, b), kk > 0);
-            }
-            wg_commit();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const unsigned a = (kk >> 2) * BR * 128 + (kk & 3) * 32, b = kb + (kk >> 2) * MK * 128 + (kk & 3) * 32;
-                WgmmaSS<T>::run(dp[0], wg_desc(odesc, a), wg_desc(vdesc, b), kk > 0);
-            }
-            wg_commit();
+            score_products<T, D, BR, MK>(s[0], dp[0], qdesc, kdesc, odesc, vdesc, kb);
             const bool full = nkt == MK && mask_tile_full(mk, wqlo, wqhi, c0, c0 + MK);  // the MMAs run
             wgmma_wait<1>();  // S
             fence_regs(s[0]);
