@@ -36,7 +36,7 @@ BWD_ROWS = 64  # BM in kernels/bwd.cuh: query rows per tile of attend_bwd_kv (an
 # against attend_bwd_kv
 BWD_WG_SHAPES = {64: (2, 1), 128: (2, 1)}
 BWD_WG_DIMS = tuple(BWD_WG_SHAPES)
-BWD_WG_AUTO = (128,)  # where kernel_kind "auto" takes it: 1.07-1.23x attend_bwd_kv at D = 128, 0.95-1.00x at 64
+BWD_WG_AUTO = (128,)  # where "auto" takes both: 1.15-1.51x the mma.sync passes at D = 128, 0.97-1.00x at 64
 # attend_bwd_q_wg's shape per head dim (kernels/attend_bwd_wgmma.cu, Hopper sm_90a): (warpgroups
 # of 64 query rows, K/V buffers, blocks per SM asked of the register allocator); the same head
 # dims as BWD_WG_SHAPES; jobs/wgmma_bwd_check.py times it against attend_bwd_q
