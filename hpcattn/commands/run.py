@@ -171,7 +171,9 @@ def _bytes(text):
 
 
 def cmd_run(args, comm):
+    from ..arrays import keep_freed_memory
     from ..dist.variants import VARIANTS
+    keep_freed_memory()
     unsupported = [(flag, val) for flag, val, ok in (
         ("--variant", args.variant, args.variant == "auto" or args.variant in VARIANTS),
         ) if not ok]
