@@ -135,7 +135,8 @@ def main():
         rss = [x["max_rss"] for x in rows if "max_rss" in x]
         tables.row(name, med("wall_s"), f"{statistics.median(ratios[name]):.2f} "
                    f"({min(ratios[name]):.2f}-{max(ratios[name]):.2f})", med("read_s"), med("check_s"),
-                   med("upload_s"), med("compute_s"), med("download_s"), med("write_s"), med("startup_s"), med("wait_s"),
+                   med("upload_s"), med("compute_s"), med("download_s"), med("write_s"), med("startup_s"),
+                   med("wait_s"),
                    f"{statistics.median(rss) / 2**30:.2f}" if rss else "-")
     print(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rounds": got, "ratios": ratios}))
 

@@ -123,9 +123,6 @@ def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=N
     q, k = args[0], args[2]
     B, Hkv, _, nq, D = q.shape
     nk = k.shape[2]
-    wk, _, _, wq, _, _, _ = BWD_SHAPES[D]
-    kv_name, q_name = bwd_names(ctype, D, otype)
-    kv_smem, q_smem = bwd_smem(D)
     unsorted = np.uintp(0)
     if not isinstance(qpos, np.uintp):
         unsorted = cp.zeros(1, dtype=cp.int32)
@@ -134,17 +131,15 @@ def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=N
     tail += tuple(np.int64(x) for x in (*(sq or row_strides(q)), *(sk or row_strides(k)))) + (np.int32(Hkv * G),)
     words = device_mask(mask)
     dq, dk, dv = grads
+    kv_args, q_args = args + (dk, dv, words, unsorted) + tail, args + (dq, edges, words) + tail
     if hopper:
-        nwg = BWD_WG_SHAPES[D][0]
-        launch(bwd_wg_name(ctype, D, otype), (-(-nk // (64 * nwg)), B * Hkv), bwd_wg_smem(D),
-               args + (dk, dv, words, unsorted) + tail, threads=128 * nwg)
+        nwk, nwq = BWD_WG_SHAPES[D][0], BWD_WG_Q_SHAPES[D][0]
+        launch(bwd_wg_name(ctype, D, otype), (-(-nk // (64 * nwk)), B * Hkv), bwd_wg_smem(D), kv_args,
+               threads=128 * nwk)
+        launch(bwd_wg_q_name(ctype, D, otype), (-(-nq // (64 * nwq)), B * Hkv * G), bwd_wg_q_smem(D), q_args,
+               threads=128 * nwq)
     else:
-        launch(kv_name, (-(-nk // (16 * wk)), B * Hkv), kv_smem, args + (dk, dv, words, unsorted) + tail,
-               threads=32 * wk)
-    if hopper:
-        nwg = BWD_WG_Q_SHAPES[D][0]
-        launch(bwd_wg_q_name(ctype, D, otype), (-(-nq // (64 * nwg)), B * Hkv * G), bwd_wg_q_smem(D),
-               args + (dq, edges, words) + tail, threads=128 * nwg)
-    else:
-        launch(q_name, (-(-nq // (16 * wq)), B * Hkv * G), q_smem, args + (dq, edges, words) + tail,
-               threads=32 * wq)
+        wk, _, _, wq, _, _, _ = BWD_SHAPES[D]
+        (kv_name, q_name), (kv_smem, q_smem) = bwd_names(ctype, D, otype), bwd_smem(D)
+        launch(kv_name, (-(-nk // (16 * wk)), B * Hkv), kv_smem, kv_args, threads=32 * wk)
+        launch(q_name, (-(-nq // (16 * wq)), B * Hkv * G), q_smem, q_args, threads=32 * wq)

@@ -601,21 +601,21 @@ class Writer:
         t = time.perf_counter()
         with phase("write", WRITE_TRACK):
             if self.collective:
-                problem = self._write(data, flag)
+                try:
+                    self._write(data, flag)
+                    problem = None
+                except HpcattnError as e:  # agreed among the ranks' writers: each sees it at the same step
+                    problem = str(e)
             else:  # data first: a crash never flags unwritten rows
                 problem = self.out.put(data) or self.out.put(flag)
         self.st["write_s"] += time.perf_counter() - t
         return problem
 
     def _write(self, data, flag):
-        """The collective writes of one step (every rank takes part); a problem message or None."""
-        try:
-            self.out.write(data)
-            if self.resumable:
-                self.out.write(flag)
-        except HpcattnError as e:  # agreed among the ranks' writers: each sees it at the same step
-            return str(e)
-        return None
+        """The collective writes of one step (every rank takes part), data before flags."""
+        self.out.write(data)
+        if self.resumable:
+            self.out.write(flag)
 
     def submit(self, data, flag, landed):
         """Write a step's output items (name, rows, array), then its done flags (none: take
@@ -629,9 +629,7 @@ class Writer:
         landed()
         t = time.perf_counter()
         with phase("write"):
-            self.out.write(data)
-            if self.resumable:
-                self.out.write(flag)
+            self._write(data, flag)
         self.st["write_s"] += time.perf_counter() - t
 
     def settle(self, keep):

@@ -5,6 +5,7 @@ Skips, saying why, without CuPy or a CUDA device."""
 import math
 import os
 
+import h5py
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -15,6 +16,8 @@ cp = cupy_or_skip()
 
 import hpcattn  # noqa: E402
 from hpcattn import Comm  # noqa: E402
+from hpcattn.commands.run import run  # noqa: E402
+from hpcattn.io import h5io, outofcore  # noqa: E402
 from hpcattn.gpu import device  # noqa: E402
 from hpcattn.errors import HpcattnError  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
@@ -169,9 +172,6 @@ def test_streamed_gpu_run_matches_float64(mpi_tmp_path, monkeypatch, spec):
     of float64 (the forward-only and the backward run giving the same bits on the same chunk
     grid), dq, dk and dv
     within its gradient tolerance, every row written, and the copies counted."""
-    from hpcattn.commands.run import run
-    from hpcattn.io import h5io, outofcore
-    import h5py
     world, N = MPI.COMM_WORLD, 1003
     rng = np.random.default_rng(11)
     a = {name: rng.standard_normal((2, N, 4 if name in ("q", "do") else 2, 64)).astype(np.float16)
