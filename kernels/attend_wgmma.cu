@@ -128,6 +128,18 @@ __device__ __forceinline__ void mb_wait(unsigned long long* b, int parity) {
         else if (now - t0 > 600000000000ull) __trap();
     }
 }
+// A persistent block's n-th work item and its (head, first row): items go out in rounds of
+// gridDim.x, block order reversed on odd rounds (a snake), and an item's tile counts from the
+// last one with heads varying fastest, so the longest items under a causal mask start first and
+// every block's items add up to about the same work; the G heads of a kv head run side by side.
+__device__ __forceinline__ int snake_item(int n) {
+    return n * (int)gridDim.x + (n & 1 ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x);
+}
+__device__ __forceinline__ void item_place(int it, int heads, int nblk, int rows, int& head, int& t0) {
+    const int r = it / heads;
+    head = it - r * heads;
+    t0 = (nblk - 1 - r) * rows;
+}
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
 
@@ -139,7 +151,7 @@ template <int NWG> struct Item {
 };
 
 // Persistent and warp-specialised (FlashAttention-3's layout): each block walks work items (64 *
-// NWG query rows of one head) gridDim.x apart. Warpgroup 0 loads: it works out an item's key
+// NWG query rows of one head) in snake_item's order. Warpgroup 0 loads: it works out an item's key
 // spans, loads its q rows, then streams its K/V tiles through a ring of ST buffers with
 // cp.async, running up to two items ahead (set-up and q double-buffered), so that one item's
 // set-up and first loads hide behind the last tiles of the one before. NWG consumer
@@ -200,9 +212,10 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             if (pend >= 0) mb_arrive(&full_b[pend % ST]);
             else mb_arrive(&qfull_b[-1 - pend]);
         };
-        for (int it = blockIdx.x, n = 0; it < nitems; it += gridDim.x, ++n) {
-            const int slot = n & 1, head = it / nblk, kvh = head / G;
-            const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
+        for (int n = 0, it = snake_item(0); it < nitems; it = snake_item(++n)) {
+            int head, t0;
+            item_place(it, heads, nblk, BM, head, t0);
+            const int slot = n & 1, kvh = head / G, t1 = min(nq, t0 + BM);
             Item<NWG>& item = items[slot];
             if (n >= 2) mb_wait(&qempty_b[slot], (n / 2 - 1) & 1);  // consumers are done with item n - 2
             load_tile_sw<T, D, BM>(q + qs.head(head, H) + (size_t)t0 * qs.rs, qs.rs, t1 - t0, Qbuf + slot * BM * D, tid);
@@ -221,8 +234,11 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                         const int r = t0 + 64 * w + 32 * j + lane;
                         p[w][j] = r >= t1 ? 0 : qpos ? qpos[r] : q0 + r;
                     }
-                if (qpos && it + (int)gridDim.x < nitems && lane < BM / 16) {
-                    const int nx = it + gridDim.x, nt0 = (nx - nx / nblk * nblk) * BM + 16 * lane;
+                const int nx = snake_item(n + 1);
+                if (qpos && nx < nitems && lane < BM / 16) {
+                    int nh, nt0;
+                    item_place(nx, heads, nblk, BM, nh, nt0);
+                    nt0 += 16 * lane;
                     if (nt0 < nq) asm volatile("prefetch.global.L2 [%0];\n" :: "l"(qpos + nt0));
                 }
                 long long blo = 0x7fffffffffffffffLL, bhi = -0x7fffffffffffffffLL - 1;
@@ -315,9 +331,10 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
         const unsigned kdesc = wg_desc_lo(KV, 16), vdesc = wg_desc_lo(KV + TILE, MK * 128);
         const unsigned qdesc = wg_desc_lo(reinterpret_cast<const char*>(Qbuf) + cw * 64 * 128, 16);
         int kb = 0, kph = 0;  // the buffer of this consumer's next tile, and its fill's parity
-        for (int it = blockIdx.x, n = 0; it < nitems; it += gridDim.x, ++n) {
-            const int slot = n & 1, head = it / nblk;
-            const int t0 = (it - head * nblk) * BM, t1 = min(nq, t0 + BM);
+        for (int n = 0, it = snake_item(0); it < nitems; it = snake_item(++n)) {
+            int head, t0;
+            item_place(it, heads, nblk, BM, head, t0);
+            const int slot = n & 1, t1 = min(nq, t0 + BM);
             const Item<NWG>& item = items[slot];
             const int r0 = t0 + 64 * cw + 16 * wq + g, r1 = r0 + 8;
             const bool live0 = r0 < t1, live1 = r1 < t1;

@@ -61,7 +61,7 @@ def _stride_args(sq, sk, so, H):
 
 def _wgmma_spec(ctype, D, otype, nq, heads):
     """(name, grid, shared bytes, threads, arguments after the strides) of the persistent Hopper
-    kernel: each block walks work items (rows x head) gridDim apart."""
+    kernel: each block walks work items (rows x head), heavy-first in a snake over the blocks."""
     nwg, _, minb, _ = WG_SHAPES[D]
     items = (nq + 64 * nwg - 1) // (64 * nwg) * heads
     ctas = min(items, WG_CTAS or sm_count() * minb)
