@@ -60,8 +60,27 @@ __device__ __forceinline__ void mb_wait(unsigned long long* b, int parity) {
         else if (now - t0 > 600000000000ull) __trap();
     }
 }
+// mb_wait with its poll and timeout in one asm statement (the backward's pipelined kernels):
+// around mb_wait's C++ branch to the clock and __trap the compiler keeps registers it then spills
+__device__ __forceinline__ void mb_wait_asm(unsigned long long* b, int parity) {
+    asm volatile("{\n.reg .pred p;\n.reg .u32 n;\n.reg .u64 t0, t;\nmov.u64 t0, 0;\nR:\nmov.u32 n, 0;\nW:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@p bra D;\n"
+                 "add.u32 n, n, 1;\nsetp.lt.u32 p, n, 65536;\n@p bra W;\n"  // 65,536 polls, then the clock (ns)
+                 "mov.u64 t, %%globaltimer;\nsetp.eq.u64 p, t0, 0;\n@p mov.u64 t0, t;\nsub.u64 t, t, t0;\n"
+                 "setp.gt.u64 p, t, 600000000000;\n@p trap;\nbra R;\nD:\n}\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(b)), "r"(parity) : "memory");
+}
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
+
+// The registers per consumer thread of a warp-specialised block (a loader warpgroup set to PREG,
+// NWG consumer warpgroups, MINB blocks per SM): the consumers share what the block got at launch
+// (per thread 65536 / MINB / its threads, in steps of 8) less the loader's, up to 240.
+// setmaxnreg.inc takes only registers that the block's setmaxnreg.dec gave back.
+__host__ __device__ constexpr int consumer_regs(int NWG, int MINB, int PREG) {
+    const int launch = 65536 / MINB / (128 * (NWG + 1)) / 8 * 8, c = (launch * (NWG + 1) - PREG) / NWG / 8 * 8;
+    return c > 240 ? 240 : c;
+}
 
 #define WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
     "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
