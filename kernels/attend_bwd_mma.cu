@@ -95,7 +95,7 @@ attend_bwd_kv(const T* __restrict__ q, const long long* __restrict__ qpos, const
             const size_t qrow0 = qs.head(hq, H) + (size_t)r0 * qrs;
             load_tile<T, D, LD>(q + qrow0, qrs, rows, BM, QO + 2 * s * TILE, tid, NT);
             load_tile<T, D, LD>(dout + qrow0, qrs, rows, BM, QO + (2 * s + 1) * TILE, tid, NT);
-            load_stats(lse, delta, qpos, hq, nq, r0, rows, Ls + s * BM, Dls + s * BM, Ps + s * BM, tid, NT);
+            load_stats<NT>(lse, delta, qpos, hq, nq, r0, rows, Ls + s * BM, Dls + s * BM, Ps + s * BM, tid);
             next_item(fg, fr, ft, nr, tlo_s, thi_s);
         }
         cp_commit();

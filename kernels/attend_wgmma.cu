@@ -102,32 +102,6 @@ template <typename T> __device__ __forceinline__ void wg_pack(const float (&s)[M
     }
 }
 
-// shared-memory barriers with phases (mbarrier): a phase completes when its count of arrivals is in
-__device__ __forceinline__ void mb_init(unsigned long long* b, int n) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"((unsigned)__cvta_generic_to_shared(b)), "r"(n) : "memory");
-}
-__device__ __forceinline__ void mb_arrive(unsigned long long* b) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"((unsigned)__cvta_generic_to_shared(b)) : "memory");
-}
-// waits for the completion of the phase with this parity (phase k: parity k & 1). A pipeline
-// that stops moving (a bug) ends the kernel with an error after 10 minutes instead of hanging
-// the job; no legitimate wait comes near that (the longest is one work item's compute).
-__device__ __forceinline__ void mb_wait(unsigned long long* b, int parity) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(b);
-    unsigned long long t0 = 0;
-    for (;;) {
-        unsigned done;  // up to 65,536 polls in a tight loop, then a look at the clock (ns)
-        asm volatile("{\n.reg .pred p;\n.reg .u32 n;\nmov.u32 n, 0;\nW:\n"
-                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n@p bra D;\n"
-                     "add.u32 n, n, 1;\nsetp.lt.u32 p, n, 65536;\n@p bra W;\nD:\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done) : "r"(a), "r"(parity) : "memory");
-        if (done) return;
-        unsigned long long now;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-        if (t0 == 0) t0 = now;
-        else if (now - t0 > 600000000000ull) __trap();
-    }
-}
 // A persistent block's n-th work item and its (head, first row): items go out in rounds of
 // gridDim.x, block order reversed on odd rounds (a snake), and an item's tile counts from the
 // last one with heads varying fastest, so the longest items under a causal mask start first and
@@ -140,8 +114,6 @@ __device__ __forceinline__ void item_place(int it, int heads, int nblk, int rows
     head = it - r * heads;
     t0 = (nblk - 1 - r) * rows;
 }
-template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
-template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
 
 // One work item's set-up, written by the loader, read by the consumers: the rows' positions
 // per consumer, the block's key spans and tiles, and the range of tiles each consumer reaches.

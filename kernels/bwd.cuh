@@ -75,16 +75,20 @@ __device__ __forceinline__ void next_item(int& gq, int& r, int& t, int nr, const
 }
 
 // The statistics of rows [r0, r0 + rows) of query head hq into shared memory, BM of each, zeros
-// past `rows`: lse at Ls, delta at Ds and (qpos) the positions at Ps; asynchronous, completes
-// with the caller's next cp_commit group.
+// past `rows`: lse at Ls, delta at Ds and (qpos) the positions at Ps, by NT threads (tid in [0,
+// NT)); asynchronous, completes with the caller's next cp_commit group.
+template <int NT>
 __device__ __forceinline__ void load_stats(const float* __restrict__ lse, const float* __restrict__ delta,
                                            const long long* __restrict__ qpos, int hq, int nq, int r0, int rows,
-                                           float* Ls, float* Ds, long long* Ps, int tid, int nthreads) {
-    for (int e = tid; e < BM; e += nthreads) {
+                                           float* Ls, float* Ds, long long* Ps, int tid) {
+#pragma unroll
+    for (int i = 0; i < (BM + NT - 1) / NT; ++i) {  // a fixed count: no loop state to keep
+        const int e = tid + i * NT;
+        if (e >= BM) break;
         const bool ok = e < rows;
-        const size_t i = (size_t)hq * nq + r0 + (ok ? e : 0);
-        cp4(Ls + e, lse + i, ok);
-        cp4(Ds + e, delta + i, ok);
+        const size_t j = (size_t)hq * nq + r0 + (ok ? e : 0);
+        cp4(Ls + e, lse + j, ok);
+        cp4(Ds + e, delta + j, ok);
         if (qpos) cp8(Ps + e, qpos + r0 + (ok ? e : 0), ok);
     }
 }

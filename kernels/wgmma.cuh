@@ -1,6 +1,7 @@
 // Hopper warpgroup-MMA (wgmma, sm_90a) helpers shared by attend_wgmma.cu's forward and
 // attend_bwd_wgmma.cu's backward: shared-memory descriptors in the 128-byte swizzle, the MMAs
-// (A from registers or shared memory), their fences, and tile loads into swizzle atoms.
+// (A from registers or shared memory), their fences, the mbarriers and register moves of
+// warp-specialised kernels, and tile loads into swizzle atoms.
 #pragma once
 #include "tiles.cuh"
 
@@ -32,6 +33,54 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&d)[N][4]) {
 }
 // cp.async and ordinary stores write through the generic proxy; wgmma reads through the async one
 __device__ __forceinline__ void proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// shared-memory barriers with phases (mbarrier): a phase completes when its count of arrivals is in
+__device__ __forceinline__ void mb_init(unsigned long long* b, int n) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"((unsigned)__cvta_generic_to_shared(b)), "r"(n) : "memory");
+}
+__device__ __forceinline__ void mb_arrive(unsigned long long* b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"((unsigned)__cvta_generic_to_shared(b)) : "memory");
+}
+// waits for the completion of the phase with this parity (phase k: parity k & 1). A pipeline
+// that stops moving (a bug) ends the kernel with an error after 10 minutes instead of hanging
+// the job; no legitimate wait comes near that (the longest is one work item's compute).
+__device__ __forceinline__ void mb_wait(unsigned long long* b, int parity) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(b);
+    unsigned long long t0 = 0;
+    for (;;) {
+        unsigned done;  // up to 65,536 polls in a tight loop, then a look at the clock (ns)
+        asm volatile("{\n.reg .pred p;\n.reg .u32 n;\nmov.u32 n, 0;\nW:\n"
+                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n@p bra D;\n"
+                     "add.u32 n, n, 1;\nsetp.lt.u32 p, n, 65536;\n@p bra W;\nD:\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(a), "r"(parity) : "memory");
+        if (done) return;
+        unsigned long long now;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        if (t0 == 0) t0 = now;
+        else if (now - t0 > 600000000000ull) __trap();
+    }
+}
+// mb_wait with its poll and timeout in one asm statement (the backward's pipelined kernels):
+// around mb_wait's C++ branch to the clock and __trap the compiler keeps registers it then spills
+__device__ __forceinline__ void mb_wait_asm(unsigned long long* b, int parity) {
+    asm volatile("{\n.reg .pred p;\n.reg .u32 n;\n.reg .u64 t0, t;\nmov.u64 t0, 0;\nR:\nmov.u32 n, 0;\nW:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@p bra D;\n"
+                 "add.u32 n, n, 1;\nsetp.lt.u32 p, n, 65536;\n@p bra W;\n"  // 65,536 polls, then the clock (ns)
+                 "mov.u64 t, %%globaltimer;\nsetp.eq.u64 p, t0, 0;\n@p mov.u64 t0, t;\nsub.u64 t, t, t0;\n"
+                 "setp.gt.u64 p, t, 600000000000;\n@p trap;\nbra R;\nD:\n}\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(b)), "r"(parity) : "memory");
+}
+template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
+template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
+
+// The registers per consumer thread of a warp-specialised block (a loader warpgroup set to PREG,
+// NWG consumer warpgroups, MINB blocks per SM): the consumers share what the block got at launch
+// (per thread 65536 / MINB / its threads, in steps of 8) less the loader's, up to 240.
+// setmaxnreg.inc takes only registers that the block's setmaxnreg.dec gave back.
+__host__ __device__ constexpr int consumer_regs(int NWG, int MINB, int PREG) {
+    const int launch = 65536 / MINB / (128 * (NWG + 1)) / 8 * 8, c = (launch * (NWG + 1) - PREG) / NWG / 8 * 8;
+    return c > 240 ? 240 : c;
+}
 
 #define WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
     "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"

@@ -42,6 +42,14 @@ BWD_WG_AUTO = (128,)  # where "auto" takes both: 1.15-1.51x the mma.sync passes 
 # dims as BWD_WG_SHAPES; jobs/wgmma_bwd_check.py times it against attend_bwd_q
 BWD_WG_Q_SHAPES = {64: (3, 2, 1), 128: (2, 2, 1)}
 
+# attend_bwd_kv_wgp's and attend_bwd_q_wgp's shapes per head dim (kernels/attend_bwd_wgmma.cu, the
+# pipelined, warp-specialised Hopper kernels: a loader warpgroup and NWG consumer warpgroups):
+# (consumer warpgroups of 64 keys or query rows, ring stages, blocks per SM); not yet measured,
+# jobs/wgmma_bwd_check.py checks them against attend_bwd_kv_wg and attend_bwd_q_wg bit for bit
+BWD_WGP_SHAPES = {64: (2, 4, 1), 128: (2, 4, 1)}
+BWD_WGP_Q_SHAPES = {64: (3, 6, 1), 128: (2, 4, 1)}
+SMEM_MAX = 227 * 1024  # dynamic shared memory per block on sm_90
+
 
 def bwd_names(ctype, D, otype, shape=None):
     """The name expressions of the tensor-core backward's two kernels, (attend_bwd_kv,
@@ -85,6 +93,37 @@ def bwd_wg_q_smem(D, shape=None):
     nwg, st, _ = shape or BWD_WG_Q_SHAPES[D]
     return (2 * st * MK + 2 * 64 * nwg) * D * 2 + 1024
 
+
+
+def bwd_wgp_name(ctype, D, otype, shape=None):
+    """attend_bwd_kv_wgp's name expression: attend_bwd_kv_wg pipelined (the same bits)."""
+    nwg, st, minb = shape or BWD_WGP_SHAPES[D]
+    return f"attend_bwd_kv_wgp<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}>"
+
+
+def bwd_wgp_smem(D, shape=None):
+    """Shared bytes of attend_bwd_kv_wgp: ST stages of q and dO tiles, the block's K and V rows,
+    ST stages of lse, delta and positions, 1024 for alignment."""
+    nwg, st, _ = shape or BWD_WGP_SHAPES[D]
+    return (2 * st * BWD_ROWS + 2 * 64 * nwg) * D * 2 + st * BWD_ROWS * (4 + 4 + 8) + 1024
+
+
+def bwd_wgp_q_name(ctype, D, otype, shape=None):
+    """attend_bwd_q_wgp's name expression: attend_bwd_q_wg pipelined (the same bits)."""
+    nwg, st, minb = shape or BWD_WGP_Q_SHAPES[D]
+    return f"attend_bwd_q_wgp<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}>"
+
+
+def bwd_wgp_q_smem(D, shape=None):
+    """Shared bytes of attend_bwd_q_wgp: ST K/V tile stages, the block's q and dO rows, 1024 for
+    alignment (attend_bwd_q_wg's layout)."""
+    nwg, st, _ = shape or BWD_WGP_Q_SHAPES[D]
+    return (2 * st * MK + 2 * 64 * nwg) * D * 2 + 1024
+
+
+def bwd_wgp_threads(shape):
+    """Threads per block of either pipelined kernel: the loader warpgroup and NWG consumers."""
+    return 128 * (shape[0] + 1)
 
 def mma_name(ctype, D, otype, shape=None):
     w, rm, qreg, st, minb = shape or MMA_SHAPES[D]
