@@ -5,13 +5,12 @@ hpcattn.gpu.backward._tensor launches it. Correctness at small sizes: several ma
 2, uneven row counts, positions none (row r at r), sorted with gaps (and a key offset) or
 shuffled (rows_unsorted's fallback), float16 and bfloat16, D = 64 and 128, gradients added into
 float32 sums and written in the input dtype: max absolute and relative difference of dk, dv and
-dq, the same bits on a rerun, and the edge count exactly attend_bwd_q's (and the mask's). The
-pipelined kernels attend_bwd_kv_wgp and attend_bwd_q_wgp likewise, and bit for bit against the
-lockstep kernel of the same NWG (wg_bits_same). Then ms per launch of each kernel alone (CUDA
-events, median of 5) on large head-major float16 inputs and the speed-ups. A FAIL line and exit
-status 1 on any mismatch; one JSON line per figure.
-    PYTHONPATH=$PWD python3 jobs/wgmma_bwd_check.py [--shapes 2:1,1:2] [--qshapes 2:2:1,3:2:1]
-        [--pshapes 2:4:1|none] [--pqshapes 2:4:1|none] [--cases window:256:262144:64]"""
+dq, the same bits on a rerun, and the edge count exactly attend_bwd_q's (and the mask's). Then
+ms per launch of each kernel alone (CUDA events, median of 5) on large head-major float16
+inputs and the speed-up. A FAIL line and exit status 1 on any mismatch; one JSON line per
+figure.
+    PYTHONPATH=$PWD python3 jobs/wgmma_bwd_check.py [--shapes 2:4:1,2:3:1] [--qshapes 2:4:1,3:6:1]
+        [--cases window:256:262144:64]"""
 import argparse
 import json
 import math
@@ -22,9 +21,8 @@ import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import encode, forward, loader
-from hpcattn.gpu.shapes import (BWD_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, BWD_WGP_Q_SHAPES, BWD_WGP_SHAPES, CTYPES,
-                                bwd_names, bwd_smem, bwd_wg_name, bwd_wg_q_name, bwd_wg_q_smem, bwd_wg_smem,
-                                bwd_wgp_name, bwd_wgp_q_name, bwd_wgp_q_smem, bwd_wgp_smem, bwd_wgp_threads)
+from hpcattn.gpu.shapes import (BWD_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_names, bwd_smem, bwd_wg_name,
+                                bwd_wg_q_name, bwd_wg_q_smem, bwd_wg_smem, bwd_wg_threads)
 from hpcattn.masks import parse
 
 MASKS = ("window:256", "causal", "causal+window:512", "block:128", "global:3+window:64", "dilated:32:4")
@@ -64,10 +62,10 @@ class Kv:
 
 class Qm:
     """One query-major kernel (name, blocks of `rows` query rows, `threads` threads, smem bytes),
-    launched as _tensor launches it: grid (ceil(nq / rows), B Hkv G) for attend_bwd_q, a 1-D grid
-    of ceil(nq / rows) B Hkv G blocks (heavy_first) for the Hopper kernels (`flat`)."""
+    launched as _tensor launches it: grid (ceil(nq / rows), B Hkv G), or ceil(nq / rows) B Hkv G
+    blocks on a 1-D grid (`flat`: attend_bwd_q_wg's heavy-first order)."""
 
-    def __init__(self, f, rows, threads, smem, flat=True):
+    def __init__(self, f, rows, threads, smem, flat=False):
         self.f, self.rows, self.threads, self.smem, self.flat = f, rows, threads, smem, flat
         if smem > 48 * 1024:
             f.max_dynamic_shared_size_bytes = smem
@@ -77,41 +75,22 @@ class Qm:
         self.f(grid, (self.threads,), args + (dq, edges, words) + tail, shared_mem=self.smem)
 
 
-def q_lockstep(shape):
-    """attend_bwd_q_wg's shape of the same bits as attend_bwd_q_wgp's `shape` (its tiles depend
-    on NWG alone)."""
-    return shape[0], 2, shape[2]
-
-
-def kv_lockstep(shape):
-    """attend_bwd_kv_wg's shape of the same bits as attend_bwd_kv_wgp's `shape`."""
-    return shape[0], shape[2]
-
-
-def q_kernels(mod, ct, D, otype, qshapes, pshapes):
-    """(reference attend_bwd_q, [(shape, attend_bwd_q_wg from mod)], [(shape, attend_bwd_q_wgp,
-    its lockstep attend_bwd_q_wg)]) for one dtype, head dim and output type."""
+def q_kernels(mod, ct, D, otype, qshapes):
+    """(reference attend_bwd_q, [(shape, attend_bwd_q_wg from mod)]) for one dtype, head dim and
+    output type."""
     wq = BWD_SHAPES[D][3]
-    ref = Qm(loader.kernel(bwd_names(ct, D, otype)[1]), 16 * wq, 32 * wq, bwd_smem(D)[1], flat=False)
-
-    def wg(s):
-        return Qm(mod.get_function(bwd_wg_q_name(ct, D, otype, s)), 64 * s[0], 128 * s[0], bwd_wg_q_smem(D, s))
-    return ref, [(s, wg(s)) for s in qshapes], [
-        (s, Qm(mod.get_function(bwd_wgp_q_name(ct, D, otype, s)), 64 * s[0], bwd_wgp_threads(s),
-               bwd_wgp_q_smem(D, s)), wg(q_lockstep(s))) for s in pshapes]
+    ref = Qm(loader.kernel(bwd_names(ct, D, otype)[1]), 16 * wq, 32 * wq, bwd_smem(D)[1])
+    return ref, [(s, Qm(mod.get_function(bwd_wg_q_name(ct, D, otype, s)), 64 * s[0], bwd_wg_threads(s),
+                        bwd_wg_q_smem(D, s), flat=True)) for s in qshapes]
 
 
-def kernels(mod, ct, D, otype, shapes, pshapes):
-    """(reference attend_bwd_kv, [(shape, attend_bwd_kv_wg from mod)], [(shape, attend_bwd_kv_wgp,
-    its lockstep attend_bwd_kv_wg)]) for one dtype, head dim and output type."""
+def kernels(mod, ct, D, otype, shapes):
+    """(reference attend_bwd_kv, [(shape, attend_bwd_kv_wg from mod)]) for one dtype, head dim
+    and output type."""
     wk = BWD_SHAPES[D][0]
     ref = Kv(loader.kernel(bwd_names(ct, D, otype)[0]), 16 * wk, 32 * wk, bwd_smem(D)[0])
-
-    def wg(s):
-        return Kv(mod.get_function(bwd_wg_name(ct, D, otype, s)), 64 * s[0], 128 * s[0], bwd_wg_smem(D, s))
-    return ref, [(s, wg(s)) for s in shapes], [
-        (s, Kv(mod.get_function(bwd_wgp_name(ct, D, otype, s)), 64 * s[0], bwd_wgp_threads(s), bwd_wgp_smem(D, s)),
-         wg(kv_lockstep(s))) for s in pshapes]
+    return ref, [(s, Kv(mod.get_function(bwd_wg_name(ct, D, otype, s)), 64 * s[0], bwd_wg_threads(s),
+                        bwd_wg_smem(D, s))) for s in shapes]
 
 
 def tail_args(nq, nk, G, k0, scale, q, k, heads):
@@ -135,17 +114,13 @@ def compare(row, names, got, want, again, init, otype, dtype):
     return ok
 
 
-def same_bits(got, want):
-    return all(bool((a.view(cp.uint8) == b.view(cp.uint8)).all()) for a, b in zip(got, want))
-
-
-def check(mod, dtype, D, shapes, qshapes, pshapes, pqshapes, failures):
+def check(mod, dtype, D, shapes, qshapes, failures):
     ct = CTYPES[dtype]
     bf = dtype == "bfloat16"
     scale = 1 / math.sqrt(D)
     for otype in ("float", ct):
-        ref, news, pipes = kernels(mod, ct, D, otype, shapes, pshapes)
-        qref, qnews, qpipes = q_kernels(mod, ct, D, otype, qshapes, pqshapes)
+        ref, news = kernels(mod, ct, D, otype, shapes)
+        qref, qnews = q_kernels(mod, ct, D, otype, qshapes)
         for spec in MASKS:
             mask = parse(spec)
             words = cp.asarray(encode.mask_words(mask))
@@ -192,14 +167,11 @@ def check(mod, dtype, D, shapes, qshapes, pshapes, pqshapes, failures):
                         return (dq,), int(edges.get()[0])
 
                     want = run(ref)
-                    for shape, kv, lock in [(s, kv, None) for s, kv in news] + pipes:
+                    for shape, kv in news:
                         got, again = run(kv), run(kv)
-                        row = {"check": spec, "kernel": "attend_bwd_kv_wgp" if lock else "attend_bwd_kv_wg",
-                               "dtype": dtype, "D": D, "TO": otype, "G": G, "positions": pos, "shape": shape}
+                        row = {"check": spec, "kernel": "attend_bwd_kv_wg", "dtype": dtype, "D": D, "TO": otype,
+                               "G": G, "positions": pos, "shape": shape}
                         ok = compare(row, ("dk", "dv"), got, want, again, init, otype, dtype)
-                        if lock:
-                            row["wg_bits_same"] = same_bits(got, run(lock))
-                            ok = ok and row["wg_bits_same"]
                         print(json.dumps(row), flush=True)
                         if not ok:
                             failures.append(row)
@@ -208,23 +180,20 @@ def check(mod, dtype, D, shapes, qshapes, pshapes, pqshapes, failures):
                     qwant, ewant = run_q(qref)
                     # one head's edges (the kernels count head 0's): the mask's pairs
                     emask = int(mask.allowed(qpos[:, None], k0 + np.arange(nk)[None, :]).sum())
-                    for shape, qk, lock in [(s, qk, None) for s, qk in qnews] + qpipes:
+                    for shape, qk in qnews:
                         (got, egot), (again, eagain) = run_q(qk), run_q(qk)
-                        row = {"check": spec, "kernel": "attend_bwd_q_wgp" if lock else "attend_bwd_q_wg",
-                               "dtype": dtype, "D": D, "TO": otype, "G": G, "positions": pos, "shape": shape,
-                               "edges": egot, "edges_ref": ewant, "edges_mask": emask}
+                        row = {"check": spec, "kernel": "attend_bwd_q_wg", "dtype": dtype, "D": D, "TO": otype,
+                               "G": G, "positions": pos, "shape": shape, "edges": egot, "edges_ref": ewant,
+                               "edges_mask": emask}
                         ok = compare(row, ("dq",), got, qwant, again, qinit, otype, dtype)
                         ok = ok and egot == ewant == eagain == emask
-                        if lock:
-                            row["wg_bits_same"] = same_bits(got, run_q(lock)[0])
-                            ok = ok and row["wg_bits_same"]
                         print(json.dumps(row), flush=True)
                         if not ok:
                             failures.append(row)
                             print(f"FAIL {json.dumps(row)}", flush=True)
 
 
-def bench(mod, case, shapes, qshapes, pshapes, pqshapes):
+def bench(mod, case, shapes, qshapes):
     spec, n, D = case.rsplit(":", 2)
     n, D = int(n), int(D)
     H, scale = 8, 1 / math.sqrt(D)
@@ -242,87 +211,65 @@ def bench(mod, case, shapes, qshapes, pshapes, pqshapes):
     args = (q, np.uintp(0), k, v, do, lse, delta)
     tail = tail_args(n, n, 1, 0, scale, q, k, H)
     for otype in ("float", "__half"):
-        ref, news, pipes = kernels(mod, "__half", D, otype, shapes, pshapes)
+        ref, news = kernels(mod, "__half", D, otype, shapes)
         dk, dv = (cp.zeros(k.shape, cp.float32 if otype == "float" else cp.float16) for _ in range(2))
         ms_ref = timed(lambda: ref(args, dk, dv, words, np.uintp(0), tail, n, H)) * 1e3
         print(json.dumps({"bench": case, "H": H, "TO": otype, "kernel": "attend_bwd_kv", "shape": BWD_SHAPES[D][:3],
                           "ms": ms_ref, "TFLOP/s": flop / ms_ref * 1e-9}), flush=True)
-        for shape, kv, lock in [(s, kv, None) for s, kv in news] + pipes:
+        for shape, kv in news:
             ms = timed(lambda: kv(args, dk, dv, words, np.uintp(0), tail, n, H)) * 1e3
-            name = "attend_bwd_kv_wgp" if lock else "attend_bwd_kv_wg"
-            row = {"bench": case, "H": H, "TO": otype, "kernel": name, "shape": shape, "ms": ms,
-                   "TFLOP/s": flop / ms * 1e-9, "speedup": ms_ref / ms}
-            if lock:
-                row["ms_wg"] = timed(lambda: lock(args, dk, dv, words, np.uintp(0), tail, n, H)) * 1e3
-                row["speedup_wg"] = row["ms_wg"] / ms
-            print(json.dumps(row), flush=True)
-            print(f"{case} TO={otype} {name}{shape}: {ms:.3f} ms vs attend_bwd_kv {ms_ref:.3f} ms, "
-                  f"speed-up {ms_ref / ms:.2f}x" + (f", {row['speedup_wg']:.2f}x the lockstep kernel" if lock else ""),
-                  flush=True)
-        qref, qnews, qpipes = q_kernels(mod, "__half", D, otype, qshapes, pqshapes)
+            print(json.dumps({"bench": case, "H": H, "TO": otype, "kernel": "attend_bwd_kv_wg", "shape": shape,
+                              "ms": ms, "TFLOP/s": flop / ms * 1e-9, "speedup": ms_ref / ms}), flush=True)
+            print(f"{case} TO={otype} wg{shape}: {ms:.3f} ms vs attend_bwd_kv {ms_ref:.3f} ms, "
+                  f"speed-up {ms_ref / ms:.2f}x", flush=True)
+        qref, qnews = q_kernels(mod, "__half", D, otype, qshapes)
         qflop = 3 * 2 * edges * D * H  # S, dP, dQ
         dq = cp.zeros(q.shape, cp.float32 if otype == "float" else cp.float16)
         count = cp.zeros(1, dtype=cp.uint64)
         ms_ref = timed(lambda: qref(args, dq, count, words, tail, n, H)) * 1e3
         print(json.dumps({"bench": case, "H": H, "TO": otype, "kernel": "attend_bwd_q", "shape": BWD_SHAPES[D][3:],
                           "ms": ms_ref, "TFLOP/s": qflop / ms_ref * 1e-9}), flush=True)
-        for shape, qk, lock in [(s, qk, None) for s, qk in qnews] + qpipes:
+        for shape, qk in qnews:
             ms = timed(lambda: qk(args, dq, count, words, tail, n, H)) * 1e3
-            name = "attend_bwd_q_wgp" if lock else "attend_bwd_q_wg"
-            row = {"bench": case, "H": H, "TO": otype, "kernel": name, "shape": shape, "ms": ms,
-                   "TFLOP/s": qflop / ms * 1e-9, "speedup": ms_ref / ms}
-            if lock:
-                row["ms_wg"] = timed(lambda: lock(args, dq, count, words, tail, n, H)) * 1e3
-                row["speedup_wg"] = row["ms_wg"] / ms
-            print(json.dumps(row), flush=True)
-            print(f"{case} TO={otype} {name}{shape}: {ms:.3f} ms vs attend_bwd_q {ms_ref:.3f} ms, "
-                  f"speed-up {ms_ref / ms:.2f}x" + (f", {row['speedup_wg']:.2f}x the lockstep kernel" if lock else ""),
-                  flush=True)
+            print(json.dumps({"bench": case, "H": H, "TO": otype, "kernel": "attend_bwd_q_wg", "shape": shape,
+                              "ms": ms, "TFLOP/s": qflop / ms * 1e-9, "speedup": ms_ref / ms}), flush=True)
+            print(f"{case} TO={otype} q_wg{shape}: {ms:.3f} ms vs attend_bwd_q {ms_ref:.3f} ms, "
+                  f"speed-up {ms_ref / ms:.2f}x", flush=True)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dims", default="64,128")
     p.add_argument("--dtypes", default="float16,bfloat16")
-    p.add_argument("--shapes", default="", help="NWG:MINB of attend_bwd_kv_wg, comma-separated "
+    p.add_argument("--shapes", default="", help="NWG:ST:MINB of attend_bwd_kv_wg, comma-separated "
                    "(default: shapes.BWD_WG_SHAPES)")
     p.add_argument("--qshapes", default="", help="NWG:ST:MINB of attend_bwd_q_wg, comma-separated "
                    "(default: shapes.BWD_WG_Q_SHAPES)")
-    p.add_argument("--pshapes", default="", help="NWG:ST:MINB of attend_bwd_kv_wgp, comma-separated "
-                   "(default: shapes.BWD_WGP_SHAPES; none: skip it)")
-    p.add_argument("--pqshapes", default="", help="NWG:ST:MINB of attend_bwd_q_wgp, comma-separated "
-                   "(default: shapes.BWD_WGP_Q_SHAPES; none: skip it)")
     p.add_argument("--cases", default="window:256:262144:64,window:256:262144:128,causal:16384:128",
                    help="timed MASK:N:D, comma-separated (empty: none)")
     a = p.parse_args()
     if cp.cuda.Device().compute_capability != "90":
         print(f"FAIL the Hopper kernels need compute capability 9.0, not {cp.cuda.Device().compute_capability}")
         sys.exit(1)
-    custom, qcustom, pcustom, pqcustom = ([tuple(int(x) for x in s.split(":")) for s in arg.split(",") if s]
-                                          for arg in (a.shapes, a.qshapes, a.pshapes.replace("none", ""),
-                                                      a.pqshapes.replace("none", "")))
+    custom = [tuple(int(x) for x in s.split(":")) for s in a.shapes.split(",") if s]
+    qcustom = [tuple(int(x) for x in s.split(":")) for s in a.qshapes.split(",") if s]
     dims, cases = [int(d) for d in a.dims.split(",")], [c for c in a.cases.split(",") if c]
     shapes = {D: custom or [BWD_WG_SHAPES[D]] for D in set(dims) | {int(c.rsplit(":", 1)[1]) for c in cases}}
     qshapes = {D: qcustom or [BWD_WG_Q_SHAPES[D]] for D in shapes}
-    pshapes = {D: [] if a.pshapes == "none" else pcustom or [BWD_WGP_SHAPES[D]] for D in shapes}
-    pqshapes = {D: [] if a.pqshapes == "none" else pqcustom or [BWD_WGP_Q_SHAPES[D]] for D in shapes}
     ctypes = {CTYPES[d] for d in a.dtypes.split(",")} | {"__half"}
-    outs = [(ct, D, o) for ct in ctypes for D in shapes for o in ("float", ct)]
-    names = sorted({bwd_wg_name(ct, D, o, s) for ct, D, o in outs for s in shapes[D]}
-                   | {bwd_wg_q_name(ct, D, o, s) for ct, D, o in outs for s in qshapes[D]}
-                   | {n for ct, D, o in outs for s in pshapes[D]
-                      for n in (bwd_wgp_name(ct, D, o, s), bwd_wg_name(ct, D, o, kv_lockstep(s)))}
-                   | {n for ct, D, o in outs for s in pqshapes[D]
-                      for n in (bwd_wgp_q_name(ct, D, o, s), bwd_wg_q_name(ct, D, o, q_lockstep(s)))})
+    names = sorted({bwd_wg_name(ct, D, o, s) for ct in ctypes for D in shapes for o in ("float", ct)
+                    for s in shapes[D]}
+                   | {bwd_wg_q_name(ct, D, o, s) for ct in ctypes for D in shapes for o in ("float", ct)
+                      for s in qshapes[D]})
     mod = loader.build("attend_bwd_wgmma.cu", names)  # one NVRTC run for every kernel below
     failures = []
     for dtype in a.dtypes.split(","):
         for D in dims:
-            check(mod, dtype, D, shapes[D], qshapes[D], pshapes[D], pqshapes[D], failures)
+            check(mod, dtype, D, shapes[D], qshapes[D], failures)
     print(f"{'FAIL' if failures else 'OK'}: {len(failures)} mismatching checks", flush=True)
     for case in cases:
         D = int(case.rsplit(":", 1)[1])
-        bench(mod, case, shapes[D], qshapes[D], pshapes[D], pqshapes[D])
+        bench(mod, case, shapes[D], qshapes[D])
     sys.exit(1 if failures else 0)
 
 

@@ -1,16 +1,15 @@
 // The tensor-core backward's two passes on Hopper's warpgroup MMA (wgmma, sm_90a) for
 // float16/bfloat16 with D in {64, 128}, drop-ins for attend_bwd_mma.cu's: attend_bwd_kv_wg (dk,
-// dv) here, attend_bwd_q_wg (dq and the edges) at the end, described above it.
-// attend_bwd_kv_wg takes attend_bwd_kv's arguments and keeps its contract (attend_bwd_mma.cu),
-// its mask handling and its rounding of P and dS to the input dtype (bwd.cuh), so that either
-// can be launched. A block owns 64 NWG keys of one kv head, a warpgroup per 64 keys, and walks
-// the 64-row query tiles that reach them for all G query heads of the group; all its threads
-// double-buffer the (Q, dO) tiles and the rows' statistics with cp.async, as attend_bwd_kv does.
-// Per tile, each warpgroup runs S^T = K Q^T and dP^T = V dO^T as wgmma m64n64k16 with both
-// operands K-major in shared memory, then dV += P^T dO and dK += dS^T Q as wgmma m64nDk16 with
-// P^T and dS^T re-packed from the accumulators in registers and dO and Q read N-major from the
-// same tiles (FlashAttention-3's backward without its producer warpgroup). K, V, Q and dO sit in
-// 128-byte swizzle atoms.
+// dv) takes attend_bwd_kv's arguments and contract, attend_bwd_q_wg (dq and the edges)
+// attend_bwd_q's, with their mask handling and rounding of P and dS to the input dtype (bwd.cuh),
+// so that either can be launched. Both are warp-specialised as attend_wgmma.cu's forward is
+// (FlashAttention-3's layout): warpgroup 0 loads tiles into a ring of ST shared-memory stages
+// with cp.async (Ring), NWG consumer warpgroups compute, each at its own pace, so that one's mask
+// and probabilities overlap another's MMAs; setmaxnreg moves registers to the consumers.
+// Per tile, a consumer runs the two score products as wgmma m64n64k16 with both operands
+// K-major in shared memory, then the gradient products as wgmma m64nDk16 with P or dS re-packed
+// from the accumulators in registers and the other operand read N-major from the same tiles.
+// Every operand sits in 128-byte swizzle atoms.
 #include "bwd.cuh"
 #include "wgmma.cuh"
 
@@ -35,141 +34,23 @@ __device__ __forceinline__ void score_products(float (&s)[MK / 8][4], float (&dp
     wg_commit();
 }
 
-// Shape: NWG warpgroups of 64 keys, MINB blocks per SM asked of the register allocator. Shared
-// memory (1024-byte aligned: the host adds 1024 bytes): two stages of (Q, dO) tiles, the
-// block's K and V rows, two stages of (lse, delta, positions).
-template <typename T, int D, typename TO, int NWG, int MINB>
-__global__ void __launch_bounds__(128 * NWG, MINB)
-attend_bwd_kv_wg(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
-                 const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
-                 const float* __restrict__ delta, TO* __restrict__ dk, TO* __restrict__ dv,
-                 const long long* __restrict__ mask_words, const int* __restrict__ unsorted, int nq, int nk, int G,
-                 long long k0, float scale, long long q0, BWD_STRIDES) {
-    constexpr int BN = 64 * NWG, NT = 128 * NWG, TILE = BM * D;  // TILE in elements
-    constexpr int WV = NWG > 1 ? 1 : 0;  // the warpgroup that loads V and dO (K and Q: warpgroup 0)
-    extern __shared__ __align__(128) unsigned char smem_wg[];
-    T* QO = reinterpret_cast<T*>(smem_wg + ((1024 - ((unsigned)__cvta_generic_to_shared(smem_wg) & 1023)) & 1023));
-    T* Ks = QO + 4 * TILE;  // stage s: Q at QO + 2s TILE, dO at QO + (2s + 1) TILE
-    T* Vs = Ks + BN * D;
-    float* Ls = reinterpret_cast<float*>(Vs + BN * D);  // stage s at Ls + s BM; delta likewise
-    float* Dls = Ls + 2 * BM;
-    long long* Ps = reinterpret_cast<long long*>(Dls + 2 * BM);
-    __shared__ MaskDev mk;
-    __shared__ int nr_s, tlo_s[HPCATTN_MAX_SPANS], thi_s[HPCATTN_MAX_SPANS];
-
-    const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs};
-    const int hk = blockIdx.y, kc0 = blockIdx.x * BN, kc1 = min(nk, kc0 + BN);
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3, wt = tid & 127;  // wg warp-uniform
-    const size_t krow0 = ks.head(hk, H / G) + (size_t)kc0 * krs;  // the block's first key row
-    if (wg == 0) load_tile_sw<T, D, BN>(k + krow0, krs, kc1 - kc0, Ks, wt);
-    if (wg == WV) load_tile_sw<T, D, BN>(v + krow0, krs, kc1 - kc0, Vs, wt);
-    cp_commit();
-    if (warp == 0)
-        key_block_tiles(mask_words, mk, qpos, unsorted, q0, nq, k0 + kc0, k0 + kc1 - 1, lane, tlo_s, thi_s, nr_s);
-    __syncthreads();
-    const int nr = nr_s;
-    if (nr == 0 && sizeof(TO) == 4) {  // no query reaches these keys: the sums are unchanged
-        cp_wait<0>();
-        return;
-    }
-
-    // work items (query head gq of the group, query tile t), fetched one ahead of compute; none
-    // when no query reaches these keys (dk, dv are then written as zeros)
-    const int g_first = nr ? 0 : G, t_first = nr ? tlo_s[0] : 0;
-    int fg = g_first, fr = 0, ft = t_first;
-    auto fetch = [&](int s) {
-        if (fg < G) {
-            const int hq = hk * G + fg, r0 = ft * BM, rows = min(BM, nq - r0);
-            const size_t qrow0 = qs.head(hq, H) + (size_t)r0 * qrs;
-            if (wg == 0) load_tile_sw<T, D, BM>(q + qrow0, qrs, rows, QO + 2 * s * TILE, wt);
-            if (wg == WV) load_tile_sw<T, D, BM>(dout + qrow0, qrs, rows, QO + (2 * s + 1) * TILE, wt);
-            load_stats<NT>(lse, delta, qpos, hq, nq, r0, rows, Ls + s * BM, Dls + s * BM, Ps + s * BM, tid);
-            next_item(fg, fr, ft, nr, tlo_s, thi_s);
-        }
-        cp_commit();
-    };
-    fetch(0);
-
-    // descriptors: this warpgroup's K and V rows (A, K-major), stage 0's Q and dO tiles as K-major
-    // B operands of S^T and dP^T, and as N-major ones (atoms of 64 d's) of dK and dV
-    const unsigned kdesc = wg_desc_lo(reinterpret_cast<const char*>(Ks) + wg * 64 * 128, 16);
-    const unsigned vdesc = wg_desc_lo(reinterpret_cast<const char*>(Vs) + wg * 64 * 128, 16);
-    const unsigned qk = wg_desc_lo(QO, 16), ok = wg_desc_lo(QO + TILE, 16);
-    const unsigned qn = wg_desc_lo(QO, BM * 128), on = wg_desc_lo(QO + TILE, BM * 128);
-    float dka[D / 8][4], dva[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dka[j][e] = dva[j][e] = 0.f;
-    const int kw0 = kc0 + 64 * wg + 16 * wq;  // this warp's first key row
-    const bool live[1][2] = {{kw0 + g < kc1, kw0 + g + 8 < kc1}};
-    const long long jpos[1][2] = {{k0 + kw0 + g, k0 + kw0 + g + 8}};
-    const bool wg_live = kc0 + 64 * wg < kc1;  // uniform over the warpgroup, as wgmma needs
-    const float sl2 = scale * MLOG2E;
-
-    for (int buf = 0, cg = g_first, cr = 0, ct = t_first; cg < G; buf ^= 1) {
-        fetch(buf ^ 1);
-        cp_wait<1>();
-        proxy_fence();  // the landed copies, before wgmma reads them through the async proxy
-        __syncthreads();
-        const int rows = min(BM, nq - ct * BM);
-        const long long* Pb = Ps + buf * BM;
-        if (wg_live) {
-            const unsigned sb = buf * 2 * TILE * (unsigned)sizeof(T);  // the stage's byte offset
-            float s[1][MK / 8][4], dp[1][MK / 8][4];
-            wg_fence();
-            score_products<T, D, BN, BM>(s[0], dp[0], kdesc, qk, vdesc, ok, sb);
-            const TileRows tr = tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane);  // MMAs run
-            wgmma_wait<1>();  // S^T
-            fence_regs(s[0]);
-            kv_tile_mask(s, mk, tr, Pb, rows, k0 + kw0, k0 + min(kw0 + 16, kc1), live, jpos, tq);
-            wgmma_wait<0>();  // dP^T
-            fence_regs(dp[0]);
-            float L[MK / 8][2], dl[MK / 8][2];
-            column_stats(Ls + buf * BM, Dls + buf * BM, rows, tq, L, dl);
-            unsigned pa[MK / 16][4], da[MK / 16][4];
-            probabilities<T, true>(s[0], dp[0], sl2, nullptr, nullptr, L, dl, pa, da);
-            fence_regs(dva);
-            fence_regs(dka);
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk)  // a k16 step is 16 query rows
-                Wgmma<T, D, 1>::run(dva, pa[kk], wg_desc(on, sb + kk * 16 * 128), 1);  // dV += P^T dO
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk)
-                Wgmma<T, D, 1>::run(dka, da[kk], wg_desc(qn, sb + kk * 16 * 128), 1);  // dK += dS^T Q
-            wg_commit();
-            wgmma_wait<0>();  // before the stage is refilled and pa, da are overwritten
-            fence_regs(dva);
-            fence_regs(dka);
-        }
-        __syncthreads();  // every warpgroup is done with this stage before it is refilled
-        next_item(cg, cr, ct, nr, tlo_s, thi_s);
-    }
-    cp_wait<0>();
-    if (kw0 < kc1) {
-        const size_t base = krow0 + (size_t)(kw0 - kc0) * krs;
-        put_rows<D, TO>(dk + base, krs, dka, live[0], scale, g, tq);
-        put_rows<D, TO>(dv + base, krs, dva, live[0], 1.f, g, tq);
-    }
-}
-
-// A ring of ST shared-memory stages between the loader warpgroup (128 threads) and the 4 NWG
-// consumer warps of a pipelined kernel: full[s] completes a phase when the 128 loader threads'
-// copies into stage s landed, empty[s] when every consumer warp is done with it. Item n (of the
-// loader's sequence, which every consumer walks too) goes to stage n % ST, fill n / ST.
+// A ring of ST shared-memory stages between the loader warpgroup (128 threads) and the 128 NWG
+// consumer threads of attend_bwd_kv_wg or attend_bwd_q_wg: full[s] completes a phase when the
+// 128 loader threads' copies into stage s landed, empty[s] when every consumer thread is done
+// with it (each arrives itself: the key-major consumers read the stage's statistics with plain
+// loads, and an arrival per reader orders each read before the refill, as racecheck can verify).
+// Item n (of the loader's sequence, which every consumer walks too) goes to stage n % ST, fill n / ST.
 template <int ST> struct Ring {
     unsigned long long full[ST], empty[ST];
     __device__ __forceinline__ void init(int nwg) {  // one thread, before the block's barrier
         for (int s = 0; s < ST; ++s) {
             mb_init(&full[s], 128);
-            mb_init(&empty[s], 4 * nwg);
+            mb_init(&empty[s], 128 * nwg);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
 };
-// The loader's side: a stage is refilled once every consumer warp released its previous fill;
+// The loader's side: a stage is refilled once every consumer thread released its previous fill;
 // an item's copies (one commit group) are signalled once the next item's are issued, so that
 // two groups are in flight.
 template <int ST> struct RingLoad {
@@ -198,16 +79,15 @@ template <int ST> struct RingLoad {
         mb_arrive(&r.full[pend % ST]);
     }
 };
-// A consumer warp's side: the stage of its next item (s) and the parity of that fill (ph). Every
-// item is waited for and released, computed or not: a warp that released fill f of a stage
-// before every other warp did would complete the empty phase too early.
+// A consumer thread's side: the stage of its next item (s) and the parity of that fill (ph).
+// Every item is waited for and released, computed or not: a thread that released fill f of a
+// stage before every other thread did would complete the empty phase too early.
 template <int ST> struct RingUse {
     Ring<ST>& r;
     int s = 0, ph = 0;
     __device__ __forceinline__ void wait() { mb_wait_asm(&r.full[s], ph); }
-    __device__ __forceinline__ void release(int lane) {  // this warp is done with the stage
-        __syncwarp();
-        if (lane == 0) mb_arrive(&r.empty[s]);
+    __device__ __forceinline__ void release() {  // this thread is done with the stage
+        mb_arrive(&r.empty[s]);
         if (++s == ST) {
             s = 0;
             ph ^= 1;
@@ -215,22 +95,21 @@ template <int ST> struct RingUse {
     }
 };
 
-// attend_bwd_kv_wg pipelined and warp-specialised (attend_wgmma.cu's forward's layout): the same
-// arguments, contract, work items and per-tile math in the same order, so the same bits.
-// Warpgroup 0 loads: the block's K and V rows once, then each work item's (Q, dO) tiles and
-// rows' statistics into a ring of ST stages with cp.async. NWG consumer warpgroups of 64 keys
-// compute, each at its own pace (no block barrier per tile): one's mask and probabilities
-// overlap another's MMAs. setmaxnreg moves registers to the consumers.
+// The key-major pass: a block owns 64 NWG keys of one kv head, a consumer warpgroup per 64 keys,
+// and walks the 64-row query tiles that reach them for all G query heads of the group. The
+// loader loads the block's K and V rows once, then each work item's (Q, dO) tiles and rows'
+// statistics into the ring. Per tile, S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
+// dK += dS^T Q; dk and dv stay in float32 registers until the end.
 // Shape: NWG consumer warpgroups, ST stages, MINB blocks per SM asked of the register allocator.
 // Shared memory (1024-byte aligned: the host adds 1024 bytes): ST stages of (Q, dO) tiles, the
 // block's K and V rows, ST stages of (lse, delta, positions).
 template <typename T, int D, typename TO, int NWG, int ST, int MINB>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
-attend_bwd_kv_wgp(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
-                  const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
-                  const float* __restrict__ delta, TO* __restrict__ dk, TO* __restrict__ dv,
-                  const long long* __restrict__ mask_words, const int* __restrict__ unsorted, int nq, int nk, int G,
-                  long long k0, float scale, long long q0, BWD_STRIDES) {
+attend_bwd_kv_wg(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
+                 const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
+                 const float* __restrict__ delta, TO* __restrict__ dk, TO* __restrict__ dv,
+                 const long long* __restrict__ mask_words, const int* __restrict__ unsorted, int nq, int nk, int G,
+                 long long k0, float scale, long long q0, BWD_STRIDES) {
     constexpr int BN = 64 * NWG, TILE = BM * D;  // TILE in elements
     constexpr int PREG = 24, CREG = consumer_regs(NWG, MINB, PREG);
     static_assert(ST >= 2, "the loader fills one stage while the consumers compute another");
@@ -338,7 +217,7 @@ attend_bwd_kv_wgp(const T* __restrict__ q, const long long* __restrict__ qpos, c
             fence_regs(dva);
             fence_regs(dka);
         }
-        use.release(lane);
+        use.release();
     }
     if (kw0 < kc1) {
         const size_t base = krow0 + (size_t)(kw0 - kc0) * krs;
@@ -388,169 +267,21 @@ __device__ __forceinline__ void q_block_spans(const long long* __restrict__ mask
     if (lane == 0) nsp_s = mask_spans(mk, blo, bhi, k0, k0 + nk, lo_s, hi_s);
 }
 
-// The query-major pass on Hopper: attend_bwd_q's drop-in (its arguments, contract, mask handling,
-// edge count and rounding of P and dS to the input dtype). A block owns 64 NWG query rows of one
-// query head, a warpgroup per 64 rows, keeps their q and dO rows in shared memory and walks the
-// 64-key tiles the block's rows reach, K and V in a ring of ST buffers filled with cp.async
-// ST - 1 tiles ahead, as attend_bwd_q does (with one barrier per tile); a warpgroup computes only
-// the tiles its own rows' key spans reach. Per tile, each warpgroup runs S = Q K^T and dP = dO V^T as wgmma m64n64k16 with both
-// operands K-major in shared memory, then dQ += dS K as wgmma m64nDk16 with dS packed from the
-// accumulators in registers and K read N-major from the same tile (FlashAttention-3's dQ
-// without its producer warpgroup and atomics: each block owns its rows' dq). dq stays in
-// float32 registers until the end. Q, dO, K and V sit in 128-byte swizzle atoms. Blocks run
-// heaviest first (heavy_first: a 1-D grid of ntiles heads blocks).
-// Shape: NWG warpgroups of 64 query rows, ST K/V buffers, MINB blocks per SM asked of the
-// register allocator. Shared memory (1024-byte aligned: the host adds 1024 bytes): ST stages of
-// (K, V) tiles, then the block's q and dO rows.
-template <typename T, int D, typename TO, int NWG, int ST, int MINB>
-__global__ void __launch_bounds__(128 * NWG, MINB)
-attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
-                const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
-                const float* __restrict__ delta, TO* __restrict__ dq, unsigned long long* __restrict__ edges,
-                const long long* __restrict__ mask_words, int nq, int nk, int G, long long k0, float scale,
-                long long q0, BWD_STRIDES) {
-    constexpr int BR = 64 * NWG, TILE = MK * D;  // TILE in elements
-    constexpr int WV = NWG > 1 ? 1 : 0;  // the warpgroup that loads V and dO (K and q: warpgroup 0)
-    static_assert(ST >= 2, "a K/V tile is prefetched while the one before is computed");
-    extern __shared__ __align__(128) unsigned char smem_wg[];
-    T* KV = reinterpret_cast<T*>(smem_wg + ((1024 - ((unsigned)__cvta_generic_to_shared(smem_wg) & 1023)) & 1023));
-    T* Qs = KV + 2 * ST * TILE;  // buffer b: K at KV + 2b TILE, V at KV + (2b + 1) TILE; then q, dO rows
-    T* Os = Qs + BR * D;
-    __shared__ MaskDev mk;
-    __shared__ long long lo_s[HPCATTN_MAX_SPANS], hi_s[HPCATTN_MAX_SPANS];
-    __shared__ long long wqlo_s[NWG], wqhi_s[NWG], wlo_s[NWG][HPCATTN_MAX_SPANS], whi_s[NWG][HPCATTN_MAX_SPANS];
-    __shared__ int nsp_s, wn_s[NWG];
-    __shared__ unsigned long long edges_s;
-
-    const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs};
-    int head, t0;
-    heavy_first(nq, BR, head, t0);
-    const int kvh = head / G, t1 = min(nq, t0 + BR);
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3, wt = tid & 127;  // wg warp-uniform
-    const T* kh = k + ks.head(kvh, H / G);
-    const T* vh = v + ks.head(kvh, H / G);
-    const size_t qrow0 = qs.head(head, H) + (size_t)t0 * qrs;
-    if (wg == 0) load_tile_sw<T, D, BR>(q + qrow0, qrs, t1 - t0, Qs, wt);
-    if (wg == WV) load_tile_sw<T, D, BR>(dout + qrow0, qrs, t1 - t0, Os, wt);
-    cp_commit();
-    if (warp == 0) {
-        q_block_spans<NWG>(mask_words, mk, qpos, q0, t0, t1, k0, nk, lane, wqlo_s, wqhi_s, wlo_s, whi_s, wn_s, lo_s,
-                           hi_s, nsp_s);
-        if (lane == 0) edges_s = 0ull;
-    }
-    __syncthreads();
-    const int nsp = nsp_s;
-    if (nsp == 0 && sizeof(TO) == 4) {  // the rows reach no key here: their sums are unchanged, no edge
-        cp_wait<0>();
-        return;
-    }
-    // K/V tiles [c0, c0 + 64) of the spans in order, tile i + ST - 1 fetched once tile i - 1's
-    // buffer is free (one barrier per tile)
-    int sp = 0, fsp = 0;
-    long long c0 = nsp ? lo_s[0] : 0, fc0 = c0;
-    auto fetch = [&](int b) {
-        if (fsp < nsp) {
-            const int n = (int)min((long long)MK, hi_s[fsp] - fc0);
-            const size_t off = (size_t)(fc0 - k0) * krs;
-            if (wg == 0) load_tile_sw<T, D, MK>(kh + off, krs, n, KV + 2 * b * TILE, wt);
-            if (wg == WV) load_tile_sw<T, D, MK>(vh + off, krs, n, KV + (2 * b + 1) * TILE, wt);
-            next_tile(fsp, fc0, nsp, lo_s, hi_s);
-        }
-        cp_commit();
-    };
-#pragma unroll
-    for (int b = 0; b < ST - 1; ++b) fetch(b);
-
-    // this thread's rows r0 + 8h of the warpgroup's 64 (the accumulators' rows)
-    const int rw0 = t0 + 64 * wg + 16 * wq;  // this warp's first row
-    bool live[1][2];
-    long long pos[1][2];
-    float Lr[2], dr[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = rw0 + g + 8 * h;
-        live[0][h] = r < t1;
-        pos[0][h] = r >= t1 ? 0 : qpos ? qpos[r] : q0 + r;
-        const float x = r < t1 ? lse[(size_t)head * nq + r] : -INFINITY;
-        Lr[h] = x == -INFINITY ? INFINITY : x * MLOG2E;
-        dr[h] = r < t1 ? delta[(size_t)head * nq + r] : 0.f;
-    }
-    const int wn = wn_s[wg];
-    const long long wqlo = wqlo_s[wg], wqhi = wqhi_s[wg];
-    const long long* wlo = wlo_s[wg];
-    const long long* whi = whi_s[wg];
-    int ws = 0;  // the first of the warpgroup's spans that ends past the current tile's first key
-    float dqa[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
-    const float sl2 = scale * MLOG2E;
-    const float dummy[MK / 8][2] = {};
-    unsigned long long n_edges = 0;
-
-    // descriptors: this warpgroup's q and dO rows (A, K-major: atoms of 64 d's BR rows apart),
-    // buffer 0's K and V tiles as K-major B operands of S and dP, and K as the N-major B of dQ
-    const unsigned qdesc = wg_desc_lo(reinterpret_cast<const char*>(Qs) + wg * 64 * 128, 16);
-    const unsigned odesc = wg_desc_lo(reinterpret_cast<const char*>(Os) + wg * 64 * 128, 16);
-    const unsigned kdesc = wg_desc_lo(KV, 16), vdesc = wg_desc_lo(KV + TILE, 16);
-    const unsigned kn = wg_desc_lo(KV, MK * 128);
-
-    for (int buf = 0; sp < nsp; buf = buf + 1 == ST ? 0 : buf + 1) {
-        const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
-        cp_wait<ST - 2>();  // this tile (the ST - 2 newer groups may be in flight)
-        proxy_fence();      // the landed copies, before wgmma reads them through the async proxy
-        __syncthreads();    // ... for every thread; and every warpgroup is done with the tile before
-        fetch(buf == 0 ? ST - 1 : buf - 1);  // so its buffer takes the tile ST - 1 ahead
-        while (ws < wn && whi[ws] <= c0) ++ws;
-        if (ws < wn && wlo[ws] < c0 + nkt) {  // uniform over the warpgroup, as wgmma needs
-            const unsigned kb = buf * 2 * TILE * (unsigned)sizeof(T);  // the buffer's byte offset
-            float s[1][MK / 8][4], dp[1][MK / 8][4];
-            wg_fence();
-            score_products<T, D, BR, MK>(s[0], dp[0], qdesc, kdesc, odesc, vdesc, kb);
-            const bool full = nkt == MK && mask_tile_full(mk, wqlo, wqhi, c0, c0 + MK);  // the MMAs run
-            wgmma_wait<1>();  // S
-            fence_regs(s[0]);
-            mask_scores<1>(s, mk, live, pos, c0, nkt, full, tq, n_edges);
-            wgmma_wait<0>();  // dP
-            fence_regs(dp[0]);
-            unsigned pa[MK / 16][4], da[MK / 16][4];
-            probabilities<T, false>(s[0], dp[0], sl2, Lr, dr, dummy, dummy, pa, da);
-            fence_regs(dqa);
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is 16 keys; K is N-major, atoms of 64 d's
-                Wgmma<T, D, 1>::run(dqa, da[kk], wg_desc(kn, kb + kk * 16 * 128), 1);  // dQ += dS K
-            wg_commit();
-            wgmma_wait<0>();  // before the next barrier (the buffer is then refilled) and da is overwritten
-            fence_regs(dqa);
-        }
-        next_tile(sp, c0, nsp, lo_s, hi_s);
-    }
-    cp_wait<0>();
-    put_rows<D, TO>(dq + qrow0 + (size_t)(rw0 - t0) * qrs, qrs, dqa, live[0], scale, g, tq);
-
-#pragma unroll
-    for (int s = 16; s > 0; s >>= 1) n_edges += __shfl_xor_sync(0xffffffffu, n_edges, s);
-    if (lane == 0 && n_edges) atomicAdd(&edges_s, n_edges);
-    __syncthreads();
-    if (tid == 0 && head == 0 && edges_s) atomicAdd(edges, edges_s);
-}
-
-// attend_bwd_q_wg pipelined and warp-specialised, as attend_bwd_kv_wgp is attend_bwd_kv_wg: the
-// same arguments, contract, tiles, per-tile math and edge count, so the same bits. Warpgroup 0
-// loads the block's q and dO rows once, then streams the K/V tiles of the block's key spans into
-// a ring of ST stages; NWG consumer warpgroups of 64 rows each compute the tiles that their own
-// rows' key spans reach, at their own pace, and release every stage, computed or skipped.
+// The query-major pass: a block owns 64 NWG query rows of one query head, a consumer warpgroup
+// per 64 rows. The loader loads the block's q and dO rows once, then streams the K/V tiles of
+// the block's key spans into the ring; a consumer computes the tiles its own rows' key spans
+// reach and releases every stage, computed or skipped. Per tile, S = Q K^T and dP = dO V^T, then
+// dQ += dS K (no atomics: each block owns its rows' dq, in float32 registers until the end).
 // Shape: NWG consumer warpgroups, ST stages, MINB blocks per SM asked of the register allocator.
 // Shared memory (1024-byte aligned: the host adds 1024 bytes): ST stages of (K, V) tiles, then
 // the block's q and dO rows. A 1-D grid of ntiles heads blocks (heavy_first).
 template <typename T, int D, typename TO, int NWG, int ST, int MINB>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
-attend_bwd_q_wgp(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
-                 const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
-                 const float* __restrict__ delta, TO* __restrict__ dq, unsigned long long* __restrict__ edges,
-                 const long long* __restrict__ mask_words, int nq, int nk, int G, long long k0, float scale,
-                 long long q0, BWD_STRIDES) {
+attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
+                const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
+                const float* __restrict__ delta, TO* __restrict__ dq, unsigned long long* __restrict__ edges,
+                const long long* __restrict__ mask_words, int nq, int nk, int G, long long k0, float scale,
+                long long q0, BWD_STRIDES) {
     constexpr int BR = 64 * NWG, TILE = MK * D;  // TILE in elements
     // the loader's copies of a D = 128 tile need more than 24 registers; the consumers need ~200
     constexpr int PREG = D > 64 ? 56 : 24, CREG = consumer_regs(NWG, MINB, PREG);
@@ -668,7 +399,7 @@ attend_bwd_q_wgp(const T* __restrict__ q, const long long* __restrict__ qpos, co
                 wgmma_wait<0>();  // before the stage is released and da is overwritten
                 fence_regs(dqa);
             }
-            use.release(lane);
+            use.release();
         }
         put_rows<D, TO>(dq + qrow0 + (size_t)(rw0 - t0) * qrs, qrs, dqa, live[0], scale, g, tq);
     }

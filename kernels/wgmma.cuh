@@ -60,7 +60,7 @@ __device__ __forceinline__ void mb_wait(unsigned long long* b, int parity) {
         else if (now - t0 > 600000000000ull) __trap();
     }
 }
-// mb_wait with its poll and timeout in one asm statement (the backward's pipelined kernels):
+// mb_wait with its poll and timeout in one asm statement (the backward's kernels):
 // around mb_wait's C++ branch to the clock and __trap the compiler keeps registers it then spills
 __device__ __forceinline__ void mb_wait_asm(unsigned long long* b, int parity) {
     asm volatile("{\n.reg .pred p;\n.reg .u32 n;\n.reg .u64 t0, t;\nmov.u64 t0, 0;\nR:\nmov.u32 n, 0;\nW:\n"

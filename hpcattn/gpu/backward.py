@@ -8,15 +8,8 @@ from ..errors import HpcattnError
 from .encode import check, device_mask, device_positions, listed_terms
 from .forward import row_strides
 from .loader import cupy, launch, wgmma_available
-from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_AUTO, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES,
-                     BWD_WGP_Q_SHAPES, BWD_WGP_SHAPES, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_q_name, bwd_wg_q_smem,
-                     bwd_wg_smem, bwd_wgp_name, bwd_wgp_q_name, bwd_wgp_q_smem, bwd_wgp_smem, bwd_wgp_threads)
-
-# Which Hopper kernels the `hopper` path launches: the pipelined, warp-specialised ones
-# (attend_bwd_kv_wgp for dk and dv, attend_bwd_q_wgp for dq; the same bits) or the lockstep ones
-# (attend_bwd_kv_wg, attend_bwd_q_wg)
-PIPE_KV = False
-PIPE_Q = False
+from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, bwd_names,
+                     bwd_smem, bwd_wg_name, bwd_wg_q_name, bwd_wg_q_smem, bwd_wg_smem, bwd_wg_threads)
 
 
 def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False,
@@ -109,9 +102,9 @@ def _tensor_fits(ctype, D, scale):
 def _hopper(kernel_kind, D):
     """Whether the Hopper kernels run (attend_bwd_kv_wg for dk and dv, attend_bwd_q_wg for dq):
     kernel_kind "wgmma" (refused where they cannot run), or "auto" on a compute capability 9.0
-    device with D in BWD_WG_AUTO."""
+    device with D in BWD_WG_DIMS."""
     if kernel_kind == "auto":
-        return D in BWD_WG_AUTO and wgmma_available()
+        return D in BWD_WG_DIMS and wgmma_available()
     if kernel_kind != "wgmma":
         return False
     if D not in BWD_WG_DIMS or not wgmma_available():
@@ -122,8 +115,8 @@ def _hopper(kernel_kind, D):
 def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=None, sk=None, hopper=False):
     """attend_bwd_kv (dk, dv: a block per 16 W keys of a kv head; `hopper`: attend_bwd_kv_wg, a
     block per 64 NWG keys) then attend_bwd_q (dq and the edges: a block per 16 W query rows of a
-    head; `hopper`: attend_bwd_q_wg, a block per 64 NWG query rows; PIPE_KV, PIPE_Q: their
-    pipelined forms) on args = (q, qpos, k, v, do, lse, delta);
+    head; `hopper`: attend_bwd_q_wg, a block per 64 NWG query rows, heaviest first on a 1-D grid)
+    on args = (q, qpos, k, v, do, lse, delta);
     rows_unsorted first tells attend_bwd_kv whether it may search the positions (none to search
     when qpos is the null pointer: row r at position r). sq, sk: the row strides of q (do, dq)
     and k (v, dk, dv), head-major contiguous when not given."""
@@ -139,23 +132,12 @@ def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=N
     words = device_mask(mask)
     dq, dk, dv = grads
     kv_args, q_args = args + (dk, dv, words, unsorted) + tail, args + (dq, edges, words) + tail
-    if hopper:  # the query-major grid is 1-D, heaviest row tiles first (heavy_first)
-        if PIPE_KV:
-            nwk = BWD_WGP_SHAPES[D][0]
-            launch(bwd_wgp_name(ctype, D, otype), (-(-nk // (64 * nwk)), B * Hkv), bwd_wgp_smem(D), kv_args,
-                   threads=bwd_wgp_threads(BWD_WGP_SHAPES[D]))
-        else:
-            nwk = BWD_WG_SHAPES[D][0]
-            launch(bwd_wg_name(ctype, D, otype), (-(-nk // (64 * nwk)), B * Hkv), bwd_wg_smem(D), kv_args,
-                   threads=128 * nwk)
-        if PIPE_Q:
-            nwq = BWD_WGP_Q_SHAPES[D][0]
-            launch(bwd_wgp_q_name(ctype, D, otype), (-(-nq // (64 * nwq)) * B * Hkv * G,), bwd_wgp_q_smem(D), q_args,
-                   threads=bwd_wgp_threads(BWD_WGP_Q_SHAPES[D]))
-        else:
-            nwq = BWD_WG_Q_SHAPES[D][0]
-            launch(bwd_wg_q_name(ctype, D, otype), (-(-nq // (64 * nwq)) * B * Hkv * G,), bwd_wg_q_smem(D), q_args,
-                   threads=128 * nwq)
+    if hopper:
+        kv, qm = BWD_WG_SHAPES[D], BWD_WG_Q_SHAPES[D]
+        launch(bwd_wg_name(ctype, D, otype), (-(-nk // (64 * kv[0])), B * Hkv), bwd_wg_smem(D), kv_args,
+               threads=bwd_wg_threads(kv))
+        launch(bwd_wg_q_name(ctype, D, otype), (-(-nq // (64 * qm[0])) * B * Hkv * G,), bwd_wg_q_smem(D), q_args,
+               threads=bwd_wg_threads(qm))
     else:
         wk, _, _, wq, _, _, _ = BWD_SHAPES[D]
         (kv_name, q_name), (kv_smem, q_smem) = bwd_names(ctype, D, otype), bwd_smem(D)

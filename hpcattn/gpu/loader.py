@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from .shapes import (BWD_DIMS, BWD_WG_DIMS, CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS, bwd_names, bwd_wg_name,
-                     bwd_wg_q_name, bwd_wgp_name, bwd_wgp_q_name, mma_name, wg_name)
+                     bwd_wg_q_name, mma_name, wg_name)
 
 
 def kernel_dir():
@@ -38,9 +38,7 @@ SOURCES = {
     "attend_wgmma.cu": tuple(wg_name(t, d, o) for t in ("__half", "__nv_bfloat16") for d in WG_DIMS
                              for o in ("float", t)),
     "attend_bwd_wgmma.cu": tuple(n for t in ("__half", "__nv_bfloat16") for d in BWD_WG_DIMS
-                                 for o in ("float", t)
-                                 for n in (bwd_wg_name(t, d, o), bwd_wg_q_name(t, d, o), bwd_wgp_name(t, d, o),
-                                           bwd_wgp_q_name(t, d, o))),
+                                 for o in ("float", t) for n in (bwd_wg_name(t, d, o), bwd_wg_q_name(t, d, o))),
     "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()
                                                   for m in DMAXES),
     "merge.cu": ("merge_states",),

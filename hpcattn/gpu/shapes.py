@@ -31,23 +31,14 @@ BWD_DIMS = tuple(BWD_SHAPES)
 BWD_ROWS = 64  # BM in kernels/bwd.cuh: query rows per tile of attend_bwd_kv (and attend_bwd_kv_wg)
 
 
-# attend_bwd_kv_wg's shape per head dim (kernels/attend_bwd_wgmma.cu, Hopper sm_90a): (warpgroups
-# of 64 keys, blocks per SM asked of the register allocator); jobs/wgmma_bwd_check.py times it
-# against attend_bwd_kv
-BWD_WG_SHAPES = {64: (2, 1), 128: (2, 1)}
+# the Hopper backward's shapes per head dim (kernels/attend_bwd_wgmma.cu, sm_90a: a loader
+# warpgroup and NWG consumer warpgroups): (consumer warpgroups of 64 keys or query rows, ring
+# stages, blocks per SM asked of the register allocator) of attend_bwd_kv_wg and of
+# attend_bwd_q_wg: the fastest of jobs/wgmma_bwd_check.py's candidates on an H200
+# (docs/benchmarks-log.md, "GPU backward")
+BWD_WG_SHAPES = {64: (2, 4, 1), 128: (2, 4, 1)}
+BWD_WG_Q_SHAPES = {64: (3, 6, 1), 128: (2, 4, 1)}
 BWD_WG_DIMS = tuple(BWD_WG_SHAPES)
-BWD_WG_AUTO = (128,)  # where "auto" takes both: 1.15-1.51x the mma.sync passes at D = 128, 0.97-1.00x at 64
-# attend_bwd_q_wg's shape per head dim (kernels/attend_bwd_wgmma.cu, Hopper sm_90a): (warpgroups
-# of 64 query rows, K/V buffers, blocks per SM asked of the register allocator); the same head
-# dims as BWD_WG_SHAPES; jobs/wgmma_bwd_check.py times it against attend_bwd_q
-BWD_WG_Q_SHAPES = {64: (3, 2, 1), 128: (2, 2, 1)}
-
-# attend_bwd_kv_wgp's and attend_bwd_q_wgp's shapes per head dim (kernels/attend_bwd_wgmma.cu, the
-# pipelined, warp-specialised Hopper kernels: a loader warpgroup and NWG consumer warpgroups):
-# (consumer warpgroups of 64 keys or query rows, ring stages, blocks per SM); not yet measured,
-# jobs/wgmma_bwd_check.py checks them against attend_bwd_kv_wg and attend_bwd_q_wg bit for bit
-BWD_WGP_SHAPES = {64: (2, 4, 1), 128: (2, 4, 1)}
-BWD_WGP_Q_SHAPES = {64: (3, 6, 1), 128: (2, 4, 1)}
 SMEM_MAX = 227 * 1024  # dynamic shared memory per block on sm_90
 
 
@@ -70,15 +61,15 @@ def bwd_smem(D, shape=None):
 
 def bwd_wg_name(ctype, D, otype, shape=None):
     """attend_bwd_kv_wg's name expression: attend_bwd_kv's drop-in on Hopper."""
-    nwg, minb = shape or BWD_WG_SHAPES[D]
-    return f"attend_bwd_kv_wg<{ctype}, {D}, {otype}, {nwg}, {minb}>"
+    nwg, st, minb = shape or BWD_WG_SHAPES[D]
+    return f"attend_bwd_kv_wg<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}>"
 
 
 def bwd_wg_smem(D, shape=None):
-    """Shared bytes of attend_bwd_kv_wg: two stages of q and dO tiles, the block's K and V rows
-    (unpadded: swizzle atoms), two stages of lse, delta and positions, 1024 for alignment."""
-    nwg, _ = shape or BWD_WG_SHAPES[D]
-    return (4 * BWD_ROWS + 2 * 64 * nwg) * D * 2 + 2 * BWD_ROWS * (4 + 4 + 8) + 1024
+    """Shared bytes of attend_bwd_kv_wg: ST stages of q and dO tiles, the block's K and V rows
+    (unpadded: swizzle atoms), ST stages of lse, delta and positions, 1024 for alignment."""
+    nwg, st, _ = shape or BWD_WG_SHAPES[D]
+    return (2 * st * BWD_ROWS + 2 * 64 * nwg) * D * 2 + st * BWD_ROWS * (4 + 4 + 8) + 1024
 
 
 def bwd_wg_q_name(ctype, D, otype, shape=None):
@@ -88,42 +79,16 @@ def bwd_wg_q_name(ctype, D, otype, shape=None):
 
 
 def bwd_wg_q_smem(D, shape=None):
-    """Shared bytes of attend_bwd_q_wg: ST K/V tile buffers, the block's q and dO rows
+    """Shared bytes of attend_bwd_q_wg: ST stages of K and V tiles, the block's q and dO rows
     (unpadded: swizzle atoms), 1024 for alignment."""
     nwg, st, _ = shape or BWD_WG_Q_SHAPES[D]
     return (2 * st * MK + 2 * 64 * nwg) * D * 2 + 1024
 
 
-
-def bwd_wgp_name(ctype, D, otype, shape=None):
-    """attend_bwd_kv_wgp's name expression: attend_bwd_kv_wg pipelined (the same bits)."""
-    nwg, st, minb = shape or BWD_WGP_SHAPES[D]
-    return f"attend_bwd_kv_wgp<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}>"
-
-
-def bwd_wgp_smem(D, shape=None):
-    """Shared bytes of attend_bwd_kv_wgp: ST stages of q and dO tiles, the block's K and V rows,
-    ST stages of lse, delta and positions, 1024 for alignment."""
-    nwg, st, _ = shape or BWD_WGP_SHAPES[D]
-    return (2 * st * BWD_ROWS + 2 * 64 * nwg) * D * 2 + st * BWD_ROWS * (4 + 4 + 8) + 1024
-
-
-def bwd_wgp_q_name(ctype, D, otype, shape=None):
-    """attend_bwd_q_wgp's name expression: attend_bwd_q_wg pipelined (the same bits)."""
-    nwg, st, minb = shape or BWD_WGP_Q_SHAPES[D]
-    return f"attend_bwd_q_wgp<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}>"
-
-
-def bwd_wgp_q_smem(D, shape=None):
-    """Shared bytes of attend_bwd_q_wgp: ST K/V tile stages, the block's q and dO rows, 1024 for
-    alignment (attend_bwd_q_wg's layout)."""
-    nwg, st, _ = shape or BWD_WGP_Q_SHAPES[D]
-    return (2 * st * MK + 2 * 64 * nwg) * D * 2 + 1024
-
-
-def bwd_wgp_threads(shape):
-    """Threads per block of either pipelined kernel: the loader warpgroup and NWG consumers."""
+def bwd_wg_threads(shape):
+    """Threads per block of either Hopper backward kernel: the loader warpgroup and NWG consumers."""
     return 128 * (shape[0] + 1)
+
 
 def mma_name(ctype, D, otype, shape=None):
     w, rm, qreg, st, minb = shape or MMA_SHAPES[D]
