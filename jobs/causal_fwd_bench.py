@@ -1,0 +1,98 @@
+"""The Hopper forward kernel alone on dense causal blocks (ring's and burst's diagonal and full
+blocks in causal training) beside PyTorch SDPA's forward (its default backend), in alternating
+rounds in one process: CUDA events over 10 back-to-back calls per side and round, medians of 5
+rounds, useful TFLOP/s (4 x edges x D per head), float16, (1, 8, N, D). A component figure: the
+public entry points add their per-call work (jobs/api_bench.py, jobs/bwd_bench.py).
+
+--baseline FILE also times attend_fwd_wgmma compiled from FILE (the kernel source of another
+commit, e.g. `git show REV:kernels/attend_wgmma.cu > kernels/attend_wgmma_base.cu`: it must
+sit in kernels/ beside its headers) on the same launch and checks that it gives the same bits.
+
+    PYTHONPATH=$PWD python3 jobs/causal_fwd_bench.py [--cases causal:16384:128,...] [--baseline attend_wgmma_base.cu]
+"""
+import argparse
+import copy
+import json
+import math
+
+import cupy as cp
+import numpy as np
+import torch
+
+from hpcattn.gpu import forward, loader
+from hpcattn.gpu.shapes import wg_name
+from hpcattn.masks import parse
+
+
+def per_call(fn, reps=10):
+    """Milliseconds per call of fn over reps back-to-back calls, by CUDA events."""
+    a, b = cp.cuda.Event(), cp.cuda.Event()
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return cp.cuda.get_elapsed_time(a, b) / reps
+
+
+def case(spec, n, D, baseline, H=8, rounds=5):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, H, n, D, device="cuda", dtype=torch.float16) for _ in range(3))
+    qh, kh, vh = cp.asarray(q).reshape(1, H, 1, n, D), cp.asarray(k), cp.asarray(v)
+    mask, scale = parse(spec, n_keys=n), 1 / math.sqrt(D)
+    o = cp.empty_like(qh)
+    strides = (forward.row_strides(qh), forward.row_strides(kh), forward.row_strides(o))
+    run = forward.Launch("wgmma", "__half", D, "__half", qh.shape, n, 0, 0, scale, mask, strides)
+    sides = {"kernel": run}
+    if baseline:
+        base = copy.copy(run)
+        name = wg_name("__half", D, "__half")
+        base.fn = loader.build(baseline, [name]).get_function(name)
+        base.fn.max_dynamic_shared_size_bytes = run.smem
+        sides["baseline"] = base
+    outs = {}
+    for side, launch in sides.items():
+        out = cp.empty_like(qh)
+        lse, edges = launch(qh, np.uintp(0), kh, vh, out)
+        outs[side] = (out, lse, int(edges))
+    edges = outs["kernel"][2]
+    fns = {side: (lambda launch=launch: launch(qh, np.uintp(0), kh, vh, o)) for side, launch in sides.items()}
+    row = {"mask": spec, "N": n, "D": D, "H": H, "edges_per_head": edges}
+    if spec == "causal":
+        fns["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ref = fns["sdpa"]().float()
+        got = torch.as_tensor(outs["kernel"][0].reshape(1, H, n, D), device="cuda").float()
+        row["max abs diff vs sdpa"] = float((got - ref).abs().max())
+    if baseline:
+        row["baseline same bits"] = bool((outs["baseline"][0] == outs["kernel"][0]).all()
+                                         and (outs["baseline"][1] == outs["kernel"][1]).all()
+                                         and outs["baseline"][2] == edges)
+    for fn in fns.values():
+        fn()
+    times = {side: [] for side in fns}
+    for _ in range(rounds):
+        for side, fn in fns.items():
+            times[side].append(per_call(fn))
+    med = {side: float(np.median(t)) for side, t in times.items()}
+    row["ms"] = med
+    row["TFLOP/s"] = {side: 4 * edges * D * H / ms * 1e-9 for side, ms in med.items()}
+    if "sdpa" in med:
+        row["kernel / sdpa"] = med["sdpa"] / med["kernel"]
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="causal:16384:128,causal:65536:128,causal:16384:64,causal:65536:64,"
+                                       "window:256:262144:128", help="MASK:N:D, comma-separated")
+    ap.add_argument("--baseline", default="", help="another attend_wgmma.cu in kernels/, timed beside")
+    a = ap.parse_args()
+    if a.baseline:
+        loader.SM90A = loader.SM90A + (a.baseline,)
+    for c in a.cases.split(","):
+        spec, n, D = c.rsplit(":", 2)
+        print(json.dumps(case(spec, int(n), int(D), a.baseline)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
