@@ -86,9 +86,10 @@ def check(q, qpos, k, v, k0, bf16):
         raise HpcattnError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
     if B * Hkv * G > 65535 or nq >= 2**31 - BQ or k.shape[2] >= 2**31:
         raise HpcattnError(f"shape {q.shape} x {k.shape} exceeds the GPU kernels' grid")
-    qpos = np.zeros(nq, dtype=np.int64) if qpos is None else qpos if is_device(qpos) else np.asarray(qpos)
-    if qpos.shape != (nq,) or qpos.dtype != np.int64:  # None: derived on the device
-        raise HpcattnError(f"qpos must be int64 of shape ({nq},), got {qpos.dtype} {qpos.shape}")
+    if qpos is not None:  # None: row r at position r, derived on the device
+        qpos = qpos if is_device(qpos) else np.asarray(qpos)
+        if qpos.shape != (nq,) or qpos.dtype != np.int64:
+            raise HpcattnError(f"qpos must be int64 of shape ({nq},), got {qpos.dtype} {qpos.shape}")
     if not 0 <= k0 < 2**62:
         raise HpcattnError(f"key offset {k0} outside [0, 2**62)")
     return CTYPES[names.pop()], bucket(D)

@@ -282,6 +282,7 @@ def two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, scale, dtype, ki
                                                       (1, 4, 130, 130, 128, "float16", "mma"),
                                                       (2, 2, 97, 97, 64, "float16", "wgmma"),
                                                       (1, 3, 200, 170, 128, "bfloat16", "wgmma"),
+                                                      (1, 4, 130, 130, 64, "bfloat16", "wgmma"),
                                                       (1, 1, 260, 333, 128, "float16", "wgmma")])
 def test_backward_matches_float64_gradients(rng, spec, Hkv, G, nq, nk, D, dtype, kind):
     """The backward kernels against float64 over two key blocks; queries at 0 .. nq - 1 of nk keys."""
