@@ -4,11 +4,11 @@ rounds in one process: CUDA events over 10 back-to-back calls per side and round
 rounds, useful TFLOP/s (4 x edges x D per head), float16, (1, 8, N, D). A component figure: the
 public entry points add their per-call work (jobs/api_bench.py, jobs/bwd_bench.py).
 
---baseline FILE also times attend_fwd_wgmma compiled from FILE (the kernel source of another
-commit, e.g. `git show REV:kernels/attend_wgmma.cu > kernels/attend_wgmma_base.cu`: it must
-sit in kernels/ beside its headers) on the same launch and checks that it gives the same bits.
+--baseline FILE also times attend_fwd_wgmma compiled from FILE (an absolute path: the kernel
+source of another commit, e.g. `git show REV:kernels/attend_wgmma.cu > /tmp/base.cu`, built
+against today's kernels/*.cuh) on the same launch and checks that it gives the same bits.
 
-    PYTHONPATH=$PWD python3 jobs/causal_fwd_bench.py [--cases causal:16384:128,...] [--baseline attend_wgmma_base.cu]
+    PYTHONPATH=$PWD python3 jobs/causal_fwd_bench.py [--cases causal:16384:128,...] [--baseline /tmp/base.cu]
 """
 import argparse
 import copy
@@ -85,7 +85,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="causal:16384:128,causal:65536:128,causal:16384:64,causal:65536:64,"
                                        "window:256:262144:128", help="MASK:N:D, comma-separated")
-    ap.add_argument("--baseline", default="", help="another attend_wgmma.cu in kernels/, timed beside")
+    ap.add_argument("--baseline", default="", help="another attend_wgmma.cu (absolute path), timed beside")
     a = ap.parse_args()
     if a.baseline:
         loader.SM90A = loader.SM90A + (a.baseline,)
