@@ -34,6 +34,28 @@ def gpus():
         return 0, f"none ({type(e).__name__})"
 
 
+def gpu_kernels(cc):
+    """The tensor-core kernels that `auto` takes for float16/bfloat16 and the implicit mask terms
+    on a device of compute capability cc ("90"; None: no GPU)."""
+    if cc is None:
+        return "none (no GPU)"
+    from ..gpu.shapes import BWD_DIMS, BWD_WG_DIMS, MMA_DIMS, WG_DIMS
+    mma = "mma.sync at D = {} (backward {})"
+    if cc == "90":
+        return (f"Hopper warpgroup MMA at D = {'/'.join(map(str, WG_DIMS))} (backward "
+                f"{'/'.join(map(str, BWD_WG_DIMS))}), else " + mma.format(
+                    "/".join(str(d) for d in MMA_DIMS if d not in WG_DIMS),
+                    "/".join(str(d) for d in BWD_DIMS if d not in BWD_WG_DIMS)))
+    return (mma.format("/".join(map(str, MMA_DIMS)), "/".join(map(str, BWD_DIMS)))
+            + f" (compute capability {cc[:-1]}.{cc[-1]}; the Hopper kernels need 9.0)")
+
+
+def compute_capability():
+    """Device 0's compute capability as CuPy writes it ("90")."""
+    import cupy
+    return cupy.cuda.Device(0).compute_capability
+
+
 def nccl_version():
     """NCCL's version through cupy.cuda.nccl, or None when it is not there."""
     try:
@@ -69,6 +91,7 @@ def report():
         "hdf5": h5py.version.hdf5_version,
         "parallel hdf5": "yes" if h5py.get_config().mpi else "no",
         "gpus": f"{n_gpu}: {gpu_names}" if n_gpu else gpu_names,
+        "gpu kernels": gpu_kernels(compute_capability() if n_gpu else None),
         "nccl": nccl_version() or "no",
         "transport": auto_transport(n_gpu, aware, nccl_version()),
     }

@@ -154,5 +154,14 @@ def test_verify_fails_on_a_wrong_or_incomplete_result(gqa_f16, tmp_path):
 def test_info_reports_the_environment():
     res = hpcattn("info")
     assert res.returncode == 0
-    for key in ("backend", "blas", "mpi library", "cuda-aware mpi", "parallel hdf5", "gpus"):
+    for key in ("backend", "blas", "mpi library", "cuda-aware mpi", "parallel hdf5", "gpus", "gpu kernels"):
         assert key in res.stdout
+
+
+def test_info_names_the_gpu_kernels_auto_takes():
+    from hpcattn.commands.info import gpu_kernels
+    assert gpu_kernels(None) == "none (no GPU)"
+    assert gpu_kernels("90") == ("Hopper warpgroup MMA at D = 64/128 (backward 64/128), else "
+                                 "mma.sync at D = 32/96 (backward 32/96)")
+    assert gpu_kernels("80") == ("mma.sync at D = 32/64/96/128 (backward 32/64/96/128) "
+                                 "(compute capability 8.0; the Hopper kernels need 9.0)")
