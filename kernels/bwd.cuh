@@ -123,14 +123,19 @@ __device__ __forceinline__ TileRows tile_rows(bool positions, const long long* P
 // The mask over one warp's 16 keys x that query tile of S^T (s: this lane's share), the keys at
 // jpos (live: real keys): by row_bits when the rows are a run, else pair by pair; nothing is
 // masked when the tile lies wholly inside the mask for the warp's key positions [j0, j1).
+// COUNT: the lane's share of the edges (live keys x the tile's rows) added to *n_edges.
+template <bool COUNT = false>
 __device__ __forceinline__ void kv_tile_mask(float (&s)[1][MK / 8][4], const MaskDev& mk, const TileRows& t,
                                              const long long* Pb, int rows, long long j0, long long j1,
-                                             const bool (&live)[1][2], const long long (&jpos)[1][2], int tq) {
+                                             const bool (&live)[1][2], const long long (&jpos)[1][2], int tq,
+                                             unsigned long long* n_edges = nullptr) {
     const bool full = rows == BM && mask_tile_full(mk, t.plo, t.phi, j0, j1);
-    unsigned long long unused = 0;
+    unsigned long long ne = 0;
     if (t.run) {
-        mask_scores<1, true>(s, mk, live, jpos, t.plo, rows, full, tq, unused);
-    } else if (!full) {  // positions that are no run: each pair of this lane tested
+        mask_scores<1, true>(s, mk, live, jpos, t.plo, rows, full, tq, ne);
+    } else if (full) {
+        if (COUNT && tq == 0) ne += (unsigned long long)(live[0][0] + live[0][1]) * MK;
+    } else {  // positions that are no run: each pair of this lane tested
         unsigned long long b[2] = {0ull, 0ull};
 #pragma unroll
         for (int h = 0; h < 2; ++h)
@@ -142,7 +147,9 @@ __device__ __forceinline__ void kv_tile_mask(float (&s)[1][MK / 8][4], const Mas
                     if (live[0][h] && c < rows && mask_allows(mk, Pb[c], jpos[0][h])) b[h] |= 1ull << (8 * j + e);
                 }
         mask_bits(s[0], b[0], b[1]);
+        if (COUNT) ne += __popcll(b[0]) + __popcll(b[1]);
     }
+    if (COUNT) *n_edges += ne;
 }
 
 // This lane's query columns 8j + 2tq + e of a tile: L = lse log2(e) (+inf where the row is not

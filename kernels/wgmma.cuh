@@ -115,17 +115,18 @@ WG_DEFINE(__half, 128, WG_OUT16, WG_OPS128("f16.f16"))
 WG_DEFINE(__nv_bfloat16, 64, WG_OUT8, WG_OPS64("bf16.bf16"))
 WG_DEFINE(__nv_bfloat16, 128, WG_OUT16, WG_OPS128("bf16.bf16"))
 
-// d (64 x 64) (+)= A * B, both K-major in shared memory (descriptors)
-template <typename T> struct WgmmaSS;
+// d (64 x 64) (+)= A * B, both in shared memory (descriptors), K-major unless TA (A stored
+// M-major) or TB (B stored N-major)
+template <typename T, int TA = 0, int TB = 0> struct WgmmaSS;
 #define WGSS_DEFINE(TY, PTXTY)                                                                       \
-    template <> struct WgmmaSS<TY> {                                                                 \
+    template <int TA, int TB> struct WgmmaSS<TY, TA, TB> {                                           \
         static __device__ __forceinline__ void run(float (&d)[8][4], unsigned long long a,           \
                                                    unsigned long long b, int accumulate) {           \
             asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                               \
                          "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTXTY " " WG_ACC32            \
-                         ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                           \
+                         ", %32, %33, p, 1, 1, %35, %36;\n}\n"                                       \
                          : WG_OUT8(d)                                                                \
-                         : "l"(a), "l"(b), "r"(accumulate));                                         \
+                         : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));                       \
         }                                                                                            \
     };
 WGSS_DEFINE(__half, "f16.f16")
