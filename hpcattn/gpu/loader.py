@@ -13,8 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .shapes import (BWD_DIMS, BWD_WG_DIMS, CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS, bwd_names, bwd_wg_name,
-                     bwd_wg_q_name, mma_name, wg_name)
+from .shapes import (BWD_DIMS, BWD_FUSED_SHAPES, BWD_WG_DIMS, CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS,
+                     bwd_fused_name, bwd_names, bwd_wg_name, bwd_wg_q_name, mma_name, wg_name)
 
 
 def kernel_dir():
@@ -39,11 +39,13 @@ SOURCES = {
                              for o in ("float", t)),
     "attend_bwd_wgmma.cu": tuple(n for t in ("__half", "__nv_bfloat16") for d in BWD_WG_DIMS
                                  for o in ("float", t) for n in (bwd_wg_name(t, d, o), bwd_wg_q_name(t, d, o))),
+    "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered) for t in ("__half", "__nv_bfloat16")
+                                 for d in BWD_FUSED_SHAPES for o in ("float", t) for ordered in (False, True)),
     "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()
                                                   for m in DMAXES),
     "merge.cu": ("merge_states",),
 }
-SM90A = ("attend_wgmma.cu", "attend_bwd_wgmma.cu")  # sources built for sm_90a only
+SM90A = ("attend_wgmma.cu", "attend_bwd_wgmma.cu", "attend_bwd_fused.cu")  # sources built for sm_90a only
 OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
 _modules = {}
 _cache = {}

@@ -85,6 +85,26 @@ def bwd_wg_q_smem(D, shape=None):
     return (2 * st * MK + 2 * 64 * nwg) * D * 2 + 1024
 
 
+# attend_bwd_fused_wg's shape per head dim (kernels/attend_bwd_fused.cu, sm_90a): (consumer
+# warpgroups of 64 keys, ring stages, blocks per SM); at D = 128 four stages and the two dS
+# buffers exceed SMEM_MAX
+BWD_FUSED_SHAPES = {64: (2, 4, 1), 128: (2, 3, 1)}
+
+
+def bwd_fused_name(ctype, D, otype, ordered, shape=None):
+    """attend_bwd_fused_wg's name expression: dk, dv as attend_bwd_kv_wg (otype), dq added into
+    float32 sums, in key-block order when `ordered` (the same bits on every rerun)."""
+    nwg, st, minb = shape or BWD_FUSED_SHAPES[D]
+    return f"attend_bwd_fused_wg<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(ordered).lower()}>"
+
+
+def bwd_fused_smem(D, shape=None):
+    """Shared bytes of attend_bwd_fused_wg: attend_bwd_kv_wg's and two buffers of a tile's dS
+    (64 NWG keys x 64 queries)."""
+    nwg, st, minb = shape or BWD_FUSED_SHAPES[D]
+    return bwd_wg_smem(D, (nwg, st, minb)) + 2 * 64 * nwg * BWD_ROWS * 2
+
+
 def bwd_wg_threads(shape):
     """Threads per block of either Hopper backward kernel: the loader warpgroup and NWG consumers."""
     return 128 * (shape[0] + 1)
