@@ -1,0 +1,178 @@
+"""Check and time kernels/attend_bwd_fused.cu's attend_bwd_fused_wg (Hopper, sm_90a: dk, dv and
+the dq shares in one key-major pass) against attend_bwd_kv_wg + attend_bwd_q_wg on the same
+inputs (jobs/wgmma_bwd_check.py's cases: six masks, G = 1 and 2, positions none, sorted with
+gaps or shuffled, float16 and bfloat16, D = 64 and 128, dk and dv added into float32 sums and
+written in the input dtype): dk and dv the same bits as attend_bwd_kv_wg's, dq (float32 sums)
+within TOL of attend_bwd_q_wg's share, the ORDERED kernel's dk, dv and dq the same bits on a
+rerun, the edge count attend_bwd_q_wg's. Then ms per call (CUDA events, median of 5) of the fused
+kernel, ordered (with the memset of its turn counters) and atomic, and of attend_bwd_kv_wg +
+attend_bwd_q_wg, on large head-major float16 inputs, and the speed-up. A FAIL line and exit
+status 1 on any mismatch; one JSON line per figure.
+    PYTHONPATH=$PWD python3 jobs/fused_bwd_check.py [--dims 64,128] [--dtypes float16,bfloat16]
+        [--cases window:256:262144:128,causal:16384:128,window:256:262144:64]"""
+import argparse
+import json
+import math
+import sys
+
+import cupy as cp
+import numpy as np
+
+from gpu_bench import timed  # jobs/ is on the path when this runs as a script
+from hpcattn.gpu import encode, forward, loader
+from hpcattn.gpu.shapes import (BWD_FUSED_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_fused_name,
+                                bwd_fused_smem, bwd_wg_threads)
+from hpcattn.masks import parse
+from wgmma_bwd_check import MASKS, TOL, as_f32, halves, kernels, q_kernels, tail_args
+
+
+class Fused:
+    """attend_bwd_fused_wg (ordered or not) for one dtype, head dim and output type, launched as
+    attend_bwd_kv_wg is (grid (ceil(nk / 64 NWG), B Hkv)), its turn counters zeroed first."""
+
+    def __init__(self, mod, ct, D, otype, ordered):
+        shape = BWD_FUSED_SHAPES[D]
+        self.f, self.keys, self.threads = mod.get_function(bwd_fused_name(ct, D, otype, ordered)), 64 * shape[0], \
+            bwd_wg_threads(shape)
+        self.smem, self.D, self.ordered = bwd_fused_smem(D), D, ordered
+        self.f.max_dynamic_shared_size_bytes = self.smem
+        self.turns = cp.zeros(1, cp.int32)
+
+    def __call__(self, args, dk, dv, dq, edges, words, unsorted, tail, nq, nk, BHkv, heads):
+        if self.ordered:
+            n = heads * -(-nq // 64) * (self.D // 64)  # a counter per (query head, query tile, 64-column slice)
+            if self.turns.size < n:
+                self.turns = cp.zeros(n, cp.int32)
+            self.turns[:n].fill(0)
+        self.f((-(-nk // self.keys), BHkv), (self.threads,),
+               args + (dk, dv, dq, edges, self.turns, words, unsorted) + tail, shared_mem=self.smem)
+
+
+def same_bits(a, b):
+    return bool((a.view(cp.uint8) == b.view(cp.uint8)).all())
+
+
+def check(wg, fmod, dtype, D, failures):
+    ct = CTYPES[dtype]
+    bf = dtype == "bfloat16"
+    scale = 1 / math.sqrt(D)
+    _, [(_, qk)] = q_kernels(wg, ct, D, "float", [BWD_WG_Q_SHAPES[D]])
+    for otype in ("float", ct):
+        _, [(_, kv)] = kernels(wg, ct, D, otype, [BWD_WG_SHAPES[D]])
+        fused = {o: Fused(fmod, ct, D, otype, o) for o in (True, False)}
+        for spec in MASKS:
+            mask = parse(spec)
+            words = cp.asarray(encode.mask_words(mask))
+            for G in (1, 2):
+                for pos in ("none", "gaps", "shuffled"):
+                    nq, Hkv = 3001, 2
+                    r = cp.random.default_rng(nq + 7 * G + D)
+                    nk, k0 = (nq, 0) if pos == "none" else (nq + 1234, 100)
+                    q, do = (halves((1, Hkv, G, nq, D), dtype, r) for _ in range(2))
+                    k, v = (halves((1, Hkv, nk, D), dtype, r) for _ in range(2))
+                    hp = np.random.default_rng(nq)
+                    qpos = (np.arange(nq) if pos == "none" else
+                            np.sort(hp.choice(k0 + nk + 300, nq, replace=False))).astype(np.int64)
+                    if pos == "shuffled":
+                        qpos = hp.permutation(qpos)
+                    o, lse, _ = forward.attend(q, qpos, k, v, k0, mask, scale, bf16=bf, kernel_kind="mma")
+                    lse, delta = cp.ascontiguousarray(lse), (as_f32(do) * o).sum(-1)
+                    if pos == "none":
+                        dpos, unsorted = np.uintp(0), np.uintp(0)
+                    else:
+                        dpos, unsorted = cp.asarray(qpos), cp.zeros(1, dtype=cp.int32)
+                        loader.launch("rows_unsorted", (min(1024, -(-nq // 256)),), 0,
+                                      (dpos, np.int32(nq), unsorted), threads=256)
+                    args = (q, dpos, k, v, do, lse, delta)
+                    tail = tail_args(nq, nk, G, k0, scale, q, k, Hkv * G)
+                    init = r.standard_normal((2,) + k.shape, dtype=cp.float32)  # what TO = float adds into
+                    qinit = r.standard_normal(q.shape, dtype=cp.float32)
+
+                    def grads():
+                        if otype == "float":
+                            return init[0].copy(), init[1].copy()
+                        return tuple(cp.full(k.shape, 0xFFFF, cp.uint16).view(k.dtype) for _ in range(2))  # NaN
+
+                    dk, dv = grads()
+                    kv(args, dk, dv, words, unsorted, tail, nk, Hkv)
+                    dq, edges = qinit.copy(), cp.zeros(1, dtype=cp.uint64)
+                    qk(args, dq, edges, words, tail, nq, Hkv * G)
+                    share = float(cp.abs(dq - qinit).max())
+                    for ordered in (True, False):
+                        runs = []
+                        for _ in range(2):
+                            fk, fv = grads()
+                            fq, fe = qinit.copy(), cp.zeros(1, dtype=cp.uint64)
+                            fused[ordered](args, fk, fv, fq, fe, words, unsorted, tail, nq, nk, Hkv, Hkv * G)
+                            runs.append((fk, fv, fq, int(fe.get()[0])))
+                        (fk, fv, fq, fe), again = runs
+                        rel = float(cp.abs(fq - dq).max()) / max(share, 1e-30)
+                        row = {"check": spec, "ordered": ordered, "dtype": dtype, "D": D, "TO": otype, "G": G,
+                               "positions": pos, "dk_same": same_bits(fk, dk), "dv_same": same_bits(fv, dv),
+                               "dq_rel": rel, "dq_finite": bool(cp.isfinite(fq).all()),
+                               "rerun_same": all(same_bits(a, b) for a, b in zip(runs[0][:3], again[:3])),
+                               "edges": fe, "edges_ref": int(edges.get()[0])}
+                        ok = (row["dk_same"] and row["dv_same"] and row["dq_finite"] and rel <= TOL[dtype]
+                              and fe == row["edges_ref"] == again[3] and (row["rerun_same"] or not ordered))
+                        print(json.dumps(row), flush=True)
+                        if not ok:
+                            failures.append(row)
+                            print(f"FAIL {json.dumps(row)}", flush=True)
+
+
+def bench(wg, fmod, case):
+    spec, n, D = case.rsplit(":", 2)
+    n, D = int(n), int(D)
+    H, scale = 8, 1 / math.sqrt(D)
+    mask = parse(spec, n_keys=n)
+    words = cp.asarray(encode.mask_words(mask))
+    r = cp.random.default_rng(0)
+    q, do = (halves((1, H, 1, n, D), "float16", r) for _ in range(2))
+    k, v = (halves((1, H, n, D), "float16", r) for _ in range(2))
+    lse = cp.full((1, H, 1, n), 8.0, cp.float32)  # P below 1 for these inputs, as a real lse gives
+    delta = cp.zeros((1, H, 1, n), cp.float32)
+    args = (q, np.uintp(0), k, v, do, lse, delta)
+    tail = tail_args(n, n, 1, 0, scale, q, k, H)
+    _, [(_, kv)] = kernels(wg, "__half", D, "float", [BWD_WG_SHAPES[D]])
+    _, [(_, qk)] = q_kernels(wg, "__half", D, "float", [BWD_WG_Q_SHAPES[D]])
+    dk, dv = (cp.zeros(k.shape, cp.float32) for _ in range(2))
+    dq, edges = cp.zeros(q.shape, cp.float32), cp.zeros(1, dtype=cp.uint64)
+
+    def two():
+        kv(args, dk, dv, words, np.uintp(0), tail, n, H)
+        qk(args, dq, edges, words, tail, n, H)
+
+    ms_two = timed(two) * 1e3
+    print(json.dumps({"bench": case, "H": H, "kernel": "attend_bwd_kv_wg+attend_bwd_q_wg", "ms": ms_two}), flush=True)
+    for ordered in (True, False):
+        f = Fused(fmod, "__half", D, "float", ordered)
+        ms = timed(lambda: f(args, dk, dv, dq, edges, words, np.uintp(0), tail, n, n, H, H)) * 1e3
+        name = "attend_bwd_fused_wg " + ("ordered" if ordered else "atomic")
+        print(json.dumps({"bench": case, "H": H, "kernel": name, "ms": ms, "speedup": ms_two / ms}), flush=True)
+        print(f"{case} {name}: {ms:.3f} ms vs kv_wg + q_wg {ms_two:.3f} ms, speed-up {ms_two / ms:.2f}x", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dims", default="64,128")
+    p.add_argument("--dtypes", default="float16,bfloat16")
+    p.add_argument("--cases", default="window:256:262144:128,causal:16384:128,window:256:262144:64",
+                   help="timed MASK:N:D, comma-separated (empty: none)")
+    a = p.parse_args()
+    if cp.cuda.Device().compute_capability != "90":
+        print(f"FAIL the Hopper kernels need compute capability 9.0, not {cp.cuda.Device().compute_capability}")
+        sys.exit(1)
+    wg = loader.build("attend_bwd_wgmma.cu")  # the default shapes' kernels, one NVRTC run each
+    fmod = loader.build("attend_bwd_fused.cu")
+    failures = []
+    for dtype in a.dtypes.split(","):
+        for D in (int(d) for d in a.dims.split(",")):
+            check(wg, fmod, dtype, D, failures)
+    print(f"{'FAIL' if failures else 'OK'}: {len(failures)} mismatching checks", flush=True)
+    for case in (c for c in a.cases.split(",") if c):
+        bench(wg, fmod, case)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
