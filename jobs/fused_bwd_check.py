@@ -12,18 +12,16 @@ status 1 on any mismatch; one JSON line per figure.
         [--cases window:256:262144:128,causal:16384:128,window:256:262144:64]"""
 import argparse
 import json
-import math
 import sys
 
 import cupy as cp
 import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
-from hpcattn.gpu import encode, forward, loader
+from hpcattn.gpu import loader
 from hpcattn.gpu.shapes import (BWD_FUSED_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_fused_name,
                                 bwd_fused_smem, bwd_wg_threads)
-from hpcattn.masks import parse
-from wgmma_bwd_check import MASKS, TOL, as_f32, halves, kernels, q_kernels, tail_args
+from wgmma_bwd_check import TOL, bench_inputs, cases, kernels, q_kernels
 
 
 class Fused:
@@ -54,85 +52,49 @@ def same_bits(a, b):
 
 def check(wg, fmod, dtype, D, failures):
     ct = CTYPES[dtype]
-    bf = dtype == "bfloat16"
-    scale = 1 / math.sqrt(D)
     _, [(_, qk)] = q_kernels(wg, ct, D, "float", [BWD_WG_Q_SHAPES[D]])
     for otype in ("float", ct):
         _, [(_, kv)] = kernels(wg, ct, D, otype, [BWD_WG_SHAPES[D]])
         fused = {o: Fused(fmod, ct, D, otype, o) for o in (True, False)}
-        for spec in MASKS:
-            mask = parse(spec)
-            words = cp.asarray(encode.mask_words(mask))
-            for G in (1, 2):
-                for pos in ("none", "gaps", "shuffled"):
-                    nq, Hkv = 3001, 2
-                    r = cp.random.default_rng(nq + 7 * G + D)
-                    nk, k0 = (nq, 0) if pos == "none" else (nq + 1234, 100)
-                    q, do = (halves((1, Hkv, G, nq, D), dtype, r) for _ in range(2))
-                    k, v = (halves((1, Hkv, nk, D), dtype, r) for _ in range(2))
-                    hp = np.random.default_rng(nq)
-                    qpos = (np.arange(nq) if pos == "none" else
-                            np.sort(hp.choice(k0 + nk + 300, nq, replace=False))).astype(np.int64)
-                    if pos == "shuffled":
-                        qpos = hp.permutation(qpos)
-                    o, lse, _ = forward.attend(q, qpos, k, v, k0, mask, scale, bf16=bf, kernel_kind="mma")
-                    lse, delta = cp.ascontiguousarray(lse), (as_f32(do) * o).sum(-1)
-                    if pos == "none":
-                        dpos, unsorted = np.uintp(0), np.uintp(0)
-                    else:
-                        dpos, unsorted = cp.asarray(qpos), cp.zeros(1, dtype=cp.int32)
-                        loader.launch("rows_unsorted", (min(1024, -(-nq // 256)),), 0,
-                                      (dpos, np.int32(nq), unsorted), threads=256)
-                    args = (q, dpos, k, v, do, lse, delta)
-                    tail = tail_args(nq, nk, G, k0, scale, q, k, Hkv * G)
-                    init = r.standard_normal((2,) + k.shape, dtype=cp.float32)  # what TO = float adds into
-                    qinit = r.standard_normal(q.shape, dtype=cp.float32)
+        for c in cases(dtype, D):
+            spec, _, words, G, pos, nq, nk, _, Hkv, _, q, k, args, unsorted, tail, r = c
+            init = r.standard_normal((2,) + k.shape, dtype=cp.float32)  # what TO = float adds into
+            qinit = r.standard_normal(q.shape, dtype=cp.float32)
 
-                    def grads():
-                        if otype == "float":
-                            return init[0].copy(), init[1].copy()
-                        return tuple(cp.full(k.shape, 0xFFFF, cp.uint16).view(k.dtype) for _ in range(2))  # NaN
+            def grads():
+                if otype == "float":
+                    return init[0].copy(), init[1].copy()
+                return tuple(cp.full(k.shape, 0xFFFF, cp.uint16).view(k.dtype) for _ in range(2))  # NaN
 
-                    dk, dv = grads()
-                    kv(args, dk, dv, words, unsorted, tail, nk, Hkv)
-                    dq, edges = qinit.copy(), cp.zeros(1, dtype=cp.uint64)
-                    qk(args, dq, edges, words, tail, nq, Hkv * G)
-                    share = float(cp.abs(dq - qinit).max())
-                    for ordered in (True, False):
-                        runs = []
-                        for _ in range(2):
-                            fk, fv = grads()
-                            fq, fe = qinit.copy(), cp.zeros(1, dtype=cp.uint64)
-                            fused[ordered](args, fk, fv, fq, fe, words, unsorted, tail, nq, nk, Hkv, Hkv * G)
-                            runs.append((fk, fv, fq, int(fe.get()[0])))
-                        (fk, fv, fq, fe), again = runs
-                        rel = float(cp.abs(fq - dq).max()) / max(share, 1e-30)
-                        row = {"check": spec, "ordered": ordered, "dtype": dtype, "D": D, "TO": otype, "G": G,
-                               "positions": pos, "dk_same": same_bits(fk, dk), "dv_same": same_bits(fv, dv),
-                               "dq_rel": rel, "dq_finite": bool(cp.isfinite(fq).all()),
-                               "rerun_same": all(same_bits(a, b) for a, b in zip(runs[0][:3], again[:3])),
-                               "edges": fe, "edges_ref": int(edges.get()[0])}
-                        ok = (row["dk_same"] and row["dv_same"] and row["dq_finite"] and rel <= TOL[dtype]
-                              and fe == row["edges_ref"] == again[3] and (row["rerun_same"] or not ordered))
-                        print(json.dumps(row), flush=True)
-                        if not ok:
-                            failures.append(row)
-                            print(f"FAIL {json.dumps(row)}", flush=True)
+            dk, dv = grads()
+            kv(args, dk, dv, words, unsorted, tail, nk, Hkv)
+            dq, edges = qinit.copy(), cp.zeros(1, dtype=cp.uint64)
+            qk(args, dq, edges, words, tail, nq, Hkv * G)
+            share = float(cp.abs(dq - qinit).max())
+            for ordered in (True, False):
+                runs = []
+                for _ in range(2):
+                    fk, fv = grads()
+                    fq, fe = qinit.copy(), cp.zeros(1, dtype=cp.uint64)
+                    fused[ordered](args, fk, fv, fq, fe, words, unsorted, tail, nq, nk, Hkv, Hkv * G)
+                    runs.append((fk, fv, fq, int(fe.get()[0])))
+                (fk, fv, fq, fe), again = runs
+                rel = float(cp.abs(fq - dq).max()) / max(share, 1e-30)
+                row = {"check": spec, "ordered": ordered, "dtype": dtype, "D": D, "TO": otype, "G": G,
+                       "positions": pos, "dk_same": same_bits(fk, dk), "dv_same": same_bits(fv, dv),
+                       "dq_rel": rel, "dq_finite": bool(cp.isfinite(fq).all()),
+                       "rerun_same": all(same_bits(a, b) for a, b in zip(runs[0][:3], again[:3])),
+                       "edges": fe, "edges_ref": int(edges.get()[0])}
+                ok = (row["dk_same"] and row["dv_same"] and row["dq_finite"] and rel <= TOL[dtype]
+                      and fe == row["edges_ref"] == again[3] and (row["rerun_same"] or not ordered))
+                print(json.dumps(row), flush=True)
+                if not ok:
+                    failures.append(row)
+                    print(f"FAIL {json.dumps(row)}", flush=True)
 
 
 def bench(wg, fmod, case):
-    spec, n, D = case.rsplit(":", 2)
-    n, D = int(n), int(D)
-    H, scale = 8, 1 / math.sqrt(D)
-    mask = parse(spec, n_keys=n)
-    words = cp.asarray(encode.mask_words(mask))
-    r = cp.random.default_rng(0)
-    q, do = (halves((1, H, 1, n, D), "float16", r) for _ in range(2))
-    k, v = (halves((1, H, n, D), "float16", r) for _ in range(2))
-    lse = cp.full((1, H, 1, n), 8.0, cp.float32)  # P below 1 for these inputs, as a real lse gives
-    delta = cp.zeros((1, H, 1, n), cp.float32)
-    args = (q, np.uintp(0), k, v, do, lse, delta)
-    tail = tail_args(n, n, 1, 0, scale, q, k, H)
+    _, n, D, H, _, words, q, k, args, tail = bench_inputs(case)
     _, [(_, kv)] = kernels(wg, "__half", D, "float", [BWD_WG_SHAPES[D]])
     _, [(_, qk)] = q_kernels(wg, "__half", D, "float", [BWD_WG_Q_SHAPES[D]])
     dk, dv = (cp.zeros(k.shape, cp.float32) for _ in range(2))

@@ -114,86 +114,97 @@ def compare(row, names, got, want, again, init, otype, dtype):
     return ok
 
 
+def cases(dtype, D):
+    """The correctness pass's inputs for one dtype and head dim, one per mask of MASKS, G = 1 and
+    2 and positions none (row r at r), sorted with gaps (and a key offset) or shuffled: (spec,
+    mask, words, G, pos, nq, nk, k0, Hkv, qpos, q, k, args, unsorted, tail, r), args and tail as
+    the kernels take them, r the generator whose next draws give the float32 sums to add into."""
+    bf, scale = dtype == "bfloat16", 1 / math.sqrt(D)
+    for spec in MASKS:
+        mask = parse(spec)
+        words = cp.asarray(encode.mask_words(mask))
+        for G in (1, 2):
+            for pos in ("none", "gaps", "shuffled"):
+                nq, Hkv = 3001, 2
+                r = cp.random.default_rng(nq + 7 * G + D)
+                nk, k0 = (nq, 0) if pos == "none" else (nq + 1234, 100)
+                q, do = (halves((1, Hkv, G, nq, D), dtype, r) for _ in range(2))
+                k, v = (halves((1, Hkv, nk, D), dtype, r) for _ in range(2))
+                hp = np.random.default_rng(nq)
+                qpos = (np.arange(nq) if pos == "none" else
+                        np.sort(hp.choice(k0 + nk + 300, nq, replace=False))).astype(np.int64)
+                if pos == "shuffled":
+                    qpos = hp.permutation(qpos)
+                o, lse, _ = forward.attend(q, qpos, k, v, k0, mask, scale, bf16=bf, kernel_kind="mma")
+                lse, delta = cp.ascontiguousarray(lse), (as_f32(do) * o).sum(-1)
+                if pos == "none":
+                    dpos, unsorted = np.uintp(0), np.uintp(0)
+                else:
+                    dpos, unsorted = cp.asarray(qpos), cp.zeros(1, dtype=cp.int32)
+                    loader.launch("rows_unsorted", (min(1024, -(-nq // 256)),), 0,
+                                  (dpos, np.int32(nq), unsorted), threads=256)
+                args = (q, dpos, k, v, do, lse, delta)
+                tail = tail_args(nq, nk, G, k0, scale, q, k, Hkv * G)
+                yield spec, mask, words, G, pos, nq, nk, k0, Hkv, qpos, q, k, args, unsorted, tail, r
+
+
 def check(mod, dtype, D, shapes, qshapes, failures):
     ct = CTYPES[dtype]
-    bf = dtype == "bfloat16"
-    scale = 1 / math.sqrt(D)
     for otype in ("float", ct):
         ref, news = kernels(mod, ct, D, otype, shapes)
         qref, qnews = q_kernels(mod, ct, D, otype, qshapes)
-        for spec in MASKS:
-            mask = parse(spec)
-            words = cp.asarray(encode.mask_words(mask))
-            for G in (1, 2):
-                for pos in ("none", "gaps", "shuffled"):
-                    nq, Hkv = 3001, 2
-                    r = cp.random.default_rng(nq + 7 * G + D)
-                    nk, k0 = (nq, 0) if pos == "none" else (nq + 1234, 100)
-                    q, do = (halves((1, Hkv, G, nq, D), dtype, r) for _ in range(2))
-                    k, v = (halves((1, Hkv, nk, D), dtype, r) for _ in range(2))
-                    hp = np.random.default_rng(nq)
-                    qpos = (np.arange(nq) if pos == "none" else
-                            np.sort(hp.choice(k0 + nk + 300, nq, replace=False))).astype(np.int64)
-                    if pos == "shuffled":
-                        qpos = hp.permutation(qpos)
-                    o, lse, _ = forward.attend(q, qpos, k, v, k0, mask, scale, bf16=bf, kernel_kind="mma")
-                    lse, delta = cp.ascontiguousarray(lse), (as_f32(do) * o).sum(-1)
-                    if pos == "none":
-                        dpos, unsorted = np.uintp(0), np.uintp(0)
-                    else:
-                        dpos, unsorted = cp.asarray(qpos), cp.zeros(1, dtype=cp.int32)
-                        loader.launch("rows_unsorted", (min(1024, -(-nq // 256)),), 0,
-                                      (dpos, np.int32(nq), unsorted), threads=256)
-                    args = (q, dpos, k, v, do, lse, delta)
-                    tail = tail_args(nq, nk, G, k0, scale, q, k, Hkv * G)
-                    init = r.standard_normal((2,) + k.shape, dtype=cp.float32)  # what TO = float adds into
-                    qinit = r.standard_normal((1,) + q.shape, dtype=cp.float32)
+        for c in cases(dtype, D):
+            spec, mask, words, G, pos, nq, nk, k0, Hkv, qpos, q, k, args, unsorted, tail, r = c
+            init = r.standard_normal((2,) + k.shape, dtype=cp.float32)  # what TO = float adds into
+            qinit = r.standard_normal((1,) + q.shape, dtype=cp.float32)
 
-                    def run(kv):
-                        if otype == "float":
-                            dk, dv = init[0].copy(), init[1].copy()
-                        else:
-                            dk, dv = (cp.full(k.shape, 0xFFFF, cp.uint16).view(k.dtype) for _ in range(2))  # NaN
-                        kv(args, dk, dv, words, unsorted, tail, nk, Hkv)
-                        return dk, dv
+            def run(kv):
+                if otype == "float":
+                    dk, dv = init[0].copy(), init[1].copy()
+                else:
+                    dk, dv = (cp.full(k.shape, 0xFFFF, cp.uint16).view(k.dtype) for _ in range(2))  # NaN
+                kv(args, dk, dv, words, unsorted, tail, nk, Hkv)
+                return dk, dv
 
-                    def run_q(qk):
-                        if otype == "float":
-                            dq = qinit[0].copy()
-                        else:
-                            dq = cp.full(q.shape, 0xFFFF, cp.uint16).view(q.dtype)  # NaN
-                        edges = cp.zeros(1, dtype=cp.uint64)
-                        qk(args, dq, edges, words, tail, nq, Hkv * G)
-                        return (dq,), int(edges.get()[0])
+            def run_q(qk):
+                if otype == "float":
+                    dq = qinit[0].copy()
+                else:
+                    dq = cp.full(q.shape, 0xFFFF, cp.uint16).view(q.dtype)  # NaN
+                edges = cp.zeros(1, dtype=cp.uint64)
+                qk(args, dq, edges, words, tail, nq, Hkv * G)
+                return (dq,), int(edges.get()[0])
 
-                    want = run(ref)
-                    for shape, kv in news:
-                        got, again = run(kv), run(kv)
-                        row = {"check": spec, "kernel": "attend_bwd_kv_wg", "dtype": dtype, "D": D, "TO": otype,
-                               "G": G, "positions": pos, "shape": shape}
-                        ok = compare(row, ("dk", "dv"), got, want, again, init, otype, dtype)
-                        print(json.dumps(row), flush=True)
-                        if not ok:
-                            failures.append(row)
-                            print(f"FAIL {json.dumps(row)}", flush=True)
+            want = run(ref)
+            for shape, kv in news:
+                got, again = run(kv), run(kv)
+                row = {"check": spec, "kernel": "attend_bwd_kv_wg", "dtype": dtype, "D": D, "TO": otype,
+                       "G": G, "positions": pos, "shape": shape}
+                ok = compare(row, ("dk", "dv"), got, want, again, init, otype, dtype)
+                print(json.dumps(row), flush=True)
+                if not ok:
+                    failures.append(row)
+                    print(f"FAIL {json.dumps(row)}", flush=True)
 
-                    qwant, ewant = run_q(qref)
-                    # one head's edges (the kernels count head 0's): the mask's pairs
-                    emask = int(mask.allowed(qpos[:, None], k0 + np.arange(nk)[None, :]).sum())
-                    for shape, qk in qnews:
-                        (got, egot), (again, eagain) = run_q(qk), run_q(qk)
-                        row = {"check": spec, "kernel": "attend_bwd_q_wg", "dtype": dtype, "D": D, "TO": otype,
-                               "G": G, "positions": pos, "shape": shape, "edges": egot, "edges_ref": ewant,
-                               "edges_mask": emask}
-                        ok = compare(row, ("dq",), got, qwant, again, qinit, otype, dtype)
-                        ok = ok and egot == ewant == eagain == emask
-                        print(json.dumps(row), flush=True)
-                        if not ok:
-                            failures.append(row)
-                            print(f"FAIL {json.dumps(row)}", flush=True)
+            qwant, ewant = run_q(qref)
+            # one head's edges (the kernels count head 0's): the mask's pairs
+            emask = int(mask.allowed(qpos[:, None], k0 + np.arange(nk)[None, :]).sum())
+            for shape, qk in qnews:
+                (got, egot), (again, eagain) = run_q(qk), run_q(qk)
+                row = {"check": spec, "kernel": "attend_bwd_q_wg", "dtype": dtype, "D": D, "TO": otype,
+                       "G": G, "positions": pos, "shape": shape, "edges": egot, "edges_ref": ewant,
+                       "edges_mask": emask}
+                ok = compare(row, ("dq",), got, qwant, again, qinit, otype, dtype)
+                ok = ok and egot == ewant == eagain == emask
+                print(json.dumps(row), flush=True)
+                if not ok:
+                    failures.append(row)
+                    print(f"FAIL {json.dumps(row)}", flush=True)
 
 
-def bench(mod, case, shapes, qshapes):
+def bench_inputs(case):
+    """The timed launches' inputs for MASK:N:D: (spec, n, D, H, mask, words, q, k, args, tail),
+    float16, H = 8, head-major, rows at 0 .. n - 1."""
     spec, n, D = case.rsplit(":", 2)
     n, D = int(n), int(D)
     H, scale = 8, 1 / math.sqrt(D)
@@ -204,12 +215,16 @@ def bench(mod, case, shapes, qshapes):
     k, v = (halves((1, H, n, D), "float16", r) for _ in range(2))
     lse = cp.full((1, H, 1, n), 8.0, cp.float32)  # P below 1 for these inputs, as a real lse gives
     delta = cp.zeros((1, H, 1, n), cp.float32)
+    args = (q, np.uintp(0), k, v, do, lse, delta)
+    return spec, n, D, H, mask, words, q, k, args, tail_args(n, n, 1, 0, scale, q, k, H)
+
+
+def bench(mod, case, shapes, qshapes):
+    spec, n, D, H, mask, words, q, k, args, tail = bench_inputs(case)
     rows = min(n, 4096)
     edges = int(mask.allowed(np.arange(rows)[:, None], np.arange(n)[None, :]).sum() * (n / rows)) \
         if spec != "causal" else n * (n + 1) // 2
     flop = 4 * 2 * edges * D * H  # S^T, dP^T, dV, dK
-    args = (q, np.uintp(0), k, v, do, lse, delta)
-    tail = tail_args(n, n, 1, 0, scale, q, k, H)
     for otype in ("float", "__half"):
         ref, news = kernels(mod, "__half", D, otype, shapes)
         dk, dv = (cp.zeros(k.shape, cp.float32 if otype == "float" else cp.float16) for _ in range(2))

@@ -101,8 +101,8 @@ def bwd_fused_name(ctype, D, otype, ordered, shape=None):
 def bwd_fused_smem(D, shape=None):
     """Shared bytes of attend_bwd_fused_wg: attend_bwd_kv_wg's and two buffers of a tile's dS
     (64 NWG keys x 64 queries)."""
-    nwg, st, minb = shape or BWD_FUSED_SHAPES[D]
-    return bwd_wg_smem(D, (nwg, st, minb)) + 2 * 64 * nwg * BWD_ROWS * 2
+    shape = shape or BWD_FUSED_SHAPES[D]
+    return bwd_wg_smem(D, shape) + 2 * 64 * shape[0] * BWD_ROWS * 2
 
 
 def bwd_wg_threads(shape):
