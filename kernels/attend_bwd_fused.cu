@@ -1,5 +1,5 @@
 // The Hopper (sm_90a) backward in one key-major pass (FlashAttention-3's structure): dk and dv as
-// attend_bwd_kv_wg computes them (the same per-tile math and order, so the same bits) and each
+// attend_bwd_kv_wg computes them (the same per-tile math, its tiles in reverse order) and each
 // work item's dq share dS K, added into float32 sums, so that attend_bwd_q_wg need not run.
 // Per tile, the NWG consumer warpgroups put their 64-key rows of dS^T into shared memory; after
 // a barrier of the consumers, warpgroup (item + c) % NWG computes the tile's dq columns
@@ -7,6 +7,15 @@
 // block's K rows N-major) and adds them into dq with red.global.add, in any order (ORDERED =
 // false) or in ascending key-block order (ORDERED: the same bits on every rerun).
 #include "bwd_wg.cuh"
+
+// The work item before (query head gq of the group, query tile t of range r) in next_item's
+// order, for each of the group's heads in turn: the walk of the ranges [tlo[r], thi[r]) downwards.
+__device__ __forceinline__ void prev_item(int& gq, int& r, int& t, int nr, const int* tlo, const int* thi) {
+    if (t-- == tlo[r]) {
+        if (r-- == 0) { r = nr - 1; ++gq; }
+        t = thi[r] - 1;
+    }
+}
 
 // bar.sync on named barrier id by n threads (id 0 is __syncthreads')
 __device__ __forceinline__ void named_sync(int id, int n) {
@@ -76,22 +85,27 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 }
 
 // attend_bwd_kv_wg's key-major pass (its arguments, contract, shared memory and loader) that
-// also adds each work item's dq share, scale dS K, into dq (float32, q's layout) and counts
-// the edges of query head 0 into `edges`, as attend_bwd_q_wg does. Per tile, after dV += P^T dO
-// and dK += dS^T Q are issued, consumer cw's dS^T rows go to one of two shared buffers (BN key
-// rows of 64 queries in 128-byte swizzle atoms, zeros for keys past the block's end); named
-// barrier 1 of the 128 NWG consumer threads (the loader is not in it) then orders every write
-// of item n before any read of it, and every read of item n - 1 (done before a thread reaches
-// the barrier of item n) before the writes of item n + 1 into the same buffer.
+// also adds each work item's dq share, scale dS K, into dq (float32, head-major rows (B, H, nq,
+// D) whatever q's layout) and counts the edges of query head 0 into `edges`, as attend_bwd_q_wg
+// does. A block per (key block kb, kv head) on a 1-D grid, kv heads fastest; it walks its query
+// tiles downwards (prev_item). Per tile, after dV += P^T dO and dK += dS^T Q are issued,
+// consumer cw's dS^T rows go to one of two shared buffers (BN key rows of 64 queries in
+// 128-byte swizzle atoms, zeros for keys past the block's end); named barrier 1 of the 128 NWG
+// consumer threads (the loader is not in it) then orders every write of item n before any read
+// of it, and every read of item n - 1 (done before a thread reaches the barrier of item n)
+// before the writes of item n + 1 into the same buffer.
 // ORDERED: for each (query head, tile, 64-column slice) the key blocks that walk the tile add in
-// ascending block order, on turns[(head ntiles + tile) D / 64 + slice] (int32, zeroed by the
+// ascending key-block order, on turns[(head ntiles + tile) D / 64 + slice] (int32, zeroed by the
 // host; it holds the last adding block's index + 1): a block waits until it holds the index of
 // its nearest lower block that walks the tile (prev_block: key_block_tiles' own test, so that
-// the waits and the walks agree), adds, then stores its own. No deadlock: a block waits only
-// for lower blocks of its kv head, i.e. lower blockIdx.x, and every wait of the lowest
-// unfinished block is on finished blocks; this assumes that blocks start in ascending linear
-// index (blockIdx.x fastest), so that every lower block is running or done, never waiting for a
-// free SM that only a waiting block could give back.
+// the waits and the walks agree), adds, then stores its own. The downward walk keeps the waits
+// short: the tiles a block shares with the block below are its lowest, walked last, and that
+// block's highest, walked first (ascending, each block would wait for nearly all of the one
+// below, a chain over the whole sequence). No deadlock: a block waits only for lower key blocks
+// of its kv head, i.e. lower blockIdx.x, and every wait of the lowest unfinished block is on
+// finished blocks; this assumes that blocks start in ascending blockIdx.x, so that every lower
+// block is running or done, never waiting for a free SM that only a waiting block could give
+// back.
 // Shared memory: attend_bwd_kv_wg's, with the two dS^T buffers (2 BN 64 elements) after the K
 // and V rows.
 template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool ORDERED>
@@ -119,7 +133,8 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
     __shared__ __align__(8) Ring<ST> ring;
 
     const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs};
-    const int hk = blockIdx.y, kc0 = blockIdx.x * BN, kc1 = min(nk, kc0 + BN);
+    const int nkb = (nk + BN - 1) / BN, heads = gridDim.x / nkb;  // a 1-D grid: kv heads fastest
+    const int hk = blockIdx.x % heads, kb = blockIdx.x / heads, kc0 = kb * BN, kc1 = min(nk, kc0 + BN);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3;  // wg warp-uniform
     const size_t krow0 = ks.head(hk, H / G) + (size_t)kc0 * krs;  // the block's first key row
@@ -138,14 +153,14 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
         cp_wait<0>();
         return;
     }
-    // work items (query head gq of the group, query tile t) in next_item's order; none when no
+    // work items (query head gq of the group, query tile t) in prev_item's order; none when no
     // query reaches these keys (dk, dv are then written as zeros)
-    const int g_first = nr ? 0 : G, t_first = nr ? tlo_s[0] : 0;
+    const int g_first = nr ? 0 : G, r_first = nr ? nr - 1 : 0, t_first = nr ? thi_s[nr - 1] - 1 : 0;
 
     if (wg == 0) {  // the loader
         regs_dec<PREG>();
         RingLoad<ST> ld{ring};
-        for (int fg = g_first, fr = 0, ft = t_first; fg < G; next_item(fg, fr, ft, nr, tlo_s, thi_s)) {
+        for (int fg = g_first, fr = r_first, ft = t_first; fg < G; prev_item(fg, fr, ft, nr, tlo_s, thi_s)) {
             const int s = ld.stage();
             const int hq = hk * G + fg, r0 = ft * BM, rows = min(BM, nq - r0);
             const size_t qrow0 = qs.head(hq, H) + (size_t)r0 * qrs;
@@ -192,7 +207,7 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
     RingUse<ST> use{ring};
 
     int n = 0;  // the item's index
-    for (int cg = g_first, cr = 0, ct = t_first; cg < G; next_item(cg, cr, ct, nr, tlo_s, thi_s), ++n) {
+    for (int cg = g_first, cr = r_first, ct = t_first; cg < G; prev_item(cg, cr, ct, nr, tlo_s, thi_s), ++n) {
         const int rows = min(BM, nq - ct * BM), buf = use.s;
         const long long* Pb = Ps + buf * BM;
         const unsigned sbo = (n & 1) * BN * 128;  // this item's dS^T buffer
@@ -254,27 +269,27 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
         int prev = -1;  // ORDERED: the key block that adds into this slice just before this one
         if (ORDERED && c < NSL)
             prev = prev_block<BN>(mk, tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane),
-                                  qpos ? Pb : nullptr, rows_unsorted, rows, blockIdx.x, k0, nk, lane);
+                                  qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
         use.release();
         if (c < NSL) {
             const int hq = hk * G + cg;
             int* turn = turns + ((size_t)hq * ntiles + ct) * NSL + c;
             if (ORDERED) turn_wait(turn, prev + 1);
-            float* base = dq + qs.head(hq, H) + (size_t)(ct * BM) * qrs + 64 * c + 2 * tq;
+            float* base = dq + ((size_t)hq * nq + ct * BM) * D + 64 * c + 2 * tq;  // head-major rows
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int r = 16 * wq + g + 8 * h;  // the accumulators' query row
                 if (r >= rows) continue;
 #pragma unroll
                 for (int j = 0; j < MK / 8; ++j)
-                    red_add2(base + (size_t)r * qrs + 8 * j, scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
+                    red_add2(base + (size_t)r * D + 8 * j, scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
             }
             if (ORDERED) {  // the warpgroup's adds, then (cumulative release) the next block's turn
                 named_sync(2 + cw, 128);
                 if ((tid & 127) == 0) {
                     __threadfence();
                     asm volatile("st.release.gpu.global.b32 [%0], %1;\n"
-                                 :: "l"(turn), "r"((int)blockIdx.x + 1) : "memory");
+                                 :: "l"(turn), "r"(kb + 1) : "memory");
                 }
             }
         }

@@ -48,6 +48,20 @@ __global__ void row_delta(const T* __restrict__ dout, const T* __restrict__ o, f
     if (i < rows && part == 0) delta[i] = sum;
 }
 
+// dst = src in T, src float32 head-major rows (B, H, nq, D) contiguous (attend_bwd_fused_wg's dq
+// sums), dst in any Strides layout (H query heads per batch entry): 8 elements a thread.
+template <typename T, int D>
+__global__ void store_rows(const float* __restrict__ src, T* __restrict__ dst, int nq, long long rows,
+                           long long bs, long long hs, long long rs, int H) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x, row = i / (D / 8);
+    if (row >= rows) return;
+    const int head = (int)(row / nq), r = (int)(row % nq), part = (int)(i % (D / 8));
+    const float4 a = *reinterpret_cast<const float4*>(src + 8 * i);
+    const float4 b = *reinterpret_cast<const float4*>(src + 8 * i + 4);
+    const uint4 out{pack2<T>(a.x, a.y), pack2<T>(a.z, a.w), pack2<T>(b.x, b.y), pack2<T>(b.z, b.w)};
+    *reinterpret_cast<uint4*>(dst + Strides{bs, hs, rs}.head(head, H) + (size_t)r * rs + 8 * part) = out;
+}
+
 // Shape: W warps of 16 keys each; KREG: K and V fragments stay in registers (else re-read from
 // shared memory every tile). Shared memory: two stages of (Q, dO) tiles, the block's K and V
 // rows, two stages of (lse, delta, positions).

@@ -8,8 +8,14 @@ from ..errors import HpcattnError
 from .encode import check, device_mask, device_positions, listed_terms
 from .forward import row_strides
 from .loader import cupy, launch, wgmma_available
-from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, bwd_names,
-                     bwd_smem, bwd_wg_name, bwd_wg_q_name, bwd_wg_q_smem, bwd_wg_smem, bwd_wg_threads)
+from .shapes import (BK, BQ, BWD_DIMS, BWD_FUSED_SHAPES, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES,
+                     bwd_fused_name, bwd_fused_smem, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_q_name, bwd_wg_q_smem,
+                     bwd_wg_smem, bwd_wg_threads)
+
+# what kernel_kind "auto" runs on a compute capability 9.0 device (D in BWD_WG_DIMS): "wgmma" (two
+# passes) or "fused" (one key-major pass; see _hopper)
+HOPPER_AUTO = "wgmma"
+
 
 
 def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False,
@@ -19,9 +25,9 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     (dq, dk, dv, edges). lse (B,Hkv,G,nq) is the forward's full-row log-sum-exp, delta =
     rowsum(dO * O). Implicit mask terms only (random/csr backward stays on the CPU for now).
     kernel_kind: "mma" (tensor cores: float16/bfloat16, D in BWD_DIMS, scale > 0), "wgmma" (the
-    same on Hopper's warpgroup MMA: D in BWD_WG_DIMS, compute capability 9.0),
-    "simt" (any dtype, D <= 256) or "auto" (wgmma, else mma, where it applies, else simt). Each
-    gives the same bits on every rerun."""
+    same on Hopper's warpgroup MMA: D in BWD_WG_DIMS, compute capability 9.0), "fused" (Hopper,
+    dq from the key-major pass), "simt" (any dtype, D <= 256) or "auto" (HOPPER_AUTO, else mma,
+    where it applies, else simt). Each gives the same bits on every rerun."""
     cp = cupy()
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
@@ -31,7 +37,7 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     if listed_terms(mask):
         raise HpcattnError(f"mask {mask.spec!r}: the GPU backward takes implicit terms only")
     tensor = _tensor_fits(ctype, D, scale)
-    if kernel_kind in ("mma", "wgmma") and not tensor:
+    if kernel_kind in ("mma", "wgmma", "fused") and not tensor:
         raise HpcattnError(f"the tensor-core backward takes float16/bfloat16 with D in {BWD_DIMS} and scale > 0")
     hopper = tensor and _hopper(kernel_kind, D)
     dq = cp.zeros(q.shape, dtype=cp.float32) if dq is None else dq
@@ -100,23 +106,27 @@ def _tensor_fits(ctype, D, scale):
 
 
 def _hopper(kernel_kind, D):
-    """Whether the Hopper kernels run (attend_bwd_kv_wg for dk and dv, attend_bwd_q_wg for dq):
-    kernel_kind "wgmma" (refused where they cannot run), or "auto" on a compute capability 9.0
+    """Which Hopper kernels run, if any: "wgmma" (attend_bwd_kv_wg for dk and dv, then
+    attend_bwd_q_wg for dq) or "fused" (attend_bwd_fused_wg, ordered: dk, dv and dq in one
+    key-major pass, the key blocks adding into each dq tile in ascending order); kernel_kind
+    names one (refused where it cannot run), or "auto": HOPPER_AUTO on a compute capability 9.0
     device with D in BWD_WG_DIMS."""
     if kernel_kind == "auto":
-        return D in BWD_WG_DIMS and wgmma_available()
-    if kernel_kind != "wgmma":
-        return False
+        return HOPPER_AUTO if D in BWD_WG_DIMS and wgmma_available() else None
+    if kernel_kind not in ("wgmma", "fused"):
+        return None
     if D not in BWD_WG_DIMS or not wgmma_available():
         raise HpcattnError(f"the Hopper backward takes D in {BWD_WG_DIMS} on a compute capability 9.0 device")
-    return True
+    return kernel_kind
 
 
-def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=None, sk=None, hopper=False):
-    """attend_bwd_kv (dk, dv: a block per 16 W keys of a kv head; `hopper`: attend_bwd_kv_wg, a
-    block per 64 NWG keys) then attend_bwd_q (dq and the edges: a block per 16 W query rows of a
-    head; `hopper`: attend_bwd_q_wg, a block per 64 NWG query rows, heaviest first on a 1-D grid)
-    on args = (q, qpos, k, v, do, lse, delta);
+def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=None, sk=None, hopper=None):
+    """attend_bwd_kv (dk, dv: a block per 16 W keys of a kv head; hopper "wgmma":
+    attend_bwd_kv_wg, a block per 64 NWG keys) then attend_bwd_q (dq and the edges: a block per
+    16 W query rows of a head; "wgmma": attend_bwd_q_wg, a block per 64 NWG query rows, heaviest
+    first on a 1-D grid), or hopper "fused": attend_bwd_fused_wg alone (a block per 64 NWG keys
+    of a kv head, kv heads fastest on a 1-D grid; dq added into float32 sums, then stored in
+    otype when that is not float), on args = (q, qpos, k, v, do, lse, delta);
     rows_unsorted first tells attend_bwd_kv whether it may search the positions (none to search
     when qpos is the null pointer: row r at position r). sq, sk: the row strides of q (do, dq)
     and k (v, dk, dv), head-major contiguous when not given."""
@@ -132,7 +142,16 @@ def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=N
     words = device_mask(mask)
     dq, dk, dv = grads
     kv_args, q_args = args + (dk, dv, words, unsorted) + tail, args + (dq, edges, words) + tail
-    if hopper:
+    if hopper == "fused":
+        shape, heads = BWD_FUSED_SHAPES[D], B * Hkv * G
+        acc = dq if otype == "float" else cp.zeros(q.shape, dtype=cp.float32)
+        turns = cp.zeros(heads * -(-nq // 64) * (D // 64), dtype=cp.int32)  # a counter per (head, tile, slice)
+        launch(bwd_fused_name(ctype, D, otype, True), (-(-nk // (64 * shape[0])) * B * Hkv,), bwd_fused_smem(D),
+               args + (dk, dv, acc, edges, turns, words, unsorted) + tail, threads=bwd_wg_threads(shape))
+        if acc is not dq:
+            launch(f"store_rows<{ctype}, {D}>", (-(-heads * nq * D // 8 // 256),), 0,
+                   (acc, dq, np.int32(nq), np.int64(heads * nq)) + tail[6:9] + tail[-1:], threads=256)
+    elif hopper == "wgmma":
         kv, qm = BWD_WG_SHAPES[D], BWD_WG_Q_SHAPES[D]
         launch(bwd_wg_name(ctype, D, otype), (-(-nk // (64 * kv[0])), B * Hkv), bwd_wg_smem(D), kv_args,
                threads=bwd_wg_threads(kv))

@@ -33,7 +33,7 @@ SOURCES = {
     "attend_mma.cu": tuple(mma_name(t, d, o) for t in ("__half", "__nv_bfloat16")
                            for d in MMA_DIMS for o in ("float", t)),
     "attend_bwd_mma.cu": ("rows_unsorted",) + tuple(n for t in ("__half", "__nv_bfloat16") for d in BWD_DIMS
-                                                     for n in (f"row_delta<{t}, {d}>",)
+                                                     for n in (f"row_delta<{t}, {d}>", f"store_rows<{t}, {d}>")
                                                      + bwd_names(t, d, "float") + bwd_names(t, d, t)),
     "attend_wgmma.cu": tuple(wg_name(t, d, o) for t in ("__half", "__nv_bfloat16") for d in WG_DIMS
                              for o in ("float", t)),

@@ -103,11 +103,13 @@ def test_backward_on_device_arrays(rng, spec, D, dtype):
     assert stats["edges"] == parse(spec).allowed(np.arange(N)[:, None], np.arange(N)[None, :]).sum()
 
 
+@pytest.mark.parametrize("kind", ["wgmma", "fused"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_hopper_backward_reads_the_callers_layout(rng, D, dtype):
-    """The Hopper dk/dv kernel (backward_out's kernel_kind "wgmma") on the caller's (B, N, H, D)
-    arrays seen head-major, as attention_backward passes them: float64's gradients, in place."""
+def test_hopper_backward_reads_the_callers_layout(rng, D, dtype, kind):
+    """The Hopper backward (backward_out's kernel_kind "wgmma": two passes; "fused": one, dq
+    through float32 sums and store_rows) on the caller's (B, N, H, D) arrays seen head-major, as
+    attention_backward passes them: float64's gradients, in place, the same bits on a rerun."""
     from hpcattn.api import heads
     from hpcattn.gpu import backward, loader
     if not loader.wgmma_available():
@@ -115,15 +117,21 @@ def test_hopper_backward_reads_the_callers_layout(rng, D, dtype):
     B, N, H, Hkv, spec = 2, 700, 4, 2, "causal+window:100"
     (q, k, v, do), dev = arrays(rng, [(B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, D), (B, N, H, D)], dtype)
     o, lse = hpcattn.attention(*dev[:3], mask=spec, comm=MPI.COMM_SELF)
-    grads = tuple(cp.empty(x.shape, x.dtype) for x in dev[:3])
-    out = (heads(grads[0], Hkv),) + tuple(heads(g, Hkv)[:, :, 0] for g in grads[1:])
     qh, kh, vh = heads(dev[0], Hkv), heads(dev[1], Hkv)[:, :, 0], heads(dev[2], Hkv)[:, :, 0]
-    edges = backward.backward_out(qh, None, kh, vh, parse(spec), 1 / np.sqrt(D), heads(o, Hkv),
-                                  lse.reshape(B, Hkv, H // Hkv, N), heads(dev[3], Hkv), out, kernel_kind="wgmma")
+
+    def run():
+        grads = tuple(cp.full(x.shape, 0xFFFF, cp.uint16).view(x.dtype) for x in dev[:3])  # NaN: all written
+        out = (heads(grads[0], Hkv),) + tuple(heads(g, Hkv)[:, :, 0] for g in grads[1:])
+        edges = backward.backward_out(qh, None, kh, vh, parse(spec), 1 / np.sqrt(D), heads(o, Hkv),
+                                      lse.reshape(B, Hkv, H // Hkv, N), heads(dev[3], Hkv), out, kernel_kind=kind)
+        return [g.get() for g in grads], int(edges)
+
+    (grads, edges), (again, _) = run(), run()
     want = reference_backward(q, k, v, do, np.arange(N), parse(spec), 1 / np.sqrt(D))
-    for g, w in zip(grads, want):
-        assert grad_error(g.get().astype(np.float32), w) <= grad_tolerance(dtype), grad_error(g.get(), w)
-    assert int(edges) == parse(spec).allowed(np.arange(N)[:, None], np.arange(N)[None, :]).sum()
+    for g, w, a in zip(grads, want, again):
+        assert grad_error(g.astype(np.float32), w) <= grad_tolerance(dtype), grad_error(g, w)
+        assert np.array_equal(g.view(np.uint16), a.view(np.uint16))
+    assert edges == parse(spec).allowed(np.arange(N)[:, None], np.arange(N)[None, :]).sum()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

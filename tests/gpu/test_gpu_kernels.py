@@ -32,7 +32,7 @@ TOL = {"simt": 2e-5, ("mma", "float16"): 4e-3, ("mma", "bfloat16"): 3e-2, ("wgmm
 
 def need(kind):
     """Skips a Hopper-kernel case (saying why) on a device that cannot run it."""
-    if kind == "wgmma" and not loader.wgmma_available():
+    if kind in ("wgmma", "fused") and not loader.wgmma_available():
         pytest.skip(f"the wgmma kernel needs compute capability 9.0; this device is "
                     f"{cp.cuda.Device().compute_capability} ({loader.COMPILED_BY.get('attend_wgmma.cu', '')})")
 
