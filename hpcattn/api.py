@@ -202,20 +202,19 @@ def _one_piece(n):
     return off
 
 
-_launches = {}  # a one-rank device call's signature -> (gpu.forward.Launch, variant name)
+_launches = {}  # a one-rank device call's signature -> (gpu.forward.Launch or gpu.backward.OutLaunch, variant)
 MAX_LAUNCHES = 256  # shapes kept (a decode loop with a growing key count makes one per step)
 _NO_POSITIONS = np.uintp(0)  # the kernel derives row r's position r
 
 
-def _signature(q, k, v, args):
-    """What a one-rank device call's launch depends on (shapes, strides, dtypes, the other
-    arguments, the device), or None when it is not cached (a mask given as neither spec nor
-    Mask, rows not 16-byte aligned)."""
-    if not isinstance(args[0], (str, Mask)) or (q.data.ptr | k.data.ptr | v.data.ptr) % 16:
+def _signature(arrays, args):
+    """What a one-rank device call's launch depends on (the arrays' shapes, strides and dtypes,
+    the other arguments, the device), or None when it is not cached (a mask given as neither
+    spec nor Mask, rows not 16-byte aligned)."""
+    if not isinstance(args[0], (str, Mask)) or any(x.data.ptr % 16 for x in arrays):
         return None
     from cupy.cuda import runtime
-    return (q.shape, q.strides, q.dtype, k.shape, k.strides, k.dtype, v.shape, v.strides, v.dtype,
-            runtime.getDevice()) + args
+    return tuple((x.shape, x.strides, x.dtype) for x in arrays) + (runtime.getDevice(),) + args
 
 
 def _direct(run, name, q, k, v, stats, o=None):
@@ -252,7 +251,7 @@ def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None,
     with _calling(comm) as comm:
         key = None
         if comm.size == 1 and q_positions is None and is_device(q):
-            key = _signature(q, k, v, (mask, scale, layout, variant, ranks_per_node))
+            key = _signature((q, k, v), (mask, scale, layout, variant, ranks_per_node))
             if key in _launches:  # the same shapes as an earlier call: its launch, no checks again
                 return _direct(*_launches[key], q, k, v, stats)
         shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node)
@@ -295,6 +294,11 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
     (accumulated in float32): this rank's rows of the gradients of sum(o * do).
     """
     with _calling(comm) as comm:
+        key = None
+        if comm.size == 1 and q_positions is None and is_device(q):
+            key = _signature((q, k, v, o, lse, do), ("backward", mask, scale, layout, variant, ranks_per_node))
+            if key in _launches:  # the same shapes as an earlier call: its launches, no checks again
+                return _direct_backward(*_launches[key], q, k, v, o, lse, do, stats)
         shard = _shard(q, k, v, mask, comm, q_positions, scale, layout, ranks_per_node,
                        problem=_grad_problem(q, o, lse, do))
         B, nq, H, D = q.shape
@@ -302,11 +306,21 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
         module, name = choose(variant, shard, backward=True)
         if not hasattr(module, "backward"):
             raise HpcattnError(f"variant {name!r} has no backward pass")
+        cacheable = key is not None and lse.dtype == np.float32 and lse.flags.c_contiguous  # read in place
         lse = lse.reshape(B, Hkv, H // Hkv, nq).astype("float32", copy=False)
         if comm.size == 1:  # the backward kernels alone, writing the caller's layout and dtypes
             xp = array_module(q)
             grads = tuple(xp.empty(x.shape, x.dtype) for x in (q, k, v))
             out = (heads(grads[0], Hkv),) + tuple(heads(g, Hkv)[:, :, 0] for g in grads[1:])
+            if cacheable:
+                from .gpu.backward import launch_for
+                run = launch_for(shard.q, shard.k, shard.v, heads(o, Hkv), heads(do, Hkv), out, shard.mask,
+                                 shard.scale)
+                if run is not None:
+                    if len(_launches) >= MAX_LAUNCHES:
+                        _launches.clear()
+                    _launches[key] = run, name
+                    return _direct_backward(run, name, q, k, v, o, lse, do, stats, grads)
             qpos = None if xp is not np and q_positions is None else shard.qpos
             faults.point("compute", 0)
             t = time.perf_counter()
@@ -321,6 +335,23 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
         if stats is not None:
             stats.update(shard.stats, variant=name)
         return grads
+
+
+def _direct_backward(run, name, q, k, v, o, lse, do, stats, grads=None):
+    """A one-rank device backward through its OutLaunch: the gradients allocated like q, k, v
+    (C-contiguous; unless given), then its launches, which take the caller's arrays by pointer
+    at the strides it was made for."""
+    if grads is None:
+        xp = array_module(q)
+        grads = tuple(xp.empty(x.shape, x.dtype) for x in (q, k, v))
+    faults.point("compute", 0)
+    t = time.perf_counter()
+    with phase("local"):
+        edges = run(q, k, v, o, lse, do, *grads)
+    if stats is not None:  # reading the device count waits for the kernels
+        edges = int(edges)
+        stats.update(compute_s=time.perf_counter() - t, edges=edges, variant=name)
+    return grads
 
 
 @contextmanager

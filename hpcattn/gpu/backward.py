@@ -6,8 +6,8 @@ import numpy as np
 
 from ..errors import HpcattnError
 from .encode import check, device_mask, device_positions, listed_terms
-from .forward import row_strides
-from .loader import cupy, launch, wgmma_available
+from .forward import NULL, row_strides
+from .loader import cupy, kernel, kernel_with_smem, launch, wgmma_available
 from .shapes import (BK, BQ, BWD_DIMS, BWD_FUSED_SHAPES, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES,
                      bwd_fused_name, bwd_fused_smem, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_q_name, bwd_wg_q_smem,
                      bwd_wg_smem, bwd_wg_threads)
@@ -39,7 +39,7 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     tensor = _tensor_fits(ctype, D, scale)
     if kernel_kind in ("mma", "wgmma", "fused") and not tensor:
         raise HpcattnError(f"the tensor-core backward takes float16/bfloat16 with D in {BWD_DIMS} and scale > 0")
-    hopper = tensor and _hopper(kernel_kind, D)
+    hopper = _hopper(kernel_kind, D) if tensor else None
     dq = cp.zeros(q.shape, dtype=cp.float32) if dq is None else dq
     dk = cp.zeros(k.shape, dtype=cp.float32) if dk is None else dk
     dv = cp.zeros(k.shape, dtype=cp.float32) if dv is None else dv
@@ -53,7 +53,8 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
             cp.ascontiguousarray(do), cp.ascontiguousarray(lse, dtype=cp.float32),
             cp.ascontiguousarray(delta, dtype=cp.float32))
     if tensor and kernel_kind != "simt":
-        _tensor(cp, args, (dq, dk, dv), edges, mask, G, k0, scale, ctype, "float", args[1], hopper=hopper)
+        Passes(ctype, "float", q.shape, nk, k0, scale, mask, row_strides(args[0]), row_strides(args[2]), hopper)(
+            args, dq, dk, dv, edges, _unsorted(cp, args[1], nq))
     else:
         smem = 4 * (2 * BQ * dmax + 2 * BK * (dmax + 1) + 2 * BK * dmax)
         launch(f"attend_bwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
@@ -70,16 +71,10 @@ def backward_out(q, qpos, k, v, mask, scale, o, lse, do, out, kernel_kind="auto"
     write out in place, and delta = rowsum(dO * O) is made on the device (no float32 copy of o
     or do). qpos None: query r sits at position r. kernel_kind as for `backward`."""
     cp = cupy()
-    B, Hkv, G, nq, D = q.shape
-    nk = k.shape[2]
+    nq = q.shape[3]
     ctype, _ = check(q, qpos, k, v, 0, False)
-    sq, sk = row_strides(q), row_strides(k)
-    direct = (_tensor_fits(ctype, D, scale) and not listed_terms(mask) and nq and nk and B * Hkv * G
-              and sq is not None and sk is not None and row_strides(o) is not None
-              and all(x.dtype == q.dtype for x in (o, do, *out))
-              and row_strides(do) == row_strides(out[0]) == sq and row_strides(v) == sk
-              and row_strides(out[1]) == row_strides(out[2]) == sk)
-    if not direct:
+    run = _out_launch(q, k, v, o, do, out, mask, scale, ctype, kernel_kind)
+    if run is None:
         from ..cpu.grad import row_delta
         qpos = np.arange(nq, dtype=np.int64) if qpos is None else qpos
         *grads, edges = backward(q, qpos, k, v, 0, mask, scale, do.astype(q.dtype, copy=False), lse,
@@ -87,18 +82,58 @@ def backward_out(q, qpos, k, v, mask, scale, o, lse, do, out, kernel_kind="auto"
         for dst, src in zip(out, grads):
             dst[...] = src
         return edges
-    lse = cp.ascontiguousarray(lse, dtype=cp.float32)
-    delta = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
-    lanes = 4 if D <= 32 else 8 if D <= 64 else 16  # row_delta's L
-    rows = B * Hkv * G * nq
-    launch(f"row_delta<{ctype}, {D}>", (-(-rows * lanes // 256),), 0,
-           (do, o, delta, np.int32(nq), np.int64(rows)) + tuple(np.int64(x) for x in (*sq, *row_strides(o)))
-           + (np.int32(Hkv * G),), threads=256)
-    edges = cp.zeros(1, dtype=cp.uint64)
-    pos = np.uintp(0) if qpos is None else device_positions(qpos)
-    _tensor(cp, (q, pos, k, v, do, lse, delta), out, edges, mask, G, 0, scale, ctype, ctype, pos, sq, sk,
-            hopper=_hopper(kernel_kind, D))
-    return edges[0]
+    pos = NULL if qpos is None else device_positions(qpos)
+    return run(q, k, v, o, cp.ascontiguousarray(lse, dtype=cp.float32), do, *out, pos, _unsorted(cp, pos, nq))
+
+
+def launch_for(q, k, v, o, do, out, mask, scale):
+    """backward_out's tensor-core case (rows at positions 0 .. nq-1, kernel_kind "auto") as an
+    OutLaunch on arrays shaped and laid out like these (callers cache it by shape), or None
+    where backward_out takes another path."""
+    ctype, _ = check(q, None, k, v, 0, False)
+    return _out_launch(q, k, v, o, do, out, mask, scale, ctype, "auto")
+
+
+def _out_launch(q, k, v, o, do, out, mask, scale, ctype, kernel_kind):
+    """The OutLaunch of backward_out's arguments, or None where the tensor-core kernels cannot
+    read and write them in place (dtype, head dim, listed terms, layouts, no rows)."""
+    B, Hkv, G, nq, D = q.shape
+    nk = k.shape[2]
+    sq, sk, so = row_strides(q), row_strides(k), row_strides(o)
+    if not (_tensor_fits(ctype, D, scale) and kernel_kind != "simt" and not listed_terms(mask) and nq and nk
+            and B * Hkv * G and None not in (sq, sk, so) and all(x.dtype == q.dtype for x in (o, do, *out))
+            and row_strides(do) == row_strides(out[0]) == sq and row_strides(v) == sk
+            and row_strides(out[1]) == row_strides(out[2]) == sk):
+        return None
+    return OutLaunch(ctype, q.shape, nk, mask, scale, sq, sk, so, _hopper(kernel_kind, D))
+
+
+class OutLaunch:
+    """backward_out's tensor-core launches with everything but the arrays fixed: row_delta
+    (delta = rowsum(dO * O) on the device) then Passes writing the gradients in the input dtype.
+    Made once per shape, it leaves a repeated call (a training loop) only its arrays to pass;
+    arrays are passed by pointer, so the caller's (B, N, H, D) arrays do as well as their
+    head-major views."""
+
+    def __init__(self, ctype, q_shape, nk, mask, scale, sq, sk, so, hopper):
+        B, Hkv, G, nq, D = q_shape
+        rows, lanes = B * Hkv * G * nq, 4 if D <= 32 else 8 if D <= 64 else 16  # row_delta's L
+        self.delta_shape = (B, Hkv, G, nq)
+        self.delta = kernel(f"row_delta<{ctype}, {D}>"), (-(-rows * lanes // 256),), (
+            np.int32(nq), np.int64(rows)) + tuple(np.int64(x) for x in (*sq, *so)) + (np.int32(Hkv * G),)
+        self.passes = Passes(ctype, ctype, q_shape, nk, 0, scale, mask, sq, sk, hopper)
+
+    def __call__(self, q, k, v, o, lse, do, dq, dk, dv, pos=None, unsorted=None):
+        """The edges (a device count) of dq, dk, dv written; lse float32 (B, H, nq) contiguous;
+        pos: device positions or None (row r at position r), unsorted: rows_unsorted's flag."""
+        cp = cupy()
+        delta = cp.empty(self.delta_shape, dtype=cp.float32)
+        fn, grid, tail = self.delta
+        fn(grid, (256,), (do, o, delta) + tail)
+        edges = cp.zeros(1, dtype=cp.uint64)
+        pos = NULL if pos is None else pos
+        self.passes((q, pos, k, v, do, lse, delta), dq, dk, dv, edges, NULL if unsorted is None else unsorted)
+        return edges[0]
 
 
 def _tensor_fits(ctype, D, scale):
@@ -120,45 +155,69 @@ def _hopper(kernel_kind, D):
     return kernel_kind
 
 
-def _tensor(cp, args, grads, edges, mask, G, k0, scale, ctype, otype, qpos, sq=None, sk=None, hopper=None):
-    """attend_bwd_kv (dk, dv: a block per 16 W keys of a kv head; hopper "wgmma":
-    attend_bwd_kv_wg, a block per 64 NWG keys) then attend_bwd_q (dq and the edges: a block per
-    16 W query rows of a head; "wgmma": attend_bwd_q_wg, a block per 64 NWG query rows, heaviest
-    first on a 1-D grid), or hopper "fused": attend_bwd_fused_wg alone (a block per 64 NWG keys
-    of a kv head, kv heads fastest on a 1-D grid; dq added into float32 sums, then stored in
-    otype when that is not float), on args = (q, qpos, k, v, do, lse, delta);
-    rows_unsorted first tells attend_bwd_kv whether it may search the positions (none to search
-    when qpos is the null pointer: row r at position r). sq, sk: the row strides of q (do, dq)
-    and k (v, dk, dv), head-major contiguous when not given."""
-    q, k = args[0], args[2]
-    B, Hkv, _, nq, D = q.shape
-    nk = k.shape[2]
-    unsorted = np.uintp(0)
-    if not isinstance(qpos, np.uintp):
-        unsorted = cp.zeros(1, dtype=cp.int32)
-        launch("rows_unsorted", (min(1024, -(-nq // 256)),), 0, (qpos, np.int32(nq), unsorted), threads=256)
-    tail = (np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale), np.int64(0))
-    tail += tuple(np.int64(x) for x in (*(sq or row_strides(q)), *(sk or row_strides(k)))) + (np.int32(Hkv * G),)
-    words = device_mask(mask)
-    dq, dk, dv = grads
-    kv_args, q_args = args + (dk, dv, words, unsorted) + tail, args + (dq, edges, words) + tail
-    if hopper == "fused":
-        shape, heads = BWD_FUSED_SHAPES[D], B * Hkv * G
-        acc = dq if otype == "float" else cp.zeros(q.shape, dtype=cp.float32)
-        turns = cp.zeros(heads * -(-nq // 64) * (D // 64), dtype=cp.int32)  # a counter per (head, tile, slice)
-        launch(bwd_fused_name(ctype, D, otype, True), (-(-nk // (64 * shape[0])) * B * Hkv,), bwd_fused_smem(D),
-               args + (dk, dv, acc, edges, turns, words, unsorted) + tail, threads=bwd_wg_threads(shape))
-        if acc is not dq:
-            launch(f"store_rows<{ctype}, {D}>", (-(-heads * nq * D // 8 // 256),), 0,
-                   (acc, dq, np.int32(nq), np.int64(heads * nq)) + tail[6:9] + tail[-1:], threads=256)
-    elif hopper == "wgmma":
-        kv, qm = BWD_WG_SHAPES[D], BWD_WG_Q_SHAPES[D]
-        launch(bwd_wg_name(ctype, D, otype), (-(-nk // (64 * kv[0])), B * Hkv), bwd_wg_smem(D), kv_args,
-               threads=bwd_wg_threads(kv))
-        launch(bwd_wg_q_name(ctype, D, otype), (-(-nq // (64 * qm[0])) * B * Hkv * G,), bwd_wg_q_smem(D), q_args,
-               threads=bwd_wg_threads(qm))
-    else:
-        wk, _, _, wq, _, _, _ = BWD_SHAPES[D]
-        (kv_name, q_name), (kv_smem, q_smem) = bwd_names(ctype, D, otype), bwd_smem(D)
-        launch(kv_name, (-(-nk // (16 * wk)), B * Hkv), kv_smem, kv_args, threads=32 * wk)
-        launch(q_name, (-(-nq // (16 * wq)), B * Hkv * G), q_smem, q_args, threads=32 * wq)
+def _unsorted(cp, pos, nq):
+    """rows_unsorted's flag for device positions pos (launched here), or NULL for no positions
+    (row r at position r: nothing to search)."""
+    if isinstance(pos, np.uintp):
+        return NULL
+    flag = cp.zeros(1, dtype=cp.int32)
+    launch("rows_unsorted", (min(1024, -(-nq // 256)),), 0, (pos, np.int32(nq), flag), threads=256)
+    return flag
+
+
+class Passes:
+    """The tensor-core backward's launches for one shape, everything but the arrays fixed
+    (kernels and their shared-memory limits, grids, sizes, scale, strides, mask words), on args =
+    (q, qpos, k, v, do, lse, delta). hopper None: attend_bwd_kv (dk, dv: a block per 16 W keys of
+    a kv head) then attend_bwd_q (dq and the edges: a block per 16 W query rows of a head);
+    "wgmma": attend_bwd_kv_wg (a block per 64 NWG keys) then attend_bwd_q_wg (a block per 64 NWG
+    query rows, heaviest first on a 1-D grid); "fused": attend_bwd_fused_wg alone (a block per
+    64 NWG keys of a kv head, kv heads fastest on a 1-D grid; dq added into float32 sums, then
+    stored in otype when that is not float). otype "float": dq, dk, dv are float32 accumulators
+    added into, else they are written in the input dtype. sq, sk: the row strides of q (do, dq)
+    and k (v, dk, dv)."""
+
+    def __init__(self, ctype, otype, q_shape, nk, k0, scale, mask, sq, sk, hopper):
+        B, Hkv, G, nq, D = q_shape
+        heads = B * Hkv * G
+        self.q_shape, self.hopper, self.otype, self.words = q_shape, hopper, otype, device_mask(mask)
+        self.tail = (np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale), np.int64(0))
+        self.tail += tuple(np.int64(x) for x in (*sq, *sk)) + (np.int32(Hkv * G),)
+        if hopper == "fused":
+            shape, smem = BWD_FUSED_SHAPES[D], bwd_fused_smem(D)
+            self.fused = (kernel_with_smem(bwd_fused_name(ctype, D, otype, True), smem),
+                          (-(-nk // (64 * shape[0])) * B * Hkv,), (bwd_wg_threads(shape),), smem)
+            self.turns = heads * -(-nq // 64) * (D // 64)  # a counter per (head, tile, 64-column slice)
+            self.store = (kernel(f"store_rows<{ctype}, {D}>"), (-(-heads * nq * D // 8 // 256),),
+                          (np.int32(nq), np.int64(heads * nq)) + self.tail[6:9] + self.tail[-1:])
+            return
+        if hopper == "wgmma":
+            (kv, qm), (kv_smem, q_smem) = (BWD_WG_SHAPES[D], BWD_WG_Q_SHAPES[D]), (bwd_wg_smem(D), bwd_wg_q_smem(D))
+            names = bwd_wg_name(ctype, D, otype), bwd_wg_q_name(ctype, D, otype)
+            grids = (-(-nk // (64 * kv[0])), B * Hkv), (-(-nq // (64 * qm[0])) * heads,)
+            threads = bwd_wg_threads(kv), bwd_wg_threads(qm)
+        else:
+            wk, _, _, wq, _, _, _ = BWD_SHAPES[D]
+            names, (kv_smem, q_smem) = bwd_names(ctype, D, otype), bwd_smem(D)
+            grids = (-(-nk // (16 * wk)), B * Hkv), (-(-nq // (16 * wq)), heads)
+            threads = 32 * wk, 32 * wq
+        self.kv, self.q = ((kernel_with_smem(n, m), g, (t,), m)
+                           for n, m, g, t in zip(names, (kv_smem, q_smem), grids, threads))
+
+    def __call__(self, args, dq, dk, dv, edges, unsorted):
+        """dq, dk, dv added into (otype float) or written, the edges of query head 0 added into
+        edges; unsorted: rows_unsorted's flag (NULL without positions)."""
+        if self.hopper == "fused":
+            cp = cupy()
+            acc = dq if self.otype == "float" else cp.zeros(self.q_shape, dtype=cp.float32)
+            turns = cp.zeros(self.turns, dtype=cp.int32)
+            fn, grid, block, smem = self.fused
+            fn(grid, block, args + (dk, dv, acc, edges, turns, self.words, unsorted) + self.tail, shared_mem=smem)
+            if acc is not dq:
+                fn, grid, tail = self.store
+                fn(grid, (256,), (acc, dq) + tail)
+            return
+        fn, grid, block, smem = self.kv
+        fn(grid, block, args + (dk, dv, self.words, unsorted) + self.tail, shared_mem=smem)
+        fn, grid, block, smem = self.q
+        fn(grid, block, args + (dq, edges, self.words) + self.tail, shared_mem=smem)

@@ -84,6 +84,39 @@ def test_repeated_calls_reuse_one_launch(rng, monkeypatch, dtype):
     assert checked == [1] and len(api._launches) == 2
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_repeated_backward_calls_reuse_one_launch(rng, monkeypatch, dtype):
+    """attention_backward with the shapes, strides and arguments of an earlier call takes that
+    call's cached launches (no argument checks): the same bits as the first; new values still
+    match float64, and so do a strided q and do of the same shape (gradients laid out unlike
+    them: not cached, the float32 accumulators' path)."""
+    from hpcattn import api
+    N, H, Hkv, D, spec = 1500, 8, 4, 64, "causal+window:200"
+    (q, k, v, do), dev = arrays(rng, [(1, N, H, D), (1, N, Hkv, D), (1, N, Hkv, D), (1, N, H, D)], dtype)
+    o, lse = hpcattn.attention(*dev[:3], mask=spec, comm=MPI.COMM_SELF)
+    api._launches.clear()
+    first, again = {}, {}
+    g1 = hpcattn.attention_backward(*dev[:3], o, lse, dev[3], mask=spec, comm=MPI.COMM_SELF, stats=first)
+
+    def cached():
+        return sum("backward" in key for key in api._launches)
+    assert cached() == 1
+    checked, real = [], api._shard
+    monkeypatch.setattr(api, "_shard", lambda *a, **kw: (checked.append(1), real(*a, **kw))[1])
+    g2 = hpcattn.attention_backward(*dev[:3], o, lse, dev[3], mask=spec, comm=MPI.COMM_SELF, stats=again)
+    assert checked == [] and cached() == 1
+    assert all(np.array_equal(a.get().view(np.uint16), b.get().view(np.uint16)) for a, b in zip(g1, g2))
+    assert again["edges"] == first["edges"] > 0 and again["variant"] == first["variant"]
+    (wq, wdo, do2), (wqd, wdod, do2d) = arrays(rng, [(1, N, 2 * H, D), (1, N, 2 * H, D), (1, N, H, D)], dtype)
+    for qh, doh, qx, dox in ((q, do2, dev[0], do2d), (wq[:, :, ::2], wdo[:, :, 1::2], wqd[:, :, ::2], wdod[:, :, 1::2])):
+        o, lse = hpcattn.attention(qx, *dev[1:3], mask=spec, comm=MPI.COMM_SELF)
+        grads = hpcattn.attention_backward(qx, *dev[1:3], o, lse, dox, mask=spec, comm=MPI.COMM_SELF)
+        want = reference_backward(qh, k, v, doh, np.arange(N), parse(spec), 1 / np.sqrt(D))
+        for g, w in zip(grads, want):
+            assert grad_error(g.get().astype(np.float32), w) <= grad_tolerance(dtype), grad_error(g.get(), w)
+    assert checked == [1] and cached() == 1
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("D", [64, 128, 48])
 @pytest.mark.parametrize("spec", ["causal+window:64", "full", "dilated:3:5+global:2", "block:64+causal"])
