@@ -17,7 +17,6 @@ from .shapes import (BK, BQ, BWD_DIMS, BWD_FUSED_SHAPES, BWD_SHAPES, BWD_WG_DIMS
 HOPPER_AUTO = "wgmma"
 
 
-
 def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False,
              kernel_kind="auto"):
     """grad.backward on the GPU: add the key block k0..k0+nk-1's share to the float32
