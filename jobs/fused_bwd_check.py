@@ -4,10 +4,13 @@ inputs (jobs/wgmma_bwd_check.py's cases: six masks, G = 1 and 2, positions none,
 gaps or shuffled, float16 and bfloat16, D = 64 and 128, dk and dv added into float32 sums and
 written in the input dtype): dk, dv and dq (float32 sums) within TOL of attend_bwd_kv_wg's and
 attend_bwd_q_wg's shares (the fused kernel walks the query tiles in reverse order), the ORDERED
-kernel's dk, dv and dq the same bits on a rerun, the edge count attend_bwd_q_wg's. Then ms per call (CUDA events, median of 5) of the fused
-kernel, ordered (with the memset of its turn counters) and atomic, and of attend_bwd_kv_wg +
-attend_bwd_q_wg, on large head-major float16 inputs, and the speed-up. A FAIL line and exit
-status 1 on any mismatch; one JSON line per figure.
+kernel's dk, dv and dq the same bits on a rerun, the edge count attend_bwd_q_wg's; each check for
+both dq paths (red.global.add from registers, and "bulk": staged in shared memory and added by
+bulk reductions), the ordered bulk kernel's dk, dv and dq also the same bits as the ordered
+red.global.add kernel's. Then ms per call (CUDA events, median of 5) of the fused kernel,
+ordered (with the memset of its turn counters) and atomic, each without and with bulk, and of
+attend_bwd_kv_wg + attend_bwd_q_wg, on large head-major float16 inputs, and the speed-up. A
+FAIL line and exit status 1 on any mismatch; one JSON line per figure.
     PYTHONPATH=$PWD python3 jobs/fused_bwd_check.py [--dims 64,128] [--dtypes float16,bfloat16]
         [--cases window:256:262144:128,causal:16384:128,window:256:262144:64]"""
 import argparse
@@ -19,20 +22,20 @@ import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import loader
-from hpcattn.gpu.shapes import (BWD_FUSED_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_fused_name,
-                                bwd_fused_smem, bwd_wg_threads)
+from hpcattn.gpu.shapes import (BWD_FUSED_BULK_SHAPES, BWD_FUSED_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES,
+                                bwd_fused_name, bwd_fused_smem, bwd_wg_threads)
 from wgmma_bwd_check import TOL, bench_inputs, cases, kernels, q_kernels
 
 
 class Fused:
-    """attend_bwd_fused_wg (ordered or not) for one dtype, head dim and output type, on its 1-D
-    grid (ceil(nk / 64 NWG) B Hkv blocks), its turn counters zeroed first."""
+    """attend_bwd_fused_wg (ordered or not, bulk dq adds or not) for one dtype, head dim and
+    output type, on its 1-D grid (ceil(nk / 64 NWG) B Hkv blocks), its turn counters zeroed first."""
 
-    def __init__(self, mod, ct, D, otype, ordered):
-        shape = BWD_FUSED_SHAPES[D]
-        self.f, self.keys, self.threads = mod.get_function(bwd_fused_name(ct, D, otype, ordered)), 64 * shape[0], \
-            bwd_wg_threads(shape)
-        self.smem, self.D, self.ordered = bwd_fused_smem(D), D, ordered
+    def __init__(self, mod, ct, D, otype, ordered, bulk=False):
+        shape = (BWD_FUSED_BULK_SHAPES if bulk else BWD_FUSED_SHAPES)[D]
+        self.f, self.keys, self.threads = mod.get_function(bwd_fused_name(ct, D, otype, ordered, bulk=bulk)), \
+            64 * shape[0], bwd_wg_threads(shape)
+        self.smem, self.D, self.ordered = bwd_fused_smem(D, bulk=bulk), D, ordered
         self.f.max_dynamic_shared_size_bytes = self.smem
         self.turns = cp.zeros(1, cp.int32)
 
@@ -61,7 +64,7 @@ def check(wg, fmod, dtype, D, failures):
     _, [(_, qk)] = q_kernels(wg, ct, D, "float", [BWD_WG_Q_SHAPES[D]])
     for otype in ("float", ct):
         _, [(_, kv)] = kernels(wg, ct, D, otype, [BWD_WG_SHAPES[D]])
-        fused = {o: Fused(fmod, ct, D, otype, o) for o in (True, False)}
+        fused = {(o, b): Fused(fmod, ct, D, otype, o, b) for o in (True, False) for b in (False, True)}
         for c in cases(dtype, D):
             spec, _, words, G, pos, nq, nk, _, Hkv, _, q, k, args, unsorted, tail, r = c
             init = r.standard_normal((2,) + k.shape, dtype=cp.float32)  # what TO = float adds into
@@ -78,26 +81,34 @@ def check(wg, fmod, dtype, D, failures):
             qk(args, dq, edges, words, tail, nq, Hkv * G)
             share = float(cp.abs(dq - qinit).max())
             base = init if otype == "float" else (0, 0)
-            for ordered in (True, False):
-                runs = []
-                for _ in range(2):
-                    fk, fv = grads()
-                    fq, fe = qinit.copy(), cp.zeros(1, dtype=cp.uint64)
-                    fused[ordered](args, fk, fv, fq, fe, words, unsorted, tail, nq, nk, Hkv, Hkv * G)
-                    runs.append((fk, fv, fq, int(fe.get()[0])))
-                (fk, fv, fq, fe), again = runs
-                rel = float(cp.abs(fq - dq).max()) / max(share, 1e-30)
-                row = {"check": spec, "ordered": ordered, "dtype": dtype, "D": D, "TO": otype, "G": G,
-                       "positions": pos, "dk_rel": rel_diff(fk, dk, base[0]), "dv_rel": rel_diff(fv, dv, base[1]),
-                       "dq_rel": rel, "dq_finite": bool(cp.isfinite(fq).all()),
-                       "rerun_same": all(same_bits(a, b) for a, b in zip(runs[0][:3], again[:3])),
-                       "edges": fe, "edges_ref": int(edges.get()[0])}
-                ok = (max(rel, row["dk_rel"], row["dv_rel"]) <= TOL[dtype] and row["dq_finite"]
-                      and fe == row["edges_ref"] == again[3] and (row["rerun_same"] or not ordered))
-                print(json.dumps(row), flush=True)
-                if not ok:
-                    failures.append(row)
-                    print(f"FAIL {json.dumps(row)}", flush=True)
+            ordered_red = None  # the ordered red.global.add kernel's (dk, dv, dq): the bulk one's must match
+            for bulk in (False, True):
+                for ordered in (True, False):
+                    runs = []
+                    for _ in range(2):
+                        fk, fv = grads()
+                        fq, fe = qinit.copy(), cp.zeros(1, dtype=cp.uint64)
+                        fused[ordered, bulk](args, fk, fv, fq, fe, words, unsorted, tail, nq, nk, Hkv, Hkv * G)
+                        runs.append((fk, fv, fq, int(fe.get()[0])))
+                    (fk, fv, fq, fe), again = runs
+                    rel = float(cp.abs(fq - dq).max()) / max(share, 1e-30)
+                    row = {"check": spec, "ordered": ordered, "bulk": bulk, "dtype": dtype, "D": D, "TO": otype,
+                           "G": G, "positions": pos, "dk_rel": rel_diff(fk, dk, base[0]),
+                           "dv_rel": rel_diff(fv, dv, base[1]), "dq_rel": rel, "dq_finite": bool(cp.isfinite(fq).all()),
+                           "rerun_same": all(same_bits(a, b) for a, b in zip(runs[0][:3], again[:3])),
+                           "edges": fe, "edges_ref": int(edges.get()[0])}
+                    same_as_red = True
+                    if ordered and not bulk:
+                        ordered_red = runs[0][:3]
+                    elif ordered:
+                        same_as_red = all(same_bits(a, b) for a, b in zip(ordered_red, runs[0][:3]))
+                        row["same_as_red"] = same_as_red
+                    ok = (max(rel, row["dk_rel"], row["dv_rel"]) <= TOL[dtype] and row["dq_finite"]
+                          and fe == row["edges_ref"] == again[3] and (row["rerun_same"] or not ordered) and same_as_red)
+                    print(json.dumps(row), flush=True)
+                    if not ok:
+                        failures.append(row)
+                        print(f"FAIL {json.dumps(row)}", flush=True)
 
 
 def bench(wg, fmod, case):
@@ -113,12 +124,14 @@ def bench(wg, fmod, case):
 
     ms_two = timed(two) * 1e3
     print(json.dumps({"bench": case, "H": H, "kernel": "attend_bwd_kv_wg+attend_bwd_q_wg", "ms": ms_two}), flush=True)
-    for ordered in (True, False):
-        f = Fused(fmod, "__half", D, "float", ordered)
-        ms = timed(lambda: f(args, dk, dv, dq, edges, words, np.uintp(0), tail, n, n, H, H)) * 1e3
-        name = "attend_bwd_fused_wg " + ("ordered" if ordered else "atomic")
-        print(json.dumps({"bench": case, "H": H, "kernel": name, "ms": ms, "speedup": ms_two / ms}), flush=True)
-        print(f"{case} {name}: {ms:.3f} ms vs kv_wg + q_wg {ms_two:.3f} ms, speed-up {ms_two / ms:.2f}x", flush=True)
+    for bulk in (False, True):
+        for ordered in (True, False):
+            f = Fused(fmod, "__half", D, "float", ordered, bulk)
+            ms = timed(lambda: f(args, dk, dv, dq, edges, words, np.uintp(0), tail, n, n, H, H)) * 1e3
+            name = "attend_bwd_fused_wg " + ("ordered" if ordered else "atomic") + (" bulk" if bulk else "")
+            print(json.dumps({"bench": case, "H": H, "kernel": name, "ms": ms, "speedup": ms_two / ms}), flush=True)
+            print(f"{case} {name}: {ms:.3f} ms vs kv_wg + q_wg {ms_two:.3f} ms, speed-up {ms_two / ms:.2f}x",
+                  flush=True)
 
 
 def main():

@@ -4,7 +4,8 @@
 // Per tile, the NWG consumer warpgroups put their 64-key rows of dS^T into shared memory; after
 // a barrier of the consumers, warpgroup (item + c) % NWG computes the tile's dq columns
 // [64c, 64c + 64) as wgmma m64n64k16 over the block's 64 NWG keys (dS^T read M-major, the
-// block's K rows N-major) and adds them into dq with red.global.add, in any order (ORDERED =
+// block's K rows N-major) and adds them into dq with red.global.add (or, BULK, staged in shared
+// memory and added a row at a time by bulk asynchronous reductions), in any order (ORDERED =
 // false) or in ascending key-block order (ORDERED: the same bits on every rerun).
 #include "bwd_wg.cuh"
 
@@ -25,6 +26,22 @@ __device__ __forceinline__ void named_sync(int id, int n) {
 // p[0] += a, p[1] += b in global memory: one vector reduction (sm_90), no value returned
 __device__ __forceinline__ void red_add2(float* p, float a, float b) {
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(p), "f"(a), "f"(b) : "memory");
+}
+
+// BULK's dq path: `bytes` (a multiple of 16) of float32 at shared src added into global dst
+// (both 16-byte aligned) by the bulk-copy unit, as one operation of this thread's next bulk
+// async-group; each element's add is a .relaxed.gpu reduction in the async proxy, rounded to
+// nearest and flushing subnormals to zero like red.global.add.f32 (PTX ISA, cp.reduce.async.bulk)
+__device__ __forceinline__ void bulk_red_add(float* dst, const float* src, int bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 :: "l"(dst), "r"((unsigned)__cvta_generic_to_shared(src)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// until this thread's bulk groups have read their shared sources (READ) or completed, i.e. added
+// into global memory with the result visible to this thread (no group pending: no wait)
+template <bool READ> __device__ __forceinline__ void bulk_wait() {
+    if (READ) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+    else asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
 // Waits until *turn (ld.acquire at gpu scope) equals want; like mb_wait_asm, a wait that never
@@ -106,9 +123,24 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // finished blocks; this assumes that blocks start in ascending blockIdx.x, so that every lower
 // block is running or done, never waiting for a free SM that only a waiting block could give
 // back.
+// BULK: instead of red.global.add from registers, consumer cw stores its scaled dq slice (64
+// rows x 64 float32) into its own staging buffer in shared memory, rows DQP = 288 bytes apart
+// (256 bytes of data, 32 of padding: the 4 rows g of a half-warp's 64-bit accumulator stores
+// fall on distinct 32-byte bank groups, so a warp's store takes the minimal 2 wavefronts, while
+// each row stays 256 contiguous bytes for the bulk copy). Each warp wq stages exactly the rows
+// its accumulators hold, 16 wq + [0, 16), so after fence.proxy.async.shared::cta and __syncwarp
+// its lanes 0-15 each add one of them (if below `rows`) into dq with one cp.reduce.async.bulk
+// of 256 bytes, committed as a bulk group; before the warp next writes its rows, those lanes wait
+// for their groups' reads (cp.async.bulk.wait_group.read 0) and the warp syncs again. ORDERED
+// with BULK: the turn wait, a generic-to-async proxy fence, the adds, cp.async.bulk.wait_group 0
+// (completion), then named barrier 2 + cw and the release as without BULK. Every consumer
+// thread waits for its bulk groups' completion before the block exits. dq must be 16-byte
+// aligned (each row's slice then is).
+// Named barriers: 0 (__syncthreads), 1 (the 128 NWG consumer threads, every item), 2 + cw (the
+// 128 threads of consumer cw, ORDERED's release); ids up to NWG + 1 <= 8 of the 16.
 // Shared memory: attend_bwd_kv_wg's, with the two dS^T buffers (2 BN 64 elements) after the K
-// and V rows.
-template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool ORDERED>
+// and V rows; BULK: NWG staging buffers of 64 DQP bytes after the positions.
+template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool ORDERED, bool BULK>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
                     const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
@@ -118,6 +150,7 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
                     int G, long long k0, float scale, long long q0, BWD_STRIDES) {
     constexpr int BN = 64 * NWG, TILE = BM * D, NSL = D / 64;  // TILE in elements; NSL slices of dq
     constexpr int PREG = 24, CREG = consumer_regs(NWG, MINB, PREG);
+    constexpr int DQP = 4 * MK + 32;  // BULK: bytes between rows of a dq staging buffer
     static_assert(ST >= 2, "the loader fills one stage while the consumers compute another");
     static_assert(NSL <= NWG, "a consumer computes at most one 64-column slice of a tile's dq");
     extern __shared__ __align__(128) unsigned char smem_wg[];
@@ -128,6 +161,7 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
     float* Ls = reinterpret_cast<float*>(Ss + 2 * BN * 128);  // stage s at Ls + s BM; delta likewise
     float* Dls = Ls + ST * BM;
     long long* Ps = reinterpret_cast<long long*>(Dls + ST * BM);
+    float* Gs = reinterpret_cast<float*>(Ps + ST * BM);  // BULK: consumer cw's staged dq at Gs + cw BM DQP / 4
     __shared__ MaskDev mk;
     __shared__ int nr_s, tlo_s[HPCATTN_MAX_SPANS], thi_s[HPCATTN_MAX_SPANS];
     __shared__ __align__(8) Ring<ST> ring;
@@ -274,16 +308,57 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
         if (c < NSL) {
             const int hq = hk * G + cg;
             int* turn = turns + ((size_t)hq * ntiles + ct) * NSL + c;
-            if (ORDERED) turn_wait(turn, prev + 1);
-            float* base = dq + ((size_t)hq * nq + ct * BM) * D + 64 * c + 2 * tq;  // head-major rows
+            if (BULK) {
+                // warp wq stages and adds the tile's rows 16 wq + [0, 16): those its accumulators hold
+                float* sg = Gs + cw * (BM * DQP / 4) + 16 * wq * (DQP / 4);  // this warp's staged rows
+                bulk_wait<true>();  // this lane's earlier bulk adds have read their rows ...
+                __syncwarp();  // ... before any lane of the warp overwrites them
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = 16 * wq + g + 8 * h;  // the accumulators' query row
-                if (r >= rows) continue;
+                for (int h = 0; h < 2; ++h)  // the accumulators' rows 16 wq + g + 8h, columns 8j + 2tq
 #pragma unroll
-                for (int j = 0; j < MK / 8; ++j)
-                    red_add2(base + (size_t)r * D + 8 * j, scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
+                    for (int j = 0; j < MK / 8; ++j)
+                        *reinterpret_cast<float2*>(sg + (g + 8 * h) * (DQP / 4) + 8 * j + 2 * tq) =
+                            make_float2(scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
+                proxy_fence();  // the stores, before the bulk-copy unit reads them through the async proxy
+                __syncwarp();  // the warp's 16 rows staged
+                if (ORDERED) turn_wait(turn, prev + 1);
+                const int r = 16 * wq + lane;  // lanes 0-15: query row r of the tile each
+                if (lane < 16) {
+                    // ORDERED: the acquire (generic proxy) is followed by a generic-to-async proxy
+                    // fence so that this thread's bulk reductions, which run in the async proxy, are
+                    // ordered after the lower block's (PTX ISA, "Async Proxy": accessing the same
+                    // memory location across proxies needs a cross-proxy fence, fence.proxy.async
+                    // for the async proxy). See the release below.
+                    if (ORDERED) asm volatile("fence.proxy.async.global;\n" ::: "memory");
+                    if (r < rows)  // row r's slice of head-major dq, from the staged row
+                        bulk_red_add(dq + ((size_t)hq * nq + ct * BM + r) * D + 64 * c, sg + lane * (DQP / 4),
+                                     4 * MK);
+                    bulk_commit();
+                    if (ORDERED) bulk_wait<false>();  // added, and visible to this thread's generic proxy
+                }
+            } else {
+                if (ORDERED) turn_wait(turn, prev + 1);
+                float* base = dq + ((size_t)hq * nq + ct * BM) * D + 64 * c + 2 * tq;  // head-major rows
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = 16 * wq + g + 8 * h;  // the accumulators' query row
+                    if (r >= rows) continue;
+#pragma unroll
+                    for (int j = 0; j < MK / 8; ++j)
+                        red_add2(base + (size_t)r * D + 8 * j, scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
+                }
             }
+            // ORDERED with BULK: this release covers the bulk reductions because (PTX ISA, "Async
+            // Proxy") "the completion of a cp{.reduce}.async.bulk operation is followed by an
+            // implicit generic-async proxy fence. So the result of the asynchronous operation is
+            // made visible to the generic proxy as soon as its completion is observed", and the
+            // issuing threads observed it (cp.async.bulk.wait_group 0, not .read: "writes being
+            // made visible to the executing thread") before barrier 2 + cw; bar.sync orders their
+            // view before thread 0's, whose fence.acq_rel.gpu + st.release.gpu is cumulative; the
+            // next block's ld.acquire.gpu of the turn then synchronizes with it, and its own
+            // fence.proxy.async.global (above) carries that order into its async-proxy adds. Each
+            // element's add is itself a .relaxed.gpu reduction ("Each reduction operation performed
+            // by the cp.reduce.async.bulk has individually .relaxed.gpu memory ordering semantics").
             if (ORDERED) {  // the warpgroup's adds, then (cumulative release) the next block's turn
                 named_sync(2 + cw, 128);
                 if ((tid & 127) == 0) {
@@ -304,4 +379,5 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
         for (int s = 16; s > 0; s >>= 1) n_edges += __shfl_xor_sync(0xffffffffu, n_edges, s);
         if (lane == 0 && n_edges) atomicAdd(edges, n_edges);
     }
+    if (BULK) bulk_wait<false>();  // the last staged rows read (and added) before the block's shared memory goes
 }

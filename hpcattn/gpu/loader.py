@@ -39,8 +39,9 @@ SOURCES = {
                              for o in ("float", t)),
     "attend_bwd_wgmma.cu": tuple(n for t in ("__half", "__nv_bfloat16") for d in BWD_WG_DIMS
                                  for o in ("float", t) for n in (bwd_wg_name(t, d, o), bwd_wg_q_name(t, d, o))),
-    "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered) for t in ("__half", "__nv_bfloat16")
-                                 for d in BWD_FUSED_SHAPES for o in ("float", t) for ordered in (False, True)),
+    "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered, bulk=bulk) for t in ("__half", "__nv_bfloat16")
+                                 for d in BWD_FUSED_SHAPES for o in ("float", t) for ordered in (False, True)
+                                 for bulk in (False, True)),
     "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()
                                                   for m in DMAXES),
     "merge.cu": ("merge_states",),
