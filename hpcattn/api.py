@@ -210,8 +210,9 @@ _NO_POSITIONS = np.uintp(0)  # the kernel derives row r's position r
 def _signature(arrays, args):
     """What a one-rank device call's launch depends on (the arrays' shapes, strides and dtypes,
     the other arguments, the device), or None when it is not cached (a mask given as neither
-    spec nor Mask, rows not 16-byte aligned)."""
-    if not isinstance(args[0], (str, Mask)) or any(x.data.ptr % 16 for x in arrays):
+    spec nor Mask, an array not on the device, rows not 16-byte aligned)."""
+    if (not isinstance(args[0], (str, Mask)) or not all(map(is_device, arrays))
+            or any(x.data.ptr % 16 for x in arrays)):
         return None
     from cupy.cuda import runtime
     return tuple((x.shape, x.strides, x.dtype) for x in arrays) + (runtime.getDevice(),) + args
