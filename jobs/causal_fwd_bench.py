@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hpcattn.gpu import forward, loader
-from hpcattn.gpu.shapes import wg_name
+from hpcattn.gpu.shapes import WG_SCHEDS, wg_name
 from hpcattn.masks import parse
 
 
@@ -107,6 +107,8 @@ def main():
     ap.add_argument("--sched", default="", help="SCHED values of attend_fwd_wgmma, comma-separated, timed beside")
     a = ap.parse_args()
     scheds = tuple(int(x) for x in a.sched.split(",") if x.strip())
+    if set(scheds) - set(WG_SCHEDS):
+        ap.error(f"--sched: the kernel is built with SCHED in {WG_SCHEDS} (beside 0), not {a.sched}")
     if a.baseline:
         loader.SM90A = loader.SM90A + (a.baseline,)
     for c in a.cases.split(","):
