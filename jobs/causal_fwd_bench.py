@@ -8,19 +8,25 @@ public entry points add their per-call work (jobs/api_bench.py, jobs/bwd_bench.p
 source of another commit, e.g. `git show REV:kernels/attend_wgmma.cu > /tmp/base.cu`, built
 against today's kernels/*.cuh) on the same launch and checks that it gives the same bits.
 
+--sched 1,... also times attend_fwd_wgmma with each of those SCHED values (hpcattn.gpu.shapes.WG_SCHEDS;
+1: ping-pong between consumer warpgroups) on the same launch, as "sched1", ...; their outputs must
+have the same bits as SCHED 0's (a FAIL line otherwise).
+
     PYTHONPATH=$PWD python3 jobs/causal_fwd_bench.py [--cases causal:16384:128,...] [--baseline /tmp/base.cu]
+        [--sched 1]
 """
 import argparse
 import copy
 import json
 import math
+from pathlib import Path
 
 import cupy as cp
 import numpy as np
 import torch
 
 from hpcattn.gpu import forward, loader
-from hpcattn.gpu.shapes import wg_name
+from hpcattn.gpu.shapes import WG_SCHEDS, wg_name
 from hpcattn.masks import parse
 
 
@@ -35,7 +41,7 @@ def per_call(fn, reps=10):
     return cp.cuda.get_elapsed_time(a, b) / reps
 
 
-def case(spec, n, D, baseline, H=8, rounds=5):
+def case(spec, n, D, baseline, scheds=(), H=8, rounds=5):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, H, n, D, device="cuda", dtype=torch.float16) for _ in range(3))
     qh, kh, vh = cp.asarray(q).reshape(1, H, 1, n, D), cp.asarray(k), cp.asarray(v)
@@ -47,9 +53,15 @@ def case(spec, n, D, baseline, H=8, rounds=5):
     if baseline:
         base = copy.copy(run)
         name = wg_name("__half", D, "__half")
+        if "int SCHED" not in Path(baseline).read_text():  # a source from before SCHED: no such argument
+            name = name.rsplit(", ", 1)[0] + ">"
         base.fn = loader.build(baseline, [name]).get_function(name)
         base.fn.max_dynamic_shared_size_bytes = run.smem
         sides["baseline"] = base
+    for s in scheds:
+        alt = copy.copy(run)
+        alt.fn = loader.kernel_with_smem(wg_name("__half", D, "__half", sched=s), run.smem)
+        sides[f"sched{s}"] = alt
     outs = {}
     for side, launch in sides.items():
         out = cp.empty_like(qh)
@@ -67,6 +79,12 @@ def case(spec, n, D, baseline, H=8, rounds=5):
         row["baseline same bits"] = bool((outs["baseline"][0] == outs["kernel"][0]).all()
                                          and (outs["baseline"][1] == outs["kernel"][1]).all()
                                          and outs["baseline"][2] == edges)
+    for s in scheds:
+        alt = outs[f"sched{s}"]
+        same = bool((alt[0] == outs["kernel"][0]).all() and (alt[1] == outs["kernel"][1]).all() and alt[2] == edges)
+        row[f"sched{s} same bits"] = same
+        if not same:
+            print(f"FAIL {spec}:{n}:{D} sched {s}: output bits differ from sched 0", flush=True)
     for fn in fns.values():
         fn()
     times = {side: [] for side in fns}
@@ -86,12 +104,16 @@ def main():
     ap.add_argument("--cases", default="causal:16384:128,causal:65536:128,causal:16384:64,causal:65536:64,"
                                        "window:256:262144:128", help="MASK:N:D, comma-separated")
     ap.add_argument("--baseline", default="", help="another attend_wgmma.cu (absolute path), timed beside")
+    ap.add_argument("--sched", default="", help="SCHED values of attend_fwd_wgmma, comma-separated, timed beside")
     a = ap.parse_args()
+    scheds = tuple(int(x) for x in a.sched.split(",") if x.strip())
+    if set(scheds) - set(WG_SCHEDS):
+        ap.error(f"--sched: the kernel is built with SCHED in {WG_SCHEDS} (beside 0), not {a.sched}")
     if a.baseline:
         loader.SM90A = loader.SM90A + (a.baseline,)
     for c in a.cases.split(","):
         spec, n, D = c.rsplit(":", 2)
-        print(json.dumps(case(spec, int(n), int(D), a.baseline)), flush=True)
+        print(json.dumps(case(spec, int(n), int(D), a.baseline, scheds)), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@
 // reads were bank-bound).
 #include "wgmma.cuh"
 
+// named barrier ID: wait for N threads (this warp's included) / count this warp among them
+template <int ID, int N> __device__ __forceinline__ void named_sync() { asm volatile("bar.sync %0, %1;\n" :: "n"(ID), "n"(N) : "memory"); }
+template <int ID, int N> __device__ __forceinline__ void named_arrive() { asm volatile("bar.arrive %0, %1;\n" :: "n"(ID), "n"(N) : "memory"); }
+
 // The tile columns [lo, hi) (empty: lo = hi = 0) a row d columns past the tile's first key
 // reaches through a single window term (row_bits' window and causal cases, in 32 bits at the end).
 __device__ __forceinline__ void window_cols(const MaskDev& mk, bool live, long long d, int nkt, int& lo, int& hi) {
@@ -132,7 +136,34 @@ template <int NWG> struct Item {
 // computes only the tiles from the first to the last that its own rows reach. Per consumer
 // the MMAs overlap the softmax: S of tile i and O += P V of tile i - 1 are in flight together,
 // then tile i's softmax runs while P V finishes. setmaxnreg moves registers to the consumers.
-template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool QREG>
+//
+// SCHED picks how consumers share the tensor cores: 0 as above, each on its own; 1 adds
+// FlashAttention-3's ping-pong between consumers: they take turns at issuing their MMAs, in the
+// ring 0, 1, ..., NWG - 1, 0, ..., so that while one issues (and its MMAs run) the others run
+// their softmax (NWG 2 or 3). The turns pass by named barriers PP_BAR + w (w = consumer: ids 2 to
+// 1 + NWG; 0 is __syncthreads, 1 the loader's bar.sync): consumer w waits at PP_BAR + w (bar.sync,
+// 256 threads) before it issues, and after issuing arrives (bar.arrive) at PP_BAR + w + 1 (mod NWG).
+// A turn covers the issue of S of tile t and of P V of tile t - 1; an item's last P V is issued
+// outside the turns (as in FlashAttention-3), and O's rescale is done before waiting for the turn.
+// How the barriers stay matched: every consumer takes exactly one turn per tile of every item
+// (items[].ntiles, the same for all, and all walk the same items), whether it computes that tile
+// or not (before its first tile, after its last, or with no rows at all: an empty turn, waited
+// for and passed on at once). So each of barriers 3 .. 1 + NWG (w >= 1) gets as many arrivals
+// (from consumer w - 1) as waits (by w); barrier 2 gets one more arrival, from the last consumer
+// at the start of its first item (consumer 0 goes first), and consumer 0 waits there once more at
+// the end of its last item (there rather than after the item loop: a bar.sync after the loop made ptxas serialise
+// every wgmma for want of registers).
+// A barrier never holds two generations: consumer w - 1's arrival for turn k + 1 comes after its
+// wait for turn k + 1, which (round the ring) follows consumer w's wait for turn k. No deadlock
+// with the mbarriers (turns counted over all items, turn u = the block's tile u): between passing
+// a turn and waiting for the next a consumer waits only on the loader (full_b of its next tile,
+// qfull_b), never on another consumer, and it releases tile u (empty_b) in turn u or, at the
+// latest, right after passing turn u + 1, blocked by nothing but its own MMAs. A consumer waiting for tile t has passed
+// turn t - 1, so (ring) every consumer has passed turn t - 2 and so releases tile t - 3 >= t - ST,
+// what the loader waits for before it fills tile t; a consumer waiting for item n's q has passed
+// every turn of items n - 1 and before, so the others reach the end of item n - 2 (qempty_b)
+// waiting only for tiles already filled.
+template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool QREG, int SCHED = 0>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
                  const T* __restrict__ v, TO* o, float* __restrict__ lse,
@@ -142,6 +173,8 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
     constexpr int PREG = 56, CREG0 = ((65536 / MINB - 128 * PREG) / (128 * NWG)) / 8 * 8;
     constexpr int CREG = CREG0 > 240 ? 240 : CREG0;
     static_assert(ST >= 3, "the loader refills tile i's buffer while tiles i + 1, i + 2 are in use");
+    static_assert(SCHED == 0 || (SCHED == 1 && (NWG == 2 || NWG == 3)), "SCHED 1 takes 2 or 3 consumers");
+    constexpr int PP_BAR = 2;  // SCHED 1: consumer w's turn barrier is PP_BAR + w
     extern __shared__ __align__(128) unsigned char smem_wg[];
     // buffer b: K at KV + 2b*TILE, V at KV + (2b+1)*TILE, then two q buffers of BM rows
     // (128-byte swizzle atoms, 1024-byte aligned: the host adds 1024 bytes)
@@ -303,10 +336,26 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
         const unsigned kdesc = wg_desc_lo(KV, 16), vdesc = wg_desc_lo(KV + TILE, MK * 128);
         const unsigned qdesc = wg_desc_lo(reinterpret_cast<const char*>(Qbuf) + cw * 64 * 128, 16);
         int kb = 0, kph = 0;  // the buffer of this consumer's next tile, and its fill's parity
+        // SCHED 1: wait for this consumer's turn to issue MMAs; pass the turn to the next consumer
+        auto turn_wait = [&]() {
+            if constexpr (SCHED == 1) {
+                if (cw == 0) named_sync<PP_BAR, 256>();
+                else if (NWG == 2 || cw == 1) named_sync<PP_BAR + 1, 256>();
+                else named_sync<PP_BAR + 2, 256>();
+            }
+        };
+        auto turn_pass = [&]() {  // to consumer cw + 1 mod NWG
+            if constexpr (SCHED == 1) {
+                if (cw == NWG - 1) named_arrive<PP_BAR, 256>();
+                else if (NWG == 2 || cw == 0) named_arrive<PP_BAR + 1, 256>();
+                else named_arrive<PP_BAR + 2, 256>();
+            }
+        };
         for (int n = 0, it = snake_item(0); it < nitems; it = snake_item(++n)) {
             int head, t0;
             item_place(it, heads, nblk, BM, head, t0);
             const int slot = n & 1, t1 = min(nq, t0 + BM);
+            if (SCHED == 1 && n == 0 && cw == NWG - 1) turn_pass();  // consumer 0 takes the first turn
             const Item<NWG>& item = items[slot];
             const int r0 = t0 + 64 * cw + 16 * wq + g, r1 = r0 + 8;
             const bool live0 = r0 < t1, live1 = r1 < t1;
@@ -369,11 +418,12 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 }
                 wg_commit();
             };
-            // O = a O + P V of the tile in buffer b, committed, not waited for
+            // O = a O + P V of the tile in buffer b, committed, not waited for (SCHED 1: O = a O by
+            // rescale_o, before the consumer waits for its turn)
             auto issue_pv = [&](int b) {
                 const unsigned vb = b * 2 * TILE * (unsigned)sizeof(T);
                 fence_regs(oacc);
-                if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {  // rare after a row's first tiles
+                if (SCHED == 0 && __any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {  // rare after a row's first tiles
 #pragma unroll
                     for (int j = 0; j < D / 8; ++j) {
                         oacc[j][0] *= a0;
@@ -398,6 +448,19 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 wg_mask(s, mk, info >> 7, live0, live1, pos0, pos1, c0, info & 127, tq, item_edges);
                 wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
             };
+            // SCHED 1: O = a O, as issue_pv does in SCHED 0
+            auto rescale_o = [&]() {
+                fence_regs(oacc);
+                if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
+#pragma unroll
+                    for (int j = 0; j < D / 8; ++j) {
+                        oacc[j][0] *= a0;
+                        oacc[j][1] *= a0;
+                        oacc[j][2] *= a1;
+                        oacc[j][3] *= a1;
+                    }
+                }
+            };
             // the consumer's next tile is in buffer kb, filled for a time of parity kph
             auto wait_full = [&]() { mb_wait(&full_b[kb], kph); };
             auto advance = [&]() {
@@ -413,12 +476,16 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             int t = 0;
             for (; t < first && t < ntiles; ++t, advance()) {  // tiles before this consumer's rows reach
                 wait_full();
+                turn_wait();  // SCHED 1: an empty turn
+                turn_pass();
                 release(kb);
             }
             if (first <= last) {
                 plan(first);
                 wait_full();
+                turn_wait();
                 issue_s(kb);
+                turn_pass();
                 wgmma_wait<0>();
                 fence_regs(s);
                 softmax(t);
@@ -427,8 +494,11 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 advance();
                 for (++t; t <= last; ++t, advance()) {  // S of tile t and P V of tile t - 1 in flight together
                     wait_full();
+                    if constexpr (SCHED == 1) rescale_o();
+                    turn_wait();
                     issue_s(kb);
                     issue_pv(pb);
+                    turn_pass();
                     wgmma_wait<1>();  // S
                     fence_regs(s);
                     softmax(t);       // overlaps P V
@@ -438,13 +508,16 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                     wg_pack<T>(s, pa);
                     pb = kb;
                 }
-                issue_pv(pb);
+                if constexpr (SCHED == 1) rescale_o();
+                issue_pv(pb);  // SCHED 1: outside the turns (as FlashAttention-3's last P V)
                 wgmma_wait<0>();
                 fence_regs(oacc);
                 release(pb);
             }
             for (; t < ntiles; ++t, advance()) {  // tiles after
                 wait_full();
+                turn_wait();  // SCHED 1: an empty turn
+                turn_pass();
                 release(kb);
             }
             __syncwarp();
@@ -464,6 +537,8 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             }
             if (tq == 0 && live0) lse[(size_t)head * nq + r0] = l0 > 0.f ? (m0 + log2f(l0)) * MLN2 : -INFINITY;
             if (tq == 0 && live1) lse[(size_t)head * nq + r1] = l1 > 0.f ? (m1 + log2f(l1)) * MLN2 : -INFINITY;
+            // the block's last item: take the last consumer's final pass (see above the kernel)
+            if (SCHED == 1 && cw == 0 && snake_item(n + 1) >= nitems) turn_wait();
         }
     }
 

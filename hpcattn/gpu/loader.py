@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .shapes import (BWD_DIMS, BWD_FUSED_SHAPES, BWD_WG_DIMS, CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS,
+from .shapes import (BWD_DIMS, BWD_FUSED_SHAPES, BWD_WG_DIMS, CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS, WG_SCHEDS,
                      bwd_fused_name, bwd_names, bwd_wg_name, bwd_wg_q_name, mma_name, wg_name)
 
 
@@ -35,8 +35,8 @@ SOURCES = {
     "attend_bwd_mma.cu": ("rows_unsorted",) + tuple(n for t in ("__half", "__nv_bfloat16") for d in BWD_DIMS
                                                      for n in (f"row_delta<{t}, {d}>", f"store_rows<{t}, {d}>")
                                                      + bwd_names(t, d, "float") + bwd_names(t, d, t)),
-    "attend_wgmma.cu": tuple(wg_name(t, d, o) for t in ("__half", "__nv_bfloat16") for d in WG_DIMS
-                             for o in ("float", t)),
+    "attend_wgmma.cu": tuple(wg_name(t, d, o, sched=s) for s in (0,) + WG_SCHEDS for t in ("__half", "__nv_bfloat16")
+                             for d in WG_DIMS for o in ("float", t)),
     "attend_bwd_wgmma.cu": tuple(n for t in ("__half", "__nv_bfloat16") for d in BWD_WG_DIMS
                                  for o in ("float", t) for n in (bwd_wg_name(t, d, o), bwd_wg_q_name(t, d, o))),
     "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered, bulk=bulk) for t in ("__half", "__nv_bfloat16")

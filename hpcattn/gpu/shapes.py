@@ -129,9 +129,15 @@ def mma_smem(D, shape=None):
     return (2 * st * MK + (0 if qreg else 16 * rm * w)) * (D + 8) * 2
 
 
-def wg_name(ctype, D, otype, shape=None):
+# attend_fwd_wgmma's SCHED values beyond the default 0: 1 = ping-pong between the consumer
+# warpgroups (turns at issuing MMAs by named barriers); the overlap within a warpgroup (S of
+# tile i with P V of tile i - 1) is in every SCHED
+WG_SCHEDS = (1,)
+
+
+def wg_name(ctype, D, otype, shape=None, sched=0):
     nwg, st, minb, qreg = shape or WG_SHAPES[D]
-    return f"attend_fwd_wgmma<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(qreg).lower()}>"
+    return f"attend_fwd_wgmma<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(qreg).lower()}, {sched}>"
 
 
 def wg_smem(D, shape=None):
