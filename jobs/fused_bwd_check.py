@@ -145,7 +145,7 @@ def main():
         print(f"FAIL the Hopper kernels need compute capability 9.0, not {cp.cuda.Device().compute_capability}")
         sys.exit(1)
     wg = loader.build("attend_bwd_wgmma.cu")  # the default shapes' kernels, one NVRTC run each
-    fmod = loader.build("attend_bwd_fused.cu")
+    fmod = loader.build("attend_bwd_fused.cu", loader.every_name("attend_bwd_fused.cu"))  # with BULK's
     failures = []
     for dtype in a.dtypes.split(","):
         for D in (int(d) for d in a.dims.split(",")):

@@ -35,16 +35,23 @@ SOURCES = {
     "attend_bwd_mma.cu": ("rows_unsorted",) + tuple(n for t in ("__half", "__nv_bfloat16") for d in BWD_DIMS
                                                      for n in (f"row_delta<{t}, {d}>", f"store_rows<{t}, {d}>")
                                                      + bwd_names(t, d, "float") + bwd_names(t, d, t)),
-    "attend_wgmma.cu": tuple(wg_name(t, d, o, sched=s) for s in (0,) + WG_SCHEDS for t in ("__half", "__nv_bfloat16")
-                             for d in WG_DIMS for o in ("float", t)),
+    "attend_wgmma.cu": tuple(wg_name(t, d, o) for t in ("__half", "__nv_bfloat16") for d in WG_DIMS
+                             for o in ("float", t)),
     "attend_bwd_wgmma.cu": tuple(n for t in ("__half", "__nv_bfloat16") for d in BWD_WG_DIMS
                                  for o in ("float", t) for n in (bwd_wg_name(t, d, o), bwd_wg_q_name(t, d, o))),
-    "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered, bulk=bulk) for t in ("__half", "__nv_bfloat16")
-                                 for d in BWD_FUSED_SHAPES for o in ("float", t) for ordered in (False, True)
-                                 for bulk in (False, True)),
+    "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered) for t in ("__half", "__nv_bfloat16")
+                                 for d in BWD_FUSED_SHAPES for o in ("float", t) for ordered in (False, True)),
     "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()
                                                   for m in DMAXES),
     "merge.cu": ("merge_states",),
+}
+# forms no entry point takes yet, compiled (in a module of their own, with the source's SOURCES)
+# only when a job asks for one by name, so that they add nothing to a user's first-call compile
+EXPERIMENTAL = {
+    "attend_wgmma.cu": tuple(wg_name(t, d, o, sched=s) for s in WG_SCHEDS for t in ("__half", "__nv_bfloat16")
+                             for d in WG_DIMS for o in ("float", t)),
+    "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered, bulk=True) for t in ("__half", "__nv_bfloat16")
+                                 for d in BWD_FUSED_SHAPES for o in ("float", t) for ordered in (False, True)),
 }
 SM90A = ("attend_wgmma.cu", "attend_bwd_wgmma.cu", "attend_bwd_fused.cu")  # sources built for sm_90a only
 OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
@@ -107,15 +114,21 @@ def build(source, names=None):
 
 
 def kernel(name):
-    """The compiled kernel for a name expression of SOURCES, on the current device."""
+    """The compiled kernel for a name expression of SOURCES (or EXPERIMENTAL), on the current device."""
     cp = cupy()
     src = next((f for f, names in SOURCES.items() if name in names), None)
-    if src is None:
+    extra = src is None and next((f for f, names in EXPERIMENTAL.items() if name in names), None)
+    if src is None and not extra:
         raise KeyError(f"no kernel {name!r} in {KERNEL_DIR}")
-    key = (cp.cuda.Device().id, src)
+    key = (cp.cuda.Device().id, src or extra, bool(extra))
     if key not in _modules:
-        _modules[key] = build(src)
+        _modules[key] = build(src) if src else build(extra, every_name(extra))
     return _modules[key].get_function(name)
+
+
+def every_name(source):
+    """SOURCES' and EXPERIMENTAL's name expressions of one source."""
+    return SOURCES[source] + EXPERIMENTAL.get(source, ())
 
 
 def kernel_with_smem(name, smem):
