@@ -218,6 +218,13 @@ def _signature(arrays, args):
     return tuple((x.shape, x.strides, x.dtype) for x in arrays) + (runtime.getDevice(),) + args
 
 
+def _remember(key, run, name):
+    """Keeps a one-rank device call's launch for its signature (at most MAX_LAUNCHES)."""
+    if len(_launches) >= MAX_LAUNCHES:
+        _launches.clear()
+    _launches[key] = run, name
+
+
 def _direct(run, name, q, k, v, stats, o=None):
     """A one-rank device call through its Launch: o allocated (unless given), one launch; the
     launch reads the caller's (B, N, H, D) arrays at the head-major strides it was made for."""
@@ -265,9 +272,7 @@ def attention(q, k, v, mask="full", comm=None, variant="auto", q_positions=None,
                 from .gpu.forward import launch_for
                 run = launch_for(shard.q, shard.k, shard.v, heads(o, k.shape[2]), shard.mask, shard.scale)
                 if run is not None:
-                    if len(_launches) >= MAX_LAUNCHES:
-                        _launches.clear()
-                    _launches[key] = run, name
+                    _remember(key, run, name)
                     return _direct(run, name, q, k, v, stats, o)
             faults.point("compute", 0)
             # on the GPU, positions 0..n-1 are derived on the device: no copy of them
@@ -318,9 +323,7 @@ def attention_backward(q, k, v, o, lse, do, mask="full", comm=None, variant="aut
                 run = launch_for(shard.q, shard.k, shard.v, heads(o, Hkv), heads(do, Hkv), out, shard.mask,
                                  shard.scale)
                 if run is not None:
-                    if len(_launches) >= MAX_LAUNCHES:
-                        _launches.clear()
-                    _launches[key] = run, name
+                    _remember(key, run, name)
                     return _direct_backward(run, name, q, k, v, o, lse, do, stats, grads)
             qpos = None if xp is not np and q_positions is None else shard.qpos
             faults.point("compute", 0)

@@ -8,8 +8,8 @@ from ..errors import HpcattnError
 from .encode import check, device_mask, device_positions, listed_terms
 from .forward import NULL, row_strides
 from .loader import cupy, kernel, kernel_with_smem, launch, wgmma_available
-from .shapes import (BK, BQ, BWD_DIMS, BWD_FUSED_SHAPES, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES,
-                     bwd_fused_name, bwd_fused_smem, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_q_name, bwd_wg_q_smem,
+from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, bwd_fused_name,
+                     bwd_fused_shape, bwd_fused_smem, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_q_name, bwd_wg_q_smem,
                      bwd_wg_smem, bwd_wg_threads)
 
 # what kernel_kind "auto" runs on a compute capability 9.0 device (D in BWD_WG_DIMS): "wgmma" (two
@@ -122,16 +122,15 @@ class OutLaunch:
             np.int32(nq), np.int64(rows)) + tuple(np.int64(x) for x in (*sq, *so)) + (np.int32(Hkv * G),)
         self.passes = Passes(ctype, ctype, q_shape, nk, 0, scale, mask, sq, sk, hopper)
 
-    def __call__(self, q, k, v, o, lse, do, dq, dk, dv, pos=None, unsorted=None):
+    def __call__(self, q, k, v, o, lse, do, dq, dk, dv, pos=NULL, unsorted=NULL):
         """The edges (a device count) of dq, dk, dv written; lse float32 (B, H, nq) contiguous;
-        pos: device positions or None (row r at position r), unsorted: rows_unsorted's flag."""
+        pos: device positions or NULL (row r at position r), unsorted: rows_unsorted's flag."""
         cp = cupy()
         delta = cp.empty(self.delta_shape, dtype=cp.float32)
         fn, grid, tail = self.delta
         fn(grid, (256,), (do, o, delta) + tail)
         edges = cp.zeros(1, dtype=cp.uint64)
-        pos = NULL if pos is None else pos
-        self.passes((q, pos, k, v, do, lse, delta), dq, dk, dv, edges, NULL if unsorted is None else unsorted)
+        self.passes((q, pos, k, v, do, lse, delta), dq, dk, dv, edges, unsorted)
         return edges[0]
 
 
@@ -183,12 +182,13 @@ class Passes:
         self.tail = (np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale), np.int64(0))
         self.tail += tuple(np.int64(x) for x in (*sq, *sk)) + (np.int32(Hkv * G),)
         if hopper == "fused":
-            shape, smem = BWD_FUSED_SHAPES[D], bwd_fused_smem(D)
+            shape, smem = bwd_fused_shape(D), bwd_fused_smem(D)
             self.fused = (kernel_with_smem(bwd_fused_name(ctype, D, otype, True), smem),
                           (-(-nk // (64 * shape[0])) * B * Hkv,), (bwd_wg_threads(shape),), smem)
             self.turns = heads * -(-nq // 64) * (D // 64)  # a counter per (head, tile, 64-column slice)
             self.store = (kernel(f"store_rows<{ctype}, {D}>"), (-(-heads * nq * D // 8 // 256),),
-                          (np.int32(nq), np.int64(heads * nq)) + self.tail[6:9] + self.tail[-1:])
+                          (np.int32(nq), np.int64(heads * nq)) + tuple(np.int64(x) for x in sq)
+                          + (np.int32(Hkv * G),))
             return
         if hopper == "wgmma":
             (kv, qm), (kv_smem, q_smem) = (BWD_WG_SHAPES[D], BWD_WG_Q_SHAPES[D]), (bwd_wg_smem(D), bwd_wg_q_smem(D))

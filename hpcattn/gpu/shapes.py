@@ -96,11 +96,16 @@ BWD_FUSED_BULK_SHAPES = {64: (2, 4, 1), 128: (2, 2, 1)}
 DQ_STAGE = BWD_ROWS * (4 * MK + 32)  # a consumer's dq staging buffer: 64 rows 288 bytes apart (DQP)
 
 
+def bwd_fused_shape(D, bulk=False):
+    """attend_bwd_fused_wg's (NWG, ST, MINB) at head dim D, with BULK's dq staging or without."""
+    return (BWD_FUSED_BULK_SHAPES if bulk else BWD_FUSED_SHAPES)[D]
+
+
 def bwd_fused_name(ctype, D, otype, ordered, shape=None, bulk=False):
     """attend_bwd_fused_wg's name expression: dk, dv as attend_bwd_kv_wg (otype), dq added into
     float32 sums, in key-block order when `ordered` (the same bits on every rerun), by bulk
     reductions from shared memory when `bulk` (else red.global.add from registers)."""
-    nwg, st, minb = shape or (BWD_FUSED_BULK_SHAPES if bulk else BWD_FUSED_SHAPES)[D]
+    nwg, st, minb = shape or bwd_fused_shape(D, bulk)
     return (f"attend_bwd_fused_wg<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(ordered).lower()}, "
             f"{str(bulk).lower()}>")
 
@@ -108,7 +113,7 @@ def bwd_fused_name(ctype, D, otype, ordered, shape=None, bulk=False):
 def bwd_fused_smem(D, shape=None, bulk=False):
     """Shared bytes of attend_bwd_fused_wg: attend_bwd_kv_wg's and two buffers of a tile's dS
     (64 NWG keys x 64 queries); with `bulk`, a dq staging buffer per consumer warpgroup."""
-    shape = shape or (BWD_FUSED_BULK_SHAPES if bulk else BWD_FUSED_SHAPES)[D]
+    shape = shape or bwd_fused_shape(D, bulk)
     return bwd_wg_smem(D, shape) + 2 * 64 * shape[0] * BWD_ROWS * 2 + (shape[0] * DQ_STAGE if bulk else 0)
 
 
