@@ -136,6 +136,16 @@ def run(seed, NWG, ST, nitems_blk):
         def turn_pass():
             bar_arrive(2 + (cw + 1) % NWG, cw)
 
+        def take_turn():  # the next tile's stage full, then this consumer's turn at issuing
+            yield wait_full()
+            yield from turn_wait()
+            turn_pass()
+
+        def skip_tile():  # a tile outside this consumer's rows: an empty turn, the stage released
+            yield from take_turn()
+            mb_arrive(("empty", kb[0]))
+            adv()
+
         for n, (nt, fl) in enumerate(items):
             slot = n & 1
             if n == 0 and cw == NWG - 1:
@@ -144,35 +154,23 @@ def run(seed, NWG, ST, nitems_blk):
             first, last = fl[cw]
             t = 0
             while t < first and t < nt:
-                yield wait_full()
-                yield from turn_wait()
-                turn_pass()
-                mb_arrive(("empty", kb[0]))
+                yield from skip_tile()
                 t += 1
-                adv()
             if first <= last:
-                yield wait_full()
-                yield from turn_wait()
-                turn_pass()
+                yield from take_turn()
                 pb = kb[0]
                 adv()
                 t += 1
                 while t <= last:
-                    yield wait_full()
-                    yield from turn_wait()
-                    turn_pass()
+                    yield from take_turn()
                     mb_arrive(("empty", pb))
                     pb = kb[0]
                     t += 1
                     adv()
                 mb_arrive(("empty", pb))
             while t < nt:
-                yield wait_full()
-                yield from turn_wait()
-                turn_pass()
-                mb_arrive(("empty", kb[0]))
+                yield from skip_tile()
                 t += 1
-                adv()
             mb_arrive(("qempty", slot))
             if cw == 0 and n + 1 == len(items):
                 yield from turn_wait()
