@@ -245,6 +245,13 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
         const int rows = min(BM, nq - ct * BM), buf = use.s;
         const long long* Pb = Ps + buf * BM;
         const unsigned sbo = (n & 1) * BN * 128;  // this item's dS^T buffer
+        // ORDERED: the key block that adds into this consumer's dq slice of the item just before
+        // this one, found while the score MMAs run
+        int prev = -1;
+        auto find_prev = [&](const TileRows& tr) {
+            if (ORDERED && (cw + NWG - n % NWG) % NWG < NSL)
+                prev = prev_block<BN>(mk, tr, qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
+        };
         use.wait();
         if (wg_live) {
             const unsigned sb = buf * 2 * TILE * (unsigned)sizeof(T);  // the stage's byte offset
@@ -252,6 +259,7 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
             wg_fence();
             score_products<T, D, BN, BM>(s[0], dp[0], kdesc, qk, vdesc, ok, sb);
             const TileRows tr = tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane);  // MMAs run
+            find_prev(tr);  // while the MMAs run
             wgmma_wait<1>();  // S^T
             fence_regs(s[0]);
             unsigned long long te = 0;
@@ -283,6 +291,8 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
             for (int kk = 0; kk < BM / 16; ++kk)
                 Wgmma<T, D, 1>::run(dka, da[kk], wg_desc(qn, sb + kk * 16 * 128), 1);  // dK += dS^T Q
             wg_commit();
+        } else if (ORDERED) {
+            find_prev(tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane));
         }
         named_sync(1, 128 * NWG);  // every consumer's dS^T of item n in buffer n % 2
         wgmma_wait<0>();  // dV, dK: before pa, da are overwritten (dQ's accumulators need the registers)
@@ -300,10 +310,6 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
             wgmma_wait<0>();
             fence_regs(dqa);
         }
-        int prev = -1;  // ORDERED: the key block that adds into this slice just before this one
-        if (ORDERED && c < NSL)
-            prev = prev_block<BN>(mk, tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane),
-                                  qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
         use.release();
         if (c < NSL) {
             const int hq = hk * G + cg;
