@@ -44,6 +44,13 @@ template <bool READ> __device__ __forceinline__ void bulk_wait() {
     else asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
+// *p, loaded with acquire semantics at gpu scope
+__device__ __forceinline__ int load_acquire(const int* p) {
+    int x;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(x) : "l"(p) : "memory");
+    return x;
+}
+
 // Waits until *turn (ld.acquire at gpu scope) equals want; like mb_wait_asm, a wait that never
 // ends (a bug) ends the kernel with an error after 10 minutes.
 __device__ __forceinline__ void turn_wait(const int* turn, int want) {
@@ -114,15 +121,15 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // ORDERED: for each (query head, tile, 64-column slice) the key blocks that walk the tile add in
 // ascending key-block order, on turns[(head ntiles + tile) D / 64 + slice] (int32, zeroed by the
 // host; it holds the last adding block's index + 1): a block waits until it holds the index of
-// its nearest lower block that walks the tile (prev_block: key_block_tiles' own test, so that
-// the waits and the walks agree), adds, then stores its own. The downward walk keeps the waits
-// short: the tiles a block shares with the block below are its lowest, walked last, and that
-// block's highest, walked first (ascending, each block would wait for nearly all of the one
-// below, a chain over the whole sequence). No deadlock: a block waits only for lower key blocks
-// of its kv head, i.e. lower blockIdx.x, and every wait of the lowest unfinished block is on
-// finished blocks; this assumes that blocks start in ascending blockIdx.x, so that every lower
-// block is running or done, never waiting for a free SM that only a waiting block could give
-// back.
+// its nearest lower block that walks the tile (prev_block: key_block_tiles' own test, so that the
+// waits and the walks agree), adds, then stores its own (prev_block, and a first look at the
+// turn, run while the item's score MMAs do). The downward walk keeps the waits short: the tiles a
+// block shares with the block below are its lowest, walked last, and that block's highest, walked
+// first (ascending, each block would wait for nearly all of the one below, a chain over the whole
+// sequence). No deadlock: a block waits only for lower key blocks of its kv head, i.e. lower
+// blockIdx.x, and every wait of the lowest unfinished block is on finished blocks; this assumes
+// that blocks start in ascending blockIdx.x, so that every lower block is running or done, never
+// waiting for a free SM that only a waiting block could give back.
 // BULK: instead of red.global.add from registers, consumer cw stores its scaled dq slice (64
 // rows x 64 float32) into its own staging buffer in shared memory, rows DQP = 288 bytes apart
 // (256 bytes of data, 32 of padding: the 4 rows g of a half-warp's 64-bit accumulator stores
@@ -245,12 +252,17 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
         const int rows = min(BM, nq - ct * BM), buf = use.s;
         const long long* Pb = Ps + buf * BM;
         const unsigned sbo = (n & 1) * BN * 128;  // this item's dS^T buffer
-        // ORDERED: the key block that adds into this consumer's dq slice of the item just before
-        // this one, found while the score MMAs run
-        int prev = -1;
+        // ORDERED, while the score MMAs run: the key block that adds into this consumer's dq slice
+        // of the item just before this one, and a first look at the turn (an acquire), so that
+        // the adds wait only if that block had not added yet
+        int want = -1;  // the turn's value the adds wait for; -1: seen already
         auto find_prev = [&](const TileRows& tr) {
-            if (ORDERED && (cw + NWG - n % NWG) % NWG < NSL)
-                prev = prev_block<BN>(mk, tr, qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
+            const int sl = (cw + NWG - n % NWG) % NWG;
+            if (ORDERED && sl < NSL) {
+                const int prev = prev_block<BN>(mk, tr, qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
+                want = load_acquire(turns + ((size_t)(hk * G + cg) * ntiles + ct) * NSL + sl) == prev + 1 ? -1
+                                                                                                      : prev + 1;
+            }
         };
         use.wait();
         if (wg_live) {
@@ -327,7 +339,7 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
                             make_float2(scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
                 proxy_fence();  // the stores, before the bulk-copy unit reads them through the async proxy
                 __syncwarp();  // the warp's 16 rows staged
-                if (ORDERED) turn_wait(turn, prev + 1);
+                if (ORDERED && want >= 0) turn_wait(turn, want);
                 const int r = 16 * wq + lane;  // lanes 0-15: query row r of the tile each
                 if (lane < 16) {
                     // ORDERED: the acquire (generic proxy) is followed by a generic-to-async proxy
@@ -343,7 +355,7 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
                     if (ORDERED) bulk_wait<false>();  // added, and visible to this thread's generic proxy
                 }
             } else {
-                if (ORDERED) turn_wait(turn, prev + 1);
+                if (ORDERED && want >= 0) turn_wait(turn, want);
                 float* base = dq + ((size_t)hq * nq + ct * BM) * D + 64 * c + 2 * tq;  // head-major rows
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
@@ -360,18 +372,19 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
             // made visible to the generic proxy as soon as its completion is observed", and the
             // issuing threads observed it (cp.async.bulk.wait_group 0, not .read: "writes being
             // made visible to the executing thread") before barrier 2 + cw; bar.sync orders their
-            // view before thread 0's, whose fence.acq_rel.gpu + st.release.gpu is cumulative; the
+            // view before thread 0's, whose fence.acq_rel.gpu + st.relaxed.gpu is cumulative; the
             // next block's ld.acquire.gpu of the turn then synchronizes with it, and its own
             // fence.proxy.async.global (above) carries that order into its async-proxy adds. Each
             // element's add is itself a .relaxed.gpu reduction ("Each reduction operation performed
             // by the cp.reduce.async.bulk has individually .relaxed.gpu memory ordering semantics").
+            // The release is CUTLASS's GenericBarrier arrive (bar.sync, then one thread's
+            // fence.acq_rel.gpu and relaxed write: "the fence also releases data that was
+            // weakly-written by other threads prior to the last syncthreads"); no fence.sc.
             if (ORDERED) {  // the warpgroup's adds, then (cumulative release) the next block's turn
                 named_sync(2 + cw, 128);
-                if ((tid & 127) == 0) {
-                    __threadfence();
-                    asm volatile("st.release.gpu.global.b32 [%0], %1;\n"
+                if ((tid & 127) == 0)
+                    asm volatile("fence.acq_rel.gpu;\nst.relaxed.gpu.global.b32 [%0], %1;\n"
                                  :: "l"(turn), "r"(kb + 1) : "memory");
-                }
             }
         }
     }
