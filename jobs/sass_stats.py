@@ -1,0 +1,113 @@
+"""What the compiler made of the Hopper kernels, without a GPU: per kernel of a source (every name
+expression gpu/loader.py builds, or those matching --match), ptxas' registers, stack and spill bytes,
+and from the SASS the instructions, the HGMMAs, the local-memory accesses (LDL/STL: all, and the
+register spills and refills among them between the first and the last HGMMA, i.e. in the tile loop),
+and the GPU-scope fences (MEMBAR.SC.GPU, MEMBAR.ALL.GPU).
+--base REV builds the same names from REV's kernels/ and says per kernel whether the SASS is the same
+opcode for opcode (registers aside): a change meant to leave a kernel alone is checked that way.
+
+    python3 jobs/sass_stats.py [--source attend_bwd_fused.cu] [--match REGEX] [--base REV]
+
+Needs nvcc (CUDA 12.8+ for sm_90a) and nvdisasm (the CUDA toolkit's, or `pip install
+nvidia-cuda-nvdisasm`). Compiles with the flags of tests/gpu/test_gpu_build.py.
+"""
+import argparse
+import glob
+import os
+import re
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hpcattn.gpu import loader  # noqa: E402
+
+
+def tool(name):
+    """A CUDA tool on PATH, in CUDA_HOME, or from its pip wheel (nvidia/cu13/bin)."""
+    cands = [shutil.which(name), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name)]
+    for d in site.getsitepackages() + [site.getusersitepackages()]:
+        cands += glob.glob(os.path.join(d, "nvidia", "cu*", "bin", name))
+    found = next((c for c in cands if c and os.access(c, os.X_OK)), None)
+    if found is None:
+        sys.exit(f"{name} not found (CUDA toolkit, or pip install nvidia-cuda-{name})")
+    return found
+
+
+def build(kernel_dir, source, names, work):
+    """{demangled kernel: (ptxas properties, SASS instruction lines)} of `names` in kernel_dir/source."""
+    unit = Path(work) / f"unit_{abs(hash((str(kernel_dir), source)))}.cu"
+    refs = ", ".join(f"(void*)&{n}" for n in names)
+    unit.write_text(f'#include "{kernel_dir / source}"\nvoid* hpcattn_kernels[] = {{{refs}}};\n')
+    cubin = unit.with_suffix(".cubin")
+    arch = "-gencode=arch=compute_90a,code=sm_90a" if source in loader.SM90A else "-arch=sm_90"
+    out = subprocess.run([tool("nvcc"), arch, "-std=c++17", f"-I{kernel_dir}", "-cubin", "-Xptxas", "-v",
+                          str(unit), "-o", str(cubin)], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"nvcc failed on {kernel_dir / source}:\n{out.stderr[-3000:]}")
+    props, current = {}, None
+    for line in out.stderr.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?(_Z\w+)", line)
+        if m:
+            current = m.group(1)
+        for key, pat in (("stack", r"(\d+) bytes stack frame"), ("spill st", r"(\d+) bytes spill stores"),
+                         ("spill ld", r"(\d+) bytes spill loads"), ("regs", r"Used (\d+) registers")):
+            m = re.search(pat, line)
+            if m and current:
+                props.setdefault(current, {})[key] = int(m.group(1))
+    sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    parts = re.split(r"\n\s*\.text\.(\S+):", sass)
+    code = {parts[i]: [re.sub(r"/\*[0-9a-f]+\*/", "", x).strip() for x in parts[i + 1].splitlines()
+                       if re.match(r"\s*/\*[0-9a-f]{4,}\*/", x)] for i in range(1, len(parts), 2)}
+    names = subprocess.run(["c++filt"], input="\n".join(code), capture_output=True, text=True).stdout.split("\n")
+    return {re.sub(r"\(.*", "", d): (props.get(m, {}), code[m]) for m, d in zip(code, names)}
+
+
+def opcodes(lines):
+    return [x.split()[1] if x.startswith("@") else x.split()[0] for x in lines]
+
+
+def stats(props, lines):
+    ops = opcodes(lines)
+    hg = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
+    local = sum(op.startswith(("LDL", "STL")) for op in ops)
+    spills = sum("SpillRefill" in x for x in lines[hg[0]:hg[-1] + 1]) if hg else 0
+    return (props.get("regs", "?"), props.get("stack", "?"), props.get("spill st", "?"), props.get("spill ld", "?"),
+            len(ops), len(hg), local, spills, ops.count("MEMBAR.SC.GPU"), ops.count("MEMBAR.ALL.GPU"))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--source", default="attend_bwd_fused.cu", help="a file of kernels/ (loader.SOURCES)")
+    p.add_argument("--match", default="", help="only kernels whose name expression matches this regex")
+    p.add_argument("--base", default="", help="a git revision to compare the SASS with")
+    a = p.parse_args()
+    names = [n for n in loader.every_name(a.source) if re.search(a.match, n)]
+    if not names:
+        sys.exit(f"no name expression of {a.source} matches {a.match!r}")
+    with tempfile.TemporaryDirectory() as work:
+        now = build(loader.KERNEL_DIR, a.source, names, work)
+        base = {}
+        if a.base:
+            old = Path(work) / "base"
+            old.mkdir()
+            root = loader.KERNEL_DIR.parent
+            subprocess.run(f"git -C {root} archive {a.base} kernels | tar -x -C {old}", shell=True, check=True)
+            base = build(old / "kernels", a.source, names, work)
+    head = ("regs", "stack", "spill st", "spill ld", "instr", "HGMMA", "LDL/STL", "loop spills", "MEMBAR.SC",
+            "MEMBAR.ALL") + (("vs " + a.base,) if a.base else ())
+    print("kernel | " + " | ".join(head))
+    for name, (props, lines) in sorted(now.items()):
+        row = [str(x) for x in stats(props, lines)]
+        if a.base:
+            was = base.get(name)
+            row.append("missing" if was is None else "same SASS" if opcodes(was[1]) == opcodes(lines)
+                       else "loop spills {} -> {}".format(stats(*was)[7], stats(props, lines)[7]))
+        print(f"{name} | " + " | ".join(row))
+
+
+if __name__ == "__main__":
+    main()
