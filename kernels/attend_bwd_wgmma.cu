@@ -10,16 +10,10 @@
 // K-major in shared memory, then the gradient products as wgmma m64nDk16 with P or dS re-packed
 // from the accumulators in registers and the other operand read N-major from the same tiles.
 // Every operand sits in 128-byte swizzle atoms.
-#include "bwd_wg.cuh"
+#include "bwd_keys.cuh"
 
-// The key-major pass: a block owns 64 NWG keys of one kv head, a consumer warpgroup per 64 keys,
-// and walks the 64-row query tiles that reach them for all G query heads of the group. The
-// loader loads the block's K and V rows once, then each work item's (Q, dO) tiles and rows'
-// statistics into the ring. Per tile, S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
-// dK += dS^T Q; dk and dv stay in float32 registers until the end.
-// Shape: NWG consumer warpgroups, ST stages, MINB blocks per SM asked of the register allocator.
-// Shared memory (1024-byte aligned: the host adds 1024 bytes): ST stages of (Q, dO) tiles, the
-// block's K and V rows, ST stages of (lse, delta, positions).
+// The key-major pass (bwd_keys.cuh's key_pass without dq): dk and dv of a block of 64 NWG keys
+// of one kv head, on a grid of (key blocks, kv heads).
 template <typename T, int D, typename TO, int NWG, int ST, int MINB>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_bwd_kv_wg(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
@@ -27,120 +21,9 @@ attend_bwd_kv_wg(const T* __restrict__ q, const long long* __restrict__ qpos, co
                  const float* __restrict__ delta, TO* __restrict__ dk, TO* __restrict__ dv,
                  const long long* __restrict__ mask_words, const int* __restrict__ unsorted, int nq, int nk, int G,
                  long long k0, float scale, long long q0, BWD_STRIDES) {
-    constexpr int BN = 64 * NWG, TILE = BM * D;  // TILE in elements
-    constexpr int PREG = 24, CREG = consumer_regs(NWG, MINB, PREG);
-    static_assert(ST >= 2, "the loader fills one stage while the consumers compute another");
-    extern __shared__ __align__(128) unsigned char smem_wg[];
-    T* QO = reinterpret_cast<T*>(smem_wg + ((1024 - ((unsigned)__cvta_generic_to_shared(smem_wg) & 1023)) & 1023));
-    T* Ks = QO + 2 * ST * TILE;  // stage s: Q at QO + 2s TILE, dO at QO + (2s + 1) TILE
-    T* Vs = Ks + BN * D;
-    float* Ls = reinterpret_cast<float*>(Vs + BN * D);  // stage s at Ls + s BM; delta likewise
-    float* Dls = Ls + ST * BM;
-    long long* Ps = reinterpret_cast<long long*>(Dls + ST * BM);
-    __shared__ MaskDev mk;
-    __shared__ int nr_s, tlo_s[HPCATTN_MAX_SPANS], thi_s[HPCATTN_MAX_SPANS];
-    __shared__ __align__(8) Ring<ST> ring;
-
-    const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs};
-    const int hk = blockIdx.y, kc0 = blockIdx.x * BN, kc1 = min(nk, kc0 + BN);
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3;  // wg warp-uniform
-    const size_t krow0 = ks.head(hk, H / G) + (size_t)kc0 * krs;  // the block's first key row
-    if (wg == 0) {  // K and V: the first commit group, landed before the first item is signalled
-        load_tile_sw<T, D, BN>(k + krow0, krs, kc1 - kc0, Ks, tid);
-        load_tile_sw<T, D, BN>(v + krow0, krs, kc1 - kc0, Vs, tid);
-        cp_commit();
-        if (warp == 0)
-            key_block_tiles(mask_words, mk, qpos, unsorted, q0, nq, k0 + kc0, k0 + kc1 - 1, lane, tlo_s, thi_s, nr_s);
-    } else if (tid == 128) {
-        ring.init(NWG);
-    }
-    __syncthreads();
-    const int nr = nr_s;
-    if (nr == 0 && sizeof(TO) == 4) {  // no query reaches these keys: the sums are unchanged
-        cp_wait<0>();
-        return;
-    }
-    // work items (query head gq of the group, query tile t) in next_item's order; none when no
-    // query reaches these keys (dk, dv are then written as zeros)
-    const int g_first = nr ? 0 : G, t_first = nr ? tlo_s[0] : 0;
-
-    if (wg == 0) {  // the loader
-        regs_dec<PREG>();
-        RingLoad<ST> ld{ring};
-        for (int fg = g_first, fr = 0, ft = t_first; fg < G; next_item(fg, fr, ft, nr, tlo_s, thi_s)) {
-            const int s = ld.stage();
-            const int hq = hk * G + fg, r0 = ft * BM, rows = min(BM, nq - r0);
-            const size_t qrow0 = qs.head(hq, H) + (size_t)r0 * qrs;
-            load_tile_sw<T, D, BM>(q + qrow0, qrs, rows, QO + 2 * s * TILE, tid);
-            load_tile_sw<T, D, BM>(dout + qrow0, qrs, rows, QO + (2 * s + 1) * TILE, tid);
-            load_stats<128>(lse, delta, qpos, hq, nq, r0, rows, Ls + s * BM, Dls + s * BM, Ps + s * BM, tid);
-            ld.issued();
-        }
-        ld.finish();
-        return;
-    }
-
-    regs_inc<CREG>();
-    const int cw = wg - 1;  // consumer index: keys [kc0 + 64 cw, kc0 + 64 cw + 64)
-    // descriptors: this consumer's K and V rows (A, K-major), stage 0's Q and dO tiles as K-major
-    // B operands of S^T and dP^T, and as N-major ones (atoms of 64 d's) of dK and dV
-    const unsigned kdesc = wg_desc_lo(reinterpret_cast<const char*>(Ks) + cw * 64 * 128, 16);
-    const unsigned vdesc = wg_desc_lo(reinterpret_cast<const char*>(Vs) + cw * 64 * 128, 16);
-    const unsigned qk = wg_desc_lo(QO, 16), ok = wg_desc_lo(QO + TILE, 16);
-    const unsigned qn = wg_desc_lo(QO, BM * 128), on = wg_desc_lo(QO + TILE, BM * 128);
-    float dka[D / 8][4], dva[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dka[j][e] = dva[j][e] = 0.f;
-    const int kw0 = kc0 + 64 * cw + 16 * wq;  // this warp's first key row
-    const bool live[1][2] = {{kw0 + g < kc1, kw0 + g + 8 < kc1}};
-    const long long jpos[1][2] = {{k0 + kw0 + g, k0 + kw0 + g + 8}};
-    const bool wg_live = kc0 + 64 * cw < kc1;  // uniform over the warpgroup, as wgmma needs
-    const float sl2 = scale * MLOG2E;
-    RingUse<ST> use{ring};
-
-    for (int cg = g_first, cr = 0, ct = t_first; cg < G; next_item(cg, cr, ct, nr, tlo_s, thi_s)) {
-        const int rows = min(BM, nq - ct * BM), buf = use.s;
-        const long long* Pb = Ps + buf * BM;
-        use.wait();
-        if (wg_live) {
-            const unsigned sb = buf * 2 * TILE * (unsigned)sizeof(T);  // the stage's byte offset
-            float s[1][MK / 8][4], dp[1][MK / 8][4];
-            wg_fence();
-            score_products<T, D, BN, BM>(s[0], dp[0], kdesc, qk, vdesc, ok, sb);
-            const TileRows tr = tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane);  // MMAs run
-            wgmma_wait<1>();  // S^T
-            fence_regs(s[0]);
-            kv_tile_mask(s, mk, tr, Pb, rows, k0 + kw0, k0 + min(kw0 + 16, kc1), live, jpos, tq);
-            wgmma_wait<0>();  // dP^T
-            fence_regs(dp[0]);
-            float L[MK / 8][2], dl[MK / 8][2];
-            column_stats(Ls + buf * BM, Dls + buf * BM, rows, tq, L, dl);
-            unsigned pa[MK / 16][4], da[MK / 16][4];
-            probabilities<T, true>(s[0], dp[0], sl2, nullptr, nullptr, L, dl, pa, da);
-            fence_regs(dva);
-            fence_regs(dka);
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk)  // a k16 step is 16 query rows
-                Wgmma<T, D, 1>::run(dva, pa[kk], wg_desc(on, sb + kk * 16 * 128), 1);  // dV += P^T dO
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk)
-                Wgmma<T, D, 1>::run(dka, da[kk], wg_desc(qn, sb + kk * 16 * 128), 1);  // dK += dS^T Q
-            wg_commit();
-            wgmma_wait<0>();  // before the stage is released and pa, da are overwritten
-            fence_regs(dva);
-            fence_regs(dka);
-        }
-        use.release();
-    }
-    if (kw0 < kc1) {
-        const size_t base = krow0 + (size_t)(kw0 - kc0) * krs;
-        put_rows<D, TO>(dk + base, krs, dka, live[0], scale, g, tq);
-        put_rows<D, TO>(dv + base, krs, dva, live[0], 1.f, g, tq);
-    }
+    key_pass<T, D, TO, NWG, ST, MINB, false, false, false>(q, qpos, k, v, dout, lse, delta, dk, dv, nullptr, nullptr,
+                                                         nullptr, mask_words, unsorted, nq, nk, G, k0, scale, q0,
+                                                         BWD_STRIDE_ARGS);
 }
 
 // A query-major block's head and first row, blocks in the order of falling row tiles across all

@@ -19,6 +19,7 @@ __device__ __forceinline__ void cp8(void* dst, const void* src, bool pred) {
 // The backward kernels' layout arguments: the Strides of q (do, dq) and of k (v, dk, dv), and H,
 // the query heads per batch entry.
 #define BWD_STRIDES long long qbs, long long qhs, long long qrs, long long kbs, long long khs, long long krs, int H
+#define BWD_STRIDE_ARGS qbs, qhs, qrs, kbs, khs, krs, H  // BWD_STRIDES passed on
 
 // The first row whose position is >= x (nq if none), rows in ascending order of position; the
 // 32 lanes of a warp probe 32 rows at once (a 32-ary search) and all return the answer.

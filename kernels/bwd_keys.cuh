@@ -1,0 +1,423 @@
+// The Hopper (sm_90a) backward's key-major pass, shared by attend_bwd_wgmma.cu's
+// attend_bwd_kv_wg (dk and dv) and attend_bwd_fused_wg (dk, dv and dq in one pass): key_pass and
+// the fused form's helpers (its walk, dq adds and ordered turns).
+#pragma once
+#include "bwd_wg.cuh"
+
+// The work item before (query head gq of the group, query tile t of range r) in next_item's
+// order, for each of the group's heads in turn: the walk of the ranges [tlo[r], thi[r]) downwards.
+__device__ __forceinline__ void prev_item(int& gq, int& r, int& t, int nr, const int* tlo, const int* thi) {
+    if (t-- == tlo[r]) {
+        if (r-- == 0) { r = nr - 1; ++gq; }
+        t = thi[r] - 1;
+    }
+}
+
+// bar.sync on named barrier id by n threads (id 0 is __syncthreads')
+__device__ __forceinline__ void named_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory");
+}
+
+// p[0] += a, p[1] += b in global memory: one vector reduction (sm_90), no value returned
+__device__ __forceinline__ void red_add2(float* p, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(p), "f"(a), "f"(b) : "memory");
+}
+
+// BULK's dq path: `bytes` (a multiple of 16) of float32 at shared src added into global dst
+// (both 16-byte aligned) by the bulk-copy unit, as one operation of this thread's next bulk
+// async-group; each element's add is a .relaxed.gpu reduction in the async proxy, rounded to
+// nearest and flushing subnormals to zero like red.global.add.f32 (PTX ISA, cp.reduce.async.bulk)
+__device__ __forceinline__ void bulk_red_add(float* dst, const float* src, int bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 :: "l"(dst), "r"((unsigned)__cvta_generic_to_shared(src)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// until this thread's bulk groups have read their shared sources (READ) or completed, i.e. added
+// into global memory with the result visible to this thread (no group pending: no wait)
+template <bool READ> __device__ __forceinline__ void bulk_wait() {
+    if (READ) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+    else asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
+// *p, loaded with acquire semantics at gpu scope
+__device__ __forceinline__ int load_acquire(const int* p) {
+    int x;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(x) : "l"(p) : "memory");
+    return x;
+}
+
+// Waits until *turn (ld.acquire at gpu scope) equals want; like mb_wait_asm, a wait that never
+// ends (a bug) ends the kernel with an error after 10 minutes.
+__device__ __forceinline__ void turn_wait(const int* turn, int want) {
+    asm volatile("{\n.reg .pred p;\n.reg .u32 n;\n.reg .b32 x;\n.reg .u64 t0, t;\nmov.u64 t0, 0;\n"
+                 "R:\nmov.u32 n, 0;\nW:\nld.acquire.gpu.global.b32 x, [%0];\nsetp.eq.s32 p, x, %1;\n@p bra D;\n"
+                 "add.u32 n, n, 1;\nsetp.lt.u32 p, n, 65536;\n@p bra W;\n"  // 65,536 polls, then the clock (ns)
+                 "mov.u64 t, %%globaltimer;\nsetp.eq.u64 p, t0, 0;\n@p mov.u64 t0, t;\nsub.u64 t, t, t0;\n"
+                 "setp.gt.u64 p, t, 600000000000;\n@p trap;\nbra R;\nD:\n}\n"
+                 :: "l"(turn), "r"(want) : "memory");
+}
+
+// Whether key block c (keys k0 + [c BN, min(nk, c BN + BN))) walks a query tile in
+// key_block_tiles (positions sorted or none): a row of the tile (rows at positions Pb[r], or
+// p0 + r without positions, r < rows) lies in a query span of the block's keys.
+template <int BN>
+__device__ __forceinline__ bool block_walks(const MaskDev& mk, const long long* Pb, long long p0, int rows, int c,
+                                            long long k0, int nk) {
+    long long lo[HPCATTN_MAX_SPANS], hi[HPCATTN_MAX_SPANS];
+    const int n = mask_spans(mk, k0 + (long long)c * BN, k0 + min(nk, c * BN + BN) - 1, 0, 1LL << 62, lo, hi, true);
+    for (int s = 0; s < n; ++s) {
+        if (!Pb) {
+            if (lo[s] < p0 + rows && hi[s] > p0) return true;
+            continue;
+        }
+        int a = 0, b = rows;  // the tile's first row at a position >= lo[s]
+        while (a < b) {
+            const int m = (a + b) >> 1;
+            if (Pb[m] < lo[s]) a = m + 1;
+            else b = m;
+        }
+        if (a < rows && Pb[a] < hi[s]) return true;
+    }
+    return false;
+}
+
+// The nearest key block below jb (of the same kv head) that walks the query tile (tr, Pb, rows:
+// as tile_rows and block_walks see it), -1 if none; every block when the positions are not
+// sorted (key_block_tiles' fallback). Only blocks that meet the key spans of the tile's position
+// range are tried, 32 at a time (a lane each), downwards: those spans hold every key a query
+// span of a block's keys can reach back to (the terms are symmetric, causal clips both alike).
+template <int BN>
+__device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long* Pb, bool unsorted, int rows,
+                          int jb, long long k0, int nk, int lane) {
+    if (unsorted) return jb - 1;
+    long long lo[HPCATTN_MAX_SPANS], hi[HPCATTN_MAX_SPANS];
+    const int n = mask_spans(mk, tr.plo, tr.phi, k0, k0 + nk, lo, hi);
+    for (int s = n - 1; s >= 0; --s) {
+        const int bl = (int)((lo[s] - k0) / BN);
+        for (int top = min(jb - 1, (int)((hi[s] - 1 - k0) / BN)); top >= bl; top -= 32) {
+            const int c = top - lane;
+            const unsigned m = __ballot_sync(0xffffffffu, c >= bl && block_walks<BN>(mk, Pb, tr.plo, rows, c, k0, nk));
+            if (m) return top - (__ffs(m) - 1);
+        }
+    }
+    return -1;
+}
+
+// The key-major pass, the body of attend_bwd_kv_wg (DQ false) and attend_bwd_fused_wg (DQ): a
+// block owns 64 NWG keys of one kv head, a consumer warpgroup per 64 keys, and walks the 64-row
+// query tiles that reach them for all G query heads of the group. The loader loads the block's
+// K and V rows once, then each work item's (Q, dO) tiles and rows' statistics into the ring. Per
+// tile, S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q; dk and dv stay in
+// float32 registers until the end. Without DQ: blocks (key block, kv head) on a 2-D grid, query
+// tiles walked upwards (next_item), consumers each at their own pace. Shape: NWG consumer
+// warpgroups, ST stages, MINB blocks per SM asked of the register allocator. Shared memory
+// (1024-byte aligned: the host adds 1024 bytes): ST stages of (Q, dO) tiles, the block's K and
+// V rows, ST stages of (lse, delta, positions).
+// DQ also adds each work item's dq share, scale dS K, into dq (float32, head-major rows (B, H,
+// nq, D) whatever q's layout) and counts the edges of query head 0 into `edges`, as
+// attend_bwd_q_wg does. A block per (key block kb, kv head) on a 1-D grid, kv heads fastest; it
+// walks its query tiles downwards (prev_item). Per tile, after dV += P^T dO and dK += dS^T Q are
+// issued, consumer cw's dS^T rows go to one of two shared buffers (BN key rows of 64 queries in
+// 128-byte swizzle atoms, zeros for keys past the block's end); named barrier 1 of the 128 NWG
+// consumer threads (the loader is not in it) then orders every write of item n before any read of
+// it, and every read of item n - 1 (done before a thread reaches the barrier of item n) before
+// the writes of item n + 1 into the same buffer.
+// ORDERED: for each (query head, tile, 64-column slice) the key blocks that walk the tile add in
+// ascending key-block order, on turns[(head ntiles + tile) D / 64 + slice] (int32, zeroed by the
+// host; it holds the last adding block's index + 1): a block waits until it holds the index of
+// its nearest lower block that walks the tile (prev_block: key_block_tiles' own test, so that the
+// waits and the walks agree), adds, then stores its own (prev_block, and a first look at the
+// turn, run while the item's score MMAs do). The downward walk keeps the waits short: the tiles a
+// block shares with the block below are its lowest, walked last, and that block's highest, walked
+// first (ascending, each block would wait for nearly all of the one below, a chain over the whole
+// sequence). No deadlock: a block waits only for lower key blocks of its kv head, i.e. lower
+// blockIdx.x, and every wait of the lowest unfinished block is on finished blocks; this assumes
+// that blocks start in ascending blockIdx.x, so that every lower block is running or done, never
+// waiting for a free SM that only a waiting block could give back.
+// BULK: instead of red.global.add from registers, consumer cw stores its scaled dq slice (64
+// rows x 64 float32) into its own staging buffer in shared memory, rows DQP = 288 bytes apart
+// (256 bytes of data, 32 of padding: the 4 rows g of a half-warp's 64-bit accumulator stores
+// fall on distinct 32-byte bank groups, so a warp's store takes the minimal 2 wavefronts, while
+// each row stays 256 contiguous bytes for the bulk copy). Each warp wq stages exactly the rows
+// its accumulators hold, 16 wq + [0, 16), so after fence.proxy.async.shared::cta and __syncwarp
+// its lanes 0-15 each add one of them (if below `rows`) into dq with one cp.reduce.async.bulk
+// of 256 bytes, committed as a bulk group; before the warp next writes its rows, those lanes wait
+// for their groups' reads (cp.async.bulk.wait_group.read 0) and the warp syncs again. ORDERED
+// with BULK: the turn wait, a generic-to-async proxy fence, the adds, cp.async.bulk.wait_group 0
+// (completion), then named barrier 2 + cw and the release as without BULK. Every consumer
+// thread waits for its bulk groups' completion before the block exits. dq must be 16-byte
+// aligned (each row's slice then is).
+// Named barriers: 0 (__syncthreads), 1 (the 128 NWG consumer threads, every item), 2 + cw (the
+// 128 threads of consumer cw, ORDERED's release); ids up to NWG + 1 <= 8 of the 16.
+// Shared memory, DQ: the two dS^T buffers (2 BN 64 elements) after the K and V rows; BULK: NWG
+// staging buffers of 64 DQP bytes after the positions.
+template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool DQ, bool ORDERED, bool BULK>
+__device__ __forceinline__ void key_pass(const T* __restrict__ q, const long long* __restrict__ qpos,
+                                         const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+                                         const float* __restrict__ lse, const float* __restrict__ delta,
+                                         TO* __restrict__ dk, TO* __restrict__ dv, float* __restrict__ dq,
+                                         unsigned long long* __restrict__ edges, int* __restrict__ turns,
+                                         const long long* __restrict__ mask_words, const int* __restrict__ unsorted,
+                                         int nq, int nk, int G, long long k0, float scale, long long q0, BWD_STRIDES) {
+    constexpr int BN = 64 * NWG, TILE = BM * D, NSL = D / 64;  // TILE in elements; NSL slices of dq
+    constexpr int PREG = 24, CREG = consumer_regs(NWG, MINB, PREG);
+    constexpr int DQP = 4 * MK + 32;  // BULK: bytes between rows of a dq staging buffer
+    static_assert(ST >= 2, "the loader fills one stage while the consumers compute another");
+    static_assert(NSL <= NWG, "a consumer computes at most one 64-column slice of a tile's dq");
+    static_assert(DQ || !(ORDERED || BULK), "ORDERED and BULK are forms of the dq adds");
+    extern __shared__ __align__(128) unsigned char smem_wg[];
+    T* QO = reinterpret_cast<T*>(smem_wg + ((1024 - ((unsigned)__cvta_generic_to_shared(smem_wg) & 1023)) & 1023));
+    T* Ks = QO + 2 * ST * TILE;  // stage s: Q at QO + 2s TILE, dO at QO + (2s + 1) TILE
+    T* Vs = Ks + BN * D;
+    char* Ss = reinterpret_cast<char*>(Vs + BN * D);  // DQ: dS^T buffer b at Ss + b BN 128
+    float* Ls = reinterpret_cast<float*>(Ss + (DQ ? 2 * BN * 128 : 0));  // stage s at Ls + s BM; delta likewise
+    float* Dls = Ls + ST * BM;
+    long long* Ps = reinterpret_cast<long long*>(Dls + ST * BM);
+    float* Gs = reinterpret_cast<float*>(Ps + ST * BM);  // BULK: consumer cw's staged dq at Gs + cw BM DQP / 4
+    __shared__ MaskDev mk;
+    __shared__ int nr_s, tlo_s[HPCATTN_MAX_SPANS], thi_s[HPCATTN_MAX_SPANS];
+    __shared__ __align__(8) Ring<ST> ring;
+
+    const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs};
+    // DQ: a 1-D grid, kv heads fastest; else blocks (key block, kv head)
+    const int nkb = (nk + BN - 1) / BN, heads = DQ ? gridDim.x / nkb : 0;
+    const int hk = DQ ? blockIdx.x % heads : blockIdx.y, kb = DQ ? blockIdx.x / heads : blockIdx.x;
+    const int kc0 = kb * BN, kc1 = min(nk, kc0 + BN);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3;  // wg warp-uniform
+    const size_t krow0 = ks.head(hk, H / G) + (size_t)kc0 * krs;  // the block's first key row
+    if (wg == 0) {  // K and V: the first commit group, landed before the first item is signalled
+        load_tile_sw<T, D, BN>(k + krow0, krs, kc1 - kc0, Ks, tid);
+        load_tile_sw<T, D, BN>(v + krow0, krs, kc1 - kc0, Vs, tid);
+        cp_commit();
+        if (warp == 0)
+            key_block_tiles(mask_words, mk, qpos, unsorted, q0, nq, k0 + kc0, k0 + kc1 - 1, lane, tlo_s, thi_s, nr_s);
+    } else if (tid == 128) {
+        ring.init(NWG);
+    }
+    __syncthreads();
+    const int nr = nr_s;
+    if (nr == 0 && sizeof(TO) == 4) {  // no query reaches these keys: the sums are unchanged
+        cp_wait<0>();
+        return;
+    }
+    // work items (query head gq of the group, query tile t) in prev_item's order (DQ) or
+    // next_item's; none when no query reaches these keys (dk, dv are then written as zeros)
+    const int g_first = nr ? 0 : G, r_first = DQ && nr ? nr - 1 : 0;
+    const int t_first = !nr ? 0 : DQ ? thi_s[nr - 1] - 1 : tlo_s[0];
+    auto step = [&](int& gq, int& r, int& t) {
+        if (DQ) prev_item(gq, r, t, nr, tlo_s, thi_s);
+        else next_item(gq, r, t, nr, tlo_s, thi_s);
+    };
+
+    if (wg == 0) {  // the loader
+        regs_dec<PREG>();
+        RingLoad<ST> ld{ring};
+        for (int fg = g_first, fr = r_first, ft = t_first; fg < G; step(fg, fr, ft)) {
+            const int s = ld.stage();
+            const int hq = hk * G + fg, r0 = ft * BM, rows = min(BM, nq - r0);
+            const size_t qrow0 = qs.head(hq, H) + (size_t)r0 * qrs;
+            load_tile_sw<T, D, BM>(q + qrow0, qrs, rows, QO + 2 * s * TILE, tid);
+            load_tile_sw<T, D, BM>(dout + qrow0, qrs, rows, QO + (2 * s + 1) * TILE, tid);
+            load_stats<128>(lse, delta, qpos, hq, nq, r0, rows, Ls + s * BM, Dls + s * BM, Ps + s * BM, tid);
+            ld.issued();
+        }
+        ld.finish();
+        return;
+    }
+
+    regs_inc<CREG>();
+    const int cw = wg - 1;  // consumer index: keys [kc0 + 64 cw, kc0 + 64 cw + 64)
+    // descriptors: this consumer's K and V rows (A, K-major), stage 0's Q and dO tiles as K-major
+    // B operands of S^T and dP^T, and as N-major ones (atoms of 64 d's) of dK and dV; for dQ,
+    // buffer 0's dS^T as the M-major A (64 queries per atom row) and the block's K rows as the
+    // N-major B (slice c: the atoms of d's [64c, 64c + 64), c BN 128 bytes on)
+    const unsigned kdesc = wg_desc_lo(reinterpret_cast<const char*>(Ks) + cw * 64 * 128, 16);
+    const unsigned vdesc = wg_desc_lo(reinterpret_cast<const char*>(Vs) + cw * 64 * 128, 16);
+    const unsigned qk = wg_desc_lo(QO, 16), ok = wg_desc_lo(QO + TILE, 16);
+    const unsigned qn = wg_desc_lo(QO, BM * 128), on = wg_desc_lo(QO + TILE, BM * 128);
+    const unsigned sdesc = wg_desc_lo(Ss, BN * 128), kn = wg_desc_lo(Ks, BN * 128);
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[j][e] = dva[j][e] = 0.f;
+    const int kw0 = kc0 + 64 * cw + 16 * wq;  // this warp's first key row
+    const bool live[1][2] = {{kw0 + g < kc1, kw0 + g + 8 < kc1}};
+    const long long jpos[1][2] = {{k0 + kw0 + g, k0 + kw0 + g + 8}};
+    const bool wg_live = kc0 + 64 * cw < kc1;  // uniform over the warpgroup, as wgmma needs
+    if (DQ && !wg_live) {  // no key: zero dS^T rows in both buffers, for dQ's products over all BN keys
+#pragma unroll
+        for (int i = 0; i < 8; ++i)  // 2 x 8 KiB, 16 bytes a thread at a time
+            *reinterpret_cast<uint4*>(Ss + (i >> 2) * BN * 128 + cw * 64 * 128 + (i & 3) * 2048 + (tid & 127) * 16) =
+                make_uint4(0u, 0u, 0u, 0u);
+        proxy_fence();  // before wgmma reads them, after the first item's barrier
+    }
+    const bool rows_unsorted = qpos && *unsorted;
+    const int ntiles = (nq + BM - 1) / BM;
+    const float sl2 = scale * MLOG2E;
+    unsigned long long n_edges = 0;
+    RingUse<ST> use{ring};
+
+    int n = 0;  // the item's index
+    for (int cg = g_first, cr = r_first, ct = t_first; cg < G; step(cg, cr, ct), ++n) {
+        const int rows = min(BM, nq - ct * BM), buf = use.s;
+        const long long* Pb = Ps + buf * BM;
+        const unsigned sbo = (n & 1) * BN * 128;  // this item's dS^T buffer
+        // ORDERED, while the score MMAs run: the key block that adds into this consumer's dq slice
+        // of the item just before this one, and a first look at the turn (an acquire), so that
+        // the adds wait only if that block had not added yet
+        int want = -1;  // the turn's value the adds wait for; -1: seen already
+        auto find_prev = [&](const TileRows& tr) {
+            const int sl = (cw + NWG - n % NWG) % NWG;
+            if (ORDERED && sl < NSL) {
+                const int prev = prev_block<BN>(mk, tr, qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
+                want = load_acquire(turns + ((size_t)(hk * G + cg) * ntiles + ct) * NSL + sl) == prev + 1 ? -1
+                                                                                                      : prev + 1;
+            }
+        };
+        use.wait();
+        if (wg_live) {
+            const unsigned sb = buf * 2 * TILE * (unsigned)sizeof(T);  // the stage's byte offset
+            float s[1][MK / 8][4], dp[1][MK / 8][4];
+            wg_fence();
+            score_products<T, D, BN, BM>(s[0], dp[0], kdesc, qk, vdesc, ok, sb);
+            const TileRows tr = tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane);  // MMAs run
+            find_prev(tr);  // while the MMAs run
+            wgmma_wait<1>();  // S^T
+            fence_regs(s[0]);
+            unsigned long long te = 0;
+            kv_tile_mask<DQ>(s, mk, tr, Pb, rows, k0 + kw0, k0 + min(kw0 + 16, kc1), live, jpos, tq, &te);
+            if (DQ && hk == 0 && cg == 0) n_edges += te;  // query head 0's
+            wgmma_wait<0>();  // dP^T
+            fence_regs(dp[0]);
+            float L[MK / 8][2], dl[MK / 8][2];
+            column_stats(Ls + buf * BM, Dls + buf * BM, rows, tq, L, dl);
+            unsigned pa[MK / 16][4], da[MK / 16][4];
+            probabilities<T, true>(s[0], dp[0], sl2, nullptr, nullptr, L, dl, pa, da);
+            // this thread's dS^T: key rows 64 cw + 16 wq + g + 8h (row r % 8 = g), query pairs
+            // 8j + 2tq in 16-byte chunk j, at chunk j ^ g of the row
+#pragma unroll
+            for (int h = 0; h < 2 * DQ; ++h) {
+                char* row = Ss + sbo + (64 * cw + 16 * wq + g + 8 * h) * 128 + 4 * tq;
+#pragma unroll
+                for (int j = 0; j < MK / 8; ++j)
+                    *reinterpret_cast<unsigned*>(row + ((j ^ g) << 4)) = live[0][h] ? da[j >> 1][(j & 1) * 2 + h] : 0u;
+            }
+            if (DQ) proxy_fence();  // the stores, before wgmma reads them through the async proxy
+            fence_regs(dva);
+            fence_regs(dka);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk)  // a k16 step is 16 query rows
+                Wgmma<T, D, 1>::run(dva, pa[kk], wg_desc(on, sb + kk * 16 * 128), 1);  // dV += P^T dO
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk)
+                Wgmma<T, D, 1>::run(dka, da[kk], wg_desc(qn, sb + kk * 16 * 128), 1);  // dK += dS^T Q
+            wg_commit();
+            if (!DQ) {
+                wgmma_wait<0>();  // before the stage is released and pa, da are overwritten
+                fence_regs(dva);
+                fence_regs(dka);
+            }
+        } else if (ORDERED) {
+            find_prev(tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane));
+        }
+        if (!DQ) {
+            use.release();
+            continue;
+        }
+        named_sync(1, 128 * NWG);  // every consumer's dS^T of item n in buffer n % 2
+        wgmma_wait<0>();  // dV, dK: before pa, da are overwritten (dQ's accumulators need the registers)
+        fence_regs(dva);
+        fence_regs(dka);
+        const int c = (cw + NWG - n % NWG) % NWG;  // this consumer's slice of the item's dq, if < NSL
+        float dqa[MK / 8][4];
+        if (c < NSL) {
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk)  // a k16 step is 16 keys
+                WgmmaSS<T, 1, 1>::run(dqa, wg_desc(sdesc, sbo + kk * 16 * 128),
+                                      wg_desc(kn, c * BN * 128 + kk * 16 * 128), kk > 0);  // dQ = dS K
+            wg_commit();
+            wgmma_wait<0>();
+            fence_regs(dqa);
+        }
+        use.release();
+        if (c < NSL) {
+            const int hq = hk * G + cg;
+            int* turn = turns + ((size_t)hq * ntiles + ct) * NSL + c;
+            if (BULK) {
+                // warp wq stages and adds the tile's rows 16 wq + [0, 16): those its accumulators hold
+                float* sg = Gs + cw * (BM * DQP / 4) + 16 * wq * (DQP / 4);  // this warp's staged rows
+                bulk_wait<true>();  // this lane's earlier bulk adds have read their rows ...
+                __syncwarp();  // ... before any lane of the warp overwrites them
+#pragma unroll
+                for (int h = 0; h < 2; ++h)  // the accumulators' rows 16 wq + g + 8h, columns 8j + 2tq
+#pragma unroll
+                    for (int j = 0; j < MK / 8; ++j)
+                        *reinterpret_cast<float2*>(sg + (g + 8 * h) * (DQP / 4) + 8 * j + 2 * tq) =
+                            make_float2(scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
+                proxy_fence();  // the stores, before the bulk-copy unit reads them through the async proxy
+                __syncwarp();  // the warp's 16 rows staged
+                if (ORDERED && want >= 0) turn_wait(turn, want);
+                const int r = 16 * wq + lane;  // lanes 0-15: query row r of the tile each
+                if (lane < 16) {
+                    // ORDERED: the acquire (generic proxy) is followed by a generic-to-async proxy
+                    // fence so that this thread's bulk reductions, which run in the async proxy, are
+                    // ordered after the lower block's (PTX ISA, "Async Proxy": accessing the same
+                    // memory location across proxies needs a cross-proxy fence, fence.proxy.async
+                    // for the async proxy). See the release below.
+                    if (ORDERED) asm volatile("fence.proxy.async.global;\n" ::: "memory");
+                    if (r < rows)  // row r's slice of head-major dq, from the staged row
+                        bulk_red_add(dq + ((size_t)hq * nq + ct * BM + r) * D + 64 * c, sg + lane * (DQP / 4),
+                                     4 * MK);
+                    bulk_commit();
+                    if (ORDERED) bulk_wait<false>();  // added, and visible to this thread's generic proxy
+                }
+            } else {
+                if (ORDERED && want >= 0) turn_wait(turn, want);
+                float* base = dq + ((size_t)hq * nq + ct * BM) * D + 64 * c + 2 * tq;  // head-major rows
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = 16 * wq + g + 8 * h;  // the accumulators' query row
+                    if (r >= rows) continue;
+#pragma unroll
+                    for (int j = 0; j < MK / 8; ++j)
+                        red_add2(base + (size_t)r * D + 8 * j, scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
+                }
+            }
+            // ORDERED with BULK: this release covers the bulk reductions because (PTX ISA, "Async
+            // Proxy") "the completion of a cp{.reduce}.async.bulk operation is followed by an
+            // implicit generic-async proxy fence. So the result of the asynchronous operation is
+            // made visible to the generic proxy as soon as its completion is observed", and the
+            // issuing threads observed it (cp.async.bulk.wait_group 0, not .read: "writes being
+            // made visible to the executing thread") before barrier 2 + cw; bar.sync orders their
+            // view before thread 0's, whose fence.acq_rel.gpu + st.relaxed.gpu is cumulative; the
+            // next block's ld.acquire.gpu of the turn then synchronizes with it, and its own
+            // fence.proxy.async.global (above) carries that order into its async-proxy adds. Each
+            // element's add is itself a .relaxed.gpu reduction ("Each reduction operation performed
+            // by the cp.reduce.async.bulk has individually .relaxed.gpu memory ordering semantics").
+            // The release is CUTLASS's GenericBarrier arrive (bar.sync, then one thread's
+            // fence.acq_rel.gpu and relaxed write: "the fence also releases data that was
+            // weakly-written by other threads prior to the last syncthreads"); no fence.sc.
+            if (ORDERED) {  // the warpgroup's adds, then (cumulative release) the next block's turn
+                named_sync(2 + cw, 128);
+                if ((tid & 127) == 0)
+                    asm volatile("fence.acq_rel.gpu;\nst.relaxed.gpu.global.b32 [%0], %1;\n"
+                                 :: "l"(turn), "r"(kb + 1) : "memory");
+            }
+        }
+    }
+    if (kw0 < kc1) {
+        const size_t base = krow0 + (size_t)(kw0 - kc0) * krs;
+        put_rows<D, TO>(dk + base, krs, dka, live[0], scale, g, tq);
+        put_rows<D, TO>(dv + base, krs, dva, live[0], 1.f, g, tq);
+    }
+    if (DQ && hk == 0) {
+#pragma unroll
+        for (int s = 16; s > 0; s >>= 1) n_edges += __shfl_xor_sync(0xffffffffu, n_edges, s);
+        if (lane == 0 && n_edges) atomicAdd(edges, n_edges);
+    }
+    if (BULK) bulk_wait<false>();  // the last staged rows read (and added) before the block's shared memory goes
+}
