@@ -97,6 +97,20 @@ __device__ __forceinline__ void wg_softmax(float (&s)[MK / 8][4], float sl2, flo
     }
 }
 
+// O = a O for this thread's rows (a0: row g, a1: row g + 8), skipped when no row of the warp
+// changes (rare after a row's first tiles: wg_softmax's lazy rescaling)
+template <int J> __device__ __forceinline__ void scale_rows(float (&oacc)[J][4], float a0, float a1) {
+    if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+            oacc[j][0] *= a0;
+            oacc[j][1] *= a0;
+            oacc[j][2] *= a1;
+            oacc[j][3] *= a1;
+        }
+    }
+}
+
 // The weights as the A operand of P V (16-bit pairs in the mma fragment order)
 template <typename T> __device__ __forceinline__ void wg_pack(const float (&s)[MK / 8][4], unsigned (&pa)[MK / 16][4]) {
 #pragma unroll
@@ -423,15 +437,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             auto issue_pv = [&](int b) {
                 const unsigned vb = b * 2 * TILE * (unsigned)sizeof(T);
                 fence_regs(oacc);
-                if (SCHED == 0 && __any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {  // rare after a row's first tiles
-#pragma unroll
-                    for (int j = 0; j < D / 8; ++j) {
-                        oacc[j][0] *= a0;
-                        oacc[j][1] *= a0;
-                        oacc[j][2] *= a1;
-                        oacc[j][3] *= a1;
-                    }
-                }
+                if (SCHED == 0) scale_rows(oacc, a0, a1);
                 fence_regs(oacc);
                 wg_fence();
 #pragma unroll
@@ -451,15 +457,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             // SCHED 1: O = a O, as issue_pv does in SCHED 0
             auto rescale_o = [&]() {
                 fence_regs(oacc);
-                if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
-#pragma unroll
-                    for (int j = 0; j < D / 8; ++j) {
-                        oacc[j][0] *= a0;
-                        oacc[j][1] *= a0;
-                        oacc[j][2] *= a1;
-                        oacc[j][3] *= a1;
-                    }
-                }
+                scale_rows(oacc, a0, a1);
             };
             // the consumer's next tile is in buffer kb, filled for a time of parity kph
             auto wait_full = [&]() { mb_wait(&full_b[kb], kph); };
