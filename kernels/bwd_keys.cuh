@@ -46,15 +46,17 @@ __device__ __forceinline__ int load_acquire(const int* p) {
     return x;
 }
 
-// Waits until *turn (ld.acquire at gpu scope) equals want; like mb_wait_asm, a wait that never
-// ends (a bug) ends the kernel with an error after 10 minutes.
+// Waits until *turn equals want, then loads it once more with acquire semantics (gpu scope);
+// the polls are relaxed loads, which leave the SM's L1 alone (each ld.acquire invalidates it).
+// Like mb_wait_asm, a wait that never ends (a bug) ends the kernel with an error after 10 minutes.
 __device__ __forceinline__ void turn_wait(const int* turn, int want) {
     asm volatile("{\n.reg .pred p;\n.reg .u32 n;\n.reg .b32 x;\n.reg .u64 t0, t;\nmov.u64 t0, 0;\n"
-                 "R:\nmov.u32 n, 0;\nW:\nld.acquire.gpu.global.b32 x, [%0];\nsetp.eq.s32 p, x, %1;\n@p bra D;\n"
+                 "R:\nmov.u32 n, 0;\nW:\nld.relaxed.gpu.global.b32 x, [%0];\nsetp.eq.s32 p, x, %1;\n@p bra D;\n"
                  "add.u32 n, n, 1;\nsetp.lt.u32 p, n, 65536;\n@p bra W;\n"  // 65,536 polls, then the clock (ns)
                  "mov.u64 t, %%globaltimer;\nsetp.eq.u64 p, t0, 0;\n@p mov.u64 t0, t;\nsub.u64 t, t, t0;\n"
                  "setp.gt.u64 p, t, 600000000000;\n@p trap;\nbra R;\nD:\n}\n"
                  :: "l"(turn), "r"(want) : "memory");
+    load_acquire(turn);  // the value seen (the turn changes only when this block releases it)
 }
 
 // Whether key block c (keys k0 + [c BN, min(nk, c BN + BN))) walks a query tile in
