@@ -297,16 +297,18 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             column_stats(Ls + buf * BM, Dls + buf * BM, rows, tq, L, dl);
             unsigned pa[MK / 16][4], da[MK / 16][4];
             probabilities<T, true>(s[0], dp[0], sl2, nullptr, nullptr, L, dl, pa, da);
-            // this thread's dS^T: key rows 64 cw + 16 wq + g + 8h (row r % 8 = g), query pairs
-            // 8j + 2tq in 16-byte chunk j, at chunk j ^ g of the row
+            if (DQ) {  // this thread's dS^T: key rows 64 cw + 16 wq + g + 8h (row r % 8 = g), query
+                       // pairs 8j + 2tq in 16-byte chunk j, at chunk j ^ g of the row
 #pragma unroll
-            for (int h = 0; h < 2 * DQ; ++h) {
-                char* row = Ss + sbo + (64 * cw + 16 * wq + g + 8 * h) * 128 + 4 * tq;
+                for (int h = 0; h < 2; ++h) {
+                    char* row = Ss + sbo + (64 * cw + 16 * wq + g + 8 * h) * 128 + 4 * tq;
 #pragma unroll
-                for (int j = 0; j < MK / 8; ++j)
-                    *reinterpret_cast<unsigned*>(row + ((j ^ g) << 4)) = live[0][h] ? da[j >> 1][(j & 1) * 2 + h] : 0u;
+                    for (int j = 0; j < MK / 8; ++j)
+                        *reinterpret_cast<unsigned*>(row + ((j ^ g) << 4)) =
+                            live[0][h] ? da[j >> 1][(j & 1) * 2 + h] : 0u;
+                }
+                proxy_fence();  // the stores, before wgmma reads them through the async proxy
             }
-            if (DQ) proxy_fence();  // the stores, before wgmma reads them through the async proxy
             fence_regs(dva);
             fence_regs(dka);
             wg_fence();
