@@ -332,9 +332,6 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             continue;
         }
         named_sync(1, 128 * NWG);  // every consumer's dS^T of item n in buffer n % 2
-        wgmma_wait<0>();  // dV, dK: before pa, da are overwritten (dQ's accumulators need the registers)
-        fence_regs(dva);
-        fence_regs(dka);
         const int c = (cw + NWG - n % NWG) % NWG;  // this consumer's slice of the item's dq, if < NSL
         float dqa[MK / 8][4];
         if (c < NSL) {
@@ -344,9 +341,11 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 WgmmaSS<T, 1, 1>::run(dqa, wg_desc(sdesc, sbo + kk * 16 * 128),
                                       wg_desc(kn, c * BN * 128 + kk * 16 * 128), kk > 0);  // dQ = dS K
             wg_commit();
-            wgmma_wait<0>();
-            fence_regs(dqa);
         }
+        wgmma_wait<0>();  // dV, dK (and dQ)
+        fence_regs(dva);
+        fence_regs(dka);
+        if (c < NSL) fence_regs(dqa);
         use.release();
         if (c < NSL) {
             const int hq = hk * G + cg;
