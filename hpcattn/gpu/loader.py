@@ -66,17 +66,23 @@ def cupy():
     return cupy
 
 
-def cuda_include():
-    """-I for the CUDA headers (cuda_fp16.h, mma.h) that NVRTC does not find on its own: the
-    first candidate that has them all. CuPy's own guess may be a pip `nvidia/cu13` folder whose
-    mma.h lacks crt/mma.h (seen on the lent H100 image), so full toolkits are tried first."""
-    roots = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda",
-             cupy().cuda.get_cuda_path()]
+def toolkit_include(roots=None):
+    """The include folder of the first CUDA install among `roots` (default: CUDA_PATH, CUDA_HOME,
+    /usr/local/cuda) that has the headers kernels/*.cu need (cuda_fp16.h, mma.h, crt/mma.h), or None."""
+    roots = roots or (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda")
     for root in filter(None, roots):
         inc = os.path.join(root, "include")
         if all(os.path.isfile(os.path.join(inc, h)) for h in ("cuda_fp16.h", "mma.h", "crt/mma.h")):
-            return (f"-I{inc}",)
-    return ()
+            return inc
+    return None
+
+
+def cuda_include():
+    """-I for the CUDA headers that NVRTC does not find on its own: a full toolkit's
+    (toolkit_include), else CuPy's own guess, which may be a pip `nvidia/cu13` folder whose mma.h
+    lacks crt/mma.h (seen on the lent H100 image)."""
+    inc = toolkit_include() or toolkit_include((cupy().cuda.get_cuda_path(),))
+    return (f"-I{inc}",) if inc else ()
 
 
 def options():

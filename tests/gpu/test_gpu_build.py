@@ -80,20 +80,12 @@ def find_nvrtc():
     return None
 
 
-def find_cuda_include():
-    """The CUDA headers' folder (cuda_fp16.h, which kernels/*.cu include), or None."""
-    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
-            return os.path.join(root, "include")
-    return None
-
-
-NVRTC, CUDA_INCLUDE = find_nvrtc(), find_cuda_include()
+NVRTC, CUDA_INCLUDE = find_nvrtc(), loader.toolkit_include()
 
 
 @pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found: the runtime (CuPy/NVRTC) compile of "
                     "kernels/*.cu was NOT checked (pip install nvidia-cuda-nvrtc to check it here)")
-@pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers (cuda_fp16.h) not found: the runtime "
+@pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers (cuda_fp16.h, mma.h) not found: the runtime "
                     "(CuPy/NVRTC) compile of kernels/*.cu was NOT checked (set CUDA_HOME)")
 @pytest.mark.parametrize("source", sorted(loader.SOURCES))
 def test_kernel_compiles_with_nvrtc_as_cupy_loads_it(source):
