@@ -266,16 +266,16 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         const int rows = min(BM, nq - ct * BM), buf = use.s;
         const long long* Pb = Ps + buf * BM;
         const unsigned sbo = (n & 1) * BN * 128;  // this item's dS^T buffer
+        const int c = (cw + NWG - n % NWG) % NWG;  // DQ: this consumer's slice of the item's dq, if < NSL
         // ORDERED, while the score MMAs run: the key block that adds into this consumer's dq slice
         // of the item just before this one, and a first look at the turn (an acquire), so that
         // the adds wait only if that block had not added yet
         int want = -1;  // the turn's value the adds wait for; -1: seen already
         auto find_prev = [&](const TileRows& tr) {
-            const int sl = (cw + NWG - n % NWG) % NWG;
-            if (ORDERED && sl < NSL) {
+            if (ORDERED && c < NSL) {
                 const int prev = prev_block<BN>(mk, tr, qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
-                want = load_acquire(turns + ((size_t)(hk * G + cg) * ntiles + ct) * NSL + sl) == prev + 1 ? -1
-                                                                                                      : prev + 1;
+                want = load_acquire(turns + ((size_t)(hk * G + cg) * ntiles + ct) * NSL + c) == prev + 1 ? -1
+                                                                                                     : prev + 1;
             }
         };
         use.wait();
@@ -332,7 +332,6 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             continue;
         }
         named_sync(1, 128 * NWG);  // every consumer's dS^T of item n in buffer n % 2
-        const int c = (cw + NWG - n % NWG) % NWG;  // this consumer's slice of the item's dq, if < NSL
         float dqa[MK / 8][4];
         if (c < NSL) {
             wg_fence();
