@@ -12,7 +12,8 @@ ordered (with the memset of its turn counters) and atomic, each without and with
 attend_bwd_kv_wg + attend_bwd_q_wg, on large head-major float16 inputs, and the speed-up. A
 FAIL line and exit status 1 on any mismatch; one JSON line per figure.
     PYTHONPATH=$PWD python3 jobs/fused_bwd_check.py [--dims 64,128] [--dtypes float16,bfloat16]
-        [--cases window:256:262144:128,causal:16384:128,window:256:262144:64]"""
+        [--cases window:256:262144:128,causal:16384:128,window:256:262144:64] [--dq red,bulk]
+(--dtypes '' times without checking; NVRTC compiles only the kernels named, a minute or more each)"""
 import argparse
 import json
 import sys
@@ -59,12 +60,12 @@ def same_bits(a, b):
     return bool((a.view(cp.uint8) == b.view(cp.uint8)).all())
 
 
-def check(wg, fmod, dtype, D, failures):
+def check(wg, fmod, dtype, D, paths, failures):
     ct = CTYPES[dtype]
     _, [(_, qk)] = q_kernels(wg, ct, D, "float", [BWD_WG_Q_SHAPES[D]])
     for otype in ("float", ct):
         _, [(_, kv)] = kernels(wg, ct, D, otype, [BWD_WG_SHAPES[D]])
-        fused = {(o, b): Fused(fmod, ct, D, otype, o, b) for o in (True, False) for b in (False, True)}
+        fused = {(o, b): Fused(fmod, ct, D, otype, o, b) for o in (True, False) for b in paths}
         for c in cases(dtype, D):
             spec, _, words, G, pos, nq, nk, _, Hkv, _, q, k, args, unsorted, tail, r = c
             init = r.standard_normal((2,) + k.shape, dtype=cp.float32)  # what TO = float adds into
@@ -81,7 +82,7 @@ def check(wg, fmod, dtype, D, failures):
             qk(args, dq, edges, words, tail, nq, Hkv * G)
             base = init if otype == "float" else (0, 0)
             ordered_red = None  # the ordered red.global.add kernel's (dk, dv, dq): the bulk one's must match
-            for bulk in (False, True):
+            for bulk in paths:
                 for ordered in (True, False):
                     runs = []
                     for _ in range(2):
@@ -99,7 +100,7 @@ def check(wg, fmod, dtype, D, failures):
                     same_as_red = True
                     if ordered and not bulk:
                         ordered_red = runs[0][:3]
-                    elif ordered:
+                    elif ordered and ordered_red is not None:
                         same_as_red = all(same_bits(a, b) for a, b in zip(ordered_red, runs[0][:3]))
                         row["same_as_red"] = same_as_red
                     ok = (max(rel, row["dk_rel"], row["dv_rel"]) <= TOL[dtype] and row["dq_finite"]
@@ -110,7 +111,7 @@ def check(wg, fmod, dtype, D, failures):
                         print(f"FAIL {json.dumps(row)}", flush=True)
 
 
-def bench(wg, fmod, case):
+def bench(wg, fmod, case, paths):
     _, n, D, H, _, words, q, k, args, tail = bench_inputs(case)
     _, [(_, kv)] = kernels(wg, "__half", D, "float", [BWD_WG_SHAPES[D]])
     _, [(_, qk)] = q_kernels(wg, "__half", D, "float", [BWD_WG_Q_SHAPES[D]])
@@ -123,7 +124,7 @@ def bench(wg, fmod, case):
 
     ms_two = timed(two) * 1e3
     print(json.dumps({"bench": case, "H": H, "kernel": "attend_bwd_kv_wg+attend_bwd_q_wg", "ms": ms_two}), flush=True)
-    for bulk in (False, True):
+    for bulk in paths:
         for ordered in (True, False):
             f = Fused(fmod, "__half", D, "float", ordered, bulk)
             ms = timed(lambda: f(args, dk, dv, dq, edges, words, np.uintp(0), tail, n, n, H, H)) * 1e3
@@ -137,21 +138,28 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dims", default="64,128")
     p.add_argument("--dtypes", default="float16,bfloat16")
+    p.add_argument("--dq", default="red,bulk", help="the dq paths: red (red.global.add), bulk (bulk reductions)")
     p.add_argument("--cases", default="window:256:262144:128,causal:16384:128,window:256:262144:64",
                    help="timed MASK:N:D, comma-separated (empty: none)")
     a = p.parse_args()
     if cp.cuda.Device().compute_capability != "90":
         print(f"FAIL the Hopper kernels need compute capability 9.0, not {cp.cuda.Device().compute_capability}")
         sys.exit(1)
+    paths = [{"red": False, "bulk": True}[p] for p in a.dq.split(",")]
+    dtypes, dims = [t for t in a.dtypes.split(",") if t], [int(d) for d in a.dims.split(",")]
+    cases_ = [c for c in a.cases.split(",") if c]
+    wanted = {(CTYPES[t], D, o) for t in dtypes for D in dims for o in ("float", CTYPES[t])}
+    wanted |= {("__half", int(c.split(":")[-1]), "float") for c in cases_}
     wg = loader.build("attend_bwd_wgmma.cu")  # the default shapes' kernels, one NVRTC run each
-    fmod = loader.build("attend_bwd_fused.cu", loader.every_name("attend_bwd_fused.cu"))  # with BULK's
+    fmod = loader.build("attend_bwd_fused.cu", [bwd_fused_name(ct, D, o, ordered, bulk=b) for ct, D, o in sorted(wanted)
+                                                for ordered in (True, False) for b in paths])
     failures = []
-    for dtype in a.dtypes.split(","):
-        for D in (int(d) for d in a.dims.split(",")):
-            check(wg, fmod, dtype, D, failures)
+    for dtype in dtypes:
+        for D in dims:
+            check(wg, fmod, dtype, D, paths, failures)
     print(f"{'FAIL' if failures else 'OK'}: {len(failures)} mismatching checks", flush=True)
-    for case in (c for c in a.cases.split(",") if c):
-        bench(wg, fmod, case)
+    for case in cases_:
+        bench(wg, fmod, case, paths)
     sys.exit(1 if failures else 0)
 
 
