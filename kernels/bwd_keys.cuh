@@ -136,21 +136,22 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // blockIdx.x, and every wait of the lowest unfinished block is on finished blocks; this assumes
 // that blocks start in ascending blockIdx.x, so that every lower block is running or done, never
 // waiting for a free SM that only a waiting block could give back.
-// BULK: instead of red.global.add from registers, consumer cw stores its scaled dq slice (64
-// rows x 64 float32) into its own staging buffer in shared memory, rows DQP = 288 bytes apart
-// (256 bytes of data, 32 of padding: the 4 rows g of a half-warp's 64-bit accumulator stores
-// fall on distinct 32-byte bank groups, so a warp's store takes the minimal 2 wavefronts, while
-// each row stays 256 contiguous bytes for the bulk copy). Each warp wq stages exactly the rows
-// its accumulators hold, 16 wq + [0, 16), so after fence.proxy.async.shared::cta and __syncwarp
-// its lanes 0-15 each add one of them (if below `rows`) into dq with one cp.reduce.async.bulk
-// of 256 bytes, committed as a bulk group; before the warp next writes its rows, those lanes wait
-// for their groups' reads (cp.async.bulk.wait_group.read 0) and the warp syncs again. ORDERED
-// with BULK: the turn wait, a generic-to-async proxy fence, the adds, cp.async.bulk.wait_group 0
-// (completion), then named barrier 2 + cw and the release as without BULK. Every consumer
-// thread waits for its bulk groups' completion before the block exits. dq must be 16-byte
-// aligned (each row's slice then is).
+// BULK (FlashAttention-3's dQ writer): the loader warpgroup's warps 0 and 1 load, and its warp
+// 2 + cw adds consumer cw's dq slices. The consumer stores its scaled slice (64 rows x 64
+// float32) into its staging buffer in shared memory, rows DQP = 288 bytes apart (256 bytes of
+// data, 32 of padding: the 4 rows g of a half-warp's 64-bit accumulator stores fall on distinct
+// 32-byte bank groups, so a warp's store takes the minimal 2 wavefronts, while each row stays 256
+// contiguous bytes for the bulk copy), fences them for the async proxy and arrives on
+// dqbar[cw] (staged); before it next stores, it waits on dqbar[NWG + cw] (freed). The writer
+// waits for the slice, adds each row into dq with one cp.reduce.async.bulk of 256 bytes (a row a
+// lane at a time), waits for the reads (ORDERED: the completion) and arrives on freed, so the
+// consumers go on to the next item while their adds, and ORDERED's turns, are under way. ORDERED
+// with BULK: the writer also finds prev_block from the stage's positions (so it waits on each
+// stage's full barrier and arrives on its empty one, as the consumers do), waits for the turn,
+// and releases it after the adds. The writer waits for its bulk groups' completion before the
+// block exits. dq must be 16-byte aligned (each row's slice then is).
 // Named barriers: 0 (__syncthreads), 1 (the 128 NWG consumer threads, every item), 2 + cw (the
-// 128 threads of consumer cw, ORDERED's release); ids up to NWG + 1 <= 8 of the 16.
+// 128 threads of consumer cw, ORDERED's release without BULK); ids up to NWG + 1 <= 8 of the 16.
 // Shared memory, DQ: the two dS^T buffers (2 BN 64 elements) after the K and V rows; BULK: NWG
 // staging buffers of 64 DQP bytes after the positions.
 template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool DQ, bool ORDERED, bool BULK>
@@ -164,9 +165,11 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     constexpr int BN = 64 * NWG, TILE = BM * D, NSL = D / 64;  // TILE in elements; NSL slices of dq
     constexpr int PREG = 24, CREG = consumer_regs(NWG, MINB, PREG);
     constexpr int DQP = 4 * MK + 32;  // BULK: bytes between rows of a dq staging buffer
+    constexpr int LT = BULK ? 64 : 128;  // loader threads (BULK: warps 2 and 3 of the loader warpgroup add dq)
     static_assert(ST >= 2, "the loader fills one stage while the consumers compute another");
     static_assert(NSL <= NWG, "a consumer computes at most one 64-column slice of a tile's dq");
     static_assert(DQ || !(ORDERED || BULK), "ORDERED and BULK are forms of the dq adds");
+    static_assert(!BULK || NWG <= 2, "a writer warp per consumer: two beside the loader's two");
     extern __shared__ __align__(128) unsigned char smem_wg[];
     T* QO = reinterpret_cast<T*>(smem_wg + ((1024 - ((unsigned)__cvta_generic_to_shared(smem_wg) & 1023)) & 1023));
     T* Ks = QO + 2 * ST * TILE;  // stage s: Q at QO + 2s TILE, dO at QO + (2s + 1) TILE
@@ -179,6 +182,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     __shared__ MaskDev mk;
     __shared__ int nr_s, tlo_s[HPCATTN_MAX_SPANS], thi_s[HPCATTN_MAX_SPANS];
     __shared__ __align__(8) Ring<ST> ring;
+    __shared__ __align__(8) unsigned long long dqbar[BULK ? 2 * NWG : 1];  // BULK: staged[cw], then freed[cw]
 
     const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs};
     // DQ: a 1-D grid, kv heads fastest; else blocks (key block, kv head)
@@ -189,13 +193,20 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3;  // wg warp-uniform
     const size_t krow0 = ks.head(hk, H / G) + (size_t)kc0 * krs;  // the block's first key row
     if (wg == 0) {  // K and V: the first commit group, landed before the first item is signalled
-        load_tile_sw<T, D, BN>(k + krow0, krs, kc1 - kc0, Ks, tid);
-        load_tile_sw<T, D, BN>(v + krow0, krs, kc1 - kc0, Vs, tid);
-        cp_commit();
+        if (!BULK || tid < LT) {
+            load_tile_sw<T, D, BN, LT>(k + krow0, krs, kc1 - kc0, Ks, tid);
+            load_tile_sw<T, D, BN, LT>(v + krow0, krs, kc1 - kc0, Vs, tid);
+            cp_commit();
+        }
         if (warp == 0)
             key_block_tiles(mask_words, mk, qpos, unsorted, q0, nq, k0 + kc0, k0 + kc1 - 1, lane, tlo_s, thi_s, nr_s);
     } else if (tid == 128) {
-        ring.init(NWG);
+        if (BULK)
+            for (int i = 0; i < NWG; ++i) {
+                mb_init(&dqbar[i], 128);  // consumer i's dq slice staged
+                mb_init(&dqbar[NWG + i], 32);  // and read by its writer warp (ORDERED: added)
+            }
+        ring.init(NWG, LT, ORDERED && BULK ? 32 * NWG : 0);  // ORDERED && BULK: the writers read positions
     }
     __syncthreads();
     const int nr = nr_s;
@@ -214,14 +225,65 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
 
     if (wg == 0) {  // the loader
         regs_dec<PREG>();
+        if (BULK && warp >= 2) {  // consumer wc's writer warp: adds its staged dq slices, item by item
+            const int wc = warp - 2, ntiles = (nq + BM - 1) / BM;
+            const bool rows_unsorted = qpos && *unsorted;
+            int n = 0, nst = 0;  // the item; the slices staged so far
+            for (int cg = g_first, cr = r_first, ct = t_first; cg < G; step(cg, cr, ct), ++n) {
+                const int c = (wc + NWG - n % NWG) % NWG, rows = min(BM, nq - ct * BM);  // the consumer's slice
+                int prev = -1;  // ORDERED: the key block that adds into the slice before this one
+                if (ORDERED) {  // found from the stage's positions, off the consumers' path
+                    const int st = n % ST;
+                    mb_wait_asm(&ring.full[st], (n / ST) & 1);
+                    const long long* Pb = Ps + st * BM;
+                    if (c < NSL)
+                        prev = prev_block<BN>(mk, tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane),
+                                              qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
+                    mb_arrive(&ring.empty[st]);
+                }
+                if (c >= NSL) continue;
+                const int hq = hk * G + cg;
+                int* turn = turns + ((size_t)hq * ntiles + ct) * NSL + c;
+                if (ORDERED) turn_wait(turn, prev + 1);
+                mb_wait_asm(&dqbar[wc], nst & 1);
+                // ORDERED: the acquire (generic proxy), then a generic-to-async proxy fence, so that
+                // these bulk reductions (async proxy) follow the lower block's (PTX ISA, "Async
+                // Proxy"); see the release below
+                if (ORDERED) asm volatile("fence.proxy.async.global;\n" ::: "memory");
+                const float* sg = Gs + wc * (BM * DQP / 4);
+                for (int r = lane; r < rows; r += 32)  // row r's slice of head-major dq, from the staged row
+                    bulk_red_add(dq + ((size_t)hq * nq + ct * BM + r) * D + 64 * c, sg + r * (DQP / 4), 4 * MK);
+                bulk_commit();
+                bulk_wait<!ORDERED>();  // read (ORDERED: added, and visible to this lane's generic proxy)
+                mb_arrive(&dqbar[NWG + wc]);
+                // ORDERED: the release covers the bulk reductions because (PTX ISA, "Async Proxy")
+                // "the completion of a cp{.reduce}.async.bulk operation is followed by an implicit
+                // generic-async proxy fence. So the result of the asynchronous operation is made
+                // visible to the generic proxy as soon as its completion is observed", and each lane
+                // observed its own (cp.async.bulk.wait_group 0) before __syncwarp, which orders the
+                // lanes' views before lane 0's fence.acq_rel.gpu + st.relaxed.gpu (cumulative, as
+                // CUTLASS's GenericBarrier arrive); the next block's ld.acquire.gpu of the turn
+                // synchronizes with it, and its fence.proxy.async.global (above) carries that order
+                // into its own adds. Each element's add is a .relaxed.gpu reduction.
+                if (ORDERED) {
+                    __syncwarp();
+                    if (lane == 0)
+                        asm volatile("fence.acq_rel.gpu;\nst.relaxed.gpu.global.b32 [%0], %1;\n"
+                                     :: "l"(turn), "r"(kb + 1) : "memory");
+                }
+                ++nst;
+            }
+            bulk_wait<false>();
+            return;
+        }
         RingLoad<ST> ld{ring};
         for (int fg = g_first, fr = r_first, ft = t_first; fg < G; step(fg, fr, ft)) {
             const int s = ld.stage();
             const int hq = hk * G + fg, r0 = ft * BM, rows = min(BM, nq - r0);
             const size_t qrow0 = qs.head(hq, H) + (size_t)r0 * qrs;
-            load_tile_sw<T, D, BM>(q + qrow0, qrs, rows, QO + 2 * s * TILE, tid);
-            load_tile_sw<T, D, BM>(dout + qrow0, qrs, rows, QO + (2 * s + 1) * TILE, tid);
-            load_stats<128>(lse, delta, qpos, hq, nq, r0, rows, Ls + s * BM, Dls + s * BM, Ps + s * BM, tid);
+            load_tile_sw<T, D, BM, LT>(q + qrow0, qrs, rows, QO + 2 * s * TILE, tid);
+            load_tile_sw<T, D, BM, LT>(dout + qrow0, qrs, rows, QO + (2 * s + 1) * TILE, tid);
+            load_stats<LT>(lse, delta, qpos, hq, nq, r0, rows, Ls + s * BM, Dls + s * BM, Ps + s * BM, tid);
             ld.issued();
         }
         ld.finish();
@@ -261,7 +323,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     unsigned long long n_edges = 0;
     RingUse<ST> use{ring};
 
-    int n = 0;  // the item's index
+    int n = 0, nst = 0;  // the item's index; BULK: the dq slices this consumer staged
     for (int cg = g_first, cr = r_first, ct = t_first; cg < G; step(cg, cr, ct), ++n) {
         const int rows = min(BM, nq - ct * BM), buf = use.s;
         const long long* Pb = Ps + buf * BM;
@@ -272,7 +334,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         // the adds wait only if that block had not added yet
         int want = -1;  // the turn's value the adds wait for; -1: seen already
         auto find_prev = [&](const TileRows& tr) {
-            if (ORDERED && c < NSL) {
+            if (ORDERED && !BULK && c < NSL) {
                 const int prev = prev_block<BN>(mk, tr, qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
                 want = load_acquire(turns + ((size_t)(hk * G + cg) * ntiles + ct) * NSL + c) == prev + 1 ? -1
                                                                                                      : prev + 1;
@@ -324,7 +386,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 fence_regs(dva);
                 fence_regs(dka);
             }
-        } else if (ORDERED) {
+        } else if (ORDERED && !BULK) {
             find_prev(tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane));
         }
         if (!DQ) {
@@ -346,64 +408,37 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         fence_regs(dka);
         if (c < NSL) fence_regs(dqa);
         use.release();
-        if (c < NSL) {
+        if (c < NSL && BULK) {  // staged for the writer warp, which adds it
+            // warp wq stages the tile's rows 16 wq + [0, 16): those its accumulators hold
+            float* sg = Gs + cw * (BM * DQP / 4) + 16 * wq * (DQP / 4);
+            if (nst > 0) mb_wait_asm(&dqbar[NWG + cw], (nst - 1) & 1);  // the writer read the last slice
+#pragma unroll
+            for (int h = 0; h < 2; ++h)  // the accumulators' rows 16 wq + g + 8h, columns 8j + 2tq
+#pragma unroll
+                for (int j = 0; j < MK / 8; ++j)
+                    *reinterpret_cast<float2*>(sg + (g + 8 * h) * (DQP / 4) + 8 * j + 2 * tq) =
+                        make_float2(scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
+            proxy_fence();  // the stores, before the bulk-copy unit reads them through the async proxy
+            mb_arrive(&dqbar[cw]);
+            ++nst;
+        } else if (c < NSL) {
             const int hq = hk * G + cg;
             int* turn = turns + ((size_t)hq * ntiles + ct) * NSL + c;
-            if (BULK) {
-                // warp wq stages and adds the tile's rows 16 wq + [0, 16): those its accumulators hold
-                float* sg = Gs + cw * (BM * DQP / 4) + 16 * wq * (DQP / 4);  // this warp's staged rows
-                bulk_wait<true>();  // this lane's earlier bulk adds have read their rows ...
-                __syncwarp();  // ... before any lane of the warp overwrites them
+            if (ORDERED && want >= 0) turn_wait(turn, want);
+            float* base = dq + ((size_t)hq * nq + ct * BM) * D + 64 * c + 2 * tq;  // head-major rows
 #pragma unroll
-                for (int h = 0; h < 2; ++h)  // the accumulators' rows 16 wq + g + 8h, columns 8j + 2tq
+            for (int h = 0; h < 2; ++h) {
+                const int r = 16 * wq + g + 8 * h;  // the accumulators' query row
+                if (r >= rows) continue;
 #pragma unroll
-                    for (int j = 0; j < MK / 8; ++j)
-                        *reinterpret_cast<float2*>(sg + (g + 8 * h) * (DQP / 4) + 8 * j + 2 * tq) =
-                            make_float2(scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
-                proxy_fence();  // the stores, before the bulk-copy unit reads them through the async proxy
-                __syncwarp();  // the warp's 16 rows staged
-                if (ORDERED && want >= 0) turn_wait(turn, want);
-                const int r = 16 * wq + lane;  // lanes 0-15: query row r of the tile each
-                if (lane < 16) {
-                    // ORDERED: the acquire (generic proxy) is followed by a generic-to-async proxy
-                    // fence so that this thread's bulk reductions, which run in the async proxy, are
-                    // ordered after the lower block's (PTX ISA, "Async Proxy": accessing the same
-                    // memory location across proxies needs a cross-proxy fence, fence.proxy.async
-                    // for the async proxy). See the release below.
-                    if (ORDERED) asm volatile("fence.proxy.async.global;\n" ::: "memory");
-                    if (r < rows)  // row r's slice of head-major dq, from the staged row
-                        bulk_red_add(dq + ((size_t)hq * nq + ct * BM + r) * D + 64 * c, sg + lane * (DQP / 4),
-                                     4 * MK);
-                    bulk_commit();
-                    if (ORDERED) bulk_wait<false>();  // added, and visible to this thread's generic proxy
-                }
-            } else {
-                if (ORDERED && want >= 0) turn_wait(turn, want);
-                float* base = dq + ((size_t)hq * nq + ct * BM) * D + 64 * c + 2 * tq;  // head-major rows
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int r = 16 * wq + g + 8 * h;  // the accumulators' query row
-                    if (r >= rows) continue;
-#pragma unroll
-                    for (int j = 0; j < MK / 8; ++j)
-                        red_add2(base + (size_t)r * D + 8 * j, scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
-                }
+                for (int j = 0; j < MK / 8; ++j)
+                    red_add2(base + (size_t)r * D + 8 * j, scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
             }
-            // ORDERED with BULK: this release covers the bulk reductions because (PTX ISA, "Async
-            // Proxy") "the completion of a cp{.reduce}.async.bulk operation is followed by an
-            // implicit generic-async proxy fence. So the result of the asynchronous operation is
-            // made visible to the generic proxy as soon as its completion is observed", and the
-            // issuing threads observed it (cp.async.bulk.wait_group 0, not .read: "writes being
-            // made visible to the executing thread") before barrier 2 + cw; bar.sync orders their
-            // view before thread 0's, whose fence.acq_rel.gpu + st.relaxed.gpu is cumulative; the
-            // next block's ld.acquire.gpu of the turn then synchronizes with it, and its own
-            // fence.proxy.async.global (above) carries that order into its async-proxy adds. Each
-            // element's add is itself a .relaxed.gpu reduction ("Each reduction operation performed
-            // by the cp.reduce.async.bulk has individually .relaxed.gpu memory ordering semantics").
-            // The release is CUTLASS's GenericBarrier arrive (bar.sync, then one thread's
-            // fence.acq_rel.gpu and relaxed write: "the fence also releases data that was
-            // weakly-written by other threads prior to the last syncthreads"); no fence.sc.
-            if (ORDERED) {  // the warpgroup's adds, then (cumulative release) the next block's turn
+            // ORDERED: the warpgroup's adds, then the next block's turn: CUTLASS's GenericBarrier
+            // arrive (bar.sync, then one thread's fence.acq_rel.gpu and relaxed write: "the fence
+            // also releases data that was weakly-written by other threads prior to the last
+            // syncthreads"); no fence.sc
+            if (ORDERED) {
                 named_sync(2 + cw, 128);
                 if ((tid & 127) == 0)
                     asm volatile("fence.acq_rel.gpu;\nst.relaxed.gpu.global.b32 [%0], %1;\n"
@@ -421,5 +456,4 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         for (int s = 16; s > 0; s >>= 1) n_edges += __shfl_xor_sync(0xffffffffu, n_edges, s);
         if (lane == 0 && n_edges) atomicAdd(edges, n_edges);
     }
-    if (BULK) bulk_wait<false>();  // the last staged rows read (and added) before the block's shared memory goes
 }

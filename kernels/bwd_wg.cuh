@@ -26,18 +26,21 @@ __device__ __forceinline__ void score_products(float (&s)[MK / 8][4], float (&dp
     wg_commit();
 }
 
-// A ring of ST shared-memory stages between the loader warpgroup (128 threads) and the 128 NWG
-// consumer threads of attend_bwd_kv_wg or attend_bwd_q_wg: full[s] completes a phase when the
-// 128 loader threads' copies into stage s landed, empty[s] when every consumer thread is done
-// with it (each arrives itself: the key-major consumers read the stage's statistics with plain
-// loads, and an arrival per reader orders each read before the refill, as racecheck can verify).
+// A ring of ST shared-memory stages between the loader warpgroup (its 128 threads, or the first
+// `loaders`) and the 128 NWG consumer threads of the backward's Hopper kernels: full[s] completes
+// a phase when the loader threads' copies into stage s landed, empty[s] when every consumer
+// thread (and any `extra` reader) is done with it (each arrives itself: the key-major consumers
+// read the stage's statistics with plain loads, and an arrival per reader orders each read
+// before the refill, as racecheck can verify).
 // Item n (of the loader's sequence, which every consumer walks too) goes to stage n % ST, fill n / ST.
 template <int ST> struct Ring {
     unsigned long long full[ST], empty[ST];
-    __device__ __forceinline__ void init(int nwg) {  // one thread, before the block's barrier
+    // one thread, before the block's barrier; `loaders` threads fill a stage, `extra` threads
+    // beside the consumers' release it
+    __device__ __forceinline__ void init(int nwg, int loaders = 128, int extra = 0) {
         for (int s = 0; s < ST; ++s) {
-            mb_init(&full[s], 128);
-            mb_init(&empty[s], 128 * nwg);
+            mb_init(&full[s], loaders);
+            mb_init(&empty[s], 128 * nwg + extra);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }

@@ -133,12 +133,12 @@ WGSS_DEFINE(__half, "f16.f16")
 WGSS_DEFINE(__nv_bfloat16, "bf16.bf16")
 
 // rows [0, rows) of a (rows, D) block at src into shared memory in 128-byte swizzle atoms, zeros
-// up to PAD rows, by 128 threads (tid in [0, 128)): columns [64h, 64h + 64) of row r at h * PAD * 128 +
+// up to PAD rows, by NT threads (tid in [0, NT)): columns [64h, 64h + 64) of row r at h * PAD * 128 +
 // r * 128, their 16-byte chunk c at position c ^ (r % 8). A thread copies one chunk column of
-// every (128 / (D / 8))-th row, so its offsets and its swizzle are the same in every row it copies.
-template <typename T, int D, int PAD>
+// every (NT / (D / 8))-th row, so its offsets and its swizzle are the same in every row it copies.
+template <typename T, int D, int PAD, int NT = 128>
 __device__ __forceinline__ void load_tile_sw(const T* __restrict__ src, long long ld, int rows, T* dst, int tid) {
-    constexpr int CH = D / 8, STEP = 128 / CH;  // chunks per row; rows between a thread's copies
+    constexpr int CH = D / 8, STEP = NT / CH;  // chunks per row; rows between a thread's copies
     static_assert(PAD % STEP == 0, "every thread copies the same number of rows");
     const int c = tid % CH, r0 = tid / CH;
     char* d = reinterpret_cast<char*>(dst) + (c >> 3) * PAD * 128 + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);

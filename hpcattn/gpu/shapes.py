@@ -104,7 +104,8 @@ def bwd_fused_shape(D, bulk=False):
 def bwd_fused_name(ctype, D, otype, ordered, shape=None, bulk=False):
     """attend_bwd_fused_wg's name expression: dk, dv as attend_bwd_kv_wg (otype), dq added into
     float32 sums, in key-block order when `ordered` (the same bits on every rerun), by bulk
-    reductions from shared memory when `bulk` (else red.global.add from registers)."""
+    reductions from shared memory that a writer warp per consumer issues when `bulk` (else
+    red.global.add from the consumers' registers)."""
     nwg, st, minb = shape or bwd_fused_shape(D, bulk)
     return (f"attend_bwd_fused_wg<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(ordered).lower()}, "
             f"{str(bulk).lower()}>")
