@@ -46,6 +46,13 @@ __device__ __forceinline__ int load_acquire(const int* p) {
     return x;
 }
 
+// Hands an ordered dq turn to the next key block (v: this block's index + 1) once this thread
+// and those that synchronised with it before (bar.sync, __syncwarp) have added: CUTLASS's
+// GenericBarrier arrive, a cumulative fence.acq_rel.gpu and a relaxed store; no fence.sc
+__device__ __forceinline__ void release_turn(int* turn, int v) {
+    asm volatile("fence.acq_rel.gpu;\nst.relaxed.gpu.global.b32 [%0], %1;\n" :: "l"(turn), "r"(v) : "memory");
+}
+
 // Waits until *turn equals want, then loads it once more with acquire semantics (gpu scope);
 // the polls are relaxed loads, which leave the SM's L1 alone (each ld.acquire invalidates it).
 // Like mb_wait_asm, a wait that never ends (a bug) ends the kernel with an error after 10 minutes.
@@ -261,15 +268,12 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 // generic-async proxy fence. So the result of the asynchronous operation is made
                 // visible to the generic proxy as soon as its completion is observed", and each lane
                 // observed its own (cp.async.bulk.wait_group 0) before __syncwarp, which orders the
-                // lanes' views before lane 0's fence.acq_rel.gpu + st.relaxed.gpu (cumulative, as
-                // CUTLASS's GenericBarrier arrive); the next block's ld.acquire.gpu of the turn
+                // lanes' views before lane 0's release; the next block's ld.acquire.gpu of the turn
                 // synchronizes with it, and its fence.proxy.async.global (above) carries that order
                 // into its own adds. Each element's add is a .relaxed.gpu reduction.
                 if (ORDERED) {
                     __syncwarp();
-                    if (lane == 0)
-                        asm volatile("fence.acq_rel.gpu;\nst.relaxed.gpu.global.b32 [%0], %1;\n"
-                                     :: "l"(turn), "r"(kb + 1) : "memory");
+                    if (lane == 0) release_turn(turn, kb + 1);
                 }
                 ++nst;
             }
@@ -434,15 +438,11 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 for (int j = 0; j < MK / 8; ++j)
                     red_add2(base + (size_t)r * D + 8 * j, scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
             }
-            // ORDERED: the warpgroup's adds, then the next block's turn: CUTLASS's GenericBarrier
-            // arrive (bar.sync, then one thread's fence.acq_rel.gpu and relaxed write: "the fence
-            // also releases data that was weakly-written by other threads prior to the last
-            // syncthreads"); no fence.sc
+            // ORDERED: the warpgroup's adds, then the next block's turn ("the fence also releases
+            // data that was weakly-written by other threads prior to the last syncthreads")
             if (ORDERED) {
                 named_sync(2 + cw, 128);
-                if ((tid & 127) == 0)
-                    asm volatile("fence.acq_rel.gpu;\nst.relaxed.gpu.global.b32 [%0], %1;\n"
-                                 :: "l"(turn), "r"(kb + 1) : "memory");
+                if ((tid & 127) == 0) release_turn(turn, kb + 1);
             }
         }
     }
