@@ -151,11 +151,11 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // contiguous bytes for the bulk copy), fences them for the async proxy and arrives on
 // dqbar[cw] (staged); before it next stores, it waits on dqbar[NWG + cw] (freed). The writer
 // waits for the slice, adds each row into dq with one cp.reduce.async.bulk of 256 bytes (a row a
-// lane at a time), waits for the reads (ORDERED: the completion) and arrives on freed, so the
-// consumers go on to the next item while their adds, and ORDERED's turns, are under way. ORDERED
-// with BULK: the writer also finds prev_block from the stage's positions (so it waits on each
-// stage's full barrier and arrives on its empty one, as the consumers do), waits for the turn,
-// and releases it after the adds. The writer waits for its bulk groups' completion before the
+// lane at a time), waits for the reads and arrives on freed, so the consumers go on to the next
+// item while their adds, and ORDERED's turns, are under way. ORDERED with BULK: the writer also
+// finds prev_block from the stage's positions (so it waits on each stage's full barrier and
+// arrives on its empty one, as the consumers do), waits for the turn before the adds, and for
+// their completion before it releases the turn. The writer waits for its bulk groups' completion before the
 // block exits. dq must be 16-byte aligned (each row's slice then is).
 // Named barriers: 0 (__syncthreads), 1 (the 128 NWG consumer threads, every item), 2 + cw (the
 // 128 threads of consumer cw, ORDERED's release without BULK); ids up to NWG + 1 <= 8 of the 16.
@@ -211,7 +211,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         if (BULK)
             for (int i = 0; i < NWG; ++i) {
                 mb_init(&dqbar[i], 128);  // consumer i's dq slice staged
-                mb_init(&dqbar[NWG + i], 32);  // and read by its writer warp (ORDERED: added)
+                mb_init(&dqbar[NWG + i], 32);  // and read by its writer warp
             }
         ring.init(NWG, LT, ORDERED && BULK ? 32 * NWG : 0);  // ORDERED && BULK: the writers read positions
     }
@@ -261,7 +261,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 for (int r = lane; r < rows; r += 32)  // row r's slice of head-major dq, from the staged row
                     bulk_red_add(dq + ((size_t)hq * nq + ct * BM + r) * D + 64 * c, sg + r * (DQP / 4), 4 * MK);
                 bulk_commit();
-                bulk_wait<!ORDERED>();  // read (ORDERED: added, and visible to this lane's generic proxy)
+                bulk_wait<true>();  // the staged rows read: the consumer may stage its next slice
                 mb_arrive(&dqbar[NWG + wc]);
                 // ORDERED: the release covers the bulk reductions because (PTX ISA, "Async Proxy")
                 // "the completion of a cp{.reduce}.async.bulk operation is followed by an implicit
@@ -272,6 +272,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 // synchronizes with it, and its fence.proxy.async.global (above) carries that order
                 // into its own adds. Each element's add is a .relaxed.gpu reduction.
                 if (ORDERED) {
+                    bulk_wait<false>();  // added, and visible to this lane's generic proxy
                     __syncwarp();
                     if (lane == 0) release_turn(turn, kb + 1);
                 }

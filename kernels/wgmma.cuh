@@ -135,12 +135,25 @@ WGSS_DEFINE(__nv_bfloat16, "bf16.bf16")
 // rows [0, rows) of a (rows, D) block at src into shared memory in 128-byte swizzle atoms, zeros
 // up to PAD rows, by NT threads (tid in [0, NT)): columns [64h, 64h + 64) of row r at h * PAD * 128 +
 // r * 128, their 16-byte chunk c at position c ^ (r % 8). A thread copies one chunk column of
-// every (NT / (D / 8))-th row, so its offsets and its swizzle are the same in every row it copies.
+// every STEP = (NT / (D / 8))-th row from row r0 < STEP; with STEP a multiple of 8 its swizzle is
+// the same in every row it copies, else row r0 + i STEP's is r0's xor (i STEP) % 8 (no carry:
+// STEP is a power of two above r0).
 template <typename T, int D, int PAD, int NT = 128>
 __device__ __forceinline__ void load_tile_sw(const T* __restrict__ src, long long ld, int rows, T* dst, int tid) {
     constexpr int CH = D / 8, STEP = NT / CH;  // chunks per row; rows between a thread's copies
     static_assert(PAD % STEP == 0, "every thread copies the same number of rows");
     const int c = tid % CH, r0 = tid / CH;
+    if constexpr (STEP % 8 != 0) {  // each row its own swizzle
+        char* row = reinterpret_cast<char*>(dst) + (c >> 3) * PAD * 128 + r0 * 128;
+        const T* g = src + (size_t)r0 * ld + c * 8;
+#pragma unroll
+        for (int i = 0; i < PAD / STEP; ++i) {
+            const bool in = r0 + i * STEP < rows;
+            cp16(row + i * STEP * 128 + (((c & 7) ^ (r0 & 7) ^ ((i * STEP) & 7)) << 4),
+                 in ? g + (size_t)i * STEP * ld : src, in);
+        }
+        return;
+    }
     char* d = reinterpret_cast<char*>(dst) + (c >> 3) * PAD * 128 + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);
     const T* g = src + (size_t)r0 * ld + c * 8;
     const size_t step = (size_t)STEP * ld;
