@@ -145,7 +145,7 @@ def main():
     if cp.cuda.Device().compute_capability != "90":
         print(f"FAIL the Hopper kernels need compute capability 9.0, not {cp.cuda.Device().compute_capability}")
         sys.exit(1)
-    paths = [{"red": False, "bulk": True}[p] for p in a.dq.split(",")]
+    paths = [{"red": False, "bulk": True}[name] for name in a.dq.split(",")]
     dtypes, dims = [t for t in a.dtypes.split(",") if t], [int(d) for d in a.dims.split(",")]
     cases_ = [c for c in a.cases.split(",") if c]
     wanted = {(CTYPES[t], D, o) for t in dtypes for D in dims for o in ("float", CTYPES[t])}
