@@ -53,6 +53,12 @@ __device__ __forceinline__ void release_turn(int* turn, int v) {
     asm volatile("fence.acq_rel.gpu;\nst.relaxed.gpu.global.b32 [%0], %1;\n" :: "l"(turn), "r"(v) : "memory");
 }
 
+// The ordered dq turn of (query head hq, query tile ct, 64-column slice c): one per slice of each
+// of a head's ntiles tiles (NSL slices), heads after one another
+template <int NSL> __device__ __forceinline__ int* turn_at(int* turns, int hq, int ntiles, int ct, int c) {
+    return turns + ((size_t)hq * ntiles + ct) * NSL + c;
+}
+
 // Waits until *turn equals want, then loads it once more with acquire semantics (gpu scope);
 // the polls are relaxed loads, which leave the SM's L1 alone (each ld.acquire invalidates it).
 // Like mb_wait_asm, a wait that never ends (a bug) ends the kernel with an error after 10 minutes.
@@ -155,8 +161,8 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // item while their adds, and ORDERED's turns, are under way. ORDERED with BULK: the writer also
 // finds prev_block from the stage's positions (so it waits on each stage's full barrier and
 // arrives on its empty one, as the consumers do), waits for the turn before the adds, and for
-// their completion before it releases the turn. The writer waits for its bulk groups' completion before the
-// block exits. dq must be 16-byte aligned (each row's slice then is).
+// their completion before it releases the turn. The writer waits for its bulk groups' completion
+// before the block exits. dq must be 16-byte aligned (each row's slice then is).
 // Named barriers: 0 (__syncthreads), 1 (the 128 NWG consumer threads, every item), 2 + cw (the
 // 128 threads of consumer cw, ORDERED's release without BULK); ids up to NWG + 1 <= 8 of the 16.
 // Shared memory, DQ: the two dS^T buffers (2 BN 64 elements) after the K and V rows; BULK: NWG
@@ -235,22 +241,22 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         if (BULK && warp >= 2) {  // consumer wc's writer warp: adds its staged dq slices, item by item
             const int wc = warp - 2, ntiles = (nq + BM - 1) / BM;
             const bool rows_unsorted = qpos && *unsorted;
+            RingUse<ST> use{ring};  // ORDERED: the writer reads each stage's positions
             int n = 0, nst = 0;  // the item; the slices staged so far
             for (int cg = g_first, cr = r_first, ct = t_first; cg < G; step(cg, cr, ct), ++n) {
                 const int c = (wc + NWG - n % NWG) % NWG, rows = min(BM, nq - ct * BM);  // the consumer's slice
                 int prev = -1;  // ORDERED: the key block that adds into the slice before this one
                 if (ORDERED) {  // found from the stage's positions, off the consumers' path
-                    const int st = n % ST;
-                    mb_wait_asm(&ring.full[st], (n / ST) & 1);
-                    const long long* Pb = Ps + st * BM;
+                    use.wait();
+                    const long long* Pb = Ps + use.s * BM;
                     if (c < NSL)
                         prev = prev_block<BN>(mk, tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane),
                                               qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
-                    mb_arrive(&ring.empty[st]);
+                    use.release();
                 }
                 if (c >= NSL) continue;
                 const int hq = hk * G + cg;
-                int* turn = turns + ((size_t)hq * ntiles + ct) * NSL + c;
+                int* turn = turn_at<NSL>(turns, hq, ntiles, ct, c);
                 if (ORDERED) turn_wait(turn, prev + 1);
                 mb_wait_asm(&dqbar[wc], nst & 1);
                 // ORDERED: the acquire (generic proxy), then a generic-to-async proxy fence, so that
@@ -341,8 +347,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         auto find_prev = [&](const TileRows& tr) {
             if (ORDERED && !BULK && c < NSL) {
                 const int prev = prev_block<BN>(mk, tr, qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
-                want = load_acquire(turns + ((size_t)(hk * G + cg) * ntiles + ct) * NSL + c) == prev + 1 ? -1
-                                                                                                     : prev + 1;
+                want = load_acquire(turn_at<NSL>(turns, hk * G + cg, ntiles, ct, c)) == prev + 1 ? -1 : prev + 1;
             }
         };
         use.wait();
@@ -428,7 +433,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             ++nst;
         } else if (c < NSL) {
             const int hq = hk * G + cg;
-            int* turn = turns + ((size_t)hq * ntiles + ct) * NSL + c;
+            int* turn = turn_at<NSL>(turns, hq, ntiles, ct, c);
             if (ORDERED && want >= 0) turn_wait(turn, want);
             float* base = dq + ((size_t)hq * nq + ct * BM) * D + 64 * c + 2 * tq;  // head-major rows
 #pragma unroll
