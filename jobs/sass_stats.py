@@ -2,7 +2,8 @@
 expression gpu/loader.py builds, or those matching --match), ptxas' registers, stack and spill bytes,
 and from the SASS the instructions, the HGMMAs, the local-memory accesses (LDL/STL: all, and the
 register spills and refills among them between the first and the last HGMMA, i.e. in the tile loop),
-and the GPU-scope fences (MEMBAR.SC.GPU, MEMBAR.ALL.GPU).
+the GPU-scope fences (MEMBAR.SC.GPU, MEMBAR.ALL.GPU), and the order of the wgmma waits and the
+exponentials (W1, W0: wgmma.wait_group 1, 0; E n: n MUFU.EX2 in a row; offline.waits_and_exps).
 --base REV builds the same names from REV's kernels/ and says per kernel whether the SASS is the same
 opcode for opcode (registers aside): a change meant to leave a kernel alone is checked that way.
 
@@ -12,26 +13,19 @@ Needs nvcc (CUDA 12.8+ for sm_90a) and nvdisasm (the CUDA toolkit's, or `pip ins
 nvidia-cuda-nvdisasm`). Compiles with the flags of tests/gpu/test_gpu_build.py.
 """
 import argparse
-import glob
-import os
 import re
-import shutil
-import site
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hpcattn.gpu import loader  # noqa: E402
+from hpcattn.gpu import loader, offline  # noqa: E402
+from hpcattn.gpu.offline import opcodes, waits_and_exps  # noqa: E402
 
 
 def tool(name):
-    """A CUDA tool on PATH, in CUDA_HOME, or from its pip wheel (nvidia/cu13/bin)."""
-    cands = [shutil.which(name), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name)]
-    for d in site.getsitepackages() + [site.getusersitepackages()]:
-        cands += glob.glob(os.path.join(d, "nvidia", "cu*", "bin", name))
-    found = next((c for c in cands if c and os.access(c, os.X_OK)), None)
+    found = offline.find_tool(name)
     if found is None:
         sys.exit(f"{name} not found (CUDA toolkit, or pip install nvidia-cuda-{name})")
     return found
@@ -58,16 +52,9 @@ def build(kernel_dir, source, names, work):
             m = re.search(pat, line)
             if m and current:
                 props.setdefault(current, {})[key] = int(m.group(1))
-    sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    parts = re.split(r"\n\s*\.text\.(\S+):", sass)
-    code = {parts[i]: [re.sub(r"/\*[0-9a-f]+\*/", "", x).strip() for x in parts[i + 1].splitlines()
-                       if re.match(r"\s*/\*[0-9a-f]{4,}\*/", x)] for i in range(1, len(parts), 2)}
+    code = offline.sass(cubin.read_bytes(), tool("nvdisasm"))
     names = subprocess.run(["c++filt"], input="\n".join(code), capture_output=True, text=True).stdout.split("\n")
     return {re.sub(r"\(.*", "", d): (props.get(m, {}), code[m]) for m, d in zip(code, names)}
-
-
-def opcodes(lines):
-    return [x.split()[1] if x.startswith("@") else x.split()[0] for x in lines]
 
 
 def stats(props, lines):
@@ -76,7 +63,8 @@ def stats(props, lines):
     local = sum(op.startswith(("LDL", "STL")) for op in ops)
     spills = sum("SpillRefill" in x for x in lines[hg[0]:hg[-1] + 1]) if hg else 0
     return (props.get("regs", "?"), props.get("stack", "?"), props.get("spill st", "?"), props.get("spill ld", "?"),
-            len(ops), len(hg), local, spills, ops.count("MEMBAR.SC.GPU"), ops.count("MEMBAR.ALL.GPU"))
+            len(ops), len(hg), local, spills, ops.count("MEMBAR.SC.GPU"), ops.count("MEMBAR.ALL.GPU"),
+            " ".join(waits_and_exps(lines)))
 
 
 def main():
@@ -98,7 +86,7 @@ def main():
             subprocess.run(f"git -C {root} archive {a.base} kernels | tar -x -C {old}", shell=True, check=True)
             base = build(old / "kernels", a.source, names, work)
     head = ("regs", "stack", "spill st", "spill ld", "instr", "HGMMA", "LDL/STL", "loop spills", "MEMBAR.SC",
-            "MEMBAR.ALL") + (("vs " + a.base,) if a.base else ())
+            "MEMBAR.ALL", "waits, exps") + (("vs " + a.base,) if a.base else ())
     print("kernel | " + " | ".join(head))
     for name, (props, lines) in sorted(now.items()):
         row = [str(x) for x in stats(props, lines)]

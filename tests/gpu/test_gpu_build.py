@@ -1,25 +1,14 @@
 """Every kernel in kernels/ compiles with nvcc for sm_90 (sm_90a: loader.SM90A) with no warnings (runs in CI; needs
 nvcc, not a GPU), with every name expression hpcattn/gpu/loader.py asks CuPy for instantiated."""
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from hpcattn.gpu import encode, loader, shapes
+from hpcattn.gpu import encode, loader, offline, shapes
 from hpcattn.masks import parse
 
-
-def find_nvcc():
-    for cand in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
-                 "/usr/local/cuda/bin/nvcc"):
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
-NVCC = find_nvcc()
+NVCC = offline.find_tool("nvcc")
 
 
 def test_every_source_in_kernels_is_loaded():
@@ -62,25 +51,7 @@ def test_head_dim_buckets_and_limits():
         shapes.bucket(257)
 
 
-def find_nvrtc():
-    """libnvrtc as CuPy would load it (a CUDA install or the nvidia-cuda-nvrtc wheel), or None."""
-    import ctypes
-    import glob
-    import site
-    cands = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "lib64", "libnvrtc.so")]
-    for d in site.getsitepackages():
-        cands += sorted(glob.glob(os.path.join(d, "nvidia", "cu13", "lib", "libnvrtc.so.*")))
-    for c in cands:
-        try:
-            for b in sorted(glob.glob(os.path.join(os.path.dirname(c), "libnvrtc-builtins.so*"))):
-                ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)  # found by name, not by path, otherwise
-            return ctypes.CDLL(c)
-        except OSError:
-            continue
-    return None
-
-
-NVRTC, CUDA_INCLUDE = find_nvrtc(), loader.toolkit_include()
+NVRTC, CUDA_INCLUDE = offline.find_nvrtc(), loader.toolkit_include()
 
 
 @pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found: the runtime (CuPy/NVRTC) compile of "
@@ -91,18 +62,5 @@ NVRTC, CUDA_INCLUDE = find_nvrtc(), loader.toolkit_include()
 def test_kernel_compiles_with_nvrtc_as_cupy_loads_it(source):
     """The same source and name expressions through NVRTC (what cupy.RawModule does at run
     time), with the options hpcattn/gpu/loader.py passes plus the CUDA headers' directory."""
-    import ctypes
-    prog = ctypes.c_void_p()
-    code = (loader.KERNEL_DIR / source).read_bytes()
-    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), code, source.encode(), 0, None, None) == 0
-    for name in loader.every_name(source):
-        assert NVRTC.nvrtcAddNameExpression(prog, name.encode()) == 0
-    arch = "-arch=sm_90a" if source in loader.SM90A else "-arch=sm_90"
-    opts = [o.encode() for o in (*loader.OPTIONS, f"-I{CUDA_INCLUDE}", arch)]
-    rc = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    size = ctypes.c_size_t()
-    NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    NVRTC.nvrtcGetProgramLog(prog, log)
-    NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
-    assert rc == 0 and not log.value.strip(), log.value.decode(errors="replace")
+    rc, log, _, _ = offline.nvrtc_compile(NVRTC, source, loader.every_name(source))
+    assert rc == 0 and not log.strip(), log

@@ -1,0 +1,104 @@
+"""kernels/ compiled without a GPU, the way a GPU machine compiles them: NVRTC through ctypes (what
+cupy.RawModule runs) to a log or a cubin, and a cubin's SASS by nvdisasm. For the compile checks
+(tests/gpu/test_gpu_build.py, tests/gpu/test_gpu_sass.py) and jobs/sass_stats.py."""
+import ctypes
+import glob
+import os
+import re
+import shutil
+import site
+import subprocess
+import tempfile
+
+from . import loader
+
+
+def _wheel_dirs(sub):
+    """`sub` under every site-packages' nvidia/cu* folder (the CUDA pip wheels)."""
+    dirs = site.getsitepackages() + [site.getusersitepackages()]
+    return sorted(p for d in dirs for p in glob.glob(os.path.join(d, "nvidia", "cu*", sub)))
+
+
+def find_nvrtc():
+    """libnvrtc as CuPy would load it (a CUDA install or the nvidia-cuda-nvrtc wheel), or None."""
+    cands = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "lib64", "libnvrtc.so")]
+    for d in _wheel_dirs("lib"):
+        cands += sorted(glob.glob(os.path.join(d, "libnvrtc.so.*")))
+    for c in cands:
+        try:
+            for b in sorted(glob.glob(os.path.join(os.path.dirname(c), "libnvrtc-builtins.so*"))):
+                ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)  # found by name, not by path, otherwise
+            return ctypes.CDLL(c)
+        except OSError:
+            continue
+    return None
+
+
+def find_tool(name):
+    """A CUDA tool (nvcc, nvdisasm) on PATH, in CUDA_HOME, or from its pip wheel, or None."""
+    cands = [shutil.which(name), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name)]
+    cands += [os.path.join(d, name) for d in _wheel_dirs("bin")]
+    return next((c for c in cands if c and os.access(c, os.X_OK)), None)
+
+
+def nvrtc_compile(lib, source, names, kernel_dir=None, cubin=False, ptxas_v=False):
+    """kernels/`source` (or kernel_dir/`source`) through NVRTC (`lib`: find_nvrtc()) with the name
+    expressions `names` and loader's options: (return code, log, the cubin's bytes or None,
+    {name expression: its mangled name}). sm_90a for loader.SM90A's sources, else sm_90."""
+    kdir = str(kernel_dir or loader.KERNEL_DIR)
+    prog = ctypes.c_void_p()
+    code = open(os.path.join(kdir, source), "rb").read()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), code, source.encode(), 0, None, None) == 0
+    for name in names:
+        assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0
+    arch = "-arch=sm_90a" if source in loader.SM90A else "-arch=sm_90"
+    opts = [o.replace(str(loader.KERNEL_DIR), kdir) for o in loader.OPTIONS]
+    opts += [f"-I{loader.toolkit_include()}", arch] + (["--ptxas-options=-v"] if ptxas_v else [])
+    opts = [o.encode() for o in opts]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    binary, mangled = None, {}
+    if rc == 0 and cubin:
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        assert lib.nvrtcGetCUBIN(prog, buf) == 0
+        binary = buf.raw
+        for name in names:
+            low = ctypes.c_char_p()
+            assert lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(low)) == 0
+            mangled[name] = low.value.decode()
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return rc, log.value.decode(errors="replace"), binary, mangled
+
+
+def sass(cubin, nvdisasm):
+    """{mangled kernel name: its SASS instructions, one string each, addresses dropped} of a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    parts = re.split(r"\n\s*\.text\.(\S+):", text)
+    return {parts[i]: [re.sub(r"/\*[0-9a-f]+\*/", "", x).strip() for x in parts[i + 1].splitlines()
+                       if re.match(r"\s*/\*[0-9a-f]{4,}\*/", x)] for i in range(1, len(parts), 2)}
+
+
+def opcodes(lines):
+    """The opcode of each SASS instruction (a predicate such as @P0 dropped)."""
+    return [x.split()[1] if x.startswith("@") else x.split()[0] for x in lines]
+
+
+def waits_and_exps(lines):
+    """A kernel's wgmma waits ('W1', 'W0': WARPGROUP.DEPBAR.LE gsb0, 1 or 0) and runs of MUFU.EX2
+    ('E n'), in SASS order: where ptxas put the exponentials between the MMAs."""
+    seq = []
+    for line, op in zip(lines, opcodes(lines)):
+        if op == "WARPGROUP.DEPBAR.LE":
+            seq.append("W" + line.rstrip(" ;").split(",")[-1].strip()[-1])
+        elif op == "MUFU.EX2":
+            if not seq or not seq[-1].startswith("E"):
+                seq.append("E 0")
+            seq[-1] = f"E {int(seq[-1][2:]) + 1}"
+    return seq
