@@ -445,14 +445,18 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                     Wgmma<T, D, 1>::run(oacc, pa[kk], wg_desc(vdesc, vb + kk * 16 * 128), 1);
                 wg_commit();
             };
-            // tile t's scores (complete in s): mask, softmax, weights into s
+            // tile t's scores (complete in s): mask, softmax, weights into s; then, after a plan's
+            // last tile, the next 32 tiles' plan. Planned here, that branch also ends ptxas' basic
+            // block before the wait for P V that follows the softmax in the tile loop: ptxas moves
+            // a wgmma wait up to the top of its block, which put the whole softmax after the
+            // wait for P V instead of beside it (tests/gpu/test_gpu_sass.py checks the order).
             auto softmax = [&](int t) {
                 const int l = (t - first) & 31;
-                if (l == 0 && t != first) plan(t);
                 const long long c0 = __shfl_sync(0xffffffffu, pc0, l);
                 const int info = __shfl_sync(0xffffffffu, pinfo, l);
                 wg_mask(s, mk, info >> 7, live0, live1, pos0, pos1, c0, info & 127, tq, item_edges);
                 wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
+                if (l == 31 && t < last) plan(t + 1);
             };
             // SCHED 1: O = a O, as issue_pv does in SCHED 0
             auto rescale_o = [&]() {
