@@ -186,10 +186,11 @@ attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, con
                 wgmma_wait<1>();  // S
                 fence_regs(s[0]);
                 mask_scores<1>(s, mk, live, pos, c0, nkt, full, tq, n_edges);
+                weights<false>(s[0], sl2, Lr, dummy);  // P, as far as ptxas lets it, while dP runs
                 wgmma_wait<0>();  // dP
                 fence_regs(dp[0]);
                 unsigned pa[MK / 16][4], da[MK / 16][4];
-                probabilities<T, false>(s[0], dp[0], sl2, Lr, dr, dummy, dummy, pa, da);
+                score_grads<T, false>(s[0], dp[0], dr, dummy, pa, da);
                 fence_regs(dqa);
                 wg_fence();
 #pragma unroll

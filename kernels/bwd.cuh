@@ -168,27 +168,43 @@ __device__ __forceinline__ void column_stats(const float* Ls, const float* Ds, i
         }
 }
 
-// P = exp2(sl2 s - L) and dS = P (dP - delta) of one 16-row block packed as MMA A fragments;
-// per-row statistics (Lr, dr: rows g, g + 8) or per-column ones (Lc, dc), as COLS says.
+// P = exp2(sl2 s - L) of one 16-row block, in place; per-row statistics (Lr: rows g, g + 8) or
+// per-column ones (Lc), as COLS says. Apart from score_grads so that a Hopper kernel can compute
+// P while its dP MMA runs.
+template <bool COLS>
+__device__ __forceinline__ void weights(float (&s)[MK / 8][4], float sl2, const float* Lr, const float (&Lc)[MK / 8][2]) {
+#pragma unroll
+    for (int j = 0; j < MK / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = exp2f(fmaf(s[j][e], sl2, -(COLS ? Lc[j][e & 1] : Lr[e >> 1])));
+}
+
+// dS = P (dP - delta) of one 16-row block, and P and dS packed as MMA A fragments; delta per row
+// (dr) or per column (dc), as COLS says.
 template <typename T, bool COLS>
-__device__ __forceinline__ void probabilities(const float (&s)[MK / 8][4], const float (&dp)[MK / 8][4], float sl2,
-                                              const float* Lr, const float* dr, const float (&Lc)[MK / 8][2],
-                                              const float (&dc)[MK / 8][2], unsigned (&pa)[MK / 16][4],
-                                              unsigned (&da)[MK / 16][4]) {
+__device__ __forceinline__ void score_grads(const float (&p)[MK / 8][4], const float (&dp)[MK / 8][4], const float* dr,
+                                            const float (&dc)[MK / 8][2], unsigned (&pa)[MK / 16][4],
+                                            unsigned (&da)[MK / 16][4]) {
 #pragma unroll
     for (int j = 0; j < MK / 8; ++j) {
-        float p[4], d[4];
+        float d[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float L = COLS ? Lc[j][e & 1] : Lr[e >> 1], dd = COLS ? dc[j][e & 1] : dr[e >> 1];
-            p[e] = exp2f(fmaf(s[j][e], sl2, -L));
-            d[e] = p[e] * (dp[j][e] - dd);
-        }
-        pa[j >> 1][(j & 1) * 2] = pack2<T>(p[0], p[1]);
-        pa[j >> 1][(j & 1) * 2 + 1] = pack2<T>(p[2], p[3]);
+        for (int e = 0; e < 4; ++e) d[e] = p[j][e] * (dp[j][e] - (COLS ? dc[j][e & 1] : dr[e >> 1]));
+        pa[j >> 1][(j & 1) * 2] = pack2<T>(p[j][0], p[j][1]);
+        pa[j >> 1][(j & 1) * 2 + 1] = pack2<T>(p[j][2], p[j][3]);
         da[j >> 1][(j & 1) * 2] = pack2<T>(d[0], d[1]);
         da[j >> 1][(j & 1) * 2 + 1] = pack2<T>(d[2], d[3]);
     }
+}
+
+// weights, then score_grads (the mma.sync kernels, whose dP is complete by then)
+template <typename T, bool COLS>
+__device__ __forceinline__ void probabilities(float (&s)[MK / 8][4], const float (&dp)[MK / 8][4], float sl2,
+                                              const float* Lr, const float* dr, const float (&Lc)[MK / 8][2],
+                                              const float (&dc)[MK / 8][2], unsigned (&pa)[MK / 16][4],
+                                              unsigned (&da)[MK / 16][4]) {
+    weights<COLS>(s, sl2, Lr, Lc);
+    score_grads<T, COLS>(s, dp, dr, dc, pa, da);
 }
 
 // Row g (h = 0) and g + 8 (h = 1) of a 16-row block starting at `base` (rows rs apart), columns

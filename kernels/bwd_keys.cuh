@@ -363,12 +363,13 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             unsigned long long te = 0;
             kv_tile_mask<DQ>(s, mk, tr, Pb, rows, k0 + kw0, k0 + min(kw0 + 16, kc1), live, jpos, tq, &te);
             if (DQ && hk == 0 && cg == 0) n_edges += te;  // query head 0's
-            wgmma_wait<0>();  // dP^T
-            fence_regs(dp[0]);
             float L[MK / 8][2], dl[MK / 8][2];
             column_stats(Ls + buf * BM, Dls + buf * BM, rows, tq, L, dl);
+            weights<true>(s[0], sl2, nullptr, L);  // P, as far as ptxas lets it, while dP^T runs
+            wgmma_wait<0>();  // dP^T
+            fence_regs(dp[0]);
             unsigned pa[MK / 16][4], da[MK / 16][4];
-            probabilities<T, true>(s[0], dp[0], sl2, nullptr, nullptr, L, dl, pa, da);
+            score_grads<T, true>(s[0], dp[0], nullptr, dl, pa, da);
             if (DQ) {  // this thread's dS^T: key rows 64 cw + 16 wq + g + 8h (row r % 8 = g), query
                        // pairs 8j + 2tq in 16-byte chunk j, at chunk j ^ g of the row
 #pragma unroll
