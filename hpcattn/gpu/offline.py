@@ -41,20 +41,17 @@ def find_tool(name):
     return next((c for c in cands if c and os.access(c, os.X_OK)), None)
 
 
-def nvrtc_compile(lib, source, names, kernel_dir=None, cubin=False, ptxas_v=False):
-    """kernels/`source` (or kernel_dir/`source`) through NVRTC (`lib`: find_nvrtc()) with the name
-    expressions `names` and loader's options: (return code, log, the cubin's bytes or None,
-    {name expression: its mangled name}). sm_90a for loader.SM90A's sources, else sm_90."""
-    kdir = str(kernel_dir or loader.KERNEL_DIR)
+def nvrtc_compile(lib, source, names, cubin=False):
+    """kernels/`source` through NVRTC (`lib`: find_nvrtc()) with the name expressions `names` and
+    loader's options: (return code, log, the cubin's bytes or None, {name expression: its mangled
+    name}). sm_90a for loader.SM90A's sources, else sm_90."""
     prog = ctypes.c_void_p()
-    code = open(os.path.join(kdir, source), "rb").read()
+    code = (loader.KERNEL_DIR / source).read_bytes()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), code, source.encode(), 0, None, None) == 0
     for name in names:
         assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0
     arch = "-arch=sm_90a" if source in loader.SM90A else "-arch=sm_90"
-    opts = [o.replace(str(loader.KERNEL_DIR), kdir) for o in loader.OPTIONS]
-    opts += [f"-I{loader.toolkit_include()}", arch] + (["--ptxas-options=-v"] if ptxas_v else [])
-    opts = [o.encode() for o in opts]
+    opts = [o.encode() for o in (*loader.OPTIONS, f"-I{loader.toolkit_include()}", arch)]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
