@@ -85,25 +85,27 @@ def cuda_include():
     return (f"-I{inc}",) if inc else ()
 
 
-def options():
-    """Every compiler option: OPTIONS (the kernels' own headers) and the CUDA headers."""
-    return OPTIONS + cuda_include()
+def options(kernel_dir=KERNEL_DIR):
+    """Every compiler option: OPTIONS (the kernels' own headers, from kernel_dir) and the CUDA headers."""
+    return tuple(o.replace(str(KERNEL_DIR), str(kernel_dir)) for o in OPTIONS) + cuda_include()
 
 
-def _stamped(path):
+def _stamped(path, kernel_dir=KERNEL_DIR):
     """The source text with a first line naming the digest of the headers it may include:
     CuPy's compile cache is keyed by the text alone, so an edited header must change it."""
-    headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(KERNEL_DIR.glob("*.cuh")))).hexdigest()
+    headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(Path(kernel_dir).glob("*.cuh")))).hexdigest()
     return f"// kernels/*.cuh {headers[:16]}\n" + path.read_text()
 
 
-def build(source, names=None):
+def build(source, names=None, kernel_dir=KERNEL_DIR):
     """kernels/`source` compiled on the current device with the name expressions `names`
     (default: SOURCES[source]): a module whose get_function(name) gives a kernel. NVRTC, else
-    NVCC; SM90A sources as an sm_90a cubin (Sm90aModule). COMPILED_BY records which."""
+    NVCC; SM90A sources as an sm_90a cubin (Sm90aModule). COMPILED_BY records which.
+    kernel_dir: another tree's kernels/ (a job comparing commits), source and headers from there."""
     cp = cupy()
-    code, names = _stamped(KERNEL_DIR / source), list(SOURCES[source] if names is None else names)
-    opts = options()
+    kernel_dir = Path(kernel_dir)
+    code, names = _stamped(kernel_dir / source, kernel_dir), list(SOURCES[source] if names is None else names)
+    opts = options(kernel_dir)
     if source in SM90A:
         mod = Sm90aModule(code, names, opts)
         COMPILED_BY[source] = "nvrtc (sm_90a)"

@@ -64,3 +64,15 @@ def test_kernel_compiles_with_nvrtc_as_cupy_loads_it(source):
     time), with the options hpcattn/gpu/loader.py passes plus the CUDA headers' directory."""
     rc, log, _, _ = offline.nvrtc_compile(NVRTC, source, loader.every_name(source))
     assert rc == 0 and not log.strip(), log
+
+
+def test_build_takes_another_kernel_tree(tmp_path, monkeypatch):
+    """loader.build(kernel_dir=...) (jobs/bwd_ab.py comparing two commits' kernels): the include
+    path and the compile cache's stamp of the headers are that tree's, not kernels/'s."""
+    monkeypatch.setattr(loader, "cuda_include", lambda: ())
+    (tmp_path / "bwd.cuh").write_text("// another commit's header\n")
+    (tmp_path / "x.cu").write_text('#include "bwd.cuh"\n')
+    assert loader.options(tmp_path) == ("-std=c++17", f"-I{tmp_path}")
+    assert loader.options() == loader.OPTIONS
+    theirs, ours = loader._stamped(tmp_path / "x.cu", tmp_path), loader._stamped(tmp_path / "x.cu")
+    assert theirs != ours and theirs.endswith('#include "bwd.cuh"\n') and ours.endswith('#include "bwd.cuh"\n')

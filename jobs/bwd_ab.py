@@ -1,0 +1,109 @@
+"""The Hopper backward's kernels from two kernel trees in one process: today's kernels/ and
+--baseline DIR, another commit's (`git archive REV kernels | tar -x -C /tmp/base`, DIR =
+/tmp/base/kernels; on a GPU machine without git, a copy carried with the checkout). On the same
+inputs (jobs/wgmma_bwd_check.py's bench_inputs: MASK:N:D, float16, H = 8, float32 sums): whether
+both give the same bits (dk, dv and dq of the two passes, attend_bwd_kv_wg + attend_bwd_q_wg, and
+of the ordered one-pass form; the atomic one-pass form within the two passes' tolerance), then ms
+per call of each in alternating rounds (CUDA events over --reps back-to-back calls, medians of
+--rounds). A FAIL line and exit status 1 where bits differ. A component figure (kernels alone).
+
+    PYTHONPATH=$PWD python3 jobs/bwd_ab.py --baseline /tmp/base/kernels [--cases causal:16384:128,...]
+"""
+import argparse
+import json
+import sys
+
+import cupy as cp
+import numpy as np
+
+from fused_bwd_check import Fused
+from hpcattn.gpu import loader
+from hpcattn.gpu.shapes import BWD_WG_Q_SHAPES, BWD_WG_SHAPES, bwd_fused_name
+from wgmma_bwd_check import TOL, bench_inputs, kernels, q_kernels
+
+
+def per_call(fn, reps):
+    """Milliseconds per call of fn over reps back-to-back calls, by CUDA events."""
+    a, b = cp.cuda.Event(), cp.cuda.Event()
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return cp.cuda.get_elapsed_time(a, b) / reps
+
+
+def sides(kdir, D):
+    """{form: callable(args, grads, words, tail, n, H)} built from the kernel tree kdir."""
+    wg = loader.build("attend_bwd_wgmma.cu", kernel_dir=kdir)
+    fmod = loader.build("attend_bwd_fused.cu", [bwd_fused_name("__half", D, "float", o) for o in (True, False)],
+                        kernel_dir=kdir)
+    _, [(_, kv)] = kernels(wg, "__half", D, "float", [BWD_WG_SHAPES[D]])
+    _, [(_, qk)] = q_kernels(wg, "__half", D, "float", [BWD_WG_Q_SHAPES[D]])
+    fused = {o: Fused(fmod, "__half", D, "float", o) for o in (True, False)}
+
+    def two(args, g, words, tail, n, H):
+        kv(args, g[0], g[1], words, np.uintp(0), tail, n, H)
+        qk(args, g[2], g[3], words, tail, n, H)
+
+    def one(ordered):
+        return lambda args, g, words, tail, n, H: fused[ordered](args, g[0], g[1], g[2], g[3], words, np.uintp(0),
+                                                                 tail, n, n, H, H)
+    return {"two passes": two, "one pass, ordered": one(True), "one pass, atomic": one(False)}
+
+
+def case(spec, now, base, rounds, reps):
+    _, n, D, H, _, words, q, k, args, tail = bench_inputs(spec)
+    grads = {}
+    for tree, forms in (("today", now), ("baseline", base)):
+        for form, fn in forms.items():
+            g = [cp.zeros(k.shape, cp.float32), cp.zeros(k.shape, cp.float32), cp.zeros(q.shape, cp.float32),
+                 cp.zeros(1, cp.uint64)]
+            fn(args, g, words, tail, n, H)
+            grads[tree, form] = g
+    rows, ok = [], True
+    for form in now:
+        a, b = grads["today", form], grads["baseline", form]
+        row = {"case": spec, "form": form, "edges same": int(a[3][0]) == int(b[3][0])}
+        for name, x, y in zip(("dk", "dv", "dq"), a, b):
+            if form == "one pass, atomic":  # its dq adds land in any order
+                ref = grads["today", "two passes"][("dk", "dv", "dq").index(name)]
+                rel = float(cp.abs(x - ref).max() / max(float(cp.abs(ref).max()), 1e-30))
+                row[f"{name} rel vs two passes"] = rel
+                ok = ok and rel <= TOL["float16"]
+            else:
+                row[f"{name} same bits"] = same = bool((x.view(cp.uint32) == y.view(cp.uint32)).all())
+                ok = ok and same
+        rows.append(row)
+    g = grads["today", "two passes"]
+    times = {(tree, form): [] for tree in ("today", "baseline") for form in now}
+    for r in range(rounds):
+        order = list(times) if r % 2 == 0 else list(reversed(times))
+        for tree, form in order:
+            fn = (now if tree == "today" else base)[form]
+            times[tree, form].append(per_call(lambda: fn(args, g, words, tail, n, H), reps))
+    for row in rows:
+        t, b = (float(np.median(times[tree, row["form"]])) for tree in ("today", "baseline"))
+        row.update({"ms today": round(t, 4), "ms baseline": round(b, 4), "speed-up": round(b / t, 3)})
+    return rows, ok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline", required=True, help="another commit's kernels/ (a directory)")
+    ap.add_argument("--cases", default="causal:16384:128,window:256:262144:128,window:256:262144:64")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=10)
+    a = ap.parse_args()
+    failed = False
+    for spec in a.cases.split(","):
+        D = int(spec.rsplit(":", 1)[1])
+        rows, ok = case(spec, sides(loader.KERNEL_DIR, D), sides(a.baseline, D), a.rounds, a.reps)
+        for row in rows:
+            print(("" if ok else "FAIL ") + json.dumps(row), flush=True)
+        failed = failed or not ok
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
