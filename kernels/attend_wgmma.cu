@@ -22,12 +22,12 @@ __device__ __forceinline__ void window_cols(const MaskDev& mk, bool live, long l
 }
 
 // Masks s (the tile's scores of this thread's rows r0, r0 + 8) outside the mask and counts the
-// edges; full: the tile lies wholly inside the mask.
+// edges; full: the tile lies wholly inside the mask, counted in n_full (its edges: the caller's).
 __device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk, bool full, bool live0, bool live1,
                                         long long pos0, long long pos1, long long c0, int nkt, int tq,
-                                        unsigned long long& n_edges) {
+                                        unsigned long long& n_edges, int& n_full) {
     if (full) {
-        if (tq == 0) n_edges += (unsigned long long)(live0 + live1) * MK;
+        ++n_full;
         return;
     }
     if (mk.n == 1 && mk.kind[0] == T_WINDOW) {  // one window (maybe causal): a column range per row
@@ -398,6 +398,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 }
             }
             unsigned long long item_edges = 0;
+            int n_full = 0;  // full tiles: MK edges a live row
             // The tiles' plan, lane-parallel: lane l holds tile base + l's first key and its class
             // (key count | 128 when wholly inside the mask), read by a shuffle at each tile.
             long long pc0 = 0;
@@ -454,7 +455,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 const int l = (t - first) & 31;
                 const long long c0 = __shfl_sync(0xffffffffu, pc0, l);
                 const int info = __shfl_sync(0xffffffffu, pinfo, l);
-                wg_mask(s, mk, info >> 7, live0, live1, pos0, pos1, c0, info & 127, tq, item_edges);
+                wg_mask(s, mk, info >> 7, live0, live1, pos0, pos1, c0, info & 127, tq, item_edges, n_full);
                 wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
                 if (l == 31 && t < last) plan(t + 1);
             };
@@ -524,7 +525,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             }
             __syncwarp();
             if (lane == 0) mb_arrive(&qempty_b[slot]);  // done with this item's q rows and set-up
-            if (head == 0) n_edges += item_edges;
+            if (head == 0) n_edges += item_edges + (tq == 0 ? (unsigned long long)(live0 + live1) * MK * n_full : 0ull);
 
             l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
             l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
