@@ -6,7 +6,8 @@ public entry points add their per-call work (jobs/api_bench.py, jobs/bwd_bench.p
 
 --baseline FILE also times attend_fwd_wgmma compiled from FILE (an absolute path: the kernel
 source of another commit, e.g. `git show REV:kernels/attend_wgmma.cu > /tmp/base.cu`, built
-against today's kernels/*.cuh) on the same launch and checks that it gives the same bits.
+against today's kernels/*.cuh; or a directory: another commit's whole kernels/, headers and all)
+on the same launch and checks that it gives the same bits.
 
 --sched 1,... also times attend_fwd_wgmma with each of those SCHED values (hpcattn.gpu.shapes.WG_SCHEDS;
 1: ping-pong between consumer warpgroups) on the same launch, as "sched1", ...; their outputs must
@@ -52,10 +53,11 @@ def case(spec, n, D, baseline, scheds=(), H=8, rounds=5):
     sides = {"kernel": run}
     if baseline:
         base = copy.copy(run)
-        name = wg_name("__half", D, "__half")
-        if "int SCHED" not in Path(baseline).read_text():  # a source from before SCHED: no such argument
+        name, tree = wg_name("__half", D, "__half"), Path(baseline).is_dir()
+        if "int SCHED" not in Path(baseline, "attend_wgmma.cu" if tree else "").read_text():  # from before SCHED
             name = name.rsplit(", ", 1)[0] + ">"
-        base.fn = loader.build(baseline, [name]).get_function(name)
+        mod = loader.build("attend_wgmma.cu", [name], kernel_dir=baseline) if tree else loader.build(baseline, [name])
+        base.fn = mod.get_function(name)
         base.fn.max_dynamic_shared_size_bytes = run.smem
         sides["baseline"] = base
     for s in scheds:
@@ -103,13 +105,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="causal:16384:128,causal:65536:128,causal:16384:64,causal:65536:64,"
                                        "window:256:262144:128", help="MASK:N:D, comma-separated")
-    ap.add_argument("--baseline", default="", help="another attend_wgmma.cu (absolute path), timed beside")
+    ap.add_argument("--baseline", default="", help="another attend_wgmma.cu or kernels/ (absolute path), timed beside")
     ap.add_argument("--sched", default="", help="SCHED values of attend_fwd_wgmma, comma-separated, timed beside")
     a = ap.parse_args()
     scheds = tuple(int(x) for x in a.sched.split(",") if x.strip())
     if set(scheds) - set(WG_SCHEDS):
         ap.error(f"--sched: the kernel is built with SCHED in {WG_SCHEDS} (beside 0), not {a.sched}")
-    if a.baseline:
+    if a.baseline and not Path(a.baseline).is_dir():
         loader.SM90A = loader.SM90A + (a.baseline,)
     for c in a.cases.split(","):
         spec, n, D = c.rsplit(":", 2)
