@@ -172,6 +172,15 @@ attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, con
         const unsigned kdesc = wg_desc_lo(KV, 16), vdesc = wg_desc_lo(KV + TILE, 16);
         const unsigned kn = wg_desc_lo(KV, MK * 128);
         RingUse<ST> use{ring};
+        // a tile's dQ MMA runs on beside the next tile's S and dP: its stage (held, or -1) is
+        // released once that MMA is done, before this consumer waits for a later refill. The
+        // waits do not depend on held (ptxas then sees every use of dqa after one).
+        int held = -1;
+        auto done_held = [&]() {
+            fence_regs(dqa);
+            if (held >= 0) use.release(held);
+            held = -1;
+        };
         int sp = 0;
         for (long long c0 = nsp ? lo_s[0] : 0; sp < nsp; next_tile(sp, c0, nsp, lo_s, hi_s)) {
             const int nkt = (int)min((long long)MK, hi_s[sp] - c0);
@@ -183,6 +192,8 @@ attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, con
                 wg_fence();
                 score_products<T, D, BR, MK>(s[0], dp[0], qdesc, kdesc, odesc, vdesc, kb);
                 const bool full = nkt == MK && mask_tile_full(mk, wqlo, wqhi, c0, c0 + MK);  // the MMAs run
+                wgmma_wait<2>();  // the last tile's dQ, if any (the oldest of three groups)
+                done_held();
                 wgmma_wait<1>();  // S
                 fence_regs(s[0]);
                 mask_scores<1>(s, mk, live, pos, c0, nkt, full, tq, n_edges);
@@ -197,11 +208,15 @@ attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, con
                 for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is 16 keys; K is N-major, atoms of 64 d's
                     Wgmma<T, D, 1>::run(dqa, da[kk], wg_desc(kn, kb + kk * 16 * 128), 1);  // dQ += dS K
                 wg_commit();
-                wgmma_wait<0>();  // before the stage is released and da is overwritten
-                fence_regs(dqa);
+                held = use.hold();
+            } else {
+                wgmma_wait<0>();
+                done_held();
+                use.release();
             }
-            use.release();
         }
+        wgmma_wait<0>();
+        done_held();
         put_rows<D, TO>(dq + qrow0 + (size_t)(rw0 - t0) * qrs, qrs, dqa, live[0], scale, g, tq);
     }
 

@@ -88,4 +88,15 @@ template <int ST> struct RingUse {
             ph ^= 1;
         }
     }
+    // on to the next stage, this one still in use (an MMA reading it runs on): its index, for
+    // release(held) once this thread is done with it (before it waits for any later stage's refill)
+    __device__ __forceinline__ int hold() {
+        const int held = s;
+        if (++s == ST) {
+            s = 0;
+            ph ^= 1;
+        }
+        return held;
+    }
+    __device__ __forceinline__ void release(int held) { mb_arrive(&r.empty[held]); }
 };
