@@ -335,6 +335,11 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     RingUse<ST> use{ring};
 
     int n = 0, nst = 0;  // the item's index; BULK: the dq slices this consumer staged
+    // HOLD: an item's dV and dK MMAs run on beside the next item's S^T and dP^T, their stage (held,
+    // or -1) released once they are done; only without DQ and at D = 64 (at D = 128 the registers
+    // they keep made ptxas serialise every wgmma)
+    constexpr bool HOLD = !DQ && D <= 64;
+    int held = -1;
     for (int cg = g_first, cr = r_first, ct = t_first; cg < G; step(cg, cr, ct), ++n) {
         const int rows = min(BM, nq - ct * BM), buf = use.s;
         const long long* Pb = Ps + buf * BM;
@@ -356,6 +361,13 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             float s[1][MK / 8][4], dp[1][MK / 8][4];
             wg_fence();
             score_products<T, D, BN, BM>(s[0], dp[0], kdesc, qk, vdesc, ok, sb);
+            if (HOLD) {  // the last item's dV and dK, if any (the oldest of three groups)
+                wgmma_wait<2>();
+                fence_regs(dva);
+                fence_regs(dka);
+                if (held >= 0) use.release(held);
+                held = -1;
+            }
             const TileRows tr = tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane);  // MMAs run
             find_prev(tr);  // while the MMAs run
             wgmma_wait<1>();  // S^T
@@ -392,7 +404,9 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             for (int kk = 0; kk < BM / 16; ++kk)
                 Wgmma<T, D, 1>::run(dka, da[kk], wg_desc(qn, sb + kk * 16 * 128), 1);  // dK += dS^T Q
             wg_commit();
-            if (!DQ) {
+            if (HOLD) {
+                held = use.hold();
+            } else if (!DQ) {
                 wgmma_wait<0>();  // before the stage is released and pa, da are overwritten
                 fence_regs(dva);
                 fence_regs(dka);
@@ -401,7 +415,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             find_prev(tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane));
         }
         if (!DQ) {
-            use.release();
+            if (!HOLD || !wg_live) use.release();
             continue;
         }
         named_sync(1, 128 * NWG);  // every consumer's dS^T of item n in buffer n % 2
@@ -452,6 +466,12 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 if ((tid & 127) == 0) release_turn(turn, kb + 1);
             }
         }
+    }
+    if (HOLD) {  // the last item's dV and dK
+        wgmma_wait<0>();
+        fence_regs(dva);
+        fence_regs(dka);
+        if (held >= 0) use.release(held);
     }
     if (kw0 < kc1) {
         const size_t base = krow0 + (size_t)(kw0 - kc0) * krs;
