@@ -17,20 +17,10 @@ import cupy as cp
 import numpy as np
 
 from fused_bwd_check import Fused
+from gpu_bench import per_call  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import loader
 from hpcattn.gpu.shapes import BWD_WG_Q_SHAPES, BWD_WG_SHAPES, bwd_fused_name
 from wgmma_bwd_check import TOL, bench_inputs, kernels, q_kernels
-
-
-def per_call(fn, reps):
-    """Milliseconds per call of fn over reps back-to-back calls, by CUDA events."""
-    a, b = cp.cuda.Event(), cp.cuda.Event()
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    b.synchronize()
-    return cp.cuda.get_elapsed_time(a, b) / reps
 
 
 def sides(kdir, D):

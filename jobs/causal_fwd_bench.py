@@ -26,20 +26,10 @@ import cupy as cp
 import numpy as np
 import torch
 
+from gpu_bench import per_call  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import forward, loader
 from hpcattn.gpu.shapes import WG_SCHEDS, wg_name
 from hpcattn.masks import parse
-
-
-def per_call(fn, reps=10):
-    """Milliseconds per call of fn over reps back-to-back calls, by CUDA events."""
-    a, b = cp.cuda.Event(), cp.cuda.Event()
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    b.synchronize()
-    return cp.cuda.get_elapsed_time(a, b) / reps
 
 
 def case(spec, n, D, baseline, scheds=(), H=8, rounds=5):

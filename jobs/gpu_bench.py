@@ -19,6 +19,18 @@ from hpcattn.gpu import forward, loader
 from hpcattn.masks import parse
 
 
+def per_call(fn, reps=10):
+    """Milliseconds per call of fn over reps back-to-back calls, by CUDA events (one round of
+    the alternating rounds that compare two sides in one process)."""
+    a, b = cp.cuda.Event(), cp.cuda.Event()
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return cp.cuda.get_elapsed_time(a, b) / reps
+
+
 def timed(fn, reps=5, warm=1):
     """Median seconds of fn() over reps, by CUDA events on the current stream."""
     for _ in range(warm):
