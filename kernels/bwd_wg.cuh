@@ -81,13 +81,7 @@ template <int ST> struct RingUse {
     Ring<ST>& r;
     int s = 0, ph = 0;
     __device__ __forceinline__ void wait() { mb_wait_asm(&r.full[s], ph); }
-    __device__ __forceinline__ void release() {  // this thread is done with the stage
-        mb_arrive(&r.empty[s]);
-        if (++s == ST) {
-            s = 0;
-            ph ^= 1;
-        }
-    }
+    __device__ __forceinline__ void release() { release(hold()); }  // this thread is done with the stage
     // on to the next stage, this one still in use (an MMA reading it runs on): its index, for
     // release(held) once this thread is done with it (before it waits for any later stage's refill)
     __device__ __forceinline__ int hold() {
