@@ -19,17 +19,20 @@ import numpy as np
 from fused_bwd_check import Fused
 from gpu_bench import per_call  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import loader
-from hpcattn.gpu.shapes import BWD_WG_Q_SHAPES, BWD_WG_SHAPES, bwd_fused_name
-from wgmma_bwd_check import TOL, bench_inputs, kernels, q_kernels
+from hpcattn.gpu.shapes import (BWD_WG_Q_SHAPES, BWD_WG_SHAPES, bwd_fused_name, bwd_wg_name, bwd_wg_q_name,
+                                bwd_wg_q_smem, bwd_wg_smem, bwd_wg_threads)
+from wgmma_bwd_check import TOL, Kv, Qm, bench_inputs
 
 
 def sides(kdir, D):
     """{form: callable(args, grads, words, tail, n, H)} built from the kernel tree kdir."""
-    wg = loader.build("attend_bwd_wgmma.cu", kernel_dir=kdir)
+    kvs, qs = BWD_WG_SHAPES[D], BWD_WG_Q_SHAPES[D]
+    names = bwd_wg_name("__half", D, "float", kvs), bwd_wg_q_name("__half", D, "float", qs)
+    wg = loader.build("attend_bwd_wgmma.cu", names, kernel_dir=kdir)
     fmod = loader.build("attend_bwd_fused.cu", [bwd_fused_name("__half", D, "float", o) for o in (True, False)],
                         kernel_dir=kdir)
-    _, [(_, kv)] = kernels(wg, "__half", D, "float", [BWD_WG_SHAPES[D]])
-    _, [(_, qk)] = q_kernels(wg, "__half", D, "float", [BWD_WG_Q_SHAPES[D]])
+    kv = Kv(wg.get_function(names[0]), 64 * kvs[0], bwd_wg_threads(kvs), bwd_wg_smem(D, kvs))
+    qk = Qm(wg.get_function(names[1]), 64 * qs[0], bwd_wg_threads(qs), bwd_wg_q_smem(D, qs), flat=True)
     fused = {o: Fused(fmod, "__half", D, "float", o) for o in (True, False)}
 
     def two(args, g, words, tail, n, H):
