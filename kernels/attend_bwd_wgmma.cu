@@ -172,14 +172,12 @@ attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, con
         const unsigned kdesc = wg_desc_lo(KV, 16), vdesc = wg_desc_lo(KV + TILE, 16);
         const unsigned kn = wg_desc_lo(KV, MK * 128);
         RingUse<ST> use{ring};
-        // a tile's dQ MMA runs on beside the next tile's S and dP: its stage (held, or -1) is
-        // released once that MMA is done, before this consumer waits for a later refill. The
-        // waits do not depend on held (ptxas then sees every use of dqa after one).
-        int held = -1;
+        // a tile's dQ MMA runs on beside the next tile's S and dP: its stage is held (use.hold)
+        // and released once that MMA is done, before this consumer waits for a later refill. The
+        // waits do not depend on whether a stage is held (ptxas then sees every use of dqa after one).
         auto done_held = [&]() {
             fence_regs(dqa);
-            if (held >= 0) use.release(held);
-            held = -1;
+            use.release_held();
         };
         int sp = 0;
         for (long long c0 = nsp ? lo_s[0] : 0; sp < nsp; next_tile(sp, c0, nsp, lo_s, hi_s)) {
@@ -208,7 +206,7 @@ attend_bwd_q_wg(const T* __restrict__ q, const long long* __restrict__ qpos, con
                 for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is 16 keys; K is N-major, atoms of 64 d's
                     Wgmma<T, D, 1>::run(dqa, da[kk], wg_desc(kn, kb + kk * 16 * 128), 1);  // dQ += dS K
                 wg_commit();
-                held = use.hold();
+                use.hold();
             } else {
                 wgmma_wait<0>();
                 done_held();

@@ -335,11 +335,15 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     RingUse<ST> use{ring};
 
     int n = 0, nst = 0;  // the item's index; BULK: the dq slices this consumer staged
-    // HOLD: an item's dV and dK MMAs run on beside the next item's S^T and dP^T, their stage (held,
-    // or -1) released once they are done; only without DQ and at D = 64 (at D = 128 the registers
-    // they keep made ptxas serialise every wgmma)
+    // HOLD: an item's dV and dK MMAs run on beside the next item's S^T and dP^T, their stage held
+    // (use.hold) until they are done; only without DQ and at D = 64 (at D = 128 the registers they
+    // keep made ptxas serialise every wgmma)
     constexpr bool HOLD = !DQ && D <= 64;
-    int held = -1;
+    auto done_held = [&]() {
+        fence_regs(dva);
+        fence_regs(dka);
+        use.release_held();
+    };
     for (int cg = g_first, cr = r_first, ct = t_first; cg < G; step(cg, cr, ct), ++n) {
         const int rows = min(BM, nq - ct * BM), buf = use.s;
         const long long* Pb = Ps + buf * BM;
@@ -363,10 +367,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             score_products<T, D, BN, BM>(s[0], dp[0], kdesc, qk, vdesc, ok, sb);
             if (HOLD) {  // the last item's dV and dK, if any (the oldest of three groups)
                 wgmma_wait<2>();
-                fence_regs(dva);
-                fence_regs(dka);
-                if (held >= 0) use.release(held);
-                held = -1;
+                done_held();
             }
             const TileRows tr = tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane);  // MMAs run
             find_prev(tr);  // while the MMAs run
@@ -405,7 +406,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 Wgmma<T, D, 1>::run(dka, da[kk], wg_desc(qn, sb + kk * 16 * 128), 1);  // dK += dS^T Q
             wg_commit();
             if (HOLD) {
-                held = use.hold();
+                use.hold();
             } else if (!DQ) {
                 wgmma_wait<0>();  // before the stage is released and pa, da are overwritten
                 fence_regs(dva);
@@ -469,9 +470,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     }
     if (HOLD) {  // the last item's dV and dK
         wgmma_wait<0>();
-        fence_regs(dva);
-        fence_regs(dka);
-        if (held >= 0) use.release(held);
+        done_held();
     }
     if (kw0 < kc1) {
         const size_t base = krow0 + (size_t)(kw0 - kc0) * krs;

@@ -79,18 +79,26 @@ template <int ST> struct RingLoad {
 // stage before every other thread did would complete the empty phase too early.
 template <int ST> struct RingUse {
     Ring<ST>& r;
-    int s = 0, ph = 0;
+    int s = 0, ph = 0, held = -1;  // held: a stage this thread is still using after hold(), or -1
     __device__ __forceinline__ void wait() { mb_wait_asm(&r.full[s], ph); }
-    __device__ __forceinline__ void release() { release(hold()); }  // this thread is done with the stage
-    // on to the next stage, this one still in use (an MMA reading it runs on): its index, for
-    // release(held) once this thread is done with it (before it waits for any later stage's refill)
-    __device__ __forceinline__ int hold() {
-        const int held = s;
+    __device__ __forceinline__ void release() {  // this thread is done with the stage
+        mb_arrive(&r.empty[s]);
+        next();
+    }
+    // on to the next stage, this one still in use (an MMA reading it runs on) until release_held,
+    // which must come before this thread waits for any later stage's refill
+    __device__ __forceinline__ void hold() {
+        held = s;
+        next();
+    }
+    __device__ __forceinline__ void release_held() {
+        if (held >= 0) mb_arrive(&r.empty[held]);
+        held = -1;
+    }
+    __device__ __forceinline__ void next() {
         if (++s == ST) {
             s = 0;
             ph ^= 1;
         }
-        return held;
     }
-    __device__ __forceinline__ void release(int held) { mb_arrive(&r.empty[held]); }
 };
