@@ -51,13 +51,6 @@ __device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk
     mask_bits(s, b0 >> (2 * tq), b1 >> (2 * tq));
 }
 
-// 2^x by the MUFU alone (exp2f adds a denormal-input fix-up around it): the inputs here are
-// <= 0, and outputs below 2^-126 that flush to 0 are far below a row sum's rounding.
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
 
 // Online softmax of one tile in log2 units (the 4 lanes of a quad share rows g and g + 8):
 // updates the rows' reference maxima m and sums l, turns s into exp2 weights in place, and

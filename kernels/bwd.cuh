@@ -176,7 +176,7 @@ __device__ __forceinline__ void weights(float (&s)[MK / 8][4], float sl2, const 
 #pragma unroll
     for (int j = 0; j < MK / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = exp2f(fmaf(s[j][e], sl2, -(COLS ? Lc[j][e & 1] : Lr[e >> 1])));
+        for (int e = 0; e < 4; ++e) s[j][e] = ex2(fmaf(s[j][e], sl2, -(COLS ? Lc[j][e & 1] : Lr[e >> 1])));
 }
 
 // dS = P (dP - delta) of one 16-row block, and P and dS packed as MMA A fragments; delta per row

@@ -93,6 +93,15 @@ __device__ __forceinline__ unsigned long long row_bits(const MaskDev& m, long lo
     return bits & bit_range(0, nkt);
 }
 
+// 2^x by the MUFU alone: exp2f wraps it in a fix-up for outputs below 2^-126 (a compare and two
+// multiplies per element, a third of the backward's per-score instructions). Outputs that small
+// flush to 0 here: far below a row sum's rounding, and 0 in float16 all the same.
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // One 16-row block's scores of this lane: -inf where the row's bit word (shifted by 2 tq, so
 // that column 8j + 2tq + e is bit 8j + e) has no bit.
 __device__ __forceinline__ void mask_bits(float (&s)[MK / 8][4], unsigned long long c0b, unsigned long long c1b) {
