@@ -13,8 +13,15 @@ on the same launch and checks that it gives the same bits.
 1: ping-pong between consumer warpgroups) on the same launch, as "sched1", ...; their outputs must
 have the same bits as SCHED 0's (a FAIL line otherwise).
 
+--win also times attend_fwd_wgmma's forms for one full or window term (WIN; the mask must be
+one): "win" (the default shape, the same bits as the kernel's or a FAIL line) and "win_kt2" (KT = 2,
+two 64-key tiles per softmax step, in hpcattn.gpu.shapes.WG_KT2_SHAPES' shape): its softmax
+steps differ, so its output is compared with the kernel's and SDPA's by the largest difference,
+its edge count exactly (a FAIL line when the counts differ or it is further from SDPA than twice
+the kernel, plus 1e-3).
+
     PYTHONPATH=$PWD python3 jobs/causal_fwd_bench.py [--cases causal:16384:128,...] [--baseline /tmp/base.cu]
-        [--sched 1]
+        [--sched 1] [--win]
 """
 import argparse
 import copy
@@ -27,12 +34,13 @@ import numpy as np
 import torch
 
 from gpu_bench import per_call  # jobs/ is on the path when this runs as a script
-from hpcattn.gpu import forward, loader
-from hpcattn.gpu.shapes import WG_SCHEDS, wg_name
+from hpcattn.gpu import encode, forward, loader
+from hpcattn.gpu.loader import sm_count
+from hpcattn.gpu.shapes import WG_KT2_SHAPES, WG_SCHEDS, wg_name, wg_smem
 from hpcattn.masks import parse
 
 
-def case(spec, n, D, baseline, scheds=(), H=8, rounds=5):
+def case(spec, n, D, baseline, scheds=(), win=False, H=8, rounds=5):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, H, n, D, device="cuda", dtype=torch.float16) for _ in range(3))
     qh, kh, vh = cp.asarray(q).reshape(1, H, 1, n, D), cp.asarray(k), cp.asarray(v)
@@ -44,8 +52,10 @@ def case(spec, n, D, baseline, scheds=(), H=8, rounds=5):
     if baseline:
         base = copy.copy(run)
         name, tree = wg_name("__half", D, "__half"), Path(baseline).is_dir()
-        if "int SCHED" not in Path(baseline, "attend_wgmma.cu" if tree else "").read_text():  # from before SCHED
-            name = name.rsplit(", ", 1)[0] + ">"
+        src = Path(baseline, "attend_wgmma.cu" if tree else "").read_text()
+        for param in ("bool WIN", "int KT", "int SCHED"):  # a source from before these parameters: drop them
+            if param not in src:
+                name = name.rsplit(", ", 1)[0] + ">"
         mod = loader.build("attend_wgmma.cu", [name], kernel_dir=baseline) if tree else loader.build(baseline, [name])
         base.fn = mod.get_function(name)
         base.fn.max_dynamic_shared_size_bytes = run.smem
@@ -54,6 +64,19 @@ def case(spec, n, D, baseline, scheds=(), H=8, rounds=5):
         alt = copy.copy(run)
         alt.fn = loader.kernel_with_smem(wg_name("__half", D, "__half", sched=s), run.smem)
         sides[f"sched{s}"] = alt
+    if win:
+        words = encode.mask_words(mask)
+        if words[0] != 1 or words[2] not in (0, 1):
+            raise SystemExit(f"--win: {spec} is not one full or window term")
+        alt = copy.copy(run)
+        alt.fn = loader.kernel_with_smem(wg_name("__half", D, "__half", win=True), run.smem)
+        sides["win"] = alt
+        alt, shape = copy.copy(run), WG_KT2_SHAPES[D]
+        alt.smem = wg_smem(D, shape)
+        alt.fn = loader.kernel_with_smem(wg_name("__half", D, "__half", shape, kt=2, win=True), alt.smem)
+        alt.block = (128 * (shape[0] + 1),)
+        alt.grid = (min((n + 64 * shape[0] - 1) // (64 * shape[0]) * H, sm_count() * shape[2]),)
+        sides["win_kt2"] = alt
     outs = {}
     for side, launch in sides.items():
         out = cp.empty_like(qh)
@@ -67,6 +90,21 @@ def case(spec, n, D, baseline, scheds=(), H=8, rounds=5):
         ref = fns["sdpa"]().float()
         got = torch.as_tensor(outs["kernel"][0].reshape(1, H, n, D), device="cuda").float()
         row["max abs diff vs sdpa"] = float((got - ref).abs().max())
+    if win:
+        alt = outs["win"]
+        row["win same bits"] = same = bool((alt[0] == outs["kernel"][0]).all() and (alt[1] == outs["kernel"][1]).all()
+                                           and alt[2] == edges)
+        if not same:
+            print(f"FAIL {spec}:{n}:{D} win: output bits differ from the kernel's", flush=True)
+        alt = outs["win_kt2"]
+        diff = float(cp.abs(alt[0].astype(cp.float32) - outs["kernel"][0].astype(cp.float32)).max())
+        row["win_kt2"] = {"max abs diff vs kernel": diff, "edges equal": alt[2] == edges,
+                          "max lse diff vs kernel": float(cp.abs(alt[1] - outs["kernel"][1]).max())}
+        if spec == "causal":
+            got = torch.as_tensor(alt[0].reshape(1, H, n, D), device="cuda").float()
+            row["win_kt2"]["max abs diff vs sdpa"] = far = float((got - ref).abs().max())
+        if alt[2] != edges or (spec == "causal" and far > 2 * row["max abs diff vs sdpa"] + 1e-3):
+            print(f"FAIL {spec}:{n}:{D} win_kt2: {row['win_kt2']}", flush=True)
     if baseline:
         row["baseline same bits"] = bool((outs["baseline"][0] == outs["kernel"][0]).all()
                                          and (outs["baseline"][1] == outs["kernel"][1]).all()
@@ -97,6 +135,7 @@ def main():
                                        "window:256:262144:128", help="MASK:N:D, comma-separated")
     ap.add_argument("--baseline", default="", help="another attend_wgmma.cu or kernels/ (absolute path), timed beside")
     ap.add_argument("--sched", default="", help="SCHED values of attend_fwd_wgmma, comma-separated, timed beside")
+    ap.add_argument("--win", action="store_true", help="also time the WIN forms (KT 1 and 2) beside")
     a = ap.parse_args()
     scheds = tuple(int(x) for x in a.sched.split(",") if x.strip())
     if set(scheds) - set(WG_SCHEDS):
@@ -105,7 +144,7 @@ def main():
         loader.SM90A = loader.SM90A + (a.baseline,)
     for c in a.cases.split(","):
         spec, n, D = c.rsplit(":", 2)
-        print(json.dumps(case(spec, int(n), int(D), a.baseline, scheds)), flush=True)
+        print(json.dumps(case(spec, int(n), int(D), a.baseline, scheds, a.win)), flush=True)
 
 
 if __name__ == "__main__":

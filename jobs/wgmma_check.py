@@ -53,9 +53,10 @@ def main():
     p.add_argument("--dims", default="64,128")
     p.add_argument("--dtypes", default="float16")
     p.add_argument("--shapes", default="3:8:1:0,2:5:1:1",
-                   help="NWG:ST:MINB:QREG[:TO] (TO 1: o in the input dtype), comma-separated")
+                   help="NWG:ST:MINB:QREG[:TO[:KT[:WIN]]] (TO 1: o in the input dtype; KT: tiles per step, 1 "
+                        "or 2; WIN 1: the form for one full or window term, only with such masks), comma-separated")
     a = p.parse_args()
-    shapes = [tuple(int(x) for x in (s + ":0").split(":")[:5]) for s in a.shapes.split(",")]
+    shapes = [tuple(x + [0, 1, 0][len(x) - 4:]) for x in ([int(v) for v in s.split(":")] for s in a.shapes.split(","))]
     optin = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
     for dtype in a.dtypes.split(","):
         ct = CTYPES[dtype]
@@ -65,21 +66,25 @@ def main():
             fit = [sh for sh in shapes if wg_smem(D, (sh[0], sh[1], sh[2], bool(sh[3]))) + 1024 <= optin]
             for sh in sorted(set(shapes) - set(fit)):
                 print(json.dumps({"skipped": sh, "D": D, "why": f"more shared memory than the {optin} bytes a block may have"}))
-            names = [wg_name(ct, D, ct if sh[4] else "float", (sh[0], sh[1], sh[2], bool(sh[3]))) for sh in fit]
+            names = [wg_name(ct, D, ct if sh[4] else "float", (sh[0], sh[1], sh[2], bool(sh[3])), kt=sh[5], win=bool(sh[6]))
+                     for sh in fit]
             mod = loader.build("attend_wgmma.cu", names) if names else None
             scale = 1 / math.sqrt(D)
             bf = dtype == "bfloat16"
             # correctness at a small size: several masks, positions, uneven rows, a key offset
             for spec, N, nk, k0, shift in (("window:256", 1000, 1000, 0, 0), ("causal+window:100", 777, 900, 50, 60),
                                            ("dilated:40:3+global:5", 513, 600, 0, 0), ("block:96+causal", 300, 300, 0, 0),
-                                           ("full", 200, 333, 0, 0)):
+                                           ("full", 200, 333, 0, 0), ("causal", 600, 650, 0, 40)):
                 q = inputs(N, 2, D, dtype, seed=N)[0]
                 _, k, v = inputs(nk, 2, D, dtype, seed=nk)
                 mask = parse(spec)
                 qpos = np.sort(np.random.default_rng(N).choice(np.arange(k0 + shift, k0 + nk + shift), N,
                                                                replace=False)).astype(np.int64)
                 ref = forward.attend(q, qpos, k, v, k0, mask, scale, bf16=bf, kernel_kind="mma")
+                words = encode.mask_words(mask)
                 for shape, name in zip(fit, names):
+                    if shape[6] and (words[0] != 1 or words[2] not in (0, 1)):
+                        continue  # WIN takes one full or window term
                     f = mod.get_function(name)
                     smem = wg_smem(D, (shape[0], shape[1], shape[2], bool(shape[3])))
                     f.max_dynamic_shared_size_bytes = smem

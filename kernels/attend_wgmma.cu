@@ -13,9 +13,10 @@ template <int ID, int N> __device__ __forceinline__ void named_sync() { asm vola
 template <int ID, int N> __device__ __forceinline__ void named_arrive() { asm volatile("bar.arrive %0, %1;\n" :: "n"(ID), "n"(N) : "memory"); }
 
 // The tile columns [lo, hi) (empty: lo = hi = 0) a row d columns past the tile's first key
-// reaches through a single window term (row_bits' window and causal cases, in 32 bits at the end).
-__device__ __forceinline__ void window_cols(const MaskDev& mk, bool live, long long d, int nkt, int& lo, int& hi) {
-    const long long a = min(mk.a[0], (1LL << 62) - 1);
+// reaches through a single window term of half-width a (row_bits' window and causal cases, in 32
+// bits at the end).
+__device__ __forceinline__ void window_cols(const MaskDev& mk, long long a, bool live, long long d, int nkt, int& lo,
+                                            int& hi) {
     const long long l = max(d - a, 0LL), h = min(mk.causal ? d + 1 : d + a + 1, (long long)nkt);
     lo = live && l < h ? (int)l : 0;
     hi = live && l < h ? (int)h : 0;
@@ -23,6 +24,10 @@ __device__ __forceinline__ void window_cols(const MaskDev& mk, bool live, long l
 
 // Masks s (the tile's scores of this thread's rows r0, r0 + 8) outside the mask and counts the
 // edges; full: the tile lies wholly inside the mask, counted in n_full (its edges: the caller's).
+// WIN: the host found the mask to be one full or window term, causal or not (dense causal
+// blocks among them): a column range per row, and none of the general terms' code, whose
+// registers the consumers then keep for scores.
+template <bool WIN = false>
 __device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk, bool full, bool live0, bool live1,
                                         long long pos0, long long pos1, long long c0, int nkt, int tq,
                                         unsigned long long& n_edges, int& n_full) {
@@ -30,10 +35,11 @@ __device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk
         ++n_full;
         return;
     }
-    if (mk.n == 1 && mk.kind[0] == T_WINDOW) {  // one window (maybe causal): a column range per row
+    if (WIN || (mk.n == 1 && mk.kind[0] == T_WINDOW)) {  // one window (maybe causal): a column range per row
+        const long long a = WIN && mk.kind[0] == T_FULL ? (1LL << 62) - 1 : min(mk.a[0], (1LL << 62) - 1);
         int lo0, hi0, lo1, hi1;
-        window_cols(mk, live0, pos0 - c0, nkt, lo0, hi0);
-        window_cols(mk, live1, pos1 - c0, nkt, lo1, hi1);
+        window_cols(mk, a, live0, pos0 - c0, nkt, lo0, hi0);
+        window_cols(mk, a, live1, pos1 - c0, nkt, lo1, hi1);
         if (tq == 0) n_edges += (hi0 - lo0) + (hi1 - lo1);
 #pragma unroll
         for (int j = 0; j < MK / 8; ++j)
@@ -45,6 +51,7 @@ __device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk
             }
         return;
     }
+    if (WIN) return;
     const unsigned long long b0 = live0 ? row_bits(mk, pos0, c0, nkt) : 0ull;
     const unsigned long long b1 = live1 ? row_bits(mk, pos1, c0, nkt) : 0ull;
     if (tq == 0) n_edges += __popcll(b0) + __popcll(b1);
@@ -52,20 +59,23 @@ __device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk
 }
 
 
-// Online softmax of one tile in log2 units (the 4 lanes of a quad share rows g and g + 8):
-// updates the rows' reference maxima m and sums l, turns s into exp2 weights in place, and
-// returns in a0, a1 the factors by which O must be rescaled before this tile's P V is added.
+// Online softmax of one step's KT tiles in log2 units (the 4 lanes of a quad share rows g and
+// g + 8): updates the rows' reference maxima m and sums l, turns the scores into exp2 weights in
+// place, and returns in a0, a1 the factors by which O must be rescaled before the step's P V.
 // A reference is raised only when the tile's row maximum passes it by more than 8 (FlashAttention-4's
 // lazy rescaling): weights stay below 2^8 (exact in float16/bfloat16 and float32 sums), and
 // once a row's maximum settles its factor is exactly 1, so most tiles skip O's rescale.
-__device__ __forceinline__ void wg_softmax(float (&s)[MK / 8][4], float sl2, float& m0, float& m1, float& l0,
+template <int KT>
+__device__ __forceinline__ void wg_softmax(float (&st)[KT][MK / 8][4], float sl2, float& m0, float& m1, float& l0,
                                            float& l1, float& a0, float& a1) {
     float x0 = -INFINITY, x1 = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < MK / 8; ++j) {
-        x0 = fmaxf(x0, fmaxf(s[j][0], s[j][1]));
-        x1 = fmaxf(x1, fmaxf(s[j][2], s[j][3]));
-    }
+    for (int h = 0; h < KT; ++h)
+#pragma unroll
+        for (int j = 0; j < MK / 8; ++j) {
+            x0 = fmaxf(x0, fmaxf(st[h][j][0], st[h][j][1]));
+            x1 = fmaxf(x1, fmaxf(st[h][j][2], st[h][j][3]));
+        }
     x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
     x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
     x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
@@ -80,14 +90,17 @@ __device__ __forceinline__ void wg_softmax(float (&s)[MK / 8][4], float sl2, flo
     l0 *= a0;
     l1 *= a1;
 #pragma unroll
-    for (int j = 0; j < MK / 8; ++j) {
-        s[j][0] = ex2(fmaf(s[j][0], sl2, -u0));
-        s[j][1] = ex2(fmaf(s[j][1], sl2, -u0));
-        s[j][2] = ex2(fmaf(s[j][2], sl2, -u1));
-        s[j][3] = ex2(fmaf(s[j][3], sl2, -u1));
-        l0 += s[j][0] + s[j][1];
-        l1 += s[j][2] + s[j][3];
-    }
+    for (int h = 0; h < KT; ++h)
+#pragma unroll
+        for (int j = 0; j < MK / 8; ++j) {
+            float (&s)[4] = st[h][j];
+            s[0] = ex2(fmaf(s[0], sl2, -u0));
+            s[1] = ex2(fmaf(s[1], sl2, -u0));
+            s[2] = ex2(fmaf(s[2], sl2, -u1));
+            s[3] = ex2(fmaf(s[3], sl2, -u1));
+            l0 += s[0] + s[1];
+            l1 += s[2] + s[3];
+        }
 }
 
 // O = a O for this thread's rows (a0: row g, a1: row g + 8), skipped when no row of the warp
@@ -170,17 +183,25 @@ template <int NWG> struct Item {
 // what the loader waits for before it fills tile t; a consumer waiting for item n's q has passed
 // every turn of items n - 1 and before, so the others reach the end of item n - 2 (qempty_b)
 // waiting only for tiles already filled.
-template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool QREG, int SCHED = 0>
+//
+// KT (SCHED 0) is a consumer's step in MK-key tiles: 2 takes two filled buffers at once (S of
+// both in one MMA group, one softmax over 128 columns, one O rescale, P V of both), as
+// FlashAttention-3's 128-key tiles; a step of one tile at the end of a consumer's range masks its
+// second half. WIN (wg_mask) leaves the general mask terms' code out, which at D = 128 is what
+// lets KT 2 fit the consumers' registers (with the loader's share cut to 48).
+template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool QREG, int SCHED = 0, int KT = 1,
+          bool WIN = false>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __restrict__ k,
                  const T* __restrict__ v, TO* o, float* __restrict__ lse,
                  unsigned long long* __restrict__ edges, const long long* __restrict__ mask_words,
                  int nq, int nk, int G, long long k0, float scale, long long q0, STRIDE_ARGS, int heads) {
     constexpr int BM = 64 * NWG, TILE = MK * D;  // TILE in elements
-    constexpr int PREG = 56, CREG0 = ((65536 / MINB - 128 * PREG) / (128 * NWG)) / 8 * 8;
+    constexpr int PREG = KT == 2 ? 48 : 56, CREG0 = ((65536 / MINB - 128 * PREG) / (128 * NWG)) / 8 * 8;
     constexpr int CREG = CREG0 > 240 ? 240 : CREG0;
     static_assert(ST >= 3, "the loader refills tile i's buffer while tiles i + 1, i + 2 are in use");
     static_assert(SCHED == 0 || (SCHED == 1 && (NWG == 2 || NWG == 3)), "SCHED 1 takes 2 or 3 consumers");
+    static_assert(KT == 1 || (KT == 2 && SCHED == 0 && ST >= 5), "KT 2 takes SCHED 0 and 5 buffers or more");
     constexpr int PP_BAR = 2;  // SCHED 1: consumer w's turn barrier is PP_BAR + w
     extern __shared__ __align__(128) unsigned char smem_wg[];
     // buffer b: K at KV + 2b*TILE, V at KV + (2b+1)*TILE, then two q buffers of BM rows
@@ -379,8 +400,8 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
 #pragma unroll
             for (int j = 0; j < D / 8; ++j) oacc[j][0] = oacc[j][1] = oacc[j][2] = oacc[j][3] = 0.f;
             float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-            float s[MK / 8][4], a0 = 1.f, a1 = 1.f;
-            unsigned pa[MK / 16][4];
+            float s[KT][MK / 8][4], a0 = 1.f, a1 = 1.f;  // a step's scores: its KT tiles'
+            unsigned pa[KT][MK / 16][4];
             unsigned qa[QREG ? D / 16 : 1][4];
             if (QREG) {
                 const int r = 64 * cw + 16 * wq + (lane & 15);  // this lane's ldmatrix row
@@ -411,32 +432,37 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                     pinfo = nkt | (nkt == MK && mask_tile_full(mk, qlo, qhi, pc0, pc0 + MK) ? 128 : 0);
                 }
             };
-            // S = Q K^T of the tile in buffer b, committed, not waited for
-            auto issue_s = [&](int b) {
-                const unsigned kb = b * 2 * TILE * (unsigned)sizeof(T), qb = slot * BM * D * (unsigned)sizeof(T);
+            // S = Q K^T of the step's tiles in buffers b (and b2: KT 2), committed, not waited for
+            auto issue_s = [&](int b, int b2) {
+                const unsigned qb = slot * BM * D * (unsigned)sizeof(T);
                 fence_regs(s);
                 wg_fence();
 #pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
-                    const unsigned long long kd = wg_desc(kdesc, kb + (kk >> 2) * MK * 128 + (kk & 3) * 32);
-                    if (QREG)
-                        Wgmma<T, MK, 0>::run(s, qa[QREG ? kk : 0], kd, kk > 0);
-                    else
-                        WgmmaSS<T>::run(s, wg_desc(qdesc, qb + (kk >> 2) * BM * 128 + (kk & 3) * 32), kd, kk > 0);
+                for (int h = 0; h < KT; ++h) {
+                    const unsigned kb = (h ? b2 : b) * 2 * TILE * (unsigned)sizeof(T);
+#pragma unroll
+                    for (int kk = 0; kk < D / 16; ++kk) {  // k16 = 32 bytes of a 128-byte atom row; atoms of 64 columns
+                        const unsigned long long kd = wg_desc(kdesc, kb + (kk >> 2) * MK * 128 + (kk & 3) * 32);
+                        if (QREG)
+                            Wgmma<T, MK, 0>::run(s[h], qa[QREG ? kk : 0], kd, kk > 0);
+                        else
+                            WgmmaSS<T>::run(s[h], wg_desc(qdesc, qb + (kk >> 2) * BM * 128 + (kk & 3) * 32), kd, kk > 0);
+                    }
                 }
                 wg_commit();
             };
             // O = a O + P V of the tile in buffer b, committed, not waited for (SCHED 1: O = a O by
             // rescale_o, before the consumer waits for its turn)
-            auto issue_pv = [&](int b) {
-                const unsigned vb = b * 2 * TILE * (unsigned)sizeof(T);
+            auto issue_pv = [&](int b, int b2) {
                 fence_regs(oacc);
                 if (SCHED == 0) scale_rows(oacc, a0, a1);
                 fence_regs(oacc);
                 wg_fence();
 #pragma unroll
-                for (int kk = 0; kk < MK / 16; ++kk)  // a k16 step is 16 keys; V is N-major, atoms of 64 d's
-                    Wgmma<T, D, 1>::run(oacc, pa[kk], wg_desc(vdesc, vb + kk * 16 * 128), 1);
+                for (int kk = 0; kk < KT * MK / 16; ++kk) {  // a k16 step is 16 keys; V is N-major, atoms of 64 d's
+                    const unsigned vb = (kk < MK / 16 ? b : b2) * 2 * TILE * (unsigned)sizeof(T);
+                    Wgmma<T, D, 1>::run(oacc, pa[kk / (MK / 16)][kk % (MK / 16)], wg_desc(vdesc, vb + kk % (MK / 16) * 16 * 128), 1);
+                }
                 wg_commit();
             };
             // tile t's scores (complete in s): mask, softmax, weights into s; then, after a plan's
@@ -444,13 +470,21 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
             // block before the wait for P V that follows the softmax in the tile loop: ptxas moves
             // a wgmma wait up to the top of its block, which put the whole softmax after the
             // wait for P V instead of beside it (tests/gpu/test_gpu_sass.py checks the order).
+            // KT 2: tiles t and t + 1; a tile past `last` (a step of one tile) has no keys, no edges
             auto softmax = [&](int t) {
-                const int l = (t - first) & 31;
-                const long long c0 = __shfl_sync(0xffffffffu, pc0, l);
-                const int info = __shfl_sync(0xffffffffu, pinfo, l);
-                wg_mask(s, mk, info >> 7, live0, live1, pos0, pos1, c0, info & 127, tq, item_edges, n_full);
+                const int l = (t - first) & 31;  // KT 2: even (steps start first + 2i)
+#pragma unroll
+                for (int h = 0; h < KT; ++h) {
+                    const long long c0 = __shfl_sync(0xffffffffu, pc0, l + h);
+                    const int info = __shfl_sync(0xffffffffu, pinfo, l + h);
+                    wg_mask<WIN>(s[h], mk, info >> 7, live0, live1, pos0, pos1, c0, info & 127, tq, item_edges, n_full);
+                }
                 wg_softmax(s, sl2, m0, m1, l0, l1, a0, a1);
-                if (l == 31 && t < last) plan(t + 1);
+                if (l == 32 - KT && t + KT - 1 < last) plan(t + KT);
+            };
+            auto pack = [&]() {
+#pragma unroll
+                for (int h = 0; h < KT; ++h) wg_pack<T>(s[h], pa[h]);
             };
             // SCHED 1: O = a O, as issue_pv does in SCHED 0
             auto rescale_o = [&]() {
@@ -476,39 +510,60 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                 turn_pass();
                 release(kb);
             }
+            // a step's tiles' buffers, filled, into b and b2 (b2 = b: one tile); t and kb at its last
+            auto take = [&](int& b, int& b2) {
+                wait_full();
+                b = b2 = kb;
+                if (KT == 2 && t < last) {
+                    advance();
+                    ++t;
+                    wait_full();
+                    b2 = kb;
+                }
+            };
+            auto release_step = [&](int b, int b2) {
+                release(b);
+                if (KT == 2 && b2 != b) release(b2);
+            };
             if (first <= last) {
                 plan(first);
-                wait_full();
+                int ts = t, pb, pb2;  // the step's first tile; the buffers of the step whose P V comes next
+                take(pb, pb2);
                 turn_wait();
-                issue_s(kb);
+                issue_s(pb, pb2);
                 turn_pass();
                 wgmma_wait<0>();
                 fence_regs(s);
-                softmax(t);
-                wg_pack<T>(s, pa);
-                int pb = kb;  // the buffer of the tile whose P V comes next
+                softmax(ts);
+                pack();
                 advance();
-                for (++t; t <= last; ++t, advance()) {  // S of tile t and P V of tile t - 1 in flight together
-                    wait_full();
+                ++t;
+                while (t <= last) {  // S of step t and P V of the step before in flight together
+                    int b, b2;
+                    ts = t;
+                    take(b, b2);
                     if constexpr (SCHED == 1) rescale_o();
                     turn_wait();
-                    issue_s(kb);
-                    issue_pv(pb);
+                    issue_s(b, b2);
+                    issue_pv(pb, pb2);
                     turn_pass();
                     wgmma_wait<1>();  // S
                     fence_regs(s);
-                    softmax(t);       // overlaps P V
+                    softmax(ts);      // overlaps P V
                     wgmma_wait<0>();  // P V
                     fence_regs(oacc);
-                    release(pb);
-                    wg_pack<T>(s, pa);
-                    pb = kb;
+                    release_step(pb, pb2);
+                    pack();
+                    pb = b;
+                    pb2 = b2;
+                    advance();
+                    ++t;
                 }
                 if constexpr (SCHED == 1) rescale_o();
-                issue_pv(pb);  // SCHED 1: outside the turns (as FlashAttention-3's last P V)
+                issue_pv(pb, pb2);  // SCHED 1: outside the turns (as FlashAttention-3's last P V)
                 wgmma_wait<0>();
                 fence_regs(oacc);
-                release(pb);
+                release_step(pb, pb2);
             }
             for (; t < ntiles; ++t, advance()) {  // tiles after
                 wait_full();

@@ -31,6 +31,10 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&d)[N][4]) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
 }
+template <int H, int N> __device__ __forceinline__ void fence_regs(float (&d)[H][N][4]) {
+#pragma unroll
+    for (int h = 0; h < H; ++h) fence_regs(d[h]);
+}
 // cp.async and ordinary stores write through the generic proxy; wgmma reads through the async one
 __device__ __forceinline__ void proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 

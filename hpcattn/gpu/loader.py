@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .shapes import (BWD_DIMS, BWD_FUSED_SHAPES, BWD_WG_DIMS, CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS, WG_SCHEDS,
+from .shapes import (BWD_DIMS, BWD_FUSED_SHAPES, BWD_WG_DIMS, CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS, WG_KT2_SHAPES, WG_SCHEDS,
                      bwd_fused_name, bwd_names, bwd_wg_name, bwd_wg_q_name, mma_name, wg_name)
 
 
@@ -48,8 +48,9 @@ SOURCES = {
 # forms no entry point takes yet, compiled (in a module of their own, with the source's SOURCES)
 # only when a job asks for one by name, so that they add nothing to a user's first-call compile
 EXPERIMENTAL = {
-    "attend_wgmma.cu": tuple(wg_name(t, d, o, sched=s) for s in WG_SCHEDS for t in ("__half", "__nv_bfloat16")
-                             for d in WG_DIMS for o in ("float", t)),
+    "attend_wgmma.cu": tuple(n for t in ("__half", "__nv_bfloat16") for d in WG_DIMS for o in ("float", t)
+                             for n in [wg_name(t, d, o, sched=s) for s in WG_SCHEDS]
+                             + [wg_name(t, d, o, win=True), wg_name(t, d, o, WG_KT2_SHAPES[d], kt=2, win=True)]),
     "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered, bulk=True) for t in ("__half", "__nv_bfloat16")
                                  for d in BWD_FUSED_SHAPES for o in ("float", t) for ordered in (False, True)),
 }

@@ -139,11 +139,17 @@ def mma_smem(D, shape=None):
 # warpgroups (turns at issuing MMAs by named barriers); the overlap within a warpgroup (S of
 # tile i with P V of tile i - 1) is in every SCHED
 WG_SCHEDS = (1,)
+# attend_fwd_wgmma with KT = 2 (a consumer's step takes two MK-key tiles: one softmax, one O
+# rescale and one pair of MMA waits per 2 MK keys; SCHED 0) and WIN (one full or window term):
+# its shapes per head dim, those ptxas fits without register refills in the tile loop (at D = 128
+# q in shared memory; at D = 64 two consumers: three serialise every wgmma)
+WG_KT2_SHAPES = {64: (2, 8, 1, True), 128: (2, 5, 1, False)}
 
 
-def wg_name(ctype, D, otype, shape=None, sched=0):
+def wg_name(ctype, D, otype, shape=None, sched=0, kt=1, win=False):
     nwg, st, minb, qreg = shape or WG_SHAPES[D]
-    return f"attend_fwd_wgmma<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(qreg).lower()}, {sched}>"
+    return (f"attend_fwd_wgmma<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(qreg).lower()}, {sched}, {kt}, "
+            f"{str(win).lower()}>")
 
 
 def wg_smem(D, shape=None):

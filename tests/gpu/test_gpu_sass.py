@@ -30,6 +30,7 @@ def test_softmax_runs_beside_the_previous_tiles_p_v(kernels, name):
     loop = [i for i, x in enumerate(seq) if x == "W1"]
     assert len(loop) == 1, seq  # the one S wait that leaves P V in flight: the tile loop's
     i = loop[0]
-    # the softmax's exponentials (64 x 64 scores over 128 threads, and the two rescale factors),
-    # then the wait for P V
-    assert seq[i + 1:i + 3] == ["E 34", "W0"], seq
+    # the softmax's exponentials (64 x 64 scores per tile of the step over 128 threads, and the
+    # two rescale factors), then the wait for P V
+    kt = int(name.split(", ")[-2])  # attend_fwd_wgmma<..., SCHED, KT, WIN>
+    assert seq[i + 1:i + 3] == [f"E {32 * kt + 2}", "W0"], seq
