@@ -45,8 +45,8 @@ SOURCES = {
                                                   for m in DMAXES),
     "merge.cu": ("merge_states",),
 }
-# forms no entry point takes yet, compiled (in a module of their own, with the source's SOURCES)
-# only when a job asks for one by name, so that they add nothing to a user's first-call compile
+# forms no entry point takes yet, compiled (each in a module of its own) only when a job asks for
+# one by name, so that they add nothing to a user's first-call compile
 EXPERIMENTAL = {
     "attend_wgmma.cu": tuple(n for t in ("__half", "__nv_bfloat16") for d in WG_DIMS for o in ("float", t)
                              for n in [wg_name(t, d, o, sched=s) for s in WG_SCHEDS]
@@ -129,9 +129,9 @@ def kernel(name):
     extra = src is None and next((f for f, names in EXPERIMENTAL.items() if name in names), None)
     if src is None and not extra:
         raise KeyError(f"no kernel {name!r} in {KERNEL_DIR}")
-    key = (cp.cuda.Device().id, src or extra, bool(extra))
-    if key not in _modules:
-        _modules[key] = build(src) if src else build(extra, every_name(extra))
+    key = (cp.cuda.Device().id, src) if src else (cp.cuda.Device().id, extra, name)
+    if key not in _modules:  # an experimental form alone: 24 forward forms in one program take minutes
+        _modules[key] = build(src) if src else build(extra, (name,))
     return _modules[key].get_function(name)
 
 
