@@ -65,8 +65,7 @@ def case(spec, n, D, baseline, scheds=(), win=False, H=8, rounds=5):
         alt.fn = loader.kernel_with_smem(wg_name("__half", D, "__half", sched=s), run.smem)
         sides[f"sched{s}"] = alt
     if win:
-        words = encode.mask_words(mask)
-        if words[0] != 1 or words[2] not in (0, 1):
+        if not encode.window_only(mask):
             raise SystemExit(f"--win: {spec} is not one full or window term")
         alt = copy.copy(run)
         alt.fn = loader.kernel_with_smem(wg_name("__half", D, "__half", win=True), run.smem)

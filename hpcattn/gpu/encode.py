@@ -53,6 +53,13 @@ def mask_words(mask):
     return np.array([n, int(mask.causal), *words], dtype=np.int64)
 
 
+def window_only(mask):
+    """Whether the mask's implicit part is one full or window term, causal or not (dense causal
+    among them): what attend_fwd_wgmma's WIN forms take."""
+    words = mask_words(mask)
+    return bool(words[0] == 1 and words[2] in (0, 1))
+
+
 def device_copy(tag, host, make=np.asarray):
     """A device copy of make(host), reused while the same object is passed again (the ring
     passes the same positions and mask every hop)."""

@@ -45,6 +45,14 @@ def test_mask_words_encode_every_term(spec, words):
     assert got == words + [0] * (len(got) - len(words))
 
 
+@pytest.mark.parametrize("spec, only", [
+    ("full", True), ("causal", True), ("window:256", True), ("causal+window:100", True),
+    ("causal+window:3+global:2", False), ("dilated:4:3", False), ("block:96+causal", False), ("global:5", False)])
+def test_window_only_picks_the_masks_the_win_forms_take(spec, only):
+    """attend_fwd_wgmma's WIN forms evaluate one full or window term (causal or not) and no other."""
+    assert encode.window_only(parse(spec)) is only
+
+
 def test_head_dim_buckets_and_limits():
     assert [shapes.bucket(d) for d in (8, 64, 65, 128, 256)] == [64, 64, 128, 128, 256]
     with pytest.raises(Exception, match="head dim 257"):
