@@ -35,8 +35,7 @@ import torch
 
 from gpu_bench import per_call  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import encode, forward, loader
-from hpcattn.gpu.loader import sm_count
-from hpcattn.gpu.shapes import WG_KT2_SHAPES, WG_SCHEDS, wg_name, wg_smem
+from hpcattn.gpu.shapes import WG_KT2_SHAPES, WG_SCHEDS, wg_name
 from hpcattn.masks import parse
 
 
@@ -47,7 +46,9 @@ def case(spec, n, D, baseline, scheds=(), win=False, H=8, rounds=5):
     mask, scale = parse(spec, n_keys=n), 1 / math.sqrt(D)
     o = cp.empty_like(qh)
     strides = (forward.row_strides(qh), forward.row_strides(kh), forward.row_strides(o))
-    run = forward.Launch("wgmma", "__half", D, "__half", qh.shape, n, 0, 0, scale, mask, strides)
+    form = lambda **kw: forward.Launch("wgmma", "__half", D, "__half", qh.shape, n, 0, 0, scale, mask,  # noqa: E731
+                                       strides, **kw)  # the kernel, or another of its forms
+    run = form()
     sides = {"kernel": run}
     if baseline:
         base = copy.copy(run)
@@ -61,27 +62,22 @@ def case(spec, n, D, baseline, scheds=(), win=False, H=8, rounds=5):
         base.fn.max_dynamic_shared_size_bytes = run.smem
         sides["baseline"] = base
     for s in scheds:
-        alt = copy.copy(run)
-        alt.fn = loader.kernel_with_smem(wg_name("__half", D, "__half", sched=s), run.smem)
-        sides[f"sched{s}"] = alt
+        sides[f"sched{s}"] = form(sched=s)
     if win:
         if not encode.window_only(mask):
             raise SystemExit(f"--win: {spec} is not one full or window term")
-        alt = copy.copy(run)
-        alt.fn = loader.kernel_with_smem(wg_name("__half", D, "__half", win=True), run.smem)
-        sides["win"] = alt
-        alt, shape = copy.copy(run), WG_KT2_SHAPES[D]
-        alt.smem = wg_smem(D, shape)
-        alt.fn = loader.kernel_with_smem(wg_name("__half", D, "__half", shape, kt=2, win=True), alt.smem)
-        alt.block = (128 * (shape[0] + 1),)
-        alt.grid = (min((n + 64 * shape[0] - 1) // (64 * shape[0]) * H, sm_count() * shape[2]),)
-        sides["win_kt2"] = alt
+        sides["win"] = form(win=True)
+        sides["win_kt2"] = form(shape=WG_KT2_SHAPES[D], kt=2, win=True)
     outs = {}
     for side, launch in sides.items():
         out = cp.empty_like(qh)
         lse, edges = launch(qh, np.uintp(0), kh, vh, out)
         outs[side] = (out, lse, int(edges))
     edges = outs["kernel"][2]
+
+    def same_bits(side):  # o, lse and the edge count of a side against the kernel's
+        alt, ref_out = outs[side], outs["kernel"]
+        return bool((alt[0] == ref_out[0]).all() and (alt[1] == ref_out[1]).all() and alt[2] == edges)
     fns = {side: (lambda launch=launch: launch(qh, np.uintp(0), kh, vh, o)) for side, launch in sides.items()}
     row = {"mask": spec, "N": n, "D": D, "H": H, "edges_per_head": edges}
     if spec == "causal":
@@ -90,9 +86,7 @@ def case(spec, n, D, baseline, scheds=(), win=False, H=8, rounds=5):
         got = torch.as_tensor(outs["kernel"][0].reshape(1, H, n, D), device="cuda").float()
         row["max abs diff vs sdpa"] = float((got - ref).abs().max())
     if win:
-        alt = outs["win"]
-        row["win same bits"] = same = bool((alt[0] == outs["kernel"][0]).all() and (alt[1] == outs["kernel"][1]).all()
-                                           and alt[2] == edges)
+        row["win same bits"] = same = same_bits("win")
         if not same:
             print(f"FAIL {spec}:{n}:{D} win: output bits differ from the kernel's", flush=True)
         alt = outs["win_kt2"]
@@ -105,13 +99,9 @@ def case(spec, n, D, baseline, scheds=(), win=False, H=8, rounds=5):
         if alt[2] != edges or (spec == "causal" and far > 2 * row["max abs diff vs sdpa"] + 1e-3):
             print(f"FAIL {spec}:{n}:{D} win_kt2: {row['win_kt2']}", flush=True)
     if baseline:
-        row["baseline same bits"] = bool((outs["baseline"][0] == outs["kernel"][0]).all()
-                                         and (outs["baseline"][1] == outs["kernel"][1]).all()
-                                         and outs["baseline"][2] == edges)
+        row["baseline same bits"] = same_bits("baseline")
     for s in scheds:
-        alt = outs[f"sched{s}"]
-        same = bool((alt[0] == outs["kernel"][0]).all() and (alt[1] == outs["kernel"][1]).all() and alt[2] == edges)
-        row[f"sched{s} same bits"] = same
+        row[f"sched{s} same bits"] = same = same_bits(f"sched{s}")
         if not same:
             print(f"FAIL {spec}:{n}:{D} sched {s}: output bits differ from sched 0", flush=True)
     for fn in fns.values():

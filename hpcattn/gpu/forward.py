@@ -59,13 +59,14 @@ def _stride_args(sq, sk, so, H):
     return tuple(np.int64(x) for x in (*sq, *sk, *so)) + (np.int32(H),)
 
 
-def _wgmma_spec(ctype, D, otype, nq, heads):
+def _wgmma_spec(ctype, D, otype, nq, heads, shape=None, **form):
     """(name, grid, shared bytes, threads, arguments after the strides) of the persistent Hopper
-    kernel: each block walks work items (rows x head), heavy-first in a snake over the blocks."""
-    nwg, _, minb, _ = WG_SHAPES[D]
+    kernel: each block walks work items (rows x head), heavy-first in a snake over the blocks.
+    shape and form (sched, kt, win): another of its forms than WG_SHAPES' default (shapes.wg_name)."""
+    nwg, _, minb, _ = shape or WG_SHAPES[D]
     items = (nq + 64 * nwg - 1) // (64 * nwg) * heads
     ctas = min(items, WG_CTAS or sm_count() * minb)
-    return wg_name(ctype, D, otype), (ctas,), wg_smem(D), 128 * (nwg + 1), (np.int32(heads),)
+    return wg_name(ctype, D, otype, shape, **form), (ctas,), wg_smem(D, shape), 128 * (nwg + 1), (np.int32(heads),)
 
 
 def _tensor_kernel(ctype, D, scale, kernel_kind):
@@ -93,12 +94,13 @@ def _mma_spec(ctype, D, otype, nq, heads):
 class Launch:
     """One tensor-core forward launch with everything but its arrays fixed: the kernel (its
     shared-memory limit set), grid, sizes, offsets, scale and strides. Made once per shape, it
-    leaves a repeated call (a decode step, a training loop) only its arrays to pass."""
+    leaves a repeated call (a decode step, a training loop) only its arrays to pass. form (the
+    Hopper kernel's shape, sched, kt, win): a job's choice of another of its forms."""
 
-    def __init__(self, tensor, ctype, D, otype, q_shape, nk, k0, q0, scale, mask, strides):
+    def __init__(self, tensor, ctype, D, otype, q_shape, nk, k0, q0, scale, mask, strides, **form):
         B, Hkv, G, nq, _ = q_shape
         spec = _wgmma_spec if tensor == "wgmma" else _mma_spec
-        name, self.grid, self.smem, threads, extra = spec(ctype, D, otype, nq, B * Hkv * G)
+        name, self.grid, self.smem, threads, extra = spec(ctype, D, otype, nq, B * Hkv * G, **form)
         self.fn, self.block = kernel_with_smem(name, self.smem), (threads,)
         self.lse_shape, self.words = (B, Hkv * G, nq), device_mask(mask)
         self.tail = (np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale),
