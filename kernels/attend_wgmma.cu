@@ -51,7 +51,6 @@ __device__ __forceinline__ void wg_mask(float (&s)[MK / 8][4], const MaskDev& mk
             }
         return;
     }
-    if (WIN) return;
     const unsigned long long b0 = live0 ? row_bits(mk, pos0, c0, nkt) : 0ull;
     const unsigned long long b1 = live1 ? row_bits(mk, pos1, c0, nkt) : 0ull;
     if (tq == 0) n_edges += __popcll(b0) + __popcll(b1);
