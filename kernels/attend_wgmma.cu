@@ -187,7 +187,7 @@ template <int NWG> struct Item {
 // both in one MMA group, one softmax over 128 columns, one O rescale, P V of both), as
 // FlashAttention-3's 128-key tiles; a step of one tile at the end of a consumer's range masks its
 // second half. WIN (wg_mask) leaves the general mask terms' code out, which at D = 128 is what
-// lets KT 2 fit the consumers' registers (with the loader's share cut to 48).
+// lets KT 2 fit the consumers' registers (with the loader's share cut to 40).
 template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool QREG, int SCHED = 0, int KT = 1,
           bool WIN = false>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
@@ -196,8 +196,7 @@ attend_fwd_wgmma(const T* q, const long long* __restrict__ qpos, const T* __rest
                  unsigned long long* __restrict__ edges, const long long* __restrict__ mask_words,
                  int nq, int nk, int G, long long k0, float scale, long long q0, STRIDE_ARGS, int heads) {
     constexpr int BM = 64 * NWG, TILE = MK * D;  // TILE in elements
-    constexpr int PREG = KT == 2 ? 48 : 56, CREG0 = ((65536 / MINB - 128 * PREG) / (128 * NWG)) / 8 * 8;
-    constexpr int CREG = CREG0 > 240 ? 240 : CREG0;
+    constexpr int PREG = KT == 2 ? 40 : 56, CREG = consumer_regs(NWG, MINB, PREG);
     static_assert(ST >= 3, "the loader refills tile i's buffer while tiles i + 1, i + 2 are in use");
     static_assert(SCHED == 0 || (SCHED == 1 && (NWG == 2 || NWG == 3)), "SCHED 1 takes 2 or 3 consumers");
     static_assert(KT == 1 || (KT == 2 && SCHED == 0 && ST >= 5), "KT 2 takes SCHED 0 and 5 buffers or more");

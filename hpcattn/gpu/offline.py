@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import site
+import struct
 import subprocess
 import tempfile
 
@@ -99,3 +100,35 @@ def waits_and_exps(lines):
                 seq.append("E 0")
             seq[-1] = f"E {int(seq[-1][2:]) + 1}"
     return seq
+
+
+def registers(cubin):
+    """{mangled kernel name: registers per thread at launch} of an ELF64 cubin: its .nv.info
+    EIATTR_REGCOUNT records (symbol index, count), the symbols named from .symtab."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+
+    def string(table, at):
+        start = secs[table][4] + at
+        return cubin[start:cubin.index(b"\0", start)].decode()
+    sections = {string(shstrndx, s[0]): s for s in secs}
+    symtab = next(s for s in secs if s[1] == 2)  # SHT_SYMTAB
+    info, counts, i = sections[".nv.info"], {}, 0
+    while i < info[5]:
+        fmt, attr, size = struct.unpack_from("<BBH", cubin, info[4] + i)
+        if fmt != 4:  # EIFMT_SVAL carries a size; the other formats are 4 bytes in all
+            i += 4
+            continue
+        if attr == 0x2F:  # EIATTR_REGCOUNT
+            sym, count = struct.unpack_from("<II", cubin, info[4] + i + 4)
+            counts[string(symtab[6], struct.unpack_from("<I", cubin, symtab[4] + 24 * sym)[0])] = count
+        i += 4 + size
+    return counts
+
+
+def setmaxnreg(lines):
+    """The register counts a warp-specialised kernel's SASS sets: ({setmaxnreg.dec's}, {setmaxnreg.inc's})."""
+    dec = {int(x.rstrip(" ;").split()[-1], 16) for x in lines if "USETMAXREG.DEALLOC" in x}
+    inc = {int(x.rstrip(" ;").split()[-1], 16) for x in lines if "USETMAXREG.TRY_ALLOC" in x}
+    return dec, inc

@@ -1,32 +1,43 @@
-"""What ptxas makes of the Hopper forward's tile loop, checked without a GPU (runs in CI; needs
-NVRTC and nvdisasm, both pip wheels of the test extra): the kernels as the GPU machine builds them
-(NVRTC to an sm_90a cubin), disassembled. In the loop, a tile's softmax must run while the
-previous tile's P V does: every MUFU.EX2 of the softmax between the wait for the tile's S
-(WARPGROUP.DEPBAR.LE gsb0, 0x1) and the wait for all MMAs (..., 0x0). ptxas moves a wgmma wait
-to the top of its basic block, which put the softmax after the second wait until the block was
-ended before it (kernels/attend_wgmma.cu, the consumer's softmax)."""
+"""What ptxas makes of the Hopper kernels, checked without a GPU (runs in CI; needs NVRTC and
+nvdisasm, both pip wheels of the test extra): the kernels as the GPU machine builds them (NVRTC
+to an sm_90a cubin), disassembled.
+
+The forward's tile loop: a tile's softmax must run while the previous tile's P V does (every
+MUFU.EX2 of the softmax between the wait for the tile's S, WARPGROUP.DEPBAR.LE gsb0, 0x1, and
+the wait for all MMAs, ..., 0x0). ptxas moves a wgmma wait to the top of its basic block, which
+put the softmax after the second wait until the block was ended before it (kernels/attend_wgmma.cu,
+the consumer's softmax).
+
+Every warp-specialised kernel's register hand-off: setmaxnreg.inc waits until the block's pool
+holds the registers asked for, and the pool is only what the block got at launch (ptxas' count
+per thread, times its threads) less what the loader kept; asking for more spins forever (the
+forward's KT 2 forms did, at 232 registers a consumer beside a loader at 48)."""
+import functools
+
 import pytest
 
 from hpcattn.gpu import loader, offline
 
 NVRTC, NVDISASM = offline.find_nvrtc(), offline.find_tool("nvdisasm")
-NAMES = loader.SOURCES["attend_wgmma.cu"] + loader.EXPERIMENTAL["attend_wgmma.cu"]
+FORWARD = loader.every_name("attend_wgmma.cu")
+HOPPER = [(source, name) for source in loader.SM90A for name in loader.every_name(source)]
 
 
-@pytest.fixture(scope="module")
-def kernels():
+@functools.cache
+def compiled(source):
+    """{name expression: (SASS lines, registers per thread at launch)} of every kernel of a source."""
     if NVRTC is None or loader.toolkit_include() is None or NVDISASM is None:
-        pytest.skip("NVRTC, the CUDA headers or nvdisasm not found: the forward's SASS was NOT checked "
+        pytest.skip("NVRTC, the CUDA headers or nvdisasm not found: the Hopper kernels' SASS was NOT checked "
                     "(pip install nvidia-cuda-nvrtc nvidia-cuda-nvdisasm; set CUDA_HOME)")
-    rc, log, cubin, mangled = offline.nvrtc_compile(NVRTC, "attend_wgmma.cu", NAMES, cubin=True)
+    rc, log, cubin, mangled = offline.nvrtc_compile(NVRTC, source, loader.every_name(source), cubin=True)
     assert rc == 0, log
-    code = offline.sass(cubin, NVDISASM)
-    return {name: code[m] for name, m in mangled.items()}
+    code, regs = offline.sass(cubin, NVDISASM), offline.registers(cubin)
+    return {name: (code[m], regs[m]) for name, m in mangled.items()}
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_softmax_runs_beside_the_previous_tiles_p_v(kernels, name):
-    seq = offline.waits_and_exps(kernels[name])
+@pytest.mark.parametrize("name", FORWARD)
+def test_softmax_runs_beside_the_previous_tiles_p_v(name):
+    seq = offline.waits_and_exps(compiled("attend_wgmma.cu")[name][0])
     loop = [i for i, x in enumerate(seq) if x == "W1"]
     assert len(loop) == 1, seq  # the one S wait that leaves P V in flight: the tile loop's
     i = loop[0]
@@ -34,3 +45,11 @@ def test_softmax_runs_beside_the_previous_tiles_p_v(kernels, name):
     # two rescale factors), then the wait for P V
     kt = int(name.split(", ")[-2])  # attend_fwd_wgmma<..., SCHED, KT, WIN>
     assert seq[i + 1:i + 3] == [f"E {32 * kt + 2}", "W0"], seq
+
+
+@pytest.mark.parametrize("source,name", HOPPER)
+def test_consumers_take_no_more_registers_than_the_loader_gives_back(source, name):
+    lines, launch = compiled(source)[name]
+    nwg = int(name.split(", ")[3])  # <T, D, TO, NWG, ...>: NWG consumer warpgroups and a loader
+    (dec,), (inc,) = offline.setmaxnreg(lines)
+    assert dec + nwg * inc <= launch * (nwg + 1), (dec, inc, launch)
