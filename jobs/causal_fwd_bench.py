@@ -33,7 +33,7 @@ import cupy as cp
 import numpy as np
 import torch
 
-from gpu_bench import per_call  # jobs/ is on the path when this runs as a script
+from gpu_bench import per_call, settle  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import encode, forward, loader
 from hpcattn.gpu.shapes import WG_KT2_SHAPES, WG_SCHEDS, wg_name
 from hpcattn.masks import parse
@@ -72,6 +72,7 @@ def case(spec, n, D, baseline, scheds=(), win=False, H=8, rounds=5):
     for side, launch in sides.items():
         out = cp.empty_like(qh)
         lse, edges = launch(qh, np.uintp(0), kh, vh, out)
+        settle(f"{spec}:{n}:{D} {side}")
         outs[side] = (out, lse, int(edges))
     edges = outs["kernel"][2]
 

@@ -8,6 +8,7 @@ derived on the device, before PyTorch holds any memory). Writes JSON to argv[1] 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -29,6 +30,20 @@ def per_call(fn, reps=10):
     b.record()
     b.synchronize()
     return cp.cuda.get_elapsed_time(a, b) / reps
+
+
+def settle(label, limit_s=60):
+    """Waits for the work queued on the current stream by polling an event, so that a kernel
+    that never ends (a deadlock in a form under test) ends the job after limit_s with a line
+    naming it, where a blocking wait would leave it silent until killed."""
+    done = cp.cuda.Event()
+    done.record()
+    t0 = time.perf_counter()
+    while not done.done:
+        if time.perf_counter() - t0 > limit_s:
+            print(f"HANG: {label} still running after {limit_s} s; exiting", flush=True)
+            os._exit(3)
+        time.sleep(0.01)
 
 
 def timed(fn, reps=5, warm=1):

@@ -10,7 +10,7 @@ import math
 import cupy as cp
 import numpy as np
 
-from gpu_bench import timed  # jobs/ is on the path when this runs as a script
+from gpu_bench import settle, timed  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import encode, forward, loader
 from hpcattn.gpu.shapes import CTYPES, WG_SHAPES, wg_name, wg_smem
 from hpcattn.masks import parse
@@ -89,6 +89,7 @@ def main():
                     f.max_dynamic_shared_size_bytes = smem
                     go, o, lse, edges = run(f, smem, shape, q, qpos, k, v, mask, N, nk, scale, k0)
                     go()
+                    settle(f"{name} on {spec}")
                     fin = bool(cp.isfinite(o).all())
                     o_diff = -1.0 if bf and shape[4] else float(cp.abs(o.astype(cp.float32) - ref[0]).max())
                     print(json.dumps({"check": spec, "dtype": dtype, "D": D, "shape": shape, "o_diff": o_diff,
