@@ -1,4 +1,7 @@
-"""Shared by the GPU tests: skip reasons, bfloat16 bit patterns, float64 reference backward."""
+"""Shared by the GPU tests: skip reasons, bfloat16 bit patterns, float64 reference backward, and
+the offline NVRTC build of a kernel source (once per test run)."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -17,6 +20,15 @@ def cupy_or_skip():
     if n == 0:
         pytest.skip("GPU TESTS SKIPPED: CuPy sees no CUDA device", allow_module_level=True)
     return cupy
+
+
+@functools.cache
+def nvrtc_build(lib, source):
+    """offline.nvrtc_compile of every name expression of a kernels/ source, with its cubin: (return
+    code, log, cubin, {name: mangled}). test_gpu_build checks the log, test_gpu_sass the SASS of
+    the same build (the one-pass backward's 32 kernels alone take about 2 minutes on 2 cores)."""
+    from hpcattn.gpu import loader, offline
+    return offline.nvrtc_compile(lib, source, loader.every_name(source), cubin=True)
 
 
 def bf16_bits(x):

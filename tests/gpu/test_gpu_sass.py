@@ -16,6 +16,7 @@ import functools
 
 import pytest
 
+from gpu_helpers import nvrtc_build
 from hpcattn.gpu import loader, offline
 
 NVRTC, NVDISASM = offline.find_nvrtc(), offline.find_tool("nvdisasm")
@@ -29,7 +30,7 @@ def compiled(source):
     if NVRTC is None or loader.toolkit_include() is None or NVDISASM is None:
         pytest.skip("NVRTC, the CUDA headers or nvdisasm not found: the Hopper kernels' SASS was NOT checked "
                     "(pip install nvidia-cuda-nvrtc nvidia-cuda-nvdisasm; set CUDA_HOME)")
-    rc, log, cubin, mangled = offline.nvrtc_compile(NVRTC, source, loader.every_name(source), cubin=True)
+    rc, log, cubin, mangled = nvrtc_build(NVRTC, source)
     assert rc == 0, log
     code, regs = offline.sass(cubin, NVDISASM), offline.registers(cubin)
     return {name: (code[m], regs[m]) for name, m in mangled.items()}
