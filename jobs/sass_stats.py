@@ -1,9 +1,11 @@
 """What the compiler made of the Hopper kernels, without a GPU: per kernel of a source (every name
 expression gpu/loader.py builds, or those matching --match), ptxas' registers, stack and spill bytes,
-and from the SASS the instructions, the HGMMAs, the local-memory accesses (LDL/STL: all, and the
-register spills and refills among them between the first and the last HGMMA, i.e. in the tile loop),
-the GPU-scope fences (MEMBAR.SC.GPU, MEMBAR.ALL.GPU), and the order of the wgmma waits and the
-exponentials (W1, W0: wgmma.wait_group 1, 0; E n: n MUFU.EX2 in a row; offline.waits_and_exps).
+the register hand-off of warp-specialised kernels (setmaxnreg dec/inc: loader/consumers, '!' where
+they ask for more than the block got at launch: it would spin there), and from the SASS the
+instructions, the HGMMAs, the local-memory accesses (LDL/STL: all, and the register spills and
+refills among them between the first and the last HGMMA, i.e. in the tile loop), the GPU-scope
+fences (MEMBAR.SC.GPU, MEMBAR.ALL.GPU), and the order of the wgmma waits and the exponentials
+(W1, W0: wgmma.wait_group 1, 0; E n: n MUFU.EX2 in a row; offline.waits_and_exps).
 --base REV builds the same names from REV's kernels/ and says per kernel whether the SASS is the same
 opcode for opcode (registers aside): a change meant to leave a kernel alone is checked that way.
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hpcattn.gpu import loader, offline  # noqa: E402
-from hpcattn.gpu.offline import opcodes, waits_and_exps  # noqa: E402
+from hpcattn.gpu.offline import opcodes, register_handoff, waits_and_exps  # noqa: E402
 
 
 def tool(name):
@@ -57,14 +59,21 @@ def build(kernel_dir, source, names, work):
     return {re.sub(r"\(.*", "", d): (props.get(m, {}), code[m]) for m, d in zip(code, names)}
 
 
-def stats(props, lines):
+def handoff(name, regs, lines):
+    """'dec/inc' of a warp-specialised kernel's setmaxnreg (loader/consumers), '!' appended where
+    they ask for more than the block got at launch (offline.register_handoff)."""
+    got = register_handoff(name, regs, lines) if isinstance(regs, int) else None
+    return "-" if got is None else f"{got[0]}/{got[1]}" + ("" if got[2] else "!")
+
+
+def stats(props, lines, name):
     ops = opcodes(lines)
     hg = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
     local = sum(op.startswith(("LDL", "STL")) for op in ops)
     spills = sum("SpillRefill" in x for x in lines[hg[0]:hg[-1] + 1]) if hg else 0
     return (props.get("regs", "?"), props.get("stack", "?"), props.get("spill st", "?"), props.get("spill ld", "?"),
-            len(ops), len(hg), local, spills, ops.count("MEMBAR.SC.GPU"), ops.count("MEMBAR.ALL.GPU"),
-            " ".join(waits_and_exps(lines)))
+            handoff(name, props.get("regs"), lines), len(ops), len(hg), local, spills, ops.count("MEMBAR.SC.GPU"),
+            ops.count("MEMBAR.ALL.GPU"), " ".join(waits_and_exps(lines)))
 
 
 def main():
@@ -85,15 +94,15 @@ def main():
             root = loader.KERNEL_DIR.parent
             subprocess.run(f"git -C {root} archive {a.base} kernels | tar -x -C {old}", shell=True, check=True)
             base = build(old / "kernels", a.source, names, work)
-    head = ("regs", "stack", "spill st", "spill ld", "instr", "HGMMA", "LDL/STL", "loop spills", "MEMBAR.SC",
+    head = ("regs", "stack", "spill st", "spill ld", "setmaxnreg", "instr", "HGMMA", "LDL/STL", "loop spills", "MEMBAR.SC",
             "MEMBAR.ALL", "waits, exps") + (("vs " + a.base,) if a.base else ())
     print("kernel | " + " | ".join(head))
     for name, (props, lines) in sorted(now.items()):
-        row = [str(x) for x in stats(props, lines)]
+        row = [str(x) for x in stats(props, lines, name)]
         if a.base:
             was = base.get(name)
             row.append("missing" if was is None else "same SASS" if opcodes(was[1]) == opcodes(lines)
-                       else "loop spills {} -> {}".format(stats(*was)[7], stats(props, lines)[7]))
+                       else "loop spills {} -> {}".format(stats(*was, name)[8], stats(props, lines, name)[8]))
         print(f"{name} | " + " | ".join(row))
 
 

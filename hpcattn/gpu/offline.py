@@ -127,8 +127,15 @@ def registers(cubin):
     return counts
 
 
-def setmaxnreg(lines):
-    """The register counts a warp-specialised kernel's SASS sets: ({setmaxnreg.dec's}, {setmaxnreg.inc's})."""
+def register_handoff(name, launch, lines):
+    """(the loader's setmaxnreg.dec count, the consumers' setmaxnreg.inc count, whether they fit)
+    of a warp-specialised kernel's SASS (name: its name expression, <T, D, TO, NWG, ...>; launch:
+    ptxas' registers per thread, `registers`), or None without one of each. setmaxnreg.inc waits
+    until the block's pool holds what it asks for, and the pool is only what the block got at
+    launch less what the loader kept: asking for more spins forever."""
     dec = {int(x.rstrip(" ;").split()[-1], 16) for x in lines if "USETMAXREG.DEALLOC" in x}
     inc = {int(x.rstrip(" ;").split()[-1], 16) for x in lines if "USETMAXREG.TRY_ALLOC" in x}
-    return dec, inc
+    if len(dec) != 1 or len(inc) != 1:
+        return None
+    (d,), (i,), nwg = dec, inc, int(name.split("<")[1].split(", ")[3])
+    return d, i, d + nwg * i <= launch * (nwg + 1)
