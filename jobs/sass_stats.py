@@ -94,15 +94,16 @@ def main():
             root = loader.KERNEL_DIR.parent
             subprocess.run(f"git -C {root} archive {a.base} kernels | tar -x -C {old}", shell=True, check=True)
             base = build(old / "kernels", a.source, names, work)
-    head = ("regs", "stack", "spill st", "spill ld", "setmaxnreg", "instr", "HGMMA", "LDL/STL", "loop spills", "MEMBAR.SC",
-            "MEMBAR.ALL", "waits, exps") + (("vs " + a.base,) if a.base else ())
+    head = ("regs", "stack", "spill st", "spill ld", "setmaxnreg", "instr", "HGMMA", "LDL/STL", "loop spills",
+            "MEMBAR.SC", "MEMBAR.ALL", "waits, exps") + (("vs " + a.base,) if a.base else ())
+    loop = head.index("loop spills")
     print("kernel | " + " | ".join(head))
     for name, (props, lines) in sorted(now.items()):
         row = [str(x) for x in stats(props, lines, name)]
         if a.base:
             was = base.get(name)
             row.append("missing" if was is None else "same SASS" if opcodes(was[1]) == opcodes(lines)
-                       else "loop spills {} -> {}".format(stats(*was, name)[8], stats(props, lines, name)[8]))
+                       else "loop spills {} -> {}".format(stats(*was, name)[loop], row[loop]))
         print(f"{name} | " + " | ".join(row))
 
 
