@@ -5,10 +5,11 @@ gaps or shuffled, float16 and bfloat16, D = 64 and 128, dk and dv added into flo
 written in the input dtype): dk, dv and dq (float32 sums) within TOL of attend_bwd_kv_wg's and
 attend_bwd_q_wg's shares (the fused kernel walks the query tiles in reverse order), the ORDERED
 kernel's dk, dv and dq the same bits on a rerun, the edge count attend_bwd_q_wg's; each check for
-both dq paths (red.global.add from registers, and "bulk": staged in shared memory and added by
-bulk reductions), the ordered bulk kernel's dk, dv and dq also the same bits as the ordered
-red.global.add kernel's. Then ms per call (CUDA events, median of 5) of the fused kernel,
-ordered (with the memset of its turn counters) and atomic, each without and with bulk, and of
+both dq paths (red.global.add from registers, and "bulk": staged in shared memory, added into
+dq tiles by bulk reductions and then into dq by tile_rows_out), the ordered bulk kernel's dk and
+dv also the same bits as the ordered red.global.add kernel's. Then ms per call (CUDA events,
+median of 5; bulk: with the tiles' memset and tile_rows_out) of the fused kernel, ordered
+(with the memset of its turn counters) and atomic, each without and with bulk, and of
 attend_bwd_kv_wg + attend_bwd_q_wg, on large head-major float16 inputs, and the speed-up. A
 FAIL line and exit status 1 on any mismatch; one JSON line per figure.
     PYTHONPATH=$PWD python3 jobs/fused_bwd_check.py [--dims 64,128] [--dtypes float16,bfloat16]
@@ -16,6 +17,7 @@ FAIL line and exit status 1 on any mismatch; one JSON line per figure.
 (--dtypes '' times without checking; NVRTC compiles only the kernels named, a minute or more each)"""
 import argparse
 import json
+import math
 import sys
 
 import cupy as cp
@@ -33,21 +35,27 @@ class Fused:
     output type, on its 1-D grid (ceil(nk / 64 NWG) B Hkv blocks), its turn counters zeroed first."""
 
     def __init__(self, mod, ct, D, otype, ordered, bulk=False):
-        shape = bwd_fused_shape(D, bulk)
+        shape = bwd_fused_shape(D)
         self.f, self.keys, self.threads = mod.get_function(bwd_fused_name(ct, D, otype, ordered, bulk=bulk)), \
             64 * shape[0], bwd_wg_threads(shape)
-        self.smem, self.D, self.ordered = bwd_fused_smem(D, bulk=bulk), D, ordered
+        self.smem, self.D, self.ordered, self.bulk = bwd_fused_smem(D, bulk=bulk), D, ordered, bulk
+        self.rows = loader.kernel(f"tile_rows_out<float, {D}>") if bulk else None
         self.f.max_dynamic_shared_size_bytes = self.smem
         self.turns = cp.zeros(1, cp.int32)
 
     def __call__(self, args, dk, dv, dq, edges, words, unsorted, tail, nq, nk, BHkv, heads):
+        tiles = (heads, -(-nq // 64), self.D // 64)  # a turn per (query head, query tile, 64-column slice)
+        n = math.prod(tiles)
         if self.ordered:
-            n = heads * -(-nq // 64) * (self.D // 64)  # a counter per (query head, query tile, 64-column slice)
             if self.turns.size < n:
                 self.turns = cp.zeros(n, cp.int32)
             self.turns[:n].fill(0)
+        acc = cp.zeros(tiles + (4096,), cp.float32) if self.bulk else dq  # BULK: dq tiles, then added into dq
         self.f((-(-nk // self.keys) * BHkv,), (self.threads,),
-               args + (dk, dv, dq, edges, self.turns, words, unsorted) + tail, shared_mem=self.smem)
+               args + (dk, dv, acc, edges, self.turns, words, unsorted) + tail, shared_mem=self.smem)
+        if self.bulk:
+            self.rows((-(-heads * nq * self.D // 8 // 256),), (256,),
+                      (acc, dq, np.int32(nq), np.int64(heads * nq), *(np.int64(0),) * 3, np.int32(heads)))
 
 
 def rel_diff(a, b, base):
@@ -101,7 +109,8 @@ def check(wg, fmod, dtype, D, paths, failures):
                     if ordered and not bulk:
                         ordered_red = runs[0][:3]
                     elif ordered and ordered_red is not None:
-                        same_as_red = all(same_bits(a, b) for a, b in zip(ordered_red, runs[0][:3]))
+                        # dk, dv: the same sums; dq: the tiles sum the shares from zero, then add into dq
+                        same_as_red = all(same_bits(a, b) for a, b in zip(ordered_red[:2], runs[0][:2]))
                         row["same_as_red"] = same_as_red
                     ok = (max(rel, row["dk_rel"], row["dv_rel"]) <= TOL[dtype] and row["dq_finite"]
                           and fe == row["edges_ref"] == again[3] and (row["rerun_same"] or not ordered) and same_as_red)

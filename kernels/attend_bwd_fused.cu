@@ -5,7 +5,7 @@
 // a barrier of the consumers, warpgroup (item + c) % NWG computes the tile's dq columns
 // [64c, 64c + 64) as wgmma m64n64k16 over the block's 64 NWG keys (dS^T read M-major, the
 // block's K rows N-major) and adds them into dq with red.global.add (or, BULK, staged in shared
-// memory and added a row at a time by bulk asynchronous reductions that a writer warp issues),
+// memory by each warp and added into dq tiles by the bulk-copy unit's reductions),
 // in any order (ORDERED = false) or in ascending key-block order (ORDERED: the same bits on
 // every rerun).
 #include "bwd_keys.cuh"

@@ -62,6 +62,37 @@ __global__ void store_rows(const float* __restrict__ src, T* __restrict__ dst, i
     *reinterpret_cast<uint4*>(dst + Strides{bs, hs, rs}.head(head, H) + (size_t)r * rs + 8 * part) = out;
 }
 
+// attend_bwd_fused_wg's BULK dq tiles (float32 (B H, ntiles, D / 64, 4096) in the MMA
+// accumulators' order, kernels/bwd_keys.cuh) as rows: added into float32 head-major rows (B, H,
+// nq, D) contiguous (TO float), or stored in TO in any Strides layout (H query heads per batch
+// entry): 8 elements of a row a thread (one 8-column group j of a 64-column slice, which the
+// tiles hold as 4 pairs 4 floats apart).
+template <typename TO, int D>
+__global__ void tile_rows_out(const float* __restrict__ src, TO* __restrict__ dst, int nq, long long rows,
+                              long long bs, long long hs, long long rs, int H) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x, row = i / (D / 8);
+    if (row >= rows) return;
+    const int head = (int)(row / nq), r = (int)(row % nq), part = (int)(i % (D / 8)), rr = r % 64;
+    const float* t = src + (((size_t)head * ((nq + 63) / 64) + r / 64) * (D / 64) + part / 8) * 4096 +
+                     1024 * (rr / 16) + 128 * (part % 8) + 16 * (rr % 8) + 2 * ((rr % 16) / 8);
+    float v[8];
+#pragma unroll
+    for (int tq = 0; tq < 4; ++tq) {
+        const float2 p = *reinterpret_cast<const float2*>(t + 4 * tq);
+        v[2 * tq] = p.x;
+        v[2 * tq + 1] = p.y;
+    }
+    if constexpr (sizeof(TO) == 4) {  // float32 sums
+        float4* d = reinterpret_cast<float4*>(reinterpret_cast<float*>(dst) + (size_t)row * D + 8 * part);
+        const float4 a = d[0], b = d[1];
+        d[0] = make_float4(a.x + v[0], a.y + v[1], a.z + v[2], a.w + v[3]);
+        d[1] = make_float4(b.x + v[4], b.y + v[5], b.z + v[6], b.w + v[7]);
+    } else {
+        const uint4 out{pack2<TO>(v[0], v[1]), pack2<TO>(v[2], v[3]), pack2<TO>(v[4], v[5]), pack2<TO>(v[6], v[7])};
+        *reinterpret_cast<uint4*>(dst + Strides{bs, hs, rs}.head(head, H) + (size_t)r * rs + 8 * part) = out;
+    }
+}
+
 // Shape: W warps of 16 keys each; KREG: K and V fragments stay in registers (else re-read from
 // shared memory every tile). Shared memory: two stages of (Q, dO) tiles, the block's K and V
 // rows, two stages of (lse, delta, positions).

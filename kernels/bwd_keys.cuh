@@ -38,6 +38,8 @@ template <bool READ> __device__ __forceinline__ void bulk_wait() {
     if (READ) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
     else asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
+// until all but this thread's newest bulk group completed
+__device__ __forceinline__ void bulk_wait_but_one() { asm volatile("cp.async.bulk.wait_group 1;\n" ::: "memory"); }
 
 // *p, loaded with acquire semantics at gpu scope
 __device__ __forceinline__ int load_acquire(const int* p) {
@@ -149,24 +151,23 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // blockIdx.x, and every wait of the lowest unfinished block is on finished blocks; this assumes
 // that blocks start in ascending blockIdx.x, so that every lower block is running or done, never
 // waiting for a free SM that only a waiting block could give back.
-// BULK (FlashAttention-3's dQ writer): the loader warpgroup's warps 0 and 1 load, and its warp
-// 2 + cw adds consumer cw's dq slices. The consumer stores its scaled slice (64 rows x 64
-// float32) into its staging buffer in shared memory, rows DQP = 288 bytes apart (256 bytes of
-// data, 32 of padding: the 4 rows g of a half-warp's 64-bit accumulator stores fall on distinct
-// 32-byte bank groups, so a warp's store takes the minimal 2 wavefronts, while each row stays 256
-// contiguous bytes for the bulk copy), fences them for the async proxy and arrives on
-// dqbar[cw] (staged); before it next stores, it waits on dqbar[NWG + cw] (freed). The writer
-// waits for the slice, adds each row into dq with one cp.reduce.async.bulk of 256 bytes (a row a
-// lane at a time), waits for the reads and arrives on freed, so the consumers go on to the next
-// item while their adds, and ORDERED's turns, are under way. ORDERED with BULK: the writer also
-// finds prev_block from the stage's positions (so it waits on each stage's full barrier and
-// arrives on its empty one, as the consumers do), waits for the turn before the adds, and for
-// their completion before it releases the turn. The writer waits for its bulk groups' completion
-// before the block exits. dq must be 16-byte aligned (each row's slice then is).
+// BULK (FlashAttention-3's dQ accumulation): dq is not rows but dq tiles, float32 (B H, ntiles,
+// D / 64, 4096): per (query head, tile, 64-column slice) 4 KB per consumer warp wq, element (row
+// 16 wq + g + 8h, column 8j + 2tq + x) at 1024 wq + 128 j + 4 (4 g + tq) + 2 h + x, i.e. the
+// accumulators' own order, so that each warp stages its share with conflict-free stores and adds
+// it by two bulk reductions (cp.reduce.async.bulk, 2 KB each, through the bulk-copy unit) instead
+// of 16 red.global.add.v2 a thread that each touch 8 lines; the host turns the tiles into rows.
+// Nothing waits for the adds until the next item's dS^T is stored (the bulk reads, as half of the
+// staging sits in this consumer's rows of the other dS^T buffer: free from item n's barrier 1
+// until item n + 1's dS^T; a consumer without keys writes its zeros again). ORDERED with BULK:
+// the loader finds prev_block (off the consumers' path), the consumer takes a first look at the
+// turn while dQ runs, waits for it before the adds if need be, and hands it on two items later
+// (or at the block's end), once the adds completed, so that no consumer waits for its adds to
+// land.
 // Named barriers: 0 (__syncthreads), 1 (the 128 NWG consumer threads, every item), 2 + cw (the
-// 128 threads of consumer cw, ORDERED's release without BULK); ids up to NWG + 1 <= 8 of the 16.
-// Shared memory, DQ: the two dS^T buffers (2 BN 64 elements) after the K and V rows; BULK: NWG
-// staging buffers of 64 DQP bytes after the positions.
+// 128 threads of consumer cw, ORDERED's release); ids up to NWG + 1 <= 8 of the 16.
+// Shared memory, DQ: the two dS^T buffers (2 BN 64 elements) after the K and V rows; BULK: 8 KB
+// of staging per consumer after the positions.
 template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool DQ, bool ORDERED, bool BULK>
 __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long long* __restrict__ qpos,
                                          const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
@@ -177,12 +178,9 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                                          int nq, int nk, int G, long long k0, float scale, long long q0, BWD_STRIDES) {
     constexpr int BN = 64 * NWG, TILE = BM * D, NSL = D / 64;  // TILE in elements; NSL slices of dq
     constexpr int PREG = 24, CREG = consumer_regs(NWG, MINB, PREG);
-    constexpr int DQP = 4 * MK + 32;  // BULK: bytes between rows of a dq staging buffer
-    constexpr int LT = BULK ? 64 : 128;  // loader threads (BULK: warps 2 and 3 of the loader warpgroup add dq)
     static_assert(ST >= 2, "the loader fills one stage while the consumers compute another");
     static_assert(NSL <= NWG, "a consumer computes at most one 64-column slice of a tile's dq");
     static_assert(DQ || !(ORDERED || BULK), "ORDERED and BULK are forms of the dq adds");
-    static_assert(!BULK || NWG <= 2, "a writer warp per consumer: two beside the loader's two");
     extern __shared__ __align__(128) unsigned char smem_wg[];
     T* QO = reinterpret_cast<T*>(smem_wg + ((1024 - ((unsigned)__cvta_generic_to_shared(smem_wg) & 1023)) & 1023));
     T* Ks = QO + 2 * ST * TILE;  // stage s: Q at QO + 2s TILE, dO at QO + (2s + 1) TILE
@@ -191,11 +189,12 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     float* Ls = reinterpret_cast<float*>(Ss + (DQ ? 2 * BN * 128 : 0));  // stage s at Ls + s BM; delta likewise
     float* Dls = Ls + ST * BM;
     long long* Ps = reinterpret_cast<long long*>(Dls + ST * BM);
-    float* Gs = reinterpret_cast<float*>(Ps + ST * BM);  // BULK: consumer cw's staged dq at Gs + cw BM DQP / 4
+    char* Gs = reinterpret_cast<char*>(Ps + ST * BM);  // BULK: warp wq of consumer cw stages at Gs + (4 cw + wq) 2048
     __shared__ MaskDev mk;
     __shared__ int nr_s, tlo_s[HPCATTN_MAX_SPANS], thi_s[HPCATTN_MAX_SPANS];
     __shared__ __align__(8) Ring<ST> ring;
-    __shared__ __align__(8) unsigned long long dqbar[BULK ? 2 * NWG : 1];  // BULK: staged[cw], then freed[cw]
+    __shared__ int* pend[2][ORDERED && BULK ? NWG : 1];  // ORDERED && BULK: see hand_on
+    __shared__ int wants[ORDERED && BULK ? ST : 1];  // ORDERED && BULK: stage s's item waits for turn wants[s]
 
     const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs};
     // DQ: a 1-D grid, kv heads fastest; else blocks (key block, kv head)
@@ -206,20 +205,13 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wq = warp & 3;  // wg warp-uniform
     const size_t krow0 = ks.head(hk, H / G) + (size_t)kc0 * krs;  // the block's first key row
     if (wg == 0) {  // K and V: the first commit group, landed before the first item is signalled
-        if (!BULK || tid < LT) {
-            load_tile_sw<T, D, BN, LT>(k + krow0, krs, kc1 - kc0, Ks, tid);
-            load_tile_sw<T, D, BN, LT>(v + krow0, krs, kc1 - kc0, Vs, tid);
-            cp_commit();
-        }
+        load_tile_sw<T, D, BN, 128>(k + krow0, krs, kc1 - kc0, Ks, tid);
+        load_tile_sw<T, D, BN, 128>(v + krow0, krs, kc1 - kc0, Vs, tid);
+        cp_commit();
         if (warp == 0)
             key_block_tiles(mask_words, mk, qpos, unsorted, q0, nq, k0 + kc0, k0 + kc1 - 1, lane, tlo_s, thi_s, nr_s);
     } else if (tid == 128) {
-        if (BULK)
-            for (int i = 0; i < NWG; ++i) {
-                mb_init(&dqbar[i], 128);  // consumer i's dq slice staged
-                mb_init(&dqbar[NWG + i], 32);  // and read by its writer warp
-            }
-        ring.init(NWG, LT, ORDERED && BULK ? 32 * NWG : 0);  // ORDERED && BULK: the writers read positions
+        ring.init(NWG);
     }
     __syncthreads();
     const int nr = nr_s;
@@ -236,65 +228,23 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         else next_item(gq, r, t, nr, tlo_s, thi_s);
     };
 
+    const bool rows_unsorted = qpos && *unsorted;
     if (wg == 0) {  // the loader
         regs_dec<PREG>();
-        if (BULK && warp >= 2) {  // consumer wc's writer warp: adds its staged dq slices, item by item
-            const int wc = warp - 2, ntiles = (nq + BM - 1) / BM;
-            const bool rows_unsorted = qpos && *unsorted;
-            RingUse<ST> use{ring};  // ORDERED: the writer reads each stage's positions
-            int n = 0, nst = 0;  // the item; the slices staged so far
-            for (int cg = g_first, cr = r_first, ct = t_first; cg < G; step(cg, cr, ct), ++n) {
-                const int c = (wc + NWG - n % NWG) % NWG, rows = min(BM, nq - ct * BM);  // the consumer's slice
-                int prev = -1;  // ORDERED: the key block that adds into the slice before this one
-                if (ORDERED) {  // found from the stage's positions, off the consumers' path
-                    use.wait();
-                    const long long* Pb = Ps + use.s * BM;
-                    if (c < NSL)
-                        prev = prev_block<BN>(mk, tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane),
-                                              qpos ? Pb : nullptr, rows_unsorted, rows, kb, k0, nk, lane);
-                    use.release();
-                }
-                if (c >= NSL) continue;
-                const int hq = hk * G + cg;
-                int* turn = turn_at<NSL>(turns, hq, ntiles, ct, c);
-                if (ORDERED) turn_wait(turn, prev + 1);
-                mb_wait_asm(&dqbar[wc], nst & 1);
-                // ORDERED: the acquire (generic proxy), then a generic-to-async proxy fence, so that
-                // these bulk reductions (async proxy) follow the lower block's (PTX ISA, "Async
-                // Proxy"); see the release below
-                if (ORDERED) asm volatile("fence.proxy.async.global;\n" ::: "memory");
-                const float* sg = Gs + wc * (BM * DQP / 4);
-                for (int r = lane; r < rows; r += 32)  // row r's slice of head-major dq, from the staged row
-                    bulk_red_add(dq + ((size_t)hq * nq + ct * BM + r) * D + 64 * c, sg + r * (DQP / 4), 4 * MK);
-                bulk_commit();
-                bulk_wait<true>();  // the staged rows read: the consumer may stage its next slice
-                mb_arrive(&dqbar[NWG + wc]);
-                // ORDERED: the release covers the bulk reductions because (PTX ISA, "Async Proxy")
-                // "the completion of a cp{.reduce}.async.bulk operation is followed by an implicit
-                // generic-async proxy fence. So the result of the asynchronous operation is made
-                // visible to the generic proxy as soon as its completion is observed", and each lane
-                // observed its own (cp.async.bulk.wait_group 0) before __syncwarp, which orders the
-                // lanes' views before lane 0's release; the next block's ld.acquire.gpu of the turn
-                // synchronizes with it, and its fence.proxy.async.global (above) carries that order
-                // into its own adds. Each element's add is a .relaxed.gpu reduction.
-                if (ORDERED) {
-                    bulk_wait<false>();  // added, and visible to this lane's generic proxy
-                    __syncwarp();
-                    if (lane == 0) release_turn(turn, kb + 1);
-                }
-                ++nst;
-            }
-            bulk_wait<false>();
-            return;
-        }
         RingLoad<ST> ld{ring};
         for (int fg = g_first, fr = r_first, ft = t_first; fg < G; step(fg, fr, ft)) {
             const int s = ld.stage();
             const int hq = hk * G + fg, r0 = ft * BM, rows = min(BM, nq - r0);
             const size_t qrow0 = qs.head(hq, H) + (size_t)r0 * qrs;
-            load_tile_sw<T, D, BM, LT>(q + qrow0, qrs, rows, QO + 2 * s * TILE, tid);
-            load_tile_sw<T, D, BM, LT>(dout + qrow0, qrs, rows, QO + (2 * s + 1) * TILE, tid);
-            load_stats<LT>(lse, delta, qpos, hq, nq, r0, rows, Ls + s * BM, Dls + s * BM, Ps + s * BM, tid);
+            load_tile_sw<T, D, BM, 128>(q + qrow0, qrs, rows, QO + 2 * s * TILE, tid);
+            load_tile_sw<T, D, BM, 128>(dout + qrow0, qrs, rows, QO + (2 * s + 1) * TILE, tid);
+            load_stats<128>(lse, delta, qpos, hq, nq, r0, rows, Ls + s * BM, Dls + s * BM, Ps + s * BM, tid);
+            if (ORDERED && BULK && warp == 0) {  // the turn this item's adds wait for, off the consumers' path
+                const long long* Pg = qpos ? qpos + r0 : nullptr;  // the tile's positions, in global memory
+                const int prev = prev_block<BN>(mk, tile_rows(qpos != nullptr, Pg, q0 + r0, rows, lane), Pg,
+                                                rows_unsorted, rows, kb, k0, nk, lane);
+                if (lane == 0) wants[s] = prev + 1;  // seen by the consumers through the stage's full barrier
+            }
             ld.issued();
         }
         ld.finish();
@@ -328,13 +278,21 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 make_uint4(0u, 0u, 0u, 0u);
         proxy_fence();  // before wgmma reads them, after the first item's barrier
     }
-    const bool rows_unsorted = qpos && *unsorted;
     const int ntiles = (nq + BM - 1) / BM;
     const float sl2 = scale * MLOG2E;
     unsigned long long n_edges = 0;
     RingUse<ST> use{ring};
 
-    int n = 0, nst = 0;  // the item's index; BULK: the dq slices this consumer staged
+    int n = 0;  // the item's index
+    // ORDERED && BULK: item m's turn handed on, if this consumer added into it, once every thread's
+    // adds of it completed (each thread commits one bulk group per item); the turn's pointer is
+    // kept in shared memory (pend[m % 2][cw]) to spare registers
+    auto hand_on = [&](int m) {
+        if (m >= 0 && (cw + NWG - m % NWG) % NWG < NSL) {
+            named_sync(2 + cw, 128);
+            if ((tid & 127) == 0) release_turn(pend[m & 1][cw], kb + 1);
+        }
+    };
     // HOLD: an item's dV and dK MMAs run on beside the next item's S^T and dP^T, their stage held
     // (use.hold) until they are done; only without DQ and at D = 64 (at D = 128 the registers they
     // keep made ptxas serialise every wgmma)
@@ -359,6 +317,10 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 want = load_acquire(turn_at<NSL>(turns, hk * G + cg, ntiles, ct, c)) == prev + 1 ? -1 : prev + 1;
             }
         };
+        if (ORDERED && BULK && n >= 2) {  // item n - 2's adds, issued an item ago: completed by now
+            bulk_wait_but_one();
+            hand_on(n - 2);
+        }
         use.wait();
         if (wg_live) {
             const unsigned sb = buf * 2 * TILE * (unsigned)sizeof(T);  // the stage's byte offset
@@ -385,6 +347,10 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             score_grads<T, true>(s[0], dp[0], nullptr, dl, pa, da);
             if (DQ) {  // this thread's dS^T: key rows 64 cw + 16 wq + g + 8h (row r % 8 = g), query
                        // pairs 8j + 2tq in 16-byte chunk j, at chunk j ^ g of the row
+                if (BULK) {  // the last item's staging read (half of it sits here), lanes 0 and 1's adds too
+                    bulk_wait<true>();
+                    __syncwarp();
+                }
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     char* row = Ss + sbo + (64 * cw + 16 * wq + g + 8 * h) * 128 + 4 * tq;
@@ -412,8 +378,17 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 fence_regs(dva);
                 fence_regs(dka);
             }
-        } else if (ORDERED && !BULK) {
-            find_prev(tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane));
+        } else if (DQ) {
+            if (ORDERED) find_prev(tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane));
+            if (BULK) {  // the last item's staging in this warp's 2 KB of dS^T rows (read by now): zeros again
+                bulk_wait<true>();
+                __syncwarp();
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    *reinterpret_cast<uint4*>(Ss + sbo + cw * 64 * 128 + wq * 2048 + i * 512 + lane * 16) =
+                        make_uint4(0u, 0u, 0u, 0u);
+                proxy_fence();
+            }
         }
         if (!DQ) {
             if (!HOLD || !wg_live) use.release();
@@ -429,24 +404,41 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                                       wg_desc(kn, c * BN * 128 + kk * 16 * 128), kk > 0);  // dQ = dS K
             wg_commit();
         }
+        int seen = 0, wnt = 0;  // ORDERED && BULK: a first look at the item's turn while dQ runs; the turn awaited
+        if (ORDERED && BULK && c < NSL) {
+            seen = load_acquire(turn_at<NSL>(turns, hk * G + cg, ntiles, ct, c));
+            wnt = wants[buf];
+        }
         wgmma_wait<0>();  // dV, dK (and dQ)
         fence_regs(dva);
         fence_regs(dka);
         if (c < NSL) fence_regs(dqa);
         use.release();
-        if (c < NSL && BULK) {  // staged for the writer warp, which adds it
-            // warp wq stages the tile's rows 16 wq + [0, 16): those its accumulators hold
-            float* sg = Gs + cw * (BM * DQP / 4) + 16 * wq * (DQP / 4);
-            if (nst > 0) mb_wait_asm(&dqbar[NWG + cw], (nst - 1) & 1);  // the writer read the last slice
+        if (c < NSL && BULK) {
+            // warp wq's share, 16 rows x 64 float32 in the accumulators' order (dq tiles, above):
+            // lane L's dqa[j] at 512 j + 16 L (conflict-free 128-bit stores), j < 4 in its 2 KB of
+            // this consumer's rows of the other dS^T buffer (free until the next item's dS^T), j >= 4
+            // in its 2 KB at Gs; lanes 0 and 1 add one each by a bulk reduction
+            char* const stage[2] = {Ss + ((n + 1) & 1) * BN * 128 + cw * 64 * 128 + wq * 2048,
+                                    Gs + (4 * cw + wq) * 2048};
 #pragma unroll
-            for (int h = 0; h < 2; ++h)  // the accumulators' rows 16 wq + g + 8h, columns 8j + 2tq
-#pragma unroll
-                for (int j = 0; j < MK / 8; ++j)
-                    *reinterpret_cast<float2*>(sg + (g + 8 * h) * (DQP / 4) + 8 * j + 2 * tq) =
-                        make_float2(scale * dqa[j][2 * h], scale * dqa[j][2 * h + 1]);
+            for (int j = 0; j < MK / 8; ++j)
+                *reinterpret_cast<float4*>(stage[j >> 2] + 512 * (j & 3) + 16 * lane) =
+                    make_float4(scale * dqa[j][0], scale * dqa[j][1], scale * dqa[j][2], scale * dqa[j][3]);
             proxy_fence();  // the stores, before the bulk-copy unit reads them through the async proxy
-            mb_arrive(&dqbar[cw]);
-            ++nst;
+            __syncwarp();
+            const int hq = hk * G + cg;
+            if (ORDERED) {
+                int* turn = turn_at<NSL>(turns, hq, ntiles, ct, c);
+                if ((tid & 127) == 0) pend[n & 1][cw] = turn;
+                if (seen != wnt) turn_wait(turn, wnt);
+                // the acquire (generic proxy), then a generic-to-async proxy fence, so that these
+                // bulk reductions (async proxy) follow the lower block's
+                asm volatile("fence.proxy.async.global;\n" ::: "memory");
+            }
+            if (lane < 2)
+                bulk_red_add(dq + (((size_t)hq * ntiles + ct) * NSL + c) * 4096 + 1024 * wq + 512 * lane,
+                             reinterpret_cast<const float*>(lane ? stage[1] : stage[0]), 2048);
         } else if (c < NSL) {
             const int hq = hk * G + cg;
             int* turn = turn_at<NSL>(turns, hq, ntiles, ct, c);
@@ -467,10 +459,18 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 if ((tid & 127) == 0) release_turn(turn, kb + 1);
             }
         }
+        if (BULK) bulk_commit();  // a group per item, empty where this consumer added nothing
     }
     if (HOLD) {  // the last item's dV and dK
         wgmma_wait<0>();
         done_held();
+    }
+    if (BULK) {  // the last adds completed (and their turns handed on) before the block's memory goes
+        bulk_wait<false>();
+        if (ORDERED) {
+            hand_on(n - 2);
+            hand_on(n - 1);
+        }
     }
     if (kw0 < kc1) {
         const size_t base = krow0 + (size_t)(kw0 - kc0) * krs;

@@ -53,6 +53,8 @@ EXPERIMENTAL = {
                              + [wg_name(t, d, o, win=True), wg_name(t, d, o, WG_KT2_SHAPES[d], kt=2, win=True)]),
     "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered, bulk=True) for t in ("__half", "__nv_bfloat16")
                                  for d in BWD_FUSED_SHAPES for o in ("float", t) for ordered in (False, True)),
+    "attend_bwd_mma.cu": tuple(f"tile_rows_out<{o}, {d}>" for o in ("float", "__half", "__nv_bfloat16")
+                               for d in BWD_FUSED_SHAPES),  # the BULK forms' dq tiles as rows
 }
 SM90A = ("attend_wgmma.cu", "attend_bwd_wgmma.cu", "attend_bwd_fused.cu")  # sources built for sm_90a only
 OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")

@@ -89,32 +89,28 @@ def bwd_wg_q_smem(D, shape=None):
 # warpgroups of 64 keys, ring stages, blocks per SM); at D = 128 four stages and the two dS
 # buffers exceed SMEM_MAX
 BWD_FUSED_SHAPES = {64: (2, 4, 1), 128: (2, 3, 1)}
-# the same with BULK (dq staged in shared memory, DQ_STAGE bytes per consumer): at D = 128 three
-# stages would need 237,568 bytes (233,472 with unpadded rows), above SMEM_MAX, so two (203,776,
-# plus 384 static); D = 64 keeps four (173,056)
-BWD_FUSED_BULK_SHAPES = {64: (2, 4, 1), 128: (2, 2, 1)}
-DQ_STAGE = BWD_ROWS * (4 * MK + 32)  # a consumer's dq staging buffer: 64 rows 288 bytes apart (DQP)
+DQ_STAGE = 4 * 2048  # BULK: a consumer's own dq staging, 2 KB a warp (the other 2 KB sit in a dS buffer)
 
 
-def bwd_fused_shape(D, bulk=False):
-    """attend_bwd_fused_wg's (NWG, ST, MINB) at head dim D, with BULK's dq staging or without."""
-    return (BWD_FUSED_BULK_SHAPES if bulk else BWD_FUSED_SHAPES)[D]
+def bwd_fused_shape(D):
+    """attend_bwd_fused_wg's (NWG, ST, MINB) at head dim D."""
+    return BWD_FUSED_SHAPES[D]
 
 
 def bwd_fused_name(ctype, D, otype, ordered, shape=None, bulk=False):
     """attend_bwd_fused_wg's name expression: dk, dv as attend_bwd_kv_wg (otype), dq added into
-    float32 sums, in key-block order when `ordered` (the same bits on every rerun), by bulk
-    reductions from shared memory that a writer warp per consumer issues when `bulk` (else
-    red.global.add from the consumers' registers)."""
-    nwg, st, minb = shape or bwd_fused_shape(D, bulk)
+    float32 sums, in key-block order when `ordered` (the same bits on every rerun); `bulk`: into
+    dq tiles (kernels/bwd_keys.cuh; tile_rows_out turns them into rows) by bulk reductions of
+    each warp's staged share, else into rows by red.global.add from the consumers' registers."""
+    nwg, st, minb = shape or bwd_fused_shape(D)
     return (f"attend_bwd_fused_wg<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(ordered).lower()}, "
             f"{str(bulk).lower()}>")
 
 
 def bwd_fused_smem(D, shape=None, bulk=False):
     """Shared bytes of attend_bwd_fused_wg: attend_bwd_kv_wg's and two buffers of a tile's dS
-    (64 NWG keys x 64 queries); with `bulk`, a dq staging buffer per consumer warpgroup."""
-    shape = shape or bwd_fused_shape(D, bulk)
+    (64 NWG keys x 64 queries); with `bulk`, DQ_STAGE bytes per consumer warpgroup."""
+    shape = shape or bwd_fused_shape(D)
     return bwd_wg_smem(D, shape) + 2 * 64 * shape[0] * BWD_ROWS * 2 + (shape[0] * DQ_STAGE if bulk else 0)
 
 
