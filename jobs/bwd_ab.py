@@ -5,9 +5,11 @@ inputs (jobs/wgmma_bwd_check.py's bench_inputs: MASK:N:D, float16, H = 8, float3
 both give the same bits (dk, dv and dq of the two passes, attend_bwd_kv_wg + attend_bwd_q_wg, and
 of the ordered one-pass form; the atomic one-pass form within the two passes' tolerance), then ms
 per call of each in alternating rounds (CUDA events over --reps back-to-back calls, medians of
---rounds). A FAIL line and exit status 1 where bits differ. A component figure (kernels alone).
+--rounds). --bulk adds the one-pass forms with bulk dq adds into dq tiles (their ordered form
+checked bit for bit too; the baseline must have them: daf330c or later). A FAIL line and exit
+status 1 where bits differ. A component figure (kernels alone).
 
-    PYTHONPATH=$PWD python3 jobs/bwd_ab.py --baseline /tmp/base/kernels [--cases causal:16384:128,...]
+    PYTHONPATH=$PWD python3 jobs/bwd_ab.py --baseline /tmp/base/kernels [--cases causal:16384:128,...] [--bulk]
 """
 import argparse
 import json
@@ -24,25 +26,27 @@ from hpcattn.gpu.shapes import (BWD_WG_Q_SHAPES, BWD_WG_SHAPES, bwd_fused_name, 
 from wgmma_bwd_check import TOL, Kv, Qm, bench_inputs
 
 
-def sides(kdir, D):
-    """{form: callable(args, grads, words, tail, n, H)} built from the kernel tree kdir."""
+def sides(kdir, D, bulks=(False,)):
+    """{form: callable(args, grads, words, tail, n, H)} built from the kernel tree kdir; the
+    one-pass forms with each dq path of bulks (bulk: dq tiles, daf330c's form and later)."""
     kvs, qs = BWD_WG_SHAPES[D], BWD_WG_Q_SHAPES[D]
     names = bwd_wg_name("__half", D, "float", kvs), bwd_wg_q_name("__half", D, "float", qs)
     wg = loader.build("attend_bwd_wgmma.cu", names, kernel_dir=kdir)
-    fmod = loader.build("attend_bwd_fused.cu", [bwd_fused_name("__half", D, "float", o) for o in (True, False)],
-                        kernel_dir=kdir)
+    fmod = loader.build("attend_bwd_fused.cu", [bwd_fused_name("__half", D, "float", o, bulk=b)
+                                                for o in (True, False) for b in bulks], kernel_dir=kdir)
     kv = Kv(wg.get_function(names[0]), 64 * kvs[0], bwd_wg_threads(kvs), bwd_wg_smem(D, kvs))
     qk = Qm(wg.get_function(names[1]), 64 * qs[0], bwd_wg_threads(qs), bwd_wg_q_smem(D, qs), flat=True)
-    fused = {o: Fused(fmod, "__half", D, "float", o) for o in (True, False)}
+    fused = {(o, b): Fused(fmod, "__half", D, "float", o, b) for o in (True, False) for b in bulks}
 
     def two(args, g, words, tail, n, H):
         kv(args, g[0], g[1], words, np.uintp(0), tail, n, H)
         qk(args, g[2], g[3], words, tail, n, H)
 
-    def one(ordered):
-        return lambda args, g, words, tail, n, H: fused[ordered](args, g[0], g[1], g[2], g[3], words, np.uintp(0),
-                                                                 tail, n, n, H, H)
-    return {"two passes": two, "one pass, ordered": one(True), "one pass, atomic": one(False)}
+    def one(key):
+        return lambda args, g, words, tail, n, H: fused[key](args, g[0], g[1], g[2], g[3], words, np.uintp(0),
+                                                             tail, n, n, H, H)
+    return {"two passes": two} | {f"one pass, {'ordered' if o else 'atomic'}{' bulk' if b else ''}": one((o, b))
+                                  for b in bulks for o in (True, False)}
 
 
 def case(spec, now, base, rounds, reps):
@@ -60,7 +64,7 @@ def case(spec, now, base, rounds, reps):
         row = {"case": spec, "form": form, "edges same": int(a[3][0]) == int(b[3][0])}
         ok = ok and row["edges same"]
         for name, x, y in zip(("dk", "dv", "dq"), a, b):
-            if form == "one pass, atomic":  # its dq adds land in any order
+            if "atomic" in form:  # its dq adds land in any order
                 ref = grads["today", "two passes"][("dk", "dv", "dq").index(name)]
                 rel = float(cp.abs(x - ref).max() / max(float(cp.abs(ref).max()), 1e-30))
                 row[f"{name} rel vs two passes"] = rel
@@ -88,11 +92,13 @@ def main():
     ap.add_argument("--cases", default="causal:16384:128,window:256:262144:128,window:256:262144:64")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--bulk", action="store_true", help="also the one-pass forms with bulk dq adds (dq tiles)")
     a = ap.parse_args()
     failed = False
     for spec in a.cases.split(","):
         D = int(spec.rsplit(":", 1)[1])
-        rows, ok = case(spec, sides(loader.KERNEL_DIR, D), sides(a.baseline, D), a.rounds, a.reps)
+        bulks = (False, True) if a.bulk else (False,)
+        rows, ok = case(spec, sides(loader.KERNEL_DIR, D, bulks), sides(a.baseline, D, bulks), a.rounds, a.reps)
         for row in rows:
             print(("" if ok else "FAIL ") + json.dumps(row), flush=True)
         failed = failed or not ok

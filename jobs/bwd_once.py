@@ -1,7 +1,8 @@
-"""Each Hopper backward form (jobs/bwd_ab.py's: two passes, one pass ordered, one pass atomic)
-once on MASK:N:D, float16, H = 8, for a profiler to take one launch of each:
+"""Each Hopper backward form (jobs/bwd_ab.py's: two passes, then the one-pass forms, ordered and
+atomic, with red and with bulk dq adds) once on MASK:N:D, float16, H = 8, for a profiler to take
+one launch of each:
 
-    ncu --clock-control none --set full -k regex:attend_bwd -c 4 -o bwd python3 jobs/bwd_once.py causal:16384:128
+    ncu --clock-control none --set full -k regex:attend_bwd -c 6 -o bwd python3 jobs/bwd_once.py causal:16384:128
 """
 import sys
 
@@ -15,7 +16,7 @@ spec = sys.argv[1] if len(sys.argv) > 1 else "causal:16384:128"
 _, n, D, H, _, words, q, k, args, tail = bench_inputs(spec)
 grads = [cp.zeros(k.shape, cp.float32), cp.zeros(k.shape, cp.float32), cp.zeros(q.shape, cp.float32),
          cp.zeros(1, cp.uint64)]
-for name, form in sides(loader.KERNEL_DIR, D).items():
+for name, form in sides(loader.KERNEL_DIR, D, (False, True)).items():
     form(args, grads, words, tail, n, H)
     cp.cuda.Device().synchronize()
     print(name, "ran", flush=True)

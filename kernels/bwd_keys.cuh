@@ -38,8 +38,6 @@ template <bool READ> __device__ __forceinline__ void bulk_wait() {
     if (READ) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
     else asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
-// until all but this thread's newest bulk group completed
-__device__ __forceinline__ void bulk_wait_but_one() { asm volatile("cp.async.bulk.wait_group 1;\n" ::: "memory"); }
 
 // *p, loaded with acquire semantics at gpu scope
 __device__ __forceinline__ int load_acquire(const int* p) {
@@ -161,9 +159,9 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // staging sits in this consumer's rows of the other dS^T buffer: free from item n's barrier 1
 // until item n + 1's dS^T; a consumer without keys writes its zeros again). ORDERED with BULK:
 // the loader finds prev_block (off the consumers' path), the consumer takes a first look at the
-// turn while dQ runs, waits for it before the adds if need be, and hands it on two items later
-// (or at the block's end), once the adds completed, so that no consumer waits for its adds to
-// land.
+// turn while dQ runs, waits for it before the adds if need be, and hands it on at the next item's
+// dS^T store (or the block's end), once the adds completed: they were issued the next item's
+// S^T, dP^T and softmax earlier, so the wait is short where the adds keep pace.
 // Named barriers: 0 (__syncthreads), 1 (the 128 NWG consumer threads, every item), 2 + cw (the
 // 128 threads of consumer cw, ORDERED's release); ids up to NWG + 1 <= 8 of the 16.
 // Shared memory, DQ: the two dS^T buffers (2 BN 64 elements) after the K and V rows; BULK: 8 KB
@@ -193,7 +191,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     __shared__ MaskDev mk;
     __shared__ int nr_s, tlo_s[HPCATTN_MAX_SPANS], thi_s[HPCATTN_MAX_SPANS];
     __shared__ __align__(8) Ring<ST> ring;
-    __shared__ int* pend[2][ORDERED && BULK ? NWG : 1];  // ORDERED && BULK: see hand_on
+    __shared__ int* pend[ORDERED && BULK ? NWG : 1];  // ORDERED && BULK: see hand_on
     __shared__ int wants[ORDERED && BULK ? ST : 1];  // ORDERED && BULK: stage s's item waits for turn wants[s]
 
     const Strides qs{qbs, qhs, qrs}, ks{kbs, khs, krs};
@@ -285,12 +283,12 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
 
     int n = 0;  // the item's index
     // ORDERED && BULK: item m's turn handed on, if this consumer added into it, once every thread's
-    // adds of it completed (each thread commits one bulk group per item); the turn's pointer is
-    // kept in shared memory (pend[m % 2][cw]) to spare registers
+    // adds of it completed (cp.async.bulk.wait_group 0 before the barrier); the turn's pointer is
+    // kept in shared memory (pend[cw]) to spare registers
     auto hand_on = [&](int m) {
         if (m >= 0 && (cw + NWG - m % NWG) % NWG < NSL) {
             named_sync(2 + cw, 128);
-            if ((tid & 127) == 0) release_turn(pend[m & 1][cw], kb + 1);
+            if ((tid & 127) == 0) release_turn(pend[cw], kb + 1);
         }
     };
     // HOLD: an item's dV and dK MMAs run on beside the next item's S^T and dP^T, their stage held
@@ -317,10 +315,6 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 want = load_acquire(turn_at<NSL>(turns, hk * G + cg, ntiles, ct, c)) == prev + 1 ? -1 : prev + 1;
             }
         };
-        if (ORDERED && BULK && n >= 2) {  // item n - 2's adds, issued an item ago: completed by now
-            bulk_wait_but_one();
-            hand_on(n - 2);
-        }
         use.wait();
         if (wg_live) {
             const unsigned sb = buf * 2 * TILE * (unsigned)sizeof(T);  // the stage's byte offset
@@ -347,9 +341,10 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             score_grads<T, true>(s[0], dp[0], nullptr, dl, pa, da);
             if (DQ) {  // this thread's dS^T: key rows 64 cw + 16 wq + g + 8h (row r % 8 = g), query
                        // pairs 8j + 2tq in 16-byte chunk j, at chunk j ^ g of the row
-                if (BULK) {  // the last item's staging read (half of it sits here), lanes 0 and 1's adds too
-                    bulk_wait<true>();
+                if (BULK) {  // the last item's staging read (half of it sits here); ORDERED: its adds completed
+                    bulk_wait<!ORDERED>();
                     __syncwarp();
+                    if (ORDERED) hand_on(n - 1);
                 }
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
@@ -381,8 +376,9 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         } else if (DQ) {
             if (ORDERED) find_prev(tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane));
             if (BULK) {  // the last item's staging in this warp's 2 KB of dS^T rows (read by now): zeros again
-                bulk_wait<true>();
+                bulk_wait<!ORDERED>();
                 __syncwarp();
+                if (ORDERED) hand_on(n - 1);
 #pragma unroll
                 for (int i = 0; i < 4; ++i)
                     *reinterpret_cast<uint4*>(Ss + sbo + cw * 64 * 128 + wq * 2048 + i * 512 + lane * 16) =
@@ -430,7 +426,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             const int hq = hk * G + cg;
             if (ORDERED) {
                 int* turn = turn_at<NSL>(turns, hq, ntiles, ct, c);
-                if ((tid & 127) == 0) pend[n & 1][cw] = turn;
+                if ((tid & 127) == 0) pend[cw] = turn;
                 if (seen != wnt) turn_wait(turn, wnt);
                 // the acquire (generic proxy), then a generic-to-async proxy fence, so that these
                 // bulk reductions (async proxy) follow the lower block's
@@ -439,6 +435,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             if (lane < 2)
                 bulk_red_add(dq + (((size_t)hq * ntiles + ct) * NSL + c) * 4096 + 1024 * wq + 512 * lane,
                              reinterpret_cast<const float*>(lane ? stage[1] : stage[0]), 2048);
+            bulk_commit();
         } else if (c < NSL) {
             const int hq = hk * G + cg;
             int* turn = turn_at<NSL>(turns, hq, ntiles, ct, c);
@@ -459,7 +456,6 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 if ((tid & 127) == 0) release_turn(turn, kb + 1);
             }
         }
-        if (BULK) bulk_commit();  // a group per item, empty where this consumer added nothing
     }
     if (HOLD) {  // the last item's dV and dK
         wgmma_wait<0>();
@@ -467,10 +463,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     }
     if (BULK) {  // the last adds completed (and their turns handed on) before the block's memory goes
         bulk_wait<false>();
-        if (ORDERED) {
-            hand_on(n - 2);
-            hand_on(n - 1);
-        }
+        if (ORDERED) hand_on(n - 1);
     }
     if (kw0 < kc1) {
         const size_t base = krow0 + (size_t)(kw0 - kc0) * krs;
