@@ -10,7 +10,7 @@ from hpcattn.gpu import backward, forward, loader
 from hpcattn.masks import parse
 
 r = cp.random.default_rng(0)
-kinds = ["mma", "wgmma", "fused"] if loader.wgmma_available() else ["mma"]
+kinds = ["mma", "wgmma", "fused", "fused-bulk"] if loader.wgmma_available() else ["mma"]
 for kind in kinds:
     for D in (64, 128):
         for spec in ("causal", "window:64", "block:64+global:2", "causal+window:100"):
@@ -19,10 +19,10 @@ for kind in kinds:
             q, do = (r.standard_normal((B, Hkv, G, nq, D), dtype=cp.float32).astype(cp.float16) for _ in range(2))
             k, v = (r.standard_normal((B, Hkv, nk, D), dtype=cp.float32).astype(cp.float16) for _ in range(2))
             pos = np.arange(nq, dtype=np.int64)
-            o, lse, _ = forward.attend(q, pos, k, v, 0, mask, scale, kernel_kind="wgmma" if kind == "fused" else kind)
+            o, lse, _ = forward.attend(q, pos, k, v, 0, mask, scale, kernel_kind="mma" if kind == "mma" else "wgmma")
             delta = (do.astype(cp.float32) * o).sum(-1)
             backward.backward(q, pos, k, v, 0, mask, scale, do, lse, delta, kernel_kind=kind)
-            if kind != "mma":  # the gradients written in float16 (fused: through store_rows)
+            if kind != "mma":  # the gradients written in float16 (fused: through store_rows or tile_rows_out)
                 out = (cp.empty_like(q), cp.empty_like(k), cp.empty_like(v))
                 backward.backward_out(q, None, k, v, mask, scale, o.astype(cp.float16), lse, do, out, kernel_kind=kind)
             cp.cuda.Device().synchronize()
