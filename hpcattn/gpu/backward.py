@@ -174,9 +174,9 @@ class Passes:
     query rows, heaviest first on a 1-D grid); "fused": attend_bwd_fused_wg alone (a block per
     64 NWG keys of a kv head, kv heads fastest on a 1-D grid; dq added into float32 sums, then
     stored in otype when that is not float); "fused-bulk": its BULK form (dq added into float32
-    dq tiles, then into dq or stored in otype by tile_rows_out). otype "float": dq, dk, dv are float32 accumulators
-    added into, else they are written in the input dtype. sq, sk: the row strides of q (do, dq)
-    and k (v, dk, dv)."""
+    dq tiles, then into dq or stored in otype by tile_rows_out). otype "float": dq, dk, dv are
+    float32 accumulators added into, else they are written in the input dtype. sq, sk: the row
+    strides of q (do, dq) and k (v, dk, dv)."""
 
     def __init__(self, ctype, otype, q_shape, nk, k0, scale, mask, sq, sk, hopper):
         B, Hkv, G, nq, D = q_shape
