@@ -5,9 +5,10 @@ inputs (jobs/wgmma_bwd_check.py's bench_inputs: MASK:N:D, float16, H = 8, float3
 both give the same bits (dk, dv and dq of the two passes, attend_bwd_kv_wg + attend_bwd_q_wg, and
 of the ordered one-pass form; the atomic one-pass form within the two passes' tolerance), then ms
 per call of each in alternating rounds (CUDA events over --reps back-to-back calls, medians of
---rounds). --bulk adds the one-pass forms with bulk dq adds into dq tiles (their ordered form
-checked bit for bit too; the baseline must have them: daf330c or later). A FAIL line and exit
-status 1 where bits differ. A component figure (kernels alone).
+--rounds). --bulk adds the one-pass forms with bulk dq adds into dq tiles, ordered and fixed-point
+(both checked bit for bit). The one-pass forms need a baseline with the tscale argument (the
+fixed-point commit or later). A FAIL line and exit status 1 where bits differ. A component figure
+(kernels alone).
 
     PYTHONPATH=$PWD python3 jobs/bwd_ab.py --baseline /tmp/base/kernels [--cases causal:16384:128,...] [--bulk]
 """
@@ -45,8 +46,8 @@ def sides(kdir, D, bulks=(False,)):
     def one(key):
         return lambda args, g, words, tail, n, H: fused[key](args, g[0], g[1], g[2], g[3], words, np.uintp(0),
                                                              tail, n, n, H, H)
-    return {"two passes": two} | {f"one pass, {'ordered' if o else 'atomic'}{' bulk' if b else ''}": one((o, b))
-                                  for b in bulks for o in (True, False)}
+    names = {(True, False): "ordered", (False, False): "atomic", (True, True): "ordered bulk", (False, True): "fixed"}
+    return {"two passes": two} | {f"one pass, {names[o, b]}": one((o, b)) for b in bulks for o in (True, False)}
 
 
 def case(spec, now, base, rounds, reps):

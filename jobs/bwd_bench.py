@@ -2,7 +2,7 @@
 
 Sides, for each (mask, N, D, dtype) on (1, N, H, D) tensors:
   kernel       gpu.backward on head-major arrays (its "auto" kernels; a component figure);
-               --kinds adds "kernel KIND" for each kernel_kind named (mma, wgmma)
+               --kinds adds "kernel KIND" for each kernel_kind named (mma, wgmma, fused, fused-fixed, ...)
   api          hpcattn.attention_backward on the caller's arrays (MPI.COMM_SELF): what a user calls
   flex / sdpa  FlexAttention's backward (torch.compile'd, same block mask) or, for dense causal,
                PyTorch SDPA's (its default backend): torch.autograd.grad of a kept forward graph
@@ -121,7 +121,7 @@ def main():
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--forward", action="store_true")
-    ap.add_argument("--kinds", default="", help="comma-separated kernel_kinds timed beside auto, e.g. mma,wgmma")
+    ap.add_argument("--kinds", default="", help="comma-separated kernel_kinds timed beside auto, e.g. mma,fused-fixed")
     a = ap.parse_args()
     for c in a.cases.split(","):
         spec, n, D = c.rsplit(":", 2)

@@ -17,10 +17,10 @@ __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
                     const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
                     const float* __restrict__ delta, TO* __restrict__ dk, TO* __restrict__ dv, float* __restrict__ dq,
-                    unsigned long long* __restrict__ edges, int* __restrict__ turns,
+                    unsigned long long* __restrict__ edges, int* __restrict__ turns, const float* __restrict__ tscale,
                     const long long* __restrict__ mask_words, const int* __restrict__ unsorted, int nq, int nk,
                     int G, long long k0, float scale, long long q0, BWD_STRIDES) {
     key_pass<T, D, TO, NWG, ST, MINB, true, ORDERED, BULK>(q, qpos, k, v, dout, lse, delta, dk, dv, dq, edges, turns,
-                                                         mask_words, unsorted, nq, nk, G, k0, scale, q0,
+                                                         tscale, mask_words, unsorted, nq, nk, G, k0, scale, q0,
                                                          BWD_STRIDE_ARGS);
 }

@@ -62,25 +62,28 @@ __global__ void store_rows(const float* __restrict__ src, T* __restrict__ dst, i
     *reinterpret_cast<uint4*>(dst + Strides{bs, hs, rs}.head(head, H) + (size_t)r * rs + 8 * part) = out;
 }
 
-// attend_bwd_fused_wg's BULK dq tiles (float32 (B H, ntiles, D / 64, 4096) in the MMA
-// accumulators' order, kernels/bwd_keys.cuh) as rows: added into float32 head-major rows (B, H,
-// nq, D) contiguous (TO float), or stored in TO in any Strides layout (H query heads per batch
-// entry): 8 elements of a row a thread (one 8-column group j of a 64-column slice, which the
-// tiles hold as 4 pairs 4 floats apart).
+// attend_bwd_fused_wg's BULK dq tiles ((B H, ntiles, D / 64, 4096) in the MMA accumulators'
+// order, kernels/bwd_keys.cuh: float32, or with tscale 32-bit fixed-point sums in units of
+// 1 / tscale[head ntiles + tile]) as rows: added into float32 head-major rows (B, H, nq, D)
+// contiguous (TO float), or stored in TO in any Strides layout (H query heads per batch entry):
+// 8 elements of a row a thread (one 8-column group j of a 64-column slice, which the tiles hold
+// as 4 pairs 4 elements apart).
 template <typename TO, int D>
-__global__ void tile_rows_out(const float* __restrict__ src, TO* __restrict__ dst, int nq, long long rows,
-                              long long bs, long long hs, long long rs, int H) {
+__global__ void tile_rows_out(const float* __restrict__ src, const float* __restrict__ tscale, TO* __restrict__ dst,
+                              int nq, long long rows, long long bs, long long hs, long long rs, int H) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x, row = i / (D / 8);
     if (row >= rows) return;
     const int head = (int)(row / nq), r = (int)(row % nq), part = (int)(i % (D / 8)), rr = r % 64;
-    const float* t = src + (((size_t)head * ((nq + 63) / 64) + r / 64) * (D / 64) + part / 8) * 4096 +
-                     1024 * (rr / 16) + 128 * (part % 8) + 16 * (rr % 8) + 2 * ((rr % 16) / 8);
+    const size_t tile = (size_t)head * ((nq + 63) / 64) + r / 64;
+    const float* t = src + (tile * (D / 64) + part / 8) * 4096 + 1024 * (rr / 16) + 128 * (part % 8) +
+                     16 * (rr % 8) + 2 * ((rr % 16) / 8);
+    const float unit = tscale ? 1.f / tscale[tile] : 0.f;  // a power of 2: exact
     float v[8];
 #pragma unroll
     for (int tq = 0; tq < 4; ++tq) {
         const float2 p = *reinterpret_cast<const float2*>(t + 4 * tq);
-        v[2 * tq] = p.x;
-        v[2 * tq + 1] = p.y;
+        v[2 * tq] = tscale ? (float)__float_as_int(p.x) * unit : p.x;
+        v[2 * tq + 1] = tscale ? (float)__float_as_int(p.y) * unit : p.y;
     }
     if constexpr (sizeof(TO) == 4) {  // float32 sums
         float4* d = reinterpret_cast<float4*>(reinterpret_cast<float*>(dst) + (size_t)row * D + 8 * part);

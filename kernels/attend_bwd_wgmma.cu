@@ -22,7 +22,7 @@ attend_bwd_kv_wg(const T* __restrict__ q, const long long* __restrict__ qpos, co
                  const long long* __restrict__ mask_words, const int* __restrict__ unsorted, int nq, int nk, int G,
                  long long k0, float scale, long long q0, BWD_STRIDES) {
     key_pass<T, D, TO, NWG, ST, MINB, false, false, false>(q, qpos, k, v, dout, lse, delta, dk, dv, nullptr, nullptr,
-                                                         nullptr, mask_words, unsorted, nq, nk, G, k0, scale, q0,
+                                                         nullptr, nullptr, mask_words, unsorted, nq, nk, G, k0, scale, q0,
                                                          BWD_STRIDE_ARGS);
 }
 

@@ -23,13 +23,18 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(p), "f"(a), "f"(b) : "memory");
 }
 
-// BULK's dq path: `bytes` (a multiple of 16) of float32 at shared src added into global dst
-// (both 16-byte aligned) by the bulk-copy unit, as one operation of this thread's next bulk
-// async-group; each element's add is a .relaxed.gpu reduction in the async proxy, rounded to
-// nearest and flushing subnormals to zero like red.global.add.f32 (PTX ISA, cp.reduce.async.bulk)
-__device__ __forceinline__ void bulk_red_add(float* dst, const float* src, int bytes) {
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-                 :: "l"(dst), "r"((unsigned)__cvta_generic_to_shared(src)), "r"(bytes) : "memory");
+// BULK's dq path: `bytes` (a multiple of 16) of float32 (or, FIX, 32-bit integers, added modulo
+// 2^32) at shared src added into global dst (both 16-byte aligned) by the bulk-copy unit, as one
+// operation of this thread's next bulk async-group; each element's add is a .relaxed.gpu
+// reduction in the async proxy, the float32 ones rounded to nearest and flushing subnormals to
+// zero like red.global.add.f32 (PTX ISA, cp.reduce.async.bulk)
+template <bool FIX> __device__ __forceinline__ void bulk_red_add(float* dst, const void* src, int bytes) {
+    if (FIX)
+        asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.u32 [%0], [%1], %2;\n"
+                     :: "l"(dst), "r"((unsigned)__cvta_generic_to_shared(src)), "r"(bytes) : "memory");
+    else
+        asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                     :: "l"(dst), "r"((unsigned)__cvta_generic_to_shared(src)), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // until this thread's bulk groups have read their shared sources (READ) or completed, i.e. added
@@ -155,6 +160,11 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // accumulators' own order, so that each warp stages its share with conflict-free stores and adds
 // it by two bulk reductions (cp.reduce.async.bulk, 2 KB each, through the bulk-copy unit) instead
 // of 16 red.global.add.v2 a thread that each touch 8 lines; the host turns the tiles into rows.
+// Without ORDERED the tiles hold 32-bit fixed-point sums (FIX): each share is scaled by
+// tscale[head ntiles + tile] = 2^e and rounded to an integer, where the host chose e so that 2^e
+// times a bound on any partial sum of the tile's dq stays below 2^29 (|dS_ik| <= 2 P_ik |dO_i|
+// max_k |V_k| and sum_k P_ik <= 1, so |dq_ij| <= 2 scale |dO_i| max |V_k| max |K_kj|); integer
+// adds are exact, so the sums are the same bits in any order, with no turns.
 // Nothing waits for the adds until the next item's dS^T is stored (the bulk reads, as half of the
 // staging sits in this consumer's rows of the other dS^T buffer: free from item n's barrier 1
 // until item n + 1's dS^T; a consumer without keys writes its zeros again). ORDERED with BULK:
@@ -172,9 +182,11 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                                          const float* __restrict__ lse, const float* __restrict__ delta,
                                          TO* __restrict__ dk, TO* __restrict__ dv, float* __restrict__ dq,
                                          unsigned long long* __restrict__ edges, int* __restrict__ turns,
+                                         const float* __restrict__ tscale,
                                          const long long* __restrict__ mask_words, const int* __restrict__ unsorted,
                                          int nq, int nk, int G, long long k0, float scale, long long q0, BWD_STRIDES) {
     constexpr int BN = 64 * NWG, TILE = BM * D, NSL = D / 64;  // TILE in elements; NSL slices of dq
+    constexpr bool FIX = BULK && !ORDERED;  // dq tiles of 32-bit fixed-point sums (see BULK)
     constexpr int PREG = 24, CREG = consumer_regs(NWG, MINB, PREG);
     static_assert(ST >= 2, "the loader fills one stage while the consumers compute another");
     static_assert(NSL <= NWG, "a consumer computes at most one 64-column slice of a tile's dq");
@@ -401,10 +413,12 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             wg_commit();
         }
         int seen = 0, wnt = 0;  // ORDERED && BULK: a first look at the item's turn while dQ runs; the turn awaited
+        float fix = 0.f;  // FIX: the fixed-point scale of the item's dq shares, loaded while dQ runs
         if (ORDERED && BULK && c < NSL) {
             seen = load_acquire(turn_at<NSL>(turns, hk * G + cg, ntiles, ct, c));
             wnt = wants[buf];
         }
+        if (FIX && c < NSL) fix = scale * tscale[(size_t)(hk * G + cg) * ntiles + ct];
         wgmma_wait<0>();  // dV, dK (and dQ)
         fence_regs(dva);
         fence_regs(dka);
@@ -419,8 +433,13 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                                     Gs + (4 * cw + wq) * 2048};
 #pragma unroll
             for (int j = 0; j < MK / 8; ++j)
-                *reinterpret_cast<float4*>(stage[j >> 2] + 512 * (j & 3) + 16 * lane) =
-                    make_float4(scale * dqa[j][0], scale * dqa[j][1], scale * dqa[j][2], scale * dqa[j][3]);
+                if (FIX)  // rounded to the nearest multiple of 2^-e (|share| 2^e < 2^29: no wrap-around)
+                    *reinterpret_cast<int4*>(stage[j >> 2] + 512 * (j & 3) + 16 * lane) =
+                        make_int4(__float2int_rn(fix * dqa[j][0]), __float2int_rn(fix * dqa[j][1]),
+                                  __float2int_rn(fix * dqa[j][2]), __float2int_rn(fix * dqa[j][3]));
+                else
+                    *reinterpret_cast<float4*>(stage[j >> 2] + 512 * (j & 3) + 16 * lane) =
+                        make_float4(scale * dqa[j][0], scale * dqa[j][1], scale * dqa[j][2], scale * dqa[j][3]);
             proxy_fence();  // the stores, before the bulk-copy unit reads them through the async proxy
             __syncwarp();
             const int hq = hk * G + cg;
@@ -433,8 +452,8 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 asm volatile("fence.proxy.async.global;\n" ::: "memory");
             }
             if (lane < 2)
-                bulk_red_add(dq + (((size_t)hq * ntiles + ct) * NSL + c) * 4096 + 1024 * wq + 512 * lane,
-                             reinterpret_cast<const float*>(lane ? stage[1] : stage[0]), 2048);
+                bulk_red_add<FIX>(dq + (((size_t)hq * ntiles + ct) * NSL + c) * 4096 + 1024 * wq + 512 * lane,
+                                  lane ? stage[1] : stage[0], 2048);
             bulk_commit();
         } else if (c < NSL) {
             const int hq = hk * G + cg;

@@ -13,8 +13,9 @@ from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_Q_SHAPES,
                      bwd_wg_smem, bwd_wg_threads)
 
 # what kernel_kind "auto" runs on a compute capability 9.0 device (D in BWD_WG_DIMS): "wgmma" (two
-# passes), "fused" or "fused-bulk" (one key-major pass; see _hopper)
+# passes), or one of FUSED (one key-major pass; see _hopper)
 HOPPER_AUTO = "wgmma"
+FUSED = ("fused", "fused-bulk", "fused-fixed")
 
 
 def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, dv=None, bf16=False,
@@ -25,8 +26,8 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     rowsum(dO * O). Implicit mask terms only (random/csr backward stays on the CPU for now).
     kernel_kind: "mma" (tensor cores: float16/bfloat16, D in BWD_DIMS, scale > 0), "wgmma" (the
     same on Hopper's warpgroup MMA: D in BWD_WG_DIMS, compute capability 9.0), "fused" (Hopper,
-    dq from the key-major pass), "fused-bulk" (the same, dq through bulk reductions into dq tiles;
-    experimental), "simt" (any dtype, D <= 256) or "auto" (HOPPER_AUTO, else mma,
+    dq from the key-major pass), "fused-bulk" and "fused-fixed" (the same, dq through bulk
+    reductions into dq tiles; experimental), "simt" (any dtype, D <= 256) or "auto" (HOPPER_AUTO, else mma,
     where it applies, else simt). Each gives the same bits on every rerun."""
     cp = cupy()
     B, Hkv, G, nq, D = q.shape
@@ -37,7 +38,7 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     if listed_terms(mask):
         raise HpcattnError(f"mask {mask.spec!r}: the GPU backward takes implicit terms only")
     tensor = _tensor_fits(ctype, D, scale)
-    if kernel_kind in ("mma", "wgmma", "fused", "fused-bulk") and not tensor:
+    if kernel_kind in ("mma", "wgmma") + FUSED and not tensor:
         raise HpcattnError(f"the tensor-core backward takes float16/bfloat16 with D in {BWD_DIMS} and scale > 0")
     hopper = _hopper(kernel_kind, D) if tensor else None
     dq = cp.zeros(q.shape, dtype=cp.float32) if dq is None else dq
@@ -143,16 +144,33 @@ def _hopper(kernel_kind, D):
     """Which Hopper kernels run, if any: "wgmma" (attend_bwd_kv_wg for dk and dv, then
     attend_bwd_q_wg for dq) or "fused" (attend_bwd_fused_wg, ordered: dk, dv and dq in one
     key-major pass, the key blocks adding into each dq tile in ascending order; "fused-bulk":
-    its BULK form, dq added into dq tiles by bulk reductions, then into rows); kernel_kind names
-    one (refused where it cannot run), or "auto": HOPPER_AUTO on a compute capability 9.0 device
-    with D in BWD_WG_DIMS."""
+    its BULK form, dq added into float32 dq tiles by bulk reductions in that order, then into
+    rows; "fused-fixed": into 32-bit fixed-point tiles, in any order, the same bits); kernel_kind
+    names one (refused where it cannot run), or "auto": HOPPER_AUTO on a compute capability 9.0
+    device with D in BWD_WG_DIMS."""
     if kernel_kind == "auto":
         return HOPPER_AUTO if D in BWD_WG_DIMS and wgmma_available() else None
-    if kernel_kind not in ("wgmma", "fused", "fused-bulk"):
+    if kernel_kind not in ("wgmma",) + FUSED:
         return None
     if D not in BWD_WG_DIMS or not wgmma_available():
         raise HpcattnError(f"the Hopper backward takes D in {BWD_WG_DIMS} on a compute capability 9.0 device")
     return kernel_kind
+
+
+def tile_scales(k, v, do, scale):
+    """The fixed-point scales of "fused-fixed"'s dq tiles (kernels/bwd_keys.cuh, BULK): 2^e per
+    (query head, 64-row query tile), e the largest with 2^e 2 scale |dO_i| max_k |V_k| max |K| <=
+    2^29 for every row i of the tile, a bound on any partial sum of its dq (k, v (B, Hkv, nk, D),
+    do (B, Hkv, G, nq, D), any layout); float32, flat."""
+    cp = cupy()
+    B, Hkv, G, nq, _ = do.shape
+    nt = -(-nq // 64)
+    kv = cp.abs(k).max(axis=(2, 3)).astype(cp.float32) * cp.sqrt(cp.square(v.astype(cp.float32)).sum(-1).max(-1))
+    rows = cp.zeros((B, Hkv, G, nt * 64), cp.float32)
+    rows[..., :nq] = cp.square(do.astype(cp.float32)).sum(-1)
+    bound = 2 * scale * cp.sqrt(rows.reshape(B, Hkv, G, nt, 64).max(-1)) * kv[:, :, None, None]
+    e = cp.clip(cp.floor(cp.log2(2.0 ** 29 / cp.maximum(bound, 2.0 ** -100))), -100, 100).astype(cp.int32)
+    return cp.ldexp(cp.ones(e.shape, cp.float32), e).ravel()
 
 
 def _unsorted(cp, pos, nq):
@@ -173,8 +191,8 @@ class Passes:
     "wgmma": attend_bwd_kv_wg (a block per 64 NWG keys) then attend_bwd_q_wg (a block per 64 NWG
     query rows, heaviest first on a 1-D grid); "fused": attend_bwd_fused_wg alone (a block per
     64 NWG keys of a kv head, kv heads fastest on a 1-D grid; dq added into float32 sums, then
-    stored in otype when that is not float); "fused-bulk": its BULK form (dq added into float32
-    dq tiles, then into dq or stored in otype by tile_rows_out). otype "float": dq, dk, dv are
+    stored in otype when that is not float); "fused-bulk", "fused-fixed": its BULK forms (dq added
+    into dq tiles, then into dq or stored in otype by tile_rows_out). otype "float": dq, dk, dv are
     float32 accumulators added into, else they are written in the input dtype. sq, sk: the row
     strides of q (do, dq) and k (v, dk, dv)."""
 
@@ -184,10 +202,10 @@ class Passes:
         self.q_shape, self.hopper, self.otype, self.words = q_shape, hopper, otype, device_mask(mask)
         self.tail = (np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale), np.int64(0))
         self.tail += tuple(np.int64(x) for x in (*sq, *sk)) + (np.int32(Hkv * G),)
-        if hopper in ("fused", "fused-bulk"):
-            bulk = hopper == "fused-bulk"
+        if hopper in FUSED:
+            bulk, self.scale = hopper != "fused", scale
             shape, smem = bwd_fused_shape(D), bwd_fused_smem(D, bulk=bulk)
-            self.fused = (kernel_with_smem(bwd_fused_name(ctype, D, otype, True, bulk=bulk), smem),
+            self.fused = (kernel_with_smem(bwd_fused_name(ctype, D, otype, hopper != "fused-fixed", bulk=bulk), smem),
                           (-(-nk // (64 * shape[0])) * B * Hkv,), (bwd_wg_threads(shape),), smem)
             self.tiles = (heads, -(-nq // 64), D // 64)  # a turn per (head, tile, 64-column slice)
             tail = (np.int32(nq), np.int64(heads * nq)) + tuple(np.int64(x) for x in sq) + (np.int32(Hkv * G),)
@@ -211,16 +229,19 @@ class Passes:
     def __call__(self, args, dq, dk, dv, edges, unsorted):
         """dq, dk, dv added into (otype float) or written, the edges of query head 0 added into
         edges; unsorted: rows_unsorted's flag (NULL without positions)."""
-        if self.hopper in ("fused", "fused-bulk"):
+        if self.hopper in FUSED:
             cp = cupy()
-            acc = (cp.zeros(self.tiles + (4096,), dtype=cp.float32) if self.hopper == "fused-bulk"  # dq tiles
+            acc = (cp.zeros(self.tiles + (4096,), dtype=cp.float32) if self.hopper != "fused"  # dq tiles
                    else dq if self.otype == "float" else cp.zeros(self.q_shape, dtype=cp.float32))
-            turns = cp.zeros(self.tiles, dtype=cp.int32)
+            fixed = self.hopper == "fused-fixed"
+            turns = NULL if fixed else cp.zeros(self.tiles, dtype=cp.int32)
+            tscale = tile_scales(args[2], args[3], args[4], self.scale) if fixed else NULL
             fn, grid, block, smem = self.fused
-            fn(grid, block, args + (dk, dv, acc, edges, turns, self.words, unsorted) + self.tail, shared_mem=smem)
+            fn(grid, block, args + (dk, dv, acc, edges, turns, tscale, self.words, unsorted) + self.tail,
+               shared_mem=smem)
             if acc is not dq:
                 fn, grid, tail = self.store
-                fn(grid, (256,), (acc, dq) + tail)
+                fn(grid, (256,), (acc,) + ((tscale,) if self.hopper != "fused" else ()) + (dq,) + tail)
             return
         fn, grid, block, smem = self.kv
         fn(grid, block, args + (dk, dv, self.words, unsorted) + self.tail, shared_mem=smem)

@@ -137,13 +137,14 @@ def test_backward_on_device_arrays(rng, spec, D, dtype):
     assert stats["edges"] == parse(spec).allowed(np.arange(N)[:, None], np.arange(N)[None, :]).sum()
 
 
-@pytest.mark.parametrize("kind", ["wgmma", "fused", "fused-bulk"])
+@pytest.mark.parametrize("kind", ["wgmma", "fused", "fused-bulk", "fused-fixed"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_hopper_backward_reads_the_callers_layout(rng, D, dtype, kind):
     """The Hopper backward (backward_out's kernel_kind "wgmma": two passes; "fused": one, dq
-    through float32 sums and store_rows; "fused-bulk": through dq tiles and tile_rows_out) on the caller's (B, N, H, D) arrays seen head-major, as
-    attention_backward passes them: float64's gradients, in place, the same bits on a rerun."""
+    through float32 sums and store_rows; "fused-bulk", "fused-fixed": through dq tiles and
+    tile_rows_out) on the caller's (B, N, H, D) arrays seen head-major, as attention_backward
+    passes them: float64's gradients, in place, the same bits on a rerun."""
     from hpcattn.api import heads
     from hpcattn.gpu import backward, loader
     if not loader.wgmma_available():

@@ -1,9 +1,9 @@
 """The one-pass Hopper backward (gpu.backward's kernel_kind "fused": kernels/attend_bwd_fused.cu,
 dq from the key-major pass, key blocks adding into each dq tile in ascending order; "fused-bulk":
-its form adding by bulk reductions into dq tiles) against float64 over two key blocks, as a
-ring's hops add them, and rerun bit for bit. Its own file, so that a kernel that stops (its waits
-trap after 10 minutes) does not take the main GPU suite with it. Skips (saying why) without CuPy,
-a CUDA device or Hopper."""
+its form adding by bulk reductions into dq tiles; "fused-fixed": into fixed-point dq tiles, in
+any order) against float64 over two key blocks, as a ring's hops add them, and rerun bit for
+bit. Its own file, so that a kernel that stops (its waits trap after 10 minutes) does not take
+the main GPU suite with it. Skips (saying why) without CuPy, a CUDA device or Hopper."""
 import math
 
 import numpy as np
@@ -17,7 +17,7 @@ from hpcattn.masks import parse  # noqa: E402
 from test_gpu_kernels import BWD_TOL, inputs, need, one, two_block_backward  # noqa: E402
 
 
-@pytest.mark.parametrize("kind", ["fused", "fused-bulk"])
+@pytest.mark.parametrize("kind", ["fused", "fused-bulk", "fused-fixed"])
 @pytest.mark.parametrize("spec", ["window:40", "causal", "causal+window:70", "block:50", "global:3+window:20",
                                   "dilated:3:5", "full"])
 @pytest.mark.parametrize("Hkv,G,nq,nk,D,dtype,order", [(2, 1, 300, 333, 64, "float16", "none"),
