@@ -54,8 +54,9 @@ class Fused:
                 self.turns = cp.zeros(n, cp.int32)
             self.turns[:n].fill(0)
         acc = cp.zeros(tiles + (4096,), cp.float32) if self.bulk else dq  # BULK: dq tiles, then added into dq
-        # BULK without ORDERED: fixed-point tiles, their scales from k, v and do (tail[4]: the softmax scale)
-        tscale = tile_scales(args[2], args[3], args[4], float(tail[4])) if self.bulk and not self.ordered else NULL
+        # BULK without ORDERED: fixed-point tiles, scaled from k, v, do, delta (tail[4]: the softmax scale)
+        tscale = tile_scales(args[2], args[3], args[4], args[6], float(tail[4])) if self.bulk and not self.ordered \
+            else NULL
         self.f((-(-nk // self.keys) * BHkv,), (self.threads,),
                args + (dk, dv, acc, edges, self.turns, tscale, words, unsorted) + tail, shared_mem=self.smem)
         if self.bulk:

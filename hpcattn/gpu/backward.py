@@ -157,18 +157,23 @@ def _hopper(kernel_kind, D):
     return kernel_kind
 
 
-def tile_scales(k, v, do, scale):
+def tile_scales(k, v, do, delta, scale):
     """The fixed-point scales of "fused-fixed"'s dq tiles (kernels/bwd_keys.cuh, BULK): 2^e per
-    (query head, 64-row query tile), e the largest with 2^e 2 scale |dO_i| max_k |V_k| max |K| <=
-    2^29 for every row i of the tile, a bound on any partial sum of its dq (k, v (B, Hkv, nk, D),
-    do (B, Hkv, G, nq, D), any layout); float32, flat."""
+    (query head, 64-row query tile), e the largest with 2^e b_i <= 2^29 for every row i of the
+    tile, b_i = scale (|dO_i| max_k |V_k| + |delta_i|) max |K| a bound on any partial sum of its
+    dq over these keys (|dS_ik| <= P_ik (|dP_ik| + |delta_i|), sum_k P_ik <= 1); k, v (B, Hkv, nk,
+    D), do (B, Hkv, G, nq, D) in any layout (bfloat16 as uint16 bit patterns), delta (B, Hkv, G,
+    nq). float32, flat."""
     cp = cupy()
+
+    def f32(x):
+        return (x.astype(cp.uint32) << 16).view(cp.float32) if x.dtype == cp.uint16 else x.astype(cp.float32)
     B, Hkv, G, nq, _ = do.shape
     nt = -(-nq // 64)
-    kv = cp.abs(k).max(axis=(2, 3)).astype(cp.float32) * cp.sqrt(cp.square(v.astype(cp.float32)).sum(-1).max(-1))
+    vmax = cp.sqrt(cp.square(f32(v)).sum(-1).max(-1))[:, :, None, None]
     rows = cp.zeros((B, Hkv, G, nt * 64), cp.float32)
-    rows[..., :nq] = cp.square(do.astype(cp.float32)).sum(-1)
-    bound = 2 * scale * cp.sqrt(rows.reshape(B, Hkv, G, nt, 64).max(-1)) * kv[:, :, None, None]
+    rows[..., :nq] = cp.sqrt(cp.square(f32(do)).sum(-1)) * vmax + cp.abs(delta)
+    bound = scale * rows.reshape(B, Hkv, G, nt, 64).max(-1) * cp.abs(f32(k)).max(axis=(2, 3))[:, :, None, None]
     e = cp.clip(cp.floor(cp.log2(2.0 ** 29 / cp.maximum(bound, 2.0 ** -100))), -100, 100).astype(cp.int32)
     return cp.ldexp(cp.ones(e.shape, cp.float32), e).ravel()
 
@@ -235,7 +240,7 @@ class Passes:
                    else dq if self.otype == "float" else cp.zeros(self.q_shape, dtype=cp.float32))
             fixed = self.hopper == "fused-fixed"
             turns = NULL if fixed else cp.zeros(self.tiles, dtype=cp.int32)
-            tscale = tile_scales(args[2], args[3], args[4], self.scale) if fixed else NULL
+            tscale = tile_scales(args[2], args[3], args[4], args[6], self.scale) if fixed else NULL
             fn, grid, block, smem = self.fused
             fn(grid, block, args + (dk, dv, acc, edges, turns, tscale, self.words, unsorted) + self.tail,
                shared_mem=smem)
