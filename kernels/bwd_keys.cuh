@@ -162,9 +162,9 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // of 16 red.global.add.v2 a thread that each touch 8 lines; the host turns the tiles into rows.
 // Without ORDERED the tiles hold 32-bit fixed-point sums (FIX): each share is scaled by
 // tscale[head ntiles + tile] = 2^e and rounded to an integer, where the host chose e so that 2^e
-// times a bound on any partial sum of the tile's dq stays below 2^29 (|dS_ik| <= 2 P_ik |dO_i|
-// max_k |V_k| and sum_k P_ik <= 1, so |dq_ij| <= 2 scale |dO_i| max |V_k| max |K_kj|); integer
-// adds are exact, so the sums are the same bits in any order, with no turns.
+// times a bound on any partial sum of the tile's dq stays below 2^29 (|dS_ik| <= P_ik (|dO_i|
+// max_k |V_k| + |delta_i|) and sum_k P_ik <= 1; backward.tile_scales); integer adds are exact,
+// so the sums are the same bits in any order, with no turns.
 // Nothing waits for the adds until the next item's dS^T is stored (the bulk reads, as half of the
 // staging sits in this consumer's rows of the other dS^T buffer: free from item n's barrier 1
 // until item n + 1's dS^T; a consumer without keys writes its zeros again). ORDERED with BULK:
