@@ -19,7 +19,7 @@ import sys
 import cupy as cp
 import numpy as np
 
-from fused_bwd_check import Fused
+from fused_bwd_check import FORMS, Fused
 from gpu_bench import per_call  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import loader
 from hpcattn.gpu.shapes import (BWD_WG_Q_SHAPES, BWD_WG_SHAPES, bwd_fused_name, bwd_wg_name, bwd_wg_q_name,
@@ -46,8 +46,7 @@ def sides(kdir, D, bulks=(False,)):
     def one(key):
         return lambda args, g, words, tail, n, H: fused[key](args, g[0], g[1], g[2], g[3], words, np.uintp(0),
                                                              tail, n, n, H, H)
-    names = {(True, False): "ordered", (False, False): "atomic", (True, True): "ordered bulk", (False, True): "fixed"}
-    return {"two passes": two} | {f"one pass, {names[o, b]}": one((o, b)) for b in bulks for o in (True, False)}
+    return {"two passes": two} | {f"one pass, {FORMS[o, b]}": one((o, b)) for b in bulks for o in (True, False)}
 
 
 def case(spec, now, base, rounds, reps):

@@ -28,9 +28,13 @@ from gpu_bench import timed  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import loader
 from hpcattn.gpu.backward import tile_scales
 from hpcattn.gpu.forward import NULL
-from hpcattn.gpu.shapes import (BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_fused_name, bwd_fused_shape, bwd_fused_smem,
+from hpcattn.gpu.shapes import (BWD_FUSED_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_fused_name, bwd_fused_smem,
                                 bwd_wg_threads)
 from wgmma_bwd_check import TOL, bench_inputs, cases, kernels, q_kernels
+
+
+# each form's name by (ordered, bulk)
+FORMS = {(True, False): "ordered", (False, False): "atomic", (True, True): "ordered bulk", (False, True): "fixed"}
 
 
 class Fused:
@@ -38,7 +42,7 @@ class Fused:
     output type, on its 1-D grid (ceil(nk / 64 NWG) B Hkv blocks), its turn counters zeroed first."""
 
     def __init__(self, mod, ct, D, otype, ordered, bulk=False):
-        shape = bwd_fused_shape(D)
+        shape = BWD_FUSED_SHAPES[D]
         self.f, self.keys, self.threads = mod.get_function(bwd_fused_name(ct, D, otype, ordered, bulk=bulk)), \
             64 * shape[0], bwd_wg_threads(shape)
         self.smem, self.D, self.ordered, self.bulk = bwd_fused_smem(D, bulk=bulk), D, ordered, bulk
@@ -144,8 +148,7 @@ def bench(wg, fmod, case, paths):
         for ordered in (True, False):
             f = Fused(fmod, "__half", D, "float", ordered, bulk)
             ms = timed(lambda: f(args, dk, dv, dq, edges, words, np.uintp(0), tail, n, n, H, H)) * 1e3
-            name = "attend_bwd_fused_wg " + {(True, False): "ordered", (False, False): "atomic",
-                                              (True, True): "ordered bulk", (False, True): "fixed"}[ordered, bulk]
+            name = "attend_bwd_fused_wg " + FORMS[ordered, bulk]
             print(json.dumps({"bench": case, "H": H, "kernel": name, "ms": ms, "speedup": ms_two / ms}), flush=True)
             print(f"{case} {name}: {ms:.3f} ms vs kv_wg + q_wg {ms_two:.3f} ms, speed-up {ms_two / ms:.2f}x",
                   flush=True)

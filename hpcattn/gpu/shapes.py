@@ -92,17 +92,12 @@ BWD_FUSED_SHAPES = {64: (2, 4, 1), 128: (2, 3, 1)}
 DQ_STAGE = 4 * 2048  # BULK: a consumer's own dq staging, 2 KB a warp (the other 2 KB sit in a dS buffer)
 
 
-def bwd_fused_shape(D):
-    """attend_bwd_fused_wg's (NWG, ST, MINB) at head dim D."""
-    return BWD_FUSED_SHAPES[D]
-
-
 def bwd_fused_name(ctype, D, otype, ordered, shape=None, bulk=False):
     """attend_bwd_fused_wg's name expression: dk, dv as attend_bwd_kv_wg (otype), dq added into
     float32 sums, in key-block order when `ordered` (the same bits on every rerun); `bulk`: into
     dq tiles (kernels/bwd_keys.cuh; tile_rows_out turns them into rows) by bulk reductions of
     each warp's staged share, else into rows by red.global.add from the consumers' registers."""
-    nwg, st, minb = shape or bwd_fused_shape(D)
+    nwg, st, minb = shape or BWD_FUSED_SHAPES[D]
     return (f"attend_bwd_fused_wg<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(ordered).lower()}, "
             f"{str(bulk).lower()}>")
 
@@ -110,7 +105,7 @@ def bwd_fused_name(ctype, D, otype, ordered, shape=None, bulk=False):
 def bwd_fused_smem(D, shape=None, bulk=False):
     """Shared bytes of attend_bwd_fused_wg: attend_bwd_kv_wg's and two buffers of a tile's dS
     (64 NWG keys x 64 queries); with `bulk`, DQ_STAGE bytes per consumer warpgroup."""
-    shape = shape or bwd_fused_shape(D)
+    shape = shape or BWD_FUSED_SHAPES[D]
     return bwd_wg_smem(D, shape) + 2 * 64 * shape[0] * BWD_ROWS * 2 + (shape[0] * DQ_STAGE if bulk else 0)
 
 

@@ -10,7 +10,7 @@ from hpcattn.gpu import backward, forward, loader
 from hpcattn.masks import parse
 
 r = cp.random.default_rng(0)
-kinds = ["mma", "wgmma", "fused", "fused-bulk", "fused-fixed"] if loader.wgmma_available() else ["mma"]
+kinds = ["mma", "wgmma", *backward.FUSED] if loader.wgmma_available() else ["mma"]
 for kind in kinds:
     for D in (64, 128):
         for spec in ("causal", "window:64", "block:64+global:2", "causal+window:100"):

@@ -11,7 +11,7 @@ from gpu_helpers import cupy_or_skip
 cp = cupy_or_skip()
 
 import hpcattn  # noqa: E402
-from hpcattn.gpu import encode  # noqa: E402
+from hpcattn.gpu import backward as gpu_backward, encode  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from hpcattn.reference import errors, grad_error, grad_tolerance, reference, reference_backward, tolerance  # noqa: E402
 
@@ -137,7 +137,7 @@ def test_backward_on_device_arrays(rng, spec, D, dtype):
     assert stats["edges"] == parse(spec).allowed(np.arange(N)[:, None], np.arange(N)[None, :]).sum()
 
 
-@pytest.mark.parametrize("kind", ["wgmma", "fused", "fused-bulk", "fused-fixed"])
+@pytest.mark.parametrize("kind", ["wgmma", *gpu_backward.FUSED])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_hopper_backward_reads_the_callers_layout(rng, D, dtype, kind):

@@ -13,11 +13,12 @@ from gpu_helpers import cupy_or_skip, full_backward, grad_err
 
 cp = cupy_or_skip()
 
+from hpcattn.gpu import backward  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from test_gpu_kernels import BWD_TOL, inputs, need, one, two_block_backward  # noqa: E402
 
 
-@pytest.mark.parametrize("kind", ["fused", "fused-bulk", "fused-fixed"])
+@pytest.mark.parametrize("kind", backward.FUSED)
 @pytest.mark.parametrize("spec", ["window:40", "causal", "causal+window:70", "block:50", "global:3+window:20",
                                   "dilated:3:5", "full"])
 @pytest.mark.parametrize("Hkv,G,nq,nk,D,dtype,order", [(2, 1, 300, 333, 64, "float16", "none"),
