@@ -26,8 +26,8 @@ import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import loader
-from hpcattn.gpu.backward import tile_scales
-from hpcattn.gpu.forward import NULL
+from hpcattn.gpu.backward import TileScales
+from hpcattn.gpu.forward import NULL, row_strides
 from hpcattn.gpu.shapes import (BWD_FUSED_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_fused_name, bwd_fused_smem,
                                 bwd_wg_threads)
 from wgmma_bwd_check import TOL, bench_inputs, cases, kernels, q_kernels
@@ -45,7 +45,7 @@ class Fused:
         shape = BWD_FUSED_SHAPES[D]
         self.f, self.keys, self.threads = mod.get_function(bwd_fused_name(ct, D, otype, ordered, bulk=bulk)), \
             64 * shape[0], bwd_wg_threads(shape)
-        self.smem, self.D, self.ordered, self.bulk = bwd_fused_smem(D, bulk=bulk), D, ordered, bulk
+        self.smem, self.D, self.ordered, self.bulk, self.ct = bwd_fused_smem(D, bulk=bulk), D, ordered, bulk, ct
         self.rows = loader.kernel(f"tile_rows_out<float, {D}>") if bulk else None
         self.f.max_dynamic_shared_size_bytes = self.smem
         self.turns = cp.zeros(1, cp.int32)
@@ -59,7 +59,8 @@ class Fused:
             self.turns[:n].fill(0)
         acc = cp.zeros(tiles + (4096,), cp.float32) if self.bulk else dq  # BULK: dq tiles, then added into dq
         # BULK without ORDERED: fixed-point tiles, scaled from k, v, do, delta (tail[4]: the softmax scale)
-        tscale = tile_scales(args[2], args[3], args[4], args[6], float(tail[4])) if self.bulk and not self.ordered \
+        tscale = TileScales(self.ct, args[4].shape, nk, row_strides(args[4]), row_strides(args[2]), float(tail[4]))(
+            args[2], args[3], args[4], args[6]) if self.bulk and not self.ordered \
             else NULL
         self.f((-(-nk // self.keys) * BHkv,), (self.threads,),
                args + (dk, dv, acc, edges, self.turns, tscale, words, unsorted) + tail, shared_mem=self.smem)

@@ -96,6 +96,89 @@ __global__ void tile_rows_out(const float* __restrict__ src, const float* __rest
     }
 }
 
+// The fixed-point tiles' scales (tile_scales, below), first over each kv head bh's keys: max_k
+// |V_k| (L2 norm) and max |K| (any element) into out[2 bh], out[2 bh + 1] (zeroed by the caller)
+// as the bits of non-negative floats, which order as unsigned ints (atomicMax). k and v in one
+// Strides layout (Hkv heads per batch entry); D / 8 lanes a key, 8 elements each.
+template <typename T, int D>
+__global__ void key_maxima(const T* __restrict__ k, const T* __restrict__ v, unsigned* __restrict__ out, int nk,
+                           long long bs, long long hs, long long rs, int Hkv) {
+    constexpr int L = D / 8, R = 32 / L;  // lanes a key, keys a warp
+    const int bh = blockIdx.y, lane = threadIdx.x % 32, part = lane % L, warps = blockDim.x / 32;
+    const size_t head = Strides{bs, hs, rs}.head(bh, Hkv);
+    float vn = 0.f, km = 0.f;
+    for (long long r0 = ((long long)blockIdx.x * warps + threadIdx.x / 32) * R; r0 < nk;
+         r0 += (long long)gridDim.x * warps * R) {  // warp-uniform trips: the shuffles see every lane
+        const long long r = r0 + lane / L;
+        float ss = 0.f;
+        if (r < nk) {
+            const uint4 a = *reinterpret_cast<const uint4*>(k + head + (size_t)r * rs + 8 * part);
+            const uint4 b = *reinterpret_cast<const uint4*>(v + head + (size_t)r * rs + 8 * part);
+            const T* x = reinterpret_cast<const T*>(&a);
+            const T* y = reinterpret_cast<const T*>(&b);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                km = fmaxf(km, fabsf(to_f<T>(x[e])));
+                ss = fmaf(to_f<T>(y[e]), to_f<T>(y[e]), ss);
+            }
+        }
+#pragma unroll
+        for (int s = L / 2; s > 0; s >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, s);
+        vn = fmaxf(vn, sqrtf(ss));
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) {
+        vn = fmaxf(vn, __shfl_xor_sync(0xffffffffu, vn, s));
+        km = fmaxf(km, __shfl_xor_sync(0xffffffffu, km, s));
+    }
+    if (lane == 0) {
+        atomicMax(out + 2 * bh, __float_as_uint(vn));
+        atomicMax(out + 2 * bh + 1, __float_as_uint(km));
+    }
+}
+
+// Then 2^e per (query head, 64-row query tile), a block of 256 threads each: e the largest with
+// 2^e b_i <= 2^29 for every row i of the tile, b_i = scale (|dO_i| max |V| + |delta_i|) max |K|
+// (key_maxima's, of the head's kv head), found exactly from b's exponent, within [-100, 100].
+// dout in any Strides layout (H = Hkv G query heads per batch entry), delta (heads, nq).
+template <typename T, int D>
+__global__ void tile_scales(const T* __restrict__ dout, const float* __restrict__ delta,
+                            const unsigned* __restrict__ kv, float* __restrict__ out, int nq, int G, float scale,
+                            long long bs, long long hs, long long rs, int H) {
+    constexpr int L = D / 8, R = 256 / L;  // lanes a row, rows a pass
+    __shared__ float wmax[8];
+    const int nt = (nq + 63) / 64, head = blockIdx.x / nt, t = blockIdx.x % nt, part = threadIdx.x % L;
+    const int kvh = (head / H) * (H / G) + (head % H) / G;
+    const float vmax = __uint_as_float(kv[2 * kvh]);
+    const size_t base = Strides{bs, hs, rs}.head(head, H);
+    float m = 0.f;
+#pragma unroll
+    for (int rr = threadIdx.x / L; rr < 64; rr += R) {
+        const int r = 64 * t + rr;
+        float ss = 0.f;
+        if (r < nq) {
+            const uint4 a = *reinterpret_cast<const uint4*>(dout + base + (size_t)r * rs + 8 * part);
+            const T* x = reinterpret_cast<const T*>(&a);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) ss = fmaf(to_f<T>(x[e]), to_f<T>(x[e]), ss);
+        }
+#pragma unroll
+        for (int s = L / 2; s > 0; s >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, s);
+        if (r < nq) m = fmaxf(m, sqrtf(ss) * vmax + fabsf(delta[(size_t)head * nq + r]));
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, s));
+    if (threadIdx.x % 32 == 0) wmax[threadIdx.x / 32] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int w = 1; w < 8; ++w) m = fmaxf(m, wmax[w]);
+        int x;
+        const float f = frexpf(fmaxf(scale * m * __uint_as_float(kv[2 * kvh + 1]), 0x1p-100f), &x);
+        out[blockIdx.x] = ldexpf(1.f, max(-100, min(100, (f == 0.5f ? 30 : 29) - x)));  // b = f 2^x, f in [1/2, 1)
+    }
+}
+
 // Shape: W warps of 16 keys each; KREG: K and V fragments stay in registers (else re-read from
 // shared memory every tile). Shared memory: two stages of (Q, dO) tiles, the block's K and V
 // rows, two stages of (lse, delta, positions).

@@ -157,25 +157,31 @@ def _hopper(kernel_kind, D):
     return kernel_kind
 
 
-def tile_scales(k, v, do, delta, scale):
-    """The fixed-point scales of "fused-fixed"'s dq tiles (kernels/bwd_keys.cuh, BULK): 2^e per
-    (query head, 64-row query tile), e the largest with 2^e b_i <= 2^29 for every row i of the
-    tile, b_i = scale (|dO_i| max_k |V_k| + |delta_i|) max |K| a bound on any partial sum of its
-    dq over these keys (|dS_ik| <= P_ik (|dP_ik| + |delta_i|), sum_k P_ik <= 1); k, v (B, Hkv, nk,
-    D), do (B, Hkv, G, nq, D) in any layout (bfloat16 as uint16 bit patterns), delta (B, Hkv, G,
-    nq). float32, flat."""
-    cp = cupy()
+class TileScales:
+    """The fixed-point scales of "fused-fixed"'s dq tiles (kernels/bwd_keys.cuh, BULK) for one
+    shape: 2^e per (query head, 64-row query tile), e the largest with 2^e b_i <= 2^29 for every
+    row i of the tile, b_i = scale (|dO_i| max_k |V_k| + |delta_i|) max |K| a bound on any
+    partial sum of its dq over these keys (|dS_ik| <= P_ik (|dP_ik| + |delta_i|), sum_k P_ik <=
+    1). Two small kernels (attend_bwd_mma.cu: key_maxima, tile_scales) read k, v (row strides
+    sk) and do (sq) in place, delta (B, Hkv, G, nq) contiguous; float32, flat."""
 
-    def f32(x):
-        return (x.astype(cp.uint32) << 16).view(cp.float32) if x.dtype == cp.uint16 else x.astype(cp.float32)
-    B, Hkv, G, nq, _ = do.shape
-    nt = -(-nq // 64)
-    vmax = cp.sqrt(cp.square(f32(v)).sum(-1).max(-1))[:, :, None, None]
-    rows = cp.zeros((B, Hkv, G, nt * 64), cp.float32)
-    rows[..., :nq] = cp.sqrt(cp.square(f32(do)).sum(-1)) * vmax + cp.abs(delta)
-    bound = scale * rows.reshape(B, Hkv, G, nt, 64).max(-1) * cp.abs(f32(k)).max(axis=(2, 3))[:, :, None, None]
-    e = cp.clip(cp.floor(cp.log2(2.0 ** 29 / cp.maximum(bound, 2.0 ** -100))), -100, 100).astype(cp.int32)
-    return cp.ldexp(cp.ones(e.shape, cp.float32), e).ravel()
+    def __init__(self, ctype, q_shape, nk, sq, sk, scale):
+        B, Hkv, G, nq, D = q_shape
+        self.kv_size, self.size = 2 * B * Hkv, B * Hkv * G * -(-nq // 64)
+        keys = 32 // (D // 8) * 8  # a block's: 8 warps
+        self.keys = kernel(f"key_maxima<{ctype}, {D}>"), (max(1, min(-(-nk // keys), 4096 // (B * Hkv))), B * Hkv), (
+            np.int32(nk),) + tuple(map(np.int64, sk)) + (np.int32(Hkv),)
+        self.tiles = kernel(f"tile_scales<{ctype}, {D}>"), (self.size,), (
+            np.int32(nq), np.int32(G), np.float32(scale)) + tuple(map(np.int64, sq)) + (np.int32(Hkv * G),)
+
+    def __call__(self, k, v, do, delta):
+        cp = cupy()
+        kv, out = cp.zeros(self.kv_size, dtype=cp.uint32), cp.empty(self.size, dtype=cp.float32)
+        fn, grid, tail = self.keys
+        fn(grid, (256,), (k, v, kv) + tail)
+        fn, grid, tail = self.tiles
+        fn(grid, (256,), (do, delta, kv, out) + tail)
+        return out
 
 
 def _unsorted(cp, pos, nq):
@@ -208,7 +214,8 @@ class Passes:
         self.tail = (np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale), np.int64(0))
         self.tail += tuple(np.int64(x) for x in (*sq, *sk)) + (np.int32(Hkv * G),)
         if hopper in FUSED:
-            bulk, self.scale = hopper != "fused", scale
+            bulk = hopper != "fused"
+            self.scales = TileScales(ctype, q_shape, nk, sq, sk, scale) if hopper == "fused-fixed" else None
             shape, smem = BWD_FUSED_SHAPES[D], bwd_fused_smem(D, bulk=bulk)
             self.fused = (kernel_with_smem(bwd_fused_name(ctype, D, otype, hopper != "fused-fixed", bulk=bulk), smem),
                           (-(-nk // (64 * shape[0])) * B * Hkv,), (bwd_wg_threads(shape),), smem)
@@ -240,7 +247,7 @@ class Passes:
                    else dq if self.otype == "float" else cp.zeros(self.q_shape, dtype=cp.float32))
             fixed = self.hopper == "fused-fixed"
             turns = NULL if fixed else cp.zeros(self.tiles, dtype=cp.int32)
-            tscale = tile_scales(args[2], args[3], args[4], args[6], self.scale) if fixed else NULL
+            tscale = self.scales(args[2], args[3], args[4], args[6]) if fixed else NULL
             fn, grid, block, smem = self.fused
             fn(grid, block, args + (dk, dv, acc, edges, turns, tscale, self.words, unsorted) + self.tail,
                shared_mem=smem)

@@ -9,11 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from gpu_helpers import cupy_or_skip, full_backward, grad_err
+from gpu_helpers import bf16_bits, cupy_or_skip, full_backward, grad_err
 
 cp = cupy_or_skip()
 
 from hpcattn.gpu import backward  # noqa: E402
+from hpcattn.gpu.forward import row_strides  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
 from test_gpu_kernels import BWD_TOL, inputs, need, one, two_block_backward  # noqa: E402
 
@@ -45,3 +46,64 @@ def test_fused_hopper_backward_matches_float64_and_reruns_bit_for_bit(rng, kind,
     assert got[3] == int(mask.allowed(qpos[:, None], np.arange(nk)[None, :]).sum())
     again = two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, scale, dtype, kind, nk // 3)
     assert all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(got[:3], again[:3]))
+
+
+
+def scales_problem(rng, B, Hkv, G, nq, nk, D, spread):
+    """k, v, do (float64) with row and key scales spread by `spread`, and float64's delta, dS."""
+    q = rng.standard_normal((B, Hkv, G, nq, D)) * rng.uniform(1, spread, (B, Hkv, G, nq, 1))
+    k, v = (rng.standard_normal((B, Hkv, nk, D)) * rng.uniform(1 / spread, 1, (B, Hkv, nk, 1)) for _ in range(2))
+    do = rng.standard_normal((B, Hkv, G, nq, D)) * rng.uniform(1 / spread, 1, (B, Hkv, G, nq, 1))
+    s = np.einsum("bhgqd,bhkd->bhgqk", q, k) / math.sqrt(D)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    delta = (do * np.einsum("bhgqk,bhkd->bhgqd", p, v)).sum(-1)
+    return k, v, do, delta, p * (np.einsum("bhgqd,bhkd->bhgqk", do, v) - delta[..., None])
+
+
+def device_scales(k, v, do, delta, scale, dtype):
+    """tile_scales on the device copies of k, v and do in `dtype` (dO in the caller's (B, N, H, D)
+    layout, read strided; bfloat16 as its bit patterns), and the values it read, in float64."""
+    B, Hkv, G, nq, D = do.shape
+    if dtype == "bfloat16":
+        (kb, k), (vb, v), (db, d) = (bf16_bits(x) for x in (k, v, do.transpose(0, 3, 1, 2, 4)))
+        kd, vd, dd = (cp.asarray(x) for x in (kb, vb, db))
+    else:
+        k, v, d = (x.astype(np.float16) for x in (k, v, do.transpose(0, 3, 1, 2, 4)))
+        kd, vd, dd = (cp.asarray(x) for x in (k, v, d))
+    ctype = "__nv_bfloat16" if dtype == "bfloat16" else "__half"
+    dd = dd.transpose(0, 2, 3, 1, 4)
+    t = backward.TileScales(ctype, do.shape, k.shape[2], row_strides(dd), row_strides(kd), scale)(
+        kd, vd, dd, cp.asarray(delta, dtype=cp.float32))
+    return t.get(), [x.astype(np.float64) for x in (k, v, d.transpose(0, 2, 3, 1, 4))]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("B,Hkv,G,nq,nk,D,spread,tight", [(1, 2, 2, 150, 300, 64, 50, True),
+                                                          (2, 1, 3, 64, 97, 128, 4, True),
+                                                          (2, 2, 1, 200, 1000, 64, 3, True),
+                                                          (1, 1, 1, 1, 5, 64, 1000, False)])
+def test_tile_scales_bound_every_partial_dq_sum_by_the_fixed_point_range(B, Hkv, G, nq, nk, D, spread, tight,
+                                                                         dtype):
+    """"fused-fixed"'s scales (gpu.backward.TileScales: two kernels reading K, V and dO in
+    place) for each 64-row tile: a power of two, the largest under which its rows' bound stays
+    within 2^29 (as float64 finds it), and no partial sum of its dq (any range of keys, as a
+    ring's key block sees them) beyond 2^29 in float64. tight: the whole dq also reaches 2^17
+    units (a saturated softmax, the last case, has a dq far below any bound of this kind: there
+    the units are absolute, not relative, accuracy)."""
+    rng = np.random.default_rng(nq + nk)
+    k, v, do, delta, ds = scales_problem(rng, B, Hkv, G, nq, nk, D, spread)
+    scale = 1 / math.sqrt(D)
+    t, (k, v, do) = device_scales(k, v, do, delta, scale, dtype)
+    nt = -(-nq // 64)
+    assert t.shape == (B * Hkv * G * nt,) and t.dtype == np.float32
+    b = np.zeros((B, Hkv, G, nt * 64))
+    b[..., :nq] = scale * (np.linalg.norm(do, axis=-1) * np.linalg.norm(v, axis=-1).max(-1)[:, :, None, None]
+                           + np.abs(delta.astype(np.float32))) * np.abs(k).max(axis=(2, 3))[:, :, None, None]
+    assert np.array_equal(t, (2.0 ** np.floor(np.log2(2.0 ** 29 / b.reshape(B, Hkv, G, nt, 64).max(-1)))).ravel())
+    per_row = np.repeat(t.reshape(B, Hkv, G, nt), 64, axis=-1)[..., :nq]
+    for lo, hi in ((0, nk), (0, nk // 3), (nk // 3, nk), (nk // 2, nk // 2 + 1)):
+        dq = scale * np.einsum("bhgqk,bhkd->bhgqd", ds[..., lo:hi], k[:, :, lo:hi])
+        assert (np.abs(dq).max(-1) * per_row).max() <= 2.0 ** 29
+    whole = scale * np.einsum("bhgqk,bhkd->bhgqd", ds, k)
+    assert (np.abs(whole).max(-1) * per_row).max() >= 2.0 ** 17 or not tight
