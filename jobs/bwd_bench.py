@@ -3,7 +3,9 @@
 Sides, for each (mask, N, D, dtype) on (1, N, H, D) tensors:
   kernel       gpu.backward on head-major arrays (its "auto" kernels; a component figure);
                --kinds adds "kernel KIND" for each kernel_kind named (mma, wgmma, fused, fused-fixed, ...)
-  api          hpcattn.attention_backward on the caller's arrays (MPI.COMM_SELF): what a user calls
+  api          hpcattn.attention_backward on the caller's arrays (MPI.COMM_SELF): what a user calls;
+               with --kinds also "api KIND": the same with "auto" meaning KIND on Hopper (a candidate
+               default, measured where the user calls it)
   flex / sdpa  FlexAttention's backward (torch.compile'd, same block mask) or, for dense causal,
                PyTorch SDPA's (its default backend): torch.autograd.grad of a kept forward graph
 Medians in ms, useful TFLOP/s (2.5 x the forward's 4 * edges * D per head), the ratios peer / side
@@ -23,7 +25,9 @@ import torch
 from mpi4py import MPI
 
 import hpcattn
+from hpcattn import api
 from hpcattn.cpu import local
+from hpcattn.gpu import backward as gb
 from hpcattn.gpu.backward import backward as gpu_backward
 from hpcattn.masks import parse
 from hpcattn.torch import _array, _tensor
@@ -59,6 +63,21 @@ def peer_grad(spec, n, q, k, v, do):
     return name, fwd_only, bwd
 
 
+def as_auto(kind, fn):
+    """fn with gpu.backward's "auto" meaning kind on Hopper, as if kind were its default (with a
+    cache of the API's launches of its own)."""
+    launches = {}
+
+    def run():
+        saved = gb.HOPPER_AUTO, api._launches
+        gb.HOPPER_AUTO, api._launches = kind, launches
+        try:
+            return fn()
+        finally:
+            gb.HOPPER_AUTO, api._launches = saved
+    return run
+
+
 def case(spec, n, H, D, dtype, rounds, forward, kinds):
     g = torch.Generator(device="cpu").manual_seed(0)
     tdt = getattr(torch, dtype)
@@ -82,6 +101,8 @@ def case(spec, n, H, D, dtype, rounds, forward, kinds):
     for kind in kinds:
         sides[f"kernel {kind}"] = lambda kind=kind: gpu_backward(qh, pos, kh, vh, 0, mask, scale, doh, lse_h, delta,
                                                                  bf16=bf16, kernel_kind=kind)
+        if kind == "wgmma" or kind in gb.FUSED:
+            sides[f"api {kind}"] = as_auto(kind, sides["api"])
     if forward and not bf16:  # local.attend reads bfloat16 only from the API's arrays
         sides["fwd kernel"] = lambda: local.attend(qh, pos, kh, vh, 0, mask, scale, out=cp.empty_like(qh))
         sides[f"{peer} fwd"] = peer_fwd
@@ -89,9 +110,9 @@ def case(spec, n, H, D, dtype, rounds, forward, kinds):
     edges = first["kernel"][3]
     ref = [x.float() for x in first[peer]]
     diff = {}
-    for name in ("kernel", "api", *(f"kernel {kind}" for kind in kinds)):
+    for name in (s for s in sides if s != peer and "fwd" not in s):
         got = [_tensor(x).float() for x in first[name][:3]]
-        if name != "api":
+        if not name.startswith("api"):
             got = [got[0][:, :, 0].transpose(1, 2), got[1].transpose(1, 2), got[2].transpose(1, 2)]
         diff[name] = {w: float((a - b).abs().max() / b.abs().max()) for w, a, b in zip(("dq", "dk", "dv"), got, ref)}
     times = {name: [] for name in sides}
@@ -107,6 +128,7 @@ def case(spec, n, H, D, dtype, rounds, forward, kinds):
     row = {"mask": spec, "N": n, "H": H, "D": D, "dtype": dtype, "ms": med, "edges_per_head": edges,
            "bwd TFLOP/s": {s: flop / med[s] * 1e-9 for s in sides if "fwd" not in s},
            f"{peer}/kernel": med[peer] / med["kernel"], f"{peer}/api": med[peer] / med["api"],
+           **{f"{peer}/{s}": med[peer] / med[s] for s in sides if s.startswith("api ")},
            "max rel diff vs peer": diff}
     if forward and not bf16:
         row["fwd TFLOP/s"] = {s: 4 * edges * D * H / med[s] * 1e-9 for s in ("fwd kernel", f"{peer} fwd")}

@@ -169,6 +169,29 @@ def test_hopper_backward_reads_the_callers_layout(rng, D, dtype, kind):
     assert edges == parse(spec).allowed(np.arange(N)[:, None], np.arange(N)[None, :]).sum()
 
 
+@pytest.mark.parametrize("kind", ["wgmma", *gpu_backward.FUSED])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_api_runs_each_hopper_backward_as_its_default(rng, monkeypatch, dtype, kind):
+    """attention_backward with "auto" meaning each Hopper backward (a candidate default): its
+    cached launch gets the caller's (B, N, H, D) arrays themselves, not head-major views;
+    float64's gradients, the same bits from the cache."""
+    from hpcattn import api
+    from hpcattn.gpu import loader
+    if not loader.wgmma_available():
+        pytest.skip(f"the Hopper kernels need compute capability 9.0; this is {cp.cuda.Device().compute_capability}")
+    monkeypatch.setattr(gpu_backward, "HOPPER_AUTO", kind)
+    monkeypatch.setattr(api, "_launches", {})
+    B, N, H, Hkv, D, spec = 2, 650, 4, 2, 128, "causal"
+    (q, k, v, do), dev = arrays(rng, [(B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, D), (B, N, H, D)], dtype)
+    o, lse = hpcattn.attention(*dev[:3], mask=spec, comm=MPI.COMM_SELF)
+    g1, g2 = (hpcattn.attention_backward(*dev[:3], o, lse, dev[3], mask=spec, comm=MPI.COMM_SELF) for _ in range(2))
+    assert sum("backward" in key for key in api._launches) == 1
+    want = reference_backward(q, k, v, do, np.arange(N), parse(spec), 1 / np.sqrt(D))
+    for a, b, w in zip(g1, g2, want):
+        assert grad_error(a.get().astype(np.float32), w) <= grad_tolerance(dtype), grad_error(a.get(), w)
+        assert np.array_equal(a.get().view(np.uint16), b.get().view(np.uint16))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_backward_keys_no_query_reaches_get_zero_gradients(rng, dtype):
     """Queries at positions 600 .. 699 of 1000 keys under causal+window:50: keys 0 .. 549 and
