@@ -48,7 +48,6 @@ def test_fused_hopper_backward_matches_float64_and_reruns_bit_for_bit(rng, kind,
     assert all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(got[:3], again[:3]))
 
 
-
 def scales_problem(rng, B, Hkv, G, nq, nk, D, spread):
     """k, v, do (float64) with row and key scales spread by `spread`, and float64's delta, dS."""
     q = rng.standard_normal((B, Hkv, G, nq, D)) * rng.uniform(1, spread, (B, Hkv, G, nq, 1))
@@ -62,7 +61,7 @@ def scales_problem(rng, B, Hkv, G, nq, nk, D, spread):
 
 
 def device_scales(k, v, do, delta, scale, dtype):
-    """tile_scales on the device copies of k, v and do in `dtype` (dO in the caller's (B, N, H, D)
+    """TileScales on the device copies of k, v and do in `dtype` (dO in the caller's (B, N, H, D)
     layout, read strided; bfloat16 as its bit patterns), and the values it read, in float64."""
     B, Hkv, G, nq, D = do.shape
     if dtype == "bfloat16":
