@@ -138,7 +138,7 @@ __global__ void key_maxima(const T* __restrict__ k, const T* __restrict__ v, uns
 }
 
 // Then 2^e per (query head, 64-row query tile), a block of 256 threads each: e the largest with
-// 2^e b_i <= 2^29 for every row i of the tile, b_i = scale (|dO_i| max |V| + |delta_i|) max |K|
+// 2^e b_i <= 2^21 for every row i of the tile, b_i = scale (|dO_i| max |V| + |delta_i|) max |K|
 // (key_maxima's, of the head's kv head), found exactly from b's exponent, within [-100, 100].
 // dout in any Strides layout (H = Hkv G query heads per batch entry), delta (heads, nq).
 template <typename T, int D>
@@ -175,7 +175,7 @@ __global__ void tile_scales(const T* __restrict__ dout, const float* __restrict_
         for (int w = 1; w < 8; ++w) m = fmaxf(m, wmax[w]);
         int x;
         const float f = frexpf(fmaxf(scale * m * __uint_as_float(kv[2 * kvh + 1]), 0x1p-100f), &x);
-        out[blockIdx.x] = ldexpf(1.f, max(-100, min(100, (f == 0.5f ? 30 : 29) - x)));  // b = f 2^x, f in [1/2, 1)
+        out[blockIdx.x] = ldexpf(1.f, max(-100, min(100, (f == 0.5f ? 22 : 21) - x)));  // b = f 2^x, f in [1/2, 1)
     }
 }
 

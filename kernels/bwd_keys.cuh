@@ -23,6 +23,13 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(p), "f"(a), "f"(b) : "memory");
 }
 
+// s x rounded to the nearest integer (ties to even) for |s x| <= 2^22: the FFMA's one rounding of
+// s x + 1.5 2^23, whose exponent that range leaves at 2^23 (a unit in its last place: 1), puts
+// the integer in the low bits of its sum
+__device__ __forceinline__ int fixed_round(float s, float x) {
+    return __float_as_int(fmaf(s, x, 12582912.f)) - 0x4B400000;
+}
+
 // BULK's dq path: `bytes` (a multiple of 16) of float32 (or, FIX, 32-bit integers, added modulo
 // 2^32) at shared src added into global dst (both 16-byte aligned) by the bulk-copy unit, as one
 // operation of this thread's next bulk async-group; each element's add is a .relaxed.gpu
@@ -162,9 +169,11 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // of 16 red.global.add.v2 a thread that each touch 8 lines; the host turns the tiles into rows.
 // Without ORDERED the tiles hold 32-bit fixed-point sums (FIX): each share is scaled by
 // tscale[head ntiles + tile] = 2^e and rounded to an integer, where the host chose e so that 2^e
-// times a bound on any partial sum of the tile's dq stays below 2^29 (|dS_ik| <= P_ik (|dO_i|
-// max_k |V_k| + |delta_i|) and sum_k P_ik <= 1; backward.tile_scales); integer adds are exact,
-// so the sums are the same bits in any order, with no turns.
+// times a bound on any partial sum of the tile's dq stays within 2^21 (|dS_ik| <= P_ik (|dO_i|
+// max_k |V_k| + |delta_i|) and sum_k P_ik <= 1; backward.TileScales); integer adds are exact,
+// so the sums are the same bits in any order, with no turns. 2^21, not more: one FFMA with
+// 1.5 2^23 rounds a share within 2^22 (fixed_round; the factor 2 is margin for the rounding of P
+// and dS), where F2I converts 16 values a clock per SM.
 // Nothing waits for the adds until the next item's dS^T is stored (the bulk reads, as half of the
 // staging sits in this consumer's rows of the other dS^T buffer: free from item n's barrier 1
 // until item n + 1's dS^T; a consumer without keys writes its zeros again). ORDERED with BULK:
@@ -433,10 +442,10 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                                     Gs + (4 * cw + wq) * 2048};
 #pragma unroll
             for (int j = 0; j < MK / 8; ++j)
-                if (FIX)  // rounded to the nearest multiple of 2^-e (|share| 2^e < 2^29: no wrap-around)
+                if (FIX)  // rounded to the nearest multiple of 2^-e
                     *reinterpret_cast<int4*>(stage[j >> 2] + 512 * (j & 3) + 16 * lane) =
-                        make_int4(__float2int_rn(fix * dqa[j][0]), __float2int_rn(fix * dqa[j][1]),
-                                  __float2int_rn(fix * dqa[j][2]), __float2int_rn(fix * dqa[j][3]));
+                        make_int4(fixed_round(fix, dqa[j][0]), fixed_round(fix, dqa[j][1]),
+                                  fixed_round(fix, dqa[j][2]), fixed_round(fix, dqa[j][3]));
                 else
                     *reinterpret_cast<float4*>(stage[j >> 2] + 512 * (j & 3) + 16 * lane) =
                         make_float4(scale * dqa[j][0], scale * dqa[j][1], scale * dqa[j][2], scale * dqa[j][3]);

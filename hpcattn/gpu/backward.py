@@ -159,7 +159,7 @@ def _hopper(kernel_kind, D):
 
 class TileScales:
     """The fixed-point scales of "fused-fixed"'s dq tiles (kernels/bwd_keys.cuh, BULK) for one
-    shape: 2^e per (query head, 64-row query tile), e the largest with 2^e b_i <= 2^29 for every
+    shape: 2^e per (query head, 64-row query tile), e the largest with 2^e b_i <= 2^21 for every
     row i of the tile, b_i = scale (|dO_i| max_k |V_k| + |delta_i|) max |K| a bound on any
     partial sum of its dq over these keys (|dS_ik| <= P_ik (|dP_ik| + |delta_i|), sum_k P_ik <=
     1). Two small kernels (attend_bwd_mma.cu: key_maxima, tile_scales) read k, v (row strides

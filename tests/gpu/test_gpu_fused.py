@@ -86,8 +86,8 @@ def test_tile_scales_bound_every_partial_dq_sum_by_the_fixed_point_range(B, Hkv,
                                                                          dtype):
     """"fused-fixed"'s scales (gpu.backward.TileScales: two kernels reading K, V and dO in
     place) for each 64-row tile: a power of two, the largest under which its rows' bound stays
-    within 2^29 (as float64 finds it), and no partial sum of its dq (any range of keys, as a
-    ring's key block sees them) beyond 2^29 in float64. tight: the whole dq also reaches 2^17
+    within 2^21 (as float64 finds it), and no partial sum of its dq (any range of keys, as a
+    ring's key block sees them) beyond 2^21 in float64. tight: the whole dq also reaches 2^9
     units (a saturated softmax, the last case, has a dq far below any bound of this kind: there
     the units are absolute, not relative, accuracy)."""
     rng = np.random.default_rng(nq + nk)
@@ -99,10 +99,10 @@ def test_tile_scales_bound_every_partial_dq_sum_by_the_fixed_point_range(B, Hkv,
     b = np.zeros((B, Hkv, G, nt * 64))
     b[..., :nq] = scale * (np.linalg.norm(do, axis=-1) * np.linalg.norm(v, axis=-1).max(-1)[:, :, None, None]
                            + np.abs(delta.astype(np.float32))) * np.abs(k).max(axis=(2, 3))[:, :, None, None]
-    assert np.array_equal(t, (2.0 ** np.floor(np.log2(2.0 ** 29 / b.reshape(B, Hkv, G, nt, 64).max(-1)))).ravel())
+    assert np.array_equal(t, (2.0 ** np.floor(np.log2(2.0 ** 21 / b.reshape(B, Hkv, G, nt, 64).max(-1)))).ravel())
     per_row = np.repeat(t.reshape(B, Hkv, G, nt), 64, axis=-1)[..., :nq]
     for lo, hi in ((0, nk), (0, nk // 3), (nk // 3, nk), (nk // 2, nk // 2 + 1)):
         dq = scale * np.einsum("bhgqk,bhkd->bhgqd", ds[..., lo:hi], k[:, :, lo:hi])
-        assert (np.abs(dq).max(-1) * per_row).max() <= 2.0 ** 29
+        assert (np.abs(dq).max(-1) * per_row).max() <= 2.0 ** 21
     whole = scale * np.einsum("bhgqk,bhkd->bhgqd", ds, k)
-    assert (np.abs(whole).max(-1) * per_row).max() >= 2.0 ** 17 or not tight
+    assert (np.abs(whole).max(-1) * per_row).max() >= 2.0 ** 9 or not tight
