@@ -36,12 +36,11 @@ __global__ void row_delta(const T* __restrict__ dout, const T* __restrict__ o, f
     if (i < rows && part < D / 8) {
         const int head = (int)(i / nq), r = (int)(i % nq);
         const Strides ds{dbs, dhs, drs}, os{obs, ohs, ors};
-        const uint4 a = *reinterpret_cast<const uint4*>(dout + ds.head(head, H) + (size_t)r * drs + 8 * part);
-        const uint4 b = *reinterpret_cast<const uint4*>(o + os.head(head, H) + (size_t)r * ors + 8 * part);
-        const T* x = reinterpret_cast<const T*>(&a);
-        const T* y = reinterpret_cast<const T*>(&b);
+        float x[8], y[8];
+        load8(dout + ds.head(head, H) + (size_t)r * drs + 8 * part, x);
+        load8(o + os.head(head, H) + (size_t)r * ors + 8 * part, y);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) sum = fmaf(to_f<T>(x[e]), to_f<T>(y[e]), sum);
+        for (int e = 0; e < 8; ++e) sum = fmaf(x[e], y[e], sum);
     }
 #pragma unroll
     for (int s = L / 2; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
@@ -112,25 +111,21 @@ __global__ void key_maxima(const T* __restrict__ k, const T* __restrict__ v, uns
         const long long r = r0 + lane / L;
         float ss = 0.f;
         if (r < nk) {
-            const uint4 a = *reinterpret_cast<const uint4*>(k + head + (size_t)r * rs + 8 * part);
-            const uint4 b = *reinterpret_cast<const uint4*>(v + head + (size_t)r * rs + 8 * part);
-            const T* x = reinterpret_cast<const T*>(&a);
-            const T* y = reinterpret_cast<const T*>(&b);
+            float x[8], y[8];
+            load8(k + head + (size_t)r * rs + 8 * part, x);
+            load8(v + head + (size_t)r * rs + 8 * part, y);
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                km = fmaxf(km, fabsf(to_f<T>(x[e])));
-                ss = fmaf(to_f<T>(y[e]), to_f<T>(y[e]), ss);
+                km = fmaxf(km, fabsf(x[e]));
+                ss = fmaf(y[e], y[e], ss);
             }
         }
 #pragma unroll
         for (int s = L / 2; s > 0; s >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, s);
         vn = fmaxf(vn, sqrtf(ss));
     }
-#pragma unroll
-    for (int s = 16; s > 0; s >>= 1) {
-        vn = fmaxf(vn, __shfl_xor_sync(0xffffffffu, vn, s));
-        km = fmaxf(km, __shfl_xor_sync(0xffffffffu, km, s));
-    }
+    vn = warp_max(vn);
+    km = warp_max(km);
     if (lane == 0) {
         atomicMax(out + 2 * bh, __float_as_uint(vn));
         atomicMax(out + 2 * bh + 1, __float_as_uint(km));
@@ -157,17 +152,16 @@ __global__ void tile_scales(const T* __restrict__ dout, const float* __restrict_
         const int r = 64 * t + rr;
         float ss = 0.f;
         if (r < nq) {
-            const uint4 a = *reinterpret_cast<const uint4*>(dout + base + (size_t)r * rs + 8 * part);
-            const T* x = reinterpret_cast<const T*>(&a);
+            float x[8];
+            load8(dout + base + (size_t)r * rs + 8 * part, x);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) ss = fmaf(to_f<T>(x[e]), to_f<T>(x[e]), ss);
+            for (int e = 0; e < 8; ++e) ss = fmaf(x[e], x[e], ss);
         }
 #pragma unroll
         for (int s = L / 2; s > 0; s >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, s);
         if (r < nq) m = fmaxf(m, sqrtf(ss) * vmax + fabsf(delta[(size_t)head * nq + r]));
     }
-#pragma unroll
-    for (int s = 16; s > 0; s >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, s));
+    m = warp_max(m);
     if (threadIdx.x % 32 == 0) wmax[threadIdx.x / 32] = m;
     __syncthreads();
     if (threadIdx.x == 0) {

@@ -134,6 +134,14 @@ template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
 template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// The 8 elements of T at p (16-byte aligned: one load) as floats.
+template <typename T> __device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = to_f<T>(x[e]);
+}
+
 // Copy rows [0, rows) of a (rows, D) block of T at src into float shared memory with row
 // stride `ld`, multiplied by `mul`; 16-byte loads when a row is a whole number of them.
 template <typename T>
