@@ -143,9 +143,10 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // DQ also adds each work item's dq share, scale dS K, into dq (float32, head-major rows (B, H,
 // nq, D) whatever q's layout) and counts the edges of query head 0 into `edges`, as
 // attend_bwd_q_wg does. A block per (key block kb, kv head) on a 1-D grid, kv heads fastest; it
-// walks its query tiles downwards (prev_item). Per tile, after dV += P^T dO and dK += dS^T Q are
-// issued, consumer cw's dS^T rows go to one of two shared buffers (BN key rows of 64 queries in
-// 128-byte swizzle atoms, zeros for keys past the block's end); named barrier 1 of the 128 NWG
+// walks its query tiles downwards (prev_item). Per tile, consumer cw's dS^T rows go to one of two
+// shared buffers (BN key rows of 64 queries in 128-byte swizzle atoms, zeros for keys past the
+// block's end) and dV += P^T dO is issued; after the barrier below dQ, then dK += dS^T Q, so that
+// the item's dq adds run while dK does (its stage is released after); named barrier 1 of the 128 NWG
 // consumer threads (the loader is not in it) then orders every write of item n before any read of
 // it, and every read of item n - 1 (done before a thread reaches the barrier of item n) before
 // the writes of item n + 1 into the same buffer.
@@ -321,6 +322,13 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         fence_regs(dka);
         use.release_held();
     };
+    auto issue_dk = [&](const unsigned (&da)[MK / 16][4], unsigned sb) {  // dK += dS^T Q, not committed
+        fence_regs(dka);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)  // a k16 step is 16 query rows
+            Wgmma<T, D, 1>::run(dka, da[kk], wg_desc(qn, sb + kk * 16 * 128), 1);
+    };
     for (int cg = g_first, cr = r_first, ct = t_first; cg < G; step(cg, cr, ct), ++n) {
         const int rows = min(BM, nq - ct * BM), buf = use.s;
         const long long* Pb = Ps + buf * BM;
@@ -337,8 +345,9 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             }
         };
         use.wait();
+        const unsigned sb = buf * 2 * TILE * (unsigned)sizeof(T);  // the stage's byte offset
+        unsigned da[MK / 16][4];  // dS^T, the A operand of dK += dS^T Q
         if (wg_live) {
-            const unsigned sb = buf * 2 * TILE * (unsigned)sizeof(T);  // the stage's byte offset
             float s[1][MK / 8][4], dp[1][MK / 8][4];
             wg_fence();
             score_products<T, D, BN, BM>(s[0], dp[0], kdesc, qk, vdesc, ok, sb);
@@ -358,7 +367,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             weights<true>(s[0], sl2, nullptr, L);  // P, as far as ptxas lets it, while dP^T runs
             wgmma_wait<0>();  // dP^T
             fence_regs(dp[0]);
-            unsigned pa[MK / 16][4], da[MK / 16][4];
+            unsigned pa[MK / 16][4];
             score_grads<T, true>(s[0], dp[0], nullptr, dl, pa, da);
             if (DQ) {  // this thread's dS^T: key rows 64 cw + 16 wq + g + 8h (row r % 8 = g), query
                        // pairs 8j + 2tq in 16-byte chunk j, at chunk j ^ g of the row
@@ -383,9 +392,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk)  // a k16 step is 16 query rows
                 Wgmma<T, D, 1>::run(dva, pa[kk], wg_desc(on, sb + kk * 16 * 128), 1);  // dV += P^T dO
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk)
-                Wgmma<T, D, 1>::run(dka, da[kk], wg_desc(qn, sb + kk * 16 * 128), 1);  // dK += dS^T Q
+            if (!DQ) issue_dk(da, sb);  // DQ: after dQ, so that the dq adds run beside dK
             wg_commit();
             if (HOLD) {
                 use.hold();
@@ -421,6 +428,13 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                                       wg_desc(kn, c * BN * 128 + kk * 16 * 128), kk > 0);  // dQ = dS K
             wg_commit();
         }
+        if (wg_live) {  // dK, left running beside the adds; dV and dQ done
+            issue_dk(da, sb);
+            wg_commit();
+            wgmma_wait<1>();
+        } else {
+            wgmma_wait<0>();
+        }
         int seen = 0, wnt = 0;  // ORDERED && BULK: a first look at the item's turn while dQ runs; the turn awaited
         float fix = 0.f;  // FIX: the fixed-point scale of the item's dq shares, loaded while dQ runs
         if (ORDERED && BULK && c < NSL) {
@@ -428,11 +442,8 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             wnt = wants[buf];
         }
         if (FIX && c < NSL) fix = scale * tscale[(size_t)(hk * G + cg) * ntiles + ct];
-        wgmma_wait<0>();  // dV, dK (and dQ)
         fence_regs(dva);
-        fence_regs(dka);
         if (c < NSL) fence_regs(dqa);
-        use.release();
         if (c < NSL && BULK) {
             // warp wq's share, 16 rows x 64 float32 in the accumulators' order (dq tiles, above):
             // lane L's dqa[j] at 512 j + 16 L (conflict-free 128-bit stores), j < 4 in its 2 KB of
@@ -484,6 +495,9 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 if ((tid & 127) == 0) release_turn(turn, kb + 1);
             }
         }
+        wgmma_wait<0>();  // dK
+        fence_regs(dka);
+        use.release();
     }
     if (HOLD) {  // the last item's dV and dK
         wgmma_wait<0>();
