@@ -26,7 +26,7 @@ import numpy as np
 
 from gpu_bench import timed  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import loader
-from hpcattn.gpu.backward import TileScales
+from hpcattn.gpu.backward import RowScales
 from hpcattn.gpu.forward import NULL, row_strides
 from hpcattn.gpu.shapes import (BWD_FUSED_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_fused_name, bwd_fused_smem,
                                 bwd_wg_threads)
@@ -49,7 +49,7 @@ class Fused:
         self.rows = loader.kernel(f"tile_rows_out<float, {D}>") if bulk else None
         self.f.max_dynamic_shared_size_bytes = self.smem
         self.turns = cp.zeros(1, cp.int32)
-        self.scales = {}  # BULK without ORDERED: a TileScales per shape, built once, not in every timed call
+        self.scales = {}  # BULK without ORDERED: a RowScales per shape, built once, not in every timed call
 
     def __call__(self, args, dk, dv, dq, edges, words, unsorted, tail, nq, nk, BHkv, heads):
         tiles = (heads, -(-nq // 64), self.D // 64)  # a turn per (query head, query tile, 64-column slice)
@@ -64,7 +64,7 @@ class Fused:
         if self.bulk and not self.ordered:
             key = args[4].shape, nk, row_strides(args[4]), row_strides(args[2]), float(tail[4])
             if key not in self.scales:
-                self.scales[key] = TileScales(self.ct, *key)
+                self.scales[key] = RowScales(self.ct, *key)
             tscale = self.scales[key](args[2], args[3], args[4], args[6])
         self.f((-(-nk // self.keys) * BHkv,), (self.threads,),
                args + (dk, dv, acc, edges, self.turns, tscale, words, unsorted) + tail, shared_mem=self.smem)

@@ -62,8 +62,8 @@ __global__ void store_rows(const float* __restrict__ src, T* __restrict__ dst, i
 }
 
 // attend_bwd_fused_wg's BULK dq tiles ((B H, ntiles, D / 64, 4096) in the MMA accumulators'
-// order, kernels/bwd_keys.cuh: float32, or with tscale 32-bit fixed-point sums in units of
-// 1 / tscale[head ntiles + tile]) as rows: added into float32 head-major rows (B, H, nq, D)
+// order, kernels/bwd_keys.cuh: float32, or with tscale 32-bit fixed-point sums, row i of tile t
+// in units of 1 / tscale[64 (head ntiles + t) + i]) as rows: added into float32 head-major rows (B, H, nq, D)
 // contiguous (TO float), or stored in TO in any Strides layout (H query heads per batch entry):
 // 8 elements of a row a thread (one 8-column group j of a 64-column slice, which the tiles hold
 // as 4 pairs 4 elements apart).
@@ -76,7 +76,7 @@ __global__ void tile_rows_out(const float* __restrict__ src, const float* __rest
     const size_t tile = (size_t)head * ((nq + 63) / 64) + r / 64;
     const float* t = src + (tile * (D / 64) + part / 8) * 4096 + 1024 * (rr / 16) + 128 * (part % 8) +
                      16 * (rr % 8) + 2 * ((rr % 16) / 8);
-    const float unit = tscale ? 1.f / tscale[tile] : 0.f;  // a power of 2: exact
+    const float unit = tscale ? 1.f / tscale[64 * tile + rr] : 0.f;  // a power of 2: exact
     float v[8];
 #pragma unroll
     for (int tq = 0; tq < 4; ++tq) {
@@ -95,7 +95,7 @@ __global__ void tile_rows_out(const float* __restrict__ src, const float* __rest
     }
 }
 
-// The fixed-point tiles' scales (tile_scales, below), first over each kv head bh's keys: max_k
+// The fixed-point tiles' scales (row_scales, below), first over each kv head bh's keys: max_k
 // |V_k| (L2 norm) and max |K| (any element) into out[2 bh], out[2 bh + 1] (zeroed by the caller)
 // as the bits of non-negative floats, which order as unsigned ints (atomicMax). k and v in one
 // Strides layout (Hkv heads per batch entry); D / 8 lanes a key, 8 elements each.
@@ -132,45 +132,39 @@ __global__ void key_maxima(const T* __restrict__ k, const T* __restrict__ v, uns
     }
 }
 
-// Then 2^e per (query head, 64-row query tile), a block of 256 threads each: e the largest with
-// 2^e b_i <= 2^21 for every row i of the tile, b_i = scale (|dO_i| max |V| + |delta_i|) max |K|
-// (key_maxima's, of the head's kv head), found exactly from b's exponent, within [-100, 100].
-// dout in any Strides layout (H = Hkv G query heads per batch entry), delta (heads, nq).
+// Then 2^e per query row of each head, padded to whole 64-row tiles (the dq tiles' rows; 1 for
+// padding rows): e the largest with 2^e b_i <= 2^21, b_i = scale (|dO_i| max |V| + |delta_i|)
+// max |K| (key_maxima's, of the head's kv head), found exactly from b's exponent, within
+// [-100, 100]; per row, so that a row's units follow its own bound, not its tile's largest.
+// D / 8 lanes a row. dout in any Strides layout (H = Hkv G query heads per batch entry), delta
+// (heads, nq); rows: heads times the padded rows.
 template <typename T, int D>
-__global__ void tile_scales(const T* __restrict__ dout, const float* __restrict__ delta,
-                            const unsigned* __restrict__ kv, float* __restrict__ out, int nq, int G, float scale,
-                            long long bs, long long hs, long long rs, int H) {
-    constexpr int L = D / 8, R = 256 / L;  // lanes a row, rows a pass
-    __shared__ float wmax[8];
-    const int nt = (nq + 63) / 64, head = blockIdx.x / nt, t = blockIdx.x % nt, part = threadIdx.x % L;
+__global__ void row_scales(const T* __restrict__ dout, const float* __restrict__ delta,
+                           const unsigned* __restrict__ kv, float* __restrict__ out, int nq, int G, float scale,
+                           long long rows, long long bs, long long hs, long long rs, int H) {
+    constexpr int L = D / 8;  // lanes a row
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / L, np = (nq + 63) / 64 * 64;
+    const int head = (int)(row / np), r = (int)(row % np), part = threadIdx.x % L;
+    const bool live = row < rows && r < nq;
+    float ss = 0.f;
+    if (live) {
+        float x[8];
+        load8(dout + Strides{bs, hs, rs}.head(head, H) + (size_t)r * rs + 8 * part, x);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) ss = fmaf(x[e], x[e], ss);
+    }
+#pragma unroll
+    for (int s = L / 2; s > 0; s >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, s);
+    if (part || row >= rows) return;
+    if (!live) {
+        out[row] = 1.f;
+        return;
+    }
     const int kvh = (head / H) * (H / G) + (head % H) / G;
-    const float vmax = __uint_as_float(kv[2 * kvh]);
-    const size_t base = Strides{bs, hs, rs}.head(head, H);
-    float m = 0.f;
-#pragma unroll
-    for (int rr = threadIdx.x / L; rr < 64; rr += R) {
-        const int r = 64 * t + rr;
-        float ss = 0.f;
-        if (r < nq) {
-            float x[8];
-            load8(dout + base + (size_t)r * rs + 8 * part, x);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) ss = fmaf(x[e], x[e], ss);
-        }
-#pragma unroll
-        for (int s = L / 2; s > 0; s >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, s);
-        if (r < nq) m = fmaxf(m, sqrtf(ss) * vmax + fabsf(delta[(size_t)head * nq + r]));
-    }
-    m = warp_max(m);
-    if (threadIdx.x % 32 == 0) wmax[threadIdx.x / 32] = m;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int w = 1; w < 8; ++w) m = fmaxf(m, wmax[w]);
-        int x;
-        const float f = frexpf(fmaxf(scale * m * __uint_as_float(kv[2 * kvh + 1]), 0x1p-100f), &x);
-        out[blockIdx.x] = ldexpf(1.f, max(-100, min(100, (f == 0.5f ? 22 : 21) - x)));  // b = f 2^x, f in [1/2, 1)
-    }
+    const float m = sqrtf(ss) * __uint_as_float(kv[2 * kvh]) + fabsf(delta[(size_t)head * nq + r]);
+    int x;
+    const float f = frexpf(fmaxf(scale * m * __uint_as_float(kv[2 * kvh + 1]), 0x1p-100f), &x);
+    out[row] = ldexpf(1.f, max(-100, min(100, (f == 0.5f ? 22 : 21) - x)));  // b = f 2^x, f in [1/2, 1)
 }
 
 // Shape: W warps of 16 keys each; KREG: K and V fragments stay in registers (else re-read from

@@ -168,10 +168,10 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // accumulators' own order, so that each warp stages its share with conflict-free stores and adds
 // it by two bulk reductions (cp.reduce.async.bulk, 2 KB each, through the bulk-copy unit) instead
 // of 16 red.global.add.v2 a thread that each touch 8 lines; the host turns the tiles into rows.
-// Without ORDERED the tiles hold 32-bit fixed-point sums (FIX): each share is scaled by
-// tscale[head ntiles + tile] = 2^e and rounded to an integer, where the host chose e so that 2^e
-// times a bound on any partial sum of the tile's dq stays within 2^21 (|dS_ik| <= P_ik (|dO_i|
-// max_k |V_k| + |delta_i|) and sum_k P_ik <= 1; backward.TileScales); integer adds are exact,
+// Without ORDERED the tiles hold 32-bit fixed-point sums (FIX): row i's share is scaled by
+// tscale[64 (head ntiles + tile) + i] = 2^e and rounded to an integer, where the host chose e so
+// that 2^e times a bound on any partial sum of the row's dq stays within 2^21 (|dS_ik| <= P_ik
+// (|dO_i| max_k |V_k| + |delta_i|) and sum_k P_ik <= 1; backward.RowScales); integer adds are exact,
 // so the sums are the same bits in any order, with no turns. 2^21, not more: one FFMA with
 // 1.5 2^23 rounds a share within 2^22 (fixed_round; the factor 2 is margin for the rounding of P
 // and dS), where F2I converts 16 values a clock per SM.
@@ -436,12 +436,16 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             wgmma_wait<0>();
         }
         int seen = 0, wnt = 0;  // ORDERED && BULK: a first look at the item's turn while dQ runs; the turn awaited
-        float fix = 0.f;  // FIX: the fixed-point scale of the item's dq shares, loaded while dQ runs
+        float fix[2] = {0.f, 0.f};  // FIX: the fixed-point scales of this thread's two rows, loaded while dQ runs
         if (ORDERED && BULK && c < NSL) {
             seen = load_acquire(turn_at<NSL>(turns, hk * G + cg, ntiles, ct, c));
             wnt = wants[buf];
         }
-        if (FIX && c < NSL) fix = scale * tscale[(size_t)(hk * G + cg) * ntiles + ct];
+        if (FIX && c < NSL) {
+            const float* ts = tscale + ((size_t)(hk * G + cg) * ntiles + ct) * BM + 16 * wq + g;
+            fix[0] = scale * ts[0];
+            fix[1] = scale * ts[8];
+        }
         fence_regs(dva);
         if (c < NSL) fence_regs(dqa);
         if (c < NSL && BULK) {
@@ -455,8 +459,8 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             for (int j = 0; j < MK / 8; ++j)
                 if (FIX)  // rounded to the nearest multiple of 2^-e
                     *reinterpret_cast<int4*>(stage[j >> 2] + 512 * (j & 3) + 16 * lane) =
-                        make_int4(fixed_round(fix, dqa[j][0]), fixed_round(fix, dqa[j][1]),
-                                  fixed_round(fix, dqa[j][2]), fixed_round(fix, dqa[j][3]));
+                        make_int4(fixed_round(fix[0], dqa[j][0]), fixed_round(fix[0], dqa[j][1]),
+                                  fixed_round(fix[1], dqa[j][2]), fixed_round(fix[1], dqa[j][3]));
                 else
                     *reinterpret_cast<float4*>(stage[j >> 2] + 512 * (j & 3) + 16 * lane) =
                         make_float4(scale * dqa[j][0], scale * dqa[j][1], scale * dqa[j][2], scale * dqa[j][3]);

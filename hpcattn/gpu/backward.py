@@ -157,29 +157,30 @@ def _hopper(kernel_kind, D):
     return kernel_kind
 
 
-class TileScales:
+class RowScales:
     """The fixed-point scales of "fused-fixed"'s dq tiles (kernels/bwd_keys.cuh, BULK) for one
-    shape: 2^e per (query head, 64-row query tile), e the largest with 2^e b_i <= 2^21 for every
-    row i of the tile, b_i = scale (|dO_i| max_k |V_k| + |delta_i|) max |K| a bound on any
-    partial sum of its dq over these keys (|dS_ik| <= P_ik (|dP_ik| + |delta_i|), sum_k P_ik <=
-    1). Two small kernels (attend_bwd_mma.cu: key_maxima, tile_scales) read k, v (row strides
-    sk) and do (sq) in place, delta (B, Hkv, G, nq) contiguous; float32, flat."""
+    shape: 2^e per query row (each head's rows padded to whole 64-row tiles), e the largest with
+    2^e b_i <= 2^21, b_i = scale (|dO_i| max_k |V_k| + |delta_i|) max |K| a bound on any partial
+    sum of row i's dq over these keys (|dS_ik| <= P_ik (|dP_ik| + |delta_i|), sum_k P_ik <= 1).
+    Two small kernels (attend_bwd_mma.cu: key_maxima, row_scales) read k, v (row strides sk)
+    and do (sq) in place, delta (B, Hkv, G, nq) contiguous; float32, flat."""
 
     def __init__(self, ctype, q_shape, nk, sq, sk, scale):
         B, Hkv, G, nq, D = q_shape
-        self.kv_size, self.size = 2 * B * Hkv, B * Hkv * G * -(-nq // 64)
+        self.kv_size, self.size = 2 * B * Hkv, B * Hkv * G * -(-nq // 64) * 64
         keys = 32 // (D // 8) * 8  # a block's: 8 warps
         self.keys = kernel(f"key_maxima<{ctype}, {D}>"), (max(1, min(-(-nk // keys), 4096 // (B * Hkv))), B * Hkv), (
             np.int32(nk),) + tuple(map(np.int64, sk)) + (np.int32(Hkv),)
-        self.tiles = kernel(f"tile_scales<{ctype}, {D}>"), (self.size,), (
-            np.int32(nq), np.int32(G), np.float32(scale)) + tuple(map(np.int64, sq)) + (np.int32(Hkv * G),)
+        self.rows = kernel(f"row_scales<{ctype}, {D}>"), (-(-self.size * (D // 8) // 256),), (
+            np.int32(nq), np.int32(G), np.float32(scale), np.int64(self.size)) + tuple(map(np.int64, sq)) + (
+            np.int32(Hkv * G),)
 
     def __call__(self, k, v, do, delta):
         cp = cupy()
         kv, out = cp.zeros(self.kv_size, dtype=cp.uint32), cp.empty(self.size, dtype=cp.float32)
         fn, grid, tail = self.keys
         fn(grid, (256,), (k, v, kv) + tail)
-        fn, grid, tail = self.tiles
+        fn, grid, tail = self.rows
         fn(grid, (256,), (do, delta, kv, out) + tail)
         return out
 
@@ -215,7 +216,7 @@ class Passes:
         self.tail += tuple(np.int64(x) for x in (*sq, *sk)) + (np.int32(Hkv * G),)
         if hopper in FUSED:
             bulk = hopper != "fused"
-            self.scales = TileScales(ctype, q_shape, nk, sq, sk, scale) if hopper == "fused-fixed" else None
+            self.scales = RowScales(ctype, q_shape, nk, sq, sk, scale) if hopper == "fused-fixed" else None
             shape, smem = BWD_FUSED_SHAPES[D], bwd_fused_smem(D, bulk=bulk)
             self.fused = (kernel_with_smem(bwd_fused_name(ctype, D, otype, hopper != "fused-fixed", bulk=bulk), smem),
                           (-(-nk // (64 * shape[0])) * B * Hkv,), (bwd_wg_threads(shape),), smem)

@@ -55,7 +55,7 @@ EXPERIMENTAL = {
                                  for d in BWD_FUSED_SHAPES for o in ("float", t) for ordered in (False, True)),
     "attend_bwd_mma.cu": tuple(f"tile_rows_out<{o}, {d}>" for o in ("float", "__half", "__nv_bfloat16")
                                for d in BWD_FUSED_SHAPES)  # the BULK forms' dq tiles as rows
-    + tuple(f"{n}<{t}, {d}>" for n in ("key_maxima", "tile_scales") for t in ("__half", "__nv_bfloat16")
+    + tuple(f"{n}<{t}, {d}>" for n in ("key_maxima", "row_scales") for t in ("__half", "__nv_bfloat16")
             for d in BWD_FUSED_SHAPES),  # and the fixed-point form's scales
 }
 SM90A = ("attend_wgmma.cu", "attend_bwd_wgmma.cu", "attend_bwd_fused.cu")  # sources built for sm_90a only

@@ -48,6 +48,32 @@ def test_fused_hopper_backward_matches_float64_and_reruns_bit_for_bit(rng, kind,
     assert all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(got[:3], again[:3]))
 
 
+@pytest.mark.parametrize("kind", ["wgmma", "fused-fixed"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_small_rows_beside_large_ones_keep_their_own_accuracy(rng, kind, dtype):
+    """dO rows 2^10 apart in size, alternating within every 64-row tile: each row's dq within the
+    tolerance of its own size (fused-fixed's units follow each row's bound; with one scale per
+    tile the small rows' dq would be rounded in the large rows' units, about 2^-12 of their own)."""
+    need("wgmma")
+    nq = nk = 300
+    Hkv, G, D, mask, scale = 2, 2, 128, parse("causal"), 1 / math.sqrt(128)
+    (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, Hkv, G, nq, D), (1, Hkv, nk, D), dtype)
+    a = rng.standard_normal((1, Hkv, G, nq, D)).astype(np.float32)
+    a *= np.where(np.arange(nq) % 2, np.float32(2.0 ** -10), np.float32(1))[:, None]
+    if dtype == "bfloat16":
+        bits, doh = bf16_bits(a)
+    else:
+        bits = a.astype(np.float16)
+        doh = bits.astype(np.float32)
+    dod = cp.asarray(bits)
+    qpos = np.arange(nq, dtype=np.int64)
+    o, lse, delta, dq, dk, dv, (mag_q, _) = full_backward(qh, kh, vh, doh, qpos, mask, scale)
+    got = two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, scale, dtype, kind, nk // 3)[0]
+    for i in (0, 1):  # the large rows, the small ones
+        rows = np.s_[..., i::2, :]
+        assert grad_err(got[rows], dq[rows], mag_q[rows]) <= BWD_TOL["wgmma", dtype], (i, kind)
+
+
 def scales_problem(rng, B, Hkv, G, nq, nk, D, spread):
     """k, v, do (float64) with row and key scales spread by `spread`, and float64's delta, dS."""
     q = rng.standard_normal((B, Hkv, G, nq, D)) * rng.uniform(1, spread, (B, Hkv, G, nq, 1))
@@ -61,7 +87,7 @@ def scales_problem(rng, B, Hkv, G, nq, nk, D, spread):
 
 
 def device_scales(k, v, do, delta, scale, dtype):
-    """TileScales on the device copies of k, v and do in `dtype` (dO in the caller's (B, N, H, D)
+    """RowScales on the device copies of k, v and do in `dtype` (dO in the caller's (B, N, H, D)
     layout, read strided; bfloat16 as its bit patterns), and the values it read, in float64."""
     B, Hkv, G, nq, D = do.shape
     if dtype == "bfloat16":
@@ -72,7 +98,7 @@ def device_scales(k, v, do, delta, scale, dtype):
         kd, vd, dd = (cp.asarray(x) for x in (k, v, d))
     ctype = "__nv_bfloat16" if dtype == "bfloat16" else "__half"
     dd = dd.transpose(0, 2, 3, 1, 4)
-    t = backward.TileScales(ctype, do.shape, k.shape[2], row_strides(dd), row_strides(kd), scale)(
+    t = backward.RowScales(ctype, do.shape, k.shape[2], row_strides(dd), row_strides(kd), scale)(
         kd, vd, dd, cp.asarray(delta, dtype=cp.float32))
     return t.get(), [x.astype(np.float64) for x in (k, v, d.transpose(0, 2, 3, 1, 4))]
 
@@ -82,25 +108,26 @@ def device_scales(k, v, do, delta, scale, dtype):
                                                           (2, 1, 3, 64, 97, 128, 4, True),
                                                           (2, 2, 1, 200, 1000, 64, 3, True),
                                                           (1, 1, 1, 1, 5, 64, 1000, False)])
-def test_tile_scales_bound_every_partial_dq_sum_by_the_fixed_point_range(B, Hkv, G, nq, nk, D, spread, tight,
+def test_row_scales_bound_every_partial_dq_sum_by_the_fixed_point_range(B, Hkv, G, nq, nk, D, spread, tight,
                                                                          dtype):
-    """"fused-fixed"'s scales (gpu.backward.TileScales: two kernels reading K, V and dO in
-    place) for each 64-row tile: a power of two, the largest under which its rows' bound stays
-    within 2^21 (as float64 finds it), and no partial sum of its dq (any range of keys, as a
-    ring's key block sees them) beyond 2^21 in float64. tight: the whole dq also reaches 2^9
-    units (a saturated softmax, the last case, has a dq far below any bound of this kind: there
+    """"fused-fixed"'s scales (gpu.backward.RowScales: two kernels reading K, V and dO in
+    place) for each query row: a power of two, the largest under which its row's bound stays
+    within 2^21 (as float64 finds it; 1 for the rows that pad the last 64-row tile), and no
+    partial sum of its dq (any range of keys, as a ring's key block sees them) beyond 2^21 in
+    float64. tight: some row's whole dq also reaches 2^9 units (a saturated softmax, the last case, has a dq far below any bound of this kind: there
     the units are absolute, not relative, accuracy)."""
     rng = np.random.default_rng(nq + nk)
     k, v, do, delta, ds = scales_problem(rng, B, Hkv, G, nq, nk, D, spread)
     scale = 1 / math.sqrt(D)
     t, (k, v, do) = device_scales(k, v, do, delta, scale, dtype)
     nt = -(-nq // 64)
-    assert t.shape == (B * Hkv * G * nt,) and t.dtype == np.float32
-    b = np.zeros((B, Hkv, G, nt * 64))
-    b[..., :nq] = scale * (np.linalg.norm(do, axis=-1) * np.linalg.norm(v, axis=-1).max(-1)[:, :, None, None]
-                           + np.abs(delta.astype(np.float32))) * np.abs(k).max(axis=(2, 3))[:, :, None, None]
-    assert np.array_equal(t, (2.0 ** np.floor(np.log2(2.0 ** 21 / b.reshape(B, Hkv, G, nt, 64).max(-1)))).ravel())
-    per_row = np.repeat(t.reshape(B, Hkv, G, nt), 64, axis=-1)[..., :nq]
+    assert t.shape == (B * Hkv * G * nt * 64,) and t.dtype == np.float32
+    b = scale * (np.linalg.norm(do, axis=-1) * np.linalg.norm(v, axis=-1).max(-1)[:, :, None, None]
+                 + np.abs(delta.astype(np.float32))) * np.abs(k).max(axis=(2, 3))[:, :, None, None]
+    want = np.ones((B, Hkv, G, nt * 64))
+    want[..., :nq] = 2.0 ** np.floor(np.log2(2.0 ** 21 / b))
+    assert np.array_equal(t, want.ravel())
+    per_row = t.reshape(B, Hkv, G, nt * 64)[..., :nq]
     for lo, hi in ((0, nk), (0, nk // 3), (nk // 3, nk), (nk // 2, nk // 2 + 1)):
         dq = scale * np.einsum("bhgqk,bhkd->bhgqd", ds[..., lo:hi], k[:, :, lo:hi])
         assert (np.abs(dq).max(-1) * per_row).max() <= 2.0 ** 21
