@@ -133,7 +133,7 @@ __global__ void key_maxima(const T* __restrict__ k, const T* __restrict__ v, uns
 }
 
 // Then 2^e per query row of each head, padded to whole 64-row tiles (the dq tiles' rows; 1 for
-// padding rows): e the largest with 2^e b_i <= 2^21, b_i = scale (|dO_i| max |V| + |delta_i|)
+// padding rows): e the largest with 2^e b_i <= 2^30, b_i = scale (|dO_i| max |V| + |delta_i|)
 // max |K| (key_maxima's, of the head's kv head), found exactly from b's exponent, within
 // [-100, 100]; per row, so that a row's units follow its own bound, not its tile's largest.
 // D / 8 lanes a row. dout in any Strides layout (H = Hkv G query heads per batch entry), delta
@@ -164,7 +164,7 @@ __global__ void row_scales(const T* __restrict__ dout, const float* __restrict__
     const float m = sqrtf(ss) * __uint_as_float(kv[2 * kvh]) + fabsf(delta[(size_t)head * nq + r]);
     int x;
     const float f = frexpf(fmaxf(scale * m * __uint_as_float(kv[2 * kvh + 1]), 0x1p-100f), &x);
-    out[row] = ldexpf(1.f, max(-100, min(100, (f == 0.5f ? 22 : 21) - x)));  // b = f 2^x, f in [1/2, 1)
+    out[row] = ldexpf(1.f, max(-100, min(100, (f == 0.5f ? 31 : 30) - x)));  // b = f 2^x, f in [1/2, 1)
 }
 
 // Shape: W warps of 16 keys each; KREG: K and V fragments stay in registers (else re-read from

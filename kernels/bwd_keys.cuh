@@ -23,12 +23,8 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(p), "f"(a), "f"(b) : "memory");
 }
 
-// s x rounded to the nearest integer (ties to even) for |s x| <= 2^22: the FFMA's one rounding of
-// s x + 1.5 2^23, whose exponent that range leaves at 2^23 (a unit in its last place: 1), puts
-// the integer in the low bits of its sum
-__device__ __forceinline__ int fixed_round(float s, float x) {
-    return __float_as_int(fmaf(s, x, 12582912.f)) - 0x4B400000;
-}
+// s x rounded to the nearest integer (ties to even), |s x| < 2^31
+__device__ __forceinline__ int fixed_round(float s, float x) { return __float2int_rn(s * x); }
 
 // BULK's dq path: `bytes` (a multiple of 16) of float32 (or, FIX, 32-bit integers, added modulo
 // 2^32) at shared src added into global dst (both 16-byte aligned) by the bulk-copy unit, as one
@@ -170,11 +166,13 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // of 16 red.global.add.v2 a thread that each touch 8 lines; the host turns the tiles into rows.
 // Without ORDERED the tiles hold 32-bit fixed-point sums (FIX): row i's share is scaled by
 // tscale[64 (head ntiles + tile) + i] = 2^e and rounded to an integer, where the host chose e so
-// that 2^e times a bound on any partial sum of the row's dq stays within 2^21 (|dS_ik| <= P_ik
+// that 2^e times a bound on any partial sum of the row's dq stays within 2^30 (|dS_ik| <= P_ik
 // (|dO_i| max_k |V_k| + |delta_i|) and sum_k P_ik <= 1; backward.RowScales); integer adds are exact,
-// so the sums are the same bits in any order, with no turns. 2^21, not more: one FFMA with
-// 1.5 2^23 rounds a share within 2^22 (fixed_round; the factor 2 is margin for the rounding of P
-// and dS), where F2I converts 16 values a clock per SM.
+// so the sums are the same bits in any order, with no turns. 2^30: the factor 2 below int32's
+// range is margin for the rounding of P and dS. The bound is loose by about sqrt(N) on random
+// data (it assumes no cancellation over the keys), so the units must be that fine: with 2^21
+// (an FFMA rounding, 9997d5b to 078e39c) the rows' dq lost accuracy as N grew, 20x float16's
+// rounding at causal N = 8192.
 // Nothing waits for the adds until the next item's dS^T is stored (the bulk reads, as half of the
 // staging sits in this consumer's rows of the other dS^T buffer: free from item n's barrier 1
 // until item n + 1's dS^T; a consumer without keys writes its zeros again). ORDERED with BULK:

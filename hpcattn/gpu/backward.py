@@ -160,7 +160,7 @@ def _hopper(kernel_kind, D):
 class RowScales:
     """The fixed-point scales of "fused-fixed"'s dq tiles (kernels/bwd_keys.cuh, BULK) for one
     shape: 2^e per query row (each head's rows padded to whole 64-row tiles), e the largest with
-    2^e b_i <= 2^21, b_i = scale (|dO_i| max_k |V_k| + |delta_i|) max |K| a bound on any partial
+    2^e b_i <= 2^30, b_i = scale (|dO_i| max_k |V_k| + |delta_i|) max |K| a bound on any partial
     sum of row i's dq over these keys (|dS_ik| <= P_ik (|dP_ik| + |delta_i|), sum_k P_ik <= 1).
     Two small kernels (attend_bwd_mma.cu: key_maxima, row_scales) read k, v (row strides sk)
     and do (sq) in place, delta (B, Hkv, G, nq) contiguous; float32, flat."""
