@@ -16,7 +16,7 @@ cp = cupy_or_skip()
 from hpcattn.gpu import backward  # noqa: E402
 from hpcattn.gpu.forward import row_strides  # noqa: E402
 from hpcattn.masks import parse  # noqa: E402
-from test_gpu_kernels import BWD_TOL, inputs, need, one, two_block_backward  # noqa: E402
+from test_gpu_kernels import BWD_TOL, in_dtype, inputs, need, one, two_block_backward  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", backward.FUSED)
@@ -58,13 +58,7 @@ def test_small_rows_beside_large_ones_keep_their_own_accuracy(rng, kind, dtype):
     Hkv, G, D, mask, scale = 2, 2, 128, parse("causal"), 1 / math.sqrt(128)
     (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, Hkv, G, nq, D), (1, Hkv, nk, D), dtype)
     a = rng.standard_normal((1, Hkv, G, nq, D)).astype(np.float32)
-    a *= np.where(np.arange(nq) % 2, np.float32(2.0 ** -10), np.float32(1))[:, None]
-    if dtype == "bfloat16":
-        bits, doh = bf16_bits(a)
-    else:
-        bits = a.astype(np.float16)
-        doh = bits.astype(np.float32)
-    dod = cp.asarray(bits)
+    doh, dod = in_dtype(a * np.where(np.arange(nq) % 2, np.float32(2.0 ** -10), np.float32(1))[:, None], dtype)
     qpos = np.arange(nq, dtype=np.int64)
     o, lse, delta, dq, dk, dv, (mag_q, _) = full_backward(qh, kh, vh, doh, qpos, mask, scale)
     got = two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, scale, dtype, kind, nk // 3)[0]

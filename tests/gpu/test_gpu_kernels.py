@@ -39,7 +39,12 @@ def need(kind):
 
 def one(rng, shape, dtype):
     """(float32 host values the kernel sees, device array of `dtype`; bfloat16 as uint16 bits)."""
-    a = rng.standard_normal(shape).astype(np.float32)
+    return in_dtype(rng.standard_normal(shape).astype(np.float32), dtype)
+
+
+def in_dtype(a, dtype):
+    """float32 a rounded to `dtype`: (its float32 host values, the device array; bfloat16 as
+    uint16 bits)."""
     if dtype == "bfloat16":
         bits, vals = bf16_bits(a)
         return vals, cp.asarray(bits)
