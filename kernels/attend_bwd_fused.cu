@@ -1,8 +1,8 @@
 // The Hopper (sm_90a) backward in one key-major pass (FlashAttention-3's structure): dk and dv as
 // attend_bwd_kv_wg computes them (the same per-tile math, its tiles in reverse order) and each
 // work item's dq share dS K, added into float32 sums, so that attend_bwd_q_wg need not run.
-// Per tile, the NWG consumer warpgroups put their 64-key rows of dS^T into shared memory; after
-// a barrier of the consumers, warpgroup (item + c) % NWG computes the tile's dq columns
+// Per tile, the NWG consumer warpgroups put their 64-key rows of dS^T into shared memory; once
+// the others' rows are there, warpgroup (item + c) % NWG computes the tile's dq columns
 // [64c, 64c + 64) as wgmma m64n64k16 over the block's 64 NWG keys (dS^T read M-major, the
 // block's K rows N-major) and adds them into dq with red.global.add (or, BULK, staged in shared
 // memory by each warp and added into dq tiles by the bulk-copy unit's reductions),

@@ -13,9 +13,12 @@ __device__ __forceinline__ void prev_item(int& gq, int& r, int& t, int nr, const
     }
 }
 
-// bar.sync on named barrier id by n threads (id 0 is __syncthreads')
+// bar.sync on named barrier id by n threads (id 0 is __syncthreads'); bar.arrive: arrives, no wait
 __device__ __forceinline__ void named_sync(int id, int n) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory");
 }
 
 // p[0] += a, p[1] += b in global memory: one vector reduction (sm_90), no value returned
@@ -141,11 +144,13 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // attend_bwd_q_wg does. A block per (key block kb, kv head) on a 1-D grid, kv heads fastest; it
 // walks its query tiles downwards (prev_item). Per tile, consumer cw's dS^T rows go to one of two
 // shared buffers (BN key rows of 64 queries in 128-byte swizzle atoms, zeros for keys past the
-// block's end) and dV += P^T dO is issued; after the barrier below dQ, then dK += dS^T Q, so that
-// the item's dq adds run while dK does (its stage is released after); named barrier 1 of the 128 NWG
-// consumer threads (the loader is not in it) then orders every write of item n before any read of
-// it, and every read of item n - 1 (done before a thread reaches the barrier of item n) before
-// the writes of item n + 1 into the same buffer.
+// block's end), the consumer arrives on its named barrier of the item (ds_bar) and issues dV +=
+// P^T dO and dK += dS^T Q; then it waits on the other consumers' barriers of the item and issues
+// dQ (a consumer that finishes its softmax first keeps the tensor cores busy meanwhile; one
+// barrier of all consumers per item was 5-8% slower, H200, 2026-12-06), then the dq adds. A
+// consumer arrives for item n only once it finished reading item n - 1 (its dQ waited for), so
+// the wait orders every write of item n before any read of it, and every read of item n - 1
+// before the writes of item n + 1 into the same buffer.
 // ORDERED: for each (query head, tile, 64-column slice) the key blocks that walk the tile add in
 // ascending key-block order, on turns[(head ntiles + tile) D / 64 + slice] (int32, zeroed by the
 // host; it holds the last adding block's index + 1): a block waits until it holds the index of
@@ -174,14 +179,15 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // (an FFMA rounding, 9997d5b to 078e39c) the rows' dq lost accuracy as N grew, 20x float16's
 // rounding at causal N = 8192.
 // Nothing waits for the adds until the next item's dS^T is stored (the bulk reads, as half of the
-// staging sits in this consumer's rows of the other dS^T buffer: free from item n's barrier 1
+// staging sits in this consumer's rows of the other dS^T buffer: free from the wait of item n
 // until item n + 1's dS^T; a consumer without keys writes its zeros again). ORDERED with BULK:
 // the loader finds prev_block (off the consumers' path), the consumer takes a first look at the
 // turn while dQ runs, waits for it before the adds if need be, and hands it on at the next item's
 // dS^T store (or the block's end), once the adds completed: they were issued the next item's
 // S^T, dP^T and softmax earlier, so the wait is short where the adds keep pace.
-// Named barriers: 0 (__syncthreads), 1 (the 128 NWG consumer threads, every item), 2 + cw (the
-// 128 threads of consumer cw, ORDERED's release); ids up to NWG + 1 <= 8 of the 16.
+// Named barriers: 0 (__syncthreads), 2 + cw (the 128 threads of consumer cw, ORDERED's release),
+// ds_bar(n, cw) = NWG + 2 + NWG (n % 2) + cw (the 128 NWG consumer threads: cw arrives, the
+// others wait; two sets, so that an arrival for item n + 2 cannot meet a wait for item n).
 // Shared memory, DQ: the two dS^T buffers (2 BN 64 elements) after the K and V rows; BULK: 8 KB
 // of staging per consumer after the positions.
 template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool DQ, bool ORDERED, bool BULK>
@@ -311,6 +317,15 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             if ((tid & 127) == 0) release_turn(pend[cw], kb + 1);
         }
     };
+    // DQ: the named barrier on which consumer o arrives once its dS^T rows of item m are stored
+    // and the others wait before their dQ reads them (ids after ORDERED's, a set per item parity)
+    auto ds_bar = [](int m, int o) { return NWG + 2 + NWG * (m & 1) + o; };
+    static_assert(3 * NWG + 1 < 16, "named barriers 0 to 15");
+    auto wait_others = [&](int m) {
+#pragma unroll
+        for (int o = 0; o < NWG; ++o)
+            if (o != cw) named_sync(ds_bar(m, o), 128 * NWG);
+    };
     // HOLD: an item's dV and dK MMAs run on beside the next item's S^T and dP^T, their stage held
     // (use.hold) until they are done; only without DQ and at D = 64 (at D = 128 the registers they
     // keep made ptxas serialise every wgmma)
@@ -383,6 +398,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                             live[0][h] ? da[j >> 1][(j & 1) * 2 + h] : 0u;
                 }
                 proxy_fence();  // the stores, before wgmma reads them through the async proxy
+                named_arrive(ds_bar(n, cw), 128 * NWG);
             }
             fence_regs(dva);
             fence_regs(dka);
@@ -390,7 +406,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk)  // a k16 step is 16 query rows
                 Wgmma<T, D, 1>::run(dva, pa[kk], wg_desc(on, sb + kk * 16 * 128), 1);  // dV += P^T dO
-            if (!DQ) issue_dk(da, sb);  // DQ: after dQ, so that the dq adds run beside dK
+            issue_dk(da, sb);
             wg_commit();
             if (HOLD) {
                 use.hold();
@@ -411,12 +427,13 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                         make_uint4(0u, 0u, 0u, 0u);
                 proxy_fence();
             }
+            named_arrive(ds_bar(n, cw), 128 * NWG);
         }
         if (!DQ) {
             if (!HOLD || !wg_live) use.release();
             continue;
         }
-        named_sync(1, 128 * NWG);  // every consumer's dS^T of item n in buffer n % 2
+        wait_others(n);  // the other consumers' dS^T of item n in buffer n % 2
         float dqa[MK / 8][4];
         if (c < NSL) {
             wg_fence();
@@ -425,13 +442,6 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 WgmmaSS<T, 1, 1>::run(dqa, wg_desc(sdesc, sbo + kk * 16 * 128),
                                       wg_desc(kn, c * BN * 128 + kk * 16 * 128), kk > 0);  // dQ = dS K
             wg_commit();
-        }
-        if (wg_live) {  // dK, left running beside the adds; dV and dQ done
-            issue_dk(da, sb);
-            wg_commit();
-            wgmma_wait<1>();
-        } else {
-            wgmma_wait<0>();
         }
         int seen = 0, wnt = 0;  // ORDERED && BULK: a first look at the item's turn while dQ runs; the turn awaited
         float fix[2] = {0.f, 0.f};  // FIX: the fixed-point scales of this thread's two rows, loaded while dQ runs
@@ -444,7 +454,9 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             fix[0] = scale * ts[0];
             fix[1] = scale * ts[8];
         }
+        wgmma_wait<0>();  // dV, dK and dQ
         fence_regs(dva);
+        fence_regs(dka);
         if (c < NSL) fence_regs(dqa);
         if (c < NSL && BULK) {
             // warp wq's share, 16 rows x 64 float32 in the accumulators' order (dq tiles, above):
@@ -497,8 +509,6 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 if ((tid & 127) == 0) release_turn(turn, kb + 1);
             }
         }
-        wgmma_wait<0>();  // dK
-        fence_regs(dka);
         use.release();
     }
     if (HOLD) {  // the last item's dV and dK
