@@ -147,7 +147,7 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // block's end), the consumer arrives on its named barrier of the item (ds_bar) and issues dV +=
 // P^T dO and dK += dS^T Q; then it waits on the other consumers' barriers of the item and issues
 // dQ (a consumer that finishes its softmax first keeps the tensor cores busy meanwhile; one
-// barrier of all consumers per item was 5-8% slower, H200, 2026-12-06), then the dq adds. A
+// barrier of all consumers per item was 1-8% slower, H200, 2026-12-06), then the dq adds. A
 // consumer arrives for item n only once it finished reading item n - 1 (its dQ waited for), so
 // the wait orders every write of item n before any read of it, and every read of item n - 1
 // before the writes of item n + 1 into the same buffer.
