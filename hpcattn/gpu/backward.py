@@ -12,9 +12,13 @@ from .shapes import (BK, BQ, BWD_DIMS, BWD_FUSED_SHAPES, BWD_SHAPES, BWD_WG_DIMS
                      bwd_fused_name, bwd_fused_smem, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_q_name, bwd_wg_q_smem,
                      bwd_wg_smem, bwd_wg_threads)
 
-# what kernel_kind "auto" runs on a compute capability 9.0 device (D in BWD_WG_DIMS): "wgmma" (two
-# passes), or one of FUSED (one key-major pass; see _hopper)
-HOPPER_AUTO = "wgmma"
+# what kernel_kind "auto" runs on a compute capability 9.0 device (D in BWD_WG_DIMS), by the
+# mask's reach (Mask.reach): where rows reach keys without bound (causal, full) the one-pass
+# fixed-point form, which skips the dQ pass's two recomputed products (through the API on an
+# H100, 2026-12-06: 1.00-1.01x at causal 16K, 1.09-1.10x at 64K, D = 128); where they reach a
+# band (window, block, dilated), the two passes, which skip its dq tiles' memset and conversion
+# (5% faster at window:256). A str instead of the dict: that kind for every mask.
+HOPPER_AUTO = {"unbounded": "fused-fixed", "bounded": "wgmma"}
 FUSED = ("fused", "fused-bulk", "fused-fixed")
 
 
@@ -27,8 +31,8 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     kernel_kind: "mma" (tensor cores: float16/bfloat16, D in BWD_DIMS, scale > 0), "wgmma" (the
     same on Hopper's warpgroup MMA: D in BWD_WG_DIMS, compute capability 9.0), "fused" (Hopper,
     dq from the key-major pass), "fused-bulk" and "fused-fixed" (the same, dq through bulk
-    reductions into dq tiles; experimental), "simt" (any dtype, D <= 256) or "auto" (HOPPER_AUTO, else mma,
-    where it applies, else simt). Each gives the same bits on every rerun."""
+    reductions into dq tiles), "simt" (any dtype, D <= 256) or "auto" (HOPPER_AUTO's choice for
+    the mask, else mma, where it applies, else simt). Each gives the same bits on every rerun."""
     cp = cupy()
     B, Hkv, G, nq, D = q.shape
     nk = k.shape[2]
@@ -40,7 +44,7 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     tensor = _tensor_fits(ctype, D, scale)
     if kernel_kind in ("mma", "wgmma") + FUSED and not tensor:
         raise HpcattnError(f"the tensor-core backward takes float16/bfloat16 with D in {BWD_DIMS} and scale > 0")
-    hopper = _hopper(kernel_kind, D) if tensor else None
+    hopper = _hopper(kernel_kind, D, mask) if tensor else None
     dq = cp.zeros(q.shape, dtype=cp.float32) if dq is None else dq
     dk = cp.zeros(k.shape, dtype=cp.float32) if dk is None else dk
     dv = cp.zeros(k.shape, dtype=cp.float32) if dv is None else dv
@@ -106,7 +110,7 @@ def _out_launch(q, k, v, o, do, out, mask, scale, ctype, kernel_kind):
             and row_strides(do) == row_strides(out[0]) == sq and row_strides(v) == sk
             and row_strides(out[1]) == row_strides(out[2]) == sk):
         return None
-    return OutLaunch(ctype, q.shape, nk, mask, scale, sq, sk, so, _hopper(kernel_kind, D))
+    return OutLaunch(ctype, q.shape, nk, mask, scale, sq, sk, so, _hopper(kernel_kind, D, mask))
 
 
 class OutLaunch:
@@ -140,16 +144,19 @@ def _tensor_fits(ctype, D, scale):
     return ctype != "float" and D in BWD_DIMS and scale > 0
 
 
-def _hopper(kernel_kind, D):
+def _hopper(kernel_kind, D, mask):
     """Which Hopper kernels run, if any: "wgmma" (attend_bwd_kv_wg for dk and dv, then
     attend_bwd_q_wg for dq) or "fused" (attend_bwd_fused_wg, ordered: dk, dv and dq in one
     key-major pass, the key blocks adding into each dq tile in ascending order; "fused-bulk":
     its BULK form, dq added into float32 dq tiles by bulk reductions in that order, then into
     rows; "fused-fixed": into 32-bit fixed-point tiles, in any order, the same bits); kernel_kind
-    names one (refused where it cannot run), or "auto": HOPPER_AUTO on a compute capability 9.0
-    device with D in BWD_WG_DIMS."""
+    names one (refused where it cannot run), or "auto": HOPPER_AUTO's choice for the mask on a
+    compute capability 9.0 device with D in BWD_WG_DIMS."""
     if kernel_kind == "auto":
-        return HOPPER_AUTO if D in BWD_WG_DIMS and wgmma_available() else None
+        if not (D in BWD_WG_DIMS and wgmma_available()):
+            return None
+        return HOPPER_AUTO if isinstance(HOPPER_AUTO, str) else HOPPER_AUTO[
+            "unbounded" if mask.reach() is None else "bounded"]
     if kernel_kind not in ("wgmma",) + FUSED:
         return None
     if D not in BWD_WG_DIMS or not wgmma_available():

@@ -45,9 +45,10 @@ SOURCES = {
                                                   for m in DMAXES),
     "merge.cu": ("merge_states",),
 }
-# forms no entry point takes yet, compiled (each in a module of its own) only when a job asks for
-# one by name, so that they add nothing to a user's first-call compile
-EXPERIMENTAL = {
+# forms compiled one at a time, each in a module of its own, when first asked for: the forward's
+# other schedules (jobs/ only) and the one-pass backward's dq-tile forms (`auto` takes the
+# fixed-point one on causal and full masks), so that a first call compiles only the kernel it runs
+ON_DEMAND = {
     "attend_wgmma.cu": tuple(n for t in ("__half", "__nv_bfloat16") for d in WG_DIMS for o in ("float", t)
                              for n in [wg_name(t, d, o, sched=s) for s in WG_SCHEDS]
                              + [wg_name(t, d, o, win=True), wg_name(t, d, o, WG_KT2_SHAPES[d], kt=2, win=True)]),
@@ -127,21 +128,21 @@ def build(source, names=None, kernel_dir=KERNEL_DIR):
 
 
 def kernel(name):
-    """The compiled kernel for a name expression of SOURCES (or EXPERIMENTAL), on the current device."""
+    """The compiled kernel for a name expression of SOURCES (or ON_DEMAND), on the current device."""
     cp = cupy()
     src = next((f for f, names in SOURCES.items() if name in names), None)
-    extra = src is None and next((f for f, names in EXPERIMENTAL.items() if name in names), None)
+    extra = src is None and next((f for f, names in ON_DEMAND.items() if name in names), None)
     if src is None and not extra:
         raise KeyError(f"no kernel {name!r} in {KERNEL_DIR}")
     key = (cp.cuda.Device().id, src) if src else (cp.cuda.Device().id, extra, name)
-    if key not in _modules:  # an experimental form alone: 24 forward forms in one program take minutes
+    if key not in _modules:  # an ON_DEMAND form alone: 24 forward forms in one program take minutes
         _modules[key] = build(src) if src else build(extra, (name,))
     return _modules[key].get_function(name)
 
 
 def every_name(source):
-    """SOURCES' and EXPERIMENTAL's name expressions of one source."""
-    return SOURCES[source] + EXPERIMENTAL.get(source, ())
+    """SOURCES' and ON_DEMAND's name expressions of one source."""
+    return SOURCES[source] + ON_DEMAND.get(source, ())
 
 
 def kernel_with_smem(name, smem):
