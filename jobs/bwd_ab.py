@@ -1,8 +1,9 @@
-"""The Hopper backward's kernels from two kernel trees in one process: today's kernels/ and
+"""The Hopper backward's kernels from two or more kernel trees in one process: today's kernels/ and
 --baseline DIR, another commit's (`git archive REV kernels | tar -x -C /tmp/base`, DIR =
-/tmp/base/kernels; on a GPU machine without git, a copy carried with the checkout). On the same
+/tmp/base/kernels; on a GPU machine without git, a copy carried with the checkout); --baseline
+repeated times each tree beside today's, its keys suffixed by its DIR. On the same
 inputs (jobs/wgmma_bwd_check.py's bench_inputs: MASK:N:D, float16, H = 8, float32 sums): whether
-both give the same bits (dk, dv and dq of the two passes, attend_bwd_kv_wg + attend_bwd_q_wg, and
+they give the same bits (dk, dv and dq of the two passes, attend_bwd_kv_wg + attend_bwd_q_wg, and
 of the ordered one-pass form; the atomic one-pass form within the two passes' tolerance), then ms
 per call of each in alternating rounds (CUDA events over --reps back-to-back calls, medians of
 --rounds). --bulk adds the one-pass forms with bulk dq adds into dq tiles, ordered and fixed-point
@@ -49,46 +50,56 @@ def sides(kdir, D, bulks=(False,)):
     return {"two passes": two} | {f"one pass, {FORMS[o, b]}": one((o, b)) for b in bulks for o in (True, False)}
 
 
-def case(spec, now, base, rounds, reps):
+def case(spec, trees, rounds, reps):
+    """Rows per form of trees["today"]: each other tree's bits against today's, ms per tree."""
     _, n, D, H, _, words, q, k, args, tail = bench_inputs(spec)
     grads = {}
-    for tree, forms in (("today", now), ("baseline", base)):
+    for tree, forms in trees.items():
         for form, fn in forms.items():
             g = [cp.zeros(k.shape, cp.float32), cp.zeros(k.shape, cp.float32), cp.zeros(q.shape, cp.float32),
                  cp.zeros(1, cp.uint64)]
             fn(args, g, words, tail, n, H)
             grads[tree, form] = g
     rows, ok = [], True
-    for form in now:
-        a, b = grads["today", form], grads["baseline", form]
-        row = {"case": spec, "form": form, "edges same": int(a[3][0]) == int(b[3][0])}
-        ok = ok and row["edges same"]
-        for name, x, y in zip(("dk", "dv", "dq"), a, b):
-            if "atomic" in form:  # its dq adds land in any order
-                ref = grads["today", "two passes"][("dk", "dv", "dq").index(name)]
-                rel = float(cp.abs(x - ref).max() / max(float(cp.abs(ref).max()), 1e-30))
-                row[f"{name} rel vs two passes"] = rel
-                ok = ok and rel <= TOL["float16"]
-            else:
-                row[f"{name} same bits"] = same = bool((x.view(cp.uint32) == y.view(cp.uint32)).all())
-                ok = ok and same
+    others = [t for t in trees if t != "today"]
+    for form in trees["today"]:
+        row = {"case": spec, "form": form}
+        for b in others:
+            tag = "" if b == "baseline" else f" {b}"  # one baseline: the keys of the two-tree form
+            a, y3 = grads["today", form], grads[b, form]
+            row[f"edges same{tag}"] = same = int(a[3][0]) == int(y3[3][0])
+            ok = ok and same
+            for name, x, y in zip(("dk", "dv", "dq"), a, y3):
+                if "atomic" in form:  # its dq adds land in any order
+                    ref = grads["today", "two passes"][("dk", "dv", "dq").index(name)]
+                    rel = float(cp.abs(x - ref).max() / max(float(cp.abs(ref).max()), 1e-30))
+                    row[f"{name} rel vs two passes{tag}"] = rel
+                    ok = ok and rel <= TOL["float16"]
+                else:
+                    row[f"{name} same bits{tag}"] = same = bool((x.view(cp.uint32) == y.view(cp.uint32)).all())
+                    ok = ok and same
         rows.append(row)
     g = grads["today", "two passes"]
-    times = {(tree, form): [] for tree in ("today", "baseline") for form in now}
+    times = {(tree, form): [] for tree in trees for form in trees["today"]}
     for r in range(rounds):
         order = list(times) if r % 2 == 0 else list(reversed(times))
         for tree, form in order:
-            fn = (now if tree == "today" else base)[form]
+            fn = trees[tree][form]
             times[tree, form].append(per_call(lambda: fn(args, g, words, tail, n, H), reps))
     for row in rows:
-        t, b = (float(np.median(times[tree, row["form"]])) for tree in ("today", "baseline"))
-        row.update({"ms today": round(t, 4), "ms baseline": round(b, 4), "speed-up": round(b / t, 3)})
+        t = float(np.median(times["today", row["form"]]))
+        row["ms today"] = round(t, 4)
+        for b in others:
+            tag = "" if b == "baseline" else f" {b}"
+            ms = float(np.median(times[b, row["form"]]))
+            row[f"ms {b}"], row[f"speed-up{tag}"] = round(ms, 4), round(ms / t, 3)
     return rows, ok
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--baseline", required=True, help="another commit's kernels/ (a directory)")
+    ap.add_argument("--baseline", required=True, action="append",
+                    help="another commit's kernels/ (a directory); repeated: each timed beside today's")
     ap.add_argument("--cases", default="causal:16384:128,window:256:262144:128,window:256:262144:64")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
@@ -98,7 +109,10 @@ def main():
     for spec in a.cases.split(","):
         D = int(spec.rsplit(":", 1)[1])
         bulks = (False, True) if a.bulk else (False,)
-        rows, ok = case(spec, sides(loader.KERNEL_DIR, D, bulks), sides(a.baseline, D, bulks), a.rounds, a.reps)
+        names = ["baseline"] if len(a.baseline) == 1 else a.baseline
+        trees = {"today": sides(loader.KERNEL_DIR, D, bulks)} | {
+            name: sides(kdir, D, bulks) for name, kdir in zip(names, a.baseline)}
+        rows, ok = case(spec, trees, a.rounds, a.reps)
         for row in rows:
             print(("" if ok else "FAIL ") + json.dumps(row), flush=True)
         failed = failed or not ok
