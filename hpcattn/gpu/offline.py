@@ -88,17 +88,18 @@ def opcodes(lines):
     return [x.split()[1] if x.startswith("@") else x.split()[0] for x in lines]
 
 
-def waits_and_exps(lines):
+def waits_and_exps(lines, run="MUFU.EX2", tag="E"):
     """A kernel's wgmma waits ('W1', 'W0': WARPGROUP.DEPBAR.LE gsb0, 1 or 0) and runs of MUFU.EX2
-    ('E n'), in SASS order: where ptxas put the exponentials between the MMAs."""
+    ('E n'; or of another opcode `run`, tagged `tag`), in SASS order: where ptxas put the
+    exponentials (or that opcode) between the MMAs."""
     seq = []
     for line, op in zip(lines, opcodes(lines)):
         if op == "WARPGROUP.DEPBAR.LE":
             seq.append("W" + line.rstrip(" ;").split(",")[-1].strip()[-1])
-        elif op == "MUFU.EX2":
-            if not seq or not seq[-1].startswith("E"):
-                seq.append("E 0")
-            seq[-1] = f"E {int(seq[-1][2:]) + 1}"
+        elif op == run:
+            if not seq or not seq[-1].startswith(tag):
+                seq.append(f"{tag} 0")
+            seq[-1] = f"{tag} {int(seq[-1].split()[1]) + 1}"
     return seq
 
 

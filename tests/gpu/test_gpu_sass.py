@@ -8,6 +8,10 @@ the wait for all MMAs, ..., 0x0). ptxas moves a wgmma wait to the top of its bas
 put the softmax after the second wait until the block was ended before it (kernels/attend_wgmma.cu,
 the consumer's softmax).
 
+The one-pass backward's fixed-point form at D = 128 (DK_LATE, kernels/bwd_keys.cuh): the dq
+share's conversions to fixed point (F2I.NTZ, 32 a thread) must run while dK does, after the
+wait for dV and dQ alone (..., 0x1) and before the wait for dK (..., 0x0).
+
 Every warp-specialised kernel's register hand-off: setmaxnreg.inc waits until the block's pool
 holds the registers asked for, and the pool is only what the block got at launch (ptxas' count
 per thread, times its threads) less what the loader kept; asking for more spins forever (the
@@ -46,6 +50,15 @@ def test_softmax_runs_beside_the_previous_tiles_p_v(name):
     # two rescale factors), then the wait for P V
     kt = int(name.split(", ")[-2])  # attend_fwd_wgmma<..., SCHED, KT, WIN>
     assert seq[i + 1:i + 3] == [f"E {32 * kt + 2}", "W0"], seq
+
+
+@pytest.mark.parametrize("name", [n for n in loader.every_name("attend_bwd_fused.cu")
+                                  if ", 128, " in n and n.endswith("false, true>")])
+def test_fixed_point_dq_staging_runs_beside_dk(name):
+    seq = offline.waits_and_exps(compiled("attend_bwd_fused.cu")[name][0], run="F2I.NTZ", tag="F")
+    assert seq.count("F 32") == 1, seq
+    i = seq.index("F 32")
+    assert seq[i - 1:i + 2] == ["W1", "F 32", "W0"], seq
 
 
 @pytest.mark.parametrize("source,name", HOPPER)
