@@ -15,7 +15,7 @@ from .shapes import (BK, BQ, BWD_DIMS, BWD_FUSED_SHAPES, BWD_SHAPES, BWD_WG_DIMS
 # what kernel_kind "auto" runs on a compute capability 9.0 device (D in BWD_WG_DIMS), by the
 # mask's reach (Mask.reach): where rows reach keys without bound (causal, full) the one-pass
 # fixed-point form, which skips the dQ pass's two recomputed products (through the API on an
-# H100, 2026-12-06: 1.00-1.01x at causal 16K, 1.09-1.10x at 64K, D = 128); where they reach a
+# H100, 2026-12-06: 1.05-1.08x at causal 16K, 1.14-1.18x at 64K, D = 128); where they reach a
 # band (window, block, dilated), the two passes, which skip its dq tiles' memset and conversion
 # (5% faster at window:256). A str instead of the dict: that kind for every mask.
 HOPPER_AUTO = {"unbounded": "fused-fixed", "bounded": "wgmma"}
