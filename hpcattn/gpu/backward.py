@@ -209,11 +209,11 @@ class Passes:
     a kv head) then attend_bwd_q (dq and the edges: a block per 16 W query rows of a head);
     "wgmma": attend_bwd_kv_wg (a block per 64 NWG keys) then attend_bwd_q_wg (a block per 64 NWG
     query rows, heaviest first on a 1-D grid); "fused": attend_bwd_fused_wg alone (a block per
-    64 NWG keys of a kv head on a 1-D grid, kv heads fastest, fused-fixed's key blocks; dq added into float32 sums, then
+    64 NWG keys of a kv head on a 1-D grid, kv heads fastest; dq added into float32 sums, then
     stored in otype when that is not float); "fused-bulk", "fused-fixed": its BULK forms (dq added
-    into dq tiles, then into dq or stored in otype by tile_rows_out). otype "float": dq, dk, dv are
-    float32 accumulators added into, else they are written in the input dtype. sq, sk: the row
-    strides of q (do, dq) and k (v, dk, dv)."""
+    into dq tiles, then into dq or stored in otype by tile_rows_out; fused-fixed's key blocks
+    fastest on the grid). otype "float": dq, dk, dv are float32 accumulators added into, else
+    they are written in the input dtype. sq, sk: the row strides of q (do, dq) and k (v, dk, dv)."""
 
     def __init__(self, ctype, otype, q_shape, nk, k0, scale, mask, sq, sk, hopper):
         B, Hkv, G, nq, D = q_shape
