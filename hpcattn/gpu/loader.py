@@ -39,21 +39,23 @@ SOURCES = {
                              for o in ("float", t)),
     "attend_bwd_wgmma.cu": tuple(n for t in ("__half", "__nv_bfloat16") for d in BWD_WG_DIMS
                                  for o in ("float", t) for n in (bwd_wg_name(t, d, o), bwd_wg_q_name(t, d, o))),
-    "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered) for t in ("__half", "__nv_bfloat16")
-                                 for d in BWD_FUSED_SHAPES for o in ("float", t) for ordered in (False, True)),
+    "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, True) for t in ("__half", "__nv_bfloat16")
+                                 for d in BWD_FUSED_SHAPES for o in ("float", t)),
     "attend_rows.cu": ("random_columns",) + tuple(f"attend_rows<{t}, {m}>" for t in CTYPES.values()
                                                   for m in DMAXES),
     "merge.cu": ("merge_states",),
 }
 # forms compiled one at a time, each in a module of its own, when first asked for: the forward's
 # other schedules (jobs/ only) and the one-pass backward's dq-tile forms (`auto` takes the
-# fixed-point one on causal and full masks), so that a first call compiles only the kernel it runs
+# fixed-point one on causal and full masks), so that a first call compiles only the kernel it runs;
+# and the one-pass backward's atomic form, which no kernel_kind takes (jobs/ build their own)
 ON_DEMAND = {
     "attend_wgmma.cu": tuple(n for t in ("__half", "__nv_bfloat16") for d in WG_DIMS for o in ("float", t)
                              for n in [wg_name(t, d, o, sched=s) for s in WG_SCHEDS]
                              + [wg_name(t, d, o, win=True), wg_name(t, d, o, WG_KT2_SHAPES[d], kt=2, win=True)]),
-    "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered, bulk=True) for t in ("__half", "__nv_bfloat16")
-                                 for d in BWD_FUSED_SHAPES for o in ("float", t) for ordered in (False, True)),
+    "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, ordered, bulk=bulk) for t in ("__half", "__nv_bfloat16")
+                                 for d in BWD_FUSED_SHAPES for o in ("float", t)
+                                 for ordered, bulk in ((False, True), (True, True), (False, False))),
     "attend_bwd_mma.cu": tuple(f"tile_rows_out<{o}, {d}>" for o in ("float", "__half", "__nv_bfloat16")
                                for d in BWD_FUSED_SHAPES)  # the BULK forms' dq tiles as rows
     + tuple(f"{n}<{t}, {d}>" for n in ("key_maxima", "row_scales") for t in ("__half", "__nv_bfloat16")
