@@ -5,7 +5,7 @@ contract); `backward_out` writes a whole rank's gradients in the caller's dtype 
 import numpy as np
 
 from ..errors import HpcattnError
-from .encode import check, device_mask, device_positions, listed_terms
+from .encode import check, device_mask, device_positions, listed_terms, run_start
 from .forward import NULL, row_strides
 from .loader import cupy, kernel, kernel_with_smem, launch, wgmma_available
 from .shapes import (BK, BQ, BWD_DIMS, BWD_FUSED_SHAPES, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES,
@@ -54,12 +54,14 @@ def backward(q, qpos, k, v, k0, mask, scale, do, lse, delta, dq=None, dk=None, d
     if nq == 0 or nk == 0 or B * Hkv * G == 0:
         return dq, dk, dv, 0
     edges = cp.zeros(1, dtype=cp.uint64)
-    args = (cp.ascontiguousarray(q), device_positions(qpos), cp.ascontiguousarray(k), cp.ascontiguousarray(v),
-            cp.ascontiguousarray(do), cp.ascontiguousarray(lse, dtype=cp.float32),
+    tensor = tensor and kernel_kind != "simt"
+    q0 = run_start(qpos) if tensor else None  # rows in a run: no positions array for the kernels
+    args = (cp.ascontiguousarray(q), device_positions(qpos) if q0 is None else NULL, cp.ascontiguousarray(k),
+            cp.ascontiguousarray(v), cp.ascontiguousarray(do), cp.ascontiguousarray(lse, dtype=cp.float32),
             cp.ascontiguousarray(delta, dtype=cp.float32))
-    if tensor and kernel_kind != "simt":
-        Passes(ctype, "float", q.shape, nk, k0, scale, mask, row_strides(args[0]), row_strides(args[2]), hopper)(
-            args, dq, dk, dv, edges, _unsorted(cp, args[1], nq))
+    if tensor:
+        Passes(ctype, "float", q.shape, nk, k0, scale, mask, row_strides(args[0]), row_strides(args[2]), hopper,
+               q0 or 0)(args, dq, dk, dv, edges, _unsorted(cp, args[1], nq))
     else:
         smem = 4 * (2 * BQ * dmax + 2 * BK * (dmax + 1) + 2 * BK * dmax)
         launch(f"attend_bwd<{ctype}, {dmax}>", ((nq + BQ - 1) // BQ, B * Hkv * G), smem,
@@ -213,13 +215,14 @@ class Passes:
     stored in otype when that is not float); "fused-bulk", "fused-fixed": its BULK forms (dq added
     into dq tiles, then into dq or stored in otype by tile_rows_out; fused-fixed's key blocks
     fastest on the grid). otype "float": dq, dk, dv are float32 accumulators added into, else
-    they are written in the input dtype. sq, sk: the row strides of q (do, dq) and k (v, dk, dv)."""
+    they are written in the input dtype. sq, sk: the row strides of q (do, dq) and k (v, dk, dv);
+    q0: row r's position q0 + r where args carry no positions."""
 
-    def __init__(self, ctype, otype, q_shape, nk, k0, scale, mask, sq, sk, hopper):
+    def __init__(self, ctype, otype, q_shape, nk, k0, scale, mask, sq, sk, hopper, q0=0):
         B, Hkv, G, nq, D = q_shape
         heads = B * Hkv * G
         self.q_shape, self.hopper, self.otype, self.words = q_shape, hopper, otype, device_mask(mask)
-        self.tail = (np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale), np.int64(0))
+        self.tail = (np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale), np.int64(q0))
         self.tail += tuple(np.int64(x) for x in (*sq, *sk)) + (np.int32(Hkv * G),)
         if hopper in FUSED:
             bulk = hopper != "fused"

@@ -13,6 +13,7 @@ from .shapes import BQ, CTYPES, bucket
 
 MAX_TERMS = 8  # HPCATTN_MAX_TERMS in kernels/mask.cuh
 _copies = {}
+_runs = {}  # run_start's last array and its answer
 
 
 def dtype_name(x, bf16=False):
@@ -75,6 +76,19 @@ def device_positions(qpos):
     """The query positions on the device (checked on the host once per array); every launcher
     shares this one copy."""
     return device_copy("qpos", qpos, positions)
+
+
+def run_start(qpos):
+    """qpos[0] where host positions are a run (qpos[r] = qpos[0] + r, as a contiguous shard's
+    rows are), else None (device positions are not looked at: that would synchronise); checked
+    once per array, as device_positions copies it once. The tensor-core kernels then derive
+    row r's position from the start, with no position loads."""
+    hit = _runs.get(0)
+    if hit is None or hit[0] is not qpos:
+        a = None if is_device(qpos) else np.asarray(qpos)
+        run = a is not None and a.ndim == 1 and a.size > 0 and bool((np.diff(a) == 1).all())
+        hit = _runs[0] = (qpos, int(a[0]) if run else None)
+    return hit[1]
 
 
 def device_mask(mask):

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import HpcattnError
 from ..masks import Mask
-from .encode import check, device_mask, device_positions, listed_terms
+from .encode import check, device_mask, device_positions, listed_terms, run_start
 from .listed import attend_listed
 from .loader import cupy, kernel_with_smem, launch, sm_count, wgmma_available
 from .merge import merge
@@ -196,11 +196,13 @@ def _launch_implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kin
     o = cp.empty((B, Hkv, G, nq, D), dtype=cp.float32)  # the kernels write every row
     lse = cp.empty((B, Hkv, G, nq), dtype=cp.float32)
     tensor = _tensor_kernel(ctype, D, scale, kernel_kind)
-    common = (q, device_positions(qpos), k, v, o, lse, edges, device_mask(mask), np.int32(nq), np.int32(nk))
+    q0 = run_start(qpos) if tensor else None  # rows in a run: no positions array for the kernels
+    pos = device_positions(qpos) if q0 is None else NULL
+    common = (q, pos, k, v, o, lse, edges, device_mask(mask), np.int32(nq), np.int32(nk))
     if tensor:
         name, grid, smem, threads, extra = (_wgmma_spec if tensor == "wgmma" else _mma_spec)(
             ctype, D, "float", nq, B * Hkv * G)
-        launch(name, grid, smem, common + (np.int32(G), np.int64(k0), np.float32(scale), np.int64(0))
+        launch(name, grid, smem, common + (np.int32(G), np.int64(k0), np.float32(scale), np.int64(q0 or 0))
                + stride_args(q, k, o, Hkv * G) + extra, threads)
     else:
         smem = 4 * (BQ * dmax + BK * (dmax + 1) + BK * dmax)

@@ -3,6 +3,7 @@ nvcc, not a GPU), with every name expression hpcattn/gpu/loader.py asks CuPy for
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gpu_helpers import nvrtc_build
@@ -52,6 +53,15 @@ def test_mask_words_encode_every_term(spec, words):
 def test_window_only_picks_the_masks_the_win_forms_take(spec, only):
     """attend_fwd_wgmma's WIN forms evaluate one full or window term (causal or not) and no other."""
     assert encode.window_only(parse(spec)) is only
+
+
+@pytest.mark.parametrize("qpos, start", [(np.arange(5, 20), 5), (np.array([0]), 0), (np.array([3, 4, 6]), None),
+                                         (np.array([4, 3]), None), (np.arange(0, 10, 2), None),
+                                         (np.zeros(0, np.int64), None), (np.array([7, 8, 9, 9]), None)])
+def test_run_start_finds_rows_in_one_run(qpos, start):
+    """encode.run_start: the first position of rows in a run (the tensor-core kernels then take
+    no positions array), None otherwise; asked again, the same answer from its cache."""
+    assert encode.run_start(qpos) == start and encode.run_start(qpos) == start
 
 
 def test_head_dim_buckets_and_limits():

@@ -116,6 +116,24 @@ def test_wgmma_rows_whose_positions_are_runs_or_not(rng, spec, D, dtype):
     assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL[("wgmma", dtype)], mask, qpos, k0, nk)
 
 
+@pytest.mark.parametrize("spec", ["causal+window:100", "block:64+causal", "full"])
+@pytest.mark.parametrize("kind", ["mma", "wgmma"])
+def test_forward_rows_in_one_run_take_no_positions_array(rng, spec, kind):
+    """Rows at positions q0 .. q0 + nq - 1 (a contiguous shard's): the tensor-core forward takes
+    the run's start instead of its positions, exact against float64 and with the same bits as
+    with the positions on the device (searched as any positions are)."""
+    need(kind)
+    mask, D, dtype, nq, nk, k0 = parse(spec), 64, "float16", 333, 600, 40
+    qpos = np.arange(150, 150 + nq, dtype=np.int64)
+    (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, 2, 2, nq, D), (1, 2, nk, D), dtype)
+    scale = 1 / math.sqrt(D)
+    o, lse, edges = forward.attend(qd, qpos, kd, vd, k0, mask, scale, kernel_kind=kind)
+    o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
+    assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL[(kind, dtype)], mask, qpos, k0, nk)
+    o2, lse2, edges2 = forward.attend(qd, cp.asarray(qpos), kd, vd, k0, mask, scale, kernel_kind=kind)
+    assert edges2 == edges and bool(cp.array_equal(o, o2)) and bool(cp.array_equal(lse, lse2))
+
+
 @pytest.mark.parametrize("spec", ["causal", "window:300", "global:3+causal+window:40", "block:128"])
 @pytest.mark.parametrize("B,Hkv,G,nq,D,dtype,kind", [(1, 1, 8, 16, 64, "float16", "wgmma"),
                                                       (2, 2, 3, 5, 128, "bfloat16", "wgmma"),
@@ -306,14 +324,18 @@ def test_backward_matches_float64_gradients(rng, spec, Hkv, G, nq, nk, D, dtype,
 
 
 @pytest.mark.parametrize("spec", ["causal+window:40", "global:3+block:20+window:5+causal", "dilated:3:5", "full"])
-@pytest.mark.parametrize("order", ["sorted", "runs", "shuffled"])
+@pytest.mark.parametrize("order", ["sorted", "runs", "shuffled", "run"])
 @pytest.mark.parametrize("kind", ["mma", "wgmma"])
 def test_tensor_core_backward_rows_at_any_positions(rng, spec, order, kind):
     """Query rows at positions that are no run: sorted with gaps (searched by position), two
-    runs (zigzag), shuffled (every query tile walked); against float64 and rerun bit for bit."""
+    runs (zigzag), shuffled (every query tile walked); or one run at an offset, which the
+    kernels take as its start alone (the same bits as with its positions on the device);
+    against float64 and rerun bit for bit."""
     need(kind)
     nk, nq, D, dtype = 700, 230, 64, "float16"
-    if order == "runs":
+    if order == "run":
+        qpos = np.arange(150, 150 + nq, dtype=np.int64)
+    elif order == "runs":
         qpos = np.concatenate([np.arange(20, 135), np.arange(500, 615)]).astype(np.int64)
     else:
         qpos = np.sort(rng.choice(nk, nq, replace=False)).astype(np.int64)
@@ -329,6 +351,9 @@ def test_tensor_core_backward_rows_at_any_positions(rng, spec, order, kind):
     assert got[3] == int(mask.allowed(qpos[:, None], np.arange(nk)[None, :]).sum())
     again = two_block_backward(qd, qpos, kd, vd, dod, lse, delta, mask, 0.125, dtype, kind, 333)
     assert all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(got[:3], again[:3]))
+    if order == "run":
+        searched = two_block_backward(qd, cp.asarray(qpos), kd, vd, dod, lse, delta, mask, 0.125, dtype, kind, 333)
+        assert all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(got[:3], searched[:3]))
 
 
 @pytest.mark.parametrize("spec", ["window:40", "causal", "causal+window:70", "block:50", "global:3+window:20",
