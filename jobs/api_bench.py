@@ -2,8 +2,9 @@
 
 For each N and D, in alternating rounds on the same inputs: the forward kernel alone
 (`local.attend` on head-major arrays: what `hpcattn bench` times), `hpcattn.attention` on the
-caller's (1, N, H, D) arrays with MPI.COMM_SELF (what a user calls), and FlexAttention
-(torch.compile'd, same device, dtype and mask); then the backward kernel alone
+caller's (1, N, H, D) arrays with MPI.COMM_SELF (what a user calls), FlexAttention
+(torch.compile'd, same device, dtype and mask) and, for dense causal on a GPU, PyTorch SDPA's
+forward (its default backend); then the backward kernel alone
 (`grad.backward`) beside `hpcattn.attention_backward`. Medians per side, in ms, and the
 ratios api / kernel. A sample is as many calls back to back as fill 20 ms (a loop's cost per
 call, launch overhead included). Every side's output is checked against the kernel's.
@@ -53,6 +54,19 @@ def flex_call(xp, q, k, v, spec, n, scale):
     return call
 
 
+def sdpa_call(xp, q, k, v, spec, scale):
+    """PyTorch SDPA's forward (its default backend) on the GPU for dense causal, else None."""
+    if spec != "causal" or xp is np:
+        return None
+    import torch
+    tq, tk, tv = (torch.as_tensor(x).transpose(1, 2).contiguous() for x in (q, k, v))
+
+    def call():
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, scale=scale)
+    return call
+
+
 def case(xp, n, H, D, spec, rounds, backward):
     rng = np.random.default_rng(0)
     q, k, v, do = (xp.asarray(rng.standard_normal((1, n, H, D), dtype=np.float32).astype(np.float16))
@@ -66,6 +80,9 @@ def case(xp, n, H, D, spec, rounds, backward):
     flex = flex_call(xp, q, k, v, spec, n, scale)
     if flex is not None:
         sides["flex"] = flex
+    sdpa = sdpa_call(xp, q, k, v, spec, scale)
+    if sdpa is not None:
+        sides["sdpa"] = sdpa
     o, lse = hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF)
     if backward:
         lse_h = lse.reshape(1, H, 1, n)
@@ -77,8 +94,9 @@ def case(xp, n, H, D, spec, rounds, backward):
     outs = {name: fn() for name, fn in sides.items()}  # first calls: compilation, caches
     ref = xp.asarray(outs["kernel"][0])[:, :, 0].transpose(0, 2, 1, 3).astype(np.float32)
     err = {"attention": float(abs(outs["attention"][0].astype(np.float32) - ref).max())}
-    if "flex" in outs:
-        err["flex"] = float(abs(xp.asarray(outs["flex"].float().transpose(1, 2).contiguous()) - ref).max())
+    for peer in ("flex", "sdpa"):
+        if peer in outs:
+            err[peer] = float(abs(xp.asarray(outs[peer].float().transpose(1, 2).contiguous()) - ref).max())
     now, times = timer(xp), {name: [] for name in sides}
     reps = {}  # calls per sample, back to back as a loop calls them: >= 20 ms a sample
     for name, fn in sides.items():
@@ -108,9 +126,10 @@ def case(xp, n, H, D, spec, rounds, backward):
            "api/kernel": med["attention"] / med["kernel"]}
     if "kernel on device" in med:
         row["api fixed cost us"] = (med["attention"] - med["kernel on device"]) * 1e3
-    if "flex" in med:
-        row["flex/api"] = med["flex"] / med["attention"]
-        row["flex/kernel"] = med["flex"] / med["kernel"]
+    for peer in ("flex", "sdpa"):
+        if peer in med:
+            row[f"{peer}/api"] = med[peer] / med["attention"]
+            row[f"{peer}/kernel"] = med[peer] / med["kernel"]
     if backward:
         row["api_bwd/kernel_bwd"] = med["attention_backward"] / med["bwd kernel"]
     return row

@@ -20,8 +20,15 @@ steps differ, so its output is compared with the kernel's and SDPA's by the larg
 its edge count exactly (a FAIL line when the counts differ or it is further from SDPA than twice
 the kernel, plus 1e-3).
 
+--dense also times attend_fwd_dense (kernels/attend_fwd_dense.cu: 128-key tiles, what `auto`
+takes for these masks over rows in one run) in hpcattn.gpu.shapes.DENSE_SHAPES' shape, as "dense",
+and with --dense-shapes NWG:STK:STV:QREG,... in each of those as "dense NWG:STK:STV:QREG". Its
+sums run in another order than the kernel's, so each is checked against the kernel: the same
+edge count, o within 2e-3 and lse within 1e-3 of it, the same rows without edges, no NaN, and
+the same bits on a rerun (a FAIL line otherwise).
+
     PYTHONPATH=$PWD python3 jobs/causal_fwd_bench.py [--cases causal:16384:128,...] [--baseline /tmp/base.cu]
-        [--sched 1] [--win]
+        [--sched 1] [--win] [--dense [--dense-shapes 2:3:2:0,...]]
 """
 import argparse
 import copy
@@ -35,11 +42,11 @@ import torch
 
 from gpu_bench import per_call, settle  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import encode, forward, loader
-from hpcattn.gpu.shapes import WG_KT2_SHAPES, WG_SCHEDS, wg_name
+from hpcattn.gpu.shapes import SMEM_MAX, WG_KT2_SHAPES, WG_SCHEDS, dense_smem, wg_name
 from hpcattn.masks import parse
 
 
-def case(spec, n, D, baseline, scheds=(), win=False, H=8, rounds=5):
+def case(spec, n, D, baseline, scheds=(), win=False, dense=(), H=8, rounds=5):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, H, n, D, device="cuda", dtype=torch.float16) for _ in range(3))
     qh, kh, vh = cp.asarray(q).reshape(1, H, 1, n, D), cp.asarray(k), cp.asarray(v)
@@ -68,12 +75,23 @@ def case(spec, n, D, baseline, scheds=(), win=False, H=8, rounds=5):
             raise SystemExit(f"--win: {spec} is not one full or window term")
         sides["win"] = form(win=True)
         sides["win_kt2"] = form(shape=WG_KT2_SHAPES[D], kt=2, win=True)
-    outs = {}
+    for shape in dense:  # None: DENSE_SHAPES' shape
+        alt = form(dense=True)
+        if shape and dense_smem(D, shape) > SMEM_MAX:
+            continue
+        if shape:  # built here: loader knows DENSE_SHAPES' names only
+            alt = copy.copy(alt)
+            name, alt.grid, alt.smem, threads, _ = forward._wgmma_spec("__half", D, "__half", n, H, shape, dense=True)
+            alt.fn, alt.block = loader.build("attend_fwd_dense.cu", [name]).get_function(name), (threads,)
+            alt.fn.max_dynamic_shared_size_bytes = alt.smem
+        sides["dense" + (f" {':'.join(str(int(x)) for x in shape)}" if shape else "")] = alt
+    outs, reruns = {}, {}
     for side, launch in sides.items():
-        out = cp.empty_like(qh)
-        lse, edges = launch(qh, np.uintp(0), kh, vh, out)
-        settle(f"{spec}:{n}:{D} {side}")
-        outs[side] = (out, lse, int(edges))
+        for store in (outs, reruns) if side.startswith("dense") else (outs,):
+            out = cp.empty_like(qh)
+            lse, edges = launch(qh, np.uintp(0), kh, vh, out)
+            settle(f"{spec}:{n}:{D} {side}")
+            store[side] = (out, lse, int(edges))
     edges = outs["kernel"][2]
 
     def same_bits(side):  # o, lse and the edge count of a side against the kernel's
@@ -101,6 +119,17 @@ def case(spec, n, D, baseline, scheds=(), win=False, H=8, rounds=5):
             print(f"FAIL {spec}:{n}:{D} win_kt2: {row['win_kt2']}", flush=True)
     if baseline:
         row["baseline same bits"] = same_bits("baseline")
+    for side in reruns:
+        (out, lse, got), ref = outs[side], outs["kernel"]
+        fin = cp.isfinite(ref[1])
+        row[side] = check = {"o diff": float(cp.abs(out.astype(cp.float32) - ref[0].astype(cp.float32)).max()),
+                             "lse diff": float(cp.abs(cp.where(fin, lse - ref[1], 0)).max()), "edges equal": got == edges,
+                             "rows without edges as the kernel's": bool((cp.isfinite(lse) == fin).all()),
+                             "NaN": bool(cp.isnan(out).any() or cp.isnan(lse).any()),
+                             "rerun same bits": bool((reruns[side][0] == out).all() and (reruns[side][1] == lse).all())}
+        if (check["o diff"] > 2e-3 or check["lse diff"] > 1e-3 or not check["edges equal"] or check["NaN"]
+                or not check["rows without edges as the kernel's"] or not check["rerun same bits"]):
+            print(f"FAIL {spec}:{n}:{D} {side}: {check}", flush=True)
     for s in scheds:
         row[f"sched{s} same bits"] = same = same_bits(f"sched{s}")
         if not same:
@@ -116,6 +145,8 @@ def case(spec, n, D, baseline, scheds=(), win=False, H=8, rounds=5):
     row["TFLOP/s"] = {side: 4 * edges * D * H / ms * 1e-9 for side, ms in med.items()}
     if "sdpa" in med:
         row["kernel / sdpa"] = med["sdpa"] / med["kernel"]
+        if "dense" in med:
+            row["dense / sdpa"] = med["sdpa"] / med["dense"]
     return row
 
 
@@ -126,7 +157,11 @@ def main():
     ap.add_argument("--baseline", default="", help="another attend_wgmma.cu or kernels/ (absolute path), timed beside")
     ap.add_argument("--sched", default="", help="SCHED values of attend_fwd_wgmma, comma-separated, timed beside")
     ap.add_argument("--win", action="store_true", help="also time the WIN forms (KT 1 and 2) beside")
+    ap.add_argument("--dense", action="store_true", help="also time attend_fwd_dense beside")
+    ap.add_argument("--dense-shapes", default="", help="attend_fwd_dense's NWG:STK:STV:QREG, comma-separated, timed beside")
     a = ap.parse_args()
+    dense = ((None,) if a.dense else ()) + tuple(
+        tuple(int(x) if i < 3 else bool(int(x)) for i, x in enumerate(f.split(":"))) for f in a.dense_shapes.split(",") if f)
     scheds = tuple(int(x) for x in a.sched.split(",") if x.strip())
     if set(scheds) - set(WG_SCHEDS):
         ap.error(f"--sched: the kernel is built with SCHED in {WG_SCHEDS} (beside 0), not {a.sched}")
@@ -134,7 +169,7 @@ def main():
         loader.SM90A = loader.SM90A + (a.baseline,)
     for c in a.cases.split(","):
         spec, n, D = c.rsplit(":", 2)
-        print(json.dumps(case(spec, int(n), int(D), a.baseline, scheds, a.win)), flush=True)
+        print(json.dumps(case(spec, int(n), int(D), a.baseline, scheds, a.win, dense)), flush=True)
 
 
 if __name__ == "__main__":

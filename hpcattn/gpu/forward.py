@@ -7,11 +7,12 @@ import numpy as np
 
 from ..errors import HpcattnError
 from ..masks import Mask
-from .encode import check, device_mask, device_positions, listed_terms, run_start
+from .encode import check, device_mask, device_positions, listed_terms, run_start, window_only
 from .listed import attend_listed
 from .loader import cupy, kernel_with_smem, launch, sm_count, wgmma_available
 from .merge import merge
-from .shapes import BK, BQ, MMA_DIMS, MMA_SHAPES, WG_DIMS, WG_SHAPES, mma_name, mma_smem, wg_name, wg_smem
+from .shapes import (BK, BQ, DENSE_SHAPES, MMA_DIMS, MMA_SHAPES, WG_DIMS, WG_SHAPES, dense_name, dense_smem, mma_name,
+                     mma_smem, wg_name, wg_smem)
 
 WG_CTAS = None  # blocks of the persistent wgmma kernel; None: as many as the SMs hold (tests lower it)
 SPLIT_KEYS = 4096  # the fewest keys per chunk when few query rows split the keys (flash-decoding)
@@ -59,14 +60,27 @@ def _stride_args(sq, sk, so, H):
     return tuple(np.int64(x) for x in (*sq, *sk, *so)) + (np.int32(H),)
 
 
-def _wgmma_spec(ctype, D, otype, nq, heads, shape=None, **form):
+def _wgmma_spec(ctype, D, otype, nq, heads, shape=None, dense=False, **form):
     """(name, grid, shared bytes, threads, arguments after the strides) of the persistent Hopper
-    kernel: each block walks work items (rows x head), heavy-first in a snake over the blocks.
-    shape and form (sched, kt, win): another of its forms than WG_SHAPES' default (shapes.wg_name)."""
-    nwg, _, minb, _ = shape or WG_SHAPES[D]
+    kernels: each block walks work items (rows x head), heavy-first in a snake over the blocks.
+    dense: attend_fwd_dense (hopper_form says where it applies); shape and form (sched, kt, win):
+    another of attend_fwd_wgmma's forms than WG_SHAPES' default (shapes.wg_name)."""
+    if dense:
+        nwg, minb = (shape or DENSE_SHAPES[D])[0], 1
+        name, smem = dense_name(ctype, D, otype, shape), dense_smem(D, shape)
+    else:
+        nwg, _, minb, _ = shape or WG_SHAPES[D]
+        name, smem = wg_name(ctype, D, otype, shape, **form), wg_smem(D, shape)
     items = (nq + 64 * nwg - 1) // (64 * nwg) * heads
     ctas = min(items, WG_CTAS or sm_count() * minb)
-    return wg_name(ctype, D, otype, shape, **form), (ctas,), wg_smem(D, shape), 128 * (nwg + 1), (np.int32(heads),)
+    return name, (ctas,), smem, 128 * (nwg + 1), (np.int32(heads),)
+
+
+def hopper_form(tensor, mask, D, run):
+    """The Hopper forward's form for a call: attend_fwd_dense ({"dense": True}) where the mask's
+    implicit part is one full or window term (dense causal blocks among them) and the rows are
+    one run (no positions array), else attend_fwd_wgmma's default ({})."""
+    return {"dense": True} if tensor == "wgmma" and run and D in DENSE_SHAPES and window_only(mask) else {}
 
 
 def _tensor_kernel(ctype, D, scale, kernel_kind):
@@ -201,7 +215,7 @@ def _launch_implicit(cp, q, qpos, k, v, k0, mask, scale, ctype, dmax, kernel_kin
     common = (q, pos, k, v, o, lse, edges, device_mask(mask), np.int32(nq), np.int32(nk))
     if tensor:
         name, grid, smem, threads, extra = (_wgmma_spec if tensor == "wgmma" else _mma_spec)(
-            ctype, D, "float", nq, B * Hkv * G)
+            ctype, D, "float", nq, B * Hkv * G, **hopper_form(tensor, mask, D, q0 is not None))
         launch(name, grid, smem, common + (np.int32(G), np.int64(k0), np.float32(scale), np.int64(q0 or 0))
                + stride_args(q, k, o, Hkv * G) + extra, threads)
     else:
@@ -243,7 +257,8 @@ def _lean(cp, q, qpos, q0, k, v, k0, mask, scale, ctype, o, so, tensor):
     nk = k.shape[2]
     q, k, v, sq, sk = _readable(cp, q, k, v)
     if nq and nk and B * Hkv * G:
-        run = Launch(tensor, ctype, D, ctype, q.shape, nk, k0, q0, scale, mask, (sq, sk, so))
+        run = Launch(tensor, ctype, D, ctype, q.shape, nk, k0, q0, scale, mask, (sq, sk, so),
+                     **hopper_form(tensor, mask, D, qpos is None))
         lse, edges = run(q, NULL if qpos is None else device_positions(qpos), k, v, o)
         return o, lse.reshape(B, Hkv, G, nq), edges
     o.fill(0)
@@ -264,7 +279,8 @@ def launch_for(q, k, v, out, mask, scale):
     if None in strides:
         return None
     ctype, _ = check(q, None, k, v, 0, False)
-    return Launch(_tensor_kernel(ctype, D, scale, "auto"), ctype, D, ctype, q.shape, nk, 0, 0, scale, mask, strides)
+    tensor = _tensor_kernel(ctype, D, scale, "auto")
+    return Launch(tensor, ctype, D, ctype, q.shape, nk, 0, 0, scale, mask, strides, **hopper_form(tensor, mask, D, True))
 
 
 def attend_out(q, qpos, k, v, k0, mask, scale, out):

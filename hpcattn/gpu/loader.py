@@ -13,8 +13,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from .shapes import (BWD_DIMS, BWD_FUSED_SHAPES, BWD_WG_DIMS, CTYPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS, WG_KT2_SHAPES, WG_SCHEDS,
-                     bwd_fused_name, bwd_names, bwd_wg_name, bwd_wg_q_name, mma_name, wg_name)
+from .shapes import (BWD_DIMS, BWD_FUSED_SHAPES, BWD_WG_DIMS, CTYPES, DENSE_SHAPES, DMAXES, MMA_DIMS, THREADS, WG_DIMS,
+                     WG_KT2_SHAPES, WG_SCHEDS, bwd_fused_name, bwd_names, bwd_wg_name, bwd_wg_q_name, dense_name, mma_name,
+                     wg_name)
 
 
 def kernel_dir():
@@ -37,6 +38,8 @@ SOURCES = {
                                                      + bwd_names(t, d, "float") + bwd_names(t, d, t)),
     "attend_wgmma.cu": tuple(wg_name(t, d, o) for t in ("__half", "__nv_bfloat16") for d in WG_DIMS
                              for o in ("float", t)),
+    "attend_fwd_dense.cu": tuple(dense_name(t, d, o) for t in ("__half", "__nv_bfloat16") for d in DENSE_SHAPES
+                                 for o in ("float", t)),
     "attend_bwd_wgmma.cu": tuple(n for t in ("__half", "__nv_bfloat16") for d in BWD_WG_DIMS
                                  for o in ("float", t) for n in (bwd_wg_name(t, d, o), bwd_wg_q_name(t, d, o))),
     "attend_bwd_fused.cu": tuple(bwd_fused_name(t, d, o, True) for t in ("__half", "__nv_bfloat16")
@@ -61,7 +64,7 @@ ON_DEMAND = {
     + tuple(f"{n}<{t}, {d}>" for n in ("key_maxima", "row_scales") for t in ("__half", "__nv_bfloat16")
             for d in BWD_FUSED_SHAPES),  # and the fixed-point form's scales
 }
-SM90A = ("attend_wgmma.cu", "attend_bwd_wgmma.cu", "attend_bwd_fused.cu")  # sources built for sm_90a only
+SM90A = ("attend_wgmma.cu", "attend_fwd_dense.cu", "attend_bwd_wgmma.cu", "attend_bwd_fused.cu")  # sources built for sm_90a only
 OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
 _modules = {}
 _cache = {}

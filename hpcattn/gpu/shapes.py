@@ -149,6 +149,25 @@ def wg_smem(D, shape=None):
     return (2 * st * MK + 2 * 64 * nwg) * D * 2 + 1024
 
 
+# attend_fwd_dense (kernels/attend_fwd_dense.cu: one full or window term over rows in one run,
+# 128-key tiles, K and V in rings of their own): (consumer warpgroups of 64 rows, K buffers,
+# V buffers, q in registers) per head dim, the fastest of jobs/causal_fwd_bench.py's --dense
+# candidates on an H100 (docs/benchmarks-log.md, "A 128-key forward for dense blocks")
+DENSE_SHAPES = {64: (3, 5, 4, False), 128: (2, 3, 2, False)}
+DENSE_KEYS = 128  # DN in kernels/attend_fwd_dense.cu
+
+
+def dense_name(ctype, D, otype, shape=None):
+    nwg, stk, stv, qreg = shape or DENSE_SHAPES[D]
+    return f"attend_fwd_dense<{ctype}, {D}, {otype}, {nwg}, {stk}, {stv}, {str(qreg).lower()}>"
+
+
+def dense_smem(D, shape=None):
+    """Shared bytes of attend_fwd_dense: its K and V buffers, two q buffers, 1024 for alignment."""
+    nwg, stk, stv, _ = shape or DENSE_SHAPES[D]
+    return ((stk + stv) * DENSE_KEYS + 2 * 64 * nwg) * D * 2 + 1024
+
+
 def bucket(D):
     """The smallest of DMAXES that holds head dim D (the CUDA-core kernels' template argument)."""
     for m in DMAXES:

@@ -20,6 +20,8 @@ for kind in kinds:
             k, v = (r.standard_normal((B, Hkv, nk, D), dtype=cp.float32).astype(cp.float16) for _ in range(2))
             pos = np.arange(nq, dtype=np.int64)
             o, lse, _ = forward.attend(q, pos, k, v, 0, mask, scale, kernel_kind="mma" if kind == "mma" else "wgmma")
+            if kind == "wgmma":  # rows in one run took attend_fwd_dense where it applies: the general kernel too
+                forward.attend(q, cp.asarray(pos), k, v, 0, mask, scale, kernel_kind="wgmma")
             delta = (do.astype(cp.float32) * o).sum(-1)
             backward.backward(q, pos, k, v, 0, mask, scale, do, lse, delta, kernel_kind=kind)
             if kind != "mma":  # the gradients written in float16 (fused: through store_rows or tile_rows_out)

@@ -131,7 +131,63 @@ def test_forward_rows_in_one_run_take_no_positions_array(rng, spec, kind):
     o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
     assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL[(kind, dtype)], mask, qpos, k0, nk)
     o2, lse2, edges2 = forward.attend(qd, cp.asarray(qpos), kd, vd, k0, mask, scale, kernel_kind=kind)
+    assert edges2 == edges
+    if not forward.hopper_form(kind, mask, D, True):  # else attend_fwd_dense, whose sums run in another order
+        assert bool(cp.array_equal(o, o2)) and bool(cp.array_equal(lse, lse2))
+
+
+DENSE = ["full", "causal", "window:0", "window:7", "window:300", "causal+window:33"]
+
+
+def launched(monkeypatch):
+    """The kernel names forward's launches take from here on."""
+    names, launch = [], forward.launch
+    monkeypatch.setattr(forward, "launch", lambda name, *a, **kw: names.append(name) or launch(name, *a, **kw))
+    return names
+
+
+@pytest.mark.parametrize("spec", DENSE)
+@pytest.mark.parametrize("B,Hkv,G,nq,nk,D,dtype,q0,k0", [(1, 1, 1, 300, 300, 64, "float16", 0, 0),
+                                                         (2, 2, 2, 130, 257, 64, "bfloat16", 500, 37),
+                                                         (1, 2, 4, 333, 200, 128, "float16", 150, 200),
+                                                         (1, 1, 2, 1000, 1000, 128, "bfloat16", 1000, 0),
+                                                         (1, 1, 1, 5, 700, 128, "float16", 690, 0)])
+def test_dense_forward_matches_reference(rng, monkeypatch, spec, B, Hkv, G, nq, nk, D, dtype, q0, k0):
+    """attend_fwd_dense, the Hopper forward for one full or window term over rows in one run
+    (ring's and burst's diagonal and off-diagonal blocks): exact against float64 with the edges
+    counted, for a diagonal block, rows past the keys, rows before them (no edges), GQA, uneven
+    tiles and a few rows; the same bits on a rerun."""
+    need("wgmma")
+    mask, scale, bf = parse(spec), 1 / math.sqrt(D), dtype == "bfloat16"
+    (qh, kh, vh), (qd, kd, vd) = inputs(rng, (B, Hkv, G, nq, D), (B, Hkv, nk, D), dtype)
+    qpos = np.arange(q0, q0 + nq, dtype=np.int64)
+    names = launched(monkeypatch)
+    o, lse, edges = forward.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=bf, kernel_kind="wgmma")
+    assert [n.split("<")[0] for n in names] == ["attend_fwd_dense"]
+    o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, scale)
+    assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL[("wgmma", dtype)], mask, qpos, k0, nk)
+    o2, lse2, edges2 = forward.attend(qd, qpos, kd, vd, k0, mask, scale, bf16=bf, kernel_kind="wgmma")
     assert edges2 == edges and bool(cp.array_equal(o, o2)) and bool(cp.array_equal(lse, lse2))
+
+
+@pytest.mark.parametrize("ctas", [1, 3])
+@pytest.mark.parametrize("D, dtype", [(64, "float16"), (128, "bfloat16")])
+@pytest.mark.parametrize("spec", ["causal", "window:100", "full"])
+def test_persistent_dense_blocks_walk_many_work_items(rng, monkeypatch, ctas, D, dtype, spec):
+    """attend_fwd_dense with few blocks: many (rows, head) items each, so its K and V rings turn
+    over across items, and items whose rows reach no key (rows past a causal block's keys by more
+    than the window, or before them) in between; exact against float64."""
+    need("wgmma")
+    monkeypatch.setattr(forward, "WG_CTAS", ctas)
+    mask, k0, nq, nk = parse(spec), 400, 1500, 700
+    (qh, kh, vh), (qd, kd, vd) = inputs(rng, (1, 2, 2, nq, D), (1, 2, nk, D), dtype)
+    qpos = np.arange(0, nq, dtype=np.int64)
+    names = launched(monkeypatch)
+    o, lse, edges = forward.attend(qd, qpos, kd, vd, k0, mask, 1 / math.sqrt(D), bf16=dtype == "bfloat16",
+                                   kernel_kind="wgmma")
+    assert [n.split("<")[0] for n in names] == ["attend_fwd_dense"]
+    o_ref, lse_ref = local_reference(qh, kh, vh, qpos, k0, mask, 1 / math.sqrt(D))
+    assert_matches_reference(o, lse, edges, o_ref, lse_ref, TOL[("wgmma", dtype)], mask, qpos, k0, nk)
 
 
 @pytest.mark.parametrize("spec", ["causal", "window:300", "global:3+causal+window:40", "block:128"])

@@ -2,7 +2,7 @@
 nvdisasm, both pip wheels of the test extra): the kernels as the GPU machine builds them (NVRTC
 to an sm_90a cubin), disassembled.
 
-The forward's tile loop: a tile's softmax must run while the previous tile's P V does (every
+The forwards' tile loops: a tile's softmax must run while the previous tile's P V does (every
 MUFU.EX2 of the softmax between the wait for the tile's S, WARPGROUP.DEPBAR.LE gsb0, 0x1, and
 the wait for all MMAs, ..., 0x0). ptxas moves a wgmma wait to the top of its basic block, which
 put the softmax after the second wait until the block was ended before it (kernels/attend_wgmma.cu,
@@ -24,7 +24,7 @@ from gpu_helpers import nvrtc_build
 from hpcattn.gpu import loader, offline
 
 NVRTC, NVDISASM = offline.find_nvrtc(), offline.find_tool("nvdisasm")
-FORWARD = loader.every_name("attend_wgmma.cu")
+FORWARD = [(source, name) for source in ("attend_wgmma.cu", "attend_fwd_dense.cu") for name in loader.every_name(source)]
 HOPPER = [(source, name) for source in loader.SM90A for name in loader.every_name(source)]
 
 
@@ -40,15 +40,15 @@ def compiled(source):
     return {name: (code[m], regs[m]) for name, m in mangled.items()}
 
 
-@pytest.mark.parametrize("name", FORWARD)
-def test_softmax_runs_beside_the_previous_tiles_p_v(name):
-    seq = offline.waits_and_exps(compiled("attend_wgmma.cu")[name][0])
+@pytest.mark.parametrize("source,name", FORWARD)
+def test_softmax_runs_beside_the_previous_tiles_p_v(source, name):
+    seq = offline.waits_and_exps(compiled(source)[name][0])
     loop = [i for i, x in enumerate(seq) if x == "W1"]
     assert len(loop) == 1, seq  # the one S wait that leaves P V in flight: the tile loop's
     i = loop[0]
-    # the softmax's exponentials (64 x 64 scores per tile of the step over 128 threads, and the
-    # two rescale factors), then the wait for P V
-    kt = int(name.split(", ")[-2])  # attend_fwd_wgmma<..., SCHED, KT, WIN>
+    # the softmax's exponentials (64 x 64 scores per 64 keys of the step over 128 threads, and
+    # the two rescale factors), then the wait for P V
+    kt = 2 if source == "attend_fwd_dense.cu" else int(name.split(", ")[-2])  # attend_fwd_wgmma<..., SCHED, KT, WIN>
     assert seq[i + 1:i + 3] == [f"E {32 * kt + 2}", "W0"], seq
 
 
