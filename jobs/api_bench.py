@@ -11,6 +11,7 @@ call, launch overhead included). Every side's output is checked against the kern
 
     python jobs/api_bench.py --device cpu --seqs 4096,65536,262144 --dims 64,128 --heads 2
     python3 jobs/api_bench.py --device gpu --seqs 4096,65536,262144,1048576 --heads 8
+    python3 jobs/api_bench.py --device gpu --seqs 16384,65536 --dims 128,64 --mask causal --peers sdpa
 """
 import argparse
 import json
@@ -67,7 +68,7 @@ def sdpa_call(xp, q, k, v, spec, scale):
     return call
 
 
-def case(xp, n, H, D, spec, rounds, backward):
+def case(xp, n, H, D, spec, rounds, backward, peers=("flex", "sdpa")):
     rng = np.random.default_rng(0)
     q, k, v, do = (xp.asarray(rng.standard_normal((1, n, H, D), dtype=np.float32).astype(np.float16))
                    for _ in range(4))
@@ -77,12 +78,11 @@ def case(xp, n, H, D, spec, rounds, backward):
     oh = xp.empty_like(qh)
     sides = {"kernel": lambda: local.attend(qh, pos, kh, vh, 0, mask, scale, out=oh),
              "attention": lambda: hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF)}
-    flex = flex_call(xp, q, k, v, spec, n, scale)
-    if flex is not None:
-        sides["flex"] = flex
-    sdpa = sdpa_call(xp, q, k, v, spec, scale)
-    if sdpa is not None:
-        sides["sdpa"] = sdpa
+    for peer, make in (("flex", lambda: flex_call(xp, q, k, v, spec, n, scale)),
+                       ("sdpa", lambda: sdpa_call(xp, q, k, v, spec, scale))):
+        call = make() if peer in peers else None
+        if call is not None:
+            sides[peer] = call
     o, lse = hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF)
     if backward:
         lse_h = lse.reshape(1, H, 1, n)
@@ -164,6 +164,7 @@ def main():
     ap.add_argument("--mask", default="window:256")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--peers", default="flex,sdpa", help="of flex,sdpa (SDPA: dense causal on a GPU only)")
     ap.add_argument("--profile", type=int, default=0, metavar="CALLS",
                     help="first: cProfile CALLS calls of hpcattn.attention at the first N and D (where "
                          "the fixed cost goes), top 25 functions by own time")
@@ -176,7 +177,7 @@ def main():
         profile_calls(xp, int(a.seqs.split(",")[0]), a.heads, int(a.dims.split(",")[0]), a.mask, a.profile)
     for n in map(int, a.seqs.split(",")):
         for D in map(int, a.dims.split(",")):
-            print(json.dumps(case(xp, n, a.heads, D, a.mask, a.rounds, a.backward)), flush=True)
+            print(json.dumps(case(xp, n, a.heads, D, a.mask, a.rounds, a.backward, a.peers.split(","))), flush=True)
 
 
 if __name__ == "__main__":
