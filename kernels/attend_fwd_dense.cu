@@ -1,8 +1,8 @@
 // The Hopper forward for one full or window term (causal or not) over rows in one run (no
 // positions array): dense causal blocks among them. FlashAttention-3's shape: 128-key tiles
 // (S = Q K^T as one wgmma m64n128 per k16 step, one softmax over 128 columns), K and V in rings
-// of their own, so that a K buffer goes back to the loader as soon as its S is done and a V
-// buffer once its P V is; the rest as attend_fwd_wgmma (persistent, heavy-first items, a loader
+// of their own, so that a K buffer goes back to the loader in the step of its S and a V buffer
+// once its P V is done; the rest as attend_fwd_wgmma (persistent, heavy-first items, a loader
 // warpgroup with cp.async, consumer warpgroups of 64 rows, S of tile t beside P V of tile t - 1).
 // No per-tile plan: a run's rows give every tile's mask by arithmetic.
 #include "attend_wgmma.cu"
@@ -163,20 +163,20 @@ attend_fwd_dense(const T* q, const long long* __restrict__ qpos, const T* __rest
             long long lo, hi;
             dense_reach(q0 + t0, q0 + t1 - 1, a, causal, k0, nk, lo, hi);
             const int nt = lo < hi ? (int)((hi - lo + DN - 1) / DN) : 0;
-            // this consumer's rows, its tiles [first, last], and its rows' keys [lo_r, hi_r] (inclusive)
+            // this consumer's rows [w0, w1), the tiles [first, last] they reach, and the keys [lo_max, hi_min]
+            // that every one of them reaches (a tile inside them needs no mask)
             const int w0 = t0 + 64 * cw, w1 = min(t1, w0 + 64);
             int first = 1, last = 0;
             long long lo_max = 0, hi_min = 0;
             if (w0 < w1 && nt > 0) {
-                long long wl, wh;
+                long long wl, wh, skip;
                 dense_reach(q0 + w0, q0 + w1 - 1, a, causal, k0, nk, wl, wh);
                 if (wl < wh) {
                     first = (int)((wl - lo) / DN);
                     last = (int)((wh - 1 - lo) / DN);
                 }
-                long long l_, h_;
-                dense_reach(q0 + w1 - 1, q0 + w1 - 1, a, causal, k0, nk, lo_max, h_);
-                dense_reach(q0 + w0, q0 + w0, a, causal, k0, nk, l_, hi_min);
+                dense_reach(q0 + w1 - 1, q0 + w1 - 1, a, causal, k0, nk, lo_max, skip);  // the last row's first key
+                dense_reach(q0 + w0, q0 + w0, a, causal, k0, nk, skip, hi_min);          // the first row's end
                 hi_min -= 1;
             }
             const int r0 = w0 + 16 * wq + g, r1 = r0 + 8;
