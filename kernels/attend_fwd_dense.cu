@@ -7,22 +7,6 @@
 // No per-tile plan: a run's rows give every tile's mask by arithmetic.
 #include "attend_wgmma.cu"
 
-// d (64 x 128) (+)= A * B, both in shared memory (K-major descriptors)
-template <typename T> struct WgmmaSS128;
-#define WGSS128_DEFINE(TY, PTXTY)                                                                    \
-    template <> struct WgmmaSS128<TY> {                                                              \
-        static __device__ __forceinline__ void run(float (&d)[16][4], unsigned long long a,          \
-                                                   unsigned long long b, int accumulate) {           \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                               \
-                         "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTXTY " " WG_ACC64           \
-                         ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                           \
-                         : WG_OUT16(d)                                                               \
-                         : "l"(a), "l"(b), "r"(accumulate));                                         \
-        }                                                                                            \
-    };
-WGSS128_DEFINE(__half, "f16.f16")
-WGSS128_DEFINE(__nv_bfloat16, "bf16.bf16")
-
 constexpr int DN = 128;  // keys per tile
 
 // The keys [lo, hi) (positions) an item's or a consumer's rows at positions [plo, phi] reach
@@ -251,15 +235,16 @@ attend_fwd_dense(const T* q, const long long* __restrict__ qpos, const T* __rest
 #pragma unroll
                 for (int h = 0; h < 2; ++h) wg_pack<T>(reinterpret_cast<float(&)[2][MK / 8][4]>(s)[h], pa[h]);
             };
-            int t = 0;
-            for (; t < first && t < nt; ++t) {  // tiles before this consumer's rows reach
+            auto skip = [&]() {  // a tile this consumer's rows do not reach
                 waitk();
                 relk(kb);
                 nextk();
                 waitv();
                 relv(vb);
                 nextv();
-            }
+            };
+            int t = 0;
+            for (; t < first && t < nt; ++t) skip();  // tiles before this consumer's rows reach
             if (first <= last) {
                 int pvb;
                 waitk();
@@ -299,14 +284,7 @@ attend_fwd_dense(const T* q, const long long* __restrict__ qpos, const T* __rest
                 relv(pvb);
                 nextv();
             }
-            for (; t < nt; ++t) {  // tiles after
-                waitk();
-                relk(kb);
-                nextk();
-                waitv();
-                relv(vb);
-                nextv();
-            }
+            for (; t < nt; ++t) skip();  // tiles after
             __syncwarp();
             if (lane == 0) mb_arrive(&qempty_b[slot]);
 

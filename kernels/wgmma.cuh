@@ -136,6 +136,22 @@ template <typename T, int TA = 0, int TB = 0> struct WgmmaSS;
 WGSS_DEFINE(__half, "f16.f16")
 WGSS_DEFINE(__nv_bfloat16, "bf16.bf16")
 
+// the same, 64 x 128 and K-major (attend_fwd_dense's S of a 128-key tile)
+template <typename T> struct WgmmaSS128;
+#define WGSS128_DEFINE(TY, PTXTY)                                                                    \
+    template <> struct WgmmaSS128<TY> {                                                              \
+        static __device__ __forceinline__ void run(float (&d)[16][4], unsigned long long a,          \
+                                                   unsigned long long b, int accumulate) {           \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                               \
+                         "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTXTY " " WG_ACC64           \
+                         ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                           \
+                         : WG_OUT16(d)                                                               \
+                         : "l"(a), "l"(b), "r"(accumulate));                                         \
+        }                                                                                            \
+    };
+WGSS128_DEFINE(__half, "f16.f16")
+WGSS128_DEFINE(__nv_bfloat16, "bf16.bf16")
+
 // rows [0, rows) of a (rows, D) block at src into shared memory in 128-byte swizzle atoms, zeros
 // up to PAD rows, by NT threads (tid in [0, NT)): columns [64h, 64h + 64) of row r at h * PAD * 128 +
 // r * 128, their 16-byte chunk c at position c ^ (r % 8). A thread copies one chunk column of
