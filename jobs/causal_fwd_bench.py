@@ -7,7 +7,9 @@ public entry points add their per-call work (jobs/api_bench.py, jobs/bwd_bench.p
 --baseline FILE also times attend_fwd_wgmma compiled from FILE (an absolute path: the kernel
 source of another commit, e.g. `git show REV:kernels/attend_wgmma.cu > /tmp/base.cu`, built
 against today's kernels/*.cuh; or a directory: another commit's whole kernels/, headers and all)
-on the same launch and checks that it gives the same bits.
+on the same launch and checks that it gives the same bits; with --dense and a kernels/ directory
+that holds attend_fwd_dense.cu, its dense kernel too ("dense baseline", in today's DENSE_SHAPES),
+against today's dense kernel.
 
 --sched 1,... also times attend_fwd_wgmma with each of those SCHED values (hpcattn.gpu.shapes.WG_SCHEDS;
 1: ping-pong between consumer warpgroups) on the same launch, as "sched1", ...; their outputs must
@@ -42,7 +44,7 @@ import torch
 
 from gpu_bench import per_call, settle  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import encode, forward, loader
-from hpcattn.gpu.shapes import SMEM_MAX, WG_KT2_SHAPES, WG_SCHEDS, dense_smem, wg_name
+from hpcattn.gpu.shapes import SMEM_MAX, WG_KT2_SHAPES, WG_SCHEDS, dense_name, dense_smem, wg_name
 from hpcattn.masks import parse
 
 
@@ -85,6 +87,11 @@ def case(spec, n, D, baseline, scheds=(), win=False, dense=(), H=8, rounds=5):
             alt.fn, alt.block = loader.build("attend_fwd_dense.cu", [name]).get_function(name), (threads,)
             alt.fn.max_dynamic_shared_size_bytes = alt.smem
         sides["dense" + (f" {':'.join(str(int(x)) for x in shape)}" if shape else "")] = alt
+    if "dense" in sides and baseline and Path(baseline, "attend_fwd_dense.cu").is_file():  # that tree's, same shape
+        alt, name = copy.copy(sides["dense"]), dense_name("__half", D, "__half")
+        alt.fn = loader.build("attend_fwd_dense.cu", [name], kernel_dir=baseline).get_function(name)
+        alt.fn.max_dynamic_shared_size_bytes = alt.smem
+        sides["dense baseline"] = alt
     outs, reruns = {}, {}
     for side, launch in sides.items():
         for store in (outs, reruns) if side.startswith("dense") else (outs,):
@@ -94,9 +101,9 @@ def case(spec, n, D, baseline, scheds=(), win=False, dense=(), H=8, rounds=5):
             store[side] = (out, lse, int(edges))
     edges = outs["kernel"][2]
 
-    def same_bits(side):  # o, lse and the edge count of a side against the kernel's
-        alt, ref_out = outs[side], outs["kernel"]
-        return bool((alt[0] == ref_out[0]).all() and (alt[1] == ref_out[1]).all() and alt[2] == edges)
+    def same_bits(side, ref="kernel"):  # o, lse and the edge count of a side against the kernel's (or ref's)
+        alt, ref_out = outs[side], outs[ref]
+        return bool((alt[0] == ref_out[0]).all() and (alt[1] == ref_out[1]).all() and alt[2] == ref_out[2])
     fns = {side: (lambda launch=launch: launch(qh, np.uintp(0), kh, vh, o)) for side, launch in sides.items()}
     row = {"mask": spec, "N": n, "D": D, "H": H, "edges_per_head": edges}
     if spec == "causal":
@@ -119,6 +126,10 @@ def case(spec, n, D, baseline, scheds=(), win=False, dense=(), H=8, rounds=5):
             print(f"FAIL {spec}:{n}:{D} win_kt2: {row['win_kt2']}", flush=True)
     if baseline:
         row["baseline same bits"] = same_bits("baseline")
+    if "dense baseline" in outs:
+        row["dense baseline same bits"] = same = same_bits("dense baseline", "dense")
+        if not same:
+            print(f"FAIL {spec}:{n}:{D} dense baseline: output bits differ from the dense kernel's", flush=True)
     for side in reruns:
         (out, lse, got), ref = outs[side], outs["kernel"]
         fin = cp.isfinite(ref[1])
