@@ -199,7 +199,7 @@ attend_fwd_dense(const T* q, const long long* __restrict__ qpos, const T* __rest
                     if (QREG)
                         Wgmma<T, 128, 0>::run(s, qa[QREG ? kk : 0], kd, kk > 0);
                     else
-                        WgmmaSS128<T>::run(s, wg_desc(qdesc, qb + (kk >> 2) * BM * 128 + (kk & 3) * 32), kd, kk > 0);
+                        WgmmaSS<T, 0, 0, 128>::run(s, wg_desc(qdesc, qb + (kk >> 2) * BM * 128 + (kk & 3) * 32), kd, kk > 0);
                 }
                 wg_commit();
             };

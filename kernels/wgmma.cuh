@@ -119,38 +119,27 @@ WG_DEFINE(__half, 128, WG_OUT16, WG_OPS128("f16.f16"))
 WG_DEFINE(__nv_bfloat16, 64, WG_OUT8, WG_OPS64("bf16.bf16"))
 WG_DEFINE(__nv_bfloat16, 128, WG_OUT16, WG_OPS128("bf16.bf16"))
 
-// d (64 x 64) (+)= A * B, both in shared memory (descriptors), K-major unless TA (A stored
-// M-major) or TB (B stored N-major)
-template <typename T, int TA = 0, int TB = 0> struct WgmmaSS;
-#define WGSS_DEFINE(TY, PTXTY)                                                                       \
-    template <int TA, int TB> struct WgmmaSS<TY, TA, TB> {                                           \
-        static __device__ __forceinline__ void run(float (&d)[8][4], unsigned long long a,           \
+// d (64 x N) (+)= A * B, both in shared memory (descriptors), K-major unless TA (A stored
+// M-major) or TB (B stored N-major); N 64, or 128 (attend_fwd_dense's S of a 128-key tile)
+template <typename T, int TA = 0, int TB = 0, int N = 64> struct WgmmaSS;
+#define WGSS_DEFINE(TY, N, OUT, OPS)                                                                 \
+    template <int TA, int TB> struct WgmmaSS<TY, TA, TB, N> {                                        \
+        static __device__ __forceinline__ void run(float (&d)[N / 8][4], unsigned long long a,       \
                                                    unsigned long long b, int accumulate) {           \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                               \
-                         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTXTY " " WG_ACC32            \
-                         ", %32, %33, p, 1, 1, %35, %36;\n}\n"                                       \
-                         : WG_OUT8(d)                                                                \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " OPS ";\n}\n"                           \
+                         : OUT(d)                                                                    \
                          : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));                       \
         }                                                                                            \
     };
-WGSS_DEFINE(__half, "f16.f16")
-WGSS_DEFINE(__nv_bfloat16, "bf16.bf16")
-
-// the same, 64 x 128 and K-major (attend_fwd_dense's S of a 128-key tile)
-template <typename T> struct WgmmaSS128;
-#define WGSS128_DEFINE(TY, PTXTY)                                                                    \
-    template <> struct WgmmaSS128<TY> {                                                              \
-        static __device__ __forceinline__ void run(float (&d)[16][4], unsigned long long a,          \
-                                                   unsigned long long b, int accumulate) {           \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                               \
-                         "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTXTY " " WG_ACC64           \
-                         ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                           \
-                         : WG_OUT16(d)                                                               \
-                         : "l"(a), "l"(b), "r"(accumulate));                                         \
-        }                                                                                            \
-    };
-WGSS128_DEFINE(__half, "f16.f16")
-WGSS128_DEFINE(__nv_bfloat16, "bf16.bf16")
+// operands: the accumulators %0.., a, b, accumulate, TA, TB
+#define WGSS_OPS64(PTXTY) "%34, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32." PTXTY " " WG_ACC32 \
+    ", %32, %33, p, 1, 1, %35, %36"
+#define WGSS_OPS128(PTXTY) "%66, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32." PTXTY " " WG_ACC64 \
+    ", %64, %65, p, 1, 1, %67, %68"
+WGSS_DEFINE(__half, 64, WG_OUT8, WGSS_OPS64("f16.f16"))
+WGSS_DEFINE(__half, 128, WG_OUT16, WGSS_OPS128("f16.f16"))
+WGSS_DEFINE(__nv_bfloat16, 64, WG_OUT8, WGSS_OPS64("bf16.bf16"))
+WGSS_DEFINE(__nv_bfloat16, 128, WG_OUT16, WGSS_OPS128("bf16.bf16"))
 
 // rows [0, rows) of a (rows, D) block at src into shared memory in 128-byte swizzle atoms, zeros
 // up to PAD rows, by NT threads (tid in [0, NT)): columns [64h, 64h + 64) of row r at h * PAD * 128 +
