@@ -78,11 +78,9 @@ def case(xp, n, H, D, spec, rounds, backward, peers=("flex", "sdpa")):
     oh = xp.empty_like(qh)
     sides = {"kernel": lambda: local.attend(qh, pos, kh, vh, 0, mask, scale, out=oh),
              "attention": lambda: hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF)}
-    for peer, make in (("flex", lambda: flex_call(xp, q, k, v, spec, n, scale)),
-                       ("sdpa", lambda: sdpa_call(xp, q, k, v, spec, scale))):
-        call = make() if peer in peers else None
-        if call is not None:
-            sides[peer] = call
+    calls = {"flex": flex_call(xp, q, k, v, spec, n, scale) if "flex" in peers else None,
+             "sdpa": sdpa_call(xp, q, k, v, spec, scale) if "sdpa" in peers else None}
+    sides.update((peer, call) for peer, call in calls.items() if call is not None)
     o, lse = hpcattn.attention(q, k, v, mask=spec, comm=MPI.COMM_SELF)
     if backward:
         lse_h = lse.reshape(1, H, 1, n)

@@ -120,8 +120,9 @@ def test_wgmma_rows_whose_positions_are_runs_or_not(rng, spec, D, dtype):
 @pytest.mark.parametrize("kind", ["mma", "wgmma"])
 def test_forward_rows_in_one_run_take_no_positions_array(rng, spec, kind):
     """Rows at positions q0 .. q0 + nq - 1 (a contiguous shard's): the tensor-core forward takes
-    the run's start instead of its positions, exact against float64 and with the same bits as
-    with the positions on the device (searched as any positions are)."""
+    the run's start instead of its positions, exact against float64, with the same edges as with
+    the positions on the device (searched as any positions are) and, where one kernel takes both
+    (not attend_fwd_dense, whose sums run in another order), the same bits."""
     need(kind)
     mask, D, dtype, nq, nk, k0 = parse(spec), 64, "float16", 333, 600, 40
     qpos = np.arange(150, 150 + nq, dtype=np.int64)
