@@ -153,14 +153,14 @@ attend_fwd_dense(const T* q, const long long* __restrict__ qpos, const T* __rest
             int first = 1, last = 0;
             long long lo_max = 0, hi_min = 0;
             if (w0 < w1 && nt > 0) {
-                long long wl, wh, skip;
+                long long wl, wh, unused;
                 dense_reach(q0 + w0, q0 + w1 - 1, a, causal, k0, nk, wl, wh);
                 if (wl < wh) {
                     first = (int)((wl - lo) / DN);
                     last = (int)((wh - 1 - lo) / DN);
                 }
-                dense_reach(q0 + w1 - 1, q0 + w1 - 1, a, causal, k0, nk, lo_max, skip);  // the last row's first key
-                dense_reach(q0 + w0, q0 + w0, a, causal, k0, nk, skip, hi_min);          // the first row's end
+                dense_reach(q0 + w1 - 1, q0 + w1 - 1, a, causal, k0, nk, lo_max, unused);  // the last row's first key
+                dense_reach(q0 + w0, q0 + w0, a, causal, k0, nk, unused, hi_min);        // the first row's end
                 hi_min -= 1;
             }
             const int r0 = w0 + 16 * wq + g, r1 = r0 + 8;
