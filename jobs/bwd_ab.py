@@ -12,6 +12,7 @@ fixed-point commit or later). A FAIL line and exit status 1 where bits differ. A
 (kernels alone).
 
     PYTHONPATH=$PWD python3 jobs/bwd_ab.py --baseline /tmp/base/kernels [--cases causal:16384:128,...] [--bulk]
+        [--forms fixed,two passes]
 """
 import argparse
 import json
@@ -28,26 +29,33 @@ from hpcattn.gpu.shapes import (BWD_WG_Q_SHAPES, BWD_WG_SHAPES, bwd_fused_name, 
 from wgmma_bwd_check import TOL, Kv, Qm, bench_inputs
 
 
-def sides(kdir, D, bulks=(False,)):
+def sides(kdir, D, bulks=(False,), only=None):
     """{form: callable(args, grads, words, tail, n, H)} built from the kernel tree kdir; the
-    one-pass forms with each dq path of bulks (bulk: dq tiles, daf330c's form and later)."""
-    kvs, qs = BWD_WG_SHAPES[D], BWD_WG_Q_SHAPES[D]
-    names = bwd_wg_name("__half", D, "float", kvs), bwd_wg_q_name("__half", D, "float", qs)
-    wg = loader.build("attend_bwd_wgmma.cu", names, kernel_dir=kdir)
-    fmod = loader.build("attend_bwd_fused.cu", [bwd_fused_name("__half", D, "float", o, bulk=b)
-                                                for o in (True, False) for b in bulks], kernel_dir=kdir)
-    kv = Kv(wg.get_function(names[0]), 64 * kvs[0], bwd_wg_threads(kvs), bwd_wg_smem(D, kvs))
-    qk = Qm(wg.get_function(names[1]), 64 * qs[0], bwd_wg_threads(qs), bwd_wg_q_smem(D, qs), flat=True)
-    fused = {(o, b): Fused(fmod, "__half", D, "float", o, b) for o in (True, False) for b in bulks}
+    one-pass forms with each dq path of bulks (bulk: dq tiles, daf330c's form and later); only:
+    the forms (FORMS' names, "two passes") to build, all when None."""
+    keys = [(o, b) for b in bulks for o in (True, False) if only is None or FORMS[o, b] in only]
+    forms = {}
+    if only is None or "two passes" in only:
+        kvs, qs = BWD_WG_SHAPES[D], BWD_WG_Q_SHAPES[D]
+        names = bwd_wg_name("__half", D, "float", kvs), bwd_wg_q_name("__half", D, "float", qs)
+        wg = loader.build("attend_bwd_wgmma.cu", names, kernel_dir=kdir)
+        kv = Kv(wg.get_function(names[0]), 64 * kvs[0], bwd_wg_threads(kvs), bwd_wg_smem(D, kvs))
+        qk = Qm(wg.get_function(names[1]), 64 * qs[0], bwd_wg_threads(qs), bwd_wg_q_smem(D, qs), flat=True)
 
-    def two(args, g, words, tail, n, H):
-        kv(args, g[0], g[1], words, np.uintp(0), tail, n, H)
-        qk(args, g[2], g[3], words, tail, n, H)
+        def two(args, g, words, tail, n, H):
+            kv(args, g[0], g[1], words, np.uintp(0), tail, n, H)
+            qk(args, g[2], g[3], words, tail, n, H)
+        forms["two passes"] = two
+    if keys:
+        fmod = loader.build("attend_bwd_fused.cu", [bwd_fused_name("__half", D, "float", o, bulk=b) for o, b in keys],
+                            kernel_dir=kdir)
+        fused = {key: Fused(fmod, "__half", D, "float", *key) for key in keys}
 
-    def one(key):
-        return lambda args, g, words, tail, n, H: fused[key](args, g[0], g[1], g[2], g[3], words, np.uintp(0),
-                                                             tail, n, n, H, H)
-    return {"two passes": two} | {f"one pass, {FORMS[o, b]}": one((o, b)) for b in bulks for o in (True, False)}
+        def one(key):
+            return lambda args, g, words, tail, n, H: fused[key](args, g[0], g[1], g[2], g[3], words, np.uintp(0),
+                                                                 tail, n, n, H, H)
+        forms |= {f"one pass, {FORMS[key]}": one(key) for key in keys}
+    return forms
 
 
 def case(spec, trees, rounds, reps):
@@ -65,7 +73,7 @@ def case(spec, trees, rounds, reps):
     tags = {b: "" if b == "baseline" else f" {b}" for b in trees if b != "today"}
     for form in trees["today"]:
         row, a = {"case": spec, "form": form}, grads["today", form]
-        if "atomic" in form:  # its dq adds land in any order: today's against today's two passes
+        if "atomic" in form and "two passes" in trees["today"]:  # its dq adds land in any order: against today's two passes
             for name, x, ref in zip(("dk", "dv", "dq"), a, grads["today", "two passes"]):
                 rel = float(cp.abs(x - ref).max() / max(float(cp.abs(ref).max()), 1e-30))
                 row[f"{name} rel vs two passes"] = rel
@@ -79,7 +87,7 @@ def case(spec, trees, rounds, reps):
                     row[f"{name} same bits{tag}"] = same = bool((x.view(cp.uint32) == y.view(cp.uint32)).all())
                     ok = ok and same
         rows.append(row)
-    g = grads["today", "two passes"]
+    g = next(iter(grads.values()))  # the timed calls' output buffers
     times = {(tree, form): [] for tree in trees for form in trees["today"]}
     for r in range(rounds):
         order = list(times) if r % 2 == 0 else list(reversed(times))
@@ -103,14 +111,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--bulk", action="store_true", help="also the one-pass forms with bulk dq adds (dq tiles)")
+    ap.add_argument("--forms", default="", help="only these forms, comma-separated (two passes, ordered, atomic, "
+                    "ordered bulk, fixed): fewer kernels to compile")
     a = ap.parse_args()
     failed = False
     for spec in a.cases.split(","):
         D = int(spec.rsplit(":", 1)[1])
         bulks = (False, True) if a.bulk else (False,)
         names = ["baseline"] if len(a.baseline) == 1 else a.baseline
-        trees = {"today": sides(loader.KERNEL_DIR, D, bulks)} | {
-            name: sides(kdir, D, bulks) for name, kdir in zip(names, a.baseline)}
+        only = set(a.forms.split(",")) if a.forms else None
+        trees = {"today": sides(loader.KERNEL_DIR, D, bulks, only)} | {
+            name: sides(kdir, D, bulks, only) for name, kdir in zip(names, a.baseline)}
         rows, ok = case(spec, trees, a.rounds, a.reps)
         for row in rows:
             print(("" if ok else "FAIL ") + json.dumps(row), flush=True)
