@@ -73,7 +73,8 @@ def case(spec, trees, rounds, reps):
     tags = {b: "" if b == "baseline" else f" {b}" for b in trees if b != "today"}
     for form in trees["today"]:
         row, a = {"case": spec, "form": form}, grads["today", form]
-        if "atomic" in form and "two passes" in trees["today"]:  # its dq adds land in any order: against today's two passes
+        # the atomic form's dq adds land in any order: against today's two passes, where built
+        if "atomic" in form and "two passes" in trees["today"]:
             for name, x, ref in zip(("dk", "dv", "dq"), a, grads["today", "two passes"]):
                 rel = float(cp.abs(x - ref).max() / max(float(cp.abs(ref).max()), 1e-30))
                 row[f"{name} rel vs two passes"] = rel
@@ -114,12 +115,17 @@ def main():
     ap.add_argument("--forms", default="", help="only these forms, comma-separated (two passes, ordered, atomic, "
                     "ordered bulk, fixed): fewer kernels to compile")
     a = ap.parse_args()
+    only = set(a.forms.split(",")) if a.forms else None
+    if only and only - {"two passes", *FORMS.values()}:
+        ap.error(f"--forms: no form {sorted(only - {'two passes', *FORMS.values()})} "
+                 f"(forms: two passes, {', '.join(FORMS.values())})")
+    if only and not a.bulk and only <= {"ordered bulk", "fixed"}:
+        ap.error("--forms: the bulk forms need --bulk")
     failed = False
     for spec in a.cases.split(","):
         D = int(spec.rsplit(":", 1)[1])
         bulks = (False, True) if a.bulk else (False,)
         names = ["baseline"] if len(a.baseline) == 1 else a.baseline
-        only = set(a.forms.split(",")) if a.forms else None
         trees = {"today": sides(loader.KERNEL_DIR, D, bulks, only)} | {
             name: sides(kdir, D, bulks, only) for name, kdir in zip(names, a.baseline)}
         rows, ok = case(spec, trees, a.rounds, a.reps)
