@@ -116,11 +116,11 @@ def main():
                     "ordered bulk, fixed): fewer kernels to compile")
     a = ap.parse_args()
     only = set(a.forms.split(",")) if a.forms else None
-    if only and only - {"two passes", *FORMS.values()}:
-        ap.error(f"--forms: no form {sorted(only - {'two passes', *FORMS.values()})} "
-                 f"(forms: two passes, {', '.join(FORMS.values())})")
-    if only and not a.bulk and only <= {"ordered bulk", "fixed"}:
-        ap.error("--forms: the bulk forms need --bulk")
+    known, bulk_forms = {"two passes", *FORMS.values()}, {FORMS[o, True] for o in (True, False)}
+    if only and only - known:
+        ap.error(f"--forms: no form {sorted(only - known)} (forms: {', '.join(sorted(known))})")
+    if only and not a.bulk and only & bulk_forms:
+        ap.error(f"--forms: the bulk forms ({', '.join(sorted(only & bulk_forms))}) need --bulk")
     failed = False
     for spec in a.cases.split(","):
         D = int(spec.rsplit(":", 1)[1])
