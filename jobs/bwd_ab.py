@@ -112,13 +112,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--bulk", action="store_true", help="also the one-pass forms with bulk dq adds (dq tiles)")
-    ap.add_argument("--forms", default="", help="only these forms, comma-separated (two passes, ordered, atomic, "
-                    "ordered bulk, fixed): fewer kernels to compile")
+    known, bulk_forms = ["two passes", *FORMS.values()], {FORMS[o, True] for o in (True, False)}
+    ap.add_argument("--forms", default="", help=f"only these forms, comma-separated ({', '.join(known)}): "
+                    "fewer kernels to compile")
     a = ap.parse_args()
     only = set(a.forms.split(",")) if a.forms else None
-    known, bulk_forms = {"two passes", *FORMS.values()}, {FORMS[o, True] for o in (True, False)}
-    if only and only - known:
-        ap.error(f"--forms: no form {sorted(only - known)} (forms: {', '.join(sorted(known))})")
+    if only and only - set(known):
+        ap.error(f"--forms: no form {sorted(only - set(known))} (forms: {', '.join(known)})")
     if only and not a.bulk and only & bulk_forms:
         ap.error(f"--forms: the bulk forms ({', '.join(sorted(only & bulk_forms))}) need --bulk")
     failed = False
