@@ -4,9 +4,9 @@
 repeated times each tree beside today's, its keys suffixed by its DIR. On the same
 inputs (jobs/wgmma_bwd_check.py's bench_inputs: MASK:N:D, float16, H = 8, float32 sums): whether
 they give the same bits (dk, dv and dq of the two passes, attend_bwd_kv_wg + attend_bwd_q_wg, and
-of the ordered one-pass form; the atomic one-pass form within the two passes' tolerance), then ms
-per call of each in alternating rounds (CUDA events over --reps back-to-back calls, medians of
---rounds). --bulk adds the one-pass forms with bulk dq adds into dq tiles, ordered and fixed-point
+of the ordered one-pass form, and where not, the largest difference over the largest value; the
+atomic one-pass form within the two passes' tolerance), then ms per call of each in alternating
+rounds (CUDA events over --reps back-to-back calls, medians of --rounds). --bulk adds the one-pass forms with bulk dq adds into dq tiles, ordered and fixed-point
 (both checked bit for bit). The one-pass forms need a baseline with the tscale argument (the
 fixed-point commit or later). A FAIL line and exit status 1 where bits differ. A component figure
 (kernels alone).
@@ -71,14 +71,16 @@ def case(spec, trees, rounds, reps):
     rows, ok = [], True
     # each other tree's key suffix (one baseline: the keys of the two-tree form)
     tags = {b: "" if b == "baseline" else f" {b}" for b in trees if b != "today"}
+
+    def rel(x, ref):  # the largest difference over the largest |ref|
+        return float(cp.abs(x - ref).max() / max(float(cp.abs(ref).max()), 1e-30))
     for form in trees["today"]:
         row, a = {"case": spec, "form": form}, grads["today", form]
         # the atomic form's dq adds land in any order: against today's two passes, where built
         if "atomic" in form and "two passes" in trees["today"]:
             for name, x, ref in zip(("dk", "dv", "dq"), a, grads["today", "two passes"]):
-                rel = float(cp.abs(x - ref).max() / max(float(cp.abs(ref).max()), 1e-30))
-                row[f"{name} rel vs two passes"] = rel
-                ok = ok and rel <= TOL["float16"]
+                row[f"{name} rel vs two passes"] = r = rel(x, ref)
+                ok = ok and r <= TOL["float16"]
         for b, tag in tags.items():
             y3 = grads[b, form]
             row[f"edges same{tag}"] = same = int(a[3][0]) == int(y3[3][0])
@@ -86,6 +88,8 @@ def case(spec, trees, rounds, reps):
             if "atomic" not in form:
                 for name, x, y in zip(("dk", "dv", "dq"), a, y3):
                     row[f"{name} same bits{tag}"] = same = bool((x.view(cp.uint32) == y.view(cp.uint32)).all())
+                    if not same:  # how far: a tree that sums in another order rounds differently
+                        row[f"{name} rel{tag}"] = rel(x, y)
                     ok = ok and same
         rows.append(row)
     g = next(iter(grads.values()))  # the timed calls' output buffers
