@@ -6,10 +6,10 @@ inputs (jobs/wgmma_bwd_check.py's bench_inputs: MASK:N:D, float16, H = 8, float3
 they give the same bits (dk, dv and dq of the two passes, attend_bwd_kv_wg + attend_bwd_q_wg, and
 of the ordered one-pass form, and where not, the largest difference over the largest value; the
 atomic one-pass form within the two passes' tolerance), then ms per call of each in alternating
-rounds (CUDA events over --reps back-to-back calls, medians of --rounds). --bulk adds the one-pass forms with bulk dq adds into dq tiles, ordered and fixed-point
-(both checked bit for bit). The one-pass forms need a baseline with the tscale argument (the
-fixed-point commit or later). A FAIL line and exit status 1 where bits differ. A component figure
-(kernels alone).
+rounds (CUDA events over --reps back-to-back calls, medians of --rounds). --bulk adds the
+one-pass forms with bulk dq adds into dq tiles, ordered and fixed-point (both checked bit for
+bit). The one-pass forms need a baseline with the tscale argument (the fixed-point commit or
+later). A FAIL line and exit status 1 where bits differ. A component figure (kernels alone).
 
     PYTHONPATH=$PWD python3 jobs/bwd_ab.py --baseline /tmp/base/kernels [--cases causal:16384:128,...] [--bulk]
         [--forms fixed,two passes]
