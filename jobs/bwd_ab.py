@@ -21,7 +21,7 @@ import sys
 import cupy as cp
 import numpy as np
 
-from fused_bwd_check import FORMS, Fused
+from fused_bwd_check import FORMS, Fused, rel_diff, same_bits
 from gpu_bench import per_call  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import loader
 from hpcattn.gpu.shapes import (BWD_WG_Q_SHAPES, BWD_WG_SHAPES, bwd_fused_name, bwd_wg_name, bwd_wg_q_name,
@@ -71,15 +71,12 @@ def case(spec, trees, rounds, reps):
     rows, ok = [], True
     # each other tree's key suffix (one baseline: the keys of the two-tree form)
     tags = {b: "" if b == "baseline" else f" {b}" for b in trees if b != "today"}
-
-    def rel(x, ref):  # the largest difference over the largest |ref|
-        return float(cp.abs(x - ref).max() / max(float(cp.abs(ref).max()), 1e-30))
     for form in trees["today"]:
         row, a = {"case": spec, "form": form}, grads["today", form]
         # the atomic form's dq adds land in any order: against today's two passes, where built
         if "atomic" in form and "two passes" in trees["today"]:
             for name, x, ref in zip(("dk", "dv", "dq"), a, grads["today", "two passes"]):
-                row[f"{name} rel vs two passes"] = r = rel(x, ref)
+                row[f"{name} rel vs two passes"] = r = rel_diff(x, ref, 0)
                 ok = ok and r <= TOL["float16"]
         for b, tag in tags.items():
             y3 = grads[b, form]
@@ -87,9 +84,9 @@ def case(spec, trees, rounds, reps):
             ok = ok and same
             if "atomic" not in form:
                 for name, x, y in zip(("dk", "dv", "dq"), a, y3):
-                    row[f"{name} same bits{tag}"] = same = bool((x.view(cp.uint32) == y.view(cp.uint32)).all())
+                    row[f"{name} same bits{tag}"] = same = same_bits(x, y)
                     if not same:  # how far: a tree that sums in another order rounds differently
-                        row[f"{name} rel{tag}"] = rel(x, y)
+                        row[f"{name} rel{tag}"] = rel_diff(x, y, 0)
                     ok = ok and same
         rows.append(row)
     g = next(iter(grads.values()))  # the timed calls' output buffers
