@@ -28,8 +28,8 @@ from gpu_bench import timed  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import loader
 from hpcattn.gpu.backward import RowScales
 from hpcattn.gpu.forward import NULL, row_strides
-from hpcattn.gpu.shapes import (BWD_FUSED_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_fused_name, bwd_fused_smem,
-                                bwd_wg_threads)
+from hpcattn.gpu.shapes import (BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_fused_name, bwd_fused_shape,
+                                bwd_fused_smem, bwd_wg_threads)
 from wgmma_bwd_check import TOL, bench_inputs, cases, kernels, q_kernels
 
 
@@ -42,10 +42,10 @@ class Fused:
     output type, on its 1-D grid (ceil(nk / 64 NWG) B Hkv blocks), its turn counters zeroed first."""
 
     def __init__(self, mod, ct, D, otype, ordered, bulk=False):
-        shape = BWD_FUSED_SHAPES[D]
+        shape = bwd_fused_shape(D, ordered, bulk)
         self.f, self.keys, self.threads = mod.get_function(bwd_fused_name(ct, D, otype, ordered, bulk=bulk)), \
             64 * shape[0], bwd_wg_threads(shape)
-        self.smem, self.D, self.ordered, self.bulk, self.ct = bwd_fused_smem(D, bulk=bulk), D, ordered, bulk, ct
+        self.smem, self.D, self.ordered, self.bulk, self.ct = bwd_fused_smem(D, ordered, bulk=bulk), D, ordered, bulk, ct
         self.rows = loader.kernel(f"tile_rows_out<float, {D}>") if bulk else None
         self.f.max_dynamic_shared_size_bytes = self.smem
         self.turns = cp.zeros(1, cp.int32)

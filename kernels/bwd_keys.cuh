@@ -193,8 +193,15 @@ __device__ int prev_block(const MaskDev& mk, const TileRows& tr, const long long
 // Named barriers: 0 (__syncthreads), 2 + cw (the 128 threads of consumer cw, ORDERED's release),
 // ds_bar(n, cw) = NWG + 2 + NWG (n % 2) + cw (the 128 NWG consumer threads: cw arrives, the
 // others wait; two sets, so that an arrival for item n + 2 cannot meet a wait for item n).
-// Shared memory, DQ: the two dS^T buffers (2 BN 64 elements) after the K and V rows; BULK: 8 KB
-// of staging per consumer after the positions.
+// LAG (FIX where every consumer has a dq slice of every item, D = 128): a consumer computes,
+// stages and adds item n's dq in item n + 1, after item n + 1's dS^T stores, so that it waits
+// only for the others' dS^T of item n (stored about an item earlier), not for their softmax of
+// the item in hand; the wait moves before its own dS^T stores of item n + 1, where it also says
+// that the others' dQ of item n - 2 read the buffer being overwritten: three dS^T buffers, and
+// the staging, 4 KB a warp, entirely at Gs (1.025x / 1.03x at causal 64K / 16K, D = 128, H100,
+// 2026-12-07, on two ring stages: the room the third buffer takes).
+// Shared memory, DQ: the NBUF dS^T buffers (NBUF BN 64 elements) after the K and V rows; BULK: 8
+// KB (LAG: 16 KB) of staging per consumer after the positions.
 template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool DQ, bool ORDERED, bool BULK>
 __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long long* __restrict__ qpos,
                                          const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
@@ -206,6 +213,8 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                                          int nq, int nk, int G, long long k0, float scale, long long q0, BWD_STRIDES) {
     constexpr int BN = 64 * NWG, TILE = BM * D, NSL = D / 64;  // TILE in elements; NSL slices of dq
     constexpr bool FIX = BULK && !ORDERED;  // dq tiles of 32-bit fixed-point sums (see BULK)
+    constexpr bool LAG = FIX && NSL == NWG;  // see LAG above
+    constexpr int NBUF = LAG ? 3 : 2;
     constexpr int PREG = 24, CREG = consumer_regs(NWG, MINB, PREG);
     static_assert(ST >= 2, "the loader fills one stage while the consumers compute another");
     static_assert(NSL <= NWG, "a consumer computes at most one 64-column slice of a tile's dq");
@@ -215,7 +224,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     T* Ks = QO + 2 * ST * TILE;  // stage s: Q at QO + 2s TILE, dO at QO + (2s + 1) TILE
     T* Vs = Ks + BN * D;
     char* Ss = reinterpret_cast<char*>(Vs + BN * D);  // DQ: dS^T buffer b at Ss + b BN 128
-    float* Ls = reinterpret_cast<float*>(Ss + (DQ ? 2 * BN * 128 : 0));  // stage s at Ls + s BM; delta likewise
+    float* Ls = reinterpret_cast<float*>(Ss + (DQ ? NBUF * BN * 128 : 0));  // stage s at Ls + s BM; delta likewise
     float* Dls = Ls + ST * BM;
     long long* Ps = reinterpret_cast<long long*>(Dls + ST * BM);
     char* Gs = reinterpret_cast<char*>(Ps + ST * BM);  // BULK: warp wq of consumer cw stages at Gs + (4 cw + wq) 2048
@@ -304,7 +313,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     const bool wg_live = kc0 + 64 * cw < kc1;  // uniform over the warpgroup, as wgmma needs
     if (DQ && !wg_live) {  // no key: zero dS^T rows in both buffers, for dQ's products over all BN keys
 #pragma unroll
-        for (int i = 0; i < 8; ++i)  // 2 x 8 KiB, 16 bytes a thread at a time
+        for (int i = 0; i < 4 * NBUF; ++i)  // NBUF x 8 KiB, 16 bytes a thread at a time
             *reinterpret_cast<uint4*>(Ss + (i >> 2) * BN * 128 + cw * 64 * 128 + (i & 3) * 2048 + (tid & 127) * 16) =
                 make_uint4(0u, 0u, 0u, 0u);
         proxy_fence();  // before wgmma reads them, after the first item's barrier
@@ -354,10 +363,45 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         for (int kk = 0; kk < BM / 16; ++kk)  // a k16 step is 16 query rows
             Wgmma<T, D, 1>::run(dka, da[kk], wg_desc(qn, sb + kk * 16 * 128), 1);
     };
+    auto slice_of = [&](int m) { return (cw + NWG - m % NWG) % NWG; };  // DQ: consumer's slice of item m's dq
+    // dQ = dS K of slice qc, dS^T in the buffer at byte qbo, committed
+    auto issue_dq = [&](float (&dqa)[MK / 8][4], int qc, unsigned qbo) {
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)  // a k16 step is 16 keys
+            WgmmaSS<T, 1, 1>::run(dqa, wg_desc(sdesc, qbo + kk * 16 * 128),
+                                  wg_desc(kn, qc * BN * 128 + kk * 16 * 128), kk > 0);
+        wg_commit();
+    };
+    // FIX: the fixed-point scales of this thread's two rows of tile qt of group head qg
+    auto load_fix = [&](float (&fix)[2], int qg, int qt) {
+        const float* ts = tscale + ((size_t)(hk * G + qg) * ntiles + qt) * BM + 16 * wq + g;
+        fix[0] = scale * ts[0];
+        fix[1] = scale * ts[8];
+    };
+    // LAG: warp wq's share of slice qc of tile qt, group head qg, staged in its 4 KB at Gs (once
+    // the last staging was read) and added by two bulk reductions (lanes 0 and 1)
+    auto stage_fix = [&](const float (&dqa)[MK / 8][4], const float (&fix)[2], int qc, int qg, int qt) {
+        char* const st = Gs + (4 * cw + wq) * 4096;
+        bulk_wait<true>();
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < MK / 8; ++j)
+            *reinterpret_cast<int4*>(st + 512 * j + 16 * lane) =
+                make_int4(fixed_round(fix[0], dqa[j][0]), fixed_round(fix[0], dqa[j][1]),
+                          fixed_round(fix[1], dqa[j][2]), fixed_round(fix[1], dqa[j][3]));
+        proxy_fence();
+        __syncwarp();
+        if (lane < 2)
+            bulk_red_add<true>(dq + (((size_t)(hk * G + qg) * ntiles + qt) * NSL + qc) * 4096 + 1024 * wq + 512 * lane,
+                               st + 2048 * lane, 2048);
+        bulk_commit();
+    };
+    int pg = 0, pt = 0;  // LAG: the last item's group head and tile
     for (int cg = g_first, cr = r_first, ct = t_first; cg < G; step(cg, cr, ct), ++n) {
         const int rows = min(BM, nq - ct * BM), buf = use.s;
         const long long* Pb = Ps + buf * BM;
-        const unsigned sbo = (n & 1) * BN * 128;  // this item's dS^T buffer
+        const unsigned sbo = (n % NBUF) * BN * 128;  // this item's dS^T buffer
         const int c = (cw + NWG - n % NWG) % NWG;  // DQ: this consumer's slice of the item's dq, if < NSL
         // ORDERED, while the score MMAs run: the key block that adds into this consumer's dq slice
         // of the item just before this one, and a first look at the turn (an acquire), so that
@@ -396,11 +440,12 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             score_grads<T, true>(s[0], dp[0], nullptr, dl, pa, da);
             if (DQ) {  // this thread's dS^T: key rows 64 cw + 16 wq + g + 8h (row r % 8 = g), query
                        // pairs 8j + 2tq in 16-byte chunk j, at chunk j ^ g of the row
-                if (BULK) {  // the last item's staging read (half of it sits here); ORDERED: its adds completed
+                if (BULK && !LAG) {  // the last item's staging read (half of it sits here); ORDERED: its adds completed
                     bulk_wait<!ORDERED>();
                     __syncwarp();
                     if (ORDERED) hand_on(n - 1);
                 }
+                if (LAG && n > 0) wait_others(n - 1);  // their dQ of item n - 3 (this buffer's) done
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     char* row = Ss + sbo + (64 * cw + 16 * wq + g + 8 * h) * 128 + 4 * tq;
@@ -429,7 +474,8 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             }
         } else if (DQ) {
             if (ORDERED) find_prev(tile_rows(qpos != nullptr, Pb, q0 + (long long)ct * BM, rows, lane));
-            if (BULK) {  // the last item's staging in this warp's 2 KB of dS^T rows (read by now): zeros again
+            if (LAG && n > 0) wait_others(n - 1);
+            if (BULK && !LAG) {  // the last item's staging in this warp's 2 KB of dS^T rows (read by now): zeros again
                 bulk_wait<!ORDERED>();
                 __syncwarp();
                 if (ORDERED) hand_on(n - 1);
@@ -445,27 +491,20 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             if (!HOLD || !wg_live) use.release();
             continue;
         }
-        wait_others(n);  // the other consumers' dS^T of item n in buffer n % 2
+        if (!LAG) wait_others(n);  // the other consumers' dS^T of item n in buffer n % 2
+        // LAG: the dq of item n - 1, waited for before this item's dS^T (at the first item a product
+        // of whatever buffer 2 holds, not added)
+        const bool dq_now = !LAG || n > 0;
+        const int qc = LAG ? slice_of(n - 1) : c, qg = LAG ? pg : cg, qt = LAG ? pt : ct;
         float dqa[MK / 8][4];
-        if (c < NSL) {
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk)  // a k16 step is 16 keys
-                WgmmaSS<T, 1, 1>::run(dqa, wg_desc(sdesc, sbo + kk * 16 * 128),
-                                      wg_desc(kn, c * BN * 128 + kk * 16 * 128), kk > 0);  // dQ = dS K
-            wg_commit();
-        }
+        if (qc < NSL) issue_dq(dqa, qc, LAG ? ((n + NBUF - 1) % NBUF) * BN * 128 : sbo);
         int seen = 0, wnt = 0;  // ORDERED && BULK: a first look at the item's turn while dQ runs; the turn awaited
         float fix[2] = {0.f, 0.f};  // FIX: the fixed-point scales of this thread's two rows, loaded while dQ runs
         if (ORDERED && BULK && c < NSL) {
             seen = load_acquire(turn_at<NSL>(turns, hk * G + cg, ntiles, ct, c));
             wnt = wants[buf];
         }
-        if (FIX && c < NSL) {
-            const float* ts = tscale + ((size_t)(hk * G + cg) * ntiles + ct) * BM + 16 * wq + g;
-            fix[0] = scale * ts[0];
-            fix[1] = scale * ts[8];
-        }
+        if (FIX && qc < NSL) load_fix(fix, qg, qt);
         if (DK_LATE && wg_live) {  // dK, left running beside the dq staging; dV and dQ done
             issue_dk(da, sb);
             wg_commit();
@@ -475,8 +514,10 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             fence_regs(dka);
         }
         fence_regs(dva);
-        if (c < NSL) fence_regs(dqa);
-        if (c < NSL && BULK) {
+        if (qc < NSL) fence_regs(dqa);
+        if (LAG) {
+            if (dq_now) stage_fix(dqa, fix, qc, qg, qt);
+        } else if (c < NSL && BULK) {
             // warp wq's share, 16 rows x 64 float32 in the accumulators' order (dq tiles, above):
             // lane L's dqa[j] at 512 j + 16 L (conflict-free 128-bit stores), j < 4 in its 2 KB of
             // this consumer's rows of the other dS^T buffer (free until the next item's dS^T), j >= 4
@@ -507,7 +548,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 bulk_red_add<FIX>(dq + (((size_t)hq * ntiles + ct) * NSL + c) * 4096 + 1024 * wq + 512 * lane,
                                   lane ? stage[1] : stage[0], 2048);
             bulk_commit();
-        } else if (c < NSL) {
+        } else if (!BULK && c < NSL) {
             const int hq = hk * G + cg;
             int* turn = turn_at<NSL>(turns, hq, ntiles, ct, c);
             if (ORDERED && want >= 0) turn_wait(turn, want);
@@ -531,7 +572,19 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
             wgmma_wait<0>();
             fence_regs(dka);
         }
+        pg = cg;
+        pt = ct;
         use.release();
+    }
+    if (LAG && n > 0) {  // the last item's dq
+        const int qc = slice_of(n - 1);
+        wait_others(n - 1);
+        float dqa[MK / 8][4], fix[2];
+        issue_dq(dqa, qc, ((n + NBUF - 1) % NBUF) * BN * 128);
+        load_fix(fix, pg, pt);
+        wgmma_wait<0>();
+        fence_regs(dqa);
+        stage_fix(dqa, fix, qc, pg, pt);
     }
     if (HOLD) {  // the last item's dV and dK
         wgmma_wait<0>();

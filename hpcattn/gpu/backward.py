@@ -8,9 +8,9 @@ from ..errors import HpcattnError
 from .encode import check, device_mask, device_positions, listed_terms, run_start
 from .forward import NULL, row_strides
 from .loader import cupy, kernel, kernel_with_smem, launch, wgmma_available
-from .shapes import (BK, BQ, BWD_DIMS, BWD_FUSED_SHAPES, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES,
-                     bwd_fused_name, bwd_fused_smem, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_q_name, bwd_wg_q_smem,
-                     bwd_wg_smem, bwd_wg_threads)
+from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES,
+                     bwd_fused_name, bwd_fused_shape, bwd_fused_smem, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_q_name,
+                     bwd_wg_q_smem, bwd_wg_smem, bwd_wg_threads)
 
 # what kernel_kind "auto" runs on a compute capability 9.0 device (D in BWD_WG_DIMS), by the
 # mask's reach (Mask.reach): where rows reach keys without bound (causal, full) the one-pass
@@ -227,8 +227,9 @@ class Passes:
         if hopper in FUSED:
             bulk = hopper != "fused"
             self.scales = RowScales(ctype, q_shape, nk, sq, sk, scale) if hopper == "fused-fixed" else None
-            shape, smem = BWD_FUSED_SHAPES[D], bwd_fused_smem(D, bulk=bulk)
-            self.fused = (kernel_with_smem(bwd_fused_name(ctype, D, otype, hopper != "fused-fixed", bulk=bulk), smem),
+            ordered = hopper != "fused-fixed"
+            shape, smem = bwd_fused_shape(D, ordered, bulk), bwd_fused_smem(D, ordered, bulk=bulk)
+            self.fused = (kernel_with_smem(bwd_fused_name(ctype, D, otype, ordered, bulk=bulk), smem),
                           (-(-nk // (64 * shape[0])) * B * Hkv,), (bwd_wg_threads(shape),), smem)
             self.tiles = (heads, -(-nq // 64), D // 64)  # a turn per (head, tile, 64-column slice)
             tail = (np.int32(nq), np.int64(heads * nq)) + tuple(np.int64(x) for x in sq) + (np.int32(Hkv * G),)

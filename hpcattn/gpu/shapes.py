@@ -87,9 +87,22 @@ def bwd_wg_q_smem(D, shape=None):
 
 # attend_bwd_fused_wg's shape per head dim (kernels/attend_bwd_fused.cu, sm_90a): (consumer
 # warpgroups of 64 keys, ring stages, blocks per SM); at D = 128 four stages and the two dS
-# buffers exceed SMEM_MAX
+# buffers exceed SMEM_MAX. The fixed-point form at D = 128 adds its dq one item late (LAG, below)
+# on two stages: its third dS buffer and own staging leave no room for a third.
 BWD_FUSED_SHAPES = {64: (2, 4, 1), 128: (2, 3, 1)}
+BWD_FIXED_SHAPES = {64: (2, 4, 1), 128: (2, 2, 1)}
 DQ_STAGE = 4 * 2048  # BULK: a consumer's own dq staging, 2 KB a warp (the other 2 KB sit in a dS buffer)
+
+
+def bwd_fused_shape(D, ordered, bulk):
+    """attend_bwd_fused_wg's shape for the form: the fixed-point one's (bulk, not ordered) or the others'."""
+    return (BWD_FIXED_SHAPES if bulk and not ordered else BWD_FUSED_SHAPES)[D]
+
+
+def bwd_fused_lag(D, shape, ordered, bulk):
+    """Whether the kernel adds each item's dq during the next item (kernels/bwd_keys.cuh's LAG):
+    the fixed-point form where every consumer has a dq slice of every item."""
+    return bulk and not ordered and D // 64 == shape[0]
 
 
 def bwd_fused_name(ctype, D, otype, ordered, shape=None, bulk=False):
@@ -97,16 +110,19 @@ def bwd_fused_name(ctype, D, otype, ordered, shape=None, bulk=False):
     float32 sums, in key-block order when `ordered` (the same bits on every rerun); `bulk`: into
     dq tiles (kernels/bwd_keys.cuh; tile_rows_out turns them into rows) by bulk reductions of
     each warp's staged share, else into rows by red.global.add from the consumers' registers."""
-    nwg, st, minb = shape or BWD_FUSED_SHAPES[D]
+    nwg, st, minb = shape or bwd_fused_shape(D, ordered, bulk)
     return (f"attend_bwd_fused_wg<{ctype}, {D}, {otype}, {nwg}, {st}, {minb}, {str(ordered).lower()}, "
             f"{str(bulk).lower()}>")
 
 
-def bwd_fused_smem(D, shape=None, bulk=False):
+def bwd_fused_smem(D, ordered, shape=None, bulk=False):
     """Shared bytes of attend_bwd_fused_wg: attend_bwd_kv_wg's and two buffers of a tile's dS
-    (64 NWG keys x 64 queries); with `bulk`, DQ_STAGE bytes per consumer warpgroup."""
-    shape = shape or BWD_FUSED_SHAPES[D]
-    return bwd_wg_smem(D, shape) + 2 * 64 * shape[0] * BWD_ROWS * 2 + (shape[0] * DQ_STAGE if bulk else 0)
+    (64 NWG keys x 64 queries); with `bulk`, DQ_STAGE bytes per consumer warpgroup; LAG: three
+    dS buffers and twice the staging."""
+    shape = shape or bwd_fused_shape(D, ordered, bulk)
+    lag = bwd_fused_lag(D, shape, ordered, bulk)
+    return (bwd_wg_smem(D, shape) + (3 if lag else 2) * 64 * shape[0] * BWD_ROWS * 2
+            + (shape[0] * DQ_STAGE * (2 if lag else 1) if bulk else 0))
 
 
 def bwd_wg_threads(shape):

@@ -10,7 +10,8 @@ the consumer's softmax).
 
 The one-pass backward's fixed-point form at D = 128 (DK_LATE, kernels/bwd_keys.cuh): the dq
 share's conversions to fixed point (F2I.NTZ, 32 a thread) must run while dK does, after the
-wait for dV and dQ alone (..., 0x1) and before the wait for dK (..., 0x0).
+wait for dV and dQ alone (..., 0x1) and before the wait for dK (..., 0x0); LAG's last item,
+after the loop, converts once more after waiting for its dQ.
 
 Every warp-specialised kernel's register hand-off: setmaxnreg.inc waits until the block's pool
 holds the registers asked for, and the pool is only what the block got at launch (ptxas' count
@@ -22,6 +23,7 @@ import pytest
 
 from gpu_helpers import nvrtc_build
 from hpcattn.gpu import loader, offline
+from hpcattn.gpu.shapes import bwd_fused_lag, bwd_fused_shape
 
 NVRTC, NVDISASM = offline.find_nvrtc(), offline.find_tool("nvdisasm")
 FORWARD = [(source, name) for source in ("attend_wgmma.cu", "attend_fwd_dense.cu") for name in loader.every_name(source)]
@@ -56,9 +58,11 @@ def test_softmax_runs_beside_the_previous_tiles_p_v(source, name):
                                   if ", 128, " in n and n.endswith("false, true>")])
 def test_fixed_point_dq_staging_runs_beside_dk(name):
     seq = offline.waits_and_exps(compiled("attend_bwd_fused.cu")[name][0], run="F2I.NTZ", tag="F")
-    assert seq.count("F 32") == 1, seq
+    lag = bwd_fused_lag(128, bwd_fused_shape(128, False, True), False, True)
+    assert seq.count("F 32") == 1 + lag, seq
     i = seq.index("F 32")
     assert seq[i - 1:i + 2] == ["W1", "F 32", "W0"], seq
+    assert not lag or seq[-2:] == ["W0", "F 32"], seq
 
 
 @pytest.mark.parametrize("source,name", HOPPER)
