@@ -311,7 +311,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     const bool live[1][2] = {{kw0 + g < kc1, kw0 + g + 8 < kc1}};
     const long long jpos[1][2] = {{k0 + kw0 + g, k0 + kw0 + g + 8}};
     const bool wg_live = kc0 + 64 * cw < kc1;  // uniform over the warpgroup, as wgmma needs
-    if (DQ && !wg_live) {  // no key: zero dS^T rows in both buffers, for dQ's products over all BN keys
+    if (DQ && !wg_live) {  // no key: zero dS^T rows in every buffer, for dQ's products over all BN keys
 #pragma unroll
         for (int i = 0; i < 4 * NBUF; ++i)  // NBUF x 8 KiB, 16 bytes a thread at a time
             *reinterpret_cast<uint4*>(Ss + (i >> 2) * BN * 128 + cw * 64 * 128 + (i & 3) * 2048 + (tid & 127) * 16) =
@@ -445,7 +445,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                     __syncwarp();
                     if (ORDERED) hand_on(n - 1);
                 }
-                if (LAG && n > 0) wait_others(n - 1);  // their dQ of item n - 3 (this buffer's) done
+                if (LAG && n > 0) wait_others(n - 1);  // their rows of n - 1; their dQ of n - 3 (this buffer) done
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     char* row = Ss + sbo + (64 * cw + 16 * wq + g + 8 * h) * 128 + 4 * tq;
