@@ -379,23 +379,37 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         fix[0] = scale * ts[0];
         fix[1] = scale * ts[8];
     };
-    // LAG: warp wq's share of slice qc of tile qt, group head qg, staged in its 4 KB at Gs (once
-    // the last staging was read) and added by two bulk reductions (lanes 0 and 1)
-    auto stage_fix = [&](const float (&dqa)[MK / 8][4], const float (&fix)[2], int qc, int qg, int qt) {
-        char* const st = Gs + (4 * cw + wq) * 4096;
-        bulk_wait<true>();
-        __syncwarp();
+    // BULK: warp wq's share of a dq slice, 16 rows x 64 float32 in the accumulators' order (dq
+    // tiles, above): lane L's dqa[j] at 512 (j & 3) + 16 L of st[j >> 2] (conflict-free 128-bit
+    // stores), as fixed point (FIX: rounded to the nearest multiple of 2^-e) or scaled float32,
+    // fenced for the bulk-copy unit, which reads them through the async proxy
+    auto stage_share = [&](const float (&dqa)[MK / 8][4], const float (&fix)[2], char* const (&st)[2]) {
 #pragma unroll
         for (int j = 0; j < MK / 8; ++j)
-            *reinterpret_cast<int4*>(st + 512 * j + 16 * lane) =
-                make_int4(fixed_round(fix[0], dqa[j][0]), fixed_round(fix[0], dqa[j][1]),
-                          fixed_round(fix[1], dqa[j][2]), fixed_round(fix[1], dqa[j][3]));
+            if (FIX)
+                *reinterpret_cast<int4*>(st[j >> 2] + 512 * (j & 3) + 16 * lane) =
+                    make_int4(fixed_round(fix[0], dqa[j][0]), fixed_round(fix[0], dqa[j][1]),
+                              fixed_round(fix[1], dqa[j][2]), fixed_round(fix[1], dqa[j][3]));
+            else
+                *reinterpret_cast<float4*>(st[j >> 2] + 512 * (j & 3) + 16 * lane) =
+                    make_float4(scale * dqa[j][0], scale * dqa[j][1], scale * dqa[j][2], scale * dqa[j][3]);
         proxy_fence();
         __syncwarp();
+    };
+    // ... then added into slice qc of tile qt, query head hq, by two bulk reductions (lanes 0 and 1)
+    auto add_share = [&](char* const (&st)[2], int hq, int qt, int qc) {
         if (lane < 2)
-            bulk_red_add<true>(dq + (((size_t)(hk * G + qg) * ntiles + qt) * NSL + qc) * 4096 + 1024 * wq + 512 * lane,
-                               st + 2048 * lane, 2048);
+            bulk_red_add<FIX>(dq + (((size_t)hq * ntiles + qt) * NSL + qc) * 4096 + 1024 * wq + 512 * lane,
+                              lane ? st[1] : st[0], 2048);
         bulk_commit();
+    };
+    // LAG: the share staged in the warp's own 4 KB at Gs, once the last staging was read
+    auto stage_fix = [&](const float (&dqa)[MK / 8][4], const float (&fix)[2], int qc, int qg, int qt) {
+        char* const st[2] = {Gs + (4 * cw + wq) * 4096, Gs + (4 * cw + wq) * 4096 + 2048};
+        bulk_wait<true>();
+        __syncwarp();
+        stage_share(dqa, fix, st);
+        add_share(st, hk * G + qg, qt, qc);
     };
     int pg = 0, pt = 0;  // LAG: the last item's group head and tile
     for (int cg = g_first, cr = r_first, ct = t_first; cg < G; step(cg, cr, ct), ++n) {
@@ -518,23 +532,10 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         if (LAG) {
             if (dq_now) stage_fix(dqa, fix, qc, qg, qt);
         } else if (c < NSL && BULK) {
-            // warp wq's share, 16 rows x 64 float32 in the accumulators' order (dq tiles, above):
-            // lane L's dqa[j] at 512 j + 16 L (conflict-free 128-bit stores), j < 4 in its 2 KB of
-            // this consumer's rows of the other dS^T buffer (free until the next item's dS^T), j >= 4
-            // in its 2 KB at Gs; lanes 0 and 1 add one each by a bulk reduction
-            char* const stage[2] = {Ss + ((n + 1) & 1) * BN * 128 + cw * 64 * 128 + wq * 2048,
-                                    Gs + (4 * cw + wq) * 2048};
-#pragma unroll
-            for (int j = 0; j < MK / 8; ++j)
-                if (FIX)  // rounded to the nearest multiple of 2^-e
-                    *reinterpret_cast<int4*>(stage[j >> 2] + 512 * (j & 3) + 16 * lane) =
-                        make_int4(fixed_round(fix[0], dqa[j][0]), fixed_round(fix[0], dqa[j][1]),
-                                  fixed_round(fix[1], dqa[j][2]), fixed_round(fix[1], dqa[j][3]));
-                else
-                    *reinterpret_cast<float4*>(stage[j >> 2] + 512 * (j & 3) + 16 * lane) =
-                        make_float4(scale * dqa[j][0], scale * dqa[j][1], scale * dqa[j][2], scale * dqa[j][3]);
-            proxy_fence();  // the stores, before the bulk-copy unit reads them through the async proxy
-            __syncwarp();
+            // in this consumer's rows of the other dS^T buffer (free until the next item's dS^T),
+            // then in the warp's 2 KB at Gs
+            char* const st[2] = {Ss + ((n + 1) & 1) * BN * 128 + cw * 64 * 128 + wq * 2048, Gs + (4 * cw + wq) * 2048};
+            stage_share(dqa, fix, st);
             const int hq = hk * G + cg;
             if (ORDERED) {
                 int* turn = turn_at<NSL>(turns, hq, ntiles, ct, c);
@@ -544,10 +545,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
                 // bulk reductions (async proxy) follow the lower block's
                 asm volatile("fence.proxy.async.global;\n" ::: "memory");
             }
-            if (lane < 2)
-                bulk_red_add<FIX>(dq + (((size_t)hq * ntiles + ct) * NSL + c) * 4096 + 1024 * wq + 512 * lane,
-                                  lane ? stage[1] : stage[0], 2048);
-            bulk_commit();
+            add_share(st, hq, ct, c);
         } else if (!BULK && c < NSL) {
             const int hq = hk * G + cg;
             int* turn = turn_at<NSL>(turns, hq, ntiles, ct, c);

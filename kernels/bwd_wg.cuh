@@ -57,9 +57,7 @@ template <int ST> struct RingLoad {
     __device__ __forceinline__ int stage() {
         const int s = n % ST;
         if (n >= ST && !mb_test(&r.empty[s], (n / ST - 1) & 1)) {  // not free yet: item n - 1 signalled once landed
-            cp_wait<0>();
-            signal();
-            pend = -1;
+            finish();
             mb_wait_asm(&r.empty[s], (n / ST - 1) & 1);
         }
         return s;
@@ -71,9 +69,10 @@ template <int ST> struct RingLoad {
         signal();
         pend = n++;
     }
-    __device__ __forceinline__ void finish() {  // after the last item
+    __device__ __forceinline__ void finish() {  // after the last item (or early, see stage)
         cp_wait<0>();
         signal();
+        pend = -1;
     }
     __device__ __forceinline__ void signal() {
         if (pend < 0) return;
