@@ -324,11 +324,14 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     RingUse<ST> use{ring};
 
     int n = 0;  // the item's index
+    auto slice_of = [&](int m) { return (cw + NWG - m % NWG) % NWG; };  // DQ: consumer's slice of item m's dq
+    // DQ: the byte offset of item m's dS^T buffer (m >= 0; item n - 1's as n + NBUF - 1, also at n = 0)
+    auto ds_buf = [](int m) { return (unsigned)(m % NBUF) * BN * 128; };
     // ORDERED && BULK: item m's turn handed on, if this consumer added into it, once every thread's
     // adds of it completed (cp.async.bulk.wait_group 0 before the barrier); the turn's pointer is
     // kept in shared memory (pend[cw]) to spare registers
     auto hand_on = [&](int m) {
-        if (m >= 0 && (cw + NWG - m % NWG) % NWG < NSL) {
+        if (m >= 0 && slice_of(m) < NSL) {
             named_sync(2 + cw, 128);
             if ((tid & 127) == 0) release_turn(pend[cw], kb + 1);
         }
@@ -363,7 +366,6 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         for (int kk = 0; kk < BM / 16; ++kk)  // a k16 step is 16 query rows
             Wgmma<T, D, 1>::run(dka, da[kk], wg_desc(qn, sb + kk * 16 * 128), 1);
     };
-    auto slice_of = [&](int m) { return (cw + NWG - m % NWG) % NWG; };  // DQ: consumer's slice of item m's dq
     // dQ = dS K of slice qc, dS^T in the buffer at byte qbo, committed
     auto issue_dq = [&](float (&dqa)[MK / 8][4], int qc, unsigned qbo) {
         wg_fence();
@@ -415,8 +417,8 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
     for (int cg = g_first, cr = r_first, ct = t_first; cg < G; step(cg, cr, ct), ++n) {
         const int rows = min(BM, nq - ct * BM), buf = use.s;
         const long long* Pb = Ps + buf * BM;
-        const unsigned sbo = (n % NBUF) * BN * 128;  // this item's dS^T buffer
-        const int c = (cw + NWG - n % NWG) % NWG;  // DQ: this consumer's slice of the item's dq, if < NSL
+        const unsigned sbo = ds_buf(n);  // this item's dS^T buffer
+        const int c = slice_of(n);  // DQ: this consumer's slice of the item's dq, if < NSL
         // ORDERED, while the score MMAs run: the key block that adds into this consumer's dq slice
         // of the item just before this one, and a first look at the turn (an acquire), so that
         // the adds wait only if that block had not added yet
@@ -511,7 +513,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         const bool dq_now = !LAG || n > 0;
         const int qc = LAG ? slice_of(n - 1) : c, qg = LAG ? pg : cg, qt = LAG ? pt : ct;
         float dqa[MK / 8][4];
-        if (qc < NSL) issue_dq(dqa, qc, LAG ? ((n + NBUF - 1) % NBUF) * BN * 128 : sbo);
+        if (qc < NSL) issue_dq(dqa, qc, LAG ? ds_buf(n + NBUF - 1) : sbo);
         int seen = 0, wnt = 0;  // ORDERED && BULK: a first look at the item's turn while dQ runs; the turn awaited
         float fix[2] = {0.f, 0.f};  // FIX: the fixed-point scales of this thread's two rows, loaded while dQ runs
         if (ORDERED && BULK && c < NSL) {
@@ -578,7 +580,7 @@ __device__ __forceinline__ void key_pass(const T* __restrict__ q, const long lon
         const int qc = slice_of(n - 1);
         wait_others(n - 1);
         float dqa[MK / 8][4], fix[2];
-        issue_dq(dqa, qc, ((n + NBUF - 1) % NBUF) * BN * 128);
+        issue_dq(dqa, qc, ds_buf(n + NBUF - 1));
         load_fix(fix, pg, pt);
         wgmma_wait<0>();
         fence_regs(dqa);
