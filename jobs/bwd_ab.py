@@ -17,6 +17,7 @@ later). A FAIL line and exit status 1 where bits differ. A component figure (ker
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import cupy as cp
 import numpy as np
@@ -32,14 +33,17 @@ from wgmma_bwd_check import TOL, Kv, Qm, bench_inputs
 def sides(kdir, D, bulks=(False,), only=None):
     """{form: callable(args, grads, words, tail, n, H)} built from the kernel tree kdir; the
     one-pass forms with each dq path of bulks (bulk: dq tiles, daf330c's form and later); only:
-    the forms (FORMS' names, "two passes") to build, all when None."""
+    the forms (FORMS' names, "two passes") to build, all when None. A tree whose key-major kernels
+    take tensor maps (TMA loads, "TmaMaps" in their source) gets them."""
+    tma = {src: "TmaMaps" in (Path(kdir) / src).read_text() for src in ("attend_bwd_wgmma.cu", "attend_bwd_fused.cu")}
     keys = [(o, b) for b in bulks for o in (True, False) if only is None or FORMS[o, b] in only]
     forms = {}
     if only is None or "two passes" in only:
         kvs, qs = BWD_WG_SHAPES[D], BWD_WG_Q_SHAPES[D]
         names = bwd_wg_name("__half", D, "float", kvs), bwd_wg_q_name("__half", D, "float", qs)
         wg = loader.build("attend_bwd_wgmma.cu", names, kernel_dir=kdir)
-        kv = Kv(wg.get_function(names[0]), 64 * kvs[0], bwd_wg_threads(kvs), bwd_wg_smem(D, kvs))
+        kv = Kv(wg.get_function(names[0]), 64 * kvs[0], bwd_wg_threads(kvs), bwd_wg_smem(D, kvs),
+                "__half" if tma["attend_bwd_wgmma.cu"] else None)
         qk = Qm(wg.get_function(names[1]), 64 * qs[0], bwd_wg_threads(qs), bwd_wg_q_smem(D, qs), flat=True)
 
         def two(args, g, words, tail, n, H):
@@ -49,7 +53,7 @@ def sides(kdir, D, bulks=(False,), only=None):
     if keys:
         fmod = loader.build("attend_bwd_fused.cu", [bwd_fused_name("__half", D, "float", o, bulk=b) for o, b in keys],
                             kernel_dir=kdir)
-        fused = {key: Fused(fmod, "__half", D, "float", *key) for key in keys}
+        fused = {key: Fused(fmod, "__half", D, "float", *key, tma=tma["attend_bwd_fused.cu"]) for key in keys}
 
         def one(key):
             return lambda args, g, words, tail, n, H: fused[key](args, g[0], g[1], g[2], g[3], words, np.uintp(0),

@@ -30,7 +30,7 @@ from hpcattn.gpu.backward import RowScales
 from hpcattn.gpu.forward import NULL, row_strides
 from hpcattn.gpu.shapes import (BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_fused_name, bwd_fused_shape,
                                 bwd_fused_smem, bwd_wg_threads)
-from wgmma_bwd_check import TOL, bench_inputs, cases, kernels, q_kernels
+from wgmma_bwd_check import TOL, bench_inputs, cases, kernels, q_kernels, tensor_maps
 
 
 # each form's name by (ordered, bulk)
@@ -39,9 +39,11 @@ FORMS = {(True, False): "ordered", (False, False): "atomic", (True, True): "orde
 
 class Fused:
     """attend_bwd_fused_wg (ordered or not, bulk dq adds or not) for one dtype, head dim and
-    output type, on its 1-D grid (ceil(nk / 64 NWG) B Hkv blocks), its turn counters zeroed first."""
+    output type, on its 1-D grid (ceil(nk / 64 NWG) B Hkv blocks), its turn counters zeroed first;
+    tma: the kernel reads q, k, v, do by TMA (its tensor maps passed last; False: a tree from
+    before)."""
 
-    def __init__(self, mod, ct, D, otype, ordered, bulk=False):
+    def __init__(self, mod, ct, D, otype, ordered, bulk=False, tma=True):
         shape = bwd_fused_shape(D, ordered, bulk)
         self.f, self.keys, self.threads = mod.get_function(bwd_fused_name(ct, D, otype, ordered, bulk=bulk)), \
             64 * shape[0], bwd_wg_threads(shape)
@@ -50,6 +52,7 @@ class Fused:
         self.f.max_dynamic_shared_size_bytes = self.smem
         self.turns = cp.zeros(1, cp.int32)
         self.scales = {}  # BULK without ORDERED: a RowScales per shape, built once, not in every timed call
+        self.maps = {} if tma else None  # TensorMaps per shape, likewise
 
     def __call__(self, args, dk, dv, dq, edges, words, unsorted, tail, nq, nk, BHkv, heads):
         tiles = (heads, -(-nq // 64), self.D // 64)  # a turn per (query head, query tile, 64-column slice)
@@ -66,8 +69,9 @@ class Fused:
             if key not in self.scales:
                 self.scales[key] = RowScales(self.ct, *key)
             tscale = self.scales[key](args[2], args[3], args[4], args[6])
+        maps = () if self.maps is None else (tensor_maps(self.maps, self.ct, args, nk, self.keys),)
         self.f((-(-nk // self.keys) * BHkv,), (self.threads,),
-               args + (dk, dv, acc, edges, self.turns, tscale, words, unsorted) + tail, shared_mem=self.smem)
+               args + (dk, dv, acc, edges, self.turns, tscale, words, unsorted) + tail + maps, shared_mem=self.smem)
         if self.bulk:
             self.rows((-(-heads * nq * self.D // 8 // 256),), (256,),
                       (acc, tscale, dq, np.int32(nq), np.int64(heads * nq), *(np.int64(0),) * 3, np.int32(heads)))

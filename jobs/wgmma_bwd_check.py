@@ -23,6 +23,7 @@ from gpu_bench import timed  # jobs/ is on the path when this runs as a script
 from hpcattn.gpu import encode, forward, loader
 from hpcattn.gpu.shapes import (BWD_SHAPES, BWD_WG_Q_SHAPES, BWD_WG_SHAPES, CTYPES, bwd_names, bwd_smem, bwd_wg_name,
                                 bwd_wg_q_name, bwd_wg_q_smem, bwd_wg_smem, bwd_wg_threads)
+from hpcattn.gpu.tma import TensorMaps
 from hpcattn.masks import parse
 
 MASKS = ("window:256", "causal", "causal+window:512", "block:128", "global:3+window:64", "dilated:32:4")
@@ -46,17 +47,30 @@ def as_f32(x):
     return x.astype(cp.float32)
 
 
+def tensor_maps(cache, ct, args, nk, key_rows):
+    """The TmaMaps argument (hpcattn.gpu.tma) of args' q, k, v and do (head-major, rows at 0 ..
+    n - 1) as a key-major Hopper kernel with blocks of key_rows keys reads them; the maps of each
+    shape built once in cache."""
+    q, k = args[0], args[2]
+    key = q.shape, nk, key_rows, ct
+    if key not in cache:
+        cache[key] = TensorMaps(ct, q.shape, nk, forward.row_strides(q), forward.row_strides(k), key_rows)
+    return cache[key](q, k, args[3], args[4])
+
+
 class Kv:
     """One key-major kernel (name, blocks of `keys` keys, `threads` threads, smem bytes), launched
-    as _tensor launches attend_bwd_kv: grid (ceil(nk / keys), B Hkv)."""
+    as _tensor launches attend_bwd_kv: grid (ceil(nk / keys), B Hkv); ctype: attend_bwd_kv_wg's
+    element type where it reads by TMA (its tensor maps passed last), else None."""
 
-    def __init__(self, f, keys, threads, smem):
-        self.f, self.keys, self.threads, self.smem = f, keys, threads, smem
+    def __init__(self, f, keys, threads, smem, ctype=None):
+        self.f, self.keys, self.threads, self.smem, self.ctype, self.maps = f, keys, threads, smem, ctype, {}
         if smem > 48 * 1024:
             f.max_dynamic_shared_size_bytes = smem
 
     def __call__(self, args, dk, dv, words, unsorted, tail, nk, BHkv):
-        self.f((-(-nk // self.keys), BHkv), (self.threads,), args + (dk, dv, words, unsorted) + tail,
+        maps = (tensor_maps(self.maps, self.ctype, args, nk, self.keys),) if self.ctype else ()
+        self.f((-(-nk // self.keys), BHkv), (self.threads,), args + (dk, dv, words, unsorted) + tail + maps,
                shared_mem=self.smem)
 
 
@@ -90,7 +104,7 @@ def kernels(mod, ct, D, otype, shapes):
     wk = BWD_SHAPES[D][0]
     ref = Kv(loader.kernel(bwd_names(ct, D, otype)[0]), 16 * wk, 32 * wk, bwd_smem(D)[0])
     return ref, [(s, Kv(mod.get_function(bwd_wg_name(ct, D, otype, s)), 64 * s[0], bwd_wg_threads(s),
-                        bwd_wg_smem(D, s))) for s in shapes]
+                        bwd_wg_smem(D, s), ct)) for s in shapes]
 
 
 def tail_args(nq, nk, G, k0, scale, q, k, heads):

@@ -11,7 +11,8 @@
 #include "bwd_keys.cuh"
 
 // key_pass with the dq adds (see bwd_keys.cuh): ORDERED, the key blocks add into each dq tile in
-// ascending order (the same bits on every rerun); BULK, by bulk asynchronous reductions.
+// ascending order (the same bits on every rerun); BULK, by bulk asynchronous reductions. q, k, v
+// and dout are read through tm's maps.
 template <typename T, int D, typename TO, int NWG, int ST, int MINB, bool ORDERED, bool BULK>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
@@ -19,8 +20,8 @@ attend_bwd_fused_wg(const T* __restrict__ q, const long long* __restrict__ qpos,
                     const float* __restrict__ delta, TO* __restrict__ dk, TO* __restrict__ dv, float* __restrict__ dq,
                     unsigned long long* __restrict__ edges, int* __restrict__ turns, const float* __restrict__ tscale,
                     const long long* __restrict__ mask_words, const int* __restrict__ unsorted, int nq, int nk,
-                    int G, long long k0, float scale, long long q0, BWD_STRIDES) {
-    key_pass<T, D, TO, NWG, ST, MINB, true, ORDERED, BULK>(q, qpos, k, v, dout, lse, delta, dk, dv, dq, edges, turns,
+                    int G, long long k0, float scale, long long q0, BWD_STRIDES, const __grid_constant__ TmaMaps tm) {
+    key_pass<T, D, TO, NWG, ST, MINB, true, ORDERED, BULK>(&tm, qpos, lse, delta, dk, dv, dq, edges, turns,
                                                          tscale, mask_words, unsorted, nq, nk, G, k0, scale, q0,
                                                          BWD_STRIDE_ARGS);
 }

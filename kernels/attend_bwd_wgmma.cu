@@ -4,7 +4,7 @@
 // attend_bwd_q's, with their mask handling and rounding of P and dS to the input dtype (bwd.cuh),
 // so that either can be launched. Both are warp-specialised as attend_wgmma.cu's forward is
 // (FlashAttention-3's layout): warpgroup 0 loads tiles into a ring of ST shared-memory stages
-// with cp.async (Ring), NWG consumer warpgroups compute, each at its own pace, so that one's mask
+// (Ring; attend_bwd_q_wg with cp.async, attend_bwd_kv_wg by TMA), NWG consumer warpgroups compute, each at its own pace, so that one's mask
 // and probabilities overlap another's MMAs; setmaxnreg moves registers to the consumers.
 // Per tile, a consumer runs the two score products as wgmma m64n64k16 with both operands
 // K-major in shared memory, then the gradient products as wgmma m64nDk16 with P or dS re-packed
@@ -13,15 +13,15 @@
 #include "bwd_keys.cuh"
 
 // The key-major pass (bwd_keys.cuh's key_pass without dq): dk and dv of a block of 64 NWG keys
-// of one kv head, on a grid of (key blocks, kv heads).
+// of one kv head, on a grid of (key blocks, kv heads); q, k, v and dout read through tm's maps.
 template <typename T, int D, typename TO, int NWG, int ST, int MINB>
 __global__ void __launch_bounds__(128 * (NWG + 1), MINB)
 attend_bwd_kv_wg(const T* __restrict__ q, const long long* __restrict__ qpos, const T* __restrict__ k,
                  const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
                  const float* __restrict__ delta, TO* __restrict__ dk, TO* __restrict__ dv,
                  const long long* __restrict__ mask_words, const int* __restrict__ unsorted, int nq, int nk, int G,
-                 long long k0, float scale, long long q0, BWD_STRIDES) {
-    key_pass<T, D, TO, NWG, ST, MINB, false, false, false>(q, qpos, k, v, dout, lse, delta, dk, dv, nullptr, nullptr,
+                 long long k0, float scale, long long q0, BWD_STRIDES, const __grid_constant__ TmaMaps tm) {
+    key_pass<T, D, TO, NWG, ST, MINB, false, false, false>(&tm, qpos, lse, delta, dk, dv, nullptr, nullptr,
                                                          nullptr, nullptr, mask_words, unsorted, nq, nk, G, k0, scale, q0,
                                                          BWD_STRIDE_ARGS);
 }

@@ -81,6 +81,46 @@ __device__ __forceinline__ void mb_wait_asm(unsigned long long* b, int parity) {
                  "setp.gt.u64 p, t, 600000000000;\n@p trap;\nbra R;\nD:\n}\n"
                  :: "r"((unsigned)__cvta_generic_to_shared(b)), "r"(parity) : "memory");
 }
+// The bulk tensor copies (TMA, cp.async.bulk.tensor) of the backward's loaders. A TmaMap is a
+// CUtensorMap (128 bytes) that the host encodes (hpcattn/gpu/tma.py, cuTensorMapEncodeTiled) for
+// a 4-D array (columns, rows, heads, batch) of float16/bfloat16, boxes of 64 columns (128
+// bytes) by R rows, in the 128-byte swizzle the descriptors above read, rows past the array's
+// end filled with zeros; TmaMaps holds q's, k's, v's and dout's, passed by value as a
+// __grid_constant__ kernel parameter.
+struct __align__(64) TmaMap {
+    unsigned long long w[16];
+};
+struct TmaMaps {
+    TmaMap q, k, v, o;
+};
+// the phase's expected transaction bytes raised by `bytes` (no arrival)
+__device__ __forceinline__ void mb_expect_tx(unsigned long long* b, unsigned bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(b)), "r"(bytes) : "memory");
+}
+// an arrival on b once this thread's cp.async copies so far have landed, counted in b's
+// arrivals at init (.noinc)
+__device__ __forceinline__ void cp_arrive(unsigned long long* b) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(b)) : "memory");
+}
+// the box of map m at (column c, row r, head h, batch e) into shared dst (1024-byte aligned),
+// its bytes completing on barrier b
+__device__ __forceinline__ void tma_load4(void* dst, const TmaMap* m, int c, int r, int h, int e,
+                                          unsigned long long* b) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(reinterpret_cast<unsigned long long>(m)),
+                    "r"(c), "r"(r), "r"(h), "r"(e), "r"((unsigned)__cvta_generic_to_shared(b))
+                 : "memory");
+}
+// rows [r, r + R) of the (R, D) tile of head h, batch e into shared dst as load_tile_sw lays it
+// out (columns [64i, 64i + 64) at i R 128 bytes on), by D / 64 boxes of map m
+template <typename T, int D, int R>
+__device__ __forceinline__ void tma_tile(T* dst, const TmaMap* m, int r, int h, int e, unsigned long long* b) {
+#pragma unroll
+    for (int i = 0; i < D / 64; ++i) tma_load4(reinterpret_cast<char*>(dst) + i * R * 128, m, 64 * i, r, h, e, b);
+}
+
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
 

@@ -11,6 +11,7 @@ from .loader import cupy, kernel, kernel_with_smem, launch, wgmma_available
 from .shapes import (BK, BQ, BWD_DIMS, BWD_SHAPES, BWD_WG_DIMS, BWD_WG_Q_SHAPES, BWD_WG_SHAPES,
                      bwd_fused_name, bwd_fused_shape, bwd_fused_smem, bwd_names, bwd_smem, bwd_wg_name, bwd_wg_q_name,
                      bwd_wg_q_smem, bwd_wg_smem, bwd_wg_threads)
+from .tma import TensorMaps
 
 # what kernel_kind "auto" runs on a compute capability 9.0 device (D in BWD_WG_DIMS), by the
 # mask's reach (Mask.reach): where rows reach keys without bound (causal, full) the one-pass
@@ -214,9 +215,11 @@ class Passes:
     64 NWG keys of a kv head on a 1-D grid, kv heads fastest; dq added into float32 sums, then
     stored in otype when that is not float); "fused-bulk", "fused-fixed": its BULK forms (dq added
     into dq tiles, then into dq or stored in otype by tile_rows_out; fused-fixed's key blocks
-    fastest on the grid). otype "float": dq, dk, dv are float32 accumulators added into, else
-    they are written in the input dtype. sq, sk: the row strides of q (do, dq) and k (v, dk, dv);
-    q0: row r's position q0 + r where args carry no positions."""
+    fastest on the grid). The key-major kernels (fused, attend_bwd_kv_wg) read q, k, v and do by
+    TMA through tensor maps (tma.TensorMaps, kept per array addresses). otype "float": dq, dk, dv
+    are float32 accumulators added into, else they are written in the input dtype. sq, sk: the row
+    strides of q (do, dq) and k (v, dk, dv); q0: row r's position q0 + r where args carry no
+    positions."""
 
     def __init__(self, ctype, otype, q_shape, nk, k0, scale, mask, sq, sk, hopper, q0=0):
         B, Hkv, G, nq, D = q_shape
@@ -224,6 +227,7 @@ class Passes:
         self.q_shape, self.hopper, self.otype, self.words = q_shape, hopper, otype, device_mask(mask)
         self.tail = (np.int32(nq), np.int32(nk), np.int32(G), np.int64(k0), np.float32(scale), np.int64(q0))
         self.tail += tuple(np.int64(x) for x in (*sq, *sk)) + (np.int32(Hkv * G),)
+        self.maps = None
         if hopper in FUSED:
             bulk = hopper != "fused"
             self.scales = RowScales(ctype, q_shape, nk, sq, sk, scale) if hopper == "fused-fixed" else None
@@ -231,6 +235,7 @@ class Passes:
             shape, smem = bwd_fused_shape(D, ordered, bulk), bwd_fused_smem(D, ordered, bulk=bulk)
             self.fused = (kernel_with_smem(bwd_fused_name(ctype, D, otype, ordered, bulk=bulk), smem),
                           (-(-nk // (64 * shape[0])) * B * Hkv,), (bwd_wg_threads(shape),), smem)
+            self.maps = TensorMaps(ctype, q_shape, nk, sq, sk, 64 * shape[0])
             self.tiles = (heads, -(-nq // 64), D // 64)  # a turn per (head, tile, 64-column slice)
             tail = (np.int32(nq), np.int64(heads * nq)) + tuple(np.int64(x) for x in sq) + (np.int32(Hkv * G),)
             self.store = None if otype == "float" and not bulk else (
@@ -242,6 +247,7 @@ class Passes:
             names = bwd_wg_name(ctype, D, otype), bwd_wg_q_name(ctype, D, otype)
             grids = (-(-nk // (64 * kv[0])), B * Hkv), (-(-nq // (64 * qm[0])) * heads,)
             threads = bwd_wg_threads(kv), bwd_wg_threads(qm)
+            self.maps = TensorMaps(ctype, q_shape, nk, sq, sk, 64 * kv[0])
         else:
             wk, _, _, wq, _, _, _ = BWD_SHAPES[D]
             names, (kv_smem, q_smem) = bwd_names(ctype, D, otype), bwd_smem(D)
@@ -253,6 +259,7 @@ class Passes:
     def __call__(self, args, dq, dk, dv, edges, unsorted):
         """dq, dk, dv added into (otype float) or written, the edges of query head 0 added into
         edges; unsorted: rows_unsorted's flag (NULL without positions)."""
+        maps = () if self.maps is None else (self.maps(args[0], args[2], args[3], args[4]),)
         if self.hopper in FUSED:
             cp = cupy()
             acc = (cp.zeros(self.tiles + (4096,), dtype=cp.float32) if self.hopper != "fused"  # dq tiles
@@ -261,13 +268,13 @@ class Passes:
             turns = NULL if fixed else cp.zeros(self.tiles, dtype=cp.int32)
             tscale = self.scales(args[2], args[3], args[4], args[6]) if fixed else NULL
             fn, grid, block, smem = self.fused
-            fn(grid, block, args + (dk, dv, acc, edges, turns, tscale, self.words, unsorted) + self.tail,
+            fn(grid, block, args + (dk, dv, acc, edges, turns, tscale, self.words, unsorted) + self.tail + maps,
                shared_mem=smem)
             if acc is not dq:
                 fn, grid, tail = self.store
                 fn(grid, (256,), (acc,) + ((tscale,) if self.hopper != "fused" else ()) + (dq,) + tail)
             return
         fn, grid, block, smem = self.kv
-        fn(grid, block, args + (dk, dv, self.words, unsorted) + self.tail, shared_mem=smem)
+        fn(grid, block, args + (dk, dv, self.words, unsorted) + self.tail + maps, shared_mem=smem)
         fn, grid, block, smem = self.q
         fn(grid, block, args + (dq, edges, self.words) + self.tail, shared_mem=smem)
