@@ -73,8 +73,11 @@ def main():
         cp.cuda.Device().synchronize()
 
     with tempfile.NamedTemporaryFile("w+", suffix=".csv") as log:
-        smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader", "-lms", "200",
-                                "-i", str(cp.cuda.Device().pci_bus_id)], stdout=log, stderr=subprocess.DEVNULL)
+        cmd = ["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader", "-lms", "200"]
+        smi = subprocess.Popen(cmd + ["-i", cp.cuda.Device().pci_bus_id], stdout=log, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        if smi.poll() is not None:  # this nvidia-smi took no PCI bus id: every GPU's samples (one GPU: its own)
+            smi = subprocess.Popen(cmd, stdout=log, stderr=subprocess.DEVNULL)
         phases = []
         try:
             for name in a.phases.split(","):
