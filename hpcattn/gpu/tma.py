@@ -68,7 +68,8 @@ class TensorMaps:
                 self.cache.clear()
             buf = np.zeros(MAPS.itemsize + 64, np.uint8)  # the driver writes a map only at a 64-byte aligned address
             raw = buf[-buf.ctypes.data % 64:][:MAPS.itemsize]
-            for i, (name, ptr, (dims, strides, box)) in enumerate(zip("qkvo", ptrs, (self.q, self.k, self.k, self.q))):
+            for i, (name, ptr, (dims, strides, box)) in enumerate(zip(("q", "k", "v", "do"), ptrs,
+                                                                      (self.q, self.k, self.k, self.q))):
                 self._encode_one(raw[128 * i:128 * (i + 1)], name, ptr, dims, strides, box)
             maps = raw.copy().view(MAPS)
             self.cache[ptrs] = maps
@@ -80,6 +81,5 @@ class TensorMaps:
         err = encode(out.ctypes.data, self.dtype, 4, ctypes.c_void_p(ptr), (u64 * 4)(*dims), (u64 * 3)(*strides),
                      u32(*box), u32(1, 1, 1, 1), 0, _SWIZZLE_128B, _L2_256B, 0)
         if err:
-            what = {"q": "q", "k": "k", "v": "v", "o": "do"}[name]
-            raise HpcattnError(f"the Hopper backward cannot read {what} by TMA (cuTensorMapEncodeTiled error {err}: "
+            raise HpcattnError(f"the Hopper backward cannot read {name} by TMA (cuTensorMapEncodeTiled error {err}: "
                                f"address {ptr:#x}, extents {dims}, byte strides {strides}, box {box})")
